@@ -1,0 +1,1 @@
+//! nanoclaw configuration and policy.

@@ -1,0 +1,50 @@
+//! The engine's typed errors.
+
+use std::io;
+
+/// Everything that can go wrong while setting up or running a sandbox.
+///
+/// Each variant names what failed; `Display` says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec asks for something impossible or unsafe.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// The host cannot provide a feature the spec needs.
+    #[error("{what}: {why}; {fix}")]
+    Unsupported {
+        /// The feature.
+        what: String,
+        /// Why it is unavailable.
+        why: String,
+        /// How to make it available.
+        fix: String,
+    },
+    /// A system call failed in the runner (outside the sandbox).
+    #[error("{call} failed: {source}")]
+    Sys {
+        /// The call and its subject, e.g. "clone(CLONE_NEWUSER)".
+        call: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up the sandbox failed inside the child, before the command ran.
+    #[error("sandbox setup failed at {step}: {source}")]
+    Setup {
+        /// The step, e.g. "pivot_root".
+        step: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn sys(call: impl Into<String>) -> Self {
+        Error::Sys {
+            call: call.into(),
+            source: io::Error::last_os_error(),
+        }
+    }
+}

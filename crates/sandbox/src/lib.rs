@@ -1,0 +1,23 @@
+//! nanoclaw's engine: run a command in a sandbox that assumes it is hostile.
+//!
+//! One input type ([`SandboxSpec`]) and one output type ([`Outcome`]) cross
+//! every boundary. The native backend ([`native`]) realises a spec with
+//! namespaces, a read-only root, cgroups, seccomp and Landlock, with no
+//! daemon and no image.
+//!
+//! ```no_run
+//! use nanoclaw_sandbox::{run, SandboxSpec};
+//! let outcome = run(&SandboxSpec::new(["python3", "-c", "print(6*7)"])).unwrap();
+//! assert_eq!(outcome.stdout, b"42\n");
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod native;
+pub mod outcome;
+pub mod spec;
+pub mod units;
+
+pub use error::Error;
+pub use outcome::{KillReason, Layers, Outcome};
+pub use spec::SandboxSpec;

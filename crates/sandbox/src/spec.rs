@@ -1,0 +1,284 @@
+//! The one input type: what to run and how to contain it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default memory limit: 512 MiB.
+pub const DEFAULT_MEMORY: u64 = 512 * 1024 * 1024;
+/// Default cpu quota, in cpus.
+pub const DEFAULT_CPUS: f64 = 1.0;
+/// Default maximum number of tasks (processes and threads).
+pub const DEFAULT_PIDS: u64 = 256;
+/// Default wall-clock timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default size of the writable `/tmp`.
+pub const DEFAULT_TMPFS_SIZE: u64 = 100 * 1024 * 1024;
+/// Default per-stream output limit.
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 10 * 1024 * 1024;
+/// Default sandbox user and group id.
+pub const DEFAULT_UID: u32 = 1000;
+/// Default sandbox group id.
+pub const DEFAULT_GID: u32 = 1000;
+/// Smallest memory limit the engine accepts (below it even `sh` cannot start).
+pub const MIN_MEMORY: u64 = 4 * 1024 * 1024;
+
+/// Everything the engine needs to run one command in one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// argv of the command; `argv[0]` is looked up in `PATH` inside the sandbox.
+    pub command: Vec<String>,
+    /// Environment of the command. The host environment is never inherited;
+    /// `PATH`, `HOME`, `LANG` get defaults unless set here.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (default: `/workspace` when a
+    /// workspace is mounted, else `/tmp`).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// The uid and gid the command runs as, inside the sandbox.
+    #[serde(default)]
+    pub user: User,
+    /// The root filesystem.
+    #[serde(default)]
+    pub root: Root,
+    /// Extra bind mounts (the workspace is one of them).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Where the command's stdin comes from.
+    #[serde(default)]
+    pub stdin: Stdin,
+    /// Network policy.
+    #[serde(default)]
+    pub network: Network,
+    /// Kernel attack-surface reduction.
+    #[serde(default)]
+    pub hardening: Hardening,
+    /// Hostname inside the sandbox.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+}
+
+fn default_hostname() -> String {
+    "nanoclaw".to_string()
+}
+
+impl SandboxSpec {
+    /// A spec with every default for running `command`.
+    pub fn new<I, S>(command: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        SandboxSpec {
+            command: command.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            workdir: None,
+            user: User::default(),
+            root: Root::default(),
+            mounts: Vec::new(),
+            limits: Limits::default(),
+            stdin: Stdin::default(),
+            network: Network::default(),
+            hardening: Hardening::default(),
+            hostname: default_hostname(),
+        }
+    }
+}
+
+/// The sandbox user.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// uid inside the sandbox.
+    pub uid: u32,
+    /// gid inside the sandbox.
+    pub gid: u32,
+}
+
+impl Default for User {
+    fn default() -> Self {
+        User {
+            uid: DEFAULT_UID,
+            gid: DEFAULT_GID,
+        }
+    }
+}
+
+/// The root filesystem of a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Root {
+    /// Read-only binds of the host's `/usr`, `/bin`, `/sbin`, `/lib*` and a
+    /// synthetic `/etc`: no image needed.
+    #[default]
+    Host,
+    /// An existing directory used (read-only) as the root.
+    Dir(PathBuf),
+    /// Image layers stacked with overlayfs, lowest first; writes go to a
+    /// per-sandbox upper directory on tmpfs.
+    Layers(Vec<PathBuf>),
+}
+
+/// Read-only or read-write.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Read-only (the default for every mount).
+    #[default]
+    Ro,
+    /// Read-write.
+    Rw,
+}
+
+/// A bind mount from the host into the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Host path (must exist).
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub target: PathBuf,
+    /// Read-only or read-write.
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// Resource limits. `None` means "no limit of this kind".
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// Memory + swap limit in bytes (docker semantics: equal to `memory`
+    /// means no swap).
+    pub memory_swap: Option<u64>,
+    /// CPU quota in cpus (fractional).
+    pub cpus: Option<f64>,
+    /// Maximum number of tasks.
+    pub pids: Option<u64>,
+    /// Wall-clock timeout.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Size of the writable `/tmp` tmpfs, in bytes.
+    pub tmpfs_size: u64,
+    /// Per-stream output limit, in bytes.
+    pub output_limit: u64,
+    /// Which limits were asked for explicitly (rather than defaulted); an
+    /// explicit limit that cannot be enforced is an error, a defaulted one
+    /// degrades with a warning.
+    #[serde(default)]
+    pub explicit: ExplicitLimits,
+}
+
+/// Which limits the caller set explicitly.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitLimits {
+    /// `memory` or `memory_swap` was set explicitly.
+    pub memory: bool,
+    /// `cpus` was set explicitly.
+    pub cpus: bool,
+    /// `pids` was set explicitly.
+    pub pids: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: Some(DEFAULT_MEMORY),
+            memory_swap: None,
+            cpus: Some(DEFAULT_CPUS),
+            pids: Some(DEFAULT_PIDS),
+            timeout: DEFAULT_TIMEOUT,
+            tmpfs_size: DEFAULT_TMPFS_SIZE,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            explicit: ExplicitLimits::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// The effective memory+swap limit: `memory_swap`, or `memory` (no swap).
+    pub fn effective_memory_swap(&self) -> Option<u64> {
+        match (self.memory, self.memory_swap) {
+            (_, Some(s)) => Some(s),
+            (Some(m), None) => Some(m),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Where stdin comes from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdin {
+    /// `/dev/null`.
+    #[default]
+    Null,
+    /// The caller's own stdin (fd 0) is passed through.
+    Inherit,
+    /// These bytes are written to the command's stdin, then it is closed.
+    Bytes(Vec<u8>),
+}
+
+/// Network policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// An empty network namespace: loopback only.
+    #[default]
+    None,
+}
+
+/// Seccomp mode.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Seccomp {
+    /// nanoclaw's built-in profile.
+    #[default]
+    Default,
+    /// A Docker-format JSON profile at this path.
+    Profile(PathBuf),
+    /// No seccomp filter at all (loudly warned about).
+    Unconfined,
+}
+
+/// Kernel attack-surface reduction settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hardening {
+    /// Seccomp filter.
+    #[serde(default)]
+    pub seccomp: Seccomp,
+    /// Capabilities granted inside the sandbox's own user namespace
+    /// (upper-case names without the `CAP_` prefix, e.g. `CHOWN`).
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// If non-empty, only files under these paths may be executed
+    /// (enforced with Landlock).
+    #[serde(default)]
+    pub exec_allow: Vec<PathBuf>,
+    /// Mount `/tmp` with `noexec`.
+    #[serde(default)]
+    pub tmp_noexec: bool,
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
