@@ -1,1 +1,78 @@
-fn main() {}
+//! `nanoclaw`: run hostile code in a sandbox, in milliseconds.
+//!
+//! The binary is thin: it parses arguments into a `SandboxSpec`, hands it to
+//! the engine and turns the outcome into an exit code. Exit codes follow
+//! `docker run`: the command's own code, 128+N for signal N, 124 on
+//! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
+//! found.
+
+mod doctor;
+mod run_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for "nanoclaw itself failed" (bad input, host cannot do it).
+pub const EXIT_NANOCLAW: u8 = 125;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nanoclaw",
+    version,
+    about = "A secure runtime for AI agents: every command runs in a sandbox that assumes it is hostile."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command (or a code snippet) in a fresh sandbox.
+    Run(Box<run_cmd::RunArgs>),
+    /// Report what this host supports and which protections a run gets.
+    Doctor(doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    ExitCode::SUCCESS
+                }
+                _ => {
+                    // One clear error, exit 125 like `docker run`.
+                    let msg = e.render().to_string();
+                    let first = msg
+                        .lines()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("invalid arguments")
+                        .trim_start_matches("error: ");
+                    let hint = if msg.contains("--help") {
+                        "; see `nanoclaw run --help`"
+                    } else {
+                        ""
+                    };
+                    eprintln!("nanoclaw: {first}{hint}");
+                    ExitCode::from(EXIT_NANOCLAW)
+                }
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run_cmd::run(*args),
+        Command::Doctor(args) => doctor::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("nanoclaw: {e:#}");
+            ExitCode::from(EXIT_NANOCLAW)
+        }
+    }
+}

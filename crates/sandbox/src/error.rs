@@ -38,6 +38,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A cgroup operation failed.
+    #[error(transparent)]
+    Cgroup(#[from] crate::native::cgroup::CgroupError),
+    /// Building or installing the seccomp filter failed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::native::seccomp::SeccompError),
+    /// A capability name was refused.
+    #[error(transparent)]
+    Cap(#[from] crate::native::caps::CapError),
+    /// Landlock failed.
+    #[error(transparent)]
+    Landlock(#[from] crate::native::landlock::LandlockError),
 }
 
 impl Error {

@@ -19,5 +19,6 @@ pub mod spec;
 pub mod units;
 
 pub use error::Error;
+pub use native::{kill, run, start, wait, KillHandle, RunOptions, Sandbox};
 pub use outcome::{KillReason, Layers, Outcome};
 pub use spec::SandboxSpec;

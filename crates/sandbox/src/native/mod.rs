@@ -1,6 +1,684 @@
-//! The native backend: Linux namespaces, a read-only root, cgroups, seccomp and Landlock.
+//! The native backend: Linux namespaces, a read-only root, cgroups, seccomp
+//! and Landlock, with no daemon and no image.
+//!
+//! Process structure of one run:
+//!
+//! ```text
+//! runner (this process) ── clone(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET) ──▶ init (pid 1)
+//!   writes uid/gid maps, adds init to the cgroup, says "go"             builds the root, pivot_root,
+//!   polls stdout/stderr, the status pipe, the deadline, cgroup events    forks the payload, reaps,
+//!   kills init (and so the whole pid namespace) on any limit             exits with it
+//! ```
 
 pub mod caps;
 pub mod cgroup;
+mod child;
 pub mod landlock;
+mod plan;
 pub mod seccomp;
+mod supervise;
+mod sys;
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::outcome::Layers;
+use crate::spec::{Access, SandboxSpec, Seccomp, Stdin};
+use crate::Error;
+
+pub use supervise::{kill, wait, KillHandle};
+
+use child::{ChildPlan, StdinFd};
+use plan::UserMount;
+
+/// The first host uid (and gid) of the range a rootful sandbox's ids map to:
+/// root inside is this unprivileged uid outside.
+pub const ROOTFUL_ID_BASE: u32 = 0x4000_0000;
+/// How many ids a rootful sandbox maps.
+pub const ROOTFUL_ID_COUNT: u32 = 65536;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How the runner treats the sandbox's output and its own signals.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Copy output to the runner's own stdout/stderr as it arrives (still
+    /// counted against the output limit) instead of capturing it.
+    pub stream: bool,
+    /// Catch SIGINT, SIGTERM and SIGHUP sent to the runner: kill the sandbox,
+    /// clean up, and report `killed_by: killed`. For command-line use.
+    pub handle_signals: bool,
+}
+
+/// A running sandbox. Wait for it with [`wait`].
+#[derive(Debug)]
+pub struct Sandbox {
+    pub(crate) id: String,
+    pub(crate) pid: libc::pid_t,
+    pub(crate) started: Instant,
+    pub(crate) spec_limits: crate::spec::Limits,
+    pub(crate) cgroup: Option<cgroup::Cgroup>,
+    pub(crate) stdout_r: RawFd,
+    pub(crate) stderr_r: RawFd,
+    pub(crate) status_r: RawFd,
+    pub(crate) stdin_w: Option<(RawFd, Vec<u8>)>,
+    pub(crate) opts: RunOptions,
+    pub(crate) layers: Layers,
+    pub(crate) exec_error: Option<(i32, String)>,
+    pub(crate) kill_flag: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    pub(crate) signal_fd: Option<RawFd>,
+}
+
+impl Sandbox {
+    /// The sandbox's unique id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What the engine applied to this sandbox.
+    pub fn layers(&self) -> &Layers {
+        &self.layers
+    }
+
+    /// The host pid of the sandbox's init process.
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+}
+
+/// Runs `spec` to completion with captured output.
+pub fn run(spec: &SandboxSpec) -> Result<crate::Outcome, Error> {
+    wait(start(spec, RunOptions::default())?)
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 6];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        let t = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        b.copy_from_slice(&t.to_ne_bytes()[..6]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cstr(s: impl AsRef<[u8]>, what: &str) -> Result<CString, Error> {
+    CString::new(s.as_ref().to_vec())
+        .map_err(|_| Error::InvalidSpec(format!("{what} contains a NUL byte")))
+}
+
+/// Checks the parts of a spec that need no host access.
+pub fn validate(spec: &SandboxSpec) -> Result<(), Error> {
+    if spec.command.is_empty() || spec.command[0].is_empty() {
+        return Err(Error::InvalidSpec(
+            "no command given: pass the command to run after the options, e.g. `nanoclaw run -- python3 -c 'print(1)'`".into(),
+        ));
+    }
+    let l = &spec.limits;
+    if let Some(m) = l.memory {
+        if m < crate::spec::MIN_MEMORY {
+            return Err(Error::InvalidSpec(format!(
+                "memory limit {m} bytes is below the minimum of 4m; use e.g. --memory 64m"
+            )));
+        }
+    }
+    if let (Some(m), Some(s)) = (l.memory, l.memory_swap) {
+        if s < m {
+            return Err(Error::InvalidSpec(format!(
+                "--memory-swap ({s} bytes) must be at least --memory ({m} bytes): it is memory plus swap"
+            )));
+        }
+    }
+    if let Some(c) = l.cpus {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::InvalidSpec(format!(
+                "--cpus must be a positive number such as 0.5 or 2, got {c}"
+            )));
+        }
+    }
+    if l.pids == Some(0) {
+        return Err(Error::InvalidSpec(
+            "--pids must be at least 1 (the command itself is a task)".into(),
+        ));
+    }
+    if l.timeout.is_zero() {
+        return Err(Error::InvalidSpec(
+            "--timeout must be greater than zero, e.g. 30s".into(),
+        ));
+    }
+    if l.output_limit == 0 {
+        return Err(Error::InvalidSpec(
+            "--output-limit must be greater than zero, e.g. 10m".into(),
+        ));
+    }
+    if l.tmpfs_size < 4096 {
+        return Err(Error::InvalidSpec(
+            "--tmpfs-size must be at least 4k, e.g. 100m".into(),
+        ));
+    }
+    for (k, _) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Error::InvalidSpec(format!(
+                "invalid environment variable name {k:?}: use --env KEY=VALUE"
+            )));
+        }
+    }
+    if let Some(w) = &spec.workdir {
+        if !w.is_absolute() {
+            return Err(Error::InvalidSpec(format!(
+                "--workdir {:?} must be an absolute path inside the sandbox",
+                w.display()
+            )));
+        }
+    }
+    let rootful = geteuid() == 0;
+    if rootful && (spec.user.uid >= ROOTFUL_ID_COUNT || spec.user.gid >= ROOTFUL_ID_COUNT) {
+        return Err(Error::InvalidSpec(format!(
+            "--user {}:{} is outside the sandbox's id range 0-{}",
+            spec.user.uid,
+            spec.user.gid,
+            ROOTFUL_ID_COUNT - 1
+        )));
+    }
+    Ok(())
+}
+
+fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn getegid() -> u32 {
+    // SAFETY: getegid cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Opens and checks the workspace and user mounts.
+fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, Error> {
+    let mut out: Vec<UserMount> = Vec::new();
+    for m in &spec.mounts {
+        let target = plan::normalize_target(&m.target)?;
+        plan::check_target(&target)?;
+        if out.iter().any(|o| o.target == target) {
+            return Err(Error::InvalidSpec(format!(
+                "two mounts target {}; each container path may be mounted once",
+                target.display()
+            )));
+        }
+        let src = cstr(m.source.as_os_str().as_bytes(), "mount source")?;
+        let fd = sys::open(&src, libc::O_PATH).map_err(|e| {
+            Error::InvalidSpec(format!(
+                "mount source {} cannot be opened: {e}; check that it exists",
+                m.source.display()
+            ))
+        })?;
+        let md = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|e| {
+            Error::InvalidSpec(format!("mount source {}: {e}", m.source.display()))
+        })?;
+        let idmapped_fd = if rootful {
+            match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
+                Ok(t) => Some(t),
+                // A read-only mount works without the id shift; files just
+                // show the host owners as `nobody`.
+                Err(_) if m.access == Access::Ro => None,
+                Err(e) => {
+                    sys::close(fd);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        out.push(UserMount {
+            fd,
+            is_dir: md.is_dir(),
+            target,
+            access: m.access,
+            idmapped_fd,
+        });
+    }
+    // Mount parents before children.
+    out.sort_by_key(|m| m.target.components().count());
+    Ok(out)
+}
+
+mod idmap;
+
+/// Starts a sandbox for `spec`. The returned [`Sandbox`] must be passed to
+/// [`wait`], which reaps it and releases everything it holds.
+pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
+    validate(spec)?;
+    let started = Instant::now();
+    let rootful = geteuid() == 0;
+    let id = new_id();
+    let mut layers = Layers {
+        mode: if rootful { "rootful" } else { "rootless" }.into(),
+        namespaces: ["user", "mnt", "pid", "ipc", "uts", "net", "cgroup"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        no_new_privs: true,
+        ..Layers::default()
+    };
+
+    // Everything fallible that needs no child comes first, so a bad spec
+    // leaves nothing behind.
+    let keep_caps = spec
+        .hardening
+        .cap_add
+        .iter()
+        .map(|n| caps::parse_cap(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
+    let seccomp_filter = match &spec.hardening.seccomp {
+        Seccomp::Default => {
+            layers.seccomp = "default".into();
+            Some(seccomp::default_filter())
+        }
+        Seccomp::Profile(p) => {
+            layers.seccomp = format!("profile:{}", p.display());
+            let names: Vec<String> = layers.capabilities.clone();
+            Some(seccomp::load_docker_profile(p, &names)?)
+        }
+        Seccomp::Unconfined => {
+            layers.seccomp = "unconfined".into();
+            None
+        }
+    };
+    let mounts = resolve_mounts(spec, rootful)?;
+    let guard = FdGuard(
+        mounts
+            .iter()
+            .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
+            .collect(),
+    );
+    let host = plan::HostLayout::probe();
+    let fs = plan::build(spec, &host, &mounts)?;
+
+    let mut writable: Vec<PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
+    writable.extend(
+        mounts
+            .iter()
+            .filter(|m| m.access == Access::Rw)
+            .map(|m| m.target.clone()),
+    );
+    let landlock_policy = match landlock::abi_version() {
+        Some(abi) => {
+            layers.landlock = format!("abi {abi}");
+            Some(landlock::LandlockPolicy::standard(
+                writable,
+                spec.hardening.exec_allow.clone(),
+            ))
+        }
+        None => {
+            if !spec.hardening.exec_allow.is_empty() {
+                return Err(Error::Unsupported {
+                    what: "--exec-allow".into(),
+                    why: "this kernel has no Landlock support".into(),
+                    fix: "boot a kernel with CONFIG_SECURITY_LANDLOCK=y and lsm=landlock, or drop --exec-allow".into(),
+                });
+            }
+            layers.landlock = "unavailable: the kernel does not support Landlock".into();
+            None
+        }
+    };
+
+    let workdir = spec.workdir.clone().unwrap_or_else(|| {
+        if mounts.iter().any(|m| m.target == Path::new("/workspace")) {
+            "/workspace".into()
+        } else {
+            "/tmp".into()
+        }
+    });
+    let (argv, exec_candidates, envp) = command_line(spec)?;
+
+    // Cgroup before the child exists, so the child can be placed in it
+    // before it runs anything.
+    let (cg, degraded) = cgroup::Cgroup::create(&id, &spec.limits)?;
+    layers.cgroup = cg.as_ref().map(|c| c.describe()).unwrap_or_default();
+    layers.degraded = degraded;
+    let no_cgroup_for = |k: &str| cg.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
+    let rlimit_data = spec.limits.memory.filter(|_| no_cgroup_for("memory"));
+    let rlimit_nproc = spec.limits.pids.filter(|_| no_cgroup_for("pids"));
+    if rlimit_data.is_some() {
+        layers
+            .degraded
+            .push("memory: enforced with RLIMIT_DATA instead of a cgroup".into());
+    }
+    if rlimit_nproc.is_some() {
+        layers
+            .degraded
+            .push("pids: enforced with RLIMIT_NPROC instead of a cgroup".into());
+    }
+
+    let pipes = Pipes::new(&spec.stdin)?;
+    let stdin = match (&spec.stdin, pipes.stdin) {
+        (Stdin::Null, _) => StdinFd::Null,
+        (Stdin::Inherit, _) => StdinFd::Inherit,
+        (Stdin::Bytes(_), Some((r, _))) => StdinFd::Pipe(r),
+        (Stdin::Bytes(_), None) => StdinFd::Null,
+    };
+    let mut close_in_child = vec![
+        pipes.sync.1,
+        pipes.err.0,
+        pipes.status.0,
+        pipes.stdout.0,
+        pipes.stderr.0,
+    ];
+    if let Some((_, w)) = pipes.stdin {
+        close_in_child.push(w);
+    }
+    let child_plan = ChildPlan {
+        rootful,
+        hostname: cstr(&spec.hostname, "hostname")?,
+        ops: fs.ops,
+        sync_r: pipes.sync.0,
+        err_w: pipes.err.1,
+        status_w: pipes.status.1,
+        stdout_w: pipes.stdout.1,
+        stderr_w: pipes.stderr.1,
+        stdin,
+        close_in_child,
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+        keep_caps,
+        landlock: landlock_policy,
+        seccomp: seccomp_filter,
+        workdir: cstr(workdir.as_os_str().as_bytes(), "workdir")?,
+        exec_candidates,
+        argv,
+        envp,
+        rlimit_data,
+        rlimit_nproc,
+    };
+
+    let signal_fd = if opts.handle_signals {
+        Some(supervise::block_runner_signals()?)
+    } else {
+        None
+    };
+
+    let flags = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWNET) as libc::c_ulong;
+    let pid = match sys::clone_fork(flags) {
+        Ok(0) => child::setup_and_init(&child_plan),
+        Ok(pid) => pid,
+        Err(e) => {
+            pipes.close_all();
+            if let Some(cg) = cg {
+                let _ = cg.destroy();
+            }
+            return Err(userns_error(e));
+        }
+    };
+    // The runner keeps only its own ends.
+    for fd in [
+        pipes.sync.0,
+        pipes.err.1,
+        pipes.status.1,
+        pipes.stdout.1,
+        pipes.stderr.1,
+    ] {
+        sys::close(fd);
+    }
+    if let Some((r, _)) = pipes.stdin {
+        sys::close(r);
+    }
+
+    let mut sb = Sandbox {
+        id,
+        pid,
+        started,
+        spec_limits: spec.limits,
+        cgroup: cg,
+        stdout_r: pipes.stdout.0,
+        stderr_r: pipes.stderr.0,
+        status_r: pipes.status.0,
+        stdin_w: match (&spec.stdin, pipes.stdin) {
+            (Stdin::Bytes(b), Some((_, w))) => Some((w, b.clone())),
+            _ => None,
+        },
+        opts,
+        layers,
+        exec_error: None,
+        kill_flag: Default::default(),
+        signal_fd,
+    };
+
+    let setup = (|| -> Result<(), Error> {
+        let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
+        sb.layers.uid_map = map_uid.trim().to_string();
+        write_id_maps(pid, rootful, &map_uid, &map_gid)?;
+        if let Some(cg) = &sb.cgroup {
+            cg.add_process(pid)?;
+        }
+        sys::write_all(pipes.sync.1, b"1").map_err(|e| Error::Sys {
+            call: "signalling the sandbox to start".into(),
+            source: e,
+        })?;
+        Ok(())
+    })();
+    sys::close(pipes.sync.1);
+    drop(guard);
+    let report = supervise::read_setup_report(pipes.err.0);
+    sys::close(pipes.err.0);
+    let failure = match (setup, report) {
+        (Err(e), _) => Some(e),
+        (Ok(()), Some(r)) => match child::Step::from_u32(r.step) {
+            Some(child::Step::Exec) => {
+                let code = if r.errno == libc::ENOENT || r.errno == libc::ENOTDIR {
+                    127
+                } else {
+                    126
+                };
+                let why = std::io::Error::from_raw_os_error(r.errno);
+                let msg = if code == 127 {
+                    format!("nanoclaw: {}: command not found in the sandbox\n", spec.command[0])
+                } else {
+                    format!("nanoclaw: {}: cannot execute: {why}\n", spec.command[0])
+                };
+                sb.exec_error = Some((code, msg));
+                None
+            }
+            Some(child::Step::FsOp) => Some(Error::Setup {
+                step: child_plan
+                    .ops
+                    .get(r.index as usize)
+                    .map(plan::Op::describe)
+                    .unwrap_or_else(|| "building the filesystem".into()),
+                source: std::io::Error::from_raw_os_error(r.errno),
+            }),
+            Some(step) => Some(Error::Setup {
+                step: step.name().into(),
+                source: std::io::Error::from_raw_os_error(r.errno),
+            }),
+            None => Some(Error::Setup {
+                step: "unknown".into(),
+                source: std::io::Error::from_raw_os_error(r.errno),
+            }),
+        },
+        (Ok(()), None) => None,
+    };
+    if let Some(e) = failure {
+        supervise::abort(sb);
+        return Err(e);
+    }
+    Ok(sb)
+}
+
+/// Closes descriptors when dropped.
+struct FdGuard(Vec<RawFd>);
+
+impl Drop for FdGuard {
+    fn drop(&mut self) {
+        for fd in &self.0 {
+            sys::close(*fd);
+        }
+    }
+}
+
+struct Pipes {
+    sync: (RawFd, RawFd),
+    err: (RawFd, RawFd),
+    status: (RawFd, RawFd),
+    stdout: (RawFd, RawFd),
+    stderr: (RawFd, RawFd),
+    stdin: Option<(RawFd, RawFd)>,
+}
+
+impl Pipes {
+    fn new(stdin: &Stdin) -> Result<Pipes, Error> {
+        let mut made: Vec<RawFd> = Vec::new();
+        let mut mk = || -> Result<(RawFd, RawFd), Error> {
+            match sys::pipe() {
+                Ok((r, w)) => {
+                    made.extend([r, w]);
+                    Ok((r, w))
+                }
+                Err(e) => {
+                    for fd in &made {
+                        sys::close(*fd);
+                    }
+                    Err(Error::Sys {
+                        call: "pipe2".into(),
+                        source: e,
+                    })
+                }
+            }
+        };
+        Ok(Pipes {
+            sync: mk()?,
+            err: mk()?,
+            status: mk()?,
+            stdout: mk()?,
+            stderr: mk()?,
+            stdin: match stdin {
+                Stdin::Bytes(_) => Some(mk()?),
+                _ => None,
+            },
+        })
+    }
+
+    fn close_all(&self) {
+        for (r, w) in [self.sync, self.err, self.status, self.stdout, self.stderr]
+            .into_iter()
+            .chain(self.stdin)
+        {
+            sys::close(r);
+            sys::close(w);
+        }
+    }
+}
+
+/// argv, the exec candidates for argv[0] (PATH search done by the payload,
+/// execvp style) and the environment.
+fn command_line(spec: &SandboxSpec) -> Result<(Vec<CString>, Vec<CString>, Vec<CString>), Error> {
+    let argv = spec
+        .command
+        .iter()
+        .map(|a| cstr(a, "an argument"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOSTNAME".into(), spec.hostname.clone()),
+    ];
+    if spec.user.uid != 0 {
+        env.push(("USER".into(), "sandbox".into()));
+    }
+    for (k, v) in &spec.env {
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(e) => e.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let cmd = &spec.command[0];
+    let candidates = if cmd.contains('/') {
+        vec![cstr(cmd, "the command")?]
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| cstr(format!("{}/{cmd}", d.trim_end_matches('/')), "the command"))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}"), "an environment variable"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((argv, candidates, envp))
+}
+
+/// The uid_map and gid_map contents for the sandbox.
+fn id_maps(rootful: bool, uid: u32, gid: u32) -> (String, String) {
+    if rootful {
+        let line = format!("0 {ROOTFUL_ID_BASE} {ROOTFUL_ID_COUNT}\n");
+        (line.clone(), line)
+    } else {
+        (
+            format!("{uid} {} 1\n", geteuid()),
+            format!("{gid} {} 1\n", getegid()),
+        )
+    }
+}
+
+fn write_id_maps(pid: libc::pid_t, rootful: bool, uid_map: &str, gid_map: &str) -> Result<(), Error> {
+    let w = |file: &str, data: &str| -> Result<(), Error> {
+        std::fs::write(format!("/proc/{pid}/{file}"), data).map_err(|e| Error::Sys {
+            call: format!("writing /proc/{pid}/{file} ({})", data.trim()),
+            source: e,
+        })
+    };
+    if !rootful {
+        w("setgroups", "deny")?;
+    }
+    w("uid_map", uid_map)?;
+    w("gid_map", gid_map)
+}
+
+/// Explains a failed clone(CLONE_NEWUSER|...), naming the knob to change.
+fn userns_error(e: std::io::Error) -> Error {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::EACCES) {
+        if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+            return Error::Unsupported {
+                what: "unprivileged user namespaces".into(),
+                why: "AppArmor restricts them on this host (kernel.apparmor_restrict_unprivileged_userns=1)".into(),
+                fix: "run `sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or install an AppArmor profile for nanoclaw with `userns,` (see /etc/apparmor.d/bwrap-userns-restrict), or run as root".into(),
+            };
+        }
+        if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+            return Error::Unsupported {
+                what: "unprivileged user namespaces".into(),
+                why: "they are disabled (kernel.unprivileged_userns_clone=0)".into(),
+                fix: "run `sudo sysctl kernel.unprivileged_userns_clone=1`, or run as root".into(),
+            };
+        }
+    }
+    if e.raw_os_error() == Some(libc::ENOSPC)
+        || read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0")
+    {
+        return Error::Unsupported {
+            what: "user namespaces".into(),
+            why: "the per-user limit is reached or zero (user.max_user_namespaces)".into(),
+            fix: "run `sudo sysctl user.max_user_namespaces=15000`".into(),
+        };
+    }
+    Error::Sys {
+        call: "clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWNET)"
+            .into(),
+        source: e,
+    }
+}

@@ -1,0 +1,159 @@
+//! `nanoclaw doctor`: what this host supports and what a run gets.
+
+use std::path::Path;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+
+/// Options of `nanoclaw doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    /// What a run gets (or loses) because of it.
+    effect: String,
+}
+
+fn read(p: &str) -> Option<String> {
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn checks() -> Vec<Check> {
+    let mut v = Vec::new();
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let rootful = euid == 0;
+    v.push(Check {
+        name: "mode",
+        ok: true,
+        detail: if rootful {
+            "rootful (running as root)".into()
+        } else {
+            format!("rootless (uid {euid})")
+        },
+        effect: if rootful {
+            "sandbox ids map to an unprivileged host range; cgroups available".into()
+        } else {
+            "the sandbox user maps to your own uid; cgroup limits need delegation".into()
+        },
+    });
+
+    let max_userns = read("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    let unpriv = read("/proc/sys/kernel/unprivileged_userns_clone");
+    let apparmor = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
+    let userns_ok = max_userns != "0"
+        && (rootful || (unpriv.as_deref() != Some("0") && apparmor.as_deref() != Some("1")));
+    v.push(Check {
+        name: "user namespaces",
+        ok: userns_ok,
+        detail: format!(
+            "user.max_user_namespaces={max_userns}, kernel.unprivileged_userns_clone={}, kernel.apparmor_restrict_unprivileged_userns={}",
+            unpriv.as_deref().unwrap_or("n/a"),
+            apparmor.as_deref().unwrap_or("n/a")
+        ),
+        effect: if userns_ok {
+            "sandboxes can start".into()
+        } else {
+            "sandboxes cannot start: enable the sysctl named above, or run as root".into()
+        },
+    });
+
+    let cg = nanoclaw_sandbox::native::cgroup::probe();
+    let cg_json = serde_json::to_string(&cg).unwrap_or_default();
+    v.push(Check {
+        name: "cgroups",
+        ok: true,
+        detail: cg_json,
+        effect: "memory, cpu and pids limits use these controllers; a missing one is enforced by an rlimit or refused when asked for explicitly".into(),
+    });
+
+    let seccomp = read("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Seccomp:"));
+    v.push(Check {
+        name: "seccomp",
+        ok: seccomp,
+        detail: format!(
+            "seccomp-bpf {}; default filter: {} instructions",
+            if seccomp { "available" } else { "missing" },
+            nanoclaw_sandbox::native::seccomp::default_filter().len()
+        ),
+        effect: if seccomp {
+            "the default syscall filter is installed in every sandbox".into()
+        } else {
+            "sandboxes cannot be started safely: the kernel lacks CONFIG_SECCOMP_FILTER".into()
+        },
+    });
+
+    let ll = nanoclaw_sandbox::native::landlock::abi_version();
+    v.push(Check {
+        name: "landlock",
+        ok: ll.is_some(),
+        detail: match ll {
+            Some(a) => format!("ABI {a}"),
+            None => "unavailable".into(),
+        },
+        effect: match ll {
+            Some(a) if a >= 6 => "write/exec rules plus scoped signals and abstract unix sockets".into(),
+            Some(_) => "write/exec rules (no IPC scoping on this ABI)".into(),
+            None => "no Landlock defence in depth; --exec-allow is refused".into(),
+        },
+    });
+
+    let fs = read("/proc/filesystems").unwrap_or_default();
+    let overlay = fs.contains("overlay");
+    v.push(Check {
+        name: "overlayfs",
+        ok: overlay,
+        detail: if overlay { "available".into() } else { "missing (module not loaded?)".into() },
+        effect: "image roots are stacked with overlayfs".into(),
+    });
+    let kvm = Path::new("/dev/kvm").exists();
+    v.push(Check {
+        name: "kvm",
+        ok: kvm,
+        detail: if kvm { "/dev/kvm present".into() } else { "/dev/kvm absent".into() },
+        effect: "a micro-VM backend would need it".into(),
+    });
+    let nft = Path::new("/sys/module/nf_tables").exists() || fs.contains("nf_tables");
+    v.push(Check {
+        name: "nftables",
+        ok: nft,
+        detail: if nft { "nf_tables loaded".into() } else { "nf_tables module not loaded".into() },
+        effect: "kernel-level egress rules (rootful network allowlists)".into(),
+    });
+    v
+}
+
+/// Runs `nanoclaw doctor`.
+pub fn run(a: DoctorArgs) -> Result<u8> {
+    let checks = checks();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<16} {}\n    → {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail,
+                c.effect
+            );
+        }
+    }
+    Ok(if checks.iter().all(|c| c.ok || c.name == "kvm" || c.name == "nftables" || c.name == "overlayfs") {
+        0
+    } else {
+        1
+    })
+}

@@ -1,0 +1,295 @@
+//! `nanoclaw run`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use nanoclaw_sandbox::spec::{Access, Mount, Seccomp, Stdin, User};
+use nanoclaw_sandbox::units::{parse_duration, parse_size};
+use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
+
+/// Options of `nanoclaw run`.
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+pub struct RunArgs {
+    /// Memory limit, e.g. 256m or 1g.
+    #[arg(long, value_name = "SIZE", default_value = "512m")]
+    memory: String,
+    /// Memory plus swap limit (default: equal to --memory, i.e. no swap).
+    #[arg(long, value_name = "SIZE")]
+    memory_swap: Option<String>,
+    /// CPU quota in cpus (fractional).
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: String,
+    /// Maximum number of processes and threads.
+    #[arg(long, value_name = "N", default_value = "256")]
+    pids: String,
+    /// Wall-clock timeout, e.g. 500ms, 30s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    timeout: String,
+    /// Size of the writable /tmp.
+    #[arg(long, value_name = "SIZE", default_value = "100m")]
+    tmpfs_size: String,
+    /// Per-stream output limit; past it output is dropped and the sandbox killed.
+    #[arg(long, value_name = "SIZE", default_value = "10m")]
+    output_limit: String,
+    /// Environment variable for the command (repeatable). The host
+    /// environment is never inherited.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, value_name = "PATH")]
+    workdir: Option<PathBuf>,
+    /// User to run as inside the sandbox.
+    #[arg(long, value_name = "UID[:GID]", default_value = "1000:1000")]
+    user: String,
+    /// Host directory mounted at /workspace (see --workspace-access).
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// Access to the workspace: none (not mounted), ro or rw.
+    #[arg(long, value_enum, value_name = "ACCESS", default_value = "none")]
+    workspace_access: WorkspaceAccess,
+    /// Bind mount HOST:CONTAINER[:ro|rw] (repeatable; default ro).
+    #[arg(long = "mount", short = 'v', value_name = "HOST:CONTAINER[:ro|rw]")]
+    mounts: Vec<String>,
+    /// Forward this process's stdin to the command (default: /dev/null).
+    #[arg(long)]
+    stdin: bool,
+    /// Run a snippet with this interpreter instead of COMMAND.
+    #[arg(long, value_enum, value_name = "LANG")]
+    lang: Option<Lang>,
+    /// The snippet's code (with --lang).
+    #[arg(long, value_name = "CODE", conflicts_with = "file")]
+    code: Option<String>,
+    /// A host file whose contents are the snippet (with --lang).
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Print one JSON object with the outcome instead of streaming output.
+    #[arg(long)]
+    json: bool,
+    /// Grant a capability inside the sandbox's own user namespace (repeatable).
+    #[arg(long = "cap-add", value_name = "NAME")]
+    cap_add: Vec<String>,
+    /// Seccomp: a Docker-format JSON profile, or `unconfined`.
+    #[arg(long, value_name = "PATH|unconfined")]
+    seccomp: Option<String>,
+    /// Only files under these paths may be executed (repeatable; Landlock).
+    #[arg(long = "exec-allow", value_name = "PATH")]
+    exec_allow: Vec<PathBuf>,
+    /// Mount /tmp noexec.
+    #[arg(long)]
+    tmp_noexec: bool,
+    /// The command and its arguments.
+    #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkspaceAccess {
+    None,
+    Ro,
+    Rw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Lang {
+    Python,
+    Node,
+    Bash,
+    Sh,
+}
+
+impl Lang {
+    fn interpreter(self) -> (&'static str, &'static str) {
+        match self {
+            Lang::Python => ("python3", "-c"),
+            Lang::Node => ("node", "-e"),
+            Lang::Bash => ("bash", "-c"),
+            Lang::Sh => ("sh", "-c"),
+        }
+    }
+}
+
+/// Parses `HOST:CONTAINER[:ro|rw]`.
+fn parse_mount(s: &str) -> Result<Mount> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (src, dst, access) = match parts.as_slice() {
+        [src, dst] => (*src, *dst, Access::Ro),
+        [src, dst, "ro"] => (*src, *dst, Access::Ro),
+        [src, dst, "rw"] => (*src, *dst, Access::Rw),
+        [_, _, other] => bail!(
+            "--mount {s:?}: unknown access {other:?}; use HOST:CONTAINER:ro or HOST:CONTAINER:rw"
+        ),
+        _ => bail!("--mount {s:?}: expected HOST:CONTAINER[:ro|rw], e.g. ./data:/data:ro"),
+    };
+    if src.is_empty() || dst.is_empty() {
+        bail!("--mount {s:?}: expected HOST:CONTAINER[:ro|rw], e.g. ./data:/data:ro");
+    }
+    let source = std::fs::canonicalize(src)
+        .with_context(|| format!("--mount {s:?}: host path {src:?} does not exist"))?;
+    Ok(Mount {
+        source,
+        target: PathBuf::from(dst),
+        access,
+    })
+}
+
+fn parse_user(s: &str) -> Result<User> {
+    let bad = || anyhow::anyhow!("--user {s:?}: expected UID[:GID] with numeric ids, e.g. 1000:1000");
+    let (u, g) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid: u32 = u.parse().map_err(|_| bad())?;
+    let gid: u32 = match g {
+        Some(g) => g.parse().map_err(|_| bad())?,
+        None => uid,
+    };
+    Ok(User { uid, gid })
+}
+
+/// Builds the spec from the flags. Every error here is the user's input.
+fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
+    let mut command = a.command.clone();
+    if let Some(lang) = a.lang {
+        let (interp, flag) = lang.interpreter();
+        let code = match (&a.code, &a.file) {
+            (Some(c), None) => c.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("--file {}: cannot read it", f.display()))?,
+            _ => bail!("--lang needs the snippet: pass --code CODE or --file PATH"),
+        };
+        let mut argv = vec![interp.to_string(), flag.to_string(), code];
+        if lang != Lang::Python && lang != Lang::Node && !command.is_empty() {
+            // sh -c CODE NAME ARGS...: $0 is the first word after the code.
+            argv.push(interp.to_string());
+        }
+        argv.extend(command);
+        command = argv;
+    } else if a.code.is_some() || a.file.is_some() {
+        bail!("--code and --file need --lang python|node|bash|sh");
+    }
+    if command.is_empty() {
+        bail!("no command given: e.g. `nanoclaw run -- python3 -c 'print(1)'` or `nanoclaw run --lang python --code 'print(1)'`");
+    }
+
+    let size = |flag: &str, v: &str| -> Result<u64> {
+        parse_size(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let mut spec = SandboxSpec::new(command);
+    let l = &mut spec.limits;
+    l.memory = Some(size("memory", &a.memory)?);
+    l.memory_swap = a
+        .memory_swap
+        .as_deref()
+        .map(|v| size("memory-swap", v))
+        .transpose()?;
+    let cpus: f64 = a
+        .cpus
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--cpus {:?}: expected a number such as 0.5 or 2", a.cpus))?;
+    l.cpus = Some(cpus);
+    let pids: u64 = a
+        .pids
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--pids {:?}: expected a whole number such as 256", a.pids))?;
+    l.pids = Some(pids);
+    l.timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    l.tmpfs_size = size("tmpfs-size", &a.tmpfs_size)?;
+    l.output_limit = size("output-limit", &a.output_limit)?;
+    let explicit = |id: &str| {
+        std::env::args().any(|x| x == format!("--{id}") || x.starts_with(&format!("--{id}=")))
+    };
+    l.explicit.memory = explicit("memory") || explicit("memory-swap");
+    l.explicit.cpus = explicit("cpus");
+    l.explicit.pids = explicit("pids");
+
+    for e in &a.env {
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env {e:?}: expected KEY=VALUE"))?;
+        spec.env.push((k.to_string(), v.to_string()));
+    }
+    spec.workdir = a.workdir.clone();
+    spec.user = parse_user(&a.user)?;
+    match (&a.workspace, a.workspace_access) {
+        (Some(dir), WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
+            let source = std::fs::canonicalize(dir).with_context(|| {
+                format!("--workspace {}: directory does not exist", dir.display())
+            })?;
+            if !source.is_dir() {
+                bail!("--workspace {}: not a directory", dir.display());
+            }
+            spec.mounts.push(Mount {
+                source,
+                target: "/workspace".into(),
+                access: if a.workspace_access == WorkspaceAccess::Rw {
+                    Access::Rw
+                } else {
+                    Access::Ro
+                },
+            });
+        }
+        (None, WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
+            bail!("--workspace-access needs --workspace DIR")
+        }
+        (_, WorkspaceAccess::None) => {}
+    }
+    for m in &a.mounts {
+        spec.mounts.push(parse_mount(m)?);
+    }
+    spec.stdin = if a.stdin { Stdin::Inherit } else { Stdin::Null };
+    spec.hardening.cap_add = a.cap_add.clone();
+    spec.hardening.exec_allow = a.exec_allow.clone();
+    spec.hardening.tmp_noexec = a.tmp_noexec;
+    spec.hardening.seccomp = match a.seccomp.as_deref() {
+        None => Seccomp::Default,
+        Some("unconfined") => Seccomp::Unconfined,
+        Some(p) => {
+            let path = Path::new(p);
+            if !path.is_file() {
+                bail!("--seccomp {p:?}: no such profile file; pass a Docker-format JSON profile or `unconfined`");
+            }
+            Seccomp::Profile(path.to_path_buf())
+        }
+    };
+    Ok(spec)
+}
+
+/// Runs `nanoclaw run`; returns the process exit code.
+pub fn run(a: RunArgs) -> Result<u8> {
+    let spec = build_spec(&a)?;
+    if spec.hardening.seccomp == Seccomp::Unconfined {
+        eprintln!("nanoclaw: WARNING: --seccomp unconfined: the sandboxed code can call every system call the kernel offers, including ones with a history of privilege-escalation bugs. Use it only to debug a profile.");
+    }
+    let opts = RunOptions {
+        stream: !a.json,
+        handle_signals: true,
+    };
+    let sandbox = nanoclaw_sandbox::start(&spec, opts)?;
+    for d in sandbox_degraded(&sandbox) {
+        eprintln!("nanoclaw: warning: {d}");
+    }
+    let outcome = nanoclaw_sandbox::wait(sandbox)?;
+    if a.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &outcome)?;
+        writeln!(out)?;
+    } else if let Some(k) = outcome.killed_by {
+        let why = match k {
+            KillReason::Timeout => format!("timeout after {}", a.timeout),
+            KillReason::Oom => format!("out of memory (limit {})", a.memory),
+            KillReason::Pids => format!("too many processes (limit {})", a.pids),
+            KillReason::OutputLimit => format!("output over the limit ({} per stream)", a.output_limit),
+            KillReason::Killed => "interrupted".to_string(),
+        };
+        eprintln!("nanoclaw: sandbox {} killed: {why}", outcome.sandbox_id);
+    }
+    let code = outcome.cli_exit_code();
+    Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(125))
+}
+
+fn sandbox_degraded(s: &nanoclaw_sandbox::Sandbox) -> Vec<String> {
+    s.layers().degraded.clone()
+}

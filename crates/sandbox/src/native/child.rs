@@ -1,0 +1,580 @@
+//! Code that runs inside the sandbox: the setup process that becomes pid 1
+//! (init) and the payload it forks and execs.
+//!
+//! Everything here runs after `clone` and only walks data the runner
+//! prepared ([`ChildPlan`]). Failures are reported to the runner as a fixed
+//! size [`Report`] on a close-on-exec pipe, never formatted here.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+use super::plan::{Op, BASE};
+use super::sys;
+
+/// Where a failure happened, as reported to the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Step {
+    /// Waiting for the runner's go-ahead.
+    Sync = 1,
+    /// setresuid/setresgid to the namespace's root.
+    BecomeRoot,
+    /// unshare(CLONE_NEWCGROUP).
+    CgroupNs,
+    /// sethostname.
+    Hostname,
+    /// Making the mount tree private.
+    MountPrivate,
+    /// pivot_root into the new root.
+    PivotRoot,
+    /// Detaching the old root.
+    DetachOldRoot,
+    /// Remounting the root read-only.
+    RootReadOnly,
+    /// Forking the payload.
+    ForkPayload,
+    /// Redirecting stdin/stdout/stderr.
+    Stdio,
+    /// setsid.
+    Setsid,
+    /// Resource rlimits.
+    Rlimits,
+    /// PR_SET_NO_NEW_PRIVS.
+    NoNewPrivs,
+    /// Landlock.
+    Landlock,
+    /// Dropping capabilities and switching user.
+    DropPrivileges,
+    /// chdir to the working directory.
+    Workdir,
+    /// Installing the seccomp filter.
+    Seccomp,
+    /// execve (the errno says why: ENOENT → 127, EACCES → 126).
+    Exec,
+    /// A filesystem operation; `index` says which.
+    FsOp,
+    /// PR_SET_PDEATHSIG.
+    DeathSignal,
+}
+
+impl Step {
+    pub(crate) fn from_u32(v: u32) -> Option<Step> {
+        use Step::*;
+        const ALL: [Step; 20] = [
+            Sync,
+            BecomeRoot,
+            CgroupNs,
+            Hostname,
+            MountPrivate,
+            PivotRoot,
+            DetachOldRoot,
+            RootReadOnly,
+            ForkPayload,
+            Stdio,
+            Setsid,
+            Rlimits,
+            NoNewPrivs,
+            Landlock,
+            DropPrivileges,
+            Workdir,
+            Seccomp,
+            Exec,
+            FsOp,
+            DeathSignal,
+        ];
+        ALL.into_iter().find(|s| *s as u32 == v)
+    }
+
+    /// A short name for error messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Step::Sync => "waiting for the runner",
+            Step::BecomeRoot => "switching to the namespace's root user",
+            Step::CgroupNs => "unshare(CLONE_NEWCGROUP)",
+            Step::Hostname => "sethostname",
+            Step::MountPrivate => "making mounts private",
+            Step::PivotRoot => "pivot_root",
+            Step::DetachOldRoot => "detaching the old root",
+            Step::RootReadOnly => "remounting / read-only",
+            Step::ForkPayload => "forking the command",
+            Step::Stdio => "setting up stdio",
+            Step::Setsid => "setsid",
+            Step::Rlimits => "setrlimit",
+            Step::NoNewPrivs => "PR_SET_NO_NEW_PRIVS",
+            Step::Landlock => "installing Landlock rules",
+            Step::DropPrivileges => "dropping capabilities and switching user",
+            Step::Workdir => "changing to the working directory",
+            Step::Seccomp => "installing the seccomp filter",
+            Step::Exec => "execve",
+            Step::FsOp => "building the filesystem",
+            Step::DeathSignal => "PR_SET_PDEATHSIG",
+        }
+    }
+}
+
+/// A failure report: 12 bytes on the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub step: u32,
+    pub index: u32,
+    pub errno: i32,
+}
+
+impl Report {
+    pub(crate) const SIZE: usize = 12;
+
+    pub(crate) fn encode(self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..4].copy_from_slice(&self.step.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.index.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.errno.to_ne_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Option<Report> {
+        if b.len() < Self::SIZE {
+            return None;
+        }
+        let u = |r: std::ops::Range<usize>| {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(&b[r]);
+            a
+        };
+        Some(Report {
+            step: u32::from_ne_bytes(u(0..4)),
+            index: u32::from_ne_bytes(u(4..8)),
+            errno: i32::from_ne_bytes(u(8..12)),
+        })
+    }
+}
+
+/// How stdin is provided to the payload.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StdinFd {
+    /// Open `/dev/null` inside the sandbox.
+    Null,
+    /// Keep fd 0 as inherited.
+    Inherit,
+    /// Use this pipe read end.
+    Pipe(RawFd),
+}
+
+/// Everything the child needs, prepared by the runner.
+pub(crate) struct ChildPlan {
+    pub rootful: bool,
+    pub hostname: CString,
+    pub ops: Vec<Op>,
+    pub sync_r: RawFd,
+    pub err_w: RawFd,
+    pub status_w: RawFd,
+    pub stdout_w: RawFd,
+    pub stderr_w: RawFd,
+    pub stdin: StdinFd,
+    /// Runner-side fds the child must close right away.
+    pub close_in_child: Vec<RawFd>,
+    pub uid: u32,
+    pub gid: u32,
+    pub keep_caps: Vec<super::caps::Cap>,
+    pub landlock: Option<super::landlock::LandlockPolicy>,
+    pub seccomp: Option<super::seccomp::Filter>,
+    pub workdir: CString,
+    /// Candidate paths for argv[0], in PATH order.
+    pub exec_candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// Memory limit to enforce with RLIMIT_DATA when no cgroup can.
+    pub rlimit_data: Option<u64>,
+    /// Task limit to enforce with RLIMIT_NPROC when no cgroup can.
+    pub rlimit_nproc: Option<u64>,
+}
+
+fn fail(err_w: RawFd, step: Step, index: u32, errno: i32) -> ! {
+    let r = Report {
+        step: step as u32,
+        index,
+        errno,
+    };
+    let _ = sys::write_all(err_w, &r.encode());
+    sys::exit_now(125)
+}
+
+macro_rules! tryc {
+    ($plan:expr, $step:expr, $e:expr) => {
+        if let Err(e) = $e {
+            fail($plan.err_w, $step, 0, e.raw_os_error().unwrap_or(0))
+        }
+    };
+}
+
+/// The sandbox's first process: builds the root, forks the payload and
+/// becomes its init. Never returns.
+pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
+    for fd in &plan.close_in_child {
+        sys::close(*fd);
+    }
+    // Die with the runner: the runner being killed must not leave the sandbox
+    // running.
+    tryc!(
+        plan,
+        Step::DeathSignal,
+        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
+    );
+    // Block every signal: init handles them synchronously with sigwaitinfo,
+    // and the payload resets the mask before exec.
+    block_all_signals();
+
+    // Wait for the runner to write our uid/gid maps and cgroup membership.
+    let mut b = [0u8; 1];
+    match sys::read(plan.sync_r, &mut b) {
+        Ok(1) => {}
+        Ok(_) => sys::exit_now(125),
+        Err(e) => fail(plan.err_w, Step::Sync, 0, e.raw_os_error().unwrap_or(0)),
+    }
+    sys::close(plan.sync_r);
+
+    if plan.rootful {
+        // SAFETY: plain credential syscalls with integer arguments.
+        let r = unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(0, 0, 0) != 0
+                || libc::setresuid(0, 0, 0) != 0
+            {
+                -1
+            } else {
+                0
+            }
+        };
+        if r != 0 {
+            fail(plan.err_w, Step::BecomeRoot, 0, sys::errno());
+        }
+    }
+
+    // Now that we are inside the sandbox's cgroup, make it our cgroup root.
+    // SAFETY: unshare with a namespace flag has no memory-safety requirements.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        fail(plan.err_w, Step::CgroupNs, 0, sys::errno());
+    }
+    let name = plan.hostname.as_bytes();
+    // SAFETY: `name` points to `name.len()` valid bytes.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        fail(plan.err_w, Step::Hostname, 0, sys::errno());
+    }
+
+    build_root(plan);
+
+    // Init must not be inspectable by the payload (/proc/1/mem, environ,
+    // exe): the kernel then requires CAP_SYS_PTRACE for those.
+    let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
+    scrub_environment();
+
+    let pid = match sys::clone_fork(0) {
+        Ok(p) => p,
+        Err(e) => fail(
+            plan.err_w,
+            Step::ForkPayload,
+            0,
+            e.raw_os_error().unwrap_or(0),
+        ),
+    };
+    if pid == 0 {
+        payload(plan);
+    }
+    // Init keeps only the status pipe.
+    for fd in [plan.err_w, plan.stdout_w, plan.stderr_w] {
+        sys::close(fd);
+    }
+    if let StdinFd::Pipe(fd) = plan.stdin {
+        sys::close(fd);
+    }
+    init_loop(pid, plan.status_w)
+}
+
+fn block_all_signals() {
+    // SAFETY: `set` is a valid sigset_t initialised by sigfillset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Overwrites the environment block the kernel recorded for this process
+/// (what `/proc/self/environ` shows) so no host variable survives in init's
+/// memory.
+fn scrub_environment() {
+    extern "C" {
+        static mut environ: *const *const libc::c_char;
+    }
+    // SAFETY: `environ` is the process's NULL-terminated array of pointers to
+    // NUL-terminated strings; we only overwrite the bytes of each string in
+    // place (never past its terminator) and then empty the array. Nothing else
+    // runs concurrently: this process is single-threaded.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return;
+        }
+        while !(*p).is_null() {
+            let s = *p as *mut libc::c_char;
+            let len = libc::strlen(s);
+            std::ptr::write_bytes(s, 0, len);
+            p = p.add(1);
+        }
+        *(environ as *mut *const libc::c_char) = std::ptr::null();
+    }
+}
+
+fn build_root(plan: &ChildPlan) {
+    tryc!(
+        plan,
+        Step::MountPrivate,
+        sys::mount(
+            None,
+            c"/",
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+            None
+        )
+    );
+    for (i, op) in plan.ops.iter().enumerate() {
+        if let Err(e) = run_op(op) {
+            fail(
+                plan.err_w,
+                Step::FsOp,
+                i as u32,
+                e.raw_os_error().unwrap_or(0),
+            );
+        }
+    }
+    let base = CString::new(BASE).unwrap_or_default();
+    // SAFETY: chdir with a NUL-terminated path.
+    if unsafe { libc::chdir(base.as_ptr()) } != 0 {
+        fail(plan.err_w, Step::PivotRoot, 0, sys::errno());
+    }
+    // pivot_root(".", "."): the old root ends up stacked under the new one
+    // and is detached right away; no directory for it is needed.
+    tryc!(plan, Step::PivotRoot, sys::pivot_root(c".", c"."));
+    tryc!(
+        plan,
+        Step::DetachOldRoot,
+        sys::umount2(c".", libc::MNT_DETACH)
+    );
+    // SAFETY: chdir with a NUL-terminated path.
+    if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        fail(plan.err_w, Step::DetachOldRoot, 0, sys::errno());
+    }
+    tryc!(
+        plan,
+        Step::RootReadOnly,
+        sys::mount_setattr(
+            libc::AT_FDCWD,
+            c"/",
+            0,
+            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+            None
+        )
+    );
+}
+
+fn run_op(op: &Op) -> std::io::Result<()> {
+    match op {
+        Op::Mkdir { path, mode } => sys::mkdir(path, *mode),
+        Op::Symlink { target, link } => sys::symlink(target, link),
+        Op::File { path, data, mode } => sys::write_file(path, data, *mode),
+        Op::Fs {
+            fstype,
+            target,
+            flags,
+            data,
+            optional,
+        } => {
+            let data: Option<&CStr> = if data.is_empty() { None } else { Some(data) };
+            match sys::mount(Some(fstype), target, Some(fstype), *flags, data) {
+                Err(_) if *optional => Ok(()),
+                r => r,
+            }
+        }
+        Op::Bind {
+            source,
+            target,
+            attrs,
+            if_exists,
+        } => {
+            match sys::mount(
+                Some(source),
+                target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ) {
+                Err(e) if *if_exists && e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                r => r?,
+            }
+            sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
+        }
+        Op::Attach { fd, target } => sys::move_mount_fd(*fd, target),
+        Op::Attrs { target, attrs } => {
+            sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
+        }
+    }
+}
+
+/// The payload: hardens itself step by step and execs the command.
+fn payload(plan: &ChildPlan) -> ! {
+    sys::close(plan.status_w);
+    // stdio first, so nothing else can end up on fds 0-2.
+    let stdin_fd = match plan.stdin {
+        StdinFd::Null => match sys::open(c"/dev/null", libc::O_RDONLY) {
+            Ok(fd) => Some(fd),
+            Err(e) => fail(plan.err_w, Step::Stdio, 0, e.raw_os_error().unwrap_or(0)),
+        },
+        StdinFd::Inherit => None,
+        StdinFd::Pipe(fd) => Some(fd),
+    };
+    let redirects = [(stdin_fd, 0), (Some(plan.stdout_w), 1), (Some(plan.stderr_w), 2)];
+    for (from, to) in redirects {
+        if let Some(from) = from {
+            tryc!(plan, Step::Stdio, sys::dup2(from, to));
+        }
+    }
+    // A new session: no controlling terminal to inject keystrokes into.
+    // SAFETY: setsid has no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        fail(plan.err_w, Step::Setsid, 0, sys::errno());
+    }
+    set_rlimits(plan);
+    tryc!(
+        plan,
+        Step::NoNewPrivs,
+        sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
+    );
+    if let Some(policy) = &plan.landlock {
+        if super::landlock::install(policy).is_err() {
+            fail(plan.err_w, Step::Landlock, 0, sys::errno());
+        }
+    }
+    if super::caps::drop_privileges(plan.uid, plan.gid, &plan.keep_caps).is_err() {
+        fail(plan.err_w, Step::DropPrivileges, 0, sys::errno());
+    }
+    // SAFETY: chdir with a NUL-terminated path.
+    if unsafe { libc::chdir(plan.workdir.as_ptr()) } != 0 {
+        fail(plan.err_w, Step::Workdir, 0, sys::errno());
+    }
+    // Every descriptor above stdio is closed at exec (CVE-2024-21626).
+    sys::cloexec_from(3);
+    reset_signals();
+
+    let argv: Vec<*const libc::c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = plan
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // Seccomp last: everything above needs syscalls the filter denies.
+    if let Some(filter) = &plan.seccomp {
+        if filter.install().is_err() {
+            fail(plan.err_w, Step::Seccomp, 0, sys::errno());
+        }
+    }
+    let mut saw_eacces = false;
+    let mut last = libc::ENOENT;
+    for path in &plan.exec_candidates {
+        // SAFETY: `path`, `argv` and `envp` are NUL-terminated and the arrays
+        // are NULL-terminated; they stay alive for the call.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let e = sys::errno();
+        match e {
+            libc::ENOENT | libc::ENOTDIR => {}
+            libc::EACCES => saw_eacces = true,
+            _ => {
+                last = e;
+                break;
+            }
+        }
+    }
+    if saw_eacces && last == libc::ENOENT {
+        last = libc::EACCES;
+    }
+    fail(plan.err_w, Step::Exec, 0, last)
+}
+
+fn set_rlimits(plan: &ChildPlan) {
+    let set = |res: libc::__rlimit_resource_t, v: u64| {
+        let r = libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        // SAFETY: `r` is a valid rlimit struct.
+        unsafe { libc::setrlimit(res, &r) }
+    };
+    // No core dumps: they would leak the sandbox's memory to the host.
+    if set(libc::RLIMIT_CORE, 0) != 0 {
+        fail(plan.err_w, Step::Rlimits, 0, sys::errno());
+    }
+    if let Some(v) = plan.rlimit_data {
+        if set(libc::RLIMIT_DATA, v) != 0 {
+            fail(plan.err_w, Step::Rlimits, 1, sys::errno());
+        }
+    }
+    if let Some(v) = plan.rlimit_nproc {
+        if set(libc::RLIMIT_NPROC, v) != 0 {
+            fail(plan.err_w, Step::Rlimits, 2, sys::errno());
+        }
+    }
+}
+
+fn reset_signals() {
+    // SAFETY: resetting dispositions to SIG_DFL and clearing the mask are
+    // always valid; invalid signal numbers (SIGKILL, SIGSTOP, 32, 33) just
+    // return EINVAL.
+    unsafe {
+        for sig in 1..libc::SIGRTMAX() {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// pid 1: reaps every child, forwards signals from outside the sandbox to
+/// the payload, and exits (taking the whole pid namespace with it) when the
+/// payload exits, after reporting its wait status.
+fn init_loop(payload: libc::pid_t, status_w: RawFd) -> ! {
+    // SAFETY: `set` and `info` are valid, zero-initialised C structs that the
+    // calls fill in; waitpid writes into `status`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        loop {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&set, &mut info);
+            if sig < 0 {
+                continue;
+            }
+            if sig == libc::SIGCHLD {
+                loop {
+                    let mut status = 0;
+                    let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
+                    if pid <= 0 {
+                        break;
+                    }
+                    if pid == payload {
+                        let _ = sys::write_all(status_w, &status.to_ne_bytes());
+                        sys::exit_now(0);
+                    }
+                }
+            } else if info.si_pid() == 0 {
+                // Sent from outside the sandbox's pid namespace (the runner):
+                // pass it on. Signals from inside are dropped.
+                let _ = sys::kill(payload, sig);
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Idmapped bind mounts for rootful sandboxes.
+//!
+//! A rootful sandbox's ids map to an unprivileged host range, so a host
+//! directory owned by, say, uid 0 or 1000 is not writable by the sandbox
+//! user. Instead of changing ownership on the host, the runner attaches an
+//! idmapped copy of the mount: files owned by the directory's host owner
+//! appear owned by the sandbox user, and files the sandbox creates land on
+//! the host owned by that same host owner.
+
+use std::fs::Metadata;
+use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
+
+use super::{sys, ROOTFUL_ID_BASE};
+use crate::Error;
+
+/// `OPEN_TREE_CLONE`.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+
+/// Returns a detached, idmapped clone of the mount at `src_fd` (an `O_PATH`
+/// descriptor). The sandbox attaches it with `move_mount`.
+pub(crate) fn idmapped_clone(
+    src_fd: RawFd,
+    md: &Metadata,
+    uid: u32,
+    gid: u32,
+) -> Result<RawFd, Error> {
+    let mut uid_map = format!("{} {} 1\n", md.uid(), ROOTFUL_ID_BASE + uid);
+    let mut gid_map = format!("{} {} 1\n", md.gid(), ROOTFUL_ID_BASE + gid);
+    if md.uid() != 0 && uid != 0 {
+        uid_map.push_str(&format!("0 {ROOTFUL_ID_BASE} 1\n"));
+    }
+    if md.gid() != 0 && gid != 0 {
+        gid_map.push_str(&format!("0 {ROOTFUL_ID_BASE} 1\n"));
+    }
+    let userns = userns_fd(&uid_map, &gid_map)?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    let tree = sys::open_tree(src_fd, c"", flags).map_err(|e| {
+        sys::close(userns);
+        Error::Sys {
+            call: "open_tree(OPEN_TREE_CLONE) of a mount source".into(),
+            source: e,
+        }
+    })?;
+    let r = sys::mount_setattr(
+        tree,
+        c"",
+        libc::AT_EMPTY_PATH as libc::c_uint,
+        sys::MOUNT_ATTR_IDMAP,
+        Some(userns),
+    );
+    sys::close(userns);
+    if let Err(e) = r {
+        sys::close(tree);
+        return Err(Error::Unsupported {
+            what: "a read-write mount in a rootful sandbox".into(),
+            why: format!("the host filesystem does not support idmapped mounts ({e})"),
+            fix: "put the directory on ext4, xfs, btrfs or tmpfs, or run nanoclaw as an ordinary user (rootless)".into(),
+        });
+    }
+    Ok(tree)
+}
+
+/// A user namespace fd with the given maps, made by a short-lived child.
+fn userns_fd(uid_map: &str, gid_map: &str) -> Result<RawFd, Error> {
+    let (r, w) = sys::pipe().map_err(|e| Error::Sys {
+        call: "pipe2".into(),
+        source: e,
+    })?;
+    let pid = match sys::clone_fork(libc::CLONE_NEWUSER as libc::c_ulong) {
+        Ok(0) => {
+            // The child only waits until the runner has taken its namespace.
+            sys::close(w);
+            let mut b = [0u8; 1];
+            let _ = sys::read(r, &mut b);
+            sys::exit_now(0);
+        }
+        Ok(pid) => pid,
+        Err(e) => {
+            sys::close(r);
+            sys::close(w);
+            return Err(Error::Sys {
+                call: "clone(CLONE_NEWUSER) for an idmapped mount".into(),
+                source: e,
+            });
+        }
+    };
+    sys::close(r);
+    let res = (|| {
+        std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), gid_map)?;
+        let p = std::ffi::CString::new(format!("/proc/{pid}/ns/user"))
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        sys::open(&p, libc::O_RDONLY)
+    })();
+    sys::close(w);
+    let mut status = 0;
+    // SAFETY: reaping our own child; `status` is a valid out pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    res.map_err(|e| Error::Sys {
+        call: "setting up the id mapping of an idmapped mount".into(),
+        source: e,
+    })
+}

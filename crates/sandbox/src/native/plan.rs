@@ -1,0 +1,637 @@
+//! Turning a [`SandboxSpec`] into a flat list of filesystem operations.
+//!
+//! Planning is pure and happens in the runner before `clone`, so the child
+//! only walks a prepared list of C strings and issues system calls: it never
+//! allocates, parses or formats. Every operation can be named in an error.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::spec::{Access, Root, SandboxSpec};
+use crate::Error;
+
+/// The host directory the new root is assembled on (inside the sandbox's
+/// private mount namespace, so the host never sees it).
+pub(crate) const BASE: &str = "/tmp";
+
+/// Host top-level entries that make up the default root, bound read-only.
+const HOST_ROOT_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Host `/etc` entries the default root needs, bound read-only (never the
+/// whole `/etc`, never shadow).
+const HOST_ETC_ENTRIES: &[&str] = &[
+    "ld.so.cache",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "os-release",
+    "protocols",
+    "services",
+    "mime.types",
+];
+
+/// `/proc` files hidden behind `/dev/null`.
+pub(crate) const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "key-users",
+    "timer_list",
+    "sched_debug",
+    "sysrq-trigger",
+    "latency_stats",
+    "kallsyms",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "config.gz",
+];
+
+/// `/proc` directories hidden behind an empty read-only tmpfs.
+pub(crate) const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver"];
+
+/// `/proc` directories made read-only.
+pub(crate) const PROC_READONLY_DIRS: &[&str] = &["sys", "irq", "bus", "fs"];
+
+/// Device nodes bound from the host's `/dev`.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Container paths a mount may not cover.
+const PROTECTED_TARGETS: &[&str] = &["/", "/proc", "/dev", "/sys", "/etc"];
+
+/// One step of building the sandbox's filesystem.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// `mkdir -p`-like: one directory (parents come first in the list).
+    Mkdir { path: CString, mode: libc::mode_t },
+    /// A symlink.
+    Symlink { target: CString, link: CString },
+    /// A file with fixed content.
+    File {
+        path: CString,
+        data: Vec<u8>,
+        mode: libc::mode_t,
+    },
+    /// A new filesystem instance (tmpfs, proc, sysfs, devpts).
+    Fs {
+        fstype: &'static std::ffi::CStr,
+        target: CString,
+        flags: libc::c_ulong,
+        data: CString,
+        /// Failing is not fatal; the outcome reports it as degraded.
+        optional: bool,
+    },
+    /// A bind mount, then attributes set recursively (read-only, nosuid,
+    /// nodev, noexec as asked).
+    Bind {
+        source: CString,
+        target: CString,
+        attrs: u64,
+        /// Skip silently when the source does not exist (masks).
+        if_exists: bool,
+    },
+    /// Attaches a detached mount prepared by the runner (an idmapped bind).
+    Attach { fd: i32, target: CString },
+    /// Sets attributes on an existing mount recursively.
+    Attrs { target: CString, attrs: u64 },
+}
+
+impl Op {
+    /// Describes the operation for an error message.
+    pub(crate) fn describe(&self) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::Mkdir { path, .. } => format!("mkdir {}", s(path)),
+            Op::Symlink { target, link } => format!("symlink {} -> {}", s(link), s(target)),
+            Op::File { path, .. } => format!("write {}", s(path)),
+            Op::Fs { fstype, target, .. } => {
+                format!("mount {} on {}", fstype.to_string_lossy(), s(target))
+            }
+            Op::Bind { source, target, .. } => format!("bind {} on {}", s(source), s(target)),
+            Op::Attach { target, .. } => format!("attach idmapped mount on {}", s(target)),
+            Op::Attrs { target, .. } => format!("set mount attributes on {}", s(target)),
+        }
+    }
+}
+
+/// A user mount resolved and checked by the runner.
+#[derive(Debug, Clone)]
+pub(crate) struct UserMount {
+    /// An `O_PATH` descriptor of the host source, opened before `clone`.
+    pub fd: i32,
+    /// Whether the source is a directory (else a file).
+    pub is_dir: bool,
+    /// Absolute, normalised path inside the sandbox.
+    pub target: PathBuf,
+    /// Read-only or read-write.
+    pub access: Access,
+    /// A detached idmapped copy of the source (rootful rw mounts).
+    pub idmapped_fd: Option<i32>,
+}
+
+/// The whole filesystem plan.
+#[derive(Debug, Default)]
+pub(crate) struct FsPlan {
+    /// Operations before `pivot_root`, with paths under [`BASE`].
+    pub ops: Vec<Op>,
+}
+
+fn cpath(p: impl AsRef<Path>) -> Result<CString, Error> {
+    CString::new(p.as_ref().as_os_str().as_bytes()).map_err(|_| {
+        Error::InvalidSpec(format!(
+            "path {:?} contains a NUL byte",
+            p.as_ref().display()
+        ))
+    })
+}
+
+fn under_base(p: &str) -> Result<CString, Error> {
+    cpath(format!("{BASE}{p}"))
+}
+
+/// Normalises an absolute container path: no `..`, no `.`, no trailing slash.
+pub(crate) fn normalize_target(p: &Path) -> Result<PathBuf, Error> {
+    if !p.is_absolute() {
+        return Err(Error::InvalidSpec(format!(
+            "mount target {:?} must be an absolute path inside the sandbox, e.g. /data",
+            p.display()
+        )));
+    }
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(Error::InvalidSpec(format!(
+                    "mount target {:?} may not contain '..'",
+                    p.display()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses targets that would cover a protected path of the sandbox.
+pub(crate) fn check_target(t: &Path) -> Result<(), Error> {
+    for p in PROTECTED_TARGETS {
+        let prot = Path::new(p);
+        if t == prot || (*p != "/" && t.starts_with(prot)) {
+            return Err(Error::InvalidSpec(format!(
+                "mount target {} would shadow the sandbox's {p}; choose another path such as /data",
+                t.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Everything about the host the plan depends on, read once by the runner.
+#[derive(Debug, Clone)]
+pub(crate) struct HostLayout {
+    /// For each of [`HOST_ROOT_DIRS`] present on the host: its name and, when
+    /// it is a symlink (usrmerge), the link target.
+    pub root_entries: Vec<(String, Option<PathBuf>)>,
+    /// For each of [`HOST_ETC_ENTRIES`] present: name, symlink target, is_dir.
+    pub etc_entries: Vec<(String, Option<PathBuf>, bool)>,
+}
+
+impl HostLayout {
+    /// Reads the host layout from the real filesystem.
+    pub(crate) fn probe() -> HostLayout {
+        let entry = |p: &Path| -> Option<(Option<PathBuf>, bool)> {
+            let md = std::fs::symlink_metadata(p).ok()?;
+            if md.file_type().is_symlink() {
+                Some((std::fs::read_link(p).ok(), false))
+            } else {
+                Some((None, md.is_dir()))
+            }
+        };
+        let root_entries = HOST_ROOT_DIRS
+            .iter()
+            .filter_map(|d| {
+                let (link, is_dir) = entry(&Path::new("/").join(d))?;
+                (link.is_some() || is_dir).then(|| (d.to_string(), link))
+            })
+            .collect();
+        let etc_entries = HOST_ETC_ENTRIES
+            .iter()
+            .filter_map(|e| {
+                let (link, is_dir) = entry(&Path::new("/etc").join(e))?;
+                Some((e.to_string(), link, is_dir))
+            })
+            .collect();
+        HostLayout {
+            root_entries,
+            etc_entries,
+        }
+    }
+}
+
+/// Contents of the synthetic `/etc/passwd`.
+pub(crate) fn passwd(uid: u32, gid: u32) -> String {
+    let mut s = String::from("root:x:0:0:root:/root:/bin/sh\n");
+    if uid != 0 {
+        s.push_str(&format!("sandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n"));
+    }
+    s.push_str("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
+    s
+}
+
+/// Contents of the synthetic `/etc/group`.
+pub(crate) fn group(gid: u32) -> String {
+    let mut s = String::from("root:x:0:\n");
+    if gid != 0 {
+        s.push_str(&format!("sandbox:x:{gid}:\n"));
+    }
+    s.push_str("nogroup:x:65534:\n");
+    s
+}
+
+/// Builds the filesystem plan for `spec`.
+pub(crate) fn build(
+    spec: &SandboxSpec,
+    host: &HostLayout,
+    mounts: &[UserMount],
+) -> Result<FsPlan, Error> {
+    let mut ops = Vec::with_capacity(96);
+    let ro = crate::native::sys::MOUNT_ATTR_RDONLY
+        | crate::native::sys::MOUNT_ATTR_NOSUID
+        | crate::native::sys::MOUNT_ATTR_NODEV;
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+
+    // The new root: a small tmpfs that only holds mount points and /etc.
+    ops.push(Op::Fs {
+        fstype: c"tmpfs",
+        target: cpath(BASE)?,
+        flags: nosuid_nodev,
+        data: CString::from(c"mode=0755,size=1m,nr_inodes=4096"),
+        optional: false,
+    });
+
+    match &spec.root {
+        Root::Host => {
+            for (name, link) in &host.root_entries {
+                let inside = format!("/{name}");
+                match link {
+                    Some(t) => ops.push(Op::Symlink {
+                        target: cpath(t)?,
+                        link: under_base(&inside)?,
+                    }),
+                    None => {
+                        ops.push(Op::Mkdir {
+                            path: under_base(&inside)?,
+                            mode: 0o755,
+                        });
+                        ops.push(Op::Bind {
+                            source: cpath(&inside)?,
+                            target: under_base(&inside)?,
+                            attrs: ro,
+                            if_exists: false,
+                        });
+                    }
+                }
+            }
+        }
+        Root::Dir(_) | Root::Layers(_) => {
+            return Err(Error::Unsupported {
+                what: "image roots".into(),
+                why: "only the host root is implemented in this version".into(),
+                fix: "run without --image".into(),
+            })
+        }
+    }
+
+    // A synthetic /etc.
+    ops.push(Op::Mkdir {
+        path: under_base("/etc")?,
+        mode: 0o755,
+    });
+    let files: [(&str, String); 6] = [
+        ("passwd", passwd(spec.user.uid, spec.user.gid)),
+        ("group", group(spec.user.gid)),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                spec.hostname
+            ),
+        ),
+        ("hostname", format!("{}\n", spec.hostname)),
+        (
+            "resolv.conf",
+            "# nanoclaw: this sandbox has no network (loopback only)\n".to_string(),
+        ),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
+                .to_string(),
+        ),
+    ];
+    for (name, data) in files {
+        ops.push(Op::File {
+            path: under_base(&format!("/etc/{name}"))?,
+            data: data.into_bytes(),
+            mode: 0o644,
+        });
+    }
+    for (name, link, is_dir) in &host.etc_entries {
+        let inside = format!("/etc/{name}");
+        match link {
+            Some(t) => ops.push(Op::Symlink {
+                target: cpath(t)?,
+                link: under_base(&inside)?,
+            }),
+            None => {
+                if *is_dir {
+                    ops.push(Op::Mkdir {
+                        path: under_base(&inside)?,
+                        mode: 0o755,
+                    });
+                } else {
+                    ops.push(Op::File {
+                        path: under_base(&inside)?,
+                        data: Vec::new(),
+                        mode: 0o644,
+                    });
+                }
+                ops.push(Op::Bind {
+                    source: cpath(&inside)?,
+                    target: under_base(&inside)?,
+                    attrs: ro,
+                    if_exists: true,
+                });
+            }
+        }
+    }
+
+    // /tmp: the writable scratch space.
+    ops.push(Op::Mkdir {
+        path: under_base("/tmp")?,
+        mode: 0o1777,
+    });
+    let mut tmp_flags = nosuid_nodev;
+    if spec.hardening.tmp_noexec {
+        tmp_flags |= libc::MS_NOEXEC;
+    }
+    ops.push(Op::Fs {
+        fstype: c"tmpfs",
+        target: under_base("/tmp")?,
+        flags: tmp_flags,
+        data: cpath(format!("mode=1777,size={}", spec.limits.tmpfs_size.max(4096)))?,
+        optional: false,
+    });
+
+    // A minimal /dev.
+    ops.push(Op::Mkdir {
+        path: under_base("/dev")?,
+        mode: 0o755,
+    });
+    ops.push(Op::Fs {
+        fstype: c"tmpfs",
+        target: under_base("/dev")?,
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: CString::from(c"mode=0755,size=64k,nr_inodes=64"),
+        optional: false,
+    });
+    for d in DEVICES {
+        let inside = format!("/dev/{d}");
+        ops.push(Op::File {
+            path: under_base(&inside)?,
+            data: Vec::new(),
+            mode: 0o666,
+        });
+        ops.push(Op::Bind {
+            source: cpath(&inside)?,
+            target: under_base(&inside)?,
+            attrs: crate::native::sys::MOUNT_ATTR_NOSUID | crate::native::sys::MOUNT_ATTR_NOEXEC,
+            if_exists: false,
+        });
+    }
+    for d in ["/dev/pts", "/dev/shm"] {
+        ops.push(Op::Mkdir {
+            path: under_base(d)?,
+            mode: 0o755,
+        });
+    }
+    ops.push(Op::Fs {
+        fstype: c"devpts",
+        target: under_base("/dev/pts")?,
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: CString::from(c"newinstance,ptmxmode=0666,mode=0620"),
+        optional: true,
+    });
+    ops.push(Op::Fs {
+        fstype: c"tmpfs",
+        target: under_base("/dev/shm")?,
+        flags: nosuid_nodev | libc::MS_NOEXEC,
+        data: cpath(format!(
+            "mode=1777,size={}",
+            spec.limits.tmpfs_size.clamp(4096, 64 << 20)
+        ))?,
+        optional: false,
+    });
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ops.push(Op::Symlink {
+            target: cpath(target)?,
+            link: under_base(&format!("/dev/{link}"))?,
+        });
+    }
+
+    // A fresh /proc for the new pid namespace, with the dangerous parts masked.
+    ops.push(Op::Mkdir {
+        path: under_base("/proc")?,
+        mode: 0o555,
+    });
+    ops.push(Op::Fs {
+        fstype: c"proc",
+        target: under_base("/proc")?,
+        flags: nosuid_nodev | libc::MS_NOEXEC,
+        data: CString::default(),
+        optional: false,
+    });
+    for f in PROC_MASKED_FILES {
+        ops.push(Op::Bind {
+            source: under_base("/dev/null")?,
+            target: under_base(&format!("/proc/{f}"))?,
+            attrs: ro,
+            if_exists: true,
+        });
+    }
+    for d in PROC_READONLY_DIRS {
+        ops.push(Op::Bind {
+            source: under_base(&format!("/proc/{d}"))?,
+            target: under_base(&format!("/proc/{d}"))?,
+            attrs: ro,
+            if_exists: true,
+        });
+    }
+    for d in PROC_MASKED_DIRS {
+        ops.push(Op::Fs {
+            fstype: c"tmpfs",
+            target: under_base(&format!("/proc/{d}"))?,
+            flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+            data: CString::from(c"size=0,nr_inodes=1"),
+            optional: true,
+        });
+    }
+
+    // A read-only /sys with the firmware tables hidden.
+    ops.push(Op::Mkdir {
+        path: under_base("/sys")?,
+        mode: 0o555,
+    });
+    ops.push(Op::Fs {
+        fstype: c"sysfs",
+        target: under_base("/sys")?,
+        flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+        data: CString::default(),
+        optional: true,
+    });
+    ops.push(Op::Fs {
+        fstype: c"tmpfs",
+        target: under_base("/sys/firmware")?,
+        flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+        data: CString::from(c"size=0,nr_inodes=1"),
+        optional: true,
+    });
+
+    // The workspace and user mounts.
+    for m in mounts {
+        let mut cur = PathBuf::from("/");
+        let comps: Vec<_> = m.target.components().skip(1).collect();
+        for (i, c) in comps.iter().enumerate() {
+            cur.push(c);
+            let last = i + 1 == comps.len();
+            let inside = cur.to_string_lossy().into_owned();
+            if last && !m.is_dir {
+                ops.push(Op::File {
+                    path: under_base(&inside)?,
+                    data: Vec::new(),
+                    mode: 0o644,
+                });
+            } else {
+                ops.push(Op::Mkdir {
+                    path: under_base(&inside)?,
+                    mode: 0o755,
+                });
+            }
+        }
+        let target = under_base(&m.target.to_string_lossy())?;
+        let mut attrs =
+            crate::native::sys::MOUNT_ATTR_NOSUID | crate::native::sys::MOUNT_ATTR_NODEV;
+        if m.access == Access::Ro {
+            attrs |= crate::native::sys::MOUNT_ATTR_RDONLY;
+        }
+        match m.idmapped_fd {
+            Some(fd) => {
+                ops.push(Op::Attach {
+                    fd,
+                    target: target.clone(),
+                });
+                ops.push(Op::Attrs { target, attrs });
+            }
+            None => ops.push(Op::Bind {
+                source: cpath(format!("/proc/self/fd/{}", m.fd))?,
+                target,
+                attrs,
+                if_exists: false,
+            }),
+        }
+    }
+
+    Ok(FsPlan { ops })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostLayout {
+        HostLayout {
+            root_entries: vec![
+                ("usr".into(), None),
+                ("bin".into(), Some("usr/bin".into())),
+            ],
+            etc_entries: vec![
+                ("ld.so.cache".into(), None, false),
+                ("localtime".into(), Some("/usr/share/zoneinfo/UTC".into()), false),
+            ],
+        }
+    }
+
+    fn descs(plan: &FsPlan) -> Vec<String> {
+        plan.ops.iter().map(Op::describe).collect()
+    }
+
+    #[test]
+    fn host_root_is_bound_read_only_and_symlinks_kept() {
+        let spec = SandboxSpec::new(["true"]);
+        let plan = build(&spec, &host(), &[]).unwrap();
+        let d = descs(&plan);
+        assert!(d.contains(&"bind /usr on /tmp/usr".to_string()));
+        assert!(d.contains(&"symlink /tmp/bin -> usr/bin".to_string()));
+        let usr = plan
+            .ops
+            .iter()
+            .find(|o| matches!(o, Op::Bind { target, .. } if target.as_bytes() == b"/tmp/usr"))
+            .unwrap();
+        match usr {
+            Op::Bind { attrs, .. } => assert_ne!(attrs & crate::native::sys::MOUNT_ATTR_RDONLY, 0),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn etc_is_synthetic_and_never_has_shadow() {
+        let spec = SandboxSpec::new(["true"]);
+        let plan = build(&spec, &host(), &[]).unwrap();
+        let d = descs(&plan).join("\n");
+        assert!(d.contains("write /tmp/etc/passwd"));
+        assert!(!d.contains("shadow"));
+        assert!(!d.contains("bind /etc on"));
+    }
+
+    #[test]
+    fn passwd_has_the_sandbox_user() {
+        assert!(passwd(1000, 1000).contains("sandbox:x:1000:1000:"));
+        assert!(!passwd(0, 0).contains("sandbox"));
+        assert!(group(1234).contains("sandbox:x:1234:"));
+    }
+
+    #[test]
+    fn targets_are_normalised_and_protected() {
+        assert_eq!(
+            normalize_target(Path::new("/a/./b/")).unwrap(),
+            PathBuf::from("/a/b")
+        );
+        assert!(normalize_target(Path::new("/a/../etc")).is_err());
+        assert!(normalize_target(Path::new("rel")).is_err());
+        for bad in ["/", "/proc", "/proc/x", "/dev", "/sys/fs", "/etc", "/etc/passwd"] {
+            assert!(check_target(Path::new(bad)).is_err(), "{bad}");
+        }
+        for good in ["/data", "/workspace", "/tmp/x", "/opt/etc"] {
+            assert!(check_target(Path::new(good)).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn proc_is_masked() {
+        let plan = build(&SandboxSpec::new(["true"]), &host(), &[]).unwrap();
+        let d = descs(&plan).join("\n");
+        for f in ["kcore", "keys", "sysrq-trigger", "timer_list", "sched_debug"] {
+            assert!(d.contains(&format!("bind /tmp/dev/null on /tmp/proc/{f}")), "{f}");
+        }
+        assert!(d.contains("bind /tmp/proc/sys on /tmp/proc/sys"));
+    }
+}

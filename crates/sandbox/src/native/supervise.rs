@@ -1,0 +1,429 @@
+//! The runner's side of a running sandbox: output, deadline, limits, reaping
+//! and cleanup.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::child::Report;
+use super::{sys, Sandbox};
+use crate::outcome::{KillReason, Outcome};
+use crate::Error;
+
+/// How often cgroup event counters are read while a sandbox runs.
+const EVENT_POLL: Duration = Duration::from_millis(20);
+/// How long output is still drained after init has exited.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+const KILL_NONE: u8 = 0;
+const KILL_REQUESTED: u8 = 1;
+
+/// A cloneable handle that can kill a sandbox from another thread while
+/// [`wait`] runs.
+#[derive(Debug, Clone)]
+pub struct KillHandle {
+    pid: libc::pid_t,
+    flag: Arc<AtomicU8>,
+}
+
+impl KillHandle {
+    /// Kills every process of the sandbox; `wait` then reports
+    /// `killed_by: killed`.
+    pub fn kill(&self) {
+        if self
+            .flag
+            .compare_exchange(KILL_NONE, KILL_REQUESTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            // The pid stays ours until `wait` reaps it, so it cannot have
+            // been reused.
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+impl Sandbox {
+    /// A handle to kill this sandbox from elsewhere.
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            pid: self.pid,
+            flag: self.kill_flag.clone(),
+        }
+    }
+}
+
+/// Kills every process in the sandbox (its init, and with it the pid
+/// namespace). [`wait`] still has to be called to reap and clean up.
+pub fn kill(sandbox: &Sandbox) {
+    sandbox.kill_handle().kill();
+}
+
+/// Reads the child's setup report: `None` when the payload exec'd (the
+/// pipe closed without a word), else what failed.
+pub(crate) fn read_setup_report(fd: RawFd) -> Option<Report> {
+    let mut buf = [0u8; Report::SIZE];
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read(fd, &mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    Report::decode(&buf[..got])
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the runner and returns a signalfd
+/// that reports them.
+pub(crate) fn block_runner_signals() -> Result<RawFd, Error> {
+    // SAFETY: `set` is initialised by sigemptyset before use; signalfd gets a
+    // valid set and returns a new fd or -1.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(Error::sys("sigprocmask"));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(Error::sys("signalfd"));
+        }
+        Ok(fd)
+    }
+}
+
+/// Kills, reaps and cleans up a sandbox whose setup failed.
+pub(crate) fn abort(sb: Sandbox) {
+    let _ = sys::kill(sb.pid, libc::SIGKILL);
+    let _ = reap(sb.pid);
+    release(sb);
+}
+
+fn reap(pid: libc::pid_t) -> (i32, libc::rusage) {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child with valid out pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r >= 0 || sys::errno() != libc::EINTR {
+            return (status, ru);
+        }
+    }
+}
+
+fn release(mut sb: Sandbox) {
+    for fd in [sb.stdout_r, sb.stderr_r, sb.status_r] {
+        sys::close(fd);
+    }
+    if let Some((w, _)) = sb.stdin_w.take() {
+        sys::close(w);
+    }
+    if let Some(fd) = sb.signal_fd.take() {
+        sys::close(fd);
+        unblock_runner_signals();
+    }
+    if let Some(cg) = sb.cgroup.take() {
+        cg.kill_all();
+        let _ = cg.destroy();
+    }
+}
+
+fn unblock_runner_signals() {
+    // SAFETY: as in block_runner_signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// One output stream being collected.
+struct Stream {
+    fd: RawFd,
+    open: bool,
+    buf: Vec<u8>,
+    total: u64,
+    truncated: bool,
+    /// Where to copy it live (1 or 2), when streaming.
+    echo: Option<RawFd>,
+}
+
+impl Stream {
+    fn new(fd: RawFd, echo: Option<RawFd>) -> Stream {
+        Stream {
+            fd,
+            open: true,
+            buf: Vec::new(),
+            total: 0,
+            truncated: false,
+            echo,
+        }
+    }
+
+    /// Reads what is available. Returns true when the limit was crossed.
+    fn pump(&mut self, limit: u64, scratch: &mut [u8]) -> bool {
+        loop {
+            match sys::read(self.fd, scratch) {
+                Ok(0) => {
+                    self.open = false;
+                    return false;
+                }
+                Ok(n) => {
+                    let room = limit.saturating_sub(self.total) as usize;
+                    let keep = n.min(room);
+                    if keep > 0 {
+                        match self.echo {
+                            Some(out) => {
+                                let _ = sys::write_all(out, &scratch[..keep]);
+                            }
+                            None => self.buf.extend_from_slice(&scratch[..keep]),
+                        }
+                    }
+                    self.total += n as u64;
+                    if n > keep {
+                        self.truncated = true;
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => {
+                    self.open = false;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the sandbox to finish, enforcing its timeout, output limit and
+/// cgroup limits, then reaps it, removes its cgroup and returns the outcome.
+pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
+    let limits = sb.spec_limits;
+    let deadline = sb.started + limits.timeout;
+    let echo = |n| if sb.opts.stream { Some(n) } else { None };
+    let mut out = Stream::new(sb.stdout_r, echo(1));
+    let mut err = Stream::new(sb.stderr_r, echo(2));
+    for fd in [out.fd, err.fd, sb.status_r] {
+        let _ = sys::set_nonblocking(fd);
+    }
+    if let Some((w, _)) = &sb.stdin_w {
+        let _ = sys::set_nonblocking(*w);
+    }
+    if let Some((_, msg)) = &sb.exec_error {
+        err.buf.extend_from_slice(msg.as_bytes());
+        if sb.opts.stream {
+            let _ = sys::write_all(2, msg.as_bytes());
+        }
+    }
+    let mut stdin_off = 0usize;
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut killed_by: Option<KillReason> = None;
+    let mut payload_status: Option<i32> = None;
+    let mut status_buf = Vec::with_capacity(4);
+    let mut init_done = false;
+    let mut next_events = Instant::now() + EVENT_POLL;
+    let kill_now = |sb: &Sandbox, why: KillReason, killed_by: &mut Option<KillReason>| {
+        if killed_by.is_none() {
+            *killed_by = Some(why);
+        }
+        let _ = sys::kill(sb.pid, libc::SIGKILL);
+    };
+
+    while !init_done {
+        let now = Instant::now();
+        if now >= deadline {
+            kill_now(&sb, KillReason::Timeout, &mut killed_by);
+        }
+        let wake = deadline.min(next_events);
+        let timeout_ms = wake
+            .saturating_duration_since(now)
+            .as_millis()
+            .clamp(0, 1000) as i32;
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
+        let mut push = |fd: RawFd, events: libc::c_short| {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+        };
+        push(sb.status_r, libc::POLLIN);
+        if out.open {
+            push(out.fd, libc::POLLIN);
+        }
+        if err.open {
+            push(err.fd, libc::POLLIN);
+        }
+        if let Some(sfd) = sb.signal_fd {
+            push(sfd, libc::POLLIN);
+        }
+        if let Some((w, _)) = &sb.stdin_w {
+            push(*w, libc::POLLOUT);
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 && sys::errno() != libc::EINTR {
+            kill_now(&sb, KillReason::Killed, &mut killed_by);
+            return Err(Error::sys("poll"));
+        }
+        for p in &fds {
+            if p.revents == 0 {
+                continue;
+            }
+            if p.fd == out.fd || p.fd == err.fd {
+                let s = if p.fd == out.fd { &mut out } else { &mut err };
+                if s.pump(limits.output_limit, &mut scratch) {
+                    kill_now(&sb, KillReason::OutputLimit, &mut killed_by);
+                }
+            } else if p.fd == sb.status_r {
+                let mut b = [0u8; 4];
+                match sys::read(sb.status_r, &mut b) {
+                    Ok(0) => init_done = true,
+                    Ok(k) => {
+                        status_buf.extend_from_slice(&b[..k]);
+                        if status_buf.len() >= 4 {
+                            let mut a = [0u8; 4];
+                            a.copy_from_slice(&status_buf[..4]);
+                            payload_status = Some(i32::from_ne_bytes(a));
+                            init_done = true;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => init_done = true,
+                }
+            } else if Some(p.fd) == sb.signal_fd {
+                // SAFETY: signalfd_siginfo is plain data; reading into it is
+                // what signalfd is for.
+                let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                // SAFETY: `si` is a valid buffer of the right size.
+                let r = unsafe {
+                    libc::read(
+                        p.fd,
+                        (&mut si as *mut libc::signalfd_siginfo).cast(),
+                        std::mem::size_of::<libc::signalfd_siginfo>(),
+                    )
+                };
+                if r > 0 {
+                    kill_now(&sb, KillReason::Killed, &mut killed_by);
+                }
+            } else if let Some((w, data)) = &sb.stdin_w {
+                if p.fd == *w {
+                    let rest = &data[stdin_off..];
+                    // SAFETY: `rest` is a valid slice.
+                    let k = unsafe { libc::write(*w, rest.as_ptr().cast(), rest.len()) };
+                    if k > 0 {
+                        stdin_off += k as usize;
+                    }
+                    if k < 0 && sys::errno() != libc::EAGAIN || stdin_off >= data.len() {
+                        sys::close(*w);
+                        sb.stdin_w = None;
+                    }
+                }
+            }
+        }
+        if sb.kill_flag.load(Ordering::SeqCst) == KILL_REQUESTED && killed_by.is_none() {
+            killed_by = Some(KillReason::Killed);
+        }
+        if Instant::now() >= next_events {
+            next_events = Instant::now() + EVENT_POLL;
+            if let Some(cg) = &sb.cgroup {
+                let ev = cg.events();
+                if ev.oom_kills > 0 {
+                    kill_now(&sb, KillReason::Oom, &mut killed_by);
+                } else if ev.pids_max_hits > 0 {
+                    kill_now(&sb, KillReason::Pids, &mut killed_by);
+                }
+            }
+        }
+    }
+
+    // Init is exiting; the kernel kills everything left in the pid
+    // namespace before init can be reaped.
+    let (init_status, ru) = reap(sb.pid);
+    let drain_until = Instant::now() + DRAIN_GRACE;
+    while (out.open || err.open) && Instant::now() < drain_until {
+        let mut fds: Vec<libc::pollfd> = [&out, &err]
+            .iter()
+            .filter(|s| s.open)
+            .map(|s| libc::pollfd {
+                fd: s.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        for s in [&mut out, &mut err] {
+            if s.open && s.pump(limits.output_limit, &mut scratch) && killed_by.is_none() {
+                killed_by = Some(KillReason::OutputLimit);
+            }
+        }
+    }
+    let duration = sb.started.elapsed();
+
+    let (mut cpu, mut peak) = (None, None);
+    if let Some(cg) = &sb.cgroup {
+        let ev = cg.events();
+        if killed_by.is_none() {
+            if ev.oom_kills > 0 {
+                killed_by = Some(KillReason::Oom);
+            } else if ev.pids_max_hits > 0 {
+                killed_by = Some(KillReason::Pids);
+            }
+        }
+        let st = cg.stats();
+        cpu = st.cpu;
+        peak = st.peak_memory;
+    }
+    let rusage_cpu = Duration::from_micros(
+        (ru.ru_utime.tv_sec as u64 * 1_000_000 + ru.ru_utime.tv_usec as u64)
+            + (ru.ru_stime.tv_sec as u64 * 1_000_000 + ru.ru_stime.tv_usec as u64),
+    );
+    let cpu_time = cpu.unwrap_or(rusage_cpu);
+    let peak_memory_bytes = peak.or(Some(ru.ru_maxrss as u64 * 1024));
+
+    // What happened to the payload: its own status when init reported it,
+    // else how init died (killed by us).
+    let status = payload_status.unwrap_or(init_status);
+    let (mut exit_code, mut signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, Some(libc::SIGKILL))
+    };
+    if let Some((code, _)) = sb.exec_error {
+        if killed_by.is_none() {
+            exit_code = Some(code);
+            signal = None;
+        }
+    }
+    if killed_by.is_some() && exit_code.is_some() && payload_status.is_none() {
+        exit_code = None;
+        signal = Some(libc::SIGKILL);
+    }
+
+    let outcome = Outcome {
+        exit_code,
+        signal,
+        killed_by,
+        stdout: std::mem::take(&mut out.buf),
+        stderr: std::mem::take(&mut err.buf),
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
+        duration,
+        cpu_time,
+        peak_memory_bytes,
+        sandbox_id: sb.id.clone(),
+        layers: std::mem::take(&mut sb.layers),
+    };
+    release(sb);
+    Ok(outcome)
+}

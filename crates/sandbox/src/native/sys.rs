@@ -1,0 +1,299 @@
+//! Thin, typed wrappers around the raw system calls the engine needs.
+//!
+//! Every wrapper returns `io::Result` with the OS error; callers attach the
+//! step name. None of them allocates, so they are safe to call in the
+//! sandbox's child after `clone`.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr;
+
+/// Converts a `-1`-on-error return value into an `io::Result`.
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `clone(flags | SIGCHLD)` with fork semantics (the child continues on a
+/// copy of the caller's stack). Returns 0 in the child, the child's pid in
+/// the parent.
+///
+/// The caller must be single-threaded, or the child must not allocate.
+pub fn clone_fork(flags: libc::c_ulong) -> io::Result<libc::pid_t> {
+    // SAFETY: a raw clone without CLONE_VM and with a null stack behaves like
+    // fork(2): the child gets a copy-on-write copy of the address space and
+    // resumes here with a return value of 0. No pointer arguments are passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags | libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    check(ret).map(|p| p as libc::pid_t)
+}
+
+/// `mount(2)`. `None` arguments are passed as NULL.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let p = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
+    // SAFETY: all pointers are either NULL or point to NUL-terminated strings
+    // that outlive the call.
+    let ret = unsafe {
+        libc::mount(
+            p(source),
+            target.as_ptr(),
+            p(fstype),
+            flags,
+            p(data).cast::<libc::c_void>(),
+        )
+    };
+    check(ret.into()).map(drop)
+}
+
+/// The `mount_attr` argument of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `MOUNT_ATTR_RDONLY`.
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MOUNT_ATTR_NOSUID`.
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+/// `MOUNT_ATTR_NODEV`.
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// `MOUNT_ATTR_NOEXEC`.
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+/// `MOUNT_ATTR_IDMAP`.
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `mount_setattr(dirfd, path, flags, {attr_set, userns_fd})`: sets mount
+/// attributes, recursively when `flags` has `AT_RECURSIVE`.
+pub fn mount_setattr(
+    dirfd: RawFd,
+    path: &CStr,
+    flags: libc::c_uint,
+    attr_set: u64,
+    userns_fd: Option<RawFd>,
+) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns_fd.map_or(0, |fd| fd as u64),
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` is a valid, correctly sized
+    // `struct mount_attr` that lives across the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `open_tree(dirfd, path, flags)`: with `OPEN_TREE_CLONE` a detached copy
+/// of the mount at `path`.
+pub fn open_tree(dirfd: RawFd, path: &CStr, flags: libc::c_uint) -> io::Result<RawFd> {
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_open_tree, dirfd, path.as_ptr(), flags) };
+    check(ret).map(|fd| fd as RawFd)
+}
+
+/// `move_mount(from_fd, "", AT_FDCWD, to, MOVE_MOUNT_F_EMPTY_PATH)`: attaches
+/// a detached mount at `to`.
+pub fn move_mount_fd(from_fd: RawFd, to: &CStr) -> io::Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            from_fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `pivot_root(new_root, put_old)`.
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) };
+    check(ret).map(drop)
+}
+
+/// `umount2(target, flags)`.
+pub fn umount2(target: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: `target` is NUL-terminated and outlives the call.
+    let ret = unsafe { libc::umount2(target.as_ptr(), flags) };
+    check(ret.into()).map(drop)
+}
+
+/// `mkdir(path, mode)`; an existing directory is not an error.
+pub fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    let ret = unsafe { libc::mkdir(path.as_ptr(), mode) };
+    match check(ret.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// `symlink(target, linkpath)`.
+pub fn symlink(target: &CStr, linkpath: &CStr) -> io::Result<()> {
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    let ret = unsafe { libc::symlink(target.as_ptr(), linkpath.as_ptr()) };
+    check(ret.into()).map(drop)
+}
+
+/// Creates (or truncates) `path` with `mode` and writes all of `data`.
+pub fn write_file(path: &CStr, data: &[u8], mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated; the flags are valid for open(2).
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            libc::c_uint::from(mode),
+        )
+    };
+    let fd = check(fd.into())? as RawFd;
+    let r = write_all(fd, data);
+    close(fd);
+    r
+}
+
+/// Writes all of `data` to `fd`, retrying on EINTR and short writes.
+pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is a valid slice for reads of `data.len()` bytes.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Reads into `buf`, retrying on EINTR. Returns 0 at end of file.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, writable slice of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Closes `fd`, ignoring errors (there is nothing useful to do about them).
+pub fn close(fd: RawFd) {
+    // SAFETY: closing an fd this module's caller owns; a bad fd only yields EBADF.
+    unsafe { libc::close(fd) };
+}
+
+/// `pipe2(O_CLOEXEC)`: returns (read end, write end).
+pub fn pipe() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(ret.into())?;
+    Ok((fds[0], fds[1]))
+}
+
+/// `dup2(old, new)`; the result does not have `FD_CLOEXEC`.
+pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 on integer fds has no memory-safety requirements.
+    let ret = unsafe { libc::dup2(old, new) };
+    check(ret.into()).map(drop)
+}
+
+/// `open(path, flags)`.
+pub fn open(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    let ret = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+    check(ret.into()).map(|fd| fd as RawFd)
+}
+
+/// Sets or clears `O_NONBLOCK` on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL on an integer fd.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    check(flags.into())?;
+    // SAFETY: as above.
+    let ret = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    check(ret.into()).map(drop)
+}
+
+/// `prctl(option, arg2, 0, 0, 0)`.
+pub fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: the prctl options used by the engine take integer arguments only.
+    let ret = unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0) };
+    check(ret.into()).map(drop)
+}
+
+/// `kill(pid, sig)`.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety requirements.
+    let ret = unsafe { libc::kill(pid, sig) };
+    check(ret.into()).map(drop)
+}
+
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)`: marks every fd from
+/// `first` on close-on-exec; falls back to closing them one by one.
+pub fn cloexec_from(first: libc::c_uint) {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only manipulates the fd table.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
+    if ret == 0 {
+        return;
+    }
+    for fd in first..4096 {
+        // SAFETY: F_SETFD on a possibly-unused fd only fails with EBADF.
+        unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+/// The calling thread's errno.
+pub fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// `_exit(code)`: leaves without running destructors or atexit handlers.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
