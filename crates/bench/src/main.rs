@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
 
@@ -87,6 +87,9 @@ struct Args {
     /// Skip the strace check that nanoclaw executes nothing but the payload.
     #[arg(long)]
     no_exec_check: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Exit with status 3 when a target is missed.
     #[arg(long)]
     check_targets: bool,
@@ -539,8 +542,13 @@ fn real_main() -> Result<i32> {
         exec_check_note,
         targets,
     };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &args.json_out {
+        std::fs::write(p, format!("{json}\n"))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json}");
     } else {
         print!("{}", markdown(&report));
     }

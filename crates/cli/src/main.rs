@@ -71,7 +71,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("nanoclaw: {e:#}");
+            // One line: the error and each cause not already spelled out.
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !line.contains(&c) {
+                    line.push_str(": ");
+                    line.push_str(&c);
+                }
+            }
+            eprintln!("nanoclaw: {line}");
             ExitCode::from(EXIT_NANOCLAW)
         }
     }

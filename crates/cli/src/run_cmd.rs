@@ -81,7 +81,7 @@ pub struct RunArgs {
     #[arg(long)]
     tmp_noexec: bool,
     /// The command and its arguments.
-    #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
+    #[arg(value_name = "COMMAND")]
     command: Vec<String>,
 }
 

@@ -55,12 +55,14 @@ pub(crate) enum Step {
     FsOp,
     /// PR_SET_PDEATHSIG.
     DeathSignal,
+    /// Bringing up the loopback interface.
+    Loopback,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 20] = [
+        const ALL: [Step; 21] = [
             Sync,
             BecomeRoot,
             CgroupNs,
@@ -81,6 +83,7 @@ impl Step {
             Exec,
             FsOp,
             DeathSignal,
+            Loopback,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -108,6 +111,7 @@ impl Step {
             Step::Exec => "execve",
             Step::FsOp => "building the filesystem",
             Step::DeathSignal => "PR_SET_PDEATHSIG",
+            Step::Loopback => "bringing up the loopback interface",
         }
     }
 }
@@ -175,7 +179,7 @@ pub(crate) struct ChildPlan {
     pub uid: u32,
     pub gid: u32,
     pub keep_caps: Vec<super::caps::Cap>,
-    pub landlock: Option<super::landlock::LandlockPolicy>,
+    pub landlock: Option<super::landlock::Prepared>,
     pub seccomp: Option<super::seccomp::Filter>,
     pub workdir: CString,
     /// Candidate paths for argv[0], in PATH order.
@@ -260,6 +264,9 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         fail(plan.err_w, Step::Hostname, 0, sys::errno());
     }
 
+    if let Err(e) = loopback_up() {
+        fail(plan.err_w, Step::Loopback, 0, e.raw_os_error().unwrap_or(0));
+    }
     build_root(plan);
 
     // Init must not be inspectable by the payload (/proc/1/mem, environ,
@@ -287,6 +294,32 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         sys::close(fd);
     }
     init_loop(pid, plan.status_w)
+}
+
+/// Sets `lo` up in the sandbox's new network namespace (it starts down).
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a datagram socket used only for interface ioctls; `ifr` is a
+    // zeroed ifreq with a NUL-terminated name, valid for both ioctls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if r == 0 {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 fn block_all_signals() {
@@ -448,9 +481,16 @@ fn payload(plan: &ChildPlan) -> ! {
         Step::NoNewPrivs,
         sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
     );
-    if let Some(policy) = &plan.landlock {
-        if super::landlock::install(policy).is_err() {
-            fail(plan.err_w, Step::Landlock, 0, sys::errno());
+    if let Some(prepared) = &plan.landlock {
+        if let Err(f) = prepared.apply() {
+            // step in the high byte, rule index (or 0xffffff) below it.
+            let rule = f.rule.unwrap_or(0x00ff_ffff) & 0x00ff_ffff;
+            fail(
+                plan.err_w,
+                Step::Landlock,
+                (u32::from(f.step as u8) << 24) | rule,
+                f.errno,
+            );
         }
     }
     if super::caps::drop_privileges(plan.uid, plan.gid, &plan.keep_caps).is_err() {

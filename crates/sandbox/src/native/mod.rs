@@ -306,12 +306,13 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             .map(|m| m.target.clone()),
     );
     let landlock_policy = match landlock::abi_version() {
-        Some(abi) => {
-            layers.landlock = format!("abi {abi}");
-            Some(landlock::LandlockPolicy::standard(
+        Some(_) => {
+            let prepared = landlock::prepare(&landlock::LandlockPolicy::standard(
                 writable,
                 spec.hardening.exec_allow.clone(),
-            ))
+            ))?;
+            layers.landlock = prepared.description().to_string();
+            Some(prepared)
         }
         None => {
             if !spec.hardening.exec_allow.is_empty() {
@@ -486,6 +487,24 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 };
                 sb.exec_error = Some((code, msg));
                 None
+            }
+            Some(child::Step::Landlock) => {
+                let f = landlock::ApplyFailure::from_bytes({
+                    let mut b = [0u8; 9];
+                    b[0] = (r.index >> 24) as u8;
+                    let rule = r.index & 0x00ff_ffff;
+                    let rule = if rule == 0x00ff_ffff { u32::MAX } else { rule };
+                    b[1..5].copy_from_slice(&rule.to_le_bytes());
+                    b[5..9].copy_from_slice(&r.errno.to_le_bytes());
+                    b
+                });
+                match (f, &child_plan.landlock) {
+                    (Some(f), Some(p)) => Some(Error::Landlock(p.explain(f))),
+                    _ => Some(Error::Setup {
+                        step: "installing Landlock rules".into(),
+                        source: std::io::Error::from_raw_os_error(r.errno),
+                    }),
+                }
             }
             Some(child::Step::FsOp) => Some(Error::Setup {
                 step: child_plan
