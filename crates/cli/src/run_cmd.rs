@@ -268,8 +268,24 @@ pub fn run(a: RunArgs) -> Result<u8> {
         handle_signals: true,
     };
     let sandbox = nanoclaw_sandbox::start(&spec, opts)?;
-    for d in sandbox_degraded(&sandbox) {
-        eprintln!("nanoclaw: warning: {d}");
+    let degraded = &sandbox.layers().degraded;
+    if !degraded.is_empty() {
+        // One line; `--json` carries the full explanations.
+        let (fallback, missing): (Vec<&String>, Vec<&String>) =
+            degraded.iter().partition(|d| d.contains("instead of a cgroup"));
+        let missing: Vec<&str> = missing
+            .iter()
+            .map(|d| d.split(" (").next().unwrap_or(d))
+            .collect();
+        let fallback: Vec<&str> = fallback
+            .iter()
+            .map(|d| d.split(" instead").next().unwrap_or(d))
+            .collect();
+        eprintln!(
+            "nanoclaw: warning: no cgroup for the default {} limit(s) on this host ({}); run `nanoclaw doctor` to see how to delegate cgroups",
+            missing.join(", "),
+            if fallback.is_empty() { "not enforced".to_string() } else { fallback.join(", ") }
+        );
     }
     let outcome = nanoclaw_sandbox::wait(sandbox)?;
     if a.json {
@@ -288,8 +304,4 @@ pub fn run(a: RunArgs) -> Result<u8> {
     }
     let code = outcome.cli_exit_code();
     Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(125))
-}
-
-fn sandbox_degraded(s: &nanoclaw_sandbox::Sandbox) -> Vec<String> {
-    s.layers().degraded.clone()
 }

@@ -70,6 +70,8 @@ pub struct Sandbox {
     pub(crate) exec_error: Option<(i32, String)>,
     pub(crate) kill_flag: std::sync::Arc<std::sync::atomic::AtomicU8>,
     pub(crate) signal_fd: Option<RawFd>,
+    /// Reaped and cleaned up; nothing left to do on drop.
+    pub(crate) released: bool,
 }
 
 impl Sandbox {
@@ -451,6 +453,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         exec_error: None,
         kill_flag: Default::default(),
         signal_fd,
+        released: false,
     };
 
     let setup = (|| -> Result<(), Error> {

@@ -96,10 +96,21 @@ pub(crate) fn block_runner_signals() -> Result<RawFd, Error> {
 }
 
 /// Kills, reaps and cleans up a sandbox whose setup failed.
-pub(crate) fn abort(sb: Sandbox) {
+pub(crate) fn abort(mut sb: Sandbox) {
     let _ = sys::kill(sb.pid, libc::SIGKILL);
     let _ = reap(sb.pid);
-    release(sb);
+    release(&mut sb);
+}
+
+impl Drop for Sandbox {
+    /// A sandbox dropped without [`wait`] is killed, reaped and cleaned up.
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+            let _ = reap(self.pid);
+            release(self);
+        }
+    }
 }
 
 fn reap(pid: libc::pid_t) -> (i32, libc::rusage) {
@@ -115,7 +126,11 @@ fn reap(pid: libc::pid_t) -> (i32, libc::rusage) {
     }
 }
 
-fn release(mut sb: Sandbox) {
+fn release(sb: &mut Sandbox) {
+    if sb.released {
+        return;
+    }
+    sb.released = true;
     for fd in [sb.stdout_r, sb.stderr_r, sb.status_r] {
         sys::close(fd);
     }
@@ -424,6 +439,6 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         sandbox_id: sb.id.clone(),
         layers: std::mem::take(&mut sb.layers),
     };
-    release(sb);
+    release(&mut sb);
     Ok(outcome)
 }
