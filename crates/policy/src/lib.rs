@@ -133,7 +133,10 @@ pub fn parse(text: &str, env: DecodeEnv<'_>) -> Loaded {
     let config = d.config(&root);
     let mut diagnostics = d.diags;
     diagnostics.sort_by_key(|d| (d.line, d.col));
-    Loaded { config, diagnostics }
+    Loaded {
+        config,
+        diagnostics,
+    }
 }
 
 /// Parses text with the process environment and the real filesystem.
@@ -141,7 +144,14 @@ pub fn parse_with_process_env(text: &str) -> Loaded {
     let env = |k: &str| std::env::var(k).ok();
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let fs = RealFs { home: home.clone() };
-    parse(text, DecodeEnv { env: &env, fs: &fs, home })
+    parse(
+        text,
+        DecodeEnv {
+            env: &env,
+            fs: &fs,
+            home,
+        },
+    )
 }
 
 /// Reading the file failed.
@@ -161,7 +171,11 @@ pub enum LoadError {
 
 /// Loads a file with the process environment and the real filesystem.
 pub fn load(path: &Path, via: Discovered) -> Result<Loaded, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), via, source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        via,
+        source,
+    })?;
     Ok(parse_with_process_env(&text))
 }
 
@@ -222,5 +236,7 @@ pub fn discover(
 
 /// A [`HostFs`] for callers that only need the real one.
 pub fn real_fs() -> impl HostFs {
-    RealFs { home: std::env::var_os("HOME").map(PathBuf::from) }
+    RealFs {
+        home: std::env::var_os("HOME").map(PathBuf::from),
+    }
 }

@@ -1,0 +1,376 @@
+//! The configuration model: what `nanoclaw.yaml` says, after parsing and
+//! validation. Every field is optional where the file may leave it out;
+//! defaults are applied by [`crate::resolve`], which also records where
+//! each effective value came from.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// Where tools run (OpenClaw's `sandbox.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxMode {
+    /// No sandbox: tools run on the host. Only when the operator says so.
+    Off,
+    /// Every session except the main one is sandboxed.
+    NonMain,
+    /// Every session is sandboxed (nanoclaw's built-in default).
+    All,
+}
+
+impl SandboxMode {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxMode::Off => "off",
+            SandboxMode::NonMain => "non-main",
+            SandboxMode::All => "all",
+        }
+    }
+}
+
+/// How sandboxes are shared (OpenClaw's `sandbox.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One sandbox per session (default).
+    Session,
+    /// One sandbox per agent.
+    Agent,
+    /// One sandbox shared by every agent; per-agent bind mounts are ignored.
+    Shared,
+}
+
+impl Scope {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Session => "session",
+            Scope::Agent => "agent",
+            Scope::Shared => "shared",
+        }
+    }
+}
+
+/// How the agent's workspace is visible inside the sandbox (at `/workspace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceAccess {
+    /// Not mounted (default).
+    None,
+    /// Read-only; the write, edit and apply_patch tools are denied.
+    Ro,
+    /// Read-write.
+    Rw,
+}
+
+impl WorkspaceAccess {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceAccess::None => "none",
+            WorkspaceAccess::Ro => "ro",
+            WorkspaceAccess::Rw => "rw",
+        }
+    }
+}
+
+/// Effective network mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// Loopback only (default).
+    None,
+    /// Egress only to the allowed hosts.
+    Allowlist,
+    /// Full egress (explicit opt-in).
+    Open,
+}
+
+impl NetworkMode {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Allowlist => "allowlist",
+            NetworkMode::Open => "open",
+        }
+    }
+}
+
+/// A network value as written: nanoclaw's modes, or Docker's `bridge`
+/// (seeds 000 and 003), which means `allowlist` when allowed hosts are
+/// listed and `open` otherwise (deprecated, with a warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkSetting {
+    /// A nanoclaw mode.
+    Mode(NetworkMode),
+    /// Docker's `bridge`.
+    Bridge,
+}
+
+/// Read-only or read-write.
+pub use nanoclaw_sandbox::spec::Access;
+
+/// One `HOST:CONTAINER[:ro|rw]` bind mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// Host path, as written (after `~` expansion).
+    pub host: PathBuf,
+    /// Absolute path inside the sandbox (lexically normalised).
+    pub container: PathBuf,
+    /// Read-only (default) or read-write.
+    pub access: Access,
+}
+
+impl BindMount {
+    /// `host:container:ro|rw`.
+    pub fn display(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.host.display(),
+            self.container.display(),
+            match self.access {
+                Access::Ro => "ro",
+                Access::Rw => "rw",
+            }
+        )
+    }
+}
+
+/// Sandbox garbage collection (OpenClaw's `sandbox.prune`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Prune {
+    /// Remove a sandbox idle for this many hours.
+    pub idle_hours: Option<f64>,
+    /// Remove a sandbox older than this many days.
+    pub max_age_days: Option<f64>,
+}
+
+/// `sandbox` of `agents.defaults` or of one agent. `None` = not set here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SandboxSection {
+    /// `mode`.
+    pub mode: Option<SandboxMode>,
+    /// `scope`.
+    pub scope: Option<Scope>,
+    /// `workspaceAccess`.
+    pub workspace_access: Option<WorkspaceAccess>,
+    /// `workspaceRoot`: host folder holding agents' workspaces.
+    pub workspace_root: Option<PathBuf>,
+    /// `bindMounts`.
+    pub bind_mounts: Option<Vec<BindMount>>,
+    /// `network`.
+    pub network: Option<NetworkSetting>,
+    /// `allowedHosts`.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// `setupCommand`.
+    pub setup_command: Option<String>,
+    /// `image`.
+    pub image: Option<String>,
+    /// `prune`.
+    pub prune: Option<Prune>,
+    /// `memory`.
+    pub memory: Option<u64>,
+    /// `memorySwap`.
+    pub memory_swap: Option<u64>,
+    /// `cpus`.
+    pub cpus: Option<f64>,
+    /// `pids`.
+    pub pids: Option<u64>,
+    /// `timeout`.
+    pub timeout: Option<Duration>,
+    /// `tmpfsSize`.
+    pub tmpfs_size: Option<u64>,
+    /// `outputLimit`.
+    pub output_limit: Option<u64>,
+    /// `dangerouslyAllowUnsafeBinds`.
+    pub dangerously_allow_unsafe_binds: Option<bool>,
+}
+
+/// Who may use elevated mode, per channel (`allowFrom`). The channel `*`
+/// or the id `*` match anyone.
+pub type AllowFrom = BTreeMap<String, Vec<String>>;
+
+/// `tools.elevated`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ElevatedSection {
+    /// `enabled`.
+    pub enabled: Option<bool>,
+    /// `allowFrom`.
+    pub allow_from: Option<AllowFrom>,
+}
+
+/// `tools` (top level, `agents.defaults.tools` or one agent's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ToolsSection {
+    /// `allow`: tool names and `group:*` shorthands (normalised).
+    pub allow: Option<Vec<String>>,
+    /// `deny`.
+    pub deny: Option<Vec<String>>,
+    /// `elevated`.
+    pub elevated: Option<ElevatedSection>,
+}
+
+/// One agent (`agents.list[]` entry, or `agents.<id>` as in seed 003).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AgentEntry {
+    /// `id`.
+    pub id: String,
+    /// `name` (display only).
+    pub name: Option<String>,
+    /// `default: true` marks the agent used when none is named.
+    pub default: bool,
+    /// `workspace`: this agent's host workspace folder.
+    pub workspace: Option<PathBuf>,
+    /// `sandbox`.
+    pub sandbox: SandboxSection,
+    /// `tools`.
+    pub tools: ToolsSection,
+    /// Key path of the entry in the file (`agents.list[0]` or `agents.scraper`).
+    pub key: String,
+}
+
+/// `agents.defaults`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AgentDefaults {
+    /// `sandbox`.
+    pub sandbox: SandboxSection,
+    /// `tools`.
+    pub tools: ToolsSection,
+}
+
+/// `agents`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Agents {
+    /// `defaults`.
+    pub defaults: AgentDefaults,
+    /// The agents, in file order.
+    pub list: Vec<AgentEntry>,
+}
+
+impl Agents {
+    /// The agent with this id.
+    pub fn get(&self, id: &str) -> Option<&AgentEntry> {
+        self.list.iter().find(|a| a.id == id)
+    }
+}
+
+/// Seccomp as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompSetting {
+    /// nanoclaw's built-in profile.
+    Default,
+    /// No filter (loudly warned about).
+    Unconfined,
+    /// A Docker-format JSON profile.
+    Profile(PathBuf),
+}
+
+/// `security` (NanoClaw vocabulary, seed 000): defaults for every sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Security {
+    /// `cpu_limit`, in cpus.
+    pub cpu_limit: Option<f64>,
+    /// `cpu_shares` (relative weight, 2..=262144; parsed, not enforced by
+    /// the native engine).
+    pub cpu_shares: Option<u64>,
+    /// `memory_limit`, bytes.
+    pub memory_limit: Option<u64>,
+    /// `memory_swap`, bytes (memory + swap, Docker semantics).
+    pub memory_swap: Option<u64>,
+    /// `pids_limit`.
+    pub pids_limit: Option<u64>,
+    /// `timeout`.
+    pub timeout: Option<Duration>,
+    /// `network_mode`.
+    pub network_mode: Option<NetworkSetting>,
+    /// `allowed_hosts`.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// `read_only` (the root is always read-only; `false` is a warning).
+    pub read_only: Option<bool>,
+    /// `tmpfs_size`, bytes.
+    pub tmpfs_size: Option<u64>,
+    /// `output_limit`, bytes per stream.
+    pub output_limit: Option<u64>,
+    /// `privileged` (only `false` is accepted).
+    pub privileged: Option<bool>,
+    /// `cap_drop` (everything is dropped anyway).
+    pub cap_drop: Vec<String>,
+    /// `cap_add`: capabilities inside the sandbox's user namespace.
+    pub cap_add: Vec<String>,
+    /// `seccomp_profile`.
+    pub seccomp_profile: Option<SeccompSetting>,
+    /// `blkio_weight` (10..=1000; parsed, not enforced by the native engine).
+    pub blkio_weight: Option<u64>,
+    /// `dangerouslyAllowUnsafeBinds` at the global level.
+    pub dangerously_allow_unsafe_binds: Option<bool>,
+}
+
+/// `execution.preload_images`: `true`/`false` (all configured language
+/// images) or a list of image references.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PreloadImages {
+    /// All or none of the language images.
+    All(bool),
+    /// These images.
+    List(Vec<String>),
+}
+
+/// `execution` (used by later issues; parsed and validated now).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Execution {
+    /// Language name to image reference or host interpreter path. A list
+    /// of images (seed 000) is keyed by the image name (`golang` → `go`).
+    pub languages: BTreeMap<String, String>,
+    /// `preload_images`.
+    pub preload_images: Option<PreloadImages>,
+    /// `pool_size` (warm sandboxes), 0..=1024.
+    pub pool_size: Option<u32>,
+}
+
+/// `llm` (used by the agent later; validated now). The API key is a
+/// [`Secret`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Llm {
+    /// `provider`.
+    pub provider: Option<String>,
+    /// `api_key` (never printed).
+    pub api_key: Option<Secret>,
+    /// `model`.
+    pub model: Option<String>,
+    /// `base_url`.
+    pub base_url: Option<String>,
+}
+
+/// `session`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SessionSection {
+    /// `mainKey`: the key of the main session (default `main`).
+    pub main_key: Option<String>,
+}
+
+/// A whole `nanoclaw.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Config {
+    /// `security`.
+    pub security: Security,
+    /// `execution`.
+    pub execution: Execution,
+    /// `llm`.
+    pub llm: Llm,
+    /// `agents`.
+    pub agents: Agents,
+    /// Top-level `tools`: the global tool policy and the global elevated gate.
+    pub tools: ToolsSection,
+    /// `session`.
+    pub session: SessionSection,
+}
