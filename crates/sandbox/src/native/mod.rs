@@ -599,9 +599,12 @@ impl Pipes {
     }
 }
 
+/// argv, the exec candidates for argv[0] and the environment, as C strings.
+type CommandLine = (Vec<CString>, Vec<CString>, Vec<CString>);
+
 /// argv, the exec candidates for argv[0] (PATH search done by the payload,
 /// execvp style) and the environment.
-fn command_line(spec: &SandboxSpec) -> Result<(Vec<CString>, Vec<CString>, Vec<CString>), Error> {
+fn command_line(spec: &SandboxSpec) -> Result<CommandLine, Error> {
     let argv = spec
         .command
         .iter()
