@@ -1683,10 +1683,10 @@ mod tests {
         let mut child = spawn_in(&cg, "exec timeout 1 sh -c 'while :; do :; done'");
         let (status, err) = output(&mut child);
         let wall = start.elapsed();
-        assert_eq!(
-            status.code(),
-            Some(124),
-            "timeout should end the loop: {err}"
+        // coreutils' timeout exits 124, busybox's with the child's SIGTERM status.
+        assert!(
+            matches!(status.code(), Some(124) | Some(143)),
+            "timeout should end the loop: {status:?} {err}"
         );
         let cpu = cg.stats().cpu.expect("cpu usage");
         eprintln!("busy loop: wall {wall:?}, cpu {cpu:?} under a 0.2 cpu quota");

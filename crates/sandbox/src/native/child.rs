@@ -190,6 +190,8 @@ pub(crate) struct ChildPlan {
     pub rlimit_data: Option<u64>,
     /// Task limit to enforce with RLIMIT_NPROC when no cgroup can.
     pub rlimit_nproc: Option<u64>,
+    /// The runner's argv and environment areas, to be wiped in init.
+    pub host_strings: Vec<(usize, usize)>,
 }
 
 fn fail(err_w: RawFd, step: Step, index: u32, errno: i32) -> ! {
@@ -272,7 +274,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // Init must not be inspectable by the payload (/proc/1/mem, environ,
     // exe): the kernel then requires CAP_SYS_PTRACE for those.
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
-    scrub_environment();
+    scrub_host_strings(&plan.host_strings);
 
     let pid = match sys::clone_fork(0) {
         Ok(p) => p,
@@ -331,30 +333,50 @@ fn block_all_signals() {
     }
 }
 
-/// Overwrites the environment block the kernel recorded for this process
-/// (what `/proc/self/environ` shows) so no host variable survives in init's
-/// memory.
-fn scrub_environment() {
-    extern "C" {
-        static mut environ: *const *const libc::c_char;
-    }
-    // SAFETY: `environ` is the process's NULL-terminated array of pointers to
-    // NUL-terminated strings; we only overwrite the bytes of each string in
-    // place (never past its terminator) and then empty the array. Nothing else
-    // runs concurrently: this process is single-threaded.
-    unsafe {
-        let mut p = environ;
-        if p.is_null() {
-            return;
+/// Overwrites init's copies of the runner's command line and environment
+/// (what `/proc/1/cmdline` and `/proc/1/environ` show, and what
+/// `/proc/1/mem` would reveal) so nothing of the host survives in init.
+/// The ranges were read from `/proc/self/stat` by the runner before
+/// `clone`; the child has the same address space layout.
+fn scrub_host_strings(ranges: &[(usize, usize)]) {
+    for &(start, end) in ranges {
+        if start == 0 || end <= start {
+            continue;
         }
-        while !(*p).is_null() {
-            let s = *p as *mut libc::c_char;
-            let len = libc::strlen(s);
-            std::ptr::write_bytes(s, 0, len);
-            p = p.add(1);
-        }
-        *(environ as *mut *const libc::c_char) = std::ptr::null();
+        // SAFETY: [start, end) is the kernel-recorded argv or environment
+        // area of this very process image (inherited through fork/clone),
+        // mapped writable on the initial stack; nothing else uses it now
+        // (the process is single-threaded and std never re-reads it).
+        unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
     }
+    // Leave a harmless name for `ps` inside the sandbox.
+    if let Some(&(start, end)) = ranges.first() {
+        let name = b"nanoclaw-init";
+        if start != 0 && end > start + name.len() {
+            // SAFETY: as above; `name.len()` bytes fit in the zeroed range.
+            unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), start as *mut u8, name.len()) };
+        }
+    }
+}
+
+/// The argv and environment ranges of the current process, from
+/// `/proc/self/stat` (fields 48-51).
+pub(crate) fn host_string_ranges() -> Vec<(usize, usize)> {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Vec::new();
+    };
+    // Fields after the command name, which is in parentheses and may
+    // contain spaces.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Vec::new();
+    };
+    let f: Vec<usize> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // rest starts at field 3; field N is f[N - 3].
+    let get = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    vec![(get(48), get(49)), (get(50), get(51))]
 }
 
 fn build_root(plan: &ChildPlan) {

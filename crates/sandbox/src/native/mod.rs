@@ -396,6 +396,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         envp,
         rlimit_data,
         rlimit_nproc,
+        host_strings: child::host_string_ranges(),
     };
 
     let signal_fd = if opts.handle_signals {
