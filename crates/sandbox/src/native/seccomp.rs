@@ -292,6 +292,46 @@ mod tests {
     }
 
     #[test]
+    fn default_profile_compiles_for_every_arch() {
+        // aarch64 cannot be built here; at least its program is checked.
+        let text = include_str!("../../seccomp/default.json");
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            let ctx = compiler::Context {
+                arch,
+                caps: vec![],
+                kernel: None,
+            };
+            let p = compiler::compile(&compiler::parse_profile(text, &ctx).unwrap()).unwrap();
+            let a = arch.audit_arch();
+            let nr = |n: &str| arch.syscall_nr(n).unwrap();
+            let eperm = errno_ret(EPERM);
+            assert_eq!(compiler::run(&p, nr("mount"), a, [0; 6]), Some(eperm));
+            assert_eq!(compiler::run(&p, nr("getpid"), a, [0; 6]), Some(RET_ALLOW));
+            assert_eq!(
+                compiler::run(&p, nr("clone3"), a, [0; 6]),
+                Some(errno_ret(ENOSYS))
+            );
+            let newuser = [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0];
+            assert_eq!(compiler::run(&p, nr("unshare"), a, newuser), Some(eperm));
+            // The other architecture's ABI is killed.
+            let other = if arch == Arch::X86_64 {
+                Arch::Aarch64
+            } else {
+                Arch::X86_64
+            };
+            assert_eq!(
+                compiler::run(&p, nr("getpid"), other.audit_arch(), [0; 6]),
+                Some(RET_KILL_PROCESS)
+            );
+            eprintln!(
+                "default filter for {}: {} instructions",
+                arch.name(),
+                p.len()
+            );
+        }
+    }
+
+    #[test]
     fn default_program_kills_foreign_abis() {
         let p = prog(&default_filter());
         let getpid = NATIVE.syscall_nr("getpid").unwrap();
