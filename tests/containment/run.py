@@ -196,6 +196,13 @@ class Host:
                      "docker", "systemd", "apt", "security", "pam.d", "subuid", "subgid", "machine-id", "fstab",
                      "environment", "ssl/private", "credstore"]
         self.etc_sensitive = [n for n in sensitive if os.path.lexists("/etc/" + n)]
+        self.host_dirs = {}
+        for d in ("/", "/usr", "/usr/bin", "/usr/lib", "/bin", "/lib", "/etc", "/sbin", "/proc", "/sys", "/dev"):
+            try:
+                st = os.stat(d)
+                self.host_dirs[d] = [st.st_dev, st.st_ino]
+            except OSError:
+                pass
 
     def _marker(self, path):
         try:
@@ -236,6 +243,7 @@ class Host:
             "secret_rev_hex": self.env_secret.encode()[::-1].hex(),
             "protect_hashes": [{"size": os.path.getsize(p), "sha256": h} for p, h in self.protect.items()],
             "allow_write": self.args.allow_write,
+            "host_dirs": self.host_dirs,
             "pids_limit": self.args.pids_limit,
             "pids_target": self.args.pids_target,
             "memory_limit": self.args.memory_limit,

@@ -56,7 +56,8 @@ def body():
     elif r[0] == "nodir":
         skip("mount-cgroup-v1", "no writable dir")
     elif r[0] == 0:
-        escaped("mount-cgroup-v1", "mounted cgroup v1 (%s); release_agent writable: %s" % (r[2], r[3]))
+        (escaped if r[3] else exposed)("mount-cgroup-v1", "mounted cgroup v1 (%s); release_agent writable: %s"
+                                       % (r[2], r[3]))
     else:
         contained("mount-cgroup-v1", ename(r[1]))
 

@@ -1,4 +1,13 @@
 # Layer: read-only root. Nothing outside /tmp (and rw mounts) is writable.
+def on_host(d):
+    """Is directory d the host's very own (same device and inode)?"""
+    try:
+        st = os.stat(d)
+    except OSError:
+        return False
+    return [st.st_dev, st.st_ino] == P["host_dirs"].get(d)
+
+
 def body():
     tag = "nct-w-%d" % os.getpid()
     for d in ("/", "/usr", "/usr/bin", "/usr/lib", "/bin", "/lib", "/etc", "/sbin", "/proc", "/sys", "/dev"):
@@ -9,13 +18,17 @@ def body():
         if fd is not None:
             os.close(fd)
             os.unlink(p)
-            escaped("create:" + p, "created a file (removed again)")
+            if on_host(d):
+                escaped("create:" + p, "created a file in the host's %s (removed again)" % d)
+            else:
+                exposed("create:" + p, "created a file (removed again); %s is not the host's, but writable" % d)
         else:
             contained("create:" + p, ename(e))
         try:
             os.mkdir(p + ".d")
             os.rmdir(p + ".d")
-            escaped("mkdir:" + p + ".d", "created a directory (removed again)")
+            (escaped if on_host(d) else exposed)("mkdir:" + p + ".d", "created a directory (removed again)%s"
+                                                 % (" in the host's " + d if on_host(d) else ""))
         except OSError as ex:
             contained("mkdir:" + p + ".d", ename(ex.errno))
     # Existing files: opened for writing only (never written).

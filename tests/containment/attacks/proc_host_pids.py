@@ -16,7 +16,7 @@ def body():
             st = read_file("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             pass
-        if P["sleeper_tag"] in st:
+        if st.split(" ")[0] == P["sleeper_tag"]:
             escaped("pidfd_open(host_pid)", "got a pidfd for the host sleeper")
         else:
             contained("pidfd_open(host_pid)", "pid %d exists here but is not the host sleeper (%r)" % (pid, st[:60]))
@@ -26,7 +26,7 @@ def body():
     found = []
     for p in proc_pids():
         try:
-            if P["sleeper_tag"].encode() in read_file("/proc/%d/cmdline" % p):
+            if read_file("/proc/%d/cmdline" % p).split(b"\0")[0] == P["sleeper_tag"].encode():
                 found.append(p)
         except OSError:
             pass

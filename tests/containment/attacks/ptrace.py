@@ -21,7 +21,8 @@ def body():
         if pid == os.getpid() or pid <= 0:
             continue
         # PTRACE_SEIZE does not stop the tracee; the child exits at once, which detaches.
-        judge("ptrace_seize(%s=%d)" % (label, pid), child_sc("ptrace", PTRACE_SEIZE, pid, 0, 0))
+        judge("ptrace_seize(%s=%d)" % (label, pid), child_sc("ptrace", PTRACE_SEIZE, pid, 0, 0),
+              ok=BLOCK_ERRNOS + (errno.ESRCH,))
         buf = ctypes.create_string_buffer(8)
         local = (ctypes.c_ulong * 2)(ctypes.addressof(buf), 8)
         remote = (ctypes.c_ulong * 2)(0x1000, 8)  # unmapped: EFAULT once access is granted

@@ -243,6 +243,8 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     let mut payload_status: Option<i32> = None;
     let mut status_buf = Vec::with_capacity(4);
     let mut init_done = false;
+    // A signal the runner received and turned into a kill (SIGINT, ...).
+    let mut runner_signal: Option<i32> = None;
     let mut next_events = Instant::now() + EVENT_POLL;
     let kill_now = |sb: &Sandbox, why: KillReason, killed_by: &mut Option<KillReason>| {
         if killed_by.is_none() {
@@ -326,6 +328,7 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
                     )
                 };
                 if r > 0 {
+                    runner_signal = Some(si.ssi_signo as i32);
                     kill_now(&sb, KillReason::Killed, &mut killed_by);
                 }
             } else if let Some((w, data)) = &sb.stdin_w {
@@ -423,6 +426,12 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     if killed_by.is_some() && exit_code.is_some() && payload_status.is_none() {
         exit_code = None;
         signal = Some(libc::SIGKILL);
+    }
+    // Interrupted like `docker run` with its signal proxy: the command is
+    // reported as ended by the signal the runner got (exit 130 for ^C).
+    if let (Some(KillReason::Killed), Some(sig)) = (killed_by, runner_signal) {
+        exit_code = None;
+        signal = Some(sig);
     }
 
     let outcome = Outcome {
