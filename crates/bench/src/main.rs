@@ -298,6 +298,9 @@ struct HostInfo {
     bwrap_version: Option<String>,
     docker_server_version: Option<String>,
     nanoclaw_version: Option<String>,
+    /// /proc/loadavg's 1-minute load when the measured runs started and ended.
+    load_start: f64,
+    load_end: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -384,6 +387,7 @@ fn real_main() -> Result<i32> {
     // the runner order rotated by i.
     let mut walls: BTreeMap<(WorkloadKind, RunnerKind), Vec<f64>> = BTreeMap::new();
     let mut rss: BTreeMap<(WorkloadKind, RunnerKind), Vec<i64>> = BTreeMap::new();
+    let load_start = load1();
     let started = Instant::now();
     for i in 0..args.iterations {
         for &w in &workloads {
@@ -530,8 +534,11 @@ fn real_main() -> Result<i32> {
             runners.argv(k, &WorkloadKind::True.argv()),
         );
     }
+    let mut host = host_info(&runners, &active);
+    host.load_start = load_start;
+    host.load_end = load1();
     let report = Report {
-        host: host_info(&runners, &active),
+        host,
         iterations: args.iterations,
         warmup: args.warmup,
         commands,
@@ -685,7 +692,17 @@ fn host_info(r: &Runners, active: &[RunnerKind]) -> HostInfo {
         nanoclaw_version: has(RunnerKind::Nanoclaw)
             .then(|| first_line_of(&r.nanoclaw, &["--version"]))
             .flatten(),
+        load_start: 0.0,
+        load_end: 0.0,
     }
+}
+
+/// The 1-minute load average.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// YYYY-MM-DD (UTC) from the system clock, without a date crate.
@@ -749,6 +766,18 @@ fn markdown(r: &Report) -> String {
     }
     if !versions.is_empty() {
         let _ = writeln!(s, "Versions: {}.", versions.join(", "));
+    }
+    let _ = writeln!(
+        s,
+        "Load average (1 min) {:.2} at the start, {:.2} at the end.",
+        h.load_start, h.load_end
+    );
+    if h.load_start.max(h.load_end) > h.cpus as f64 / 2.0 {
+        let _ = writeln!(
+            s,
+            "**The machine was busy: medians and p90 are inflated and noisy; `min` is the best \
+             estimate of the uncontended cost. Re-run on an idle machine for the README.**"
+        );
     }
     let _ = writeln!(s);
     let _ = writeln!(
