@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::model::{Access, NetworkMode, SandboxMode, Scope, WorkspaceAccess};
-use crate::resolve::{ElevatedGate, Resolved, Source};
+use crate::resolve::{ElevatedGate, FailingGate, Resolved, Source};
 use crate::tools::ToolDecision;
 
 /// One config change the operator may want to make.
@@ -106,7 +106,8 @@ pub fn fix_its(r: &Resolved) -> Vec<FixIt> {
             "per-agent bind mounts are ignored in shared scope",
         ));
     }
-    for (gate, key) in &r.elevated.failing {
+    let moot = r.elevated.failing_gate == Some(ElevatedGate::NotSandboxed);
+    for FailingGate { gate, key } in r.elevated.failing.iter().filter(|_| !moot) {
         let f = match gate {
             ElevatedGate::NotSandboxed => continue,
             ElevatedGate::GlobalDisabled => fix(
@@ -324,8 +325,23 @@ pub fn explain_text(r: &Resolved, config: Option<&Path>) -> String {
             allowed.join(", ")
         }
     );
+    let mut blocked: Vec<(String, Vec<&str>)> = Vec::new();
     for (n, d) in table.iter().filter(|(_, d)| !d.is_allowed()) {
-        let _ = writeln!(o, "  {n}: {d}");
+        match d {
+            ToolDecision::Denied { .. } => {
+                let _ = writeln!(o, "  {n}: {d}");
+            }
+            _ => {
+                let why = d.to_string();
+                match blocked.iter_mut().find(|(w, _)| *w == why) {
+                    Some((_, v)) => v.push(n),
+                    None => blocked.push((why, vec![n.as_str()])),
+                }
+            }
+        }
+    }
+    for (why, names) in blocked {
+        let _ = writeln!(o, "  {why}: {}", names.join(", "));
     }
     let where_ = if r.sandboxed {
         "in the sandbox"
@@ -340,8 +356,8 @@ pub fn explain_text(r: &Resolved, config: Option<&Path>) -> String {
         );
     } else {
         let _ = writeln!(o, "elevated: not available");
-        for (g, key) in &r.elevated.failing {
-            let _ = writeln!(o, "  failing gate: {} ({key})", gate_text(g));
+        for FailingGate { gate, key } in &r.elevated.failing {
+            let _ = writeln!(o, "  failing gate: {} ({key})", gate_text(gate));
         }
     }
     if !r.warnings.is_empty() {
@@ -372,7 +388,6 @@ pub fn explain_json(r: &Resolved, config: Option<&Path>) -> serde_json::Value {
             if let serde_json::Value::Object(m) = &mut v {
                 m.insert("tool".into(), json!(n));
             }
-            let _ = matches!(d, ToolDecision::Allowed);
             v
         })
         .collect();

@@ -212,7 +212,16 @@ pub struct ElevatedStatus {
     /// The first gate that fails.
     pub failing_gate: Option<ElevatedGate>,
     /// Every failing gate, in order, with the key to change.
-    pub failing: Vec<(ElevatedGate, String)>,
+    pub failing: Vec<FailingGate>,
+}
+
+/// A failing elevated gate and the config key that controls it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailingGate {
+    /// The gate.
+    pub gate: ElevatedGate,
+    /// The key to change.
+    pub key: String,
 }
 
 /// The effective policy for one agent and session.
@@ -830,7 +839,7 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         let prov = p.sources["workspace_access"].clone();
         layers.push(ToolLayer {
             source: prov.source,
-            key: format!("{} (ro)", prov.key),
+            key: format!("{}=ro", prov.key),
             allow: Vec::new(),
             deny: vec!["write".into(), "edit".into(), "apply_patch".into()],
         });
@@ -870,41 +879,49 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         };
     let mut failing = Vec::new();
     if !sandboxed {
-        failing.push((
-            ElevatedGate::NotSandboxed,
-            format!("{mode_key} (exec already runs on the host)"),
-        ));
+        failing.push(FailingGate {
+            gate: ElevatedGate::NotSandboxed,
+            key: mode_key.clone(),
+        });
     }
     if g.enabled != Some(true) {
-        failing.push((
-            ElevatedGate::GlobalDisabled,
-            "tools.elevated.enabled".to_string(),
-        ));
+        failing.push(FailingGate {
+            gate: ElevatedGate::GlobalDisabled,
+            key: "tools.elevated.enabled".to_string(),
+        });
     }
     if !sender_ok(&g.allow_from, &req.sender) {
-        failing.push((
-            ElevatedGate::GlobalAllowFrom,
-            "tools.elevated.allowFrom".to_string(),
-        ));
+        failing.push(FailingGate {
+            gate: ElevatedGate::GlobalAllowFrom,
+            key: "tools.elevated.allowFrom".to_string(),
+        });
     }
     if a_el.enabled != Some(true) {
-        failing.push((ElevatedGate::AgentDisabled, format!("{a_key}.enabled")));
+        failing.push(FailingGate {
+            gate: ElevatedGate::AgentDisabled,
+            key: format!("{a_key}.enabled"),
+        });
     }
     if !sender_ok(&a_el.allow_from, &req.sender) {
-        failing.push((ElevatedGate::AgentAllowFrom, format!("{a_key}.allowFrom")));
+        failing.push(FailingGate {
+            gate: ElevatedGate::AgentAllowFrom,
+            key: format!("{a_key}.allowFrom"),
+        });
     }
     match tools.decide("exec") {
         ToolDecision::Allowed => {}
-        ToolDecision::Denied { key, .. } => {
-            failing.push((ElevatedGate::ExecDenied, format!("{key}.deny")))
-        }
-        ToolDecision::NotInAllowList { key, .. } => {
-            failing.push((ElevatedGate::ExecNotAllowed, format!("{key}.allow")))
-        }
+        ToolDecision::Denied { key, .. } => failing.push(FailingGate {
+            gate: ElevatedGate::ExecDenied,
+            key: format!("{key}.deny"),
+        }),
+        ToolDecision::NotInAllowList { key, .. } => failing.push(FailingGate {
+            gate: ElevatedGate::ExecNotAllowed,
+            key: format!("{key}.allow"),
+        }),
     }
     let elevated = ElevatedStatus {
         allowed: failing.is_empty(),
-        failing_gate: failing.first().map(|(g, _)| g.clone()),
+        failing_gate: failing.first().map(|f| f.gate.clone()),
         failing,
     };
 

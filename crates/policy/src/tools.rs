@@ -135,10 +135,13 @@ impl fmt::Display for ToolDecision {
         match self {
             ToolDecision::Allowed => f.write_str("allowed"),
             ToolDecision::Denied { source, key, entry } => {
-                write!(f, "denied by {key}.deny entry {entry:?} ({source})")
+                write!(
+                    f,
+                    "denied by {entry:?} in the deny list of {key} ({source})"
+                )
             }
             ToolDecision::NotInAllowList { source, key } => {
-                write!(f, "blocked: not in {key}.allow ({source})")
+                write!(f, "blocked, not in the allow list of {key} ({source})")
             }
         }
     }
