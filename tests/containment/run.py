@@ -197,7 +197,8 @@ class Host:
                      "environment", "ssl/private", "credstore"]
         self.etc_sensitive = [n for n in sensitive if os.path.lexists("/etc/" + n)]
         self.host_dirs = {}
-        for d in ("/", "/usr", "/usr/bin", "/usr/lib", "/bin", "/lib", "/etc", "/sbin", "/proc", "/sys", "/dev"):
+        for d in ("/", "/usr", "/usr/bin", "/usr/lib", "/bin", "/lib", "/etc", "/sbin", "/proc", "/sys", "/dev",
+                  "/dev/shm", "/var/tmp", "/run/lock", "/tmp", "/dev/mqueue"):
             try:
                 st = os.stat(d)
                 self.host_dirs[d] = [st.st_dev, st.st_ino]

@@ -29,7 +29,7 @@ _RESULTS = []
 # x86_64 syscall numbers (called by number, never through libc wrappers).
 NR = dict(
     read=0, write=1, open=2, close=3, ioctl=16, getpid=39, socket=41, connect=42,
-    clone=56, fork=57, kill=62, uname=63, ptrace=101, syslog=103, getpgid=121,
+    clone=56, fork=57, pivot_root=155, kill=62, uname=63, ptrace=101, syslog=103, getpgid=121,
     getsid=124, capget=125, personality=135, sched_getscheduler=145, adjtimex=159,
     chroot=161, acct=163, settimeofday=164, mount=165, umount2=166, swapon=167,
     swapoff=168, reboot=169, iopl=172, ioperm=173, init_module=175, delete_module=176,
@@ -101,10 +101,13 @@ def judge(check, res, past_priv=True, ok=BLOCK_ERRNOS):
     Any other errno means the call reached the kernel's argument checks:
     ESCAPED if those come after the permission check (past_priv), else
     EXPOSED (the filter that should refuse it is missing)."""
+    if isinstance(res, str):  # from in_child: killed by a signal (e.g. SIGSYS) or hung
+        contained(check, res)
+        return
+    if res[0] == "exception":
+        raise RuntimeError("%s: the probe itself failed: %s" % (check, res[1]))
     r, e = res
-    if isinstance(r, str):  # from in_child: killed by a signal
-        contained(check, r)
-    elif r is not None and r >= 0 and e == 0:
+    if r is not None and r >= 0 and e == 0:
         escaped(check, "succeeded (ret %d)" % r)
     elif e in ok:
         contained(check, ename(e))

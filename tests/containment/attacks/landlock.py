@@ -33,8 +33,12 @@ def body():
             wrote.append(d)
         else:
             contained("write:" + d, ename(e))
+    host = [d for d in wrote if P["host_dirs"].get(d) == [os.stat(d).st_dev, os.stat(d).st_ino]]
+    if host:
+        escaped("write-host-dir", "created files (removed again) in the HOST's %s" % host[:8])
     if wrote:
-        escaped("write-outside-policy", "created files (removed again) in: %s" % wrote[:8])
+        exposed("write-outside-policy", "created files (removed again) in: %s (policy allows only %s)"
+                % (wrote[:8], list(allow)))
     elif not candidates:
         contained("write-outside-policy", "no world-writable or own directory outside %s" % list(allow))
     # /tmp itself must work (a policy that blocks everything is broken).
