@@ -236,7 +236,6 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         Ok(_) => sys::exit_now(125),
         Err(e) => fail(plan.err_w, Step::Sync, 0, e.raw_os_error().unwrap_or(0)),
     }
-    sys::close(plan.sync_r);
 
     if plan.rootful {
         // SAFETY: plain credential syscalls with integer arguments.
@@ -255,11 +254,6 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         }
     }
 
-    // Now that we are inside the sandbox's cgroup, make it our cgroup root.
-    // SAFETY: unshare with a namespace flag has no memory-safety requirements.
-    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
-        fail(plan.err_w, Step::CgroupNs, 0, sys::errno());
-    }
     let name = plan.hostname.as_bytes();
     // SAFETY: `name` points to `name.len()` valid bytes.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
@@ -270,6 +264,20 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         fail(plan.err_w, Step::Loopback, 0, e.raw_os_error().unwrap_or(0));
     }
     build_root(plan);
+
+    // The runner moves us into the sandbox's cgroup while we build the root
+    // (a cgroup v1 migration waits for an RCU grace period); wait for it,
+    // then make that cgroup our cgroup namespace's root.
+    match sys::read(plan.sync_r, &mut b) {
+        Ok(1) => {}
+        Ok(_) => sys::exit_now(125),
+        Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
+    }
+    sys::close(plan.sync_r);
+    // SAFETY: unshare with a namespace flag has no memory-safety requirements.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        fail(plan.err_w, Step::CgroupNs, 0, sys::errno());
+    }
 
     // Init must not be inspectable by the payload (/proc/1/mem, environ,
     // exe): the kernel then requires CAP_SYS_PTRACE for those.

@@ -461,14 +461,19 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
         sb.layers.uid_map = map_uid.trim().to_string();
         write_id_maps(pid, rootful, &map_uid, &map_gid)?;
+        let go = |what: &str| {
+            sys::write_all(pipes.sync.1, b"1").map_err(|e| Error::Sys {
+                call: format!("signalling the sandbox ({what})"),
+                source: e,
+            })
+        };
+        // The child builds its root while we move it into its cgroup; it
+        // waits for the second byte before it runs anything.
+        go("id maps written")?;
         if let Some(cg) = &sb.cgroup {
             cg.add_process(pid)?;
         }
-        sys::write_all(pipes.sync.1, b"1").map_err(|e| Error::Sys {
-            call: "signalling the sandbox to start".into(),
-            source: e,
-        })?;
-        Ok(())
+        go("cgroup joined")
     })();
     sys::close(pipes.sync.1);
     drop(guard);
