@@ -1,0 +1,291 @@
+//! The containment suite (`tests/containment/run.py`) against the real
+//! `nanoclaw` binary: as the invoking user (root in CI) and rootless as the
+//! unprivileged user `nanotest` (uid 1500, created by CI). Plus the suite's
+//! self-validation: without a sandbox, most attacks must escape — a suite
+//! that cannot fail proves nothing.
+//!
+//! Rootless runs need user `nanotest`. Without it they are skipped with a
+//! message, unless `NANOCLAW_REQUIRE_ROOTLESS=1`, in which case they fail.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+const ROOTLESS_USER: &str = "nanotest";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of the rootless test user, from /etc/passwd.
+fn rootless_user() -> Option<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == ROOTLESS_USER {
+            return Some((f[2].parse().ok()?, f[3].parse().ok()?));
+        }
+    }
+    None
+}
+
+/// The rootless user when the test can switch to it; otherwise a skip
+/// message (a failure if NANOCLAW_REQUIRE_ROOTLESS=1).
+fn rootless_or_skip(what: &str) -> Option<(u32, u32)> {
+    let required = std::env::var("NANOCLAW_REQUIRE_ROOTLESS").is_ok_and(|v| v == "1");
+    let why = if !is_root() {
+        "the tests are not running as root, so they cannot switch users (the invoking-user run is already rootless)"
+    } else if rootless_user().is_none() {
+        "user `nanotest` does not exist (CI creates it: useradd -u 1500 -m nanotest)"
+    } else {
+        return rootless_user();
+    };
+    assert!(
+        !required,
+        "{what}: rootless run required (NANOCLAW_REQUIRE_ROOTLESS=1) but {why}"
+    );
+    eprintln!("SKIPPED {what} (rootless): {why}");
+    None
+}
+
+fn python() -> &'static str {
+    // The system interpreter: readable by every user (a pyenv shim under /root is not).
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// A world-readable copy of the binary and of the suite, so that an
+/// unprivileged user can run them (target/ may sit under /root).
+struct Stage {
+    dir: PathBuf,
+}
+
+impl Stage {
+    fn new(tag: &str) -> Stage {
+        let dir =
+            std::env::temp_dir().join(format!("nanoclaw-containment-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("suite/attacks")).expect("create stage dir");
+        fs::copy(env!("CARGO_BIN_EXE_nanoclaw"), dir.join("nanoclaw"))
+            .expect("copy nanoclaw binary");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/containment");
+        fs::copy(src.join("run.py"), dir.join("suite/run.py")).expect("copy run.py");
+        for e in fs::read_dir(src.join("attacks")).expect("read attacks dir") {
+            let p = e.expect("dir entry").path();
+            if p.extension().is_some_and(|x| x == "py") {
+                fs::copy(
+                    &p,
+                    dir.join("suite/attacks").join(p.file_name().expect("name")),
+                )
+                .expect("copy attack");
+            }
+        }
+        for (p, mode) in [
+            (dir.clone(), 0o755),
+            (dir.join("suite"), 0o755),
+            (dir.join("suite/attacks"), 0o755),
+            (dir.join("nanoclaw"), 0o755),
+        ] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        for e in fs::read_dir(dir.join("suite/attacks")).expect("read staged attacks") {
+            let p = e.expect("entry").path();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod attack");
+        }
+        fs::set_permissions(dir.join("suite/run.py"), fs::Permissions::from_mode(0o644))
+            .expect("chmod run.py");
+        Stage { dir }
+    }
+    fn bin(&self) -> PathBuf {
+        self.dir.join("nanoclaw")
+    }
+    fn runner(&self) -> PathBuf {
+        self.dir.join("suite/run.py")
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the suite; returns (exit status, parsed JSON report, stderr).
+fn run_suite(stage: &Stage, user: Option<(u32, u32)>, args: &[&str]) -> (i32, Value, String) {
+    let mut cmd = match user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+                "--",
+            ]);
+            c.arg(python());
+            c
+        }
+        None => Command::new(python()),
+    };
+    // The report file must be writable by the user: the stage dir is 0755 root-owned, so use a 1777 dir.
+    let report_dir = stage.dir.join(format!("out-{}", user.map_or(0, |u| u.0)));
+    fs::create_dir_all(&report_dir).expect("report dir");
+    fs::set_permissions(&report_dir, fs::Permissions::from_mode(0o1777)).expect("chmod report dir");
+    let report = report_dir.join("report.json");
+    let _ = fs::remove_file(&report);
+    cmd.arg(stage.runner())
+        .args(args)
+        .arg("--python")
+        .arg(python())
+        .arg("--json-report")
+        .arg(&report)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/tmp")
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .stdin(Stdio::null());
+    let out = cmd.output().expect("run the containment suite");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{stderr}");
+    let text = fs::read_to_string(&report)
+        .unwrap_or_else(|e| panic!("the suite wrote no report ({e}); its stderr:\n{stderr}"));
+    let v: Value = serde_json::from_str(&text).expect("report is JSON");
+    (out.status.code().unwrap_or(-1), v, stderr)
+}
+
+/// Attack names with the given verdicts, with their worst checks.
+fn failures(report: &Value, verdicts: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in report["results"].as_array().expect("results array") {
+        let v = r["verdict"].as_str().unwrap_or("?");
+        if verdicts.contains(&v) {
+            let checks: Vec<String> = r["checks"]
+                .as_array()
+                .map(|cs| {
+                    cs.iter()
+                        .filter(|c| c["verdict"] != "CONTAINED")
+                        .take(4)
+                        .map(|c| format!("{} {}: {}", c["verdict"], c["check"], c["detail"]))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(format!(
+                "{v} {}: {} {}",
+                r["name"].as_str().unwrap_or("?"),
+                checks.join("; "),
+                if v == "ERROR" {
+                    format!("stderr: {} stdout: {}", r["stderr_tail"], r["stdout_tail"])
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    out
+}
+
+fn assert_contained(stage: &Stage, user: Option<(u32, u32)>, who: &str) {
+    let bin = stage.bin();
+    let (code, report, _) = run_suite(
+        stage,
+        user,
+        &["--nanoclaw", bin.to_str().expect("utf-8 path")],
+    );
+    let n = report["results"].as_array().map_or(0, |a| a.len());
+    assert!(n >= 25, "{who}: only {n} attacks ran");
+    let bad = failures(&report, &["ESCAPED", "EXPOSED", "ERROR"]);
+    assert!(
+        bad.is_empty() && code == 0,
+        "{who}: the sandbox did not contain every attack (exit {code}):\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn containment_suite_as_invoking_user() {
+    let stage = Stage::new("self");
+    let who = if is_root() {
+        "as root"
+    } else {
+        "as the invoking (unprivileged) user"
+    };
+    assert_contained(&stage, None, who);
+}
+
+#[test]
+fn containment_suite_rootless() {
+    let Some(user) = rootless_or_skip("containment_suite_rootless") else {
+        return;
+    };
+    let stage = Stage::new("rootless");
+    assert_contained(&stage, Some(user), "rootless as nanotest");
+}
+
+/// Self-validation: the same attacks with no sandbox at all must escape
+/// (most of them), or the suite could not fail.
+#[test]
+fn containment_suite_can_fail_without_a_sandbox() {
+    let stage = Stage::new("bare");
+    let (code, report, stderr) = run_suite(&stage, None, &["--preset", "bare", "--expect-escape"]);
+    assert_eq!(
+        code,
+        0,
+        "self-validation had ERRORs:\n{}\n{stderr}",
+        failures(&report, &["ERROR"]).join("\n")
+    );
+    let results = report["results"].as_array().expect("results");
+    let escaped = results
+        .iter()
+        .filter(|r| r["verdict"] == "ESCAPED" || r["verdict"] == "EXPOSED")
+        .count();
+    // As root nearly everything escapes (x32 cannot on kernels without
+    // CONFIG_X86_X32_ABI; a setuid binary cannot elevate root). Unprivileged,
+    // the privileged attacks cannot, but the host's files, processes and
+    // network are still in reach.
+    let need = if is_root() {
+        results.len() - 3
+    } else {
+        results.len() * 2 / 3
+    };
+    assert!(
+        escaped >= need,
+        "without a sandbox only {escaped}/{} attacks escaped (need {need}); contained:\n{}",
+        results.len(),
+        failures(&report, &["CONTAINED", "SKIP"]).join("\n")
+    );
+    // The attacks that must escape on any host, privileged or not.
+    let mut must = vec![
+        "fs_host_secrets",
+        "proc_host_pids",
+        "network",
+        "cve_2024_21626",
+        "host_env_secret",
+        "fork_bomb",
+        "memory_hog",
+    ];
+    // TIOCSTI needs CAP_SYS_ADMIN when the kernel's legacy_tiocsti is off.
+    if is_root()
+        || fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti").is_ok_and(|v| v.trim() == "1")
+    {
+        must.push("tiocsti");
+    }
+    for name in must {
+        let r = results
+            .iter()
+            .find(|r| r["name"] == name)
+            .expect("attack present");
+        assert_eq!(
+            r["verdict"], "ESCAPED",
+            "{name} should escape without a sandbox: {r}"
+        );
+    }
+}
