@@ -1,0 +1,1311 @@
+//! Black-box tests of `nanoclaw run` (issue 2): every option, the exit
+//! codes, --json, the limits, cleanup. Each scenario runs as the invoking
+//! user (root in CI) and rootless as user `nanotest` (uid 1500, created by
+//! CI; skipped with a message when missing, unless
+//! NANOCLAW_REQUIRE_ROOTLESS=1).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const ROOTLESS_USER: &str = "nanotest";
+
+/// Leak checks take this for writing; every other test for reading, so the
+/// before/after snapshots see no other test's sandboxes.
+static SERIAL: RwLock<()> = RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    SERIAL.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    SERIAL.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn rootless_user() -> Option<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == ROOTLESS_USER {
+            return Some((f[2].parse().ok()?, f[3].parse().ok()?));
+        }
+    }
+    None
+}
+
+/// Who runs nanoclaw in a scenario.
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    name: &'static str,
+    user: Option<(u32, u32)>,
+}
+
+/// The invoking user, plus the rootless user when we are root and it exists.
+fn modes(test: &str) -> Vec<Mode> {
+    let mut v = vec![Mode {
+        name: if is_root() { "root" } else { "invoking-user" },
+        user: None,
+    }];
+    let required = std::env::var("NANOCLAW_REQUIRE_ROOTLESS").is_ok_and(|x| x == "1");
+    match (is_root(), rootless_user()) {
+        (true, Some(u)) => v.push(Mode {
+            name: "rootless",
+            user: Some(u),
+        }),
+        (true, None) => {
+            assert!(
+                !required,
+                "{test}: NANOCLAW_REQUIRE_ROOTLESS=1 but user `nanotest` does not exist"
+            );
+            eprintln!("SKIPPED {test} (rootless): user `nanotest` does not exist (CI: useradd -u 1500 -m nanotest)");
+        }
+        (false, _) => {
+            eprintln!("NOTE {test}: not root, so the invoking-user run is the rootless run");
+        }
+    }
+    v
+}
+
+/// A world-readable copy of the binary for the rootless user.
+fn staged_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("nanoclaw-cli-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("stage dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod stage dir");
+        let bin = dir.join("nanoclaw");
+        fs::copy(env!("CARGO_BIN_EXE_nanoclaw"), &bin).expect("copy binary");
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        bin
+    })
+}
+
+fn bin_for(mode: Mode) -> PathBuf {
+    match mode.user {
+        Some(_) => staged_bin().to_path_buf(),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_nanoclaw")),
+    }
+}
+
+/// `nanoclaw ARGS` for this mode; setpriv execs, so the child's pid is nanoclaw's.
+fn nc(mode: Mode, args: &[&str]) -> Command {
+    let mut c = match mode.user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+                "--",
+            ]);
+            c.arg(bin_for(mode));
+            c
+        }
+        None => Command::new(bin_for(mode)),
+    };
+    c.args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/tmp")
+        .current_dir("/")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(mode: Mode, args: &[&str]) -> Output {
+    nc(mode, args).output().expect("spawn nanoclaw")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status
+        .code()
+        .unwrap_or_else(|| panic!("nanoclaw itself died of a signal: {:?}", o.status))
+}
+
+#[track_caller]
+fn ok_out(mode: Mode, args: &[&str]) -> String {
+    let o = run(mode, args);
+    assert_eq!(
+        code(&o),
+        0,
+        "[{}] nanoclaw {args:?}: exit {:?}, stderr: {}",
+        mode.name,
+        o.status,
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+#[track_caller]
+fn json(mode: Mode, args: &[&str]) -> Value {
+    let mut a = vec!["run", "--json"];
+    a.extend_from_slice(args);
+    let o = run(mode, &a);
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "[{}] nanoclaw {a:?}: stdout is not one JSON object ({e}): {} / stderr {}",
+            mode.name,
+            text(&o.stdout),
+            text(&o.stderr)
+        )
+    })
+}
+
+fn unique(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("nct-{tag}-{}-{n}-{}", std::process::id(), t % 1_000_000_007)
+}
+
+/// Host pids whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut v = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&c).contains(needle) {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+/// Waits up to `secs` for no host process to carry `needle`; returns the survivors.
+fn wait_gone(needle: &str, secs: u64) -> Vec<i32> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = pids_with(needle);
+        if left.is_empty() || Instant::now() > end {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill_all(pids: &[i32]) {
+    for &p in pids {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+/// A host dir the sandbox user (whatever it maps to) can use.
+fn host_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(unique(tag));
+    fs::create_dir_all(&d).expect("mkdir");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    d
+}
+
+// ---------------------------------------------------------------- exit codes
+
+#[test]
+fn exit_codes() {
+    let _g = shared();
+    for m in modes("exit_codes") {
+        let o = run(m, &["run", "--", "sh", "-c", "exit 7"]);
+        assert_eq!(code(&o), 7, "[{}] own exit code", m.name);
+        let o = run(m, &["run", "--", "sh", "-c", "kill -TERM $$"]);
+        assert_eq!(code(&o), 128 + 15, "[{}] killed by SIGTERM: 143", m.name);
+        let o = run(m, &["run", "--", "sh", "-c", "kill -KILL $$"]);
+        assert_eq!(code(&o), 137, "[{}] killed by SIGKILL: 137", m.name);
+        let t = Instant::now();
+        let o = run(m, &["run", "--timeout", "500ms", "--", "sleep", "30"]);
+        assert_eq!(
+            code(&o),
+            124,
+            "[{}] timeout: 124 ({})",
+            m.name,
+            text(&o.stderr)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "[{}] timeout took {:?}",
+            m.name,
+            t.elapsed()
+        );
+        let o = run(m, &["run", "--", "/etc/passwd"]);
+        assert_eq!(
+            code(&o),
+            126,
+            "[{}] not executable: 126 ({})",
+            m.name,
+            text(&o.stderr)
+        );
+        let o = run(m, &["run", "--", "nct-no-such-command-xyz"]);
+        assert_eq!(
+            code(&o),
+            127,
+            "[{}] not found: 127 ({})",
+            m.name,
+            text(&o.stderr)
+        );
+        for bad in [
+            &["run", "--no-such-flag", "--", "true"][..],
+            &["run", "--memory", "lots", "--", "true"],
+            &["run", "--timeout", "soon", "--", "true"],
+            &["run", "--workspace-access", "maybe", "--", "true"],
+            &["run", "--user", "root:x", "--", "true"],
+            &["run", "--lang", "cobol", "--code", "x"],
+            &["run", "--mount", "/nonexistent-nct:/x", "--", "true"],
+        ] {
+            let o = run(m, bad);
+            let err = text(&o.stderr);
+            assert_eq!(code(&o), 125, "[{}] {bad:?}: 125 (stderr {err})", m.name);
+            assert_eq!(
+                err.trim_end().lines().count(),
+                1,
+                "[{}] {bad:?}: exactly one line on stderr, got {err:?}",
+                m.name
+            );
+            assert!(
+                err.len() > 10,
+                "[{}] {bad:?}: an explanation on stderr",
+                m.name
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- --json
+
+#[test]
+fn json_fields() {
+    let _g = shared();
+    for m in modes("json_fields") {
+        let v = json(m, &["--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+        assert_eq!(v["exit_code"], 3, "[{}] {v}", m.name);
+        assert!(v["signal"].is_null(), "[{}] {v}", m.name);
+        assert!(v["killed_by"].is_null(), "[{}] {v}", m.name);
+        assert_eq!(v["stdout"], "out\n");
+        assert_eq!(v["stderr"], "err\n");
+        assert_eq!(v["stdout_truncated"], false);
+        assert_eq!(v["stderr_truncated"], false);
+        for k in ["duration_ms", "cpu_ms", "peak_memory_bytes"] {
+            assert!(v[k].is_u64(), "[{}] {k} must be a number: {v}", m.name);
+        }
+        assert!(
+            v["peak_memory_bytes"].as_u64().unwrap_or(0) > 0,
+            "[{}] peak memory measured: {v}",
+            m.name
+        );
+        assert!(
+            v["sandbox_id"].as_str().is_some_and(|s| !s.is_empty()),
+            "[{}] sandbox_id: {v}",
+            m.name
+        );
+        assert!(!v["layers"].is_null(), "[{}] layers reported: {v}", m.name);
+        let v = json(m, &["--", "sh", "-c", "kill -KILL $$"]);
+        assert_eq!(v["signal"], 9, "[{}] signal: {v}", m.name);
+        let v = json(m, &["--timeout", "300ms", "--", "sleep", "10"]);
+        assert_eq!(v["killed_by"], "timeout", "[{}] {v}", m.name);
+        let a = json(m, &["--", "true"]);
+        let b = json(m, &["--", "true"]);
+        assert_ne!(
+            a["sandbox_id"], b["sandbox_id"],
+            "[{}] sandbox ids are unique",
+            m.name
+        );
+    }
+}
+
+// ---------------------------------------------------------------- environment
+
+#[test]
+fn environment_is_not_inherited_and_sane() {
+    let _g = shared();
+    for m in modes("environment") {
+        let secret = unique("env-secret");
+        let o = nc(m, &["run", "--", "env"])
+            .env("NANOCLAW_TEST_SECRET", &secret)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .output()
+            .expect("spawn");
+        let env = text(&o.stdout);
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        assert!(
+            !env.contains(&secret) && !env.contains("NANOCLAW_TEST_SECRET"),
+            "[{}] host env leaked: {env}",
+            m.name
+        );
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        let path = get("PATH").unwrap_or_default();
+        assert!(
+            path.split(':').any(|p| p == "/usr/bin") && path.split(':').any(|p| p == "/bin"),
+            "[{}] PATH {path:?}",
+            m.name
+        );
+        let home = get("HOME").unwrap_or_default();
+        assert!(home.starts_with('/'), "[{}] HOME {home:?}", m.name);
+        assert!(
+            get("LANG").is_some_and(|l| !l.is_empty()),
+            "[{}] LANG missing: {env}",
+            m.name
+        );
+        let out = ok_out(
+            m,
+            &["run", "--", "sh", "-c", "test -d \"$HOME\" && echo home-ok"],
+        );
+        assert_eq!(out.trim(), "home-ok", "[{}] HOME exists", m.name);
+        let out = ok_out(
+            m,
+            &[
+                "run",
+                "--env",
+                "FOO=bar baz",
+                "--env",
+                "X=1=2",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$FOO|$X\"",
+            ],
+        );
+        assert_eq!(out.trim(), "bar baz|1=2", "[{}] --env", m.name);
+    }
+}
+
+// ---------------------------------------------------------------- options
+
+#[test]
+fn workdir_and_user() {
+    let _g = shared();
+    for m in modes("workdir_and_user") {
+        assert_eq!(
+            ok_out(m, &["run", "--workdir", "/tmp", "--", "pwd"]).trim(),
+            "/tmp",
+            "[{}]",
+            m.name
+        );
+        assert_eq!(
+            ok_out(m, &["run", "--", "sh", "-c", "echo $(id -u):$(id -g)"]).trim(),
+            "1000:1000",
+            "[{}] default user",
+            m.name
+        );
+        assert_eq!(
+            ok_out(
+                m,
+                &[
+                    "run",
+                    "--user",
+                    "1234:2345",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $(id -u):$(id -g)"
+                ]
+            )
+            .trim(),
+            "1234:2345",
+            "[{}]",
+            m.name
+        );
+        assert_eq!(
+            ok_out(m, &["run", "--user", "4321", "--", "id", "-u"]).trim(),
+            "4321",
+            "[{}]",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn stdin_forwarding() {
+    let _g = shared();
+    for m in modes("stdin") {
+        let mut c = nc(m, &["run", "--stdin", "--", "sh", "-c", "tr a-z A-Z"]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut ch = c.spawn().expect("spawn");
+        ch.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"hello sandbox\n")
+            .expect("write stdin");
+        let o = ch.wait_with_output().expect("wait");
+        assert_eq!(
+            text(&o.stdout),
+            "HELLO SANDBOX\n",
+            "[{}] --stdin: {}",
+            m.name,
+            text(&o.stderr)
+        );
+        // Without --stdin: /dev/null, even though our stdin is an open pipe that never ends.
+        let mut c = nc(
+            m,
+            &["run", "--timeout", "10s", "--", "sh", "-c", "cat; echo eof"],
+        );
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let ch = c.spawn().expect("spawn");
+        let o = ch.wait_with_output_keep_stdin();
+        assert_eq!(
+            text(&o.stdout),
+            "eof\n",
+            "[{}] default stdin is /dev/null",
+            m.name
+        );
+    }
+}
+
+/// wait_with_output, but stdin (a pipe) stays open until the child exits.
+trait KeepStdin {
+    fn wait_with_output_keep_stdin(self) -> Output;
+}
+
+impl KeepStdin for Child {
+    fn wait_with_output_keep_stdin(mut self) -> Output {
+        let stdin = self.stdin.take();
+        let o = self.wait_with_output().expect("wait");
+        drop(stdin);
+        o
+    }
+}
+
+#[test]
+fn workspace_access() {
+    let _g = shared();
+    for m in modes("workspace") {
+        let ws = host_dir("ws");
+        fs::write(ws.join("input.txt"), "from-host\n").expect("write");
+        fs::set_permissions(ws.join("input.txt"), fs::Permissions::from_mode(0o666))
+            .expect("chmod");
+        let w = ws.to_str().expect("utf-8");
+        // none (default): no /workspace content.
+        let o = run(
+            m,
+            &["run", "--workspace", w, "--", "cat", "/workspace/input.txt"],
+        );
+        assert_ne!(
+            code(&o),
+            0,
+            "[{}] default access is none: {}",
+            m.name,
+            text(&o.stdout)
+        );
+        // ro: readable, not writable.
+        let out = ok_out(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "ro",
+                "--",
+                "cat",
+                "/workspace/input.txt",
+            ],
+        );
+        assert_eq!(out, "from-host\n", "[{}] ro read", m.name);
+        let o = run(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "ro",
+                "--",
+                "sh",
+                "-c",
+                "echo x > /workspace/new.txt",
+            ],
+        );
+        assert_ne!(code(&o), 0, "[{}] ro write must fail", m.name);
+        assert!(
+            !ws.join("new.txt").exists(),
+            "[{}] ro write reached the host",
+            m.name
+        );
+        // rw: writes land on the host.
+        ok_out(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "rw",
+                "--",
+                "sh",
+                "-c",
+                "echo made-inside > /workspace/new.txt",
+            ],
+        );
+        assert_eq!(
+            fs::read_to_string(ws.join("new.txt")).unwrap_or_default(),
+            "made-inside\n",
+            "[{}] rw write",
+            m.name
+        );
+        let _ = fs::remove_dir_all(&ws);
+    }
+}
+
+#[test]
+fn bind_mounts() {
+    let _g = shared();
+    for m in modes("mounts") {
+        let d = host_dir("mnt");
+        fs::write(d.join("f"), "mounted\n").expect("write");
+        fs::set_permissions(d.join("f"), fs::Permissions::from_mode(0o666)).expect("chmod");
+        let spec_ro = format!("{}:/mnt/data", d.display());
+        assert_eq!(
+            ok_out(m, &["run", "--mount", &spec_ro, "--", "cat", "/mnt/data/f"]),
+            "mounted\n",
+            "[{}]",
+            m.name
+        );
+        let o = run(
+            m,
+            &[
+                "run",
+                "--mount",
+                &spec_ro,
+                "--",
+                "sh",
+                "-c",
+                "echo x > /mnt/data/g",
+            ],
+        );
+        assert_ne!(code(&o), 0, "[{}] default mount is ro", m.name);
+        let o = run(
+            m,
+            &[
+                "run",
+                "--mount",
+                &format!("{spec_ro}:ro"),
+                "--",
+                "sh",
+                "-c",
+                "echo x > /mnt/data/g",
+            ],
+        );
+        assert_ne!(code(&o), 0, "[{}] :ro mount", m.name);
+        ok_out(
+            m,
+            &[
+                "run",
+                "--mount",
+                &format!("{spec_ro}:rw"),
+                "--",
+                "sh",
+                "-c",
+                "echo rw > /mnt/data/g",
+            ],
+        );
+        assert_eq!(
+            fs::read_to_string(d.join("g")).unwrap_or_default(),
+            "rw\n",
+            "[{}] :rw mount",
+            m.name
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+}
+
+#[test]
+fn languages() {
+    let _g = shared();
+    for m in modes("languages") {
+        let cases: &[(&str, &str)] = &[
+            ("python", "print(6*7)"),
+            ("node", "console.log(6*7)"),
+            ("bash", "echo $((6*7))"),
+            ("sh", "echo $((6*7))"),
+        ];
+        for (lang, code_) in cases {
+            if *lang == "node" && !Path::new("/usr/bin/node").exists() {
+                eprintln!("SKIPPED node: /usr/bin/node not on this host");
+                continue;
+            }
+            assert_eq!(
+                ok_out(m, &["run", "--lang", lang, "--code", code_]).trim(),
+                "42",
+                "[{}] --lang {lang} --code",
+                m.name
+            );
+            let f = host_dir("lang").join("snippet");
+            fs::write(&f, code_).expect("write snippet");
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).expect("chmod");
+            let fp = f.to_str().expect("utf-8");
+            assert_eq!(
+                ok_out(m, &["run", "--lang", lang, "--file", fp]).trim(),
+                "42",
+                "[{}] --lang {lang} --file",
+                m.name
+            );
+            let _ = fs::remove_dir_all(f.parent().expect("parent"));
+        }
+    }
+}
+
+#[test]
+fn tmpfs_size() {
+    let _g = shared();
+    for m in modes("tmpfs_size") {
+        ok_out(
+            m,
+            &[
+                "run",
+                "--tmpfs-size",
+                "16m",
+                "--",
+                "sh",
+                "-c",
+                "head -c 8000000 /dev/zero > /tmp/a",
+            ],
+        );
+        let o = run(
+            m,
+            &[
+                "run",
+                "--tmpfs-size",
+                "16m",
+                "--",
+                "sh",
+                "-c",
+                "head -c 40000000 /dev/zero > /tmp/a",
+            ],
+        );
+        assert_ne!(code(&o), 0, "[{}] 40 MB into a 16m /tmp must fail", m.name);
+        assert!(
+            text(&o.stderr).contains("No space"),
+            "[{}] ENOSPC expected: {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}
+
+// ---------------------------------------------------------------- limits
+
+const HOG: &str = "import sys\nb=[]\nfor i in range(int(sys.argv[1])):\n    x=bytearray(1<<20)\n    x[::4096]=b'\\1'*256\n    b.append(x)\nprint('survived', len(b))";
+
+#[test]
+fn memory_limit_oom() {
+    let _g = shared();
+    for m in modes("memory_limit") {
+        let out = ok_out(
+            m,
+            &["run", "--memory", "128m", "--", "python3", "-c", HOG, "32"],
+        );
+        assert_eq!(
+            out.trim(),
+            "survived 32",
+            "[{}] 32 MiB fits in 128m",
+            m.name
+        );
+        let o = run(
+            m,
+            &["run", "--memory", "64m", "--", "python3", "-c", HOG, "512"],
+        );
+        assert_eq!(
+            code(&o),
+            137,
+            "[{}] OOM: 137; stdout {} stderr {}",
+            m.name,
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        let v = json(m, &["--memory", "64m", "--", "python3", "-c", HOG, "512"]);
+        assert_eq!(v["killed_by"], "oom", "[{}] {v}", m.name);
+        assert!(
+            v["peak_memory_bytes"].as_u64().unwrap_or(0) <= 80 << 20,
+            "[{}] peak within the limit: {v}",
+            m.name
+        );
+        // --memory-swap equal to memory: no swap, same result.
+        let v = json(
+            m,
+            &[
+                "--memory",
+                "64m",
+                "--memory-swap",
+                "64m",
+                "--",
+                "python3",
+                "-c",
+                HOG,
+                "512",
+            ],
+        );
+        assert_eq!(v["killed_by"], "oom", "[{}] {v}", m.name);
+    }
+}
+
+const FORKS: &str = "import os,sys,time\nn=0\nfor i in range(int(sys.argv[1])):\n    try:\n        if os.fork()==0:\n            time.sleep(30); os._exit(0)\n        n+=1\n    except OSError as e:\n        print('fork failed after', n, e); break\nprint('forked', n, flush=True)";
+
+#[test]
+fn pids_limit() {
+    let _g = shared();
+    for m in modes("pids_limit") {
+        let marker = unique("pids");
+        let v = json(
+            m,
+            &[
+                "--pids",
+                "32",
+                "--timeout",
+                "20s",
+                "--",
+                "python3",
+                "-c",
+                FORKS,
+                "200",
+                &marker,
+            ],
+        );
+        assert_eq!(v["killed_by"], "pids", "[{}] {v}", m.name);
+        assert!(
+            !v["stdout"].as_str().unwrap_or("").contains("forked 200"),
+            "[{}] {v}",
+            m.name
+        );
+        let left = wait_gone(&marker, 3);
+        kill_all(&left);
+        assert!(
+            left.is_empty(),
+            "[{}] fork-bomb children outlived the sandbox: {left:?}",
+            m.name
+        );
+        let v = json(
+            m,
+            &[
+                "--pids",
+                "64",
+                "--",
+                "python3",
+                "-c",
+                FORKS,
+                "10",
+                &unique("pids-ok"),
+            ],
+        );
+        assert!(
+            v["killed_by"].is_null(),
+            "[{}] 10 processes under --pids 64: {v}",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn cpu_limit_visible_in_cpu_ms() {
+    let _g = shared();
+    // Burn a fixed amount of CPU time (not wall time, so a busy host does not
+    // matter): under --cpus 0.25 that needs at least ~4x as much wall time.
+    let burn = "import time\nwhile time.process_time() < 0.6: pass";
+    for m in modes("cpu_limit") {
+        let full = json(m, &["--cpus", "1", "--", "python3", "-c", burn]);
+        let quarter = json(m, &["--cpus", "0.25", "--", "python3", "-c", burn]);
+        let (cf, df) = (
+            full["cpu_ms"].as_u64().unwrap_or(0),
+            full["duration_ms"].as_u64().unwrap_or(0),
+        );
+        let (cq, dq) = (
+            quarter["cpu_ms"].as_u64().unwrap_or(0),
+            quarter["duration_ms"].as_u64().unwrap_or(0),
+        );
+        eprintln!(
+            "[{}] cpus=1: cpu {cf} ms / wall {df} ms; cpus=0.25: cpu {cq} ms / wall {dq} ms",
+            m.name
+        );
+        assert!(
+            cf >= 550 && cq >= 550,
+            "[{}] cpu_ms must count the 600 ms burnt: {cf}, {cq}",
+            m.name
+        );
+        assert!(
+            dq >= cq * 3,
+            "[{}] --cpus 0.25: {cq} ms cpu in only {dq} ms wall",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn output_limit_truncates_and_memory_stays_bounded() {
+    let _g = shared();
+    for m in modes("output_limit") {
+        let v = json(
+            m,
+            &[
+                "--output-limit",
+                "1k",
+                "--",
+                "sh",
+                "-c",
+                "yes aaaaaaaaaaaaaaa | head -c 100000; yes bbb | head -c 10 >&2",
+            ],
+        );
+        assert_eq!(
+            v["stdout_truncated"], true,
+            "[{}] {}",
+            m.name, v["killed_by"]
+        );
+        assert!(
+            v["stdout"].as_str().unwrap_or("").len() <= 1024,
+            "[{}] stdout kept under 1k",
+            m.name
+        );
+        assert_eq!(
+            v["killed_by"], "output_limit",
+            "[{}] {}",
+            m.name, v["killed_by"]
+        );
+        // A 2 GB flood, both streamed and with --json: nanoclaw's own memory
+        // stays near its baseline (the 8m capture in --json mode allowed for).
+        let mut base = nc(m, &["run", "--", "true"]);
+        let (_, baseline_kib) = wait4_rusage(base.spawn().expect("spawn").id() as i32);
+        for json_mode in [false, true] {
+            let mut args = vec!["run", "--output-limit", "8m", "--timeout", "60s"];
+            if json_mode {
+                args.push("--json");
+            }
+            args.extend_from_slice(&[
+                "--",
+                "sh",
+                "-c",
+                "yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 2000000000",
+            ]);
+            let mut c = nc(m, &args);
+            c.stdout(Stdio::piped()).stderr(Stdio::null());
+            let mut ch = c.spawn().expect("spawn");
+            let mut stdout = ch.stdout.take().expect("stdout");
+            let reader = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut n = 0usize;
+                while let Ok(k) = stdout.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                }
+                n
+            });
+            let (status, rss_kib) = wait4_rusage(ch.id() as i32);
+            let got = reader.join().expect("reader");
+            eprintln!(
+                "[{}] flood json={json_mode}: nanoclaw max RSS {rss_kib} KiB (baseline {baseline_kib} KiB), passed {got} bytes, status {status}",
+                m.name
+            );
+            let allowed = baseline_kib + if json_mode { 40 * 1024 } else { 16 * 1024 };
+            assert!(
+                rss_kib < allowed,
+                "[{}] nanoclaw used {rss_kib} KiB on an output flood (baseline {baseline_kib} KiB)",
+                m.name
+            );
+            assert!(
+                got < 16 << 20,
+                "[{}] {got} bytes got through an 8m limit",
+                m.name
+            );
+        }
+    }
+}
+
+/// Reaps `pid` with wait4 and returns (exit status or 128+signal, ru_maxrss in KiB).
+fn wait4_rusage(pid: i32) -> (i32, i64) {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: status and ru are valid, writable, and live across the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let st = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    (st, ru.ru_maxrss)
+}
+
+// ---------------------------------------------------------------- processes
+
+const DAEMONIZE: &str = "import os,sys,time\nif os.fork()==0:\n    os.setsid()\n    if os.fork()==0:\n        time.sleep(1000); os._exit(0)\n    os._exit(0)\ntime.sleep(float(sys.argv[1]))";
+
+#[test]
+fn timeout_kills_daemonized_grandchild() {
+    let _g = shared();
+    for m in modes("timeout_daemon") {
+        // The command outlives the timeout; its setsid'ed grandchild must die with it.
+        let marker = unique("daemon");
+        let o = run(
+            m,
+            &[
+                "run",
+                "--timeout",
+                "1s",
+                "--",
+                "python3",
+                "-c",
+                DAEMONIZE,
+                "1000",
+                &marker,
+            ],
+        );
+        assert_eq!(code(&o), 124, "[{}] {}", m.name, text(&o.stderr));
+        let left = wait_gone(&marker, 3);
+        kill_all(&left);
+        assert!(
+            left.is_empty(),
+            "[{}] daemonized grandchild survived the timeout: {left:?}",
+            m.name
+        );
+        // The command exits at once, leaving the daemon: nanoclaw must not leave it behind either.
+        let marker = unique("daemon2");
+        let o = run(
+            m,
+            &[
+                "run",
+                "--timeout",
+                "20s",
+                "--",
+                "python3",
+                "-c",
+                DAEMONIZE,
+                "0",
+                &marker,
+            ],
+        );
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        let left = wait_gone(&marker, 3);
+        kill_all(&left);
+        assert!(
+            left.is_empty(),
+            "[{}] daemon survived its sandbox: {left:?}",
+            m.name
+        );
+    }
+}
+
+/// What a sandbox could leave behind on the host, as comparable strings.
+fn host_traces(uid: Option<u32>) -> BTreeSet<String> {
+    let mut s = BTreeSet::new();
+    for l in fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if l.contains("nanoclaw") || l.contains(" nsfs ") || l.contains("nct-") {
+            s.insert(format!("mount {l}"));
+        }
+    }
+    // Every cgroup directory below a nanoclaw-named one, on v1 and v2.
+    fn walk(dir: &Path, depth: u32, inside: bool, s: &mut BTreeSet<String>) {
+        if depth > 5 {
+            return;
+        }
+        for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let here = inside || e.file_name().to_string_lossy().contains("nanoclaw");
+            if here {
+                s.insert(format!("cgroup {}", p.display()));
+            }
+            walk(&p, depth + 1, here, s);
+        }
+    }
+    walk(Path::new("/sys/fs/cgroup"), 0, false, &mut s);
+    let uids: Vec<u32> = [Some(0), uid].into_iter().flatten().collect();
+    let mut dirs = vec![
+        PathBuf::from("/tmp"),
+        PathBuf::from("/run/nanoclaw"),
+        PathBuf::from("/var/lib/nanoclaw/run"),
+    ];
+    for u in &uids {
+        dirs.push(PathBuf::from(format!("/run/user/{u}/nanoclaw")));
+        dirs.push(PathBuf::from(format!("/tmp/nanoclaw-{u}")));
+    }
+    for d in dirs {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if d != Path::new("/tmp") || n.contains("nanoclaw") || n.starts_with("ncl") {
+                if !n.starts_with("nanoclaw-cli-test-") && !n.starts_with("nanoclaw-containment-") {
+                    s.insert(format!("file {}", e.path().display()));
+                }
+            }
+        }
+    }
+    // Processes running the nanoclaw binary.
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(exe) = fs::read_link(e.path().join("exe")) {
+            let exe = exe.to_string_lossy();
+            if exe.contains("nanoclaw") && !exe.contains("deps/") {
+                s.insert(format!("process {} {exe}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    s
+}
+
+#[track_caller]
+fn assert_no_new_traces(before: &BTreeSet<String>, uid: Option<u32>, what: &str) {
+    let mut after = host_traces(uid);
+    for _ in 0..40 {
+        if after.difference(before).next().is_none() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        after = host_traces(uid);
+    }
+    let new: Vec<&String> = after.difference(before).collect();
+    panic!("{what}: left behind on the host:\n{new:#?}");
+}
+
+#[test]
+fn nothing_left_behind_after_100_runs() {
+    let _g = exclusive();
+    for m in modes("leaks") {
+        let uid = m.user.map(|u| u.0);
+        let before = host_traces(uid);
+        let marker = unique("leak");
+        let mut ids = Vec::new();
+        for i in 0..100 {
+            let o = match i % 4 {
+                0 => run(m, &["run", "--", "true", &marker]),
+                1 => run(
+                    m,
+                    &[
+                        "run",
+                        "--",
+                        "sh",
+                        "-c",
+                        "sleep 5 & sleep 5 & exit 3",
+                        &marker,
+                    ],
+                ),
+                2 => run(
+                    m,
+                    &[
+                        "run",
+                        "--timeout",
+                        "100ms",
+                        "--",
+                        "sh",
+                        "-c",
+                        "sleep 10",
+                        &marker,
+                    ],
+                ),
+                _ => run(
+                    m,
+                    &[
+                        "run",
+                        "--json",
+                        "--",
+                        "sh",
+                        "-c",
+                        "echo x > /tmp/f; exit 0",
+                        &marker,
+                    ],
+                ),
+            };
+            assert!(
+                code(&o) != 125,
+                "[{}] run {i} failed: {}",
+                m.name,
+                text(&o.stderr)
+            );
+            if i % 4 == 3 {
+                let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+                ids.push(v["sandbox_id"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        let left = wait_gone(&marker, 3);
+        kill_all(&left);
+        assert!(
+            left.is_empty(),
+            "[{}] processes left after 100 runs: {left:?}",
+            m.name
+        );
+        assert_no_new_traces(&before, uid, &format!("[{}] 100 runs", m.name));
+        let after = host_traces(uid);
+        for id in ids.iter().filter(|i| i.len() >= 6) {
+            let hits: Vec<&String> = after.iter().filter(|t| t.contains(id.as_str())).collect();
+            assert!(hits.is_empty(), "[{}] sandbox {id} left {hits:?}", m.name);
+        }
+    }
+}
+
+#[test]
+fn sigint_and_sigterm_clean_up_everything() {
+    let _g = exclusive();
+    for m in modes("signals") {
+        let uid = m.user.map(|u| u.0);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            let before = host_traces(uid);
+            let marker = unique("sig");
+            let code_ = "import os,time\nif os.fork()==0:\n    os.setsid(); time.sleep(1000)\ntime.sleep(1000)";
+            let mut c = nc(
+                m,
+                &[
+                    "run",
+                    "--timeout",
+                    "60s",
+                    "--",
+                    "python3",
+                    "-c",
+                    code_,
+                    &marker,
+                ],
+            );
+            c.stdout(Stdio::null()).stderr(Stdio::piped());
+            // Own process group, so the signal reaches nanoclaw only (not via a terminal).
+            c.process_group(0);
+            let mut ch = c.spawn().expect("spawn");
+            let end = Instant::now() + Duration::from_secs(15);
+            while pids_with(&marker).len() < 2 {
+                assert!(
+                    Instant::now() < end,
+                    "[{}] the sandboxed command never started",
+                    m.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
+            unsafe { libc::kill(ch.id() as i32, sig) };
+            let end = Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                if let Some(s) = ch.try_wait().expect("try_wait") {
+                    break s;
+                }
+                if Instant::now() > end {
+                    let _ = ch.kill();
+                    panic!(
+                        "[{}] nanoclaw did not exit within 10 s of signal {sig}",
+                        m.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                !status.success(),
+                "[{}] signal {sig}: nanoclaw reported success",
+                m.name
+            );
+            let left = wait_gone(&marker, 3);
+            kill_all(&left);
+            assert!(
+                left.is_empty(),
+                "[{}] signal {sig}: sandboxed processes survived: {left:?}",
+                m.name
+            );
+            assert_no_new_traces(&before, uid, &format!("[{}] signal {sig}", m.name));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- containment basics
+
+#[test]
+fn host_is_invisible_and_root_read_only() {
+    let _g = shared();
+    for m in modes("host_view") {
+        let marker_dir = host_dir("hostview");
+        fs::write(marker_dir.join("secret"), "s3cret").expect("write");
+        let probe = format!(
+            "for p in /etc/shadow {}/secret /root /home /var /run; do if [ -e $p ]; then ls -A $p 2>/dev/null | head -3; echo visible:$p; fi; done; \
+             touch /nct-x 2>/dev/null && echo wrote-root; touch /usr/nct-x 2>/dev/null && echo wrote-usr; \
+             touch /etc/nct-x 2>/dev/null && echo wrote-etc; touch /tmp/ok && echo tmp-ok",
+            marker_dir.display()
+        );
+        let out = ok_out(m, &["run", "--", "sh", "-c", &probe]);
+        let bad: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                l.starts_with("visible:/etc/shadow")
+                    || l.contains("/secret")
+                    || l.starts_with("wrote-")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "[{}] host visible / root writable: {out}",
+            m.name
+        );
+        for d in ["/root", "/home", "/var", "/run"] {
+            if out.contains(&format!("visible:{d}")) {
+                // Allowed only as an empty directory.
+                let o = ok_out(m, &["run", "--", "sh", "-c", &format!("ls -A {d} | wc -l")]);
+                assert_eq!(
+                    o.trim(),
+                    "0",
+                    "[{}] {d} is visible with host content",
+                    m.name
+                );
+            }
+        }
+        assert!(out.contains("tmp-ok"), "[{}] /tmp writable: {out}", m.name);
+        let _ = fs::remove_dir_all(&marker_dir);
+        // Host processes: our own pid must not be signalable from inside.
+        let me = std::process::id();
+        let o = run(
+            m,
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                &format!("kill -0 {me} 2>/dev/null && echo visible; ls /proc | grep -c '^[0-9]'"),
+            ],
+        );
+        assert!(
+            !text(&o.stdout).contains("visible"),
+            "[{}] host pid {me} signalable",
+            m.name
+        );
+        // Network: a host listener on 127.0.0.1 is unreachable; only lo exists.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = l.local_addr().expect("addr").port();
+        let o = run(m, &["run", "--", "python3", "-c", &format!(
+            "import socket\ns=socket.socket(); s.settimeout(2)\ntry:\n    s.connect(('127.0.0.1',{port})); print('connected')\nexcept OSError as e: print('refused', e)\nprint(sorted(n for _,n in socket.if_nameindex()))"
+        )]);
+        let out = text(&o.stdout);
+        assert!(
+            out.contains("refused") && out.contains("['lo']"),
+            "[{}] network: {out} {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}
