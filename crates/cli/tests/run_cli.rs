@@ -862,6 +862,8 @@ fn cpu_limit_visible_in_cpu_ms() {
 }
 
 #[test]
+// The children are reaped with wait4 (for ru_maxrss), not Child::wait.
+#[allow(clippy::zombie_processes)]
 fn output_limit_truncates_and_memory_stays_bounded() {
     let _g = shared();
     for m in modes("output_limit") {
@@ -1059,10 +1061,11 @@ fn host_traces(uid: Option<u32>) -> BTreeSet<String> {
     for d in dirs {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if d != Path::new("/tmp") || n.contains("nanoclaw") || n.starts_with("ncl") {
-                if !n.starts_with("nanoclaw-cli-test-") && !n.starts_with("nanoclaw-containment-") {
-                    s.insert(format!("file {}", e.path().display()));
-                }
+            let relevant = d != Path::new("/tmp") || n.contains("nanoclaw") || n.starts_with("ncl");
+            let ours =
+                n.starts_with("nanoclaw-cli-test-") || n.starts_with("nanoclaw-containment-");
+            if relevant && !ours {
+                s.insert(format!("file {}", e.path().display()));
             }
         }
     }
