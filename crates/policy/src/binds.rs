@@ -279,6 +279,39 @@ pub fn source_danger(canon: &Path, fs: &dyn HostFs) -> Option<Danger> {
     None
 }
 
+/// Checks one bind mount (e.g. from `--mount`) the way the config file's
+/// are checked: the target must not shadow `/proc`, `/dev`, `/sys`, `/etc`
+/// or `/`; the source must exist and, unless `allow_unsafe`, must not be a
+/// dangerous host path. `Ok` carries warnings.
+pub fn check_mount(
+    b: &BindMount,
+    fs: &dyn HostFs,
+    allow_unsafe: bool,
+) -> Result<Vec<String>, String> {
+    if let Some(p) = target_problem(&b.container) {
+        return Err(p);
+    }
+    let canon = fs.canonicalize(&b.host).map_err(|_| {
+        format!(
+            "bind mount source {} does not exist on this host; create it or fix the path",
+            b.host.display()
+        )
+    })?;
+    match source_danger(&canon, fs) {
+        None => Ok(Vec::new()),
+        Some(d) if allow_unsafe => Ok(vec![format!(
+            "dangerous bind mount source {} allowed: {}",
+            b.host.display(),
+            d.explain()
+        )]),
+        Some(d) => Err(format!(
+            "bind mount source {} is a dangerous host path: {}; sandboxed code could read or change it. Mount a narrower folder",
+            b.host.display(),
+            d.explain()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,7 +91,11 @@ pub fn suggest<'a>(key: &str, candidates: impl IntoIterator<Item = &'a str>) -> 
     for c in candidates {
         let d = strsim::levenshtein(&k, &norm(c));
         let limit = (k.chars().count().max(c.len()) / 3).max(2);
-        if d <= limit && best.map_or(true, |(bd, _)| d < bd) {
+        let better = match best {
+            None => true,
+            Some((bd, _)) => d < bd,
+        };
+        if d <= limit && better {
             best = Some((d, c));
         }
     }

@@ -152,7 +152,7 @@ fn size(b: u64) -> String {
         ("k", 1 << 10),
     ];
     for (u, m) in U {
-        if b >= m && b % m == 0 {
+        if b >= m && (b / m) * m == b {
             return format!("{}{u}", b / m);
         }
     }

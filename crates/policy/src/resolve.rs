@@ -1038,9 +1038,13 @@ impl Resolved {
         Ok(s)
     }
 
-    /// The workspace folder, if it is nanoclaw's own default (under the
-    /// data dir) and so may be created on first use.
+    /// True when the workspace folder is derived by nanoclaw (under the data
+    /// dir or a `workspaceRoot`) and so may be created on first use; an
+    /// agent's `workspace` or `--workspace` must already exist.
     pub fn workspace_is_default(&self) -> bool {
-        self.workspace.is_some() && self.source("workspace") == Some(&Source::BuiltinDefault)
+        self.workspace.is_some()
+            && self.sources.get("workspace").is_some_and(|p| {
+                p.source == Source::BuiltinDefault || p.key.ends_with("workspaceRoot")
+            })
     }
 }

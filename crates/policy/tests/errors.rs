@@ -17,12 +17,22 @@ fn only_error(text: &str) -> (String, usize, usize, String) {
 
 fn check(text: &str, path: &str, line: usize, col: usize, message: &str) {
     let got = only_error(text);
-    assert_eq!(got, (path.to_string(), line, col, message.to_string()), "\n--- in:\n{text}");
+    assert_eq!(
+        got,
+        (path.to_string(), line, col, message.to_string()),
+        "\n--- in:\n{text}"
+    );
 }
 
 #[test]
 fn unknown_key_with_suggestion() {
-    check("security:\n  memroy_limit: 1g\n", "security.memroy_limit", 2, 3, "unknown key `memroy_limit`; did you mean `memory_limit`?");
+    check(
+        "security:\n  memroy_limit: 1g\n",
+        "security.memroy_limit",
+        2,
+        3,
+        "unknown key `memroy_limit`; did you mean `memory_limit`?",
+    );
     check(
         "agents:\n  defaults:\n    sandbox:\n      workspaceAcess: ro\n",
         "agents.defaults.sandbox.workspaceAcess",
@@ -41,7 +51,13 @@ fn unknown_key_with_suggestion() {
     let l = load("securty:\n  timeout: 1s\n");
     let e = l.errors().next().unwrap();
     assert_eq!(e.did_you_mean.as_deref(), Some("security"));
-    check("bogus: 1\n", "bogus", 1, 1, "unknown key `bogus`; known keys here: security, execution, llm, agents, tools, session");
+    check(
+        "bogus: 1\n",
+        "bogus",
+        1,
+        1,
+        "unknown key `bogus`; known keys here: security, execution, llm, agents, tools, session",
+    );
     // a typo of `defaults` under agents is not silently an agent id
     check("agents:\n  defualts:\n    sandbox: {mode: all}\n", "agents.defualts", 2, 3, "unknown key `defualts`; did you mean `defaults`? (an agent with this id would have to go in agents.list)");
 }
@@ -61,11 +77,41 @@ fn both_spellings_accepted_but_not_twice() {
 
 #[test]
 fn wrong_types() {
-    check("security:\n  memory_limit: [1]\n", "security.memory_limit", 2, 17, "expected a size like 256m or 1g, found a list");
-    check("security:\n  read_only: yes\n", "security.read_only", 2, 14, "expected true or false, found \"yes\"");
-    check("security: 5\n", "security", 1, 11, "expected a map of settings, found a number");
-    check("tools:\n  allow: exec\n", "tools.allow", 2, 10, "expected a list of tool names or group:* shorthands, found a string");
-    check("security:\n  pids_limit: 1.5\n", "security.pids_limit", 2, 15, "expected a whole number of processes, e.g. 256, found \"1.5\"");
+    check(
+        "security:\n  memory_limit: [1]\n",
+        "security.memory_limit",
+        2,
+        17,
+        "expected a size like 256m or 1g, found a list",
+    );
+    check(
+        "security:\n  read_only: yes\n",
+        "security.read_only",
+        2,
+        14,
+        "expected true or false, found \"yes\"",
+    );
+    check(
+        "security: 5\n",
+        "security",
+        1,
+        11,
+        "expected a map of settings, found a number",
+    );
+    check(
+        "tools:\n  allow: exec\n",
+        "tools.allow",
+        2,
+        10,
+        "expected a list of tool names or group:* shorthands, found a string",
+    );
+    check(
+        "security:\n  pids_limit: 1.5\n",
+        "security.pids_limit",
+        2,
+        15,
+        "expected a whole number of processes, e.g. 256, found \"1.5\"",
+    );
 }
 
 #[test]
@@ -78,11 +124,19 @@ fn impossible_values() {
             "security.cpu_limit",
             2,
             14,
-            &format!("cpus must be a positive number such as 0.5, 1 or 2 (at most 1024); found {bad:?}"),
+            &format!(
+                "cpus must be a positive number such as 0.5, 1 or 2 (at most 1024); found {bad:?}"
+            ),
         );
     }
     for bad in ["0", "0s", "0ms"] {
-        check(&format!("security:\n  timeout: {bad}\n"), "security.timeout", 2, 12, "a timeout of 0 would kill every command at once; use a positive duration such as 30s");
+        check(
+            &format!("security:\n  timeout: {bad}\n"),
+            "security.timeout",
+            2,
+            12,
+            "a timeout of 0 would kill every command at once; use a positive duration such as 30s",
+        );
     }
     check("security:\n  pids_limit: 0\n", "security.pids_limit", 2, 15, "a pids limit of 0 would forbid even the first process; use at least 1 (the default is 256)");
     check(
@@ -110,7 +164,13 @@ fn privileged_is_refused_with_reason() {
 #[test]
 fn dangerous_capabilities_and_network() {
     check("security:\n  cap_add: [SYS_ADMIN]\n", "security.cap_add[0]", 2, 13, "capability SYS_ADMIN is refused: it is nearly root (mount, namespaces, bpf, ...); nanoclaw grants only capabilities that stay inside the sandbox (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, SETFCAP, NET_BIND_SERVICE, MKNOD, AUDIT_WRITE, SYS_CHROOT, NET_BROADCAST)");
-    check("security:\n  cap_add: [CHWON]\n", "security.cap_add[0]", 2, 13, "unknown capability \"CHWON\"; did you mean `CHOWN`?");
+    check(
+        "security:\n  cap_add: [CHWON]\n",
+        "security.cap_add[0]",
+        2,
+        13,
+        "unknown capability \"CHWON\"; did you mean `CHOWN`?",
+    );
     check("security:\n  network_mode: host\n", "security.network_mode", 2, 17, "network \"host\" would share the host's network stack with sandboxed code and is refused; use open for full egress or allowlist with allowedHosts");
     check("security:\n  network_mode: nonee\n", "security.network_mode", 2, 17, "invalid value \"nonee\": expected one of none, allowlist, open, bridge; did you mean `none`?");
     check("security:\n  allowed_hosts: [\"https://api.anthropic.com\"]\n", "security.allowed_hosts[0]", 2, 19, "allowed host \"https://api.anthropic.com\" must be a host name (optionally *.domain and :port), without scheme or path, e.g. api.anthropic.com");
@@ -182,9 +242,21 @@ fn bind_targets_and_missing_sources() {
     check(&bind("/data:/etc/passwd"), p, 5, 11, "bind mount target /etc/passwd would shadow the sandbox's /etc, which must stay nanoclaw's own; choose a target such as /data or /mnt/NAME");
     check(&bind("/data:/x/../dev"), p, 5, 11, "bind mount target /dev would shadow the sandbox's /dev, which must stay nanoclaw's own; choose a target such as /data or /mnt/NAME");
     check(&bind("/data:/"), p, 5, 11, "bind mount target / would replace the sandbox's whole root; choose a target such as /data or /mnt/NAME");
-    check(&bind("/nope:/data"), p, 5, 11, "bind mount source /nope does not exist on this host; create it or fix the path");
+    check(
+        &bind("/nope:/data"),
+        p,
+        5,
+        11,
+        "bind mount source /nope does not exist on this host; create it or fix the path",
+    );
     check(&bind("data:/data"), p, 5, 11, "bind mount \"data:/data\" must look like HOST:CONTAINER[:ro|rw] with absolute paths, e.g. /home/user/data:/data:ro");
-    check(&bind("/data:/data:rx"), p, 5, 11, "bind mount \"/data:/data:rx\" has mode \"rx\": the mode must be ro or rw");
+    check(
+        &bind("/data:/data:rx"),
+        p,
+        5,
+        11,
+        "bind mount \"/data:/data:rx\" has mode \"rx\": the mode must be ro or rw",
+    );
 }
 
 #[test]
@@ -206,7 +278,10 @@ fn syntax_errors_have_positions() {
     let (_, line, _, _) = only_error("{\n  \"agents\": {\n    \"x\": 1,,\n  }\n}\n");
     assert_eq!(line, 3);
     let (_, _, _, msg) = only_error("a: &x 1\nb: *x\n");
-    assert_eq!(msg, "YAML aliases (*name) are not supported in nanoclaw.yaml: write the value out");
+    assert_eq!(
+        msg,
+        "YAML aliases (*name) are not supported in nanoclaw.yaml: write the value out"
+    );
 }
 
 #[test]
@@ -227,7 +302,10 @@ agents:
         alow: [exec]
 ";
     let l = load(text);
-    let errs: Vec<String> = l.errors().map(|d| format!("{}:{} {}", d.line, d.col, d.path)).collect();
+    let errs: Vec<String> = l
+        .errors()
+        .map(|d| format!("{}:{} {}", d.line, d.col, d.path))
+        .collect();
     assert_eq!(
         errs,
         [
@@ -241,13 +319,28 @@ agents:
             "13:9 agents.list[0].tools.alow",
         ]
     );
-    assert!(l.diagnostics.iter().all(|d| d.severity == Severity::Error || d.severity == Severity::Warning));
+    assert!(l
+        .diagnostics
+        .iter()
+        .all(|d| d.severity == Severity::Error || d.severity == Severity::Warning));
 }
 
 #[test]
 fn agent_ids() {
-    check("agents:\n  list:\n    - sandbox: {mode: all}\n", "agents.list[0]", 3, 7, "agent entry has no id; add id: NAME");
-    check("agents:\n  list:\n    - id: a\n    - id: a\n", "agents.list[1]", 4, 7, "agent id \"a\" is defined twice; ids must be unique");
+    check(
+        "agents:\n  list:\n    - sandbox: {mode: all}\n",
+        "agents.list[0]",
+        3,
+        7,
+        "agent entry has no id; add id: NAME",
+    );
+    check(
+        "agents:\n  list:\n    - id: a\n    - id: a\n",
+        "agents.list[1]",
+        4,
+        7,
+        "agent id \"a\" is defined twice; ids must be unique",
+    );
     check("agents:\n  list:\n    - id: \"bad id\"\n", "agents.list[0]", 3, 11, "agent id \"bad id\" must be 1-64 letters, digits, _, . or - and start with a letter or digit");
 }
 
@@ -268,8 +361,18 @@ fn real_symlink_and_dotdot_do_not_bypass() {
     std::fs::create_dir(dir.path().join("sub")).unwrap();
     let fs = RealFs { home: None };
     let env = |_: &str| None;
-    for src in [link.display().to_string(), format!("{}/sub/../innocent", dir.path().display())] {
-        let l = nanoclaw_policy::parse(&bind(&format!("{src}:/x")), DecodeEnv { env: &env, fs: &fs, home: None });
+    for src in [
+        link.display().to_string(),
+        format!("{}/sub/../innocent", dir.path().display()),
+    ] {
+        let l = nanoclaw_policy::parse(
+            &bind(&format!("{src}:/x")),
+            DecodeEnv {
+                env: &env,
+                fs: &fs,
+                home: None,
+            },
+        );
         let e: Vec<String> = l.errors().map(|d| d.message.clone()).collect();
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
@@ -279,6 +382,13 @@ fn real_symlink_and_dotdot_do_not_bypass() {
     }
     // a plain folder of our own is fine
     let ok = dir.path().join("sub");
-    let l = nanoclaw_policy::parse(&bind(&format!("{}:/data:rw", ok.display())), DecodeEnv { env: &env, fs: &fs, home: None });
+    let l = nanoclaw_policy::parse(
+        &bind(&format!("{}:/data:rw", ok.display())),
+        DecodeEnv {
+            env: &env,
+            fs: &fs,
+            home: None,
+        },
+    );
     assert!(!l.has_errors(), "{:?}", l.diagnostics);
 }

@@ -21,11 +21,69 @@ const CORPUS: &[&str] = &[
 ];
 
 const TOKENS: &[&str] = &[
-    ":", "- ", "\n", "  ", "{", "}", "[", "]", ",", "\"", "'", "#", "&a ", "*a", "!!str ", "---\n", "...", "|\n", ">\n",
-    "${", "${X}", "$${", "}", "~", "null", "true", "false", "-1", "0", ".nan", "1e400", "9999999999999999999999t",
-    "mode", "non-main", "scope", "shared", "bindMounts", "/etc:/etc", "/:/", "..", "group:*", "group:", "exec",
-    "elevated", "allowFrom", "agents", "list", "defaults", "id", "security", "memory_limit", "\u{feff}", "\t", "\r\n",
-    "é", "日本", "\u{0}", "? ", "<<: ", "%YAML 1.2\n", "//", "/*", "*/",
+    ":",
+    "- ",
+    "\n",
+    "  ",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "\"",
+    "'",
+    "#",
+    "&a ",
+    "*a",
+    "!!str ",
+    "---\n",
+    "...",
+    "|\n",
+    ">\n",
+    "${",
+    "${X}",
+    "$${",
+    "}",
+    "~",
+    "null",
+    "true",
+    "false",
+    "-1",
+    "0",
+    ".nan",
+    "1e400",
+    "9999999999999999999999t",
+    "mode",
+    "non-main",
+    "scope",
+    "shared",
+    "bindMounts",
+    "/etc:/etc",
+    "/:/",
+    "..",
+    "group:*",
+    "group:",
+    "exec",
+    "elevated",
+    "allowFrom",
+    "agents",
+    "list",
+    "defaults",
+    "id",
+    "security",
+    "memory_limit",
+    "\u{feff}",
+    "\t",
+    "\r\n",
+    "é",
+    "日本",
+    "\u{0}",
+    "? ",
+    "<<: ",
+    "%YAML 1.2\n",
+    "//",
+    "/*",
+    "*/",
 ];
 
 struct Rng(u64);
@@ -89,7 +147,9 @@ fn exercise(text: &str) {
     agents.extend(l.config.agents.list.iter().map(|a| Some(a.id.clone())));
     for agent in agents {
         for session in ["main", "other"] {
-            let Ok(r) = resolve(&l.config, &Request::new(agent.as_deref(), session)) else { continue };
+            let Ok(r) = resolve(&l.config, &Request::new(agent.as_deref(), session)) else {
+                continue;
+            };
             let t = explain_text(&r, None);
             assert_eq!(t.contains("SANDBOXED: NO"), !r.sandboxed, "{t}");
             let j = explain_json(&r, None);
@@ -98,14 +158,20 @@ fn exercise(text: &str) {
             if !r.sandboxed {
                 assert!(spec.is_err());
             }
-            assert!(!t.contains("sk-ant-secret-value") && !j.to_string().contains("sk-ant-secret-value"));
+            assert!(
+                !t.contains("sk-ant-secret-value")
+                    && !j.to_string().contains("sk-ant-secret-value")
+            );
         }
     }
 }
 
 #[test]
 fn fuzz_mutated_configs_never_panic() {
-    let secs: u64 = std::env::var("NANOCLAW_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let secs: u64 = std::env::var("NANOCLAW_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut n = 0u64;

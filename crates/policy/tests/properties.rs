@@ -10,25 +10,63 @@ use nanoclaw_policy::{resolve, CliOverrides, Config, Request, Source};
 use proptest::prelude::*;
 
 const TOOL_POOL: &[&str] = &[
-    "exec", "bash", "process", "read", "write", "edit", "apply_patch", "browser", "message", "nodes",
-    "cron", "http-request", "shell", "web_fetch", "image", "group:fs", "group:runtime", "group:ui",
-    "group:openclaw", "group:*", "*", "group:sessions", "group:memory", "group:messaging",
+    "exec",
+    "bash",
+    "process",
+    "read",
+    "write",
+    "edit",
+    "apply_patch",
+    "browser",
+    "message",
+    "nodes",
+    "cron",
+    "http-request",
+    "shell",
+    "web_fetch",
+    "image",
+    "group:fs",
+    "group:runtime",
+    "group:ui",
+    "group:openclaw",
+    "group:*",
+    "*",
+    "group:sessions",
+    "group:memory",
+    "group:messaging",
 ];
 
 fn entries() -> impl Strategy<Value = Vec<String>> {
-    prop::collection::vec(prop::sample::select(TOOL_POOL).prop_map(str::to_string), 0..5)
+    prop::collection::vec(
+        prop::sample::select(TOOL_POOL).prop_map(str::to_string),
+        0..5,
+    )
 }
 
 fn tools_section() -> impl Strategy<Value = ToolsSection> {
-    (prop::option::of(entries()), prop::option::of(entries()), any::<Option<bool>>()).prop_map(|(allow, deny, el)| ToolsSection {
-        allow: allow.map(|v| v.iter().map(|t| tools::normalize(t)).collect()),
-        deny: deny.map(|v| v.iter().map(|t| tools::normalize(t)).collect()),
-        elevated: el.map(|e| ElevatedSection { enabled: Some(e), allow_from: None }),
-    })
+    (
+        prop::option::of(entries()),
+        prop::option::of(entries()),
+        any::<Option<bool>>(),
+    )
+        .prop_map(|(allow, deny, el)| ToolsSection {
+            allow: allow.map(|v| v.iter().map(|t| tools::normalize(t)).collect()),
+            deny: deny.map(|v| v.iter().map(|t| tools::normalize(t)).collect()),
+            elevated: el.map(|e| ElevatedSection {
+                enabled: Some(e),
+                allow_from: None,
+            }),
+        })
 }
 
 fn agent(id: &str, sandbox: SandboxSection, tools: ToolsSection) -> AgentEntry {
-    AgentEntry { id: id.into(), key: format!("agents.list[0]"), sandbox, tools, ..AgentEntry::default() }
+    AgentEntry {
+        id: id.into(),
+        key: "agents.list[0]".to_string(),
+        sandbox,
+        tools,
+        ..AgentEntry::default()
+    }
 }
 
 proptest! {
@@ -60,8 +98,7 @@ proptest! {
     /// allow, not by elevated).
     #[test]
     fn deny_always_wins_resolved(g in tools_section(), d in tools_section(), a in tools_section(), tool in prop::sample::select(TOOL_POOL), ro in any::<bool>()) {
-        let mut c = Config::default();
-        c.tools = g.clone();
+        let mut c = Config { tools: g.clone(), ..Config::default() };
         c.agents.defaults.tools = d.clone();
         let sb = SandboxSection { workspace_access: Some(if ro { WorkspaceAccess::Ro } else { WorkspaceAccess::None }), ..Default::default() };
         c.agents.list.push(agent("x", sb, a.clone()));

@@ -330,7 +330,7 @@ fn seed003_network_setup_image() {
         "apt-get update && apt-get install -y nodejs npm",
         "apt-get update && apt-get install -y git curl wget vim",
     ] {
-        let c = load_ok(&format!("{{\"sandbox\": 1}}").replace("{\"sandbox\": 1}", &format!("{{\"agents\": {{\"defaults\": {{\"sandbox\": {{\"network\": \"bridge\", \"setupCommand\": \"{setup}\"}}}}}}}}"))).config;
+        let c = load_ok(&(format!("{{\"agents\": {{\"defaults\": {{\"sandbox\": {{\"network\": \"bridge\", \"setupCommand\": \"{setup}\"}}}}}}}}"))).config;
         assert_eq!(res(&c, None, "s").setup_command.as_deref(), Some(setup));
     }
     let c = load_ok(r#"{"agents": {"defaults": {"sandbox": {"scope": "agent", "image": "mycustom/openclaw-sandbox:v1"}}}}"#).config;

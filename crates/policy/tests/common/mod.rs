@@ -65,7 +65,11 @@ impl HostFs for FakeFs {
             let mut changed = false;
             for (from, to) in &self.links {
                 if let Ok(rest) = p.strip_prefix(from) {
-                    p = if rest.as_os_str().is_empty() { to.clone() } else { to.join(rest) };
+                    p = if rest.as_os_str().is_empty() {
+                        to.clone()
+                    } else {
+                        to.join(rest)
+                    };
                     changed = true;
                 }
             }
