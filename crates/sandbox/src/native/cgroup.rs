@@ -233,6 +233,25 @@ pub struct CgroupStats {
     pub cpu: Option<Duration>,
 }
 
+/// Tuning for [`Cgroup::create_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Make `stats().cpu` available even where it costs an extra cgroup:
+    /// on v1 hosts whose `cpuacct` is a hierarchy of its own (not co-mounted
+    /// with `cpu`), that is one more mkdir, move and rmdir per sandbox
+    /// (≈ 60 µs). Without it, `stats().cpu` is None there (the caller can
+    /// use the init process's rusage instead). Default: true.
+    pub cpu_accounting: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            cpu_accounting: true,
+        }
+    }
+}
+
 /// One directory nanoclaw made for a sandbox.
 #[derive(Debug)]
 struct Dir {
@@ -310,16 +329,25 @@ impl Cgroup {
     /// (`limits.explicit.*` false) and cannot be enforced here. An explicit
     /// limit that cannot be enforced is [`CgroupError::Unavailable`].
     pub fn create(id: &str, limits: &Limits) -> Result<(Option<Cgroup>, Vec<String>), CgroupError> {
+        Self::create_with(id, limits, CreateOptions::default())
+    }
+
+    /// [`Cgroup::create`] with tuning options.
+    pub fn create_with(
+        id: &str,
+        limits: &Limits,
+        opts: CreateOptions,
+    ) -> Result<(Option<Cgroup>, Vec<String>), CgroupError> {
         validate_id(id)?;
         validate_limits(limits)?;
         let h = host(false)?;
-        match create_in(&h, id, limits) {
+        match create_in(&h, id, limits, opts) {
             // The parent vanished (someone removed it): prepare it again once.
             Err(CgroupError::Create { source, .. })
                 if source.raw_os_error() == Some(libc::ENOENT) =>
             {
                 let h = host(true)?;
-                create_in(&h, id, limits)
+                create_in(&h, id, limits, opts)
             }
             r => r,
         }
@@ -616,6 +644,7 @@ fn create_in(
     h: &Host,
     id: &str,
     limits: &Limits,
+    opts: CreateOptions,
 ) -> Result<(Option<Cgroup>, Vec<String>), CgroupError> {
     let mut degraded = Vec::new();
     let mut needs = Vec::with_capacity(4);
@@ -667,12 +696,17 @@ fn create_in(
     // CPU usage: free on v2 (cpu.stat is a core file of every v2 cgroup);
     // on v1 it needs cpuacct (often co-mounted with cpu).
     let has_v2 = chosen.iter().any(|c| c.1 == Version::V2);
+    let cpu_parent = chosen.iter().find(|c| c.0 == Controller::Cpu).map(|c| c.2);
     if !has_v2 {
         if let Slot::Usable {
             version, parent, ..
         } = &h.slots[Controller::Cpuacct.idx()]
         {
-            chosen.push((Controller::Cpuacct, *version, parent));
+            // Free when co-mounted with cpu (same directory); otherwise one
+            // more directory, which the caller may decline.
+            if opts.cpu_accounting || cpu_parent == Some(parent.as_path()) {
+                chosen.push((Controller::Cpuacct, *version, parent));
+            }
         }
     }
     if chosen.is_empty() {
@@ -1060,13 +1094,15 @@ fn discover(prepare: bool) -> Result<Host, CgroupError> {
             }
         }
     }
+    // On v2, cpu usage accounting is part of every cgroup (cpu.stat): the
+    // v1 cpuacct role is played by the v2 hierarchy wherever cpu is there.
+    if v2_controllers.iter().any(|n| n == "cpu") {
+        slots[Controller::Cpuacct.idx()] = slots[Controller::Cpu.idx()].clone();
+    }
     // cgroup v1 for whatever v2 does not have.
     for c in ALL {
         if !matches!(slots[c.idx()], Slot::Absent) {
             continue;
-        }
-        if c == Controller::Cpuacct && v2_controllers.iter().any(|n| n == "cpu") {
-            continue; // v2 accounts cpu usage itself
         }
         let Some(m) = mounts
             .iter()
@@ -1683,9 +1719,10 @@ mod tests {
         let mut child = spawn_in(&cg, "exec timeout 1 sh -c 'while :; do :; done'");
         let (status, err) = output(&mut child);
         let wall = start.elapsed();
-        // coreutils' timeout exits 124, busybox's with the child's SIGTERM status.
+        // coreutils' timeout exits 124; busybox's execs the command, which
+        // then dies of SIGTERM.
         assert!(
-            matches!(status.code(), Some(124) | Some(143)),
+            status.code() == Some(124) || status.signal() == Some(libc::SIGTERM),
             "timeout should end the loop: {status:?} {err}"
         );
         let cpu = cg.stats().cpu.expect("cpu usage");
@@ -1696,6 +1733,55 @@ mod tests {
             "cpu {cpu:?} is not ~0.2 s"
         );
         destroy_and_check(cg);
+    }
+
+    /// Times `rounds` create + add_process + destroy cycles; returns the
+    /// mean total per sandbox in µs and a printable line.
+    fn time_cycles(
+        pid: libc::pid_t,
+        l: &Limits,
+        opts: CreateOptions,
+        rounds: u32,
+    ) -> (f64, String) {
+        let (mut t_create, mut t_add, mut t_destroy) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut desc = Vec::new();
+        let mut totals = Vec::with_capacity(rounds as usize);
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            let (cg, _) = Cgroup::create_with(&uniq("speed"), l, opts).expect("create");
+            let cg = cg.expect("cgroup");
+            let t1 = Instant::now();
+            cg.add_process(pid).expect("add");
+            let t2 = Instant::now();
+            // Move it back out (untimed) so the cgroup can be removed.
+            for p in cg.paths() {
+                let root = p.parent().and_then(Path::parent).expect("hierarchy root");
+                write_file(&root.join("cgroup.procs"), pid.to_string().as_bytes())
+                    .expect("move back");
+            }
+            desc = cg.describe();
+            let t3 = Instant::now();
+            cg.destroy().expect("destroy");
+            let t4 = Instant::now();
+            t_create += t1 - t0;
+            t_add += t2 - t1;
+            t_destroy += t4 - t3;
+            totals.push((t2 - t0) + (t4 - t3));
+        }
+        totals.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(rounds);
+        let mean = us(t_create + t_add + t_destroy);
+        let line = format!(
+            "cgroup timing ({}; {opts:?}), mean of {rounds}: create {:.0} µs, add_process {:.0} µs, destroy {:.0} µs, total {mean:.0} µs; total min {:?}, median {:?}",
+            desc.join(", "),
+            us(t_create),
+            us(t_add),
+            us(t_destroy),
+            totals[0],
+            totals[totals.len() / 2],
+        );
+        (mean, line)
     }
 
     #[test]
@@ -1711,44 +1797,20 @@ mod tests {
         let l = limits(Some(64 * MIB), None, Some(0.5), Some(32));
         // Warm up the per-process discovery.
         drop(Cgroup::create(&uniq("warm"), &l).expect("create"));
-        let (mut t_create, mut t_add, mut t_destroy) =
-            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        let rounds = 100u32;
-        let mut desc = Vec::new();
-        for _ in 0..rounds {
-            let t = Instant::now();
-            let (cg, _) = Cgroup::create(&uniq("speed"), &l).expect("create");
-            let cg = cg.expect("cgroup");
-            t_create += t.elapsed();
-            let t = Instant::now();
-            cg.add_process(pid).expect("add");
-            t_add += t.elapsed();
-            // Move it back out (untimed) so the cgroup can be removed.
-            for p in cg.paths() {
-                let root = p.parent().and_then(Path::parent).expect("hierarchy root");
-                write_file(&root.join("cgroup.procs"), pid.to_string().as_bytes())
-                    .expect("move back");
-            }
-            desc = cg.describe();
-            let t = Instant::now();
-            cg.destroy().expect("destroy");
-            t_destroy += t.elapsed();
+        let mut worst = 0.0f64;
+        for opts in [
+            CreateOptions::default(),
+            CreateOptions {
+                cpu_accounting: false,
+            },
+        ] {
+            let (mean, line) = time_cycles(pid, &l, opts, 100);
+            eprintln!("{line}");
+            worst = worst.max(mean);
         }
         let _ = sleeper.kill();
         let _ = sleeper.wait();
-        let us = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(rounds);
-        eprintln!(
-            "cgroup timing ({}): create {:.0} µs, add_process {:.0} µs, destroy {:.0} µs, total {:.0} µs per sandbox",
-            desc.join(", "),
-            us(t_create),
-            us(t_add),
-            us(t_destroy),
-            us(t_create + t_add + t_destroy)
-        );
-        assert!(
-            us(t_create + t_add + t_destroy) < 20_000.0,
-            "cgroup setup is far too slow"
-        );
+        assert!(worst < 20_000.0, "cgroup setup is far too slow: {worst} µs");
     }
 
     #[test]
