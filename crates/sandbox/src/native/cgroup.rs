@@ -621,7 +621,7 @@ fn validate_limits(l: &Limits) -> Result<(), CgroupError> {
 fn human(b: u64) -> String {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (size, unit) in UNITS {
-        if b >= size && b % size == 0 {
+        if b >= size && b.checked_rem(size) == Some(0) {
             return format!("{} {unit}", b / size);
         }
     }

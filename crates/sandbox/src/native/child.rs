@@ -476,6 +476,20 @@ fn run_op(op: &Op) -> std::io::Result<()> {
             sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
         }
         Op::Attach { fd, target } => sys::move_mount_fd(*fd, target),
+        Op::Reopen { path, fd, dev, ino } => {
+            let new = sys::open(path, libc::O_PATH)?;
+            // SAFETY: an all-zero stat is valid for fstat to overwrite.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `new` is an open descriptor and `st` a valid out pointer.
+            let r = unsafe { libc::fstat(new, &mut st) };
+            if r != 0 || st.st_dev != *dev || st.st_ino != *ino {
+                sys::close(new);
+                return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            let r = sys::dup2(new, *fd);
+            sys::close(new);
+            r
+        }
         Op::Attrs { target, attrs } => {
             sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
         }

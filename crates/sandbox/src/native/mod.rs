@@ -22,6 +22,7 @@ mod sys;
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -236,6 +237,8 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
         };
         out.push(UserMount {
             fd,
+            source: m.source.clone(),
+            dev_ino: (md.dev(), md.ino()),
             is_dir: md.is_dir(),
             target,
             access: m.access,

@@ -97,6 +97,16 @@ pub(crate) enum Op {
     Attach { fd: i32, target: CString },
     /// Sets attributes on an existing mount recursively.
     Attrs { target: CString, attrs: u64 },
+    /// Re-opens a host path (`O_PATH`) inside the sandbox's new mount
+    /// namespace onto descriptor `fd`, checking it is still the same inode
+    /// (device, inode) the runner validated. A bind mount's source must be
+    /// in the caller's mount namespace, which the runner's descriptor is not.
+    Reopen {
+        path: CString,
+        fd: i32,
+        dev: u64,
+        ino: u64,
+    },
 }
 
 impl Op {
@@ -113,6 +123,9 @@ impl Op {
             Op::Bind { source, target, .. } => format!("bind {} on {}", s(source), s(target)),
             Op::Attach { target, .. } => format!("attach idmapped mount on {}", s(target)),
             Op::Attrs { target, .. } => format!("set mount attributes on {}", s(target)),
+            Op::Reopen { path, .. } => {
+                format!("open mount source {} (it must not change while starting)", s(path))
+            }
         }
     }
 }
@@ -122,6 +135,11 @@ impl Op {
 pub(crate) struct UserMount {
     /// An `O_PATH` descriptor of the host source, opened before `clone`.
     pub fd: i32,
+    /// The canonical host path of the source.
+    pub source: PathBuf,
+    /// Device and inode of the source, to detect a swap before the child
+    /// re-opens it.
+    pub dev_ino: (u64, u64),
     /// Whether the source is a directory (else a file).
     pub is_dir: bool,
     /// Absolute, normalised path inside the sandbox.
@@ -259,6 +277,16 @@ pub(crate) fn build(
     mounts: &[UserMount],
 ) -> Result<FsPlan, Error> {
     let mut ops = Vec::with_capacity(96);
+    // Mount sources are re-opened in the new mount namespace before anything
+    // covers their paths (the new root is assembled on /tmp).
+    for m in mounts.iter().filter(|m| m.idmapped_fd.is_none()) {
+        ops.push(Op::Reopen {
+            path: cpath(&m.source)?,
+            fd: m.fd,
+            dev: m.dev_ino.0,
+            ino: m.dev_ino.1,
+        });
+    }
     let ro = crate::native::sys::MOUNT_ATTR_RDONLY
         | crate::native::sys::MOUNT_ATTR_NOSUID
         | crate::native::sys::MOUNT_ATTR_NODEV;
