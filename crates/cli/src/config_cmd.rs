@@ -38,8 +38,6 @@
 //! off, or non-main in the main session), `nanoclaw run` should refuse with
 //! exit 125 and print the reason: it never runs anything unsandboxed.
 
-// Entry points stay unused until main.rs wires them (see above).
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -429,6 +427,8 @@ pub enum Execution {
 
 /// The policy half of `nanoclaw run --config FILE --agent ID [--session KEY]`.
 #[derive(Debug, Clone)]
+// tools, sources and resolved are for the agent runtime and --json reports.
+#[allow(dead_code)]
 pub struct RunPlan {
     /// Sandbox spec, or why there is none.
     pub execution: Execution,

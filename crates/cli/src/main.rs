@@ -6,6 +6,7 @@
 //! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
 //! found.
 
+mod config_cmd;
 mod doctor;
 mod run_cmd;
 
@@ -33,6 +34,12 @@ enum Command {
     Run(Box<run_cmd::RunArgs>),
     /// Report what this host supports and which protections a run gets.
     Doctor(doctor::DoctorArgs),
+    /// Check the configuration file (nanoclaw.yaml).
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Inspect sandbox policy: `nanoclaw sandbox explain`.
+    #[command(subcommand)]
+    Sandbox(config_cmd::SandboxCommand),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +74,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_cmd::run(*args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Config(c) => config_cmd::run_config(c),
+        Command::Sandbox(c) => config_cmd::run_sandbox(c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// Mount /tmp noexec.
     #[arg(long)]
     tmp_noexec: bool,
+    /// Policy from a config file: --config FILE --agent ID [--session KEY].
+    #[command(flatten)]
+    policy: crate::config_cmd::PolicyArgs,
     /// The command and its arguments.
     #[arg(value_name = "COMMAND")]
     command: Vec<String>,
@@ -149,8 +152,78 @@ fn parse_user(s: &str) -> Result<User> {
     Ok(User { uid, gid })
 }
 
+/// Whether `--flag` was typed on the command line (not a clap default).
+fn typed(flag: &str) -> bool {
+    let long = format!("--{flag}");
+    let eq = format!("--{flag}=");
+    std::env::args()
+        .take_while(|x| x != "--")
+        .any(|x| x == long || x.starts_with(&eq))
+}
+
+/// With `--config/--agent/--session`: the agent's resolved spec, with the
+/// limits and mounts typed on the command line on top, and the run-only
+/// flags (command, env, user, ...) from `flags`.
+fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
+    use nanoclaw_policy::CliOverrides;
+    let l = &flags.limits;
+    let mut o = CliOverrides {
+        memory: l.memory.filter(|_| typed("memory")),
+        memory_swap: l.memory_swap.filter(|_| typed("memory-swap")),
+        cpus: l.cpus.filter(|_| typed("cpus")),
+        pids: l.pids.filter(|_| typed("pids")),
+        timeout: typed("timeout").then_some(l.timeout),
+        tmpfs_size: typed("tmpfs-size").then_some(l.tmpfs_size),
+        output_limit: typed("output-limit").then_some(l.output_limit),
+        workspace: a.workspace.clone(),
+        workspace_access: typed("workspace-access").then(|| match a.workspace_access {
+            WorkspaceAccess::None => nanoclaw_policy::model::WorkspaceAccess::None,
+            WorkspaceAccess::Ro => nanoclaw_policy::model::WorkspaceAccess::Ro,
+            WorkspaceAccess::Rw => nanoclaw_policy::model::WorkspaceAccess::Rw,
+        }),
+        cap_add: a.cap_add.clone(),
+        ..CliOverrides::default()
+    };
+    o.mounts = crate::config_cmd::parse_cli_mounts(&a.mounts)?;
+    let plan = crate::config_cmd::plan_run(&a.policy, o, flags.command.clone())?;
+    for w in &plan.warnings {
+        eprintln!("nanoclaw: warning: {w}");
+    }
+    let mut spec = match plan.execution {
+        crate::config_cmd::Execution::Sandboxed(s) => *s,
+        crate::config_cmd::Execution::Host { reason } => bail!(
+            "this agent's policy does not sandbox this session ({reason}); nanoclaw run never runs anything on the host"
+        ),
+    };
+    spec.command = flags.command;
+    spec.env.extend(flags.env);
+    if typed("user") {
+        spec.user = flags.user;
+    }
+    if flags.workdir.is_some() {
+        spec.workdir = flags.workdir;
+    }
+    spec.stdin = flags.stdin;
+    let h = flags.hardening;
+    spec.hardening.exec_allow.extend(h.exec_allow);
+    spec.hardening.tmp_noexec |= h.tmp_noexec;
+    if a.seccomp.is_some() {
+        spec.hardening.seccomp = h.seccomp;
+    }
+    Ok(spec)
+}
+
 /// Builds the spec from the flags. Every error here is the user's input.
 fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
+    let spec = flag_spec(a)?;
+    if a.policy.is_requested() {
+        return policy_spec(a, spec);
+    }
+    Ok(spec)
+}
+
+/// The spec from the command-line flags alone.
+fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     let mut command = a.command.clone();
     if let Some(lang) = a.lang {
         let (interp, flag) = lang.interpreter();
@@ -198,12 +271,9 @@ fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
     l.timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
     l.tmpfs_size = size("tmpfs-size", &a.tmpfs_size)?;
     l.output_limit = size("output-limit", &a.output_limit)?;
-    let explicit = |id: &str| {
-        std::env::args().any(|x| x == format!("--{id}") || x.starts_with(&format!("--{id}=")))
-    };
-    l.explicit.memory = explicit("memory") || explicit("memory-swap");
-    l.explicit.cpus = explicit("cpus");
-    l.explicit.pids = explicit("pids");
+    l.explicit.memory = typed("memory") || typed("memory-swap");
+    l.explicit.cpus = typed("cpus");
+    l.explicit.pids = typed("pids");
 
     for e in &a.env {
         let (k, v) = e
