@@ -38,7 +38,6 @@
 //! off, or non-main in the main session), `nanoclaw run` should refuse with
 //! exit 125 and print the reason: it never runs anything unsandboxed.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

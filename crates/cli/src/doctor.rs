@@ -24,7 +24,9 @@ struct Check {
 }
 
 fn read(p: &str) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn checks() -> Vec<Check> {
@@ -104,7 +106,9 @@ fn checks() -> Vec<Check> {
             None => "unavailable".into(),
         },
         effect: match ll {
-            Some(a) if a >= 6 => "write/exec rules plus scoped signals and abstract unix sockets".into(),
+            Some(a) if a >= 6 => {
+                "write/exec rules plus scoped signals and abstract unix sockets".into()
+            }
             Some(_) => "write/exec rules (no IPC scoping on this ABI)".into(),
             None => "no Landlock defence in depth; --exec-allow is refused".into(),
         },
@@ -115,21 +119,33 @@ fn checks() -> Vec<Check> {
     v.push(Check {
         name: "overlayfs",
         ok: overlay,
-        detail: if overlay { "available".into() } else { "missing (module not loaded?)".into() },
+        detail: if overlay {
+            "available".into()
+        } else {
+            "missing (module not loaded?)".into()
+        },
         effect: "image roots are stacked with overlayfs".into(),
     });
     let kvm = Path::new("/dev/kvm").exists();
     v.push(Check {
         name: "kvm",
         ok: kvm,
-        detail: if kvm { "/dev/kvm present".into() } else { "/dev/kvm absent".into() },
+        detail: if kvm {
+            "/dev/kvm present".into()
+        } else {
+            "/dev/kvm absent".into()
+        },
         effect: "a micro-VM backend would need it".into(),
     });
     let nft = Path::new("/sys/module/nf_tables").exists() || fs.contains("nf_tables");
     v.push(Check {
         name: "nftables",
         ok: nft,
-        detail: if nft { "nf_tables loaded".into() } else { "nf_tables module not loaded".into() },
+        detail: if nft {
+            "nf_tables loaded".into()
+        } else {
+            "nf_tables module not loaded".into()
+        },
         effect: "kernel-level egress rules (rootful network allowlists)".into(),
     });
     v
@@ -151,9 +167,14 @@ pub fn run(a: DoctorArgs) -> Result<u8> {
             );
         }
     }
-    Ok(if checks.iter().all(|c| c.ok || c.name == "kvm" || c.name == "nftables" || c.name == "overlayfs") {
-        0
-    } else {
-        1
-    })
+    Ok(
+        if checks
+            .iter()
+            .all(|c| c.ok || c.name == "kvm" || c.name == "nftables" || c.name == "overlayfs")
+        {
+            0
+        } else {
+            1
+        },
+    )
 }

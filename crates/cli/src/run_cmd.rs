@@ -139,7 +139,8 @@ fn parse_mount(s: &str) -> Result<Mount> {
 }
 
 fn parse_user(s: &str) -> Result<User> {
-    let bad = || anyhow::anyhow!("--user {s:?}: expected UID[:GID] with numeric ids, e.g. 1000:1000");
+    let bad =
+        || anyhow::anyhow!("--user {s:?}: expected UID[:GID] with numeric ids, e.g. 1000:1000");
     let (u, g) = match s.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (s, None),
@@ -341,8 +342,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
     let degraded = &sandbox.layers().degraded;
     if !degraded.is_empty() {
         // One line; `--json` carries the full explanations.
-        let (fallback, missing): (Vec<&String>, Vec<&String>) =
-            degraded.iter().partition(|d| d.contains("instead of a cgroup"));
+        let (fallback, missing): (Vec<&String>, Vec<&String>) = degraded
+            .iter()
+            .partition(|d| d.contains("instead of a cgroup"));
         let missing: Vec<&str> = missing
             .iter()
             .map(|d| d.split(" (").next().unwrap_or(d))
@@ -367,7 +369,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
             KillReason::Timeout => format!("timeout after {}", a.timeout),
             KillReason::Oom => format!("out of memory (limit {})", a.memory),
             KillReason::Pids => format!("too many processes (limit {})", a.pids),
-            KillReason::OutputLimit => format!("output over the limit ({} per stream)", a.output_limit),
+            KillReason::OutputLimit => {
+                format!("output over the limit ({} per stream)", a.output_limit)
+            }
             KillReason::Killed => "interrupted".to_string(),
         };
         eprintln!("nanoclaw: sandbox {} killed: {why}", outcome.sandbox_id);

@@ -9,7 +9,9 @@ pub enum UnitError {
     #[error("invalid size {0:?}: expected a number with an optional unit b, k, m, g or t (e.g. 256m, 1g)")]
     Size(String),
     /// Not a duration.
-    #[error("invalid duration {0:?}: expected a number with a unit ms, s, m or h (e.g. 500ms, 30s, 2m)")]
+    #[error(
+        "invalid duration {0:?}: expected a number with a unit ms, s, m or h (e.g. 500ms, 30s, 2m)"
+    )]
     Duration(String),
 }
 

@@ -391,13 +391,7 @@ fn build_root(plan: &ChildPlan) {
     tryc!(
         plan,
         Step::MountPrivate,
-        sys::mount(
-            None,
-            c"/",
-            None,
-            libc::MS_REC | libc::MS_PRIVATE,
-            None
-        )
+        sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
     );
     for (i, op) in plan.ops.iter().enumerate() {
         if let Err(e) = run_op(op) {
@@ -473,7 +467,13 @@ fn run_op(op: &Op) -> std::io::Result<()> {
                 Err(e) if *if_exists && e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                 r => r?,
             }
-            sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
+            sys::mount_setattr(
+                libc::AT_FDCWD,
+                target,
+                libc::AT_RECURSIVE as u32,
+                *attrs,
+                None,
+            )
         }
         Op::Attach { fd, target } => sys::move_mount_fd(*fd, target),
         Op::Reopen { path, fd, dev, ino } => {
@@ -490,9 +490,13 @@ fn run_op(op: &Op) -> std::io::Result<()> {
             sys::close(new);
             r
         }
-        Op::Attrs { target, attrs } => {
-            sys::mount_setattr(libc::AT_FDCWD, target, libc::AT_RECURSIVE as u32, *attrs, None)
-        }
+        Op::Attrs { target, attrs } => sys::mount_setattr(
+            libc::AT_FDCWD,
+            target,
+            libc::AT_RECURSIVE as u32,
+            *attrs,
+            None,
+        ),
     }
 }
 
@@ -508,7 +512,11 @@ fn payload(plan: &ChildPlan) -> ! {
         StdinFd::Inherit => None,
         StdinFd::Pipe(fd) => Some(fd),
     };
-    let redirects = [(stdin_fd, 0), (Some(plan.stdout_w), 1), (Some(plan.stderr_w), 2)];
+    let redirects = [
+        (stdin_fd, 0),
+        (Some(plan.stdout_w), 1),
+        (Some(plan.stderr_w), 2),
+    ];
     for (from, to) in redirects {
         if let Some(from) = from {
             tryc!(plan, Step::Stdio, sys::dup2(from, to));

@@ -34,7 +34,8 @@ pub(crate) fn idmapped_clone(
         gid_map.push_str(&format!("0 {ROOTFUL_ID_BASE} 1\n"));
     }
     let userns = userns_fd(&uid_map, &gid_map)?;
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
     let tree = sys::open_tree(src_fd, c"", flags).map_err(|e| {
         sys::close(userns);
         Error::Sys {

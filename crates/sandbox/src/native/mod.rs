@@ -218,9 +218,8 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
                 m.source.display()
             ))
         })?;
-        let md = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|e| {
-            Error::InvalidSpec(format!("mount source {}: {e}", m.source.display()))
-        })?;
+        let md = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .map_err(|e| Error::InvalidSpec(format!("mount source {}: {e}", m.source.display())))?;
         let idmapped_fd = if rootful {
             match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
                 Ok(t) => Some(t),
@@ -493,7 +492,10 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 };
                 let why = std::io::Error::from_raw_os_error(r.errno);
                 let msg = if code == 127 {
-                    format!("nanoclaw: {}: command not found in the sandbox\n", spec.command[0])
+                    format!(
+                        "nanoclaw: {}: command not found in the sandbox\n",
+                        spec.command[0]
+                    )
                 } else {
                     format!("nanoclaw: {}: cannot execute: {why}\n", spec.command[0])
                 };
@@ -668,7 +670,12 @@ fn id_maps(rootful: bool, uid: u32, gid: u32) -> (String, String) {
     }
 }
 
-fn write_id_maps(pid: libc::pid_t, rootful: bool, uid_map: &str, gid_map: &str) -> Result<(), Error> {
+fn write_id_maps(
+    pid: libc::pid_t,
+    rootful: bool,
+    uid_map: &str,
+    gid_map: &str,
+) -> Result<(), Error> {
     let w = |file: &str, data: &str| -> Result<(), Error> {
         std::fs::write(format!("/proc/{pid}/{file}"), data).map_err(|e| Error::Sys {
             call: format!("writing /proc/{pid}/{file} ({})", data.trim()),
@@ -684,7 +691,11 @@ fn write_id_maps(pid: libc::pid_t, rootful: bool, uid_map: &str, gid_map: &str) 
 
 /// Explains a failed clone(CLONE_NEWUSER|...), naming the knob to change.
 fn userns_error(e: std::io::Error) -> Error {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
     if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::EACCES) {
         if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
             return Error::Unsupported {
@@ -711,8 +722,9 @@ fn userns_error(e: std::io::Error) -> Error {
         };
     }
     Error::Sys {
-        call: "clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWNET)"
-            .into(),
+        call:
+            "clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWNET)"
+                .into(),
         source: e,
     }
 }

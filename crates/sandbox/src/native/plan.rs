@@ -124,7 +124,10 @@ impl Op {
             Op::Attach { target, .. } => format!("attach idmapped mount on {}", s(target)),
             Op::Attrs { target, .. } => format!("set mount attributes on {}", s(target)),
             Op::Reopen { path, .. } => {
-                format!("open mount source {} (it must not change while starting)", s(path))
+                format!(
+                    "open mount source {} (it must not change while starting)",
+                    s(path)
+                )
             }
         }
     }
@@ -410,7 +413,10 @@ pub(crate) fn build(
         fstype: c"tmpfs",
         target: under_base("/tmp")?,
         flags: tmp_flags,
-        data: cpath(format!("mode=1777,size={}", spec.limits.tmpfs_size.max(4096)))?,
+        data: cpath(format!(
+            "mode=1777,size={}",
+            spec.limits.tmpfs_size.max(4096)
+        ))?,
         optional: false,
     });
 
@@ -587,13 +593,14 @@ mod tests {
 
     fn host() -> HostLayout {
         HostLayout {
-            root_entries: vec![
-                ("usr".into(), None),
-                ("bin".into(), Some("usr/bin".into())),
-            ],
+            root_entries: vec![("usr".into(), None), ("bin".into(), Some("usr/bin".into()))],
             etc_entries: vec![
                 ("ld.so.cache".into(), None, false),
-                ("localtime".into(), Some("/usr/share/zoneinfo/UTC".into()), false),
+                (
+                    "localtime".into(),
+                    Some("/usr/share/zoneinfo/UTC".into()),
+                    false,
+                ),
             ],
         }
     }
@@ -645,7 +652,15 @@ mod tests {
         );
         assert!(normalize_target(Path::new("/a/../etc")).is_err());
         assert!(normalize_target(Path::new("rel")).is_err());
-        for bad in ["/", "/proc", "/proc/x", "/dev", "/sys/fs", "/etc", "/etc/passwd"] {
+        for bad in [
+            "/",
+            "/proc",
+            "/proc/x",
+            "/dev",
+            "/sys/fs",
+            "/etc",
+            "/etc/passwd",
+        ] {
             assert!(check_target(Path::new(bad)).is_err(), "{bad}");
         }
         for good in ["/data", "/workspace", "/tmp/x", "/opt/etc"] {
@@ -657,8 +672,17 @@ mod tests {
     fn proc_is_masked() {
         let plan = build(&SandboxSpec::new(["true"]), &host(), &[]).unwrap();
         let d = descs(&plan).join("\n");
-        for f in ["kcore", "keys", "sysrq-trigger", "timer_list", "sched_debug"] {
-            assert!(d.contains(&format!("bind /tmp/dev/null on /tmp/proc/{f}")), "{f}");
+        for f in [
+            "kcore",
+            "keys",
+            "sysrq-trigger",
+            "timer_list",
+            "sched_debug",
+        ] {
+            assert!(
+                d.contains(&format!("bind /tmp/dev/null on /tmp/proc/{f}")),
+                "{f}"
+            );
         }
         assert!(d.contains("bind /tmp/proc/sys on /tmp/proc/sys"));
     }

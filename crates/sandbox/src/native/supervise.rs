@@ -33,7 +33,12 @@ impl KillHandle {
     pub fn kill(&self) {
         if self
             .flag
-            .compare_exchange(KILL_NONE, KILL_REQUESTED, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(
+                KILL_NONE,
+                KILL_REQUESTED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
             .is_ok()
         {
             // The pid stays ours until `wait` reaps it, so it cannot have

@@ -276,8 +276,14 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
 pub fn cloexec_from(first: libc::c_uint) {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range only manipulates the fd table.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
     if ret == 0 {
         return;
     }
