@@ -39,7 +39,7 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Inspect sandbox policy: `nanoclaw sandbox explain`.
     #[command(subcommand)]
-    Sandbox(config_cmd::SandboxCommand),
+    Sandbox(Box<config_cmd::SandboxCommand>),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(*args),
         Command::Doctor(args) => doctor::run(args),
         Command::Config(c) => config_cmd::run_config(c),
-        Command::Sandbox(c) => config_cmd::run_sandbox(c),
+        Command::Sandbox(c) => config_cmd::run_sandbox(*c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

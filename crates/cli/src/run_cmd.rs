@@ -177,7 +177,7 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
         tmpfs_size: typed("tmpfs-size").then_some(l.tmpfs_size),
         output_limit: typed("output-limit").then_some(l.output_limit),
         workspace: a.workspace.clone(),
-        workspace_access: typed("workspace-access").then(|| match a.workspace_access {
+        workspace_access: typed("workspace-access").then_some(match a.workspace_access {
             WorkspaceAccess::None => nanoclaw_policy::model::WorkspaceAccess::None,
             WorkspaceAccess::Ro => nanoclaw_policy::model::WorkspaceAccess::Ro,
             WorkspaceAccess::Rw => nanoclaw_policy::model::WorkspaceAccess::Rw,

@@ -239,7 +239,6 @@ mod tests {
 
     const EPERM: i32 = libc::EPERM;
     const ENOSYS: i32 = libc::ENOSYS;
-    const EAFNOSUPPORT: i32 = libc::EAFNOSUPPORT;
     const RET_ALLOW: u32 = 0x7fff_0000;
     const RET_KILL_PROCESS: u32 = 0x8000_0000;
 
