@@ -1841,13 +1841,31 @@ mod tests {
 
     /// Runs as an unprivileged uid in a child process (see
     /// `rootless_without_delegation_*`); does nothing otherwise.
+    ///
+    /// With `NANOCLAW_CGROUP_ROOTLESS_HELPER=delegated` it expects to run in
+    /// a delegated v2 subtree instead (set up by a test VM's init: a
+    /// cgroup chowned to this uid, this process in a child of it) and checks
+    /// that explicit limits are enforced there, by a real OOM kill.
     #[test]
     #[ignore = "helper: run by rootless_without_delegation_is_explained"]
     fn rootless_helper() {
-        if std::env::var_os("NANOCLAW_CGROUP_ROOTLESS_HELPER").is_none() {
+        let Some(mode) = std::env::var_os("NANOCLAW_CGROUP_ROOTLESS_HELPER") else {
+            return;
+        };
+        let explicit = limits(Some(32 * MIB), None, Some(0.5), Some(32));
+        if mode == "delegated" {
+            let (cg, degraded) = Cgroup::create("rootless", &explicit).expect("create delegated");
+            let cg = cg.expect("cgroup");
+            assert!(degraded.is_empty(), "{degraded:?}");
+            assert_eq!(cg.describe(), ["memory: v2", "cpu: v2", "pids: v2"]);
+            let mut child = spawn_in(&cg, "exec dd if=/dev/zero of=/dev/null bs=128M count=1");
+            let (status, err) = output(&mut child);
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?} {err}");
+            assert!(cg.events().oom_kills >= 1);
+            println!("DELEGATED-OK {}", cg.paths()[0].display());
+            destroy_and_check(cg);
             return;
         }
-        let explicit = limits(Some(64 * MIB), None, Some(0.5), Some(32));
         match Cgroup::create("rootless", &explicit) {
             Err(e @ CgroupError::Unavailable { .. }) => println!("EXPLICIT-ERR {e}"),
             other => panic!("explicit limits without delegation should be Unavailable: {other:?}"),
@@ -1862,11 +1880,17 @@ mod tests {
         println!("PROBE {}", serde_json::to_string(&probe()).expect("json"));
     }
 
+    /// Rootless: without delegation an explicit limit is an error that says
+    /// why and what to do, a defaulted one degrades with a note. With
+    /// `NANOCLAW_TEST_CGROUP_DELEGATED` set (the test runs inside a v2
+    /// subtree delegated to uid 65534, as a test VM sets up), the same uid
+    /// must get working limits instead.
     #[test]
     fn rootless_without_delegation_is_explained() {
         if !is_root() {
             return;
         }
+        let delegated = std::env::var_os("NANOCLAW_TEST_CGROUP_DELEGATED").is_some();
         let exe = std::env::current_exe().expect("test binary");
         let out = Command::new(exe)
             .args([
@@ -1876,7 +1900,10 @@ mod tests {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("NANOCLAW_CGROUP_ROOTLESS_HELPER", "1")
+            .env(
+                "NANOCLAW_CGROUP_ROOTLESS_HELPER",
+                if delegated { "delegated" } else { "plain" },
+            )
             .env_remove(PARENT_ENV)
             .uid(65534)
             .gid(65534)
@@ -1886,6 +1913,13 @@ mod tests {
         eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "helper failed");
         assert!(stdout.contains("1 passed"), "helper did not run");
+        if delegated {
+            assert!(
+                stdout.contains("DELEGATED-OK"),
+                "delegated run did not finish"
+            );
+            return;
+        }
         let err = stdout
             .lines()
             .find_map(|l| l.split_once("EXPLICIT-ERR").map(|x| x.1))
