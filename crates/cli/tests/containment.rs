@@ -118,7 +118,13 @@ impl Drop for Stage {
 }
 
 /// Runs the suite; returns (exit status, parsed JSON report, stderr).
+/// The suite's host fixtures (marker files in /var/tmp and /dev/shm, a
+/// sleeper, listeners) and its host-evidence checks are host-wide: one run's
+/// markers look like another run's leftovers. Runs are serialised.
+static SUITE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_suite(stage: &Stage, user: Option<(u32, u32)>, args: &[&str]) -> (i32, Value, String) {
+    let _serial = SUITE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = match user {
         Some((uid, gid)) => {
             let mut c = Command::new("setpriv");
@@ -203,6 +209,8 @@ fn assert_contained(stage: &Stage, user: Option<(u32, u32)>, who: &str) {
         &[
             "--nanoclaw",
             bin.to_str().expect("utf-8 path"),
+            "--allow-write",
+            "/tmp",
             "--allow-write",
             "/dev/shm",
         ],
