@@ -376,7 +376,6 @@ where
     let leftover = buf[head_len..].to_vec();
     match path {
         None => {
-            drop(req);
             if client
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await
@@ -393,7 +392,6 @@ where
                 authority
             };
             let head = http::rewrite_request(&req, &method, &path, &host_header);
-            drop(req);
             forward(sh, client, upstream, &host, port, head, leftover).await;
         }
     }
@@ -552,15 +550,12 @@ async fn pump_response<W: AsyncWrite + Unpin>(
                 break (None, 0, 0);
             }
         };
-        match head {
-            Some(head) => {
-                send(sh, w, &head, false).await?;
-                buf.drain(..len);
-                if (100..200).contains(&code) && code != 101 {
-                    continue;
-                }
+        if let Some(head) = head {
+            send(sh, w, &head, false).await?;
+            buf.drain(..len);
+            if (100..200).contains(&code) && code != 101 {
+                continue;
             }
-            None => {}
         }
         break;
     }

@@ -4,6 +4,7 @@
 
 /// What the first bytes of a tunnel say.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // ClientHello is the TLS message's name
 pub(crate) enum Hello {
     /// Not enough bytes yet.
     NeedMore,
