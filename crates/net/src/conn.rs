@@ -392,7 +392,18 @@ where
                 authority
             };
             let head = http::rewrite_request(&req, &method, &path, &host_header);
-            forward(sh, client, upstream, &host, port, head, leftover).await;
+            let head_request = method.eq_ignore_ascii_case("HEAD");
+            forward(
+                sh,
+                client,
+                upstream,
+                &host,
+                port,
+                head,
+                leftover,
+                head_request,
+            )
+            .await;
         }
     }
 }
@@ -519,13 +530,17 @@ async fn tunnel<S>(
 }
 
 /// Upstream → client for plain HTTP: rewrites the response head(s) to carry
-/// `Connection: close`, then copies the rest.
+/// `Connection: close`, then copies the body. With a `Content-Length` (or a
+/// body-less response) it stops after the body even if the upstream ignores
+/// `Connection: close`; otherwise it copies until the upstream closes.
 async fn pump_response<W: AsyncWrite + Unpin>(
     sh: &Shared,
     r: &mut tokio::net::tcp::OwnedReadHalf,
     w: &mut W,
+    head_request: bool,
 ) -> Result<(), End> {
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut body_len: Option<u64> = None;
     loop {
         // Read one response head.
         let (head, len, code) = loop {
@@ -537,6 +552,7 @@ async fn pump_response<W: AsyncWrite + Unpin>(
                     let head = if (100..200).contains(&code) {
                         buf[..n].to_vec()
                     } else {
+                        body_len = http::response_body_len(&resp, head_request);
                         http::rewrite_response(&resp)
                     };
                     break (Some(head), n, code);
@@ -559,8 +575,29 @@ async fn pump_response<W: AsyncWrite + Unpin>(
         }
         break;
     }
-    send(sh, w, &buf, false).await?;
-    pump(sh, r, w, false).await
+    let Some(mut remaining) = body_len else {
+        send(sh, w, &buf, false).await?;
+        return pump(sh, r, w, false).await;
+    };
+    let first = usize::try_from(remaining)
+        .unwrap_or(usize::MAX)
+        .min(buf.len());
+    send(sh, w, &buf[..first], false).await?;
+    remaining -= first as u64;
+    let mut chunk = vec![0u8; RELAY_BUF];
+    while remaining > 0 {
+        let want = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(RELAY_BUF);
+        let n = r.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            break;
+        }
+        send(sh, w, &chunk[..n], false).await?;
+        remaining -= n as u64;
+    }
+    let _ = w.shutdown().await;
+    Ok(())
 }
 
 async fn forward<S>(
@@ -571,6 +608,7 @@ async fn forward<S>(
     port: u16,
     head: Vec<u8>,
     leftover: Vec<u8>,
+    head_request: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -582,7 +620,7 @@ async fn forward<S>(
         pump(sh, &mut cr, &mut uw, true).await
     };
     let result = {
-        let down = pump_response(sh, &mut ur, &mut cw);
+        let down = pump_response(sh, &mut ur, &mut cw, head_request);
         tokio::pin!(up, down);
         tokio::select! {
             r = &mut down => r,

@@ -188,6 +188,40 @@ pub(crate) fn rewrite_response(resp: &httparse::Response<'_, '_>) -> Vec<u8> {
     out
 }
 
+/// The length of the response body when it is known from the head:
+/// `Some(0)` for `HEAD` responses, 1xx, 204 and 304; the `Content-Length`
+/// when there is exactly one and no `Transfer-Encoding`; `None` (read until
+/// the upstream closes) otherwise.
+pub(crate) fn response_body_len(
+    resp: &httparse::Response<'_, '_>,
+    head_request: bool,
+) -> Option<u64> {
+    let code = resp.code.unwrap_or(0);
+    if head_request || (100..200).contains(&code) || code == 204 || code == 304 {
+        return Some(0);
+    }
+    if resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        return None;
+    }
+    let mut lengths = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let first = lengths.next()?;
+    if lengths.next().is_some() {
+        return None;
+    }
+    let v = std::str::from_utf8(first.value).ok()?.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 /// A short error response from the proxy itself.
 pub(crate) fn error_response(status: u16, text: &str, reason_kind: Option<&str>) -> Vec<u8> {
     let phrase = match status {
