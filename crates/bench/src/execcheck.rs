@@ -22,6 +22,10 @@ pub struct ExecCheck {
     pub unexpected: Vec<String>,
     /// How many times the payload was executed (must be 1).
     pub payload_execs: usize,
+    /// Successful execs whose path strace could not read (it shows an address,
+    /// e.g. when not root and the tracee is not dumpable): the check is then
+    /// inconclusive, not passed.
+    pub unreadable: usize,
     /// Number of processes (and threads) strace saw.
     pub tasks: usize,
     /// Whether the check passed.
@@ -70,9 +74,12 @@ pub fn check(strace: &Path, argv: &[String], payload: &str) -> Result<ExecCheck>
     }
     let runner = canonical(&argv[0]);
     let mut execs: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unreadable = 0;
     for l in &lines {
         if let Some(p) = successful_exec_path(l) {
             *execs.entry(p).or_default() += 1;
+        } else if l.starts_with("execve(0x") && l.trim_end().ends_with("= 0") {
+            unreadable += 1;
         }
     }
     let payload_canon = canonical(payload);
@@ -86,12 +93,13 @@ pub fn check(strace: &Path, argv: &[String], payload: &str) -> Result<ExecCheck>
             unexpected.push(p.clone());
         }
     }
-    let ok = unexpected.is_empty() && payload_execs == 1;
+    let ok = unexpected.is_empty() && payload_execs == 1 && unreadable == 0;
     Ok(ExecCheck {
         command: argv.to_vec(),
         execs,
         unexpected,
         payload_execs,
+        unreadable,
         tasks,
         ok,
     })

@@ -270,8 +270,14 @@ struct Cell {
 #[derive(Debug, Serialize)]
 struct Ratio {
     workload: WorkloadKind,
+    /// Of the medians.
     nanoclaw_over_bwrap: Option<f64>,
+    /// Of the medians.
     docker_over_nanoclaw: Option<f64>,
+    /// Of the fastest runs (less sensitive to a busy machine).
+    nanoclaw_over_bwrap_min: Option<f64>,
+    /// Of the fastest runs.
+    docker_over_nanoclaw_min: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,6 +320,8 @@ struct Report {
     ratios: Vec<Ratio>,
     exec_check: Option<execcheck::ExecCheck>,
     exec_check_note: Option<String>,
+    /// The `layers` object of `nanoclaw run --json -- /bin/true`.
+    nanoclaw_layers: Option<serde_json::Value>,
     targets: Vec<Target>,
 }
 
@@ -432,25 +440,34 @@ fn real_main() -> Result<i32> {
             maxrss_kib_median: r.get(r.len() / 2).copied().unwrap_or(0),
         });
     }
-    let median = |w: WorkloadKind, k: RunnerKind| {
+    let stat = |w: WorkloadKind, k: RunnerKind, f: fn(&Summary) -> f64| {
         results
             .iter()
             .find(|c| c.workload == w && c.runner == k)
-            .map(|c| c.summary.median_ms)
+            .map(|c| f(&c.summary))
     };
     let ratios: Vec<Ratio> = workloads
         .iter()
         .map(|&w| {
-            let n = median(w, RunnerKind::Nanoclaw);
-            let b = median(w, RunnerKind::Bwrap);
-            let d = median(w, RunnerKind::Docker);
+            let med = |k| stat(w, k, |s| s.median_ms);
+            let min = |k| stat(w, k, |s| s.min_ms);
+            let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
             Ratio {
                 workload: w,
-                nanoclaw_over_bwrap: n.zip(b).map(|(n, b)| n / b),
-                docker_over_nanoclaw: d.zip(n).map(|(d, n)| d / n),
+                nanoclaw_over_bwrap: over(med(RunnerKind::Nanoclaw), med(RunnerKind::Bwrap)),
+                docker_over_nanoclaw: over(med(RunnerKind::Docker), med(RunnerKind::Nanoclaw)),
+                nanoclaw_over_bwrap_min: over(min(RunnerKind::Nanoclaw), min(RunnerKind::Bwrap)),
+                docker_over_nanoclaw_min: over(min(RunnerKind::Docker), min(RunnerKind::Nanoclaw)),
             }
         })
         .collect();
+
+    // Which isolation layers nanoclaw applied (its --json outcome reports them).
+    let nanoclaw_layers = if active.contains(&RunnerKind::Nanoclaw) {
+        nanoclaw_layers(&runners)
+    } else {
+        None
+    };
 
     // No shelling out.
     let (exec_check, exec_check_note) = if !active.contains(&RunnerKind::Nanoclaw) {
@@ -547,6 +564,7 @@ fn real_main() -> Result<i32> {
         ratios,
         exec_check,
         exec_check_note,
+        nanoclaw_layers,
         targets,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -561,6 +579,20 @@ fn real_main() -> Result<i32> {
     }
     let missed = report.targets.iter().any(|t| t.met == Some(false));
     Ok(if args.check_targets && missed { 3 } else { 0 })
+}
+
+/// The `layers` field of `nanoclaw run --json -- /bin/true`, if it reports one.
+fn nanoclaw_layers(r: &Runners) -> Option<serde_json::Value> {
+    let mut argv = vec!["run".to_string(), "--json".to_string()];
+    argv.extend(r.nanoclaw_args.iter().cloned());
+    argv.extend(["--".to_string(), "/bin/true".to_string()]);
+    let out = Command::new(&r.nanoclaw)
+        .args(&argv)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("layers").cloned()
 }
 
 /// Whether a runner can run here; the reason and the fix if not.
@@ -816,16 +848,18 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "| workload | nanoclaw / bwrap (target ≤ {TARGET_NANOCLAW_OVER_BWRAP:.1}×) | docker / nanoclaw (target ≥ {TARGET_DOCKER_OVER_NANOCLAW:.0}×) |"
+        "| workload | nanoclaw / bwrap (target ≤ {TARGET_NANOCLAW_OVER_BWRAP:.1}×) | docker / nanoclaw (target ≥ {TARGET_DOCKER_OVER_NANOCLAW:.0}×) | same, of the fastest runs |"
     );
-    let _ = writeln!(s, "|---|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|");
     for q in &r.ratios {
         let _ = writeln!(
             s,
-            "| `{}` | {} | {} |",
+            "| `{}` | {} | {} | {} / {} |",
             q.workload.label(),
             ratio(q.nanoclaw_over_bwrap),
-            ratio(q.docker_over_nanoclaw)
+            ratio(q.docker_over_nanoclaw),
+            ratio(q.nanoclaw_over_bwrap_min),
+            ratio(q.docker_over_nanoclaw_min)
         );
     }
     let _ = writeln!(s);
@@ -858,12 +892,25 @@ fn markdown(r: &Report) -> String {
             list.join(", "),
             if c.ok {
                 " — no shelling out".to_string()
-            } else {
+            } else if c.unreadable > 0 {
+                format!(
+                    " — INCONCLUSIVE: strace could not read {} exec path(s); run the benchmark as root",
+                    c.unreadable
+                )
+            } else if !c.unexpected.is_empty() {
                 format!(" — UNEXPECTED: {}", c.unexpected.join(", "))
+            } else {
+                format!(
+                    " — the payload ran {} times, expected once",
+                    c.payload_execs
+                )
             }
         );
     } else if let Some(n) = &r.exec_check_note {
         let _ = writeln!(s, "Exec check: {n}.");
+    }
+    if let Some(l) = &r.nanoclaw_layers {
+        let _ = writeln!(s, "Layers nanoclaw applied (`run --json`): `{l}`.");
     }
     for k in &r.skipped {
         let _ = writeln!(s, "Skipped {}: {}.", k.runner.label(), k.reason);
