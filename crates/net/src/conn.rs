@@ -393,17 +393,12 @@ where
             };
             let head = http::rewrite_request(&req, &method, &path, &host_header);
             let head_request = method.eq_ignore_ascii_case("HEAD");
-            forward(
-                sh,
-                client,
-                upstream,
-                &host,
-                port,
+            let req = ForwardRequest {
                 head,
                 leftover,
                 head_request,
-            )
-            .await;
+            };
+            forward(sh, client, upstream, &host, port, req).await;
         }
     }
 }
@@ -600,27 +595,35 @@ async fn pump_response<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// The rewritten request of a plain-HTTP forward.
+struct ForwardRequest {
+    /// The upstream request head.
+    head: Vec<u8>,
+    /// Bytes the client sent after the head (start of the body).
+    leftover: Vec<u8>,
+    /// Whether the method was HEAD (the response has no body).
+    head_request: bool,
+}
+
 async fn forward<S>(
     sh: &Shared,
     client: S,
     upstream: TcpStream,
     target: &Host,
     port: u16,
-    head: Vec<u8>,
-    leftover: Vec<u8>,
-    head_request: bool,
+    req: ForwardRequest,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut cr, mut cw) = split(client);
     let (mut ur, mut uw) = upstream.into_split();
     let up = async {
-        send(sh, &mut uw, &head, true).await?;
-        send(sh, &mut uw, &leftover, true).await?;
+        send(sh, &mut uw, &req.head, true).await?;
+        send(sh, &mut uw, &req.leftover, true).await?;
         pump(sh, &mut cr, &mut uw, true).await
     };
     let result = {
-        let down = pump_response(sh, &mut ur, &mut cw, head_request);
+        let down = pump_response(sh, &mut ur, &mut cw, req.head_request);
         tokio::pin!(up, down);
         tokio::select! {
             r = &mut down => r,

@@ -24,7 +24,9 @@ fn curl(args: Vec<String>) -> Option<(i32, String, String)> {
 }
 
 async fn run(args: Vec<String>) -> Option<(i32, String, String)> {
-    tokio::task::spawn_blocking(move || curl(args)).await.unwrap()
+    tokio::task::spawn_blocking(move || curl(args))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +75,10 @@ async fn curl_through_http_and_socks5_proxy() {
     .await
     .unwrap();
     assert_eq!(rc, 0, "{err}");
-    assert!(out.contains("GET /one") && out.contains("GET /two"), "{out}");
+    assert!(
+        out.contains("GET /one") && out.contains("GET /two"),
+        "{out}"
+    );
 
     // SOCKS5 with remote name resolution.
     let (rc, out, err) = run(vec![
