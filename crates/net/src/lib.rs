@@ -40,10 +40,17 @@
 //!   front (Host-header domain fronting inside TLS) — the proxy cannot see
 //!   it. With Encrypted Client Hello only the outer (public) name is visible;
 //!   it must match the target, so ECH to a different public name is refused.
-//!   A ClientHello without SNI is let through. Plain-text protocols inside a
-//!   `CONNECT` tunnel are not inspected (only the destination is checked).
-//!   Only the first request of a plain-HTTP connection is forwarded (the
-//!   proxy answers `Connection: close`).
+//!   A ClientHello without SNI is let through, and only a ClientHello at the
+//!   very start of a tunnel is inspected (TLS started later, STARTTLS-style,
+//!   is not). Plain-text protocols inside a `CONNECT` tunnel are not
+//!   inspected (only the destination is checked).
+//! * Plain HTTP is one request per client connection: the upstream is sent
+//!   `Connection: close`, the client gets `Connection: close`, and the
+//!   proxy closes after the response (after `Content-Length` bytes, or when
+//!   the upstream closes). Bytes a client pipelines after its first request
+//!   can only reach that same, already-checked upstream.
+//! * Idle tunnels are not timed out (a tunnel holds its connection slot
+//!   until either side closes); the caps bound the total.
 //! * Only TCP is carried: SOCKS5 `UDP ASSOCIATE` and `BIND` are refused.
 
 #![warn(missing_docs)]
