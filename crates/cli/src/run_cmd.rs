@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use nanoclaw_sandbox::spec::{Access, Mount, Seccomp, Stdin, User};
+use nanoclaw_sandbox::spec::{Access, Mount, NetLimits, Network, Seccomp, Stdin, User};
 use nanoclaw_sandbox::units::{parse_duration, parse_size};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 
@@ -80,6 +80,18 @@ pub struct RunArgs {
     /// Mount /tmp noexec.
     #[arg(long)]
     tmp_noexec: bool,
+    /// Network: none (loopback only), allowlist (only --allow-host/--allow-cidr
+    /// destinations, through nanoclaw's proxy) or open (any public destination,
+    /// through the proxy). Default: none, or allowlist when --allow-* is given.
+    #[arg(long, value_enum, value_name = "MODE")]
+    network: Option<NetworkMode>,
+    /// Allow HOST[:PORT] (repeatable; `*.example.com` matches subdomains;
+    /// default ports 80 and 443).
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
+    allow_host: Vec<String>,
+    /// Allow CIDR[:PORT] (repeatable; needed for private or loopback addresses).
+    #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
+    allow_cidr: Vec<String>,
     /// Policy from a config file: --config FILE --agent ID [--session KEY].
     #[command(flatten)]
     policy: crate::config_cmd::PolicyArgs,
@@ -93,6 +105,13 @@ enum WorkspaceAccess {
     None,
     Ro,
     Rw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NetworkMode {
+    None,
+    Allowlist,
+    Open,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -314,6 +333,24 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     spec.hardening.cap_add = a.cap_add.clone();
     spec.hardening.exec_allow = a.exec_allow.clone();
     spec.hardening.tmp_noexec = a.tmp_noexec;
+    let allows = !a.allow_host.is_empty() || !a.allow_cidr.is_empty();
+    spec.network = match (a.network, allows) {
+        (None, false) | (Some(NetworkMode::None), false) => Network::None,
+        (Some(NetworkMode::None), true) => {
+            bail!("--allow-host/--allow-cidr need --network allowlist (or leave --network out)")
+        }
+        (None, true) | (Some(NetworkMode::Allowlist), _) => Network::Allowlist {
+            hosts: a.allow_host.clone(),
+            cidrs: a.allow_cidr.clone(),
+            limits: NetLimits::default(),
+        },
+        (Some(NetworkMode::Open), true) => {
+            bail!("--network open allows every public destination; --allow-host/--allow-cidr only make sense with --network allowlist")
+        }
+        (Some(NetworkMode::Open), false) => Network::Open {
+            limits: NetLimits::default(),
+        },
+    };
     spec.hardening.seccomp = match a.seccomp.as_deref() {
         None => Seccomp::Default,
         Some("unconfined") => Seccomp::Unconfined,
@@ -331,6 +368,9 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
 /// Runs `nanoclaw run`; returns the process exit code.
 pub fn run(a: RunArgs) -> Result<u8> {
     let spec = build_spec(&a)?;
+    if matches!(spec.network, Network::Open { .. }) {
+        eprintln!("nanoclaw: warning: --network open: the sandbox may reach any public address through nanoclaw's proxy (loopback, private and metadata addresses stay blocked)");
+    }
     if spec.hardening.seccomp == Seccomp::Unconfined {
         eprintln!("nanoclaw: WARNING: --seccomp unconfined: the sandboxed code can call every system call the kernel offers, including ones with a history of privilege-escalation bugs. Use it only to debug a profile.");
     }

@@ -26,6 +26,11 @@ pub enum Listen {
     /// A TCP address (port 0 picks a free port; see
     /// [`ProxyHandle::tcp_addr`]).
     Tcp(SocketAddr),
+    /// An already listening TCP socket, handed over as a raw descriptor
+    /// whose ownership passes to the proxy. The engine uses it for a socket
+    /// created inside the sandbox's network namespace, so the proxy accepts
+    /// connections from the sandbox's loopback without any bridge process.
+    Fd(std::os::fd::RawFd),
 }
 
 /// Where the proxy actually listens (ports resolved).
@@ -168,6 +173,22 @@ impl ProxyBuilder {
                         what: addr.to_string(),
                         source,
                     })?;
+                    bound.push(Bound::Tcp(l));
+                }
+                Listen::Fd(fd) => {
+                    use std::os::fd::FromRawFd;
+                    // SAFETY: the caller hands over ownership of an open,
+                    // listening TCP socket (documented on `Listen::Fd`); it
+                    // is wrapped exactly once, here.
+                    let std = unsafe { std::net::TcpListener::from_raw_fd(*fd) };
+                    let what = format!("inherited socket fd {fd}");
+                    std.set_nonblocking(true)
+                        .map_err(|source| ProxyError::Bind {
+                            what: what.clone(),
+                            source,
+                        })?;
+                    let l = TcpListener::from_std(std)
+                        .map_err(|source| ProxyError::Bind { what, source })?;
                     bound.push(Bound::Tcp(l));
                 }
                 Listen::Unix(path) => {

@@ -991,7 +991,17 @@ impl Resolved {
         }
         let network = match self.network.mode {
             NetworkMode::None => spec::Network::None,
-            m => return Err(SpecError::NetworkUnsupported(m.as_str())),
+            NetworkMode::Allowlist => {
+                let (cidrs, hosts) = split_allowed(&self.network.allowed_hosts);
+                spec::Network::Allowlist {
+                    hosts,
+                    cidrs,
+                    limits: spec::NetLimits::default(),
+                }
+            }
+            NetworkMode::Open => spec::Network::Open {
+                limits: spec::NetLimits::default(),
+            },
         };
         let root = match &self.image {
             None => Root::Host,
@@ -1046,5 +1056,70 @@ impl Resolved {
             && self.sources.get("workspace").is_some_and(|p| {
                 p.source == Source::BuiltinDefault || p.key.ends_with("workspaceRoot")
             })
+    }
+}
+
+/// Splits `allowed_hosts` entries into CIDR rules (addresses, with `/32` or
+/// `/128` added to a bare address) and host-name rules.
+fn split_allowed(entries: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut cidrs = Vec::new();
+    let mut hosts = Vec::new();
+    for e in entries {
+        // `[v6]:port`, `v4:port`, `v4`, `v6`, `cidr[:port]`.
+        let (addr, port) = if let Some(rest) = e.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((a, p)) => (a.to_string(), p.strip_prefix(':').map(str::to_string)),
+                None => (e.clone(), None),
+            }
+        } else if e.matches(':').count() == 1 {
+            let (a, p) = e.split_once(':').unwrap_or((e, ""));
+            (a.to_string(), Some(p.to_string()))
+        } else {
+            (e.clone(), None)
+        };
+        let bare = addr.split('/').next().unwrap_or("");
+        match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let with_prefix = if addr.contains('/') {
+                    addr.clone()
+                } else if ip.is_ipv4() {
+                    format!("{addr}/32")
+                } else {
+                    format!("{addr}/128")
+                };
+                let with_prefix = if ip.is_ipv6() && port.is_some() {
+                    format!("[{with_prefix}]")
+                } else {
+                    with_prefix
+                };
+                cidrs.push(match port {
+                    Some(p) => format!("{with_prefix}:{p}"),
+                    None => with_prefix,
+                });
+            }
+            Err(_) => hosts.push(e.clone()),
+        }
+    }
+    (cidrs, hosts)
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_allowed;
+
+    #[test]
+    fn addresses_become_cidrs_and_names_stay_hosts() {
+        let v: Vec<String> = [
+            "api.anthropic.com",
+            "10.0.0.5:5432",
+            "10.1.0.0/16",
+            "*.pypi.org:443",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (c, h) = split_allowed(&v);
+        assert_eq!(c, vec!["10.0.0.5/32:5432", "10.1.0.0/16"]);
+        assert_eq!(h, vec!["api.anthropic.com", "*.pypi.org:443"]);
     }
 }

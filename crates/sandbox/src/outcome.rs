@@ -43,6 +43,40 @@ pub struct Layers {
     pub no_new_privs: bool,
 }
 
+/// A destination the egress proxy refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetDenial {
+    /// Host name or address asked for.
+    pub destination: String,
+    /// Port asked for.
+    pub port: u16,
+    /// Why it was refused (a stable kind, e.g. `not_allowed`, `special_address`).
+    pub reason: String,
+    /// The human explanation.
+    pub detail: String,
+    /// `http`, `connect` or `socks5`.
+    pub protocol: String,
+}
+
+/// What the network layer did during a run (allowlist and open modes).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkReport {
+    /// `none`, `allowlist` or `open`.
+    pub mode: String,
+    /// Where the proxy listened inside the sandbox.
+    pub proxy: Option<String>,
+    /// Connections allowed.
+    pub allowed: u64,
+    /// Connections refused.
+    pub denied: u64,
+    /// Bytes from the sandbox to the outside.
+    pub bytes_up: u64,
+    /// Bytes from the outside to the sandbox.
+    pub bytes_down: u64,
+    /// Every refusal (destination, port, reason), oldest first.
+    pub denials: Vec<NetDenial>,
+}
+
 /// The result of one sandboxed run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Outcome {
@@ -74,6 +108,8 @@ pub struct Outcome {
     pub sandbox_id: String,
     /// What the engine applied.
     pub layers: Layers,
+    /// Network activity and refusals.
+    pub network: NetworkReport,
 }
 
 impl Outcome {

@@ -227,13 +227,59 @@ pub enum Stdin {
     Bytes(Vec<u8>),
 }
 
+/// Default cap on concurrent proxied connections per sandbox.
+pub const DEFAULT_NET_MAX_CONNECTIONS: u32 = 64;
+/// Default cap on bytes through the proxy per sandbox (both directions).
+pub const DEFAULT_NET_MAX_BYTES: u64 = 1 << 30;
+
 /// Network policy.
+///
+/// Every mode runs the sandbox in its own network namespace with no route
+/// out; `allowlist` and `open` add nanoclaw's egress proxy, listening on the
+/// sandbox's `127.0.0.1:3128` (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` are
+/// set), which checks every destination on the host side.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// An empty network namespace: loopback only.
     #[default]
     None,
+    /// Egress only to the listed destinations, through the proxy.
+    Allowlist {
+        /// `HOST[:PORT]` rules (`*.example.com` wildcards; default ports 80, 443).
+        hosts: Vec<String>,
+        /// `CIDR[:PORT]` rules.
+        cidrs: Vec<String>,
+        /// Caps on connections and bytes.
+        #[serde(default)]
+        limits: NetLimits,
+    },
+    /// Egress to any public destination, through the proxy (loopback,
+    /// private, link-local and metadata addresses stay refused).
+    Open {
+        /// Caps on connections and bytes.
+        #[serde(default)]
+        limits: NetLimits,
+    },
+}
+
+/// Per-sandbox caps on proxied traffic.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetLimits {
+    /// Most concurrent connections.
+    pub max_connections: u32,
+    /// Most bytes, both directions.
+    pub max_bytes: u64,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        NetLimits {
+            max_connections: DEFAULT_NET_MAX_CONNECTIONS,
+            max_bytes: DEFAULT_NET_MAX_BYTES,
+        }
+    }
 }
 
 /// Seccomp mode.

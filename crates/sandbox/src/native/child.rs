@@ -8,7 +8,7 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 
-use super::plan::{Op, BASE};
+use super::plan::{Op, BASE_C};
 use super::sys;
 
 /// Where a failure happened, as reported to the runner.
@@ -184,15 +184,28 @@ pub(crate) struct ChildPlan {
     pub workdir: CString,
     /// Candidate paths for argv[0], in PATH order.
     pub exec_candidates: Vec<CString>,
-    pub argv: Vec<CString>,
-    pub envp: Vec<CString>,
+    /// Owns the strings `argv_ptrs` points into.
+    pub _argv: Vec<CString>,
+    /// Owns the strings `envp_ptrs` points into.
+    pub _envp: Vec<CString>,
     /// Memory limit to enforce with RLIMIT_DATA when no cgroup can.
     pub rlimit_data: Option<u64>,
     /// Task limit to enforce with RLIMIT_NPROC when no cgroup can.
     pub rlimit_nproc: Option<u64>,
     /// The runner's argv and environment areas, to be wiped in init.
     pub host_strings: Vec<(usize, usize)>,
+    /// NULL-terminated pointer arrays into `argv` and `envp`, built by the
+    /// runner so the payload does not allocate (the runner may have threads).
+    pub argv_ptrs: Vec<*const libc::c_char>,
+    /// See `argv_ptrs`.
+    pub envp_ptrs: Vec<*const libc::c_char>,
+    /// The child's end of a socketpair: the sandbox's proxy listener (on its
+    /// own 127.0.0.1) is created here and handed to the runner.
+    pub net_sock: Option<RawFd>,
 }
+
+/// The port the egress proxy listens on inside the sandbox.
+pub(crate) const PROXY_PORT: u16 = 3128;
 
 fn fail(err_w: RawFd, step: Step, index: u32, errno: i32) -> ! {
     let r = Report {
@@ -262,6 +275,19 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
 
     if let Err(e) = loopback_up() {
         fail(plan.err_w, Step::Loopback, 0, e.raw_os_error().unwrap_or(0));
+    }
+    if let Some(sock) = plan.net_sock {
+        // The proxy's listening socket lives in the sandbox's network
+        // namespace; the runner serves it from the host side.
+        let r = sys::listen_loopback(PROXY_PORT).and_then(|l| {
+            let r = sys::send_fd(sock, l);
+            sys::close(l);
+            r
+        });
+        sys::close(sock);
+        if let Err(e) = r {
+            fail(plan.err_w, Step::Loopback, 1, e.raw_os_error().unwrap_or(0));
+        }
     }
     build_root(plan);
 
@@ -403,9 +429,8 @@ fn build_root(plan: &ChildPlan) {
             );
         }
     }
-    let base = CString::new(BASE).unwrap_or_default();
     // SAFETY: chdir with a NUL-terminated path.
-    if unsafe { libc::chdir(base.as_ptr()) } != 0 {
+    if unsafe { libc::chdir(BASE_C.as_ptr()) } != 0 {
         fail(plan.err_w, Step::PivotRoot, 0, sys::errno());
     }
     // pivot_root(".", "."): the old root ends up stacked under the new one
@@ -556,18 +581,6 @@ fn payload(plan: &ChildPlan) -> ! {
     sys::cloexec_from(3);
     reset_signals();
 
-    let argv: Vec<*const libc::c_char> = plan
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = plan
-        .envp
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
     // Seccomp last: everything above needs syscalls the filter denies.
     if let Some(filter) = &plan.seccomp {
         if filter.install().is_err() {
@@ -579,7 +592,13 @@ fn payload(plan: &ChildPlan) -> ! {
     for path in &plan.exec_candidates {
         // SAFETY: `path`, `argv` and `envp` are NUL-terminated and the arrays
         // are NULL-terminated; they stay alive for the call.
-        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        unsafe {
+            libc::execve(
+                path.as_ptr(),
+                plan.argv_ptrs.as_ptr(),
+                plan.envp_ptrs.as_ptr(),
+            )
+        };
         let e = sys::errno();
         match e {
             libc::ENOENT | libc::ENOTDIR => {}

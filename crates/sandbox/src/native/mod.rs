@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::outcome::Layers;
-use crate::spec::{Access, SandboxSpec, Seccomp, Stdin};
+use crate::spec::{Access, Network, SandboxSpec, Seccomp, Stdin};
 use crate::Error;
 
 pub use supervise::{kill, wait, KillHandle};
@@ -71,6 +71,10 @@ pub struct Sandbox {
     pub(crate) exec_error: Option<(i32, String)>,
     pub(crate) kill_flag: std::sync::Arc<std::sync::atomic::AtomicU8>,
     pub(crate) signal_fd: Option<RawFd>,
+    /// The egress proxy serving this sandbox (allowlist and open modes).
+    pub(crate) proxy: Option<nanoclaw_net::BlockingProxy>,
+    /// `none`, `allowlist` or `open`.
+    pub(crate) net_mode: &'static str,
     /// Reaped and cleaned up; nothing left to do on drop.
     pub(crate) released: bool,
 }
@@ -292,6 +296,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             None
         }
     };
+    let net_policy = network_policy(&spec.network)?;
     let mounts = resolve_mounts(spec, rootful)?;
     let guard = FdGuard(
         mounts
@@ -338,7 +343,19 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             "/tmp".into()
         }
     });
-    let (argv, exec_candidates, envp) = command_line(spec)?;
+    let proxy_env = if net_policy.is_some() {
+        nanoclaw_net::proxy_env(child::PROXY_PORT)
+    } else {
+        Vec::new()
+    };
+    let (argv, exec_candidates, envp) = command_line(spec, &proxy_env)?;
+    let ptrs = |v: &Vec<CString>| -> Vec<*const libc::c_char> {
+        v.iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
 
     // Cgroup before the child exists, so the child can be placed in it
     // before it runs anything.
@@ -360,6 +377,19 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     }
 
     let pipes = Pipes::new(&spec.stdin)?;
+    let net_pair = match &net_policy {
+        Some(_) => match sys::socketpair() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                pipes.close_all();
+                return Err(Error::Sys {
+                    call: "socketpair for the network proxy".into(),
+                    source: e,
+                });
+            }
+        },
+        None => None,
+    };
     let stdin = match (&spec.stdin, pipes.stdin) {
         (Stdin::Null, _) => StdinFd::Null,
         (Stdin::Inherit, _) => StdinFd::Inherit,
@@ -375,6 +405,9 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     ];
     if let Some((_, w)) = pipes.stdin {
         close_in_child.push(w);
+    }
+    if let Some((runner_end, _)) = net_pair {
+        close_in_child.push(runner_end);
     }
     let child_plan = ChildPlan {
         rootful,
@@ -394,11 +427,14 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         seccomp: seccomp_filter,
         workdir: cstr(workdir.as_os_str().as_bytes(), "workdir")?,
         exec_candidates,
-        argv,
-        envp,
+        _argv: argv,
+        _envp: envp,
         rlimit_data,
         rlimit_nproc,
         host_strings: child::host_string_ranges(),
+        argv_ptrs,
+        envp_ptrs,
+        net_sock: net_pair.map(|(_, child_end)| child_end),
     };
 
     let signal_fd = if opts.handle_signals {
@@ -418,6 +454,10 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         Ok(pid) => pid,
         Err(e) => {
             pipes.close_all();
+            if let Some((a, b)) = net_pair {
+                sys::close(a);
+                sys::close(b);
+            }
             if let Some(cg) = cg {
                 let _ = cg.destroy();
             }
@@ -436,6 +476,9 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     }
     if let Some((r, _)) = pipes.stdin {
         sys::close(r);
+    }
+    if let Some((_, child_end)) = net_pair {
+        sys::close(child_end);
     }
 
     let mut sb = Sandbox {
@@ -456,6 +499,12 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         exec_error: None,
         kill_flag: Default::default(),
         signal_fd,
+        proxy: None,
+        net_mode: match spec.network {
+            Network::None => "none",
+            Network::Allowlist { .. } => "allowlist",
+            Network::Open { .. } => "open",
+        },
         released: false,
     };
 
@@ -475,6 +524,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         if let Some(cg) = &sb.cgroup {
             cg.add_process(pid)?;
         }
+        if let (Some(policy), Some((runner_end, _))) = (net_policy, net_pair) {
+            let listener = sys::recv_fd(runner_end);
+            sys::close(runner_end);
+            let listener = listener.map_err(|e| Error::Sys {
+                call: "receiving the sandbox's proxy socket".into(),
+                source: e,
+            })?;
+            sb.proxy = Some(start_proxy(policy, &spec.network, listener)?);
+        }
         go("cgroup joined")
     })();
     sys::close(pipes.sync.1);
@@ -482,7 +540,16 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     let report = supervise::read_setup_report(pipes.err.0);
     sys::close(pipes.err.0);
     let failure = match (setup, report) {
-        (Err(e), _) => Some(e),
+        (Err(e), None) => Some(e),
+        (Err(_), Some(r)) if child::Step::from_u32(r.step) != Some(child::Step::Exec) => {
+            Some(Error::Setup {
+                step: child::Step::from_u32(r.step)
+                    .map_or("unknown", child::Step::name)
+                    .into(),
+                source: std::io::Error::from_raw_os_error(r.errno),
+            })
+        }
+        (Err(e), Some(_)) => Some(e),
         (Ok(()), Some(r)) => match child::Step::from_u32(r.step) {
             Some(child::Step::Exec) => {
                 let code = if r.errno == libc::ENOENT || r.errno == libc::ENOTDIR {
@@ -615,7 +682,7 @@ type CommandLine = (Vec<CString>, Vec<CString>, Vec<CString>);
 
 /// argv, the exec candidates for argv[0] (PATH search done by the payload,
 /// execvp style) and the environment.
-fn command_line(spec: &SandboxSpec) -> Result<CommandLine, Error> {
+fn command_line(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Result<CommandLine, Error> {
     let argv = spec
         .command
         .iter()
@@ -630,7 +697,7 @@ fn command_line(spec: &SandboxSpec) -> Result<CommandLine, Error> {
     if spec.user.uid != 0 {
         env.push(("USER".into(), "sandbox".into()));
     }
-    for (k, v) in &spec.env {
+    for (k, v) in extra_env.iter().chain(&spec.env) {
         match env.iter_mut().find(|(ek, _)| ek == k) {
             Some(e) => e.1 = v.clone(),
             None => env.push((k.clone(), v.clone())),
@@ -727,4 +794,51 @@ fn userns_error(e: std::io::Error) -> Error {
                 .into(),
         source: e,
     }
+}
+
+/// The proxy policy for `network`, or `None` for a loopback-only sandbox.
+fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolicy>, Error> {
+    match network {
+        Network::None => Ok(None),
+        Network::Allowlist { hosts, cidrs, .. } => {
+            if hosts.is_empty() && cidrs.is_empty() {
+                return Err(Error::InvalidSpec(
+                    "--network allowlist needs at least one --allow-host HOST[:PORT] or --allow-cidr CIDR[:PORT]".into(),
+                ));
+            }
+            nanoclaw_net::NetworkPolicy::allowlist(hosts, cidrs)
+                .map(Some)
+                .map_err(|e| Error::InvalidSpec(e.to_string()))
+        }
+        Network::Open { .. } => Ok(Some(nanoclaw_net::NetworkPolicy {
+            mode: nanoclaw_net::NetworkMode::Open,
+            ..nanoclaw_net::NetworkPolicy::default()
+        })),
+    }
+}
+
+/// Serves the sandbox's proxy socket on a runner thread.
+fn start_proxy(
+    policy: nanoclaw_net::NetworkPolicy,
+    network: &Network,
+    listener: RawFd,
+) -> Result<nanoclaw_net::BlockingProxy, Error> {
+    let l = match network {
+        Network::Allowlist { limits, .. } | Network::Open { limits } => *limits,
+        Network::None => crate::spec::NetLimits::default(),
+    };
+    let limits = nanoclaw_net::Limits {
+        max_connections: l.max_connections as usize,
+        max_bytes: l.max_bytes,
+        ..nanoclaw_net::Limits::default()
+    };
+    nanoclaw_net::Proxy::builder(policy)
+        .limits(limits)
+        .listen(nanoclaw_net::Listen::Fd(listener))
+        .start_blocking()
+        .map_err(|e| Error::Unsupported {
+            what: "the network proxy".into(),
+            why: e.to_string(),
+            fix: "use --network none, or report this as a nanoclaw bug".into(),
+        })
 }

@@ -14,6 +14,8 @@ use crate::Error;
 /// The host directory the new root is assembled on (inside the sandbox's
 /// private mount namespace, so the host never sees it).
 pub(crate) const BASE: &str = "/tmp";
+/// [`BASE`] as a C string.
+pub(crate) const BASE_C: &std::ffi::CStr = c"/tmp";
 
 /// Host top-level entries that make up the default root, bound read-only.
 const HOST_ROOT_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];

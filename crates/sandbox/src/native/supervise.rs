@@ -150,6 +150,37 @@ fn release(sb: &mut Sandbox) {
         cg.kill_all();
         let _ = cg.destroy();
     }
+    if let Some(p) = sb.proxy.take() {
+        p.shutdown();
+    }
+}
+
+/// What the proxy saw, for the outcome.
+fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
+    let mut r = crate::outcome::NetworkReport {
+        mode: sb.net_mode.to_string(),
+        ..Default::default()
+    };
+    if let Some(p) = &sb.proxy {
+        let st = p.stats();
+        r.proxy = Some(format!("127.0.0.1:{}", super::child::PROXY_PORT));
+        r.allowed = st.allowed;
+        r.denied = st.denied;
+        r.bytes_up = st.bytes_up;
+        r.bytes_down = st.bytes_down;
+        r.denials = p
+            .denials()
+            .into_iter()
+            .map(|d| crate::outcome::NetDenial {
+                destination: d.destination,
+                port: d.port,
+                reason: d.reason.kind().to_string(),
+                detail: d.reason.to_string(),
+                protocol: format!("{:?}", d.protocol).to_ascii_lowercase(),
+            })
+            .collect();
+    }
+    r
 }
 
 fn unblock_runner_signals() {
@@ -452,6 +483,7 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         peak_memory_bytes,
         sandbox_id: sb.id.clone(),
         layers: std::mem::take(&mut sb.layers),
+        network: network_report(&sb),
     };
     release(&mut sb);
     Ok(outcome)

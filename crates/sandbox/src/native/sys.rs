@@ -303,3 +303,112 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
 }
+
+/// `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`.
+pub fn socketpair() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    check(ret.into())?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Space for one `SCM_RIGHTS` control message carrying one descriptor.
+#[repr(C)]
+union CmsgBuf {
+    _align: libc::cmsghdr,
+    buf: [u8; 64],
+}
+
+/// Sends descriptor `fd` over the Unix socket `sock` (`SCM_RIGHTS`), with
+/// one data byte. Does not allocate.
+pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = CmsgBuf { buf: [0u8; 64] };
+    // SAFETY: msghdr is plain data; we point it at `iov` and `cbuf`, which
+    // outlive the call, and fill the single control header through the
+    // CMSG_* accessors, which stay within CMSG_SPACE(sizeof(int)) <= 64
+    // bytes of the aligned buffer.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.buf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        check(libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) as libc::c_long).map(drop)
+    }
+}
+
+/// Receives one descriptor sent with [`send_fd`]; it is close-on-exec.
+pub fn recv_fd(sock: RawFd) -> io::Result<RawFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = CmsgBuf { buf: [0u8; 64] };
+    // SAFETY: as in send_fd; the kernel writes at most msg_controllen bytes
+    // into `cbuf` and we only read a header it reported.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.buf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of::<CmsgBuf>();
+        let n = check(libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) as libc::c_long)?;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if n == 0
+            || cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(io::Error::from_raw_os_error(libc::EPROTO));
+        }
+        Ok(std::ptr::read_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+        ))
+    }
+}
+
+/// A TCP socket listening on 127.0.0.1:`port` in the caller's network
+/// namespace. Does not allocate.
+pub fn listen_loopback(port: u16) -> io::Result<RawFd> {
+    // SAFETY: plain socket calls; `addr` is a valid, fully initialised
+    // sockaddr_in of the size passed.
+    unsafe {
+        let fd =
+            check(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).into())?
+                as RawFd;
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = port.to_be();
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let r = libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if r != 0 || libc::listen(fd, 128) != 0 {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(fd)
+    }
+}
