@@ -10,13 +10,14 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{OnceLock, RwLock};
+use std::process::{Child, Output, Stdio};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const ROOTLESS_USER: &str = "nanotest";
+mod common;
+use common::*;
 
 /// Leak checks take this for writing; every other test for reading, so the
 /// before/after snapshots see no other test's sandboxes.
@@ -28,130 +29,6 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
 
 fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
     SERIAL.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn rootless_user() -> Option<(u32, u32)> {
-    let passwd = fs::read_to_string("/etc/passwd").ok()?;
-    for line in passwd.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() > 3 && f[0] == ROOTLESS_USER {
-            return Some((f[2].parse().ok()?, f[3].parse().ok()?));
-        }
-    }
-    None
-}
-
-/// Who runs nanoclaw in a scenario.
-#[derive(Clone, Copy, Debug)]
-struct Mode {
-    name: &'static str,
-    user: Option<(u32, u32)>,
-}
-
-/// The invoking user, plus the rootless user when we are root and it exists.
-fn modes(test: &str) -> Vec<Mode> {
-    let mut v = vec![Mode {
-        name: if is_root() { "root" } else { "invoking-user" },
-        user: None,
-    }];
-    let required = std::env::var("NANOCLAW_REQUIRE_ROOTLESS").is_ok_and(|x| x == "1");
-    match (is_root(), rootless_user()) {
-        (true, Some(u)) => v.push(Mode {
-            name: "rootless",
-            user: Some(u),
-        }),
-        (true, None) => {
-            assert!(
-                !required,
-                "{test}: NANOCLAW_REQUIRE_ROOTLESS=1 but user `nanotest` does not exist"
-            );
-            eprintln!("SKIPPED {test} (rootless): user `nanotest` does not exist (CI: useradd -u 1500 -m nanotest)");
-        }
-        (false, _) => {
-            eprintln!("NOTE {test}: not root, so the invoking-user run is the rootless run");
-        }
-    }
-    v
-}
-
-/// A world-readable copy of the binary for the rootless user.
-fn staged_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // Earlier runs' copies (their test process is gone) are removed here.
-        for e in fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("nanoclaw-cli-test-") {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let dir = std::env::temp_dir().join(format!("nanoclaw-cli-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("stage dir");
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod stage dir");
-        let bin = dir.join("nanoclaw");
-        fs::copy(env!("CARGO_BIN_EXE_nanoclaw"), &bin).expect("copy binary");
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod binary");
-        bin
-    })
-}
-
-fn bin_for(mode: Mode) -> PathBuf {
-    match mode.user {
-        Some(_) => staged_bin().to_path_buf(),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_nanoclaw")),
-    }
-}
-
-/// `nanoclaw ARGS` for this mode; setpriv execs, so the child's pid is nanoclaw's.
-fn nc(mode: Mode, args: &[&str]) -> Command {
-    let mut c = match mode.user {
-        Some((uid, gid)) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid",
-                &uid.to_string(),
-                "--regid",
-                &gid.to_string(),
-                "--clear-groups",
-                "--",
-            ]);
-            c.arg(bin_for(mode));
-            c
-        }
-        None => Command::new(bin_for(mode)),
-    };
-    c.args(args)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", "/tmp")
-        .current_dir("/")
-        .stdin(Stdio::null());
-    c
-}
-
-fn run(mode: Mode, args: &[&str]) -> Output {
-    nc(mode, args).output().expect("spawn nanoclaw")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status
-        .code()
-        .unwrap_or_else(|| panic!("nanoclaw itself died of a signal: {:?}", o.status))
 }
 
 #[track_caller]
