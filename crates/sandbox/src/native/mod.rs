@@ -359,7 +359,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
 
     // Cgroup before the child exists, so the child can be placed in it
     // before it runs anything.
-    let (cg, degraded) = cgroup::Cgroup::create(&id, &spec.limits)?;
+    // cpu time comes from init's rusage (init reaps every process of the
+    // sandbox), so a separate v1 cpuacct cgroup is not worth its cost.
+    let (cg, degraded) = cgroup::Cgroup::create_with(
+        &id,
+        &spec.limits,
+        cgroup::CreateOptions {
+            cpu_accounting: false,
+        },
+    )?;
     layers.cgroup = cg.as_ref().map(|c| c.describe()).unwrap_or_default();
     layers.degraded = degraded;
     let no_cgroup_for = |k: &str| cg.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
