@@ -58,6 +58,7 @@
 pub mod addr;
 mod conn;
 mod http;
+pub mod kernel;
 pub mod policy;
 mod proxy;
 mod record;
