@@ -1,0 +1,71 @@
+//! Layer unpack throughput: builds a synthetic layer (a mix of small and
+//! large files, like a language runtime image) and unpacks it repeatedly,
+//! printing MB/s of uncompressed tar for plain tar and gzip.
+//!
+//! `cargo run --release -p nanoclaw-image --example unpack_bench [-- MB [DIR]]`
+//! (DIR: where to unpack; default a temp dir on the same disk as the store would be.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::time::Instant;
+
+use nanoclaw_image::{unpack_layer, UnpackMode};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mb: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
+    let base = args.get(2).map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::tempdir_in(&base).unwrap();
+    // ~70% of bytes in files of 1-8 MB, the rest in many 1-64 KiB files.
+    let mut b = tar::Builder::new(Vec::with_capacity(mb << 20));
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut total, mut files) = (0usize, 0usize);
+    let target = mb << 20;
+    let mut dir = 0;
+    while total < target {
+        let big = total < target * 7 / 10;
+        let size = if big { (1 << 20) + (rnd() as usize % (7 << 20)) } else { 1024 + (rnd() as usize % (63 << 10)) };
+        if files % 100 == 0 {
+            dir += 1;
+        }
+        // Semi-compressible content: text-like bytes.
+        let data: Vec<u8> = (0..size).map(|i| b"abcdefghij klmnop\n"[(i * 7 + (i >> 9)) % 18]).collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, format!("usr/lib/d{dir}/f{files}"), &data[..]).unwrap();
+        total += size;
+        files += 1;
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let mode = if unsafe { libc::geteuid() } == 0 { UnpackMode::Rootful } else { UnpackMode::Rootless };
+    println!(
+        "layer: {files} files, {:.0} MB tar, {:.0} MB gzip; unpacking into {} as {mode:?}",
+        tar.len() as f64 / 1e6,
+        gz.len() as f64 / 1e6,
+        work.path().display()
+    );
+    for (name, data) in [("tar", &tar), ("tar+gzip", &gz)] {
+        let mut best = f64::MAX;
+        for i in 0..3 {
+            let dest = work.path().join(format!("{name}-{i}"));
+            let t = Instant::now();
+            let rep = unpack_layer(&data[..], &dest, mode, name).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            best = best.min(s);
+            assert_eq!(rep.tar_size as usize, tar.len());
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
+        println!("{name:>9}: {:.0} MB/s (uncompressed bytes, best of 3, {:.3}s)", tar.len() as f64 / 1e6 / best, best);
+    }
+}
