@@ -547,7 +547,9 @@ fn rtnl_in(ns: &File) -> Result<Rtnl, KernelError> {
         .join()
     });
     match r {
-        Ok(r) => r.map_err(io_err("opening rtnetlink in the sandbox's network namespace")),
+        Ok(r) => r.map_err(io_err(
+            "opening rtnetlink in the sandbox's network namespace",
+        )),
         Err(_) => Err(KernelError::Io {
             what: "joining the sandbox's network namespace".into(),
             source: io::Error::other("thread panicked"),
@@ -637,7 +639,12 @@ impl KernelEgress {
                     ),
                 })
             }
-            Err(e) => return Err(nl_err(format!("creating nftables table inet {}", eg.table), e)),
+            Err(e) => {
+                return Err(nl_err(
+                    format!("creating nftables table inet {}", eg.table),
+                    e,
+                ))
+            }
         }
 
         match eg.rt.create_veth(&eg.ifname, "eth0", ns.as_raw_fd()) {
@@ -688,8 +695,12 @@ impl KernelEgress {
             .map_err(|e| nl_err(format!("adding {sandbox_ip}/30 to the sandbox's eth0"), e))?;
         srt.set_up(sidx)
             .map_err(|e| nl_err("bringing the sandbox's eth0 up", e))?;
-        srt.add_default_route(sidx, host_ip)
-            .map_err(|e| nl_err(format!("adding the sandbox's default route via {host_ip}"), e))?;
+        srt.add_default_route(sidx, host_ip).map_err(|e| {
+            nl_err(
+                format!("adding the sandbox's default route via {host_ip}"),
+                e,
+            )
+        })?;
 
         for oif in eg.uplink_indexes(&allow, &dns, hidx, sandbox_ip)? {
             let Some(name) = if_name(oif) else { continue };
@@ -728,7 +739,11 @@ impl KernelEgress {
                 out.extend(defaults.iter().flatten().copied());
                 continue;
             }
-            let probe = if a.prefix <= 30 { offset(a.net, 1) } else { a.net };
+            let probe = if a.prefix <= 30 {
+                offset(a.net, 1)
+            } else {
+                a.net
+            };
             if let Ok(Some(oif)) = self.rt.route_get_forward(probe, sandbox_ip, hidx) {
                 out.insert(oif);
             }
@@ -803,7 +818,12 @@ impl KernelEgress {
             .iter()
             .flat_map(|a| [(a.addr, 32), (a.addr, a.prefix)])
             .collect();
-        t.extend(routes.iter().filter(|r| r.prefix > 0).map(|r| (r.dst, r.prefix)));
+        t.extend(
+            routes
+                .iter()
+                .filter(|r| r.prefix > 0)
+                .map(|r| (r.dst, r.prefix)),
+        );
         Ok(t)
     }
 
@@ -856,7 +876,9 @@ impl KernelEgress {
             match self.rt.delete_link(&self.ifname) {
                 Ok(()) => self.link_created = false,
                 Err(e) if e.errno == libc::ENODEV => self.link_created = false,
-                Err(e) => left.push(nl_err(format!("deleting link {}", self.ifname), e).to_string()),
+                Err(e) => {
+                    left.push(nl_err(format!("deleting link {}", self.ifname), e).to_string())
+                }
             }
         }
         if self.table_created {
@@ -895,6 +917,16 @@ impl KernelEgress {
         }
     }
 
+    /// [`KernelEgress::teardown`] on a background thread. Deleting the veth
+    /// is the slow part of teardown (the kernel waits for RCU grace periods
+    /// while unregistering a network device: 15–30 ms here, against a few
+    /// ms for setup); a caller that need not wait, e.g. to report a run's
+    /// outcome first, can join the handle later. The order (link, then
+    /// table) is the same, so the link is never unfiltered.
+    pub fn teardown_in_background(self) -> std::thread::JoinHandle<Result<(), KernelError>> {
+        std::thread::spawn(move || self.teardown())
+    }
+
     /// Cleans up after runners that died without teardown: every slot no
     /// live runner holds loses its link and table, and uplink sysctls
     /// nobody holds any more are restored. Safe to call at any time (root
@@ -928,7 +960,10 @@ impl KernelEgress {
         }
         let _lock = fwd_lock()?;
         let fdir = state_dir("fwd")?;
-        for e in fs::read_dir(&fdir).map_err(io_err("listing fwd"))?.flatten() {
+        for e in fs::read_dir(&fdir)
+            .map_err(io_err("listing fwd"))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             fwd_gc(&e.path(), &name).map_err(io_err(format!("cleaning fwd/{name}")))?;
         }
@@ -978,7 +1013,12 @@ mod tests {
         assert_eq!(slot_net(1), Ipv4Addr::new(100, 96, 0, 4));
         assert_eq!(slot_net(SLOTS - 1), Ipv4Addr::new(100, 111, 255, 252));
         assert!(overlaps(slot_net(5), 30, Ipv4Addr::new(100, 96, 0, 20), 32));
-        assert!(!overlaps(slot_net(5), 30, Ipv4Addr::new(100, 96, 0, 24), 32));
+        assert!(!overlaps(
+            slot_net(5),
+            30,
+            Ipv4Addr::new(100, 96, 0, 24),
+            32
+        ));
         assert!(overlaps(Ipv4Addr::new(100, 64, 0, 0), 10, slot_net(7), 30));
     }
 
@@ -990,6 +1030,11 @@ mod tests {
             Err(KernelError::Ipv6 { .. })
         ));
         assert!(dns_rules(Some("::1".parse().unwrap())).is_err());
-        assert_eq!(dns_rules(Some("::ffff:10.0.0.1".parse().unwrap())).unwrap().len(), 2);
+        assert_eq!(
+            dns_rules(Some("::ffff:10.0.0.1".parse().unwrap()))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

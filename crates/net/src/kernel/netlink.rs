@@ -127,7 +127,8 @@ impl MsgBuf {
     pub fn nest(&mut self, ty: u16) {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
     }
 
     /// Closes the innermost nested attribute.
@@ -204,12 +205,9 @@ fn parse_error(m: &Msg<'_>) -> Result<(), NlError> {
     if m.flags & NLM_F_ACK_TLVS != 0 && m.payload.len() >= 4 + HDR {
         let mut off = 4 + HDR;
         if m.flags & NLM_F_CAPPED == 0 {
-            let orig_len = u32::from_ne_bytes([
-                m.payload[4],
-                m.payload[5],
-                m.payload[6],
-                m.payload[7],
-            ]) as usize;
+            let orig_len =
+                u32::from_ne_bytes([m.payload[4], m.payload[5], m.payload[6], m.payload[7]])
+                    as usize;
             off = 4 + align4(orig_len);
         }
         if off <= m.payload.len() {
@@ -237,13 +235,8 @@ impl NlSocket {
     pub fn open(proto: libc::c_int) -> io::Result<NlSocket> {
         // SAFETY: plain syscall with constant arguments; the result is
         // checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto,
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -320,10 +320,11 @@ pub(crate) fn ruleset(
         vec![iif(), Match::Ipv4, Match::SaddrNot(sandbox_ip)],
         Verdict::Drop,
     ));
-    for a in dns
-        .iter()
-        .chain(allow.iter().filter(|a| a.is_explicit_special() || a.prefix == 32))
-    {
+    for a in dns.iter().chain(
+        allow
+            .iter()
+            .filter(|a| a.is_explicit_special() || a.prefix == 32),
+    ) {
         allow_rules(Chain::Input, ifname, a, &mut out);
     }
     out.push(rule(Chain::Input, vec![iif()], Verdict::Drop));
@@ -502,13 +503,21 @@ impl Nft {
     pub fn create(&mut self, table: &str, rules: &[Rule]) -> Result<(), NlError> {
         const ACK: u16 = NLM_F_REQUEST | NLM_F_ACK;
         self.batch(|m, sock| {
-            m.begin(ty(NFT_MSG_NEWTABLE), ACK | NLM_F_CREATE | NLM_F_EXCL, sock.seq());
+            m.begin(
+                ty(NFT_MSG_NEWTABLE),
+                ACK | NLM_F_CREATE | NLM_F_EXCL,
+                sock.seq(),
+            );
             nfgen(m, NFPROTO_INET, 0);
             m.attr_str(NFTA_TABLE_NAME, table);
             m.end();
             for chain in Chain::ALL {
                 let (kind, hook, prio) = chain.hook();
-                m.begin(ty(NFT_MSG_NEWCHAIN), ACK | NLM_F_CREATE | NLM_F_EXCL, sock.seq());
+                m.begin(
+                    ty(NFT_MSG_NEWCHAIN),
+                    ACK | NLM_F_CREATE | NLM_F_EXCL,
+                    sock.seq(),
+                );
                 nfgen(m, NFPROTO_INET, 0);
                 m.attr_str(NFTA_CHAIN_TABLE, table);
                 m.attr_str(NFTA_CHAIN_NAME, chain.name());
@@ -521,7 +530,11 @@ impl Nft {
                 m.end();
             }
             for r in rules {
-                m.begin(ty(NFT_MSG_NEWRULE), ACK | NLM_F_CREATE | NLM_F_APPEND, sock.seq());
+                m.begin(
+                    ty(NFT_MSG_NEWRULE),
+                    ACK | NLM_F_CREATE | NLM_F_APPEND,
+                    sock.seq(),
+                );
                 nfgen(m, NFPROTO_INET, 0);
                 m.attr_str(NFTA_RULE_TABLE, table);
                 m.attr_str(NFTA_RULE_CHAIN, r.chain.name());
@@ -590,14 +603,25 @@ mod tests {
         };
         let meta = pos("forward: iifname \"ncl-t\" meta nfproto ipv4 ip daddr 169.254.169.254/32");
         let drop_ll = pos("ip daddr 169.254.0.0/16 drop");
-        let open = pos("forward: iifname \"ncl-t\" meta nfproto ipv4 meta l4proto tcp th dport 443 accept");
+        let open = pos(
+            "forward: iifname \"ncl-t\" meta nfproto ipv4 meta l4proto tcp th dport 443 accept",
+        );
         assert!(meta < drop_ll && drop_ll < open, "{text:#?}");
         assert!(text.iter().any(|t| t == "forward: iifname \"ncl-t\" drop"));
         // The host (input) honours the explicit and /32 rules, not 0.0.0.0/0.
-        assert!(text.iter().any(|t| t.starts_with("input:") && t.contains("169.254.169.254/32")));
-        assert!(text.iter().any(|t| t.starts_with("input:") && t.contains("93.184.216.34/32")));
-        assert!(!text.iter().any(|t| t.starts_with("input:") && t.contains("dport 443")));
-        assert_eq!(text.last().unwrap(), "postrouting: iifname \"ncl-t\" meta nfproto ipv4 masquerade");
+        assert!(text
+            .iter()
+            .any(|t| t.starts_with("input:") && t.contains("169.254.169.254/32")));
+        assert!(text
+            .iter()
+            .any(|t| t.starts_with("input:") && t.contains("93.184.216.34/32")));
+        assert!(!text
+            .iter()
+            .any(|t| t.starts_with("input:") && t.contains("dport 443")));
+        assert_eq!(
+            text.last().unwrap(),
+            "postrouting: iifname \"ncl-t\" meta nfproto ipv4 masquerade"
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 
 use super::netlink::{
-    attrs, MsgBuf, NlError, NlSocket, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST, NETLINK_ROUTE,
+    attrs, MsgBuf, NlError, NlSocket, NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_EXCL, NLM_F_REQUEST,
 };
 
 // <linux/rtnetlink.h>, <linux/if_link.h>, <linux/veth.h>
@@ -93,7 +93,12 @@ impl Rtnl {
         })
     }
 
-    fn acked(&mut self, ty: u16, flags: u16, build: impl FnOnce(&mut MsgBuf)) -> Result<(), NlError> {
+    fn acked(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        build: impl FnOnce(&mut MsgBuf),
+    ) -> Result<(), NlError> {
         let seq = self.sock.seq();
         let mut m = MsgBuf::new();
         m.begin(ty, NLM_F_REQUEST | NLM_F_ACK | flags, seq);
@@ -191,7 +196,14 @@ impl Rtnl {
     /// Adds a default route via `gateway` on link `index` (main table).
     pub fn add_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<(), NlError> {
         self.acked(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, |m| {
-            m.raw(&rtmsg(0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST));
+            m.raw(&rtmsg(
+                0,
+                0,
+                RT_TABLE_MAIN,
+                RTPROT_STATIC,
+                RT_SCOPE_UNIVERSE,
+                RTN_UNICAST,
+            ));
             m.attr(RTA_GATEWAY, &gateway.octets());
             m.attr_u32(RTA_OIF, index);
         })
