@@ -13,6 +13,7 @@
 //! Every refusal is paired with a run where a rule allows the same path and
 //! it works, so a refusal cannot pass by accident (a path that never
 //! worked).
+#![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
@@ -105,6 +106,15 @@ while True:
     time.sleep(60)
 "#;
 
+const SANDBOX_SERVER: &str = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 9000)); s.listen(8)
+print('ready', flush=True)
+while True:
+    c, a = s.accept(); c.sendall(b'sandbox\n'); c.close()
+"#;
+
 const PROBE: &str = r#"
 import json, socket, sys, threading
 probes = json.loads(sys.argv[1]); res = [None] * len(probes)
@@ -161,6 +171,9 @@ impl World {
         inns(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
         inns(&["link", "set", "lo", "up"]);
         inns(&["link", "set", "eth0", "up"]);
+        // So that the test internet could open connections to sandboxes
+        // through the host, were it not for the rules.
+        inns(&["route", "add", "100.96.0.0/12", "via", "198.18.7.1"]);
         must(&[
             "ip",
             "route",
@@ -480,6 +493,40 @@ fn kernel_egress_enforces_the_allowlist() {
             r[i]
         );
     }
+
+    // Inbound: the host may connect to a service in the sandbox; the test
+    // internet, routed through the (forwarding) host, may not.
+    let mut listener = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", sb.pid()))
+        .args(["python3", "-c", SANDBOX_SERVER])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(listener.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let target = std::net::SocketAddr::from((eg.sandbox_ip(), 9000));
+    let from_host = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+    assert!(
+        from_host.is_ok(),
+        "the host cannot reach the sandbox: {from_host:?}"
+    );
+    let from_inet = Command::new("ip")
+        .args(["netns", "exec", &world.ns, "python3", "-c", PROBE])
+        .arg(format!("[[\"tcp\", \"{}\", 9000]]", eg.sandbox_ip()))
+        .output()
+        .unwrap();
+    let from_inet = String::from_utf8_lossy(&from_inet.stdout).into_owned();
+    assert!(
+        from_inet.contains("TimeoutError"),
+        "the outside reached into the sandbox: {from_inet}"
+    );
+    let _ = listener.kill();
+    let _ = listener.wait();
     eg.teardown().unwrap();
     assert_gone(&world, &id);
 

@@ -34,7 +34,8 @@
 //!      they match any other allow rule, else dropped. Anything not IPv4
 //!      (IPv6, ...) from the sandbox is dropped.
 //!    * input (the host itself, any of its addresses): from the sandbox only
-//!      replies to connections the host opened, the DNS rule, and allow
+//!      replies to connections the host opened (`ct direction reply`), the
+//!      DNS rule, and allow
 //!      rules that are explicit (inside a special-purpose block) or name a
 //!      single address (`/32`); everything else dropped. So `0.0.0.0/0:443`
 //!      opens the public internet on 443 but not the host's own port 443.
@@ -72,8 +73,10 @@
 //! # What this mode guarantees
 //!
 //! * Every IPv4 packet the sandbox sends through its link is checked by the
-//!   kernel against address, protocol and port, whatever the program does
-//!   (raw sockets included, should the sandbox have them): it reaches only
+//!   kernel against address, protocol and port, whatever the program does —
+//!   the rules sit on the host side, so they hold even if the sandbox has
+//!   `CAP_NET_ADMIN`/`CAP_NET_RAW` in its own namespaces (changes its
+//!   address, sends raw packets): it reaches only
 //!   the allowed `CIDR[:port]`s. Nothing else leaves: no other address,
 //!   port or protocol (UDP only to rules marked UDP or the DNS address),
 //!   no IPv6, no forged source address.
@@ -81,7 +84,11 @@
 //!   through rules that name it explicitly; 169.254.0.0/16 (cloud metadata)
 //!   and the other special-purpose ranges, other sandboxes included, are
 //!   unreachable unless a rule lies inside them.
-//! * Nothing from outside can open a connection into the sandbox.
+//! * Nothing from outside can open a connection into the sandbox (the host
+//!   itself can, e.g. for the engine to reach a service in it).
+//! * Changing the policy (teardown, setup with new rules) applies to
+//!   connections already open: forwarded packets are checked one by one,
+//!   not waved through as "established".
 //! * Setup is atomic with respect to filtering: the table exists before the
 //!   link does, and is removed only after it.
 //!
@@ -108,6 +115,10 @@
 //!   what this table drops (a drop in any base chain is final).
 //! * Byte and connection caps are not enforced here (the proxy mode has
 //!   them).
+//! * Conntrack entries are not flushed: a connection the *host* opened into
+//!   the sandbox keeps working across a policy change.
+//! * Setup takes a few ms; teardown 15–30 ms, nearly all of it the kernel
+//!   unregistering the veth (see [`KernelEgress::teardown_in_background`]).
 //! * Needs root: `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` in the host's
 //!   namespaces, nf_tables with `ct` and `masq` support.
 

@@ -66,6 +66,8 @@ const NFTA_BITWISE_XOR: u16 = 5;
 const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
+const NFT_CT_DIRECTION: u32 = 1;
+const IP_CT_DIR_REPLY: u8 = 1;
 /// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED) | NF_CT_STATE_BIT(IP_CT_RELATED)`.
 const CT_ESTABLISHED_RELATED: u32 = (1 << 1) | (1 << 2);
 
@@ -150,6 +152,9 @@ pub(crate) enum Match {
     L4(u8),
     Dport(u16),
     CtEstablishedRelated,
+    /// The packet travels in the reply direction of its connection (the
+    /// connection was opened by the other side).
+    CtReply,
 }
 
 /// What a rule does.
@@ -218,6 +223,7 @@ impl fmt::Display for Rule {
                 )?,
                 Match::Dport(p) => write!(f, " th dport {p}")?,
                 Match::CtEstablishedRelated => write!(f, " ct state established,related")?,
+                Match::CtReply => write!(f, " ct direction reply")?,
             }
         }
         let v = match self.verdict {
@@ -308,11 +314,14 @@ pub(crate) fn ruleset(
     }
     out.push(rule(Chain::Forward, vec![iif()], Verdict::Drop));
 
-    // input (the host itself): replies to connections the host opened, and
-    // only explicit allows (inside a special range, or a single address).
+    // input (the host itself): replies to connections the host opened (the
+    // reply direction only: a sandbox-opened connection, even one left in
+    // conntrack from an earlier policy, is checked against the rules on
+    // every packet), and only explicit allows (inside a special range, or a
+    // single address).
     out.push(rule(
         Chain::Input,
-        vec![iif(), Match::CtEstablishedRelated],
+        vec![iif(), Match::CtReply, Match::CtEstablishedRelated],
         Verdict::Accept,
     ));
     out.push(rule(
@@ -446,6 +455,13 @@ fn encode_match(m: &mut MsgBuf, x: &Match) {
             });
             bitwise(m, &CT_ESTABLISHED_RELATED.to_ne_bytes());
             cmp(m, NFT_CMP_NEQ, &0u32.to_ne_bytes());
+        }
+        Match::CtReply => {
+            expr(m, "ct", |m| {
+                m.attr_be32(NFTA_CT_KEY, NFT_CT_DIRECTION);
+                m.attr_be32(NFTA_CT_DREG, NFT_REG_1);
+            });
+            cmp(m, NFT_CMP_EQ, &[IP_CT_DIR_REPLY]);
         }
     }
 }

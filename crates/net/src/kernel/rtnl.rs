@@ -57,7 +57,6 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; 16] {
 }
 
 /// `struct rtmsg` (12 bytes).
-#[allow(clippy::too_many_arguments)]
 fn rtmsg(dst_len: u8, src_len: u8, table: u8, protocol: u8, scope: u8, ty: u8) -> [u8; 12] {
     [
         AF_INET, dst_len, src_len, 0, table, protocol, scope, ty, 0, 0, 0, 0,
