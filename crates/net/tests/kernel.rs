@@ -106,10 +106,17 @@ while True:
     time.sleep(60)
 "#;
 
+/// In the sandbox: TCP on 9000, and a UDP sink on 9001 that reports the
+/// source of every datagram (one-way traffic needs no reply to arrive).
 const SANDBOX_SERVER: &str = r#"
-import socket
+import socket, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('0.0.0.0', 9000)); s.listen(8)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('0.0.0.0', 9001))
+def sink():
+    while True:
+        d, a = u.recvfrom(100); print('udp from ' + a[0], flush=True)
+threading.Thread(target=sink, daemon=True).start()
 print('ready', flush=True)
 while True:
     c, a = s.accept(); c.sendall(b'sandbox\n'); c.close()
@@ -502,13 +509,17 @@ fn kernel_egress_enforces_the_allowlist() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(listener.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let lines = {
+        let out = listener.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        rx
+    };
+    assert_eq!(lines.recv_timeout(Duration::from_secs(5)).unwrap(), "ready");
     let target = std::net::SocketAddr::from((eg.sandbox_ip(), 9000));
     let from_host = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
     assert!(
@@ -525,13 +536,43 @@ fn kernel_egress_enforces_the_allowlist() {
         from_inet.contains("TimeoutError"),
         "the outside reached into the sandbox: {from_inet}"
     );
+    // One-way UDP: from the host it arrives, from outside it must not.
+    let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    u.send_to(b"x", (eg.sandbox_ip(), 9001)).unwrap();
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(2)).unwrap(),
+        format!("udp from {}", eg.host_ip())
+    );
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &world.ns,
+        "python3",
+        "-c",
+        &format!(
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+             [s.sendto(b'x', ('{}', 9001)) for _ in range(3)]",
+            eg.sandbox_ip()
+        ),
+    ]);
+    let got = lines.recv_timeout(Duration::from_secs(1));
+    assert!(
+        got.is_err(),
+        "one-way UDP from outside reached the sandbox: {got:?}"
+    );
     let _ = listener.kill();
     let _ = listener.wait();
     eg.teardown().unwrap();
     assert_gone(&world, &id);
 
     // 3. A catch-all rule opens public addresses only: special-purpose
-    //    ranges (the test hosts, metadata) and the host stay closed.
+    //    ranges (the test hosts, metadata) and the host stay closed. (For a
+    //    /0 rule the library enables forwarding on the default route's
+    //    interfaces only; the test turns it on for its own uplink so that
+    //    only the rules can refuse.)
+    let fwd = format!("/proc/sys/net/ipv4/conf/{}/forwarding", world.uplink);
+    std::fs::write(&fwd, "1").unwrap();
     let eg = KernelEgress::setup(&cfg(
         &sb,
         &id,
@@ -550,6 +591,7 @@ fn kernel_egress_enforces_the_allowlist() {
         "a catch-all rule opened a special range or the host: {r:?}"
     );
     eg.teardown().unwrap();
+    std::fs::write(&fwd, "0").unwrap();
 
     // 4. DNS only: UDP and TCP 53 to the resolver, nothing else.
     let eg = KernelEgress::setup(&cfg(&sb, &id, vec![], Some(INET.parse().unwrap()))).unwrap();
