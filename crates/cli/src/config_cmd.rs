@@ -484,7 +484,28 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
                 );
             }
         }
-        Execution::Sandboxed(Box::new(r.to_spec(command)?))
+        let spec = r.to_spec(command)?;
+        if let Some(ws) = &r.workspace {
+            // SAFETY: geteuid cannot fail.
+            if r.workspace_is_default() && unsafe { libc::geteuid() } == 0 {
+                // A rootful sandbox writes as its own unprivileged host uid;
+                // nanoclaw's own default workspaces belong to that uid, so
+                // no id mapping (and no write as the host's root) is needed.
+                let base = nanoclaw_sandbox::native::ROOTFUL_ID_BASE;
+                std::os::unix::fs::chown(
+                    ws,
+                    Some(base + spec.user.uid),
+                    Some(base + spec.user.gid),
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot hand the workspace {} to the sandbox user",
+                        ws.display()
+                    )
+                })?;
+            }
+        }
+        Execution::Sandboxed(Box::new(spec))
     } else {
         let key = r
             .sources

@@ -326,6 +326,15 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
         (_, WorkspaceAccess::None) => {}
     }
+    // The same dangerous-source checks as the config file (/, /etc, the
+    // Docker socket, ~/.ssh, .env files, ...), for the flags too.
+    let mut binds = a.mounts.clone();
+    if let (Some(ws), WorkspaceAccess::Ro | WorkspaceAccess::Rw) =
+        (&a.workspace, a.workspace_access)
+    {
+        binds.push(format!("{}:/workspace:ro", ws.display()));
+    }
+    crate::config_cmd::parse_cli_mounts(&binds)?;
     for m in &a.mounts {
         spec.mounts.push(parse_mount(m)?);
     }

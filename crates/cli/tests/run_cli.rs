@@ -108,12 +108,72 @@ fn kill_all(pids: &[i32]) {
     }
 }
 
-/// A host dir the sandbox user (whatever it maps to) can use.
+/// A host dir the sandbox user (whatever it maps to) can use. As root it is
+/// handed to an unprivileged owner (`nanotest` if it exists): a rootful
+/// read-write mount of a root-owned directory is refused by design.
 fn host_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(unique(tag));
     fs::create_dir_all(&d).expect("mkdir");
     fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    if is_root() {
+        let (uid, gid) = rootless_user().unwrap_or((1_073_742_824, 1_073_742_824));
+        std::os::unix::fs::chown(&d, Some(uid), Some(gid)).expect("chown host dir");
+    }
     d
+}
+
+#[test]
+fn rootful_rw_mount_of_a_root_owned_dir_is_refused() {
+    let _g = shared();
+    if !is_root() {
+        eprintln!("SKIPPED rootful_rw_mount_of_a_root_owned_dir_is_refused: needs root");
+        return;
+    }
+    let d = std::env::temp_dir().join(unique("rootowned"));
+    fs::create_dir_all(&d).expect("mkdir");
+    let w = d.to_str().expect("utf-8");
+    let root_mode = Mode {
+        name: "root",
+        user: None,
+    };
+    for args in [
+        vec![
+            "run",
+            "--workspace",
+            w,
+            "--workspace-access",
+            "rw",
+            "--",
+            "true",
+        ],
+        vec!["run", "--mount", &format!("{w}:/data:rw"), "--", "true"],
+    ] {
+        let o = run(root_mode, &args);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "{args:?}: {err}");
+        assert!(err.contains("owned by root"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // Read-only is fine, and host permissions still apply inside.
+    fs::write(d.join("secret"), "s").expect("write");
+    fs::set_permissions(d.join("secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let o = run(
+        root_mode,
+        &[
+            "run",
+            "--mount",
+            &format!("{w}:/data:ro"),
+            "--",
+            "cat",
+            "/data/secret",
+        ],
+    );
+    assert_ne!(
+        code(&o),
+        0,
+        "a 0600 root file was readable through a ro mount"
+    );
+    let _ = fs::remove_dir_all(&d);
 }
 
 // ---------------------------------------------------------------- exit codes
@@ -1199,6 +1259,48 @@ fn host_is_invisible_and_root_read_only() {
             "[{}] network: {out} {}",
             m.name,
             text(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn sandbox_dies_with_a_sigkilled_runner() {
+    let _g = shared();
+    for m in modes("sandbox_dies_with_a_sigkilled_runner") {
+        let marker = unique("lifeline");
+        let mut child = nc(
+            m,
+            &[
+                "run",
+                "--timeout",
+                "60s",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep 1000 # {marker}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+        let t = Instant::now();
+        while pids_with(&format!("# {marker}")).is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !pids_with(&format!("# {marker}")).is_empty(),
+            "[{}] the payload never started",
+            m.name
+        );
+        // SIGKILL: nanoclaw gets no chance to clean up; init must notice.
+        let _ = child.kill();
+        let _ = child.wait();
+        let left = wait_gone(&marker, 5);
+        assert!(
+            left.is_empty(),
+            "[{}] sandbox processes outlived the runner: {left:?}",
+            m.name
         );
     }
 }

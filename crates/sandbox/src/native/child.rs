@@ -174,8 +174,9 @@ pub(crate) struct ChildPlan {
     pub stdout_w: RawFd,
     pub stderr_w: RawFd,
     pub stdin: StdinFd,
-    /// Runner-side fds the child must close right away.
-    pub close_in_child: Vec<RawFd>,
+    /// The only descriptors the child keeps (sorted); every other one is
+    /// closed first thing.
+    pub keep_fds: Vec<RawFd>,
     pub uid: u32,
     pub gid: u32,
     pub keep_caps: Vec<super::caps::Cap>,
@@ -228,16 +229,13 @@ macro_rules! tryc {
 /// The sandbox's first process: builds the root, forks the payload and
 /// becomes its init. Never returns.
 pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
-    for fd in &plan.close_in_child {
-        sys::close(*fd);
-    }
-    // Die with the runner: the runner being killed must not leave the sandbox
-    // running.
-    tryc!(
-        plan,
-        Step::DeathSignal,
-        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
-    );
+    // Keep only our own descriptors: a runner with several sandboxes must
+    // not leak one sandbox's pipes (or its lifeline) into another.
+    close_all_but(&plan.keep_fds);
+    // No PR_SET_PDEATHSIG: it fires when the runner *thread* that cloned us
+    // exits, and is cleared by the credential change below. Init watches
+    // the sync pipe instead, whose write end only the runner holds (the
+    // lifeline): when the runner dies, init and the whole sandbox die.
     // Block every signal: init handles them synchronously with sigwaitinfo,
     // and the payload resets the mask before exec.
     block_all_signals();
@@ -299,7 +297,6 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         Ok(_) => sys::exit_now(125),
         Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
     }
-    sys::close(plan.sync_r);
     // SAFETY: unshare with a namespace flag has no memory-safety requirements.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
         fail(plan.err_w, Step::CgroupNs, 0, sys::errno());
@@ -329,7 +326,25 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     if let StdinFd::Pipe(fd) = plan.stdin {
         sys::close(fd);
     }
-    init_loop(pid, plan.status_w)
+    init_loop(pid, plan.status_w, plan.sync_r)
+}
+
+/// Closes every descriptor from 3 up except those in `keep` (sorted).
+fn close_all_but(keep: &[RawFd]) {
+    let mut next: libc::c_uint = 3;
+    for &fd in keep {
+        let Ok(fd) = libc::c_uint::try_from(fd) else {
+            continue;
+        };
+        if fd < next {
+            continue;
+        }
+        if fd > next {
+            sys::close_range(next, fd - 1);
+        }
+        next = fd + 1;
+    }
+    sys::close_range(next, libc::c_uint::MAX);
 }
 
 /// Sets `lo` up in the sandbox's new network namespace (it starts down).
@@ -656,19 +671,52 @@ fn reset_signals() {
 
 /// pid 1: reaps every child, forwards signals from outside the sandbox to
 /// the payload, and exits (taking the whole pid namespace with it) when the
-/// payload exits, after reporting its wait status.
-fn init_loop(payload: libc::pid_t, status_w: RawFd) -> ! {
-    // SAFETY: `set` and `info` are valid, zero-initialised C structs that the
-    // calls fill in; waitpid writes into `status`.
+/// payload exits, after reporting its wait status — or at once when the
+/// runner goes away (its end of the lifeline pipe closes).
+fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
+    // SAFETY: `set`, the pollfd array and `si` are valid, initialised C
+    // structs that the calls fill in; waitpid writes into `status`.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
+        let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if sfd < 0 {
+            sys::exit_now(125);
+        }
         loop {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let sig = libc::sigwaitinfo(&set, &mut info);
-            if sig < 0 {
+            let mut fds = [
+                libc::pollfd {
+                    fd: sfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: lifeline,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
                 continue;
             }
+            if fds[1].revents != 0 {
+                // The runner is gone (or broke protocol): nobody will reap,
+                // limit or time this sandbox any more, so it ends now.
+                sys::exit_now(125);
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            let mut si: libc::signalfd_siginfo = std::mem::zeroed();
+            let n = libc::read(
+                sfd,
+                (&mut si as *mut libc::signalfd_siginfo).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            );
+            if n <= 0 {
+                continue;
+            }
+            let sig = si.ssi_signo as libc::c_int;
             if sig == libc::SIGCHLD {
                 loop {
                     let mut status = 0;
@@ -681,7 +729,7 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd) -> ! {
                         sys::exit_now(0);
                     }
                 }
-            } else if info.si_pid() == 0 {
+            } else if si.ssi_pid == 0 {
                 // Sent from outside the sandbox's pid namespace (the runner):
                 // pass it on. Signals from inside are dropped.
                 let _ = sys::kill(payload, sig);

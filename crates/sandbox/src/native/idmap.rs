@@ -25,14 +25,13 @@ pub(crate) fn idmapped_clone(
     uid: u32,
     gid: u32,
 ) -> Result<RawFd, Error> {
-    let mut uid_map = format!("{} {} 1\n", md.uid(), ROOTFUL_ID_BASE + uid);
-    let mut gid_map = format!("{} {} 1\n", md.gid(), ROOTFUL_ID_BASE + gid);
-    if md.uid() != 0 && uid != 0 {
-        uid_map.push_str(&format!("0 {ROOTFUL_ID_BASE} 1\n"));
-    }
-    if md.gid() != 0 && gid != 0 {
-        gid_map.push_str(&format!("0 {ROOTFUL_ID_BASE} 1\n"));
-    }
+    // Only the (unprivileged) owner is mapped: the host's uid 0 and gid 0
+    // never appear in the mapping, so nothing the sandbox does on this
+    // mount can act as, or create files owned by, the host's root.
+    debug_assert_ne!(md.uid(), 0);
+    let group = if md.gid() == 0 { md.uid() } else { md.gid() };
+    let uid_map = format!("{} {} 1\n", md.uid(), ROOTFUL_ID_BASE + uid);
+    let gid_map = format!("{} {} 1\n", group, ROOTFUL_ID_BASE + gid);
     let userns = userns_fd(&uid_map, &gid_map)?;
     let flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;

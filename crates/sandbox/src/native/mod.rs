@@ -75,6 +75,8 @@ pub struct Sandbox {
     pub(crate) proxy: Option<nanoclaw_net::BlockingProxy>,
     /// `none`, `allowlist` or `open`.
     pub(crate) net_mode: &'static str,
+    /// The runner's end of init's lifeline pipe.
+    pub(crate) lifeline: Option<RawFd>,
     /// Reaped and cleaned up; nothing left to do on drop.
     pub(crate) released: bool,
 }
@@ -224,18 +226,26 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
         })?;
         let md = std::fs::metadata(format!("/proc/self/fd/{fd}"))
             .map_err(|e| Error::InvalidSpec(format!("mount source {}: {e}", m.source.display())))?;
-        let idmapped_fd = if rootful {
-            match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
-                Ok(t) => Some(t),
-                // A read-only mount works without the id shift; files just
-                // show the host owners as `nobody`.
-                Err(_) if m.access == Access::Ro => None,
+        let idmapped_fd = if rootful && m.access == Access::Rw {
+            match rw_ownership(&m.source, &md, spec.user.uid) {
+                Ok(RwOwnership::Direct) => None,
+                Ok(RwOwnership::Idmap) => {
+                    match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            sys::close(fd);
+                            return Err(e);
+                        }
+                    }
+                }
                 Err(e) => {
                     sys::close(fd);
                     return Err(e);
                 }
             }
         } else {
+            // Read-only mounts are plain binds: host files keep their owners
+            // and permissions (they show as `nobody` inside).
             None
         };
         out.push(UserMount {
@@ -254,6 +264,34 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
 }
 
 mod idmap;
+
+/// How a rootful read-write mount is made writable for the sandbox user.
+enum RwOwnership {
+    /// The source already belongs to the sandbox user's host uid.
+    Direct,
+    /// An idmapped mount maps the source's (unprivileged) owner to the
+    /// sandbox user: the sandbox writes with exactly that owner's authority.
+    Idmap,
+}
+
+/// Decides how a rootful rw mount may be written. A source owned by the
+/// host's root is refused: the sandbox would write (and could create
+/// setuid files) as root on the host.
+fn rw_ownership(source: &Path, md: &std::fs::Metadata, uid: u32) -> Result<RwOwnership, Error> {
+    if md.uid() == ROOTFUL_ID_BASE + uid {
+        Ok(RwOwnership::Direct)
+    } else if md.uid() == 0 {
+        Err(Error::InvalidSpec(format!(
+            "{} is owned by root: a read-write mount would let the sandbox write (and plant setuid files) as the host's root; \
+             chown it to an unprivileged user (files the sandbox writes then belong to that user), \
+             or to {} (the sandbox user's own host uid), or mount it ro",
+            source.display(),
+            ROOTFUL_ID_BASE + uid
+        )))
+    } else {
+        Ok(RwOwnership::Idmap)
+    }
+}
 
 /// Starts a sandbox for `spec`. The returned [`Sandbox`] must be passed to
 /// [`wait`], which reaps it and releases everything it holds.
@@ -404,19 +442,21 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         (Stdin::Bytes(_), Some((r, _))) => StdinFd::Pipe(r),
         (Stdin::Bytes(_), None) => StdinFd::Null,
     };
-    let mut close_in_child = vec![
-        pipes.sync.1,
-        pipes.err.0,
-        pipes.status.0,
-        pipes.stdout.0,
-        pipes.stderr.0,
+    let mut keep_fds = vec![
+        pipes.sync.0,
+        pipes.err.1,
+        pipes.status.1,
+        pipes.stdout.1,
+        pipes.stderr.1,
     ];
-    if let Some((_, w)) = pipes.stdin {
-        close_in_child.push(w);
+    if let Some((r, _)) = pipes.stdin {
+        keep_fds.push(r);
     }
-    if let Some((runner_end, _)) = net_pair {
-        close_in_child.push(runner_end);
+    if let Some((_, child_end)) = net_pair {
+        keep_fds.push(child_end);
     }
+    keep_fds.extend(guard.0.iter().copied());
+    keep_fds.sort_unstable();
     let child_plan = ChildPlan {
         rootful,
         hostname: cstr(&spec.hostname, "hostname")?,
@@ -427,7 +467,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         stdout_w: pipes.stdout.1,
         stderr_w: pipes.stderr.1,
         stdin,
-        close_in_child,
+        keep_fds,
         uid: spec.user.uid,
         gid: spec.user.gid,
         keep_caps,
@@ -508,6 +548,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         kill_flag: Default::default(),
         signal_fd,
         proxy: None,
+        lifeline: None,
         net_mode: match spec.network {
             Network::None => "none",
             Network::Allowlist { .. } => "allowlist",
@@ -543,7 +584,9 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         }
         go("cgroup joined")
     })();
-    sys::close(pipes.sync.1);
+    // The write end of the sync pipe stays open for the sandbox's life: it
+    // is init's lifeline (init exits when it closes, e.g. the runner dies).
+    sb.lifeline = Some(pipes.sync.1);
     drop(guard);
     let report = supervise::read_setup_report(pipes.err.0);
     sys::close(pipes.err.0);

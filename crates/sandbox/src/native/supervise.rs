@@ -139,6 +139,9 @@ fn release(sb: &mut Sandbox) {
     for fd in [sb.stdout_r, sb.stderr_r, sb.status_r] {
         sys::close(fd);
     }
+    if let Some(fd) = sb.lifeline.take() {
+        sys::close(fd);
+    }
     if let Some((w, _)) = sb.stdin_w.take() {
         sys::close(w);
     }

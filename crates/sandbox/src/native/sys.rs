@@ -412,3 +412,16 @@ pub fn listen_loopback(port: u16) -> io::Result<RawFd> {
         Ok(fd)
     }
 }
+
+/// `close_range(first, last, 0)`; falls back to closing one by one (up to
+/// 4096) on kernels without it.
+pub fn close_range(first: libc::c_uint, last: libc::c_uint) {
+    // SAFETY: close_range only manipulates the fd table.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_uint) };
+    if ret == 0 {
+        return;
+    }
+    for fd in first..=last.min(4096) {
+        close(fd as RawFd);
+    }
+}
