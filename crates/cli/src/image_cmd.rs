@@ -143,7 +143,10 @@ pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<50} {:<14} {:>7} {:>10}", "REFERENCE", "IMAGE ID", "LAYERS", "SIZE");
+                println!(
+                    "{:<50} {:<14} {:>7} {:>10}",
+                    "REFERENCE", "IMAGE ID", "LAYERS", "SIZE"
+                );
                 for r in list {
                     let size: u64 = r.layers.iter().map(|l| l.blob_size).sum();
                     println!(
@@ -163,7 +166,10 @@ pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
             if let Some(o) = v.as_object_mut() {
                 o.insert("id".into(), serde_json::json!(rec.config_digest));
                 o.insert("layer_dirs".into(), serde_json::json!(root.layers));
-                o.insert("rootless_xattrs".into(), serde_json::json!(root.rootless_xattrs));
+                o.insert(
+                    "rootless_xattrs".into(),
+                    serde_json::json!(root.rootless_xattrs),
+                );
                 o.insert("store".into(), serde_json::json!(store.root()));
             }
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -191,8 +197,16 @@ pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
             } else {
                 println!("images:          {}", s.images);
                 println!("layers stored:   {}", s.layers);
-                println!("layers reused:   {} ({} not downloaded)", s.layers_reused, human(s.bytes_reused));
-                println!("layers fetched:  {} ({})", s.layers_fetched, human(s.bytes_fetched));
+                println!(
+                    "layers reused:   {} ({} not downloaded)",
+                    s.layers_reused,
+                    human(s.bytes_reused)
+                );
+                println!(
+                    "layers fetched:  {} ({})",
+                    s.layers_fetched,
+                    human(s.bytes_fetched)
+                );
                 println!("cache hit ratio: {:.1}%", s.hit_ratio * 100.0);
             }
         }

@@ -14,7 +14,10 @@ use nanoclaw_image::{unpack_layer, UnpackMode};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mb: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
-    let base = args.get(2).map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = args
+        .get(2)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let work = tempfile::tempdir_in(&base).unwrap();
     // ~70% of bytes in files of 1-8 MB, the rest in many 1-64 KiB files.
     let mut b = tar::Builder::new(Vec::with_capacity(mb << 20));
@@ -30,17 +33,33 @@ fn main() {
     let mut dir = 0;
     while total < target {
         let big = total < target * 7 / 10;
-        let size = if big { (1 << 20) + (rnd() as usize % (7 << 20)) } else { 1024 + (rnd() as usize % (63 << 10)) };
+        let size = if big {
+            (1 << 20) + (rnd() as usize % (7 << 20))
+        } else {
+            1024 + (rnd() as usize % (63 << 10))
+        };
         if files % 100 == 0 {
             dir += 1;
         }
-        // Semi-compressible content: text-like bytes.
-        let data: Vec<u8> = (0..size).map(|i| b"abcdefghij klmnop\n"[(i * 7 + (i >> 9)) % 18]).collect();
+        // About 1.6:1 compressible, like binaries and libraries: random
+        // bytes from a small alphabet with runs.
+        let data: Vec<u8> = (0..size / 8)
+            .flat_map(|_| {
+                let r = rnd();
+                if r & 3 == 0 {
+                    [0u8; 8]
+                } else {
+                    (r & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes()
+                }
+            })
+            .collect();
+        let size = data.len();
         let mut h = tar::Header::new_gnu();
         h.set_size(size as u64);
         h.set_mode(0o644);
         h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, format!("usr/lib/d{dir}/f{files}"), &data[..]).unwrap();
+        b.append_data(&mut h, format!("usr/lib/d{dir}/f{files}"), &data[..])
+            .unwrap();
         total += size;
         files += 1;
     }
@@ -48,7 +67,12 @@ fn main() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&tar).unwrap();
     let gz = gz.finish().unwrap();
-    let mode = if unsafe { libc::geteuid() } == 0 { UnpackMode::Rootful } else { UnpackMode::Rootless };
+    // SAFETY: geteuid cannot fail.
+    let mode = if unsafe { libc::geteuid() } == 0 {
+        UnpackMode::Rootful
+    } else {
+        UnpackMode::Rootless
+    };
     println!(
         "layer: {files} files, {:.0} MB tar, {:.0} MB gzip; unpacking into {} as {mode:?}",
         tar.len() as f64 / 1e6,
@@ -66,6 +90,10 @@ fn main() {
             assert_eq!(rep.tar_size as usize, tar.len());
             std::fs::remove_dir_all(&dest).unwrap();
         }
-        println!("{name:>9}: {:.0} MB/s (uncompressed bytes, best of 3, {:.3}s)", tar.len() as f64 / 1e6 / best, best);
+        println!(
+            "{name:>9}: {:.0} MB/s (uncompressed bytes, best of 3, {:.3}s)",
+            tar.len() as f64 / 1e6 / best,
+            best
+        );
     }
 }

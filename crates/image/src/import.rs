@@ -27,15 +27,20 @@ impl Store {
             (path.to_path_buf(), false)
         } else {
             let dest = txn.temp_path("src");
-            let f = File::open(path).map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
+            let f = File::open(path)
+                .map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
             // Safe extraction (no traversal, no symlink following); owner untouched.
-            unpack_layer(f, &dest, UnpackMode::Rootless, &path.display().to_string()).map_err(|e| match e {
-                ImageError::Invalid { reason, .. } => ImageError::invalid(
-                    format!("archive {}", path.display()),
-                    format!("{reason} (expected a `docker save` tarball or an OCI image layout)"),
-                ),
-                other => other,
-            })?;
+            unpack_layer(f, &dest, UnpackMode::Rootless, &path.display().to_string()).map_err(
+                |e| match e {
+                    ImageError::Invalid { reason, .. } => ImageError::invalid(
+                        format!("archive {}", path.display()),
+                        format!(
+                            "{reason} (expected a `docker save` tarball or an OCI image layout)"
+                        ),
+                    ),
+                    other => other,
+                },
+            )?;
             (dest, true)
         };
         let src = src
@@ -59,7 +64,8 @@ impl Store {
             ));
         };
         if let Some(t) = tag {
-            let distinct: std::collections::HashSet<_> = records.iter().map(|r| r.config_digest.clone()).collect();
+            let distinct: std::collections::HashSet<_> =
+                records.iter().map(|r| r.config_digest.clone()).collect();
             if distinct.len() > 1 {
                 return Err(ImageError::invalid(
                     format!("archive {}", path.display()),
@@ -74,11 +80,17 @@ impl Store {
         } else if let Some(r) = records.iter().find(|r| r.reference.is_empty()) {
             return Err(ImageError::invalid(
                 format!("archive {}", path.display()),
-                format!("image {} has no name in the archive; pass --tag NAME", r.config_digest),
+                format!(
+                    "image {} has no name in the archive; pass --tag NAME",
+                    r.config_digest
+                ),
             ));
         }
         if records.is_empty() {
-            return Err(ImageError::invalid(format!("archive {}", path.display()), "it holds no image"));
+            return Err(ImageError::invalid(
+                format!("archive {}", path.display()),
+                "it holds no image",
+            ));
         }
         txn.commit(&records)?;
         Ok(records)
@@ -111,7 +123,10 @@ impl Importer<'_, '_> {
     /// A file inside the source, refusing anything that leaves it.
     fn file(&self, rel: &str) -> Result<PathBuf, ImageError> {
         if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
-            return Err(ImageError::invalid("archive", format!("path {rel:?} leaves the archive")));
+            return Err(ImageError::invalid(
+                "archive",
+                format!("path {rel:?} leaves the archive"),
+            ));
         }
         let p = self.src.join(rel);
         let real = p
@@ -145,7 +160,12 @@ impl Importer<'_, '_> {
     }
 
     /// Unpack (or reuse) one layer.
-    fn layer(&mut self, rel: &str, expect_blob: Option<&Digest>, diff: &Digest) -> Result<LayerInfo, ImageError> {
+    fn layer(
+        &mut self,
+        rel: &str,
+        expect_blob: Option<&Digest>,
+        diff: &Digest,
+    ) -> Result<LayerInfo, ImageError> {
         if let Some(l) = self.done.get(diff) {
             return Ok(l.clone());
         }
@@ -160,7 +180,8 @@ impl Importer<'_, '_> {
                 media_type: crate::oci::OCI_LAYER_TAR.into(),
             }
         } else {
-            let f = File::open(&p).map_err(|e| ImageError::io(format!("reading {rel} in the archive"), e))?;
+            let f = File::open(&p)
+                .map_err(|e| ImageError::io(format!("reading {rel} in the archive"), e))?;
             let info = self.txn.add_layer(f, rel, expect_blob, Some(diff))?;
             // Keep the verified blob: move it when the source is our own
             // extraction, copy it from a user's directory.
@@ -237,7 +258,11 @@ impl Importer<'_, '_> {
             for (rel, diff) in e.layers.iter().zip(cfg.rootfs.diff_ids.iter()) {
                 // Docker ≥ 25 names layers blobs/sha256/<digest>; the classic
                 // <id>/layer.tar is an uncompressed tar checked by diff_id.
-                let expect_blob = if rel.starts_with("blobs/") { digest_in_name(rel) } else { None };
+                let expect_blob = if rel.starts_with("blobs/") {
+                    digest_in_name(rel)
+                } else {
+                    None
+                };
                 layers.push(self.layer(rel, expect_blob.as_ref(), diff)?);
             }
             let (_, manifest_digest) = self.txn.put_manifest(&cfg_bytes, &layers)?;
@@ -247,7 +272,13 @@ impl Importer<'_, '_> {
             } else {
                 for n in names {
                     let r = Reference::parse(&n)?.to_string();
-                    out.push(self.record(r, manifest_digest.clone(), config_digest.clone(), &cfg, layers.clone()));
+                    out.push(self.record(
+                        r,
+                        manifest_digest.clone(),
+                        config_digest.clone(),
+                        &cfg,
+                        layers.clone(),
+                    ));
                 }
             }
         }
@@ -260,7 +291,10 @@ impl Importer<'_, '_> {
             let v: serde_json::Value = serde_json::from_slice(&layout)
                 .map_err(|e| ImageError::invalid("oci-layout", e))?;
             if v.get("imageLayoutVersion").and_then(|v| v.as_str()) != Some("1.0.0") {
-                return Err(ImageError::invalid("oci-layout", "imageLayoutVersion is not 1.0.0"));
+                return Err(ImageError::invalid(
+                    "oci-layout",
+                    "imageLayoutVersion is not 1.0.0",
+                ));
             }
         }
         let index = Manifest::parse(&self.read("index.json")?, None)?;
@@ -282,7 +316,10 @@ impl Importer<'_, '_> {
             let mut mdesc = desc.clone();
             let mut bytes = self.blob(&mdesc.digest)?;
             let mut m = Manifest::parse(&bytes, Some(&mdesc.media_type))?;
-            if m.is_index(Some(&mdesc.media_type)) || mdesc.media_type == OCI_INDEX || mdesc.media_type == DOCKER_LIST {
+            if m.is_index(Some(&mdesc.media_type))
+                || mdesc.media_type == OCI_INDEX
+                || mdesc.media_type == DOCKER_LIST
+            {
                 let Some(pick) = m
                     .manifests
                     .iter()
@@ -291,7 +328,11 @@ impl Importer<'_, '_> {
                     .cloned()
                 else {
                     return Err(ImageError::NoPlatform {
-                        reference: if name.is_empty() { desc.digest.to_string() } else { name.clone() },
+                        reference: if name.is_empty() {
+                            desc.digest.to_string()
+                        } else {
+                            name.clone()
+                        },
                         wanted: want.to_string(),
                         available: m
                             .manifests

@@ -21,7 +21,11 @@ pub(crate) fn lock(path: &Path, exclusive: bool) -> Result<LockGuard, ImageError
         .write(true)
         .open(path)
         .map_err(|e| ImageError::io(format!("opening lock file {}", path.display()), e))?;
-    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
     loop {
         // SAFETY: file is an open fd for the duration of the call.
         let r = unsafe { libc::flock(file.as_raw_fd(), op) };

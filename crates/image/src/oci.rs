@@ -162,7 +162,9 @@ impl Manifest {
     /// Is this an index / manifest list (rather than an image manifest)?
     pub(crate) fn is_index(&self, content_type: Option<&str>) -> bool {
         let mt = self.media_type.as_deref().or(content_type).unwrap_or("");
-        mt == OCI_INDEX || mt == DOCKER_LIST || (self.config.is_none() && !self.manifests.is_empty())
+        mt == OCI_INDEX
+            || mt == DOCKER_LIST
+            || (self.config.is_none() && !self.manifests.is_empty())
     }
 }
 
@@ -198,11 +200,19 @@ pub(crate) struct RunConfig {
     pub user: Option<String>,
     #[serde(rename = "Env", default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
-    #[serde(rename = "Entrypoint", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub entrypoint: Option<Vec<String>>,
     #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
-    #[serde(rename = "WorkingDir", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub working_dir: Option<String>,
     #[serde(rename = "Labels", default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
@@ -227,14 +237,22 @@ impl ConfigFile {
 
     pub(crate) fn platform(&self) -> Platform {
         Platform {
-            os: if self.os.is_empty() { "linux".into() } else { self.os.clone() },
+            os: if self.os.is_empty() {
+                "linux".into()
+            } else {
+                self.os.clone()
+            },
             architecture: self.architecture.clone(),
             variant: self.variant.clone(),
         }
     }
 
     /// A config for `image build`: the platform of this host, diff_ids and run config.
-    pub(crate) fn build(diff_ids: Vec<Digest>, cfg: &ImageConfig, history: Vec<serde_json::Value>) -> ConfigFile {
+    pub(crate) fn build(
+        diff_ids: Vec<Digest>,
+        cfg: &ImageConfig,
+        history: Vec<serde_json::Value>,
+    ) -> ConfigFile {
         let p = Platform::host();
         let opt_vec = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
         ConfigFile {
@@ -248,7 +266,11 @@ impl ConfigFile {
                 entrypoint: opt_vec(&cfg.entrypoint),
                 cmd: opt_vec(&cfg.cmd),
                 working_dir: cfg.working_dir.clone(),
-                labels: if cfg.labels.is_empty() { None } else { Some(cfg.labels.clone()) },
+                labels: if cfg.labels.is_empty() {
+                    None
+                } else {
+                    Some(cfg.labels.clone())
+                },
             },
             rootfs: RootFs {
                 kind: "layers".into(),

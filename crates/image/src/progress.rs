@@ -35,7 +35,9 @@ impl Progress {
         if !self.enabled {
             return;
         }
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(100)) {
             return;
@@ -48,7 +50,9 @@ impl Progress {
         let done = self.done.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed).max(1);
         let pct = (done.min(total) * 100 / total) as usize;
-        let bar: String = (0..30).map(|i| if i * 100 / 30 < pct { '#' } else { '.' }).collect();
+        let bar: String = (0..30)
+            .map(|i| if i * 100 / 30 < pct { '#' } else { '.' })
+            .collect();
         let mb = |b: u64| b as f64 / 1e6;
         let _ = write!(
             std::io::stderr(),

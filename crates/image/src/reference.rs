@@ -48,10 +48,13 @@ impl Reference {
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
                 && !t.starts_with(['.', '-']);
             if !ok {
-                return Err(bad("a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -"));
+                return Err(bad(
+                    "a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+                ));
             }
         }
         if repo.is_empty() {
@@ -152,15 +155,27 @@ mod tests {
     #[test]
     fn docker_defaults() {
         assert_eq!(canon("busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(canon("python:3.11-slim"), "docker.io/library/python:3.11-slim");
-        assert_eq!(canon("library/node:18-alpine"), "docker.io/library/node:18-alpine");
+        assert_eq!(
+            canon("python:3.11-slim"),
+            "docker.io/library/python:3.11-slim"
+        );
+        assert_eq!(
+            canon("library/node:18-alpine"),
+            "docker.io/library/node:18-alpine"
+        );
         assert_eq!(canon("user/repo"), "docker.io/user/repo:latest");
-        assert_eq!(canon("index.docker.io/user/repo:1"), "docker.io/user/repo:1");
+        assert_eq!(
+            canon("index.docker.io/user/repo:1"),
+            "docker.io/user/repo:1"
+        );
         assert_eq!(canon("ghcr.io/o/r/x:v1"), "ghcr.io/o/r/x:v1");
         assert_eq!(canon("localhost:5000/x"), "localhost:5000/x:latest");
         assert_eq!(canon("localhost/x"), "localhost/x:latest");
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(canon(&format!("busybox@{d}")), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(
+            canon(&format!("busybox@{d}")),
+            format!("docker.io/library/busybox@{d}")
+        );
         assert_eq!(
             canon(&format!("127.0.0.1:5000/a/b:t@{d}")),
             format!("127.0.0.1:5000/a/b:t@{d}")
@@ -174,7 +189,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_references() {
-        for bad in ["", "Busybox", "a b", "x:", "x:-t", "x@sha256:zz", "/x", "x//y", "x/", "-x"] {
+        for bad in [
+            "",
+            "Busybox",
+            "a b",
+            "x:",
+            "x:-t",
+            "x@sha256:zz",
+            "/x",
+            "x//y",
+            "x/",
+            "-x",
+        ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

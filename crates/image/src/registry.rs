@@ -78,10 +78,15 @@ fn credentials(opts: &PullOptions, registry: &str) -> Option<(String, String)> {
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
     let auths = v.get("auths")?.as_object()?;
     let keys: Vec<String> = if registry == "docker.io" {
-        ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "docker.io",
+            "registry-1.docker.io",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     } else {
         vec![registry.to_string()]
     };
@@ -96,7 +101,9 @@ fn credentials(opts: &PullOptions, registry: &str) -> Option<(String, String)> {
             continue;
         }
         if let Some(a) = entry.get("auth").and_then(|a| a.as_str()) {
-            let raw = base64::engine::general_purpose::STANDARD.decode(a.trim()).ok()?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(a.trim())
+                .ok()?;
             let s = String::from_utf8(raw).ok()?;
             let (u, p) = s.split_once(':')?;
             return Some((u.to_string(), p.to_string()));
@@ -117,7 +124,9 @@ fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
     let mut params = HashMap::new();
     let mut rest = rest.trim();
     while !rest.is_empty() {
-        let Some((k, after)) = rest.split_once('=') else { break };
+        let Some((k, after)) = rest.split_once('=') else {
+            break;
+        };
         let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let after = after.trim_start();
         let (val, tail) = if let Some(q) = after.strip_prefix('"') {
@@ -279,7 +288,9 @@ impl Client {
                         _ => "",
                     };
                     let body = body.chars().take(200).collect::<String>();
-                    return Err(self.err(format!("GET {url} answered {code}{hint}: {}", body.trim())));
+                    return Err(
+                        self.err(format!("GET {url} answered {code}{hint}: {}", body.trim()))
+                    );
                 }
                 Err(ureq::Error::Transport(t)) => return Err(self.transport_err(&url, &t)),
             }
@@ -287,7 +298,11 @@ impl Client {
     }
 
     /// Fetch a manifest or index; verify its digest.
-    fn manifest(&self, reference: &str, expect: Option<&Digest>) -> Result<(Vec<u8>, String, Digest), ImageError> {
+    fn manifest(
+        &self,
+        reference: &str,
+        expect: Option<&Digest>,
+    ) -> Result<(Vec<u8>, String, Digest), ImageError> {
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
         let resp = self.get(&format!("manifests/{reference}"), &accept)?;
         let ct = resp.content_type().to_string();
@@ -339,7 +354,14 @@ impl Client {
     }
 
     /// Download a blob into `dest`, hashing as it comes; verify.
-    fn download(&self, d: &Descriptor, dest: &std::path::Path, store: &Store, progress: &Progress, abort: &AtomicBool) -> Result<(), ImageError> {
+    fn download(
+        &self,
+        d: &Descriptor,
+        dest: &std::path::Path,
+        store: &Store,
+        progress: &Progress,
+        abort: &AtomicBool,
+    ) -> Result<(), ImageError> {
         let resp = self.get(&format!("blobs/{}", d.digest), "*/*")?;
         let mut reader = resp.into_reader();
         let f = File::create(dest).map_err(|e| store.write_err(dest, "storing a download", e))?;
@@ -365,19 +387,24 @@ impl Client {
             n_total += n as u64;
             if n_total > d.size {
                 return Err(ImageError::DigestMismatch {
-                    what: format!("blob {} (more bytes than the manifest's size {})", d.digest, d.size),
+                    what: format!(
+                        "blob {} (more bytes than the manifest's size {})",
+                        d.digest, d.size
+                    ),
                     expected: d.digest.to_string(),
                     actual: "(longer content)".into(),
                 });
             }
             h.update(&buf[..n]);
-            w.write_all(&buf[..n]).map_err(|e| store.write_err(dest, "storing a download", e))?;
+            w.write_all(&buf[..n])
+                .map_err(|e| store.write_err(dest, "storing a download", e))?;
             progress.advance(n as u64);
         }
         let f = w
             .into_inner()
             .map_err(|e| store.write_err(dest, "storing a download", e.into_error()))?;
-        f.sync_all().map_err(|e| store.write_err(dest, "storing a download", e))?;
+        f.sync_all()
+            .map_err(|e| store.write_err(dest, "storing a download", e))?;
         if n_total < d.size {
             return Err(self.err(format!(
                 "download of blob {} ended after {n_total} of {} bytes (connection closed); nothing was stored, pull again",
@@ -412,7 +439,8 @@ impl Store {
         let client = Client::new(&r, opts);
         let want = opts.platform.clone().unwrap_or_else(Platform::host);
 
-        let (mut bytes, mut ct, mut digest) = client.manifest(&r.manifest_ref(), r.digest.as_ref())?;
+        let (mut bytes, mut ct, mut digest) =
+            client.manifest(&r.manifest_ref(), r.digest.as_ref())?;
         let mut m = Manifest::parse(&bytes, Some(&ct))?;
         if m.is_index(Some(&ct)) {
             let pick = m
@@ -434,7 +462,10 @@ impl Store {
             (bytes, ct, digest) = client.manifest(&pick.digest.to_string(), Some(&pick.digest))?;
             m = Manifest::parse(&bytes, Some(&ct))?;
             if m.is_index(Some(&ct)) {
-                return Err(ImageError::invalid("manifest", "an index inside an index is not supported"));
+                return Err(ImageError::invalid(
+                    "manifest",
+                    "an index inside an index is not supported",
+                ));
             }
         }
         let cdesc = m
@@ -446,7 +477,11 @@ impl Store {
         if cfg.rootfs.diff_ids.len() != m.layers.len() {
             return Err(ImageError::invalid(
                 "image config",
-                format!("{} diff_ids for {} layers", cfg.rootfs.diff_ids.len(), m.layers.len()),
+                format!(
+                    "{} diff_ids for {} layers",
+                    cfg.rootfs.diff_ids.len(),
+                    m.layers.len()
+                ),
             ));
         }
         if !want.matches(&cfg.platform()) && !cfg.architecture.is_empty() {
@@ -481,7 +516,8 @@ impl Store {
             } else if self.has_blob(&d.digest) {
                 let f = File::open(self.blob_path(&d.digest))
                     .map_err(|e| ImageError::io(format!("reading blob {}", d.digest), e))?;
-                let mut info = txn.add_layer(f, &d.digest.to_string(), Some(&d.digest), Some(diff))?;
+                let mut info =
+                    txn.add_layer(f, &d.digest.to_string(), Some(&d.digest), Some(diff))?;
                 info.media_type = d.media_type.clone();
                 infos.insert(diff.clone(), info);
             } else {
@@ -613,8 +649,14 @@ mod tests {
             docker_config: Some(p),
             ..Default::default()
         };
-        assert_eq!(credentials(&opts, "127.0.0.1:5000"), Some(("alice".into(), "s3cret".into())));
-        assert_eq!(credentials(&opts, "docker.io"), Some(("alice".into(), "s3cret".into())));
+        assert_eq!(
+            credentials(&opts, "127.0.0.1:5000"),
+            Some(("alice".into(), "s3cret".into()))
+        );
+        assert_eq!(
+            credentials(&opts, "docker.io"),
+            Some(("alice".into(), "s3cret".into()))
+        );
         assert_eq!(credentials(&opts, "example.com"), None);
     }
 }

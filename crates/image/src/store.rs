@@ -234,8 +234,9 @@ impl Store {
         }
         let meta_path = root.join("store.json");
         let meta = match std::fs::read(&meta_path) {
-            Ok(b) => serde_json::from_slice::<StoreMeta>(&b)
-                .map_err(|e| ImageError::invalid(format!("store metadata {}", meta_path.display()), e))?,
+            Ok(b) => serde_json::from_slice::<StoreMeta>(&b).map_err(|e| {
+                ImageError::invalid(format!("store metadata {}", meta_path.display()), e)
+            })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let meta = StoreMeta {
                     version: STORE_VERSION,
@@ -247,10 +248,16 @@ impl Store {
                 // Another process may have won the race: read what is there.
                 let b = std::fs::read(&meta_path)
                     .map_err(|e| ImageError::io(format!("reading {}", meta_path.display()), e))?;
-                serde_json::from_slice(&b)
-                    .map_err(|e| ImageError::invalid(format!("store metadata {}", meta_path.display()), e))?
+                serde_json::from_slice(&b).map_err(|e| {
+                    ImageError::invalid(format!("store metadata {}", meta_path.display()), e)
+                })?
             }
-            Err(e) => return Err(ImageError::io(format!("reading {}", meta_path.display()), e)),
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("reading {}", meta_path.display()),
+                    e,
+                ))
+            }
         };
         if meta.version != STORE_VERSION {
             return Err(ImageError::invalid(
@@ -306,10 +313,12 @@ impl Store {
     }
 
     fn record_path(&self, canonical: &str) -> PathBuf {
-        self.root.join("images").join(format!("{}.json", escape(canonical)))
+        self.root
+            .join("images")
+            .join(format!("{}.json", escape(canonical)))
     }
 
-    /// Look an image up locally: by reference (`busybox` = 
+    /// Look an image up locally: by reference (`busybox` =
     /// `docker.io/library/busybox:latest`), by image id (`sha256:…` or a
     /// unique hex prefix of at least 4 digits), or by manifest digest.
     pub fn record(&self, reference: &str) -> Result<ImageRecord, ImageError> {
@@ -322,7 +331,12 @@ impl Store {
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(ImageError::io(format!("reading the record of {canonical}"), e)),
+                Err(e) => {
+                    return Err(ImageError::io(
+                        format!("reading the record of {canonical}"),
+                        e,
+                    ))
+                }
             }
         }
         let id = reference.strip_prefix("sha256:").unwrap_or(reference);
@@ -383,14 +397,16 @@ impl Store {
     pub fn list(&self) -> Result<Vec<ImageRecord>, ImageError> {
         let dir = self.root.join("images");
         let mut out = Vec::new();
-        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
         for e in rd {
             let e = e.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
             let p = e.path();
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            let b = std::fs::read(&p).map_err(|e| ImageError::io(format!("reading {}", p.display()), e))?;
+            let b = std::fs::read(&p)
+                .map_err(|e| ImageError::io(format!("reading {}", p.display()), e))?;
             let rec: ImageRecord = serde_json::from_slice(&b)
                 .map_err(|e| ImageError::invalid(format!("image record {}", p.display()), e))?;
             out.push(rec);
@@ -406,7 +422,8 @@ impl Store {
         let _lock = lock(&self.root.join("lock"), true)?;
         let rec = self.record(reference)?;
         let p = self.record_path(&rec.reference);
-        std::fs::remove_file(&p).map_err(|e| ImageError::io(format!("removing {}", p.display()), e))?;
+        std::fs::remove_file(&p)
+            .map_err(|e| ImageError::io(format!("removing {}", p.display()), e))?;
         Ok(rec)
     }
 
@@ -467,7 +484,9 @@ impl Store {
             Ok(text) => {
                 for line in text.lines() {
                     // A torn last line (crash mid-append) is skipped.
-                    let Ok(l) = serde_json::from_str::<StatLine>(line) else { continue };
+                    let Ok(l) = serde_json::from_str::<StatLine>(line) else {
+                        continue;
+                    };
                     match l.source {
                         LayerSource::Reused => {
                             s.layers_reused += 1;
@@ -484,7 +503,11 @@ impl Store {
             Err(e) => return Err(ImageError::io(format!("reading {}", p.display()), e)),
         }
         let n = s.layers_reused + s.layers_fetched;
-        s.hit_ratio = if n == 0 { 0.0 } else { s.layers_reused as f64 / n as f64 };
+        s.hit_ratio = if n == 0 {
+            0.0
+        } else {
+            s.layers_reused as f64 / n as f64
+        };
         s.images = self.list()?.len() as u64;
         s.layers = std::fs::read_dir(self.root.join("layers")).map_or(0, |d| d.count() as u64);
         Ok(s)
@@ -507,7 +530,8 @@ impl Store {
             .root
             .join("tmp")
             .join(format!("{}-{n}-{}", std::process::id(), now()));
-        std::fs::create_dir(&dir).map_err(|e| self.write_err(&dir, "creating a staging folder", e))?;
+        std::fs::create_dir(&dir)
+            .map_err(|e| self.write_err(&dir, "creating a staging folder", e))?;
         Ok(Txn {
             store: self,
             _lock: guard,
@@ -520,7 +544,9 @@ impl Store {
 
     /// Remove staging folders of processes that are gone (killed mid-pull).
     fn clean_stale_staging(&self) {
-        let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else { return };
+        let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
@@ -559,19 +585,24 @@ impl Store {
         let txn = self.begin("build")?;
         let tar_path = txn.temp_path("layer.tar");
         {
-            let f = File::create(&tar_path).map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
+            let f = File::create(&tar_path)
+                .map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
             let mut b = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, f));
             b.mode(tar::HeaderMode::Complete);
             let mut links = BTreeMap::new();
             crate::store::diff_to_tar(&mut b, dir, Path::new(""), self.mode, &mut links)
                 .map_err(|e| self.write_err(dir, "turning a directory into a layer", e))?;
-            let w = b.into_inner().map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
+            let w = b
+                .into_inner()
+                .map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
             let f = w
                 .into_inner()
                 .map_err(|e| self.write_err(&tar_path, "writing a layer tar", e.into_error()))?;
-            f.sync_all().map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
+            f.sync_all()
+                .map_err(|e| self.write_err(&tar_path, "writing a layer tar", e))?;
         }
-        let f = File::open(&tar_path).map_err(|e| ImageError::io(format!("reading {}", tar_path.display()), e))?;
+        let f = File::open(&tar_path)
+            .map_err(|e| ImageError::io(format!("reading {}", tar_path.display()), e))?;
         let info = txn.add_layer(f, "built layer", None, None)?;
         // The tar is the blob (uncompressed: blob digest = diff_id).
         txn.adopt_blob_file(&tar_path, &info.blob)?;
@@ -600,7 +631,10 @@ impl Store {
             if !self.has_layer(&l.diff_id) {
                 return Err(ImageError::invalid(
                     format!("image {canonical}"),
-                    format!("layer {} is not in the store (add it with add_layer_from_dir first)", l.diff_id),
+                    format!(
+                        "layer {} is not in the store (add it with add_layer_from_dir first)",
+                        l.diff_id
+                    ),
                 ));
             }
         }
@@ -610,7 +644,8 @@ impl Store {
             config,
             Vec::new(),
         );
-        let cfg_bytes = serde_json::to_vec(&cfg_file).map_err(|e| ImageError::invalid("image config", e))?;
+        let cfg_bytes =
+            serde_json::to_vec(&cfg_file).map_err(|e| ImageError::invalid("image config", e))?;
         let (config_digest, manifest_digest) = txn.put_manifest(&cfg_bytes, &all)?;
         let rec = ImageRecord {
             reference: canonical,
@@ -629,7 +664,9 @@ impl Store {
 
 /// Total size of the files under `p` (not following symlinks).
 fn tree_size(p: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(p) else { return 0 };
+    let Ok(md) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
     if !md.is_dir() {
         return md.len();
     }
@@ -645,7 +682,9 @@ fn tree_size(p: &Path) -> u64 {
 /// Write `bytes` to `dest` atomically: a temp file in the store's tmp/, fsync, rename.
 pub(crate) fn write_atomic(root: &Path, dest: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let n = STAGE_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = root.join("tmp").join(format!("{}-w{n}", std::process::id()));
+    let tmp = root
+        .join("tmp")
+        .join(format!("{}-w{n}", std::process::id()));
     let res = (|| -> io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -655,7 +694,10 @@ pub(crate) fn write_atomic(root: &Path, dest: &Path, bytes: &[u8]) -> Result<(),
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         if is_enospc(&e) {
-            return Err(ImageError::DiskFull(root.to_path_buf(), format!("writing {}", dest.display())));
+            return Err(ImageError::DiskFull(
+                root.to_path_buf(),
+                format!("writing {}", dest.display()),
+            ));
         }
         return Err(ImageError::io(format!("writing {}", dest.display()), e));
     }
@@ -722,7 +764,11 @@ impl Txn<'_> {
 
     /// Is this blob staged in this transaction?
     pub(crate) fn staged_blob(&self, digest: &Digest) -> Option<PathBuf> {
-        self.staged().blobs.iter().find(|(_, d)| d == digest).map(|(p, _)| p.clone())
+        self.staged()
+            .blobs
+            .iter()
+            .find(|(_, d)| d == digest)
+            .map(|(p, _)| p.clone())
     }
 
     /// Stage a blob from bytes; returns its digest.
@@ -739,7 +785,11 @@ impl Txn<'_> {
 
     /// Stage config bytes and an OCI manifest over `layers`; returns
     /// (config digest, manifest digest).
-    pub(crate) fn put_manifest(&self, config: &[u8], layers: &[LayerInfo]) -> Result<(Digest, Digest), ImageError> {
+    pub(crate) fn put_manifest(
+        &self,
+        config: &[u8],
+        layers: &[LayerInfo],
+    ) -> Result<(Digest, Digest), ImageError> {
         let config_digest = self.put_blob(config)?;
         let m = Manifest {
             schema_version: 2,
@@ -779,13 +829,14 @@ impl Txn<'_> {
         expect_diff: Option<&Digest>,
     ) -> Result<LayerInfo, ImageError> {
         let dest = self.temp_path("layer");
-        let rep: UnpackReport = unpack_layer(reader, &dest, self.store.mode, name).map_err(|e| {
-            if e.is_disk_full() {
-                ImageError::DiskFull(self.store.root.clone(), format!("unpacking layer {name}"))
-            } else {
-                e
-            }
-        })?;
+        let rep: UnpackReport =
+            unpack_layer(reader, &dest, self.store.mode, name).map_err(|e| {
+                if e.is_disk_full() {
+                    ImageError::DiskFull(self.store.root.clone(), format!("unpacking layer {name}"))
+                } else {
+                    e
+                }
+            })?;
         if let Some(b) = expect_blob {
             if *b != rep.blob_digest {
                 return Err(ImageError::DigestMismatch {
@@ -840,12 +891,14 @@ impl Txn<'_> {
             }
             match std::fs::rename(p, &dest) {
                 Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {}
                 Err(e) => return Err(store.write_err(&dest, "storing a layer", e)),
             }
         }
         for rec in records {
-            let bytes = serde_json::to_vec_pretty(rec).map_err(|e| ImageError::invalid("image record", e))?;
+            let bytes = serde_json::to_vec_pretty(rec)
+                .map_err(|e| ImageError::invalid("image record", e))?;
             write_atomic(&store.root, &store.record_path(&rec.reference), &bytes)?;
         }
         if !st.stats.is_empty() {
@@ -905,7 +958,7 @@ pub(crate) fn diff_to_tar<W: Write>(
             match mode {
                 UnpackMode::Rootless => 0,
                 UnpackMode::Rootful => {
-                    if id >= ROOTFUL_ID_BASE && id < ROOTFUL_ID_BASE + ROOTFUL_ID_COUNT {
+                    if (ROOTFUL_ID_BASE..ROOTFUL_ID_BASE + ROOTFUL_ID_COUNT).contains(&id) {
                         u64::from(id - ROOTFUL_ID_BASE)
                     } else {
                         0
@@ -986,7 +1039,8 @@ fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cn = std::ffi::CString::new(name).ok()?;
     let mut buf = [0u8; 16];
     // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n =
+        unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return None;
     }

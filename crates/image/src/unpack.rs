@@ -81,7 +81,10 @@ pub fn unpack_layer<R: Read>(
         if is_enospc(&e) {
             ImageError::DiskFull(dest.to_path_buf(), format!("unpacking layer {layer}"))
         } else {
-            ImageError::io(format!("{what} (layer {layer}, into {})", dest.display()), e)
+            ImageError::io(
+                format!("{what} (layer {layer}, into {})", dest.display()),
+                e,
+            )
         }
     };
     std::fs::create_dir(dest).map_err(|e| io_err("creating the layer directory", e))?;
@@ -98,16 +101,26 @@ pub fn unpack_layer<R: Read>(
         Some([0x28, 0xb5, 0x2f, 0xfd]) => "zstd",
         _ => "tar",
     };
-    let (tar_size, diff_id, mut state, raw) = {
-        let decoded: Box<dyn Read + '_> = match magic {
-            Some([0x1f, 0x8b, _, _]) => Box::new(flate2::bufread::MultiGzDecoder::new(&mut raw)),
-            Some([0x28, 0xb5, 0x2f, 0xfd]) => Box::new(
-                ruzstd::decoding::StreamingDecoder::new(&mut raw)
-                    .map_err(|e| ImageError::invalid(format!("layer {layer}"), format!("zstd: {e}")))?,
-            ),
-            _ => Box::new(&mut raw),
+    let (inner, mut state) = {
+        // Compressed: decode, buffer (the tar reader reads 512-byte headers)
+        // and hash the decoded stream for the diff_id. Plain: the blob digest
+        // is the diff_id, hashed once.
+        let src = match compression {
+            "gzip" => Src::Comp(Box::new(BufReader::with_capacity(
+                BUF,
+                HashReader::new(Box::new(flate2::bufread::MultiGzDecoder::new(&mut raw))),
+            ))),
+            "zstd" => Src::Comp(Box::new(BufReader::with_capacity(
+                BUF,
+                HashReader::new(Box::new(
+                    ruzstd::decoding::StreamingDecoder::new(&mut raw).map_err(|e| {
+                        ImageError::invalid(format!("layer {layer}"), format!("zstd: {e}"))
+                    })?,
+                )),
+            ))),
+            _ => Src::Plain(&mut raw),
         };
-        let mut archive = tar::Archive::new(HashReader::new(decoded));
+        let mut archive = tar::Archive::new(src);
         let mut state = State {
             root,
             mode,
@@ -120,9 +133,7 @@ pub fn unpack_layer<R: Read>(
             opaque: 0,
             skipped: Vec::new(),
         };
-        let entries = archive
-            .entries()
-            .map_err(|e| tar_err(layer, e))?;
+        let entries = archive.entries().map_err(|e| tar_err(layer, e))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| tar_err(layer, e))?;
             state.entry(&mut entry).map_err(|e| match e {
@@ -132,17 +143,23 @@ pub fn unpack_layer<R: Read>(
                 other => other,
             })?;
         }
-        state.finish_dirs().map_err(|e| io_err("setting directory modes", e))?;
-        let (diff_id, tar_size) = archive
-            .into_inner()
-            .finish()
-            .map_err(|e| tar_err(layer, e))?;
-        (tar_size, diff_id, state, raw)
+        state
+            .finish_dirs()
+            .map_err(|e| io_err("setting directory modes", e))?;
+        let mut src = archive.into_inner();
+        // The rest (end-of-archive blocks, padding) counts in the digests.
+        io::copy(&mut src, &mut io::sink()).map_err(|e| tar_err(layer, e))?;
+        let inner = match src {
+            Src::Plain(_) => None,
+            Src::Comp(b) => Some(b.into_inner().finish().map_err(|e| tar_err(layer, e))?),
+        };
+        (inner, state)
     };
     let (blob_digest, blob_size) = raw
         .into_inner()
         .finish()
         .map_err(|e| io_err("reading the layer", e))?;
+    let (diff_id, tar_size) = inner.unwrap_or_else(|| (blob_digest.clone(), blob_size));
     state.cache = None;
     Ok(UnpackReport {
         diff_id,
@@ -155,6 +172,21 @@ pub fn unpack_layer<R: Read>(
         opaque_dirs: state.opaque,
         skipped: state.skipped,
     })
+}
+
+/// The tar stream: the raw (buffered, hashed) input, or a decoder over it.
+enum Src<'a, R: Read> {
+    Plain(&'a mut BufReader<HashReader<R>>),
+    Comp(Box<BufReader<HashReader<Box<dyn Read + 'a>>>>),
+}
+
+impl<R: Read> Read for Src<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Src::Plain(r) => r.read(buf),
+            Src::Comp(r) => r.read(buf),
+        }
+    }
 }
 
 fn tar_err(layer: &str, e: io::Error) -> ImageError {
@@ -294,7 +326,9 @@ impl State {
         }
         let mut cur: Option<OwnedFd> = None;
         for c in comps {
-            let dirfd = cur.as_ref().map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
+            let dirfd = cur
+                .as_ref()
+                .map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
             let next = match open_dir_at(dirfd, c) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
@@ -342,7 +376,13 @@ impl State {
 
     /// Remove whatever is at `name` in `pfd` (a subtree too). Keeps a
     /// directory when `keep_dir`. Returns true if a directory was kept.
-    fn clear(&mut self, pfd: RawFd, name: &CString, keep_dir: bool, path: &[u8]) -> Result<bool, ImageError> {
+    fn clear(
+        &mut self,
+        pfd: RawFd,
+        name: &CString,
+        keep_dir: bool,
+        path: &[u8],
+    ) -> Result<bool, ImageError> {
         let st = match lstat_at(pfd, name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
@@ -353,7 +393,10 @@ impl State {
                 return Ok(true);
             }
             // Remove a subtree safely: std's remove_dir_all does not follow symlinks.
-            let sub = format!("/proc/self/fd/{pfd}/{}", String::from_utf8_lossy(name.as_bytes()));
+            let sub = format!(
+                "/proc/self/fd/{pfd}/{}",
+                String::from_utf8_lossy(name.as_bytes())
+            );
             self.cache = None;
             std::fs::remove_dir_all(&sub).map_err(|e| self.ioe(path, "replacing directory", e))?;
         } else {
@@ -394,12 +437,11 @@ impl State {
         if let Some(target) = name.strip_prefix(b".wh.") {
             let pfd = self.parent(&path, parents, true)?;
             if target == b".wh..opq" {
-                let key = cstr(self.mode.opaque_xattr().as_bytes()).map_err(|e| self.ioe(&path, "xattr", e))?;
+                let key = cstr(self.mode.opaque_xattr().as_bytes())
+                    .map_err(|e| self.ioe(&path, "xattr", e))?;
                 // SAFETY: pfd is an open directory fd; key and value are valid buffers.
-                cvt(unsafe {
-                    libc::fsetxattr(pfd, key.as_ptr(), b"y".as_ptr().cast(), 1, 0)
-                })
-                .map_err(|e| self.ioe(&path, "marking opaque", e))?;
+                cvt(unsafe { libc::fsetxattr(pfd, key.as_ptr(), b"y".as_ptr().cast(), 1, 0) })
+                    .map_err(|e| self.ioe(&path, "marking opaque", e))?;
                 self.opaque += 1;
                 self.report_entries += 1;
                 return Ok(());
@@ -414,7 +456,13 @@ impl State {
             self.clear(pfd, &t, false, &path)?;
             // SAFETY: valid dirfd and C string; char device 0:0 is overlayfs' whiteout.
             cvt(unsafe { libc::mknodat(pfd, t.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) })
-                .map_err(|e| self.ioe(&path, "creating whiteout (char 0:0; needs Linux >= 5.8 as non-root)", e))?;
+                .map_err(|e| {
+                    self.ioe(
+                        &path,
+                        "creating whiteout (char 0:0; needs Linux >= 5.8 as non-root)",
+                        e,
+                    )
+                })?;
             self.whiteouts += 1;
             self.report_entries += 1;
             return Ok(());
@@ -431,7 +479,8 @@ impl State {
                         .map_err(|e| self.ioe(&path, "creating directory", e))?;
                 }
                 self.chown_at(pfd, &cname, ids, &path)?;
-                self.deferred.push((comps.iter().map(|c| c.to_vec()).collect(), mode, mtime));
+                self.deferred
+                    .push((comps.iter().map(|c| c.to_vec()).collect(), mode, mtime));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 let pfd = self.parent(&path, parents, true)?;
@@ -441,7 +490,11 @@ impl State {
                     libc::openat(
                         pfd,
                         cname.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
                         0o600,
                     )
                 })
@@ -461,7 +514,8 @@ impl State {
                 let fd = file.as_raw_fd();
                 if let Some((u, g)) = ids {
                     // SAFETY: fd is an open file.
-                    cvt(unsafe { libc::fchown(fd, u, g) }).map_err(|e| self.ioe(&path, "chown", e))?;
+                    cvt(unsafe { libc::fchown(fd, u, g) })
+                        .map_err(|e| self.ioe(&path, "chown", e))?;
                 }
                 // After chown (which clears setuid/setgid); the sandbox mounts nosuid anyway.
                 // SAFETY: fd is an open file.
@@ -495,7 +549,8 @@ impl State {
                     .link_name_bytes()
                     .ok_or_else(|| self.refuse(&path, "hard link without a target"))?
                     .into_owned();
-                let tcomps = components(&target).map_err(|r| self.refuse(&path, format!("hard link target: {r}")))?;
+                let tcomps = components(&target)
+                    .map_err(|r| self.refuse(&path, format!("hard link target: {r}")))?;
                 let Some((tname, tparents)) = tcomps.split_last() else {
                     return Err(self.refuse(&path, "hard link to the layer root"));
                 };
@@ -521,7 +576,13 @@ impl State {
                 self.clear(pfd, &cname, false, &path)?;
                 // SAFETY: valid fds and C strings; flags 0: a symlink target is linked, not followed.
                 cvt(unsafe {
-                    libc::linkat(tparent_fd.as_raw_fd(), ctname.as_ptr(), pfd, cname.as_ptr(), 0)
+                    libc::linkat(
+                        tparent_fd.as_raw_fd(),
+                        ctname.as_ptr(),
+                        pfd,
+                        cname.as_ptr(),
+                        0,
+                    )
                 })
                 .map_err(|e| self.ioe(&path, "creating hard link", e))?;
             }
@@ -530,7 +591,12 @@ impl State {
                 self.clear(pfd, &cname, false, &path)?;
                 // SAFETY: valid dirfd and C string; a fifo needs no privilege.
                 cvt(unsafe {
-                    libc::mknodat(pfd, cname.as_ptr(), libc::S_IFIFO | (mode as libc::mode_t & 0o777), 0)
+                    libc::mknodat(
+                        pfd,
+                        cname.as_ptr(),
+                        libc::S_IFIFO | (mode as libc::mode_t & 0o777),
+                        0,
+                    )
                 })
                 .map_err(|e| self.ioe(&path, "creating fifo", e))?;
                 self.chown_at(pfd, &cname, ids, &path)?;
@@ -554,7 +620,13 @@ impl State {
         Ok(())
     }
 
-    fn chown_at(&self, pfd: RawFd, name: &CString, ids: Option<(u32, u32)>, path: &[u8]) -> Result<(), ImageError> {
+    fn chown_at(
+        &self,
+        pfd: RawFd,
+        name: &CString,
+        ids: Option<(u32, u32)>,
+        path: &[u8],
+    ) -> Result<(), ImageError> {
         if let Some((u, g)) = ids {
             // SAFETY: valid dirfd and C string; does not follow symlinks.
             cvt(unsafe { libc::fchownat(pfd, name.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) })
@@ -572,7 +644,9 @@ impl State {
             let mut cur: Option<OwnedFd> = None;
             let mut ok = true;
             for c in &comps {
-                let dirfd = cur.as_ref().map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
+                let dirfd = cur
+                    .as_ref()
+                    .map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
                 match open_dir_at(dirfd, c) {
                     Ok(fd) => cur = Some(fd),
                     // Removed or replaced by a later entry: nothing to set.
@@ -582,7 +656,9 @@ impl State {
                     }
                 }
             }
-            let (Some(fd), true) = (cur, ok) else { continue };
+            let (Some(fd), true) = (cur, ok) else {
+                continue;
+            };
             // SAFETY: fd is an open directory.
             cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
             let ts = times(mtime);
@@ -608,7 +684,10 @@ pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.raw_os_error() != Some(libc::EACCES) && e.kind() != io::ErrorKind::PermissionDenied => {
+        Err(e)
+            if e.raw_os_error() != Some(libc::EACCES)
+                && e.kind() != io::ErrorKind::PermissionDenied =>
+        {
             return Err(e)
         }
         Err(_) => {}

@@ -33,10 +33,21 @@ fn image_subcommands() {
     assert_eq!(run(&["inspect", "example.com/glue:1"]).unwrap(), 0);
     assert_eq!(run(&["stats", "--json"]).unwrap(), 0);
     let err = run(&["inspect", "nope"]).unwrap_err().to_string();
-    assert!(err.contains("not found locally") && err.contains("nanoclaw image pull"), "{err}");
-    let err = run(&["pull", "--platform", "bogus", "x"]).unwrap_err().to_string();
+    assert!(
+        err.contains("not found locally") && err.contains("nanoclaw image pull"),
+        "{err}"
+    );
+    let err = run(&["pull", "--platform", "bogus", "x"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("OS/ARCH"), "{err}");
     assert_eq!(run(&["rm", "example.com/glue:1"]).unwrap(), 0);
     assert_eq!(run(&["prune"]).unwrap(), 0);
-    assert!(t.path().join("data/images/layers").read_dir().unwrap().next().is_none());
+    assert!(t
+        .path()
+        .join("data/images/layers")
+        .read_dir()
+        .unwrap()
+        .next()
+        .is_none());
 }

@@ -17,7 +17,12 @@ fn store(dir: &Path) -> Store {
 fn oci_layout_directory_and_tar() {
     let t = tempfile::tempdir().unwrap();
     let a = TestImage::new(vec![base_layer()], true, &["X=1"], "amd64");
-    let b = TestImage::new(vec![base_layer(), layer(&[E::File("b", b"b", 0o644)])], false, &[], "amd64");
+    let b = TestImage::new(
+        vec![base_layer(), layer(&[E::File("b", b"b", 0o644)])],
+        false,
+        &[],
+        "amd64",
+    );
     let layout = t.path().join("layout");
     write_oci_layout(&layout, &[("example.com/a:1", &a), ("b", &b)]);
     let s = store(t.path());
@@ -37,13 +42,21 @@ fn oci_layout_directory_and_tar() {
     s.import(&tarball, None).unwrap();
     let st = s.stats().unwrap();
     assert_eq!((st.layers_fetched, st.layers_reused), (2, 2));
-    assert!(std::fs::read_dir(s.root().join("tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(s.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[test]
 fn oci_layout_with_a_corrupt_blob_stores_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let a = TestImage::new(vec![base_layer(), layer(&[E::File("x", b"x", 0o644)])], true, &[], "amd64");
+    let a = TestImage::new(
+        vec![base_layer(), layer(&[E::File("x", b"x", 0o644)])],
+        true,
+        &[],
+        "amd64",
+    );
     let layout = t.path().join("layout");
     write_oci_layout(&layout, &[("example.com/a:1", &a)]);
     // Replace the second layer's bytes with another valid gzip tar.
@@ -81,7 +94,10 @@ fn classic_docker_save_tarball() {
     assert_eq!(recs.len(), 2);
     let r = s.resolve("myapp:1.0").unwrap();
     assert_eq!(r.config.cmd, vec!["/app"]);
-    assert_eq!(r.layers, s.resolve("localhost:5000/myapp:1.0").unwrap().layers);
+    assert_eq!(
+        r.layers,
+        s.resolve("localhost:5000/myapp:1.0").unwrap().layers
+    );
     assert_eq!(r.id, digest(&cfg));
     assert!(r.layers[1].join("app").is_file());
     // --tag renames; a gzip-compressed save works too.
@@ -91,7 +107,11 @@ fn classic_docker_save_tarball() {
     assert_eq!(recs[0].reference, "docker.io/library/renamed:2");
 
     // A layer that does not match the config's diff_id.
-    std::fs::write(dir.join("l2/layer.tar"), layer(&[E::File("app", b"other", 0o755)])).unwrap();
+    std::fs::write(
+        dir.join("l2/layer.tar"),
+        layer(&[E::File("app", b"other", 0o755)]),
+    )
+    .unwrap();
     let s2 = Store::open_as(t.path().join("store2"), UnpackMode::Rootless).unwrap();
     let err = s2.import(&dir, None).unwrap_err();
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
@@ -101,7 +121,10 @@ fn classic_docker_save_tarball() {
     let junk = t.path().join("junk.tar");
     std::fs::write(&junk, layer(&[E::File("hello", b"x", 0o644)])).unwrap();
     let err = s2.import(&junk, None).unwrap_err();
-    assert!(err.to_string().contains("neither a `docker save` tarball"), "{err}");
+    assert!(
+        err.to_string().contains("neither a `docker save` tarball"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -114,7 +137,9 @@ fn real_docker_save() {
         .is_ok_and(|s| s.success());
     if !docker_ok {
         if std::env::var("NANOCLAW_REQUIRE_DOCKER").as_deref() == Ok("1") {
-            panic!("docker with image nanoclaw-bench:latest is required (NANOCLAW_REQUIRE_DOCKER=1)");
+            panic!(
+                "docker with image nanoclaw-bench:latest is required (NANOCLAW_REQUIRE_DOCKER=1)"
+            );
         }
         eprintln!("SKIP: no docker daemon or no nanoclaw-bench:latest image");
         return;
@@ -122,13 +147,22 @@ fn real_docker_save() {
     let t = tempfile::tempdir().unwrap();
     let tarball = t.path().join("bench.tar");
     let st = std::process::Command::new("docker")
-        .args(["save", "-o", tarball.to_str().unwrap(), "nanoclaw-bench:latest"])
+        .args([
+            "save",
+            "-o",
+            tarball.to_str().unwrap(),
+            "nanoclaw-bench:latest",
+        ])
         .status()
         .unwrap();
     assert!(st.success());
     let s = store(t.path());
     let recs = s.import(&tarball, None).unwrap();
-    assert!(recs.iter().any(|r| r.reference == "docker.io/library/nanoclaw-bench:latest"), "{recs:?}");
+    assert!(
+        recs.iter()
+            .any(|r| r.reference == "docker.io/library/nanoclaw-bench:latest"),
+        "{recs:?}"
+    );
     let root = s.resolve("nanoclaw-bench").unwrap();
     assert!(!root.layers.is_empty());
     // The id docker shows is the config digest.
@@ -140,14 +174,25 @@ fn real_docker_save() {
     let ours = root.id.to_string();
     // With the containerd store docker shows the manifest digest instead.
     let rec = s.record("nanoclaw-bench").unwrap();
-    assert!(docker_id == ours || docker_id == rec.manifest_digest.to_string() || !docker_id.starts_with("sha256:"), "{docker_id} vs {ours}");
+    assert!(
+        docker_id == ours
+            || docker_id == rec.manifest_digest.to_string()
+            || !docker_id.starts_with("sha256:"),
+        "{docker_id} vs {ours}"
+    );
     // Something runnable is in there.
-    let has_sh = root.layers.iter().any(|l| l.join("bin/sh").symlink_metadata().is_ok() || l.join("usr/bin/sh").symlink_metadata().is_ok());
+    let has_sh = root.layers.iter().any(|l| {
+        l.join("bin/sh").symlink_metadata().is_ok()
+            || l.join("usr/bin/sh").symlink_metadata().is_ok()
+    });
     assert!(has_sh, "no /bin/sh in {:?}", root.layers);
     // Importing twice reuses every layer.
     let before = s.stats().unwrap();
     s.import(&tarball, None).unwrap();
     let after = s.stats().unwrap();
     assert_eq!(after.layers_fetched, before.layers_fetched);
-    assert_eq!(after.layers_reused - before.layers_reused, root.layers.len() as u64);
+    assert_eq!(
+        after.layers_reused - before.layers_reused,
+        root.layers.len() as u64
+    );
 }

@@ -29,7 +29,11 @@ fn app_layer(name: &str) -> Vec<u8> {
         E::File("etc/.wh.motd", b"", 0o644),
         E::Dir("opt", 0o755),
         E::File("opt/.wh..wh..opq", b"", 0o644),
-        E::File(Box::leak(format!("opt/{name}").into_boxed_str()), Box::leak(body.into_boxed_str()).as_bytes(), 0o644),
+        E::File(
+            Box::leak(format!("opt/{name}").into_boxed_str()),
+            Box::leak(body.into_boxed_str()).as_bytes(),
+            0o644,
+        ),
     ])
 }
 
@@ -37,7 +41,12 @@ fn app_layer(name: &str) -> Vec<u8> {
 fn pull_share_and_second_pull_downloads_nothing() {
     let Some(reg) = registry(None) else { return };
     let base = base_layer();
-    let a = TestImage::new(vec![base.clone(), app_layer("a")], true, &["A=1", "PATH=/bin"], "amd64");
+    let a = TestImage::new(
+        vec![base.clone(), app_layer("a")],
+        true,
+        &["A=1", "PATH=/bin"],
+        "amd64",
+    );
     let b = TestImage::new(vec![base.clone(), app_layer("b")], true, &["B=1"], "amd64");
     reg.push("team/a", "v1", &a);
     reg.push("team/b", "latest", &b);
@@ -74,7 +83,10 @@ fn pull_share_and_second_pull_downloads_nothing() {
     let st = s.stats().unwrap();
     assert_eq!((st.layers_fetched, st.layers_reused), (3, 1));
     let rb = s.resolve(&format!("{host}/team/b:latest")).unwrap();
-    assert_eq!(rb.layers[0], root.layers[0], "the base layer is shared, unpacked once");
+    assert_eq!(
+        rb.layers[0], root.layers[0],
+        "the base layer is shared, unpacked once"
+    );
 
     // The same image again: no layer download at all. Stop the registry's
     // blob endpoint from mattering by checking the counters.
@@ -117,7 +129,12 @@ fn manifest_list_platform_selection() {
         ]
     }))
     .unwrap();
-    reg.push_manifest("multi", "latest", "application/vnd.oci.image.index.v1+json", &index);
+    reg.push_manifest(
+        "multi",
+        "latest",
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    );
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
     let r = format!("{}/multi", reg.host());
@@ -137,7 +154,9 @@ fn manifest_list_platform_selection() {
 
 #[test]
 fn basic_auth_with_docker_config() {
-    let Some(reg) = registry(Some(("alice", "pw-123"))) else { return };
+    let Some(reg) = registry(Some(("alice", "pw-123"))) else {
+        return;
+    };
     let img = TestImage::new(vec![app_layer("secret")], true, &[], "amd64");
     reg.push("private/x", "1", &img);
     let t = tempfile::tempdir().unwrap();
@@ -150,12 +169,23 @@ fn basic_auth_with_docker_config() {
     use base64::Engine as _;
     let cfg = t.path().join("config.json");
     let bad = base64::engine::general_purpose::STANDARD.encode("alice:wrong");
-    std::fs::write(&cfg, format!(r#"{{"auths":{{"{}":{{"auth":"{bad}"}}}}}}"#, reg.host())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{bad}"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
     o.docker_config = Some(cfg.clone());
     let err = s.pull(&r, &o).unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
     let good = base64::engine::general_purpose::STANDARD.encode("alice:pw-123");
-    std::fs::write(&cfg, format!(r#"{{"auths":{{"http://{}":{{"auth":"{good}"}}}}}}"#, reg.host())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"auths":{{"http://{}":{{"auth":"{good}"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
     s.pull(&r, &o).unwrap();
     assert!(s.resolve(&r).is_ok());
 }
@@ -186,11 +216,17 @@ fn corrupted_blob_in_registry_stores_nothing() {
     std::fs::write(&f, data).unwrap();
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
-    let err = s.pull(&format!("{}/corrupt:1", reg.host()), &opts()).unwrap_err();
+    let err = s
+        .pull(&format!("{}/corrupt:1", reg.host()), &opts())
+        .unwrap_err();
     eprintln!("corrupted blob: {err}");
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     assert!(err.to_string().contains("nothing was stored"), "{err}");
-    assert_eq!(store_contents(s.root()), Vec::<String>::new(), "the good layer is not kept either");
+    assert_eq!(
+        store_contents(s.root()),
+        Vec::<String>::new(),
+        "the good layer is not kept either"
+    );
     assert_eq!(s.stats().unwrap().layers_fetched, 0);
 }
 
@@ -198,7 +234,9 @@ fn corrupted_blob_in_registry_stores_nothing() {
 fn registry_killed_mid_pull_leaves_nothing() {
     // The real registry, killed while serving: a 24 MB random layer and a
     // registry process that is SIGKILLed as soon as the download starts.
-    let Some(mut reg) = registry(None) else { return };
+    let Some(mut reg) = registry(None) else {
+        return;
+    };
     let mut big = vec![0u8; 24 << 20];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for chunk in big.chunks_mut(8) {
@@ -207,7 +245,12 @@ fn registry_killed_mid_pull_leaves_nothing() {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-    let img = TestImage::new(vec![layer(&[E::File("big", &big, 0o644)])], false, &[], "amd64");
+    let img = TestImage::new(
+        vec![layer(&[E::File("big", &big, 0o644)])],
+        false,
+        &[],
+        "amd64",
+    );
     reg.push("big", "1", &img);
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
@@ -221,7 +264,13 @@ fn registry_killed_mid_pull_leaves_nothing() {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten().any(|f| f.file_name().to_string_lossy().contains("download")));
+                .any(|d| {
+                    std::fs::read_dir(d.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|f| f.file_name().to_string_lossy().contains("download"))
+                });
             if started {
                 // SAFETY: pid is our own child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -257,7 +306,9 @@ fn transfer_cut_short_leaves_nothing() {
     });
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
-    let err = s.pull(&format!("{}/cut", fake.host()), &opts()).unwrap_err();
+    let err = s
+        .pull(&format!("{}/cut", fake.host()), &opts())
+        .unwrap_err();
     let m = err.to_string();
     assert!(m.contains("broke off") || m.contains("ended after"), "{m}");
     assert_eq!(store_contents(s.root()), Vec::<String>::new());
@@ -275,7 +326,9 @@ fn wrong_digests_are_refused() {
     });
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
-    let err = s.pull(&format!("{}/w@{want}", fake.host()), &opts()).unwrap_err();
+    let err = s
+        .pull(&format!("{}/w@{want}", fake.host()), &opts())
+        .unwrap_err();
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     // By tag: the Docker-Content-Digest header no longer matches either.
     let err = s.pull(&format!("{}/w", fake.host()), &opts()).unwrap_err();
@@ -302,7 +355,9 @@ fn bearer_token_auth() {
     let fake = fake_registry(vec![("org/tok".into(), img)], Some("tkn-42"), |_, _| {});
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
-    let rec = s.pull(&format!("{}/org/tok", fake.host()), &opts()).unwrap();
+    let rec = s
+        .pull(&format!("{}/org/tok", fake.host()), &opts())
+        .unwrap();
     assert_eq!(rec.config.env, vec!["T=1"]);
 }
 
@@ -320,7 +375,10 @@ fn stale_staging_of_a_killed_process_is_cleaned() {
     std::fs::create_dir_all(stale.join("1-layer/usr")).unwrap();
     s.pull(&format!("{}/s", fake.host()), &opts()).unwrap();
     assert!(!stale.exists());
-    assert!(std::fs::read_dir(s.root().join("tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(s.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[test]
@@ -345,7 +403,10 @@ fn concurrent_pulls_of_the_same_image() {
     let s = Store::open(&dir).unwrap();
     assert_eq!(s.resolve(&r).unwrap().layers.len(), 2);
     assert_eq!(s.stats().unwrap().layers, 2);
-    assert!(std::fs::read_dir(s.root().join("tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(s.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[test]
@@ -355,7 +416,10 @@ fn disk_full_store_leaves_nothing() {
         return;
     }
     let img = TestImage::new(
-        vec![base_layer(), layer(&[E::File("fill", &vec![7u8; 3 << 20], 0o644)])],
+        vec![
+            base_layer(),
+            layer(&[E::File("fill", &vec![7u8; 3 << 20], 0o644)]),
+        ],
         false,
         &[],
         "amd64",
@@ -366,7 +430,14 @@ fn disk_full_store_leaves_nothing() {
     std::fs::create_dir(&mnt).unwrap();
     // A 4 MiB tmpfs: the base layer fits, the 3 MiB blob plus its unpacked copy do not.
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "nanoclaw-test", mnt.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "nanoclaw-test",
+            mnt.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());
@@ -378,7 +449,9 @@ fn disk_full_store_leaves_nothing() {
     }
     let _u = Umount(mnt.clone());
     let s = Store::open_as(&mnt, UnpackMode::Rootless).unwrap();
-    let err = s.pull(&format!("{}/full", fake.host()), &opts()).unwrap_err();
+    let err = s
+        .pull(&format!("{}/full", fake.host()), &opts())
+        .unwrap_err();
     eprintln!("disk full: {err}");
     assert!(matches!(err, ImageError::DiskFull(..)), "{err}");
     assert!(err.to_string().contains("no space left"), "{err}");

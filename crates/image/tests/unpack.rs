@@ -17,7 +17,8 @@ fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cn = std::ffi::CString::new(name).unwrap();
     let mut buf = [0u8; 64];
     // SAFETY: valid strings and buffer.
-    let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n =
+        unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
 
@@ -49,17 +50,37 @@ fn unpack_rootless_format() {
     assert_eq!(wh.rdev(), 0);
     assert!(!dest.join("etc/.wh.motd").exists());
     // Opaque dir: user.overlay.opaque=y, and never the trusted one.
-    assert_eq!(xattr(&dest.join("opt"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&dest.join("opt"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert_eq!(xattr(&dest.join("opt"), "trusted.overlay.opaque"), None);
     assert!(!dest.join("opt/.wh..wh..opq").exists());
-    assert_eq!(std::fs::metadata(dest.join("opt")).unwrap().permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        std::fs::metadata(dest.join("opt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o750
+    );
     // setuid kept; hard link shares the inode; symlink kept as is; device skipped.
     let su = std::fs::metadata(dest.join("usr/bin/su")).unwrap();
     assert_eq!(su.permissions().mode() & 0o7777, 0o4755);
-    assert_eq!(std::fs::metadata(dest.join("usr/bin/su2")).unwrap().ino(), su.ino());
-    assert_eq!(std::fs::read_link(dest.join("abs")).unwrap(), Path::new("/etc/passwd"));
+    assert_eq!(
+        std::fs::metadata(dest.join("usr/bin/su2")).unwrap().ino(),
+        su.ino()
+    );
+    assert_eq!(
+        std::fs::read_link(dest.join("abs")).unwrap(),
+        Path::new("/etc/passwd")
+    );
     assert!(!dest.join("dev/sda").exists());
-    assert!(rep.skipped.iter().any(|s| s.contains("dev/sda")), "{:?}", rep.skipped);
+    assert!(
+        rep.skipped.iter().any(|s| s.contains("dev/sda")),
+        "{:?}",
+        rep.skipped
+    );
     assert!(!dest.join("plain/.wh..wh.plnk").exists());
     // Rootless: everything owned by the caller.
     // SAFETY: geteuid cannot fail.
@@ -69,7 +90,10 @@ fn unpack_rootless_format() {
     assert_eq!(rep.opaque_dirs, 1);
     assert_eq!(rep.diff_id, nanoclaw_image::Digest::of(&sample()));
     // Mtimes from the tar, directories included.
-    assert_eq!(std::fs::metadata(dest.join("opt")).unwrap().mtime(), 1_700_000_000);
+    assert_eq!(
+        std::fs::metadata(dest.join("opt")).unwrap().mtime(),
+        1_700_000_000
+    );
 }
 
 #[test]
@@ -85,18 +109,37 @@ fn unpack_rootful_format() {
     assert_eq!(rep.compression, "gzip");
     assert_eq!(rep.diff_id, nanoclaw_image::Digest::of(&sample()));
     assert_eq!(rep.blob_digest, nanoclaw_image::Digest::of(&gz));
-    assert_eq!(xattr(&dest.join("opt"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&dest.join("opt"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert_eq!(xattr(&dest.join("opt"), "user.overlay.opaque"), None);
     let f = std::fs::metadata(dest.join("home/u/f")).unwrap();
-    assert_eq!((f.uid(), f.gid()), (ROOTFUL_ID_BASE + 1000, ROOTFUL_ID_BASE + 1001));
+    assert_eq!(
+        (f.uid(), f.gid()),
+        (ROOTFUL_ID_BASE + 1000, ROOTFUL_ID_BASE + 1001)
+    );
     let su = std::fs::metadata(dest.join("usr/bin/su")).unwrap();
     assert_eq!(su.uid(), ROOTFUL_ID_BASE);
-    assert_eq!(su.permissions().mode() & 0o7777, 0o4755, "setuid survives the chown");
+    assert_eq!(
+        su.permissions().mode() & 0o7777,
+        0o4755,
+        "setuid survives the chown"
+    );
     // Implicit parents belong to the image's root too.
-    assert_eq!(std::fs::metadata(dest.join("home")).unwrap().uid(), ROOTFUL_ID_BASE);
+    assert_eq!(
+        std::fs::metadata(dest.join("home")).unwrap().uid(),
+        ROOTFUL_ID_BASE
+    );
     // Ids beyond the sandbox's 65536 become its nobody, not another host range.
-    assert_eq!(std::fs::metadata(dest.join("big/uid")).unwrap().uid(), ROOTFUL_ID_BASE + 65534);
-    assert_eq!(std::fs::symlink_metadata(dest.join("abs")).unwrap().uid(), ROOTFUL_ID_BASE);
+    assert_eq!(
+        std::fs::metadata(dest.join("big/uid")).unwrap().uid(),
+        ROOTFUL_ID_BASE + 65534
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(dest.join("abs")).unwrap().uid(),
+        ROOTFUL_ID_BASE
+    );
 }
 
 #[test]
@@ -125,7 +168,8 @@ fn unpack_zstd() {
 
 fn refused(tar: Vec<u8>, outside: &Path) -> String {
     let t = tempfile::tempdir().unwrap();
-    let err = unpack_layer(&tar[..], &t.path().join("l"), UnpackMode::Rootless, "evil").unwrap_err();
+    let err =
+        unpack_layer(&tar[..], &t.path().join("l"), UnpackMode::Rootless, "evil").unwrap_err();
     assert!(matches!(err, ImageError::UnsafeLayer { .. }), "{err}");
     assert!(!outside.exists(), "{} was written", outside.display());
     err.to_string()
@@ -136,15 +180,26 @@ fn hostile_layers_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let outside = t.path().join("pwned");
     let rel = format!("../../../../../../..{}", outside.display());
-    let msg = refused(finish_tar(&[raw_entry_tar(&rel, tar::EntryType::Regular, None, b"x")]), &outside);
+    let msg = refused(
+        finish_tar(&[raw_entry_tar(&rel, tar::EntryType::Regular, None, b"x")]),
+        &outside,
+    );
     assert!(msg.contains(".."), "{msg}");
     let abs = outside.display().to_string();
-    let msg = refused(finish_tar(&[raw_entry_tar(&abs, tar::EntryType::Regular, None, b"x")]), &outside);
+    let msg = refused(
+        finish_tar(&[raw_entry_tar(&abs, tar::EntryType::Regular, None, b"x")]),
+        &outside,
+    );
     assert!(msg.contains("absolute"), "{msg}");
     // A symlink to outside, then a write through it.
     let msg = refused(
         finish_tar(&[
-            raw_entry_tar("esc", tar::EntryType::Symlink, Some(&t.path().display().to_string()), b""),
+            raw_entry_tar(
+                "esc",
+                tar::EntryType::Symlink,
+                Some(&t.path().display().to_string()),
+                b"",
+            ),
             raw_entry_tar("esc/pwned", tar::EntryType::Regular, None, b"x"),
         ]),
         &outside,
@@ -154,31 +209,64 @@ fn hostile_layers_are_refused() {
     refused(
         finish_tar(&[
             raw_entry_tar("a/", tar::EntryType::Directory, None, b""),
-            raw_entry_tar("a/b", tar::EntryType::Symlink, Some("../../../../../../../.."), b""),
-            raw_entry_tar(&format!("a/b{}", outside.display()), tar::EntryType::Regular, None, b"x"),
+            raw_entry_tar(
+                "a/b",
+                tar::EntryType::Symlink,
+                Some("../../../../../../../.."),
+                b"",
+            ),
+            raw_entry_tar(
+                &format!("a/b{}", outside.display()),
+                tar::EntryType::Regular,
+                None,
+                b"x",
+            ),
         ]),
         &outside,
     );
     // A hard link to a host file.
     std::fs::write(t.path().join("secret"), b"s").unwrap();
     let msg = refused(
-        finish_tar(&[raw_entry_tar("h", tar::EntryType::Link, Some(&t.path().join("secret").display().to_string()), b"")]),
+        finish_tar(&[raw_entry_tar(
+            "h",
+            tar::EntryType::Link,
+            Some(&t.path().join("secret").display().to_string()),
+            b"",
+        )]),
         &outside,
     );
     assert!(msg.contains("hard link"), "{msg}");
     refused(
-        finish_tar(&[raw_entry_tar("h", tar::EntryType::Link, Some("../secret"), b"")]),
+        finish_tar(&[raw_entry_tar(
+            "h",
+            tar::EntryType::Link,
+            Some("../secret"),
+            b"",
+        )]),
         &outside,
     );
     // A whiteout of ".." (would delete the parent).
-    refused(finish_tar(&[raw_entry_tar("x/.wh...", tar::EntryType::Regular, None, b"")]), &outside);
+    refused(
+        finish_tar(&[raw_entry_tar(
+            "x/.wh...",
+            tar::EntryType::Regular,
+            None,
+            b"",
+        )]),
+        &outside,
+    );
 }
 
 #[test]
 fn hostile_layer_through_the_store_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
     let store = Store::open_as(t.path().join("store"), UnpackMode::Rootless).unwrap();
-    let evil = finish_tar(&[raw_entry_tar("../../escape", tar::EntryType::Regular, None, b"x")]);
+    let evil = finish_tar(&[raw_entry_tar(
+        "../../escape",
+        tar::EntryType::Regular,
+        None,
+        b"x",
+    )]);
     let img = TestImage::new(vec![base_layer(), evil], true, &[], "amd64");
     let layout = t.path().join("layout");
     write_oci_layout(&layout, &[("example.com/evil:1", &img)]);
@@ -207,7 +295,15 @@ fn add_layer_from_dir_round_trip() {
     std::os::unix::fs::symlink("a", upper.join("etc/c")).unwrap();
     let cp = std::ffi::CString::new(upper.join("opt").to_str().unwrap()).unwrap();
     // SAFETY: valid strings.
-    let r = unsafe { libc::setxattr(cp.as_ptr(), c"user.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    let r = unsafe {
+        libc::setxattr(
+            cp.as_ptr(),
+            c"user.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
     assert_eq!(r, 0);
     let wh = std::ffi::CString::new(upper.join("etc/motd").to_str().unwrap()).unwrap();
     // SAFETY: valid string; char 0:0 is allowed unprivileged since Linux 5.8.
@@ -225,20 +321,39 @@ fn add_layer_from_dir_round_trip() {
     assert!(names.contains(&"etc/.wh.motd".to_string()), "{names:?}");
     assert!(names.contains(&"opt/.wh..wh..opq".to_string()), "{names:?}");
     // Same tree, same digest.
-    assert_eq!(store.add_layer_from_dir(&upper).unwrap().diff_id, info.diff_id);
+    assert_eq!(
+        store.add_layer_from_dir(&upper).unwrap().diff_id,
+        info.diff_id
+    );
 
     let mut cfg = store.resolve("example.com/base:1").unwrap().config;
     cfg.cmd = vec!["/bin/echo".into(), "hi".into()];
-    let rec = store.commit_image("example.com/built:1", Some("example.com/base:1"), &[info.clone()], &cfg).unwrap();
+    let rec = store
+        .commit_image(
+            "example.com/built:1",
+            Some("example.com/base:1"),
+            std::slice::from_ref(&info),
+            &cfg,
+        )
+        .unwrap();
     assert_eq!(rec.layers.len(), 2);
     let root = store.resolve("example.com/built:1").unwrap();
     assert_eq!(root.layers.len(), 2);
-    assert_eq!(root.layers[0], store.resolve("example.com/base:1").unwrap().layers[0]);
+    assert_eq!(
+        root.layers[0],
+        store.resolve("example.com/base:1").unwrap().layers[0]
+    );
     assert_eq!(root.config.cmd, vec!["/bin/echo", "hi"]);
     assert_eq!(root.config.env, vec!["PATH=/bin"]);
     let top = &root.layers[1];
-    assert!(std::fs::symlink_metadata(top.join("etc/motd")).unwrap().file_type().is_char_device());
-    assert_eq!(xattr(&top.join("opt"), "user.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert!(std::fs::symlink_metadata(top.join("etc/motd"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    assert_eq!(
+        xattr(&top.join("opt"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert_eq!(
         std::fs::metadata(top.join("etc/a")).unwrap().ino(),
         std::fs::metadata(top.join("etc/b")).unwrap().ino()

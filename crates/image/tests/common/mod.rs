@@ -152,10 +152,18 @@ pub struct TestImage {
 impl TestImage {
     pub fn new(tars: Vec<Vec<u8>>, compress: bool, env: &[&str], arch: &str) -> TestImage {
         let diff_ids: Vec<Digest> = tars.iter().map(|t| digest(t)).collect();
-        let blobs: Vec<Vec<u8>> = tars.iter().map(|t| if compress { gzip(t) } else { t.clone() }).collect();
+        let blobs: Vec<Vec<u8>> = tars
+            .iter()
+            .map(|t| if compress { gzip(t) } else { t.clone() })
+            .collect();
         let config = config_json(&diff_ids, env, &["/bin/sh"], arch);
         let manifest = manifest_json(&config, &blobs);
-        TestImage { tars, blobs, config, manifest }
+        TestImage {
+            tars,
+            blobs,
+            config,
+            manifest,
+        }
     }
     pub fn manifest_digest(&self) -> Digest {
         digest(&self.manifest)
@@ -229,7 +237,11 @@ pub fn store_contents(root: &Path) -> Vec<String> {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // --- the real registry -------------------------------------------------------
@@ -258,7 +270,10 @@ pub fn registry(htpasswd: Option<(&str, &str)>) -> Option<Registry> {
     let port = free_port();
     let mut auth_cfg = String::new();
     if let Some((u, p)) = htpasswd {
-        let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils) is needed for the basic-auth test");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", u, p])
+            .output()
+            .expect("htpasswd (apache2-utils) is needed for the basic-auth test");
         assert!(out.status.success());
         std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
         auth_cfg = format!(
@@ -286,7 +301,10 @@ pub fn registry(htpasswd: Option<(&str, &str)>) -> Option<Registry> {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "docker-registry did not start on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "docker-registry did not start on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Some(reg)
@@ -304,7 +322,10 @@ impl Registry {
                 use base64::Engine as _;
                 r.set(
                     "Authorization",
-                    &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))),
+                    &format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                    ),
                 )
             }
             None => r,
@@ -313,9 +334,16 @@ impl Registry {
 
     pub fn push_blob(&self, repo: &str, data: &[u8]) {
         let base = format!("http://{}", self.host());
-        let resp = self.req("POST", &format!("{base}/v2/{repo}/blobs/uploads/")).call().unwrap();
+        let resp = self
+            .req("POST", &format!("{base}/v2/{repo}/blobs/uploads/"))
+            .call()
+            .unwrap();
         let loc = resp.header("location").unwrap().to_string();
-        let loc = if loc.starts_with('/') { format!("{base}{loc}") } else { loc };
+        let loc = if loc.starts_with('/') {
+            format!("{base}{loc}")
+        } else {
+            loc
+        };
         let sep = if loc.contains('?') { '&' } else { '?' };
         self.req("PUT", &format!("{loc}{sep}digest={}", digest(data)))
             .set("Content-Type", "application/octet-stream")
@@ -324,10 +352,13 @@ impl Registry {
     }
 
     pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, data: &[u8]) {
-        self.req("PUT", &format!("http://{}/v2/{repo}/manifests/{reference}", self.host()))
-            .set("Content-Type", media_type)
-            .send_bytes(data)
-            .unwrap();
+        self.req(
+            "PUT",
+            &format!("http://{}/v2/{repo}/manifests/{reference}", self.host()),
+        )
+        .set("Content-Type", media_type)
+        .send_bytes(data)
+        .unwrap();
     }
 
     pub fn push(&self, repo: &str, tag: &str, img: &TestImage) {
@@ -335,7 +366,12 @@ impl Registry {
             self.push_blob(repo, b);
         }
         self.push_blob(repo, &img.config);
-        self.push_manifest(repo, tag, "application/vnd.oci.image.manifest.v1+json", &img.manifest);
+        self.push_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &img.manifest,
+        );
     }
 
     /// The registry's file for a blob (to corrupt it).
@@ -369,12 +405,20 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(body: Vec<u8>, ct: &str) -> Reply {
-        Reply { status: 200, headers: vec![("Content-Type".into(), ct.into())], body, cut_after: None }
+        Reply {
+            status: 200,
+            headers: vec![("Content-Type".into(), ct.into())],
+            body,
+            cut_after: None,
+        }
     }
     pub fn status(status: u16, headers: &[(&str, &str)]) -> Reply {
         Reply {
             status,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             body: Vec::new(),
             cut_after: None,
         }
@@ -455,7 +499,11 @@ fn serve(s: TcpStream, h: &Handler) {
         let mut body = vec![0u8; len];
         r.read_exact(&mut body).unwrap();
         let reply = h(&method, &path, &headers);
-        let mut head = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\n", reply.status, reply.body.len());
+        let mut head = format!(
+            "HTTP/1.1 {} X\r\nContent-Length: {}\r\n",
+            reply.status,
+            reply.body.len()
+        );
         for (k, v) in &reply.headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -463,7 +511,10 @@ fn serve(s: TcpStream, h: &Handler) {
         if w.write_all(head.as_bytes()).is_err() {
             return;
         }
-        let n = reply.cut_after.unwrap_or(reply.body.len()).min(reply.body.len());
+        let n = reply
+            .cut_after
+            .unwrap_or(reply.body.len())
+            .min(reply.body.len());
         if w.write_all(&reply.body[..n]).is_err() {
             return;
         }
@@ -484,44 +535,64 @@ pub fn fake_registry(
     let images = Arc::new(images);
     let port_cell: Arc<std::sync::OnceLock<u16>> = Arc::new(std::sync::OnceLock::new());
     let pc = port_cell.clone();
-    let fake = Fake::start(Arc::new(move |_m: &str, path: &str, headers: &[(String, String)]| {
-        let port = *pc.get().unwrap();
-        if let Some(q) = path.strip_prefix("/token?") {
-            assert!(q.contains("scope=repository"), "token request without scope: {q}");
-            let body = format!("{{\"token\":\"{}\"}}", token.unwrap_or(""));
-            return Reply::ok(body.into_bytes(), "application/json");
-        }
-        if let Some(t) = token {
-            let ok = headers.iter().any(|(k, v)| k == "authorization" && v == &format!("Bearer {t}"));
-            if !ok {
-                let ch = format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\",scope=\"repository:x:pull\"");
-                return Reply::status(401, &[("WWW-Authenticate", &ch)]);
+    let fake = Fake::start(Arc::new(
+        move |_m: &str, path: &str, headers: &[(String, String)]| {
+            let port = *pc.get().unwrap();
+            if let Some(q) = path.strip_prefix("/token?") {
+                assert!(
+                    q.contains("scope=repository"),
+                    "token request without scope: {q}"
+                );
+                let body = format!("{{\"token\":\"{}\"}}", token.unwrap_or(""));
+                return Reply::ok(body.into_bytes(), "application/json");
             }
-        }
-        for (repo, img) in images.iter() {
-            let prefix = format!("/v2/{repo}/");
-            let Some(rest) = path.strip_prefix(&prefix) else { continue };
-            let mut reply = if let Some(r) = rest.strip_prefix("manifests/") {
-                if r == "latest" || r == img.manifest_digest().to_string() {
-                    let mut rep = Reply::ok(img.manifest.clone(), "application/vnd.oci.image.manifest.v1+json");
-                    rep.headers.push(("Docker-Content-Digest".into(), img.manifest_digest().to_string()));
-                    rep
+            if let Some(t) = token {
+                let ok = headers
+                    .iter()
+                    .any(|(k, v)| k == "authorization" && v == &format!("Bearer {t}"));
+                if !ok {
+                    let ch = format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\",scope=\"repository:x:pull\"");
+                    return Reply::status(401, &[("WWW-Authenticate", &ch)]);
+                }
+            }
+            for (repo, img) in images.iter() {
+                let prefix = format!("/v2/{repo}/");
+                let Some(rest) = path.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let mut reply = if let Some(r) = rest.strip_prefix("manifests/") {
+                    if r == "latest" || r == img.manifest_digest().to_string() {
+                        let mut rep = Reply::ok(
+                            img.manifest.clone(),
+                            "application/vnd.oci.image.manifest.v1+json",
+                        );
+                        rep.headers.push((
+                            "Docker-Content-Digest".into(),
+                            img.manifest_digest().to_string(),
+                        ));
+                        rep
+                    } else {
+                        Reply::status(404, &[])
+                    }
+                } else if let Some(d) = rest.strip_prefix("blobs/") {
+                    match img
+                        .blobs
+                        .iter()
+                        .chain([&img.config])
+                        .find(|b| digest(b).to_string() == d)
+                    {
+                        Some(b) => Reply::ok(b.clone(), "application/octet-stream"),
+                        None => Reply::status(404, &[]),
+                    }
                 } else {
                     Reply::status(404, &[])
-                }
-            } else if let Some(d) = rest.strip_prefix("blobs/") {
-                match img.blobs.iter().chain([&img.config]).find(|b| digest(b).to_string() == d) {
-                    Some(b) => Reply::ok(b.clone(), "application/octet-stream"),
-                    None => Reply::status(404, &[]),
-                }
-            } else {
-                Reply::status(404, &[])
-            };
-            tamper(rest, &mut reply);
-            return reply;
-        }
-        Reply::status(404, &[])
-    }));
+                };
+                tamper(rest, &mut reply);
+                return reply;
+            }
+            Reply::status(404, &[])
+        },
+    ));
     port_cell.set(fake.port).unwrap();
     fake
 }
