@@ -1304,3 +1304,87 @@ fn sandbox_dies_with_a_sigkilled_runner() {
         );
     }
 }
+
+#[test]
+fn mount_targets_are_never_reached_through_planted_symlinks() {
+    let _g = shared();
+    for m in modes("mount_targets_are_never_reached_through_planted_symlinks") {
+        let ws = host_dir("plant-ws");
+        let victim = host_dir("plant-victim");
+        fs::write(victim.join("important.txt"), "precious\n").expect("write");
+        fs::set_permissions(
+            victim.join("important.txt"),
+            fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
+        let src = host_dir("plant-src").join("cfg.json");
+        fs::write(&src, "{}\n").expect("write");
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let w = ws.to_str().expect("utf-8");
+        // Run 1: hostile code plants a symlink to a host dir in its workspace.
+        ok_out(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "rw",
+                "--",
+                "ln",
+                "-s",
+                victim.to_str().expect("utf-8"),
+                "/workspace/config",
+            ],
+        );
+        // Run 2: a mount whose target path goes through that symlink.
+        let o = run(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "rw",
+                "--mount",
+                &format!("{}:/workspace/config/important.txt:ro", src.display()),
+                "--",
+                "true",
+            ],
+        );
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "[{}] {err}", m.name);
+        assert!(err.contains("symlink"), "[{}] {err}", m.name);
+        assert_eq!(
+            fs::read_to_string(victim.join("important.txt")).expect("read"),
+            "precious\n",
+            "[{}] the host file behind the symlink was touched",
+            m.name
+        );
+        // An existing regular file used as a mount point is not truncated.
+        fs::write(ws.join("existing"), "keep\n").expect("write");
+        fs::set_permissions(ws.join("existing"), fs::Permissions::from_mode(0o666)).expect("chmod");
+        let out = ok_out(
+            m,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "rw",
+                "--mount",
+                &format!("{}:/workspace/existing:ro", src.display()),
+                "--",
+                "cat",
+                "/workspace/existing",
+            ],
+        );
+        assert_eq!(out, "{}\n", "[{}]", m.name);
+        assert_eq!(
+            fs::read_to_string(ws.join("existing")).expect("read"),
+            "keep\n",
+            "[{}] mount point file truncated",
+            m.name
+        );
+    }
+}

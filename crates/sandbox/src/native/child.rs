@@ -475,8 +475,9 @@ fn build_root(plan: &ChildPlan) {
 
 fn run_op(op: &Op) -> std::io::Result<()> {
     match op {
-        Op::Mkdir { path, mode } => sys::mkdir(path, *mode),
+        Op::Mkdir { path, mode } => mkdir_no_symlinks(path, *mode),
         Op::Symlink { target, link } => sys::symlink(target, link),
+        Op::File { path, data, mode } if data.is_empty() => mount_point_file(path, *mode),
         Op::File { path, data, mode } => sys::write_file(path, data, *mode),
         Op::Fs {
             fstype,
@@ -497,25 +498,31 @@ fn run_op(op: &Op) -> std::io::Result<()> {
             attrs,
             if_exists,
         } => {
-            match sys::mount(
+            let t = match sys::open_no_symlinks(target, libc::O_PATH) {
+                Err(e) if *if_exists && e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                r => r?,
+            };
+            let mut buf = [0u8; 32];
+            let r = sys::mount(
                 Some(source),
-                target,
+                sys::proc_fd_path(t, &mut buf),
                 None,
                 libc::MS_BIND | libc::MS_REC,
                 None,
-            ) {
+            );
+            sys::close(t);
+            match r {
                 Err(e) if *if_exists && e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                 r => r?,
             }
-            sys::mount_setattr(
-                libc::AT_FDCWD,
-                target,
-                libc::AT_RECURSIVE as u32,
-                *attrs,
-                None,
-            )
+            set_attrs(target, *attrs)
         }
-        Op::Attach { fd, target } => sys::move_mount_fd(*fd, target),
+        Op::Attach { fd, target } => {
+            let t = sys::open_no_symlinks(target, libc::O_PATH)?;
+            let r = sys::move_mount_fd(*fd, t);
+            sys::close(t);
+            r
+        }
         Op::Reopen { path, fd, dev, ino } => {
             let new = sys::open(path, libc::O_PATH)?;
             // SAFETY: an all-zero stat is valid for fstat to overwrite.
@@ -530,14 +537,83 @@ fn run_op(op: &Op) -> std::io::Result<()> {
             sys::close(new);
             r
         }
-        Op::Attrs { target, attrs } => sys::mount_setattr(
-            libc::AT_FDCWD,
-            target,
-            libc::AT_RECURSIVE as u32,
-            *attrs,
-            None,
-        ),
+        Op::Attrs { target, attrs } => set_attrs(target, *attrs),
     }
+}
+
+/// Sets mount attributes recursively on the mount at `target`, reached
+/// without following symlinks.
+fn set_attrs(target: &CStr, attrs: u64) -> std::io::Result<()> {
+    let t = sys::open_no_symlinks(target, libc::O_PATH)?;
+    let r = sys::mount_setattr(
+        t,
+        c"",
+        (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as u32,
+        attrs,
+        None,
+    );
+    sys::close(t);
+    r
+}
+
+/// `mkdir` whose parent is reached without symlinks; an existing entry must
+/// be a real directory. Mount points may lie inside a writable workspace
+/// whose contents the sandboxed code controls (it may have planted
+/// symlinks pointing at host paths in an earlier run).
+fn mkdir_no_symlinks(path: &CStr, mode: libc::mode_t) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let (parent, name) = sys::split_parent(path, &mut buf)?;
+    let p = sys::open_no_symlinks(parent, libc::O_PATH | libc::O_DIRECTORY)?;
+    // SAFETY: `p` is an open directory fd and `name` NUL-terminated.
+    let mut r = unsafe { libc::mkdirat(p, name.as_ptr(), mode) };
+    if r != 0 && sys::errno() == libc::EEXIST {
+        // SAFETY: an all-zero stat is valid for fstatat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, NUL-terminated name, valid out pointer.
+        r = unsafe { libc::fstatat(p, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if r == 0 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            sys::close(p);
+            return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+    }
+    let e = std::io::Error::last_os_error();
+    sys::close(p);
+    if r != 0 {
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// An (empty) file to bind a file onto: created if missing, never
+/// truncated or written, never reached through a symlink, and it must be a
+/// regular file (opening a planted FIFO must not block setup).
+fn mount_point_file(path: &CStr, mode: libc::mode_t) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let (parent, name) = sys::split_parent(path, &mut buf)?;
+    let p = sys::open_no_symlinks(parent, libc::O_PATH | libc::O_DIRECTORY)?;
+    // SAFETY: valid dir fd, NUL-terminated name; the flags never block.
+    let fd = unsafe {
+        libc::openat(
+            p,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    sys::close(p);
+    if fd < 0 {
+        return Err(e);
+    }
+    // SAFETY: an all-zero stat is valid for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` a valid out pointer.
+    let r = unsafe { libc::fstat(fd, &mut st) };
+    sys::close(fd);
+    if r != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
 }
 
 /// The payload: hardens itself step by step and execs the command.

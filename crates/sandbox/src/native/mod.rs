@@ -642,7 +642,14 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 step: child_plan
                     .ops
                     .get(r.index as usize)
-                    .map(plan::Op::describe)
+                    .map(|op| {
+                        let d = op.describe();
+                        if r.errno == libc::ELOOP || r.errno == libc::ENOTDIR {
+                            format!("{d} (a component of that path is a symlink or not a directory; mount points are never reached through symlinks)")
+                        } else {
+                            d
+                        }
+                    })
                     .unwrap_or_else(|| "building the filesystem".into()),
                 source: std::io::Error::from_raw_os_error(r.errno),
             }),

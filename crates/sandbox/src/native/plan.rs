@@ -114,7 +114,14 @@ pub(crate) enum Op {
 impl Op {
     /// Describes the operation for an error message.
     pub(crate) fn describe(&self) -> String {
-        let s = |c: &CString| c.to_string_lossy().into_owned();
+        // Paths as the sandbox sees them (the plan builds them under BASE).
+        let s = |c: &CString| {
+            let p = c.to_string_lossy();
+            match p.strip_prefix(BASE) {
+                Some(rest) if rest.starts_with('/') => format!("{rest} (in the sandbox)"),
+                _ => p.into_owned(),
+            }
+        };
         match self {
             Op::Mkdir { path, .. } => format!("mkdir {}", s(path)),
             Op::Symlink { target, link } => format!("symlink {} -> {}", s(link), s(target)),

@@ -121,19 +121,20 @@ pub fn open_tree(dirfd: RawFd, path: &CStr, flags: libc::c_uint) -> io::Result<R
     check(ret).map(|fd| fd as RawFd)
 }
 
-/// `move_mount(from_fd, "", AT_FDCWD, to, MOVE_MOUNT_F_EMPTY_PATH)`: attaches
-/// a detached mount at `to`.
-pub fn move_mount_fd(from_fd: RawFd, to: &CStr) -> io::Result<()> {
+/// `move_mount(from_fd, "", to_fd, "", F_EMPTY_PATH | T_EMPTY_PATH)`:
+/// attaches a detached mount onto the directory `to_fd` refers to.
+pub fn move_mount_fd(from_fd: RawFd, to_fd: RawFd) -> io::Result<()> {
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    // SAFETY: both strings are NUL-terminated and outlive the call.
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    // SAFETY: both paths are empty NUL-terminated strings; the fds are ints.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             from_fd,
             c"".as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            to_fd,
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
     check(ret).map(drop)
@@ -151,16 +152,6 @@ pub fn umount2(target: &CStr, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: `target` is NUL-terminated and outlives the call.
     let ret = unsafe { libc::umount2(target.as_ptr(), flags) };
     check(ret.into()).map(drop)
-}
-
-/// `mkdir(path, mode)`; an existing directory is not an error.
-pub fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: `path` is NUL-terminated and outlives the call.
-    let ret = unsafe { libc::mkdir(path.as_ptr(), mode) };
-    match check(ret.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r.map(drop),
-    }
 }
 
 /// `symlink(target, linkpath)`.
@@ -424,4 +415,82 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint) {
     for fd in first..=last.min(4096) {
         close(fd as RawFd);
     }
+}
+
+/// `openat2(AT_FDCWD, path, flags, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`:
+/// opens `path` only if no component of it is a symlink. Used for mount
+/// targets, which may lie inside a writable workspace whose contents the
+/// sandboxed code controls.
+pub fn open_no_symlinks(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the
+    // size passed; both outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    check(ret).map(|fd| fd as RawFd)
+}
+
+/// Writes `/proc/self/fd/<fd>` into `buf` and returns it as a C string.
+pub fn proc_fd_path(fd: RawFd, buf: &mut [u8; 32]) -> &CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 12];
+    let mut n = fd.max(0) as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/proc/self/fd/")
+}
+
+/// Splits an absolute path into its parent (written NUL-terminated into
+/// `buf`) and its last component.
+pub fn split_parent<'a>(
+    path: &'a CStr,
+    buf: &'a mut [u8; 4096],
+) -> io::Result<(&'a CStr, &'a CStr)> {
+    let bytes = path.to_bytes_with_nul();
+    let slash = bytes
+        .iter()
+        .rposition(|&b| b == b'/')
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if slash + 1 > buf.len() - 1 {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    let parent_len = slash.max(1);
+    buf[..parent_len].copy_from_slice(&bytes[..parent_len]);
+    buf[parent_len] = 0;
+    let parent = CStr::from_bytes_until_nul(&buf[..])
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let name = CStr::from_bytes_with_nul(&bytes[slash + 1..])
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok((parent, name))
 }
