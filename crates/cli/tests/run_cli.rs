@@ -1388,3 +1388,41 @@ fn mount_targets_are_never_reached_through_planted_symlinks() {
         );
     }
 }
+
+#[test]
+fn exec_allowlist_holds_against_memfd_exec() {
+    let _g = shared();
+    let code_ = r#"
+import os
+try:
+    fd = os.memfd_create("x", 0)
+    os.write(fd, open("/usr/bin/id", "rb").read())
+    os.execv(f"/proc/self/fd/{fd}", ["id"])
+except OSError as e:
+    print("refused", e.errno)
+"#;
+    for m in modes("exec_allowlist_holds_against_memfd_exec") {
+        // Without an allowlist the trick runs `id` (so the test can fail).
+        let out = ok_out(m, &["run", "--", "python3", "-c", code_]);
+        assert!(out.contains("uid="), "[{}] control run: {out}", m.name);
+        let o = run(
+            m,
+            &[
+                "run",
+                "--exec-allow",
+                "/usr/bin/python3.11",
+                "--",
+                "/usr/bin/python3.11",
+                "-c",
+                code_,
+            ],
+        );
+        let out = text(&o.stdout);
+        assert!(
+            out.contains("refused") && !out.contains("uid="),
+            "[{}] memfd exec escaped the allowlist: {out} {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}

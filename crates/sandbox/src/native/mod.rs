@@ -320,6 +320,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         .collect::<Result<Vec<_>, _>>()?;
     layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
     let seccomp_filter = match &spec.hardening.seccomp {
+        Seccomp::Default if !spec.hardening.exec_allow.is_empty() => {
+            layers.seccomp = "default, no memfd_create (exec allowlist)".into();
+            Some(seccomp::default_filter_without_memfd().map_err(|e| {
+                Error::Seccomp(seccomp::SeccompError::Profile {
+                    path: "built-in".into(),
+                    error: e,
+                })
+            })?)
+        }
         Seccomp::Default => {
             layers.seccomp = "default".into();
             Some(seccomp::default_filter())

@@ -125,6 +125,30 @@ pub fn load_docker_profile(path: &Path, caps: &[String]) -> Result<Filter, Secco
     })
 }
 
+/// The default profile plus one rule refusing `memfd_create` (EPERM), for
+/// sandboxes with an exec allowlist: an executable memfd would otherwise be
+/// a file outside every Landlock rule that `execveat` can run. Compiled at
+/// run time (only when an allowlist is asked for).
+pub fn default_filter_without_memfd() -> Result<Filter, ProfileError> {
+    const DEFAULT: &str = include_str!("../../seccomp/default.json");
+    let mut v: serde_json::Value = serde_json::from_str(DEFAULT).map_err(|e| ProfileError {
+        field: String::new(),
+        message: format!("built-in profile: {e}"),
+    })?;
+    if let Some(rules) = v.get_mut("syscalls").and_then(|r| r.as_array_mut()) {
+        rules.insert(
+            0,
+            serde_json::json!({
+                "comment": "--exec-allow: no memfd_create (executable anonymous files escape path rules)",
+                "names": ["memfd_create"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 1
+            }),
+        );
+    }
+    compile_docker_profile(&v.to_string(), &[])
+}
+
 /// Compiles a Docker-format profile given as text (see [`load_docker_profile`]).
 pub fn compile_docker_profile(json: &str, caps: &[String]) -> Result<Filter, ProfileError> {
     let ctx = compiler::Context {
