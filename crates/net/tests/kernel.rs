@@ -145,6 +145,7 @@ print(json.dumps(res))
 /// The test "internet": a namespace with servers, its veth, and the
 /// confinement routing for sandbox links.
 struct World {
+    _lock: std::fs::File,
     ns: String,
     uplink: String,
     server: Child,
@@ -156,9 +157,35 @@ impl World {
         let pid = std::process::id();
         let ns = format!("ncltest-{pid}");
         let uplink = format!("nclti{}", pid % 1_000_000);
-        // Leftovers of an earlier, killed run.
+        // One world at a time on this host, across test processes too.
+        let lock = std::fs::File::create("/run/nanoclaw-kernel-egress-test.lock").unwrap();
+        fs_flock(&lock);
+        // Leftovers of an earlier, killed run: its namespace (and the
+        // processes in it), its uplink, its confinement routing, and any
+        // kernel egress state its sandboxes left.
         let _ = sh(&["ip", "rule", "del", "pref", TABLE]);
         let _ = sh(&["ip", "route", "flush", "table", TABLE]);
+        let names = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
+        for old in names
+            .split_whitespace()
+            .filter(|n| n.starts_with("ncltest-"))
+        {
+            let pids =
+                String::from_utf8_lossy(&sh(&["ip", "netns", "pids", old]).stdout).into_owned();
+            for p in pids.split_whitespace() {
+                let _ = sh(&["kill", "-9", p]);
+            }
+            let _ = sh(&["ip", "netns", "del", old]);
+        }
+        let links = String::from_utf8_lossy(&sh(&["ip", "-o", "link", "show"]).stdout).into_owned();
+        for l in links.lines() {
+            if let Some(name) = l.split(": ").nth(1).and_then(|n| n.split('@').next()) {
+                if name.starts_with("nclti") {
+                    let _ = sh(&["ip", "link", "del", name]);
+                }
+            }
+        }
+        KernelEgress::cleanup_stale().unwrap();
         must(&["ip", "netns", "add", &ns]);
         must(&[
             "ip", "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -207,6 +234,7 @@ impl World {
         let mut server = Command::new("ip")
             .args(["netns", "exec", &ns, "python3", "-c", SERVER])
             .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -217,6 +245,7 @@ impl World {
         .unwrap();
         assert_eq!(line.trim(), "ready");
         World {
+            _lock: lock,
             ns,
             uplink,
             server,
@@ -256,6 +285,24 @@ impl Drop for World {
     }
 }
 
+/// Blocks until this process holds an exclusive lock on `f`.
+fn fs_flock(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an open file; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(r, 0, "flock: {}", std::io::Error::last_os_error());
+}
+
+/// Kills a child process when dropped (also on a failed assertion).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A process in its own, fresh network namespace.
 struct Sandbox {
     child: Child,
@@ -265,6 +312,8 @@ impl Sandbox {
     fn new() -> Sandbox {
         let child = Command::new("unshare")
             .args(["--net", "sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
@@ -503,14 +552,17 @@ fn kernel_egress_enforces_the_allowlist() {
 
     // Inbound: the host may connect to a service in the sandbox; the test
     // internet, routed through the (forwarding) host, may not.
-    let mut listener = Command::new("nsenter")
-        .arg(format!("--net=/proc/{}/ns/net", sb.pid()))
-        .args(["python3", "-c", SANDBOX_SERVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut listener = KillOnDrop(
+        Command::new("nsenter")
+            .arg(format!("--net=/proc/{}/ns/net", sb.pid()))
+            .args(["python3", "-c", SANDBOX_SERVER])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let lines = {
-        let out = listener.stdout.take().unwrap();
+        let out = listener.0.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
             for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
@@ -561,8 +613,7 @@ fn kernel_egress_enforces_the_allowlist() {
         got.is_err(),
         "one-way UDP from outside reached the sandbox: {got:?}"
     );
-    let _ = listener.kill();
-    let _ = listener.wait();
+    drop(listener);
     eg.teardown().unwrap();
     assert_gone(&world, &id);
 
