@@ -8,6 +8,7 @@
 
 mod config_cmd;
 mod doctor;
+mod image_cmd;
 mod run_cmd;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     Run(Box<run_cmd::RunArgs>),
     /// Report what this host supports and which protections a run gets.
     Doctor(doctor::DoctorArgs),
+    /// Manage images: pull, import, ls, inspect, rm, prune, stats.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
     /// Check the configuration file (nanoclaw.yaml).
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(*args),
         Command::Doctor(args) => doctor::run(args),
         Command::Config(c) => config_cmd::run_config(c),
+        Command::Image(c) => image_cmd::run_image(c),
         Command::Sandbox(c) => config_cmd::run_sandbox(*c),
     };
     match result {

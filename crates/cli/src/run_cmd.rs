@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Mount /tmp noexec.
     #[arg(long)]
     tmp_noexec: bool,
+    /// Run in this image's root (from the local store: `nanoclaw image pull`
+    /// or `import` first) instead of the host root.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
     /// Network: none (loopback only), allowlist (only --allow-host/--allow-cidr
     /// destinations, through nanoclaw's proxy) or open (any public destination,
     /// through the proxy). Default: none, or allowlist when --allow-* is given.
@@ -242,9 +246,71 @@ fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
     Ok(spec)
 }
 
+/// Resolves `--image` from the local store: the root's layers and the
+/// image's defaults (env, workdir, user, entrypoint, cmd).
+fn image_root(reference: &str) -> Result<nanoclaw_image::ImageRoot> {
+    let store = nanoclaw_image::Store::open_default()
+        .map_err(|e| anyhow::anyhow!("--image {reference}: {e}"))?;
+    store
+        .resolve(reference)
+        .map_err(|e| anyhow::anyhow!("--image {reference}: {e}"))
+}
+
+/// An image's `USER` (`name`, `uid`, `name:group`, `uid:gid`) as ids, names
+/// looked up in the image's own /etc/passwd and /etc/group.
+fn image_user(img: &nanoclaw_image::ImageRoot, user: &str) -> Result<User> {
+    let lookup = |file: &str, name: &str| -> Option<u32> {
+        img.layers.iter().rev().find_map(|l| {
+            let text = std::fs::read_to_string(l.join("etc").join(file)).ok()?;
+            text.lines().find_map(|line| {
+                let f: Vec<&str> = line.split(':').collect();
+                (f.len() > 2 && f[0] == name)
+                    .then(|| f[2].parse().ok())
+                    .flatten()
+            })
+        })
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid = match u.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => lookup("passwd", u).ok_or_else(|| {
+            anyhow::anyhow!(
+                "image user {u:?} is not in the image's /etc/passwd; pass --user UID[:GID]"
+            )
+        })?,
+    };
+    let gid = match g {
+        None => uid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => lookup("group", g).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "image group {g:?} is not in the image's /etc/group; pass --user UID[:GID]"
+                )
+            })?,
+        },
+    };
+    Ok(User { uid, gid })
+}
+
 /// The spec from the command-line flags alone.
 fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
+    let image = a.image.as_deref().map(image_root).transpose()?;
     let mut command = a.command.clone();
+    if let Some(img) = &image {
+        if a.lang.is_none() {
+            // Docker semantics: arguments replace CMD; ENTRYPOINT stays.
+            let tail = if command.is_empty() {
+                img.config.cmd.clone()
+            } else {
+                command
+            };
+            command = img.config.entrypoint.iter().cloned().chain(tail).collect();
+        }
+    }
     if let Some(lang) = a.lang {
         let (interp, flag) = lang.interpreter();
         let code = match (&a.code, &a.file) {
@@ -303,6 +369,33 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     }
     spec.workdir = a.workdir.clone();
     spec.user = parse_user(&a.user)?;
+    if let Some(img) = &image {
+        spec.root = nanoclaw_sandbox::spec::Root::Layers(img.layers.clone());
+        let mut env: Vec<(String, String)> = img
+            .config
+            .env
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        env.append(&mut spec.env);
+        spec.env = env;
+        if spec.workdir.is_none() {
+            spec.workdir = img
+                .config
+                .working_dir
+                .as_deref()
+                .filter(|w| !w.is_empty())
+                .map(PathBuf::from);
+        }
+        if !typed("user") {
+            if let Some(u) = img.config.user.as_deref().filter(|u| !u.is_empty()) {
+                spec.user = image_user(img, u)?;
+            }
+        }
+    }
     match (&a.workspace, a.workspace_access) {
         (Some(dir), WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
             let source = std::fs::canonicalize(dir).with_context(|| {

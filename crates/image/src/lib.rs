@@ -40,7 +40,7 @@
 //! | OCI layer entry        | rootful store (euid 0)                           | rootless store                                   |
 //! |------------------------|--------------------------------------------------|--------------------------------------------------|
 //! | `dir/.wh.NAME`         | `dir/NAME`: char device 0:0, mode 0, owner `ROOTFUL_ID_BASE` | `dir/NAME`: char device 0:0 (Linux ≥ 5.8 lets any user make it), owner the caller |
-//! | `dir/.wh..wh..opq`     | xattr `trusted.overlay.opaque=y` on `dir`        | xattr `user.overlay.opaque=y` on `dir` (mount with `userxattr`) |
+//! | `dir/.wh..wh..opq`     | xattr `user.overlay.opaque=y` on `dir` (mount with `userxattr`) | xattr `user.overlay.opaque=y` on `dir` (mount with `userxattr`) |
 //! | other `.wh..wh.*`      | ignored (AUFS bookkeeping)                       | ignored                                          |
 //! | uid/gid N              | `ROOTFUL_ID_BASE + N` (N ≥ 65536 → base + 65534)  | the caller (cannot chown)                        |
 //! | setuid/setgid bits     | kept (the sandbox mounts nosuid)                 | kept                                             |

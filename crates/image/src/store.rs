@@ -36,7 +36,7 @@ pub struct ImageRoot {
     /// The image's run defaults.
     pub config: ImageConfig,
     /// True when the layers use `user.overlay.*` xattrs (rootless store):
-    /// mount overlayfs with `userxattr`. False: `trusted.overlay.*`.
+    /// mount overlayfs with `userxattr` (both modes now use `user.overlay.*`).
     pub rootless_xattrs: bool,
     /// The canonical reference the image was found under.
     pub reference: String,

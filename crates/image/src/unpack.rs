@@ -23,7 +23,9 @@ use crate::{Digest, ImageError};
 /// How to lay a layer out on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnpackMode {
-    /// As root: owners shifted by `ROOTFUL_ID_BASE`, `trusted.overlay.*` xattrs.
+    /// As root: owners shifted by `ROOTFUL_ID_BASE`, `user.overlay.*` xattrs
+    /// (the engine mounts overlayfs from inside the sandbox's user
+    /// namespace, where only `userxattr` works: trusted.* is ignored there).
     Rootful,
     /// As an ordinary user: owned by the caller, `user.overlay.*` xattrs
     /// (overlayfs must be mounted with `userxattr`).
@@ -34,8 +36,7 @@ impl UnpackMode {
     /// The opaque-directory xattr name for this mode.
     pub fn opaque_xattr(self) -> &'static str {
         match self {
-            UnpackMode::Rootful => "trusted.overlay.opaque",
-            UnpackMode::Rootless => "user.overlay.opaque",
+            UnpackMode::Rootful | UnpackMode::Rootless => "user.overlay.opaque",
         }
     }
 }

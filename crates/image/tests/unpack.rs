@@ -109,11 +109,13 @@ fn unpack_rootful_format() {
     assert_eq!(rep.compression, "gzip");
     assert_eq!(rep.diff_id, nanoclaw_image::Digest::of(&sample()));
     assert_eq!(rep.blob_digest, nanoclaw_image::Digest::of(&gz));
+    // user.* even as root: overlayfs is mounted inside the sandbox's user
+    // namespace with `userxattr`, where trusted.* would be ignored.
     assert_eq!(
-        xattr(&dest.join("opt"), "trusted.overlay.opaque").as_deref(),
+        xattr(&dest.join("opt"), "user.overlay.opaque").as_deref(),
         Some(&b"y"[..])
     );
-    assert_eq!(xattr(&dest.join("opt"), "user.overlay.opaque"), None);
+    assert_eq!(xattr(&dest.join("opt"), "trusted.overlay.opaque"), None);
     let f = std::fs::metadata(dest.join("home/u/f")).unwrap();
     assert_eq!(
         (f.uid(), f.gid()),

@@ -8,7 +8,7 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 
-use super::plan::{Op, BASE_C};
+use super::plan::Op;
 use super::sys;
 
 /// Where a failure happened, as reported to the runner.
@@ -195,6 +195,10 @@ pub(crate) struct ChildPlan {
     pub rlimit_nproc: Option<u64>,
     /// The runner's argv and environment areas, to be wiped in init.
     pub host_strings: Vec<(usize, usize)>,
+    /// The directory that becomes `/`.
+    pub root_dir: CString,
+    /// Remount `/` read-only after `pivot_root`.
+    pub root_readonly: bool,
     /// NULL-terminated pointer arrays into `argv` and `envp`, built by the
     /// runner so the payload does not allocate (the runner may have threads).
     pub argv_ptrs: Vec<*const libc::c_char>,
@@ -445,7 +449,7 @@ fn build_root(plan: &ChildPlan) {
         }
     }
     // SAFETY: chdir with a NUL-terminated path.
-    if unsafe { libc::chdir(BASE_C.as_ptr()) } != 0 {
+    if unsafe { libc::chdir(plan.root_dir.as_ptr()) } != 0 {
         fail(plan.err_w, Step::PivotRoot, 0, sys::errno());
     }
     // pivot_root(".", "."): the old root ends up stacked under the new one
@@ -460,16 +464,15 @@ fn build_root(plan: &ChildPlan) {
     if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
         fail(plan.err_w, Step::DetachOldRoot, 0, sys::errno());
     }
+    let attrs = if plan.root_readonly {
+        sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV
+    } else {
+        sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV
+    };
     tryc!(
         plan,
         Step::RootReadOnly,
-        sys::mount_setattr(
-            libc::AT_FDCWD,
-            c"/",
-            0,
-            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
-            None
-        )
+        sys::mount_setattr(libc::AT_FDCWD, c"/", 0, attrs, None)
     );
 }
 
@@ -487,7 +490,23 @@ fn run_op(op: &Op) -> std::io::Result<()> {
             optional,
         } => {
             let data: Option<&CStr> = if data.is_empty() { None } else { Some(data) };
-            match sys::mount(Some(fstype), target, Some(fstype), *flags, data) {
+            // The target is reached without symlinks (an image's /proc or
+            // /tmp may be one) and mounted on through /proc/self/fd.
+            let t = match sys::open_no_symlinks(target, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(t) => t,
+                Err(_) if *optional => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut buf = [0u8; 32];
+            let r = sys::mount(
+                Some(fstype),
+                sys::proc_fd_path(t, &mut buf),
+                Some(fstype),
+                *flags,
+                data,
+            );
+            sys::close(t);
+            match r {
                 Err(_) if *optional => Ok(()),
                 r => r,
             }

@@ -345,16 +345,21 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     };
     let net_policy = network_policy(&spec.network)?;
     let mounts = resolve_mounts(spec, rootful)?;
-    let guard = FdGuard(
+    let mut guard = FdGuard(
         mounts
             .iter()
             .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
             .collect(),
     );
+    let image_layers = open_layers(spec, &mut guard)?;
     let host = plan::HostLayout::probe();
-    let fs = plan::build(spec, &host, &mounts)?;
+    let fs = plan::build(spec, &host, &mounts, &image_layers)?;
 
     let mut writable: Vec<PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
+    if !fs.root_readonly {
+        // An image root is writable (its per-sandbox upper layer on tmpfs).
+        writable.push("/".into());
+    }
     writable.extend(
         mounts
             .iter()
@@ -470,6 +475,8 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         rootful,
         hostname: cstr(&spec.hostname, "hostname")?,
         ops: fs.ops,
+        root_dir: fs.root,
+        root_readonly: fs.root_readonly,
         sync_r: pipes.sync.0,
         err_w: pipes.err.1,
         status_w: pipes.status.1,
@@ -678,6 +685,39 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         return Err(e);
     }
     Ok(sb)
+}
+
+/// Opens the image layer directories of `spec.root` (if it is an image).
+fn open_layers(spec: &SandboxSpec, guard: &mut FdGuard) -> Result<Vec<plan::LayerFd>, Error> {
+    let crate::spec::Root::Layers(paths) = &spec.root else {
+        return Ok(Vec::new());
+    };
+    if paths.is_empty() {
+        return Err(Error::InvalidSpec(
+            "an image root needs at least one layer".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let c = cstr(p.as_os_str().as_bytes(), "a layer path")?;
+        let fd = sys::open(&c, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| {
+            Error::InvalidSpec(format!(
+                "image layer {} cannot be opened: {e}; the image store may be damaged: `nanoclaw image rm` and pull it again",
+                p.display()
+            ))
+        })?;
+        guard.0.push(fd);
+        let md = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|e| Error::Sys {
+            call: format!("stat of image layer {}", p.display()),
+            source: e,
+        })?;
+        out.push(plan::LayerFd {
+            fd,
+            path: p.clone(),
+            dev_ino: (md.dev(), md.ino()),
+        });
+    }
+    Ok(out)
 }
 
 /// Closes descriptors when dropped.

@@ -14,8 +14,6 @@ use crate::Error;
 /// The host directory the new root is assembled on (inside the sandbox's
 /// private mount namespace, so the host never sees it).
 pub(crate) const BASE: &str = "/tmp";
-/// [`BASE`] as a C string.
-pub(crate) const BASE_C: &std::ffi::CStr = c"/tmp";
 
 /// Host top-level entries that make up the default root, bound read-only.
 const HOST_ROOT_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -167,6 +165,11 @@ pub(crate) struct UserMount {
 pub(crate) struct FsPlan {
     /// Operations before `pivot_root`, with paths under [`BASE`].
     pub ops: Vec<Op>,
+    /// The directory that becomes `/`.
+    pub root: CString,
+    /// Whether `/` is remounted read-only (the host root; an image root
+    /// keeps its per-sandbox writable upper layer).
+    pub root_readonly: bool,
 }
 
 fn cpath(p: impl AsRef<Path>) -> Result<CString, Error> {
@@ -176,10 +179,6 @@ fn cpath(p: impl AsRef<Path>) -> Result<CString, Error> {
             p.as_ref().display()
         ))
     })
-}
-
-fn under_base(p: &str) -> Result<CString, Error> {
-    cpath(format!("{BASE}{p}"))
 }
 
 /// Normalises an absolute container path: no `..`, no `.`, no trailing slash.
@@ -262,6 +261,29 @@ impl HostLayout {
     }
 }
 
+/// The sandbox's `/etc/resolv.conf`: no resolver (names are resolved by
+/// nanoclaw's proxy when the network policy allows any).
+const RESOLV_CONF: &str =
+    "# nanoclaw: no DNS inside the sandbox; allowed names are resolved by the egress proxy\n";
+
+/// The sandbox's `/etc/hosts`.
+fn hosts_file(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+    )
+}
+
+/// An image layer directory, opened by the runner before `clone`.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerFd {
+    /// `O_PATH` descriptor of the layer directory.
+    pub fd: i32,
+    /// Its host path (re-opened and checked by the child).
+    pub path: PathBuf,
+    /// Device and inode, to detect a swap.
+    pub dev_ino: (u64, u64),
+}
+
 /// Contents of the synthetic `/etc/passwd`.
 pub(crate) fn passwd(uid: u32, gid: u32) -> String {
     let mut s = String::from("root:x:0:0:root:/root:/bin/sh\n");
@@ -287,8 +309,26 @@ pub(crate) fn build(
     spec: &SandboxSpec,
     host: &HostLayout,
     mounts: &[UserMount],
+    layers: &[LayerFd],
 ) -> Result<FsPlan, Error> {
     let mut ops = Vec::with_capacity(96);
+    let image = matches!(spec.root, Root::Layers(_));
+    // Where the sandbox's root is assembled: the tmpfs itself for the host
+    // root; an overlay mounted inside it for an image.
+    let root = if image {
+        format!("{BASE}/root")
+    } else {
+        BASE.to_string()
+    };
+    let under_base = |p: &str| cpath(format!("{root}{p}"));
+    for l in layers {
+        ops.push(Op::Reopen {
+            path: cpath(&l.path)?,
+            fd: l.fd,
+            dev: l.dev_ino.0,
+            ino: l.dev_ino.1,
+        });
+    }
     // Mount sources are re-opened in the new mount namespace before anything
     // covers their paths (the new root is assembled on /tmp).
     for m in mounts.iter().filter(|m| m.idmapped_fd.is_none()) {
@@ -304,12 +344,20 @@ pub(crate) fn build(
         | crate::native::sys::MOUNT_ATTR_NODEV;
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
 
-    // The new root: a small tmpfs that only holds mount points and /etc.
+    // The new root: a small tmpfs that only holds mount points and /etc
+    // (host root), or the image's writable upper layer (image root).
     ops.push(Op::Fs {
         fstype: c"tmpfs",
         target: cpath(BASE)?,
         flags: nosuid_nodev,
-        data: CString::from(c"mode=0755,size=1m,nr_inodes=4096"),
+        data: if image {
+            cpath(format!(
+                "mode=0755,size={}",
+                spec.limits.tmpfs_size.max(1 << 20)
+            ))?
+        } else {
+            CString::from(c"mode=0755,size=1m,nr_inodes=4096")
+        },
         optional: false,
     });
 
@@ -337,74 +385,111 @@ pub(crate) fn build(
                 }
             }
         }
-        Root::Dir(_) | Root::Layers(_) => {
+        Root::Layers(_) => {
+            for d in ["upper", "work", "root"] {
+                ops.push(Op::Mkdir {
+                    path: cpath(format!("{BASE}/{d}"))?,
+                    mode: 0o755,
+                });
+            }
+            // Layers by descriptor (re-opened above, before /tmp was
+            // covered), topmost first; `userxattr` because the overlay is
+            // mounted inside the sandbox's user namespace.
+            let lower: Vec<String> = layers
+                .iter()
+                .rev()
+                .map(|l| format!("/proc/self/fd/{}", l.fd))
+                .collect();
+            ops.push(Op::Fs {
+                fstype: c"overlay",
+                target: cpath(&root)?,
+                flags: nosuid_nodev,
+                data: cpath(format!(
+                    "lowerdir={},upperdir={BASE}/upper,workdir={BASE}/work,userxattr",
+                    lower.join(":")
+                ))?,
+                optional: false,
+            });
+        }
+        Root::Dir(_) => {
             return Err(Error::Unsupported {
-                what: "image roots".into(),
-                why: "only the host root is implemented in this version".into(),
-                fix: "run without --image".into(),
+                what: "a directory root".into(),
+                why: "not implemented; use the host root or an image".into(),
+                fix: "run without it, or import the directory as an image".into(),
             })
         }
     }
 
-    // A synthetic /etc.
-    ops.push(Op::Mkdir {
-        path: under_base("/etc")?,
-        mode: 0o755,
-    });
-    let files: [(&str, String); 6] = [
-        ("passwd", passwd(spec.user.uid, spec.user.gid)),
-        ("group", group(spec.user.gid)),
-        (
-            "hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-                spec.hostname
-            ),
-        ),
-        ("hostname", format!("{}\n", spec.hostname)),
-        (
-            "resolv.conf",
-            "# nanoclaw: this sandbox has no network (loopback only)\n".to_string(),
-        ),
-        (
-            "nsswitch.conf",
-            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
-                .to_string(),
-        ),
-    ];
-    for (name, data) in files {
-        ops.push(Op::File {
-            path: under_base(&format!("/etc/{name}"))?,
-            data: data.into_bytes(),
-            mode: 0o644,
+    if image {
+        // The image's own /etc, with the sandbox's name and (lack of)
+        // network written over it in the per-sandbox upper layer.
+        ops.push(Op::Mkdir {
+            path: under_base("/etc")?,
+            mode: 0o755,
         });
-    }
-    for (name, link, is_dir) in &host.etc_entries {
-        let inside = format!("/etc/{name}");
-        match link {
-            Some(t) => ops.push(Op::Symlink {
-                target: cpath(t)?,
-                link: under_base(&inside)?,
-            }),
-            None => {
-                if *is_dir {
-                    ops.push(Op::Mkdir {
-                        path: under_base(&inside)?,
-                        mode: 0o755,
-                    });
-                } else {
-                    ops.push(Op::File {
-                        path: under_base(&inside)?,
-                        data: Vec::new(),
-                        mode: 0o644,
+        for (name, data) in [
+            ("hosts", hosts_file(&spec.hostname)),
+            ("hostname", format!("{}\n", spec.hostname)),
+            ("resolv.conf", RESOLV_CONF.to_string()),
+        ] {
+            ops.push(Op::File {
+                path: under_base(&format!("/etc/{name}"))?,
+                data: data.into_bytes(),
+                mode: 0o644,
+            });
+        }
+    } else {
+        // A synthetic /etc.
+        ops.push(Op::Mkdir {
+            path: under_base("/etc")?,
+            mode: 0o755,
+        });
+        let files: [(&str, String); 6] = [
+            ("passwd", passwd(spec.user.uid, spec.user.gid)),
+            ("group", group(spec.user.gid)),
+            ("hosts", hosts_file(&spec.hostname)),
+            ("hostname", format!("{}\n", spec.hostname)),
+            ("resolv.conf", RESOLV_CONF.to_string()),
+            (
+                "nsswitch.conf",
+                "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
+                    .to_string(),
+            ),
+        ];
+        for (name, data) in files {
+            ops.push(Op::File {
+                path: under_base(&format!("/etc/{name}"))?,
+                data: data.into_bytes(),
+                mode: 0o644,
+            });
+        }
+        for (name, link, is_dir) in &host.etc_entries {
+            let inside = format!("/etc/{name}");
+            match link {
+                Some(t) => ops.push(Op::Symlink {
+                    target: cpath(t)?,
+                    link: under_base(&inside)?,
+                }),
+                None => {
+                    if *is_dir {
+                        ops.push(Op::Mkdir {
+                            path: under_base(&inside)?,
+                            mode: 0o755,
+                        });
+                    } else {
+                        ops.push(Op::File {
+                            path: under_base(&inside)?,
+                            data: Vec::new(),
+                            mode: 0o644,
+                        });
+                    }
+                    ops.push(Op::Bind {
+                        source: cpath(&inside)?,
+                        target: under_base(&inside)?,
+                        attrs: ro,
+                        if_exists: true,
                     });
                 }
-                ops.push(Op::Bind {
-                    source: cpath(&inside)?,
-                    target: under_base(&inside)?,
-                    attrs: ro,
-                    if_exists: true,
-                });
             }
         }
     }
@@ -593,7 +678,11 @@ pub(crate) fn build(
         }
     }
 
-    Ok(FsPlan { ops })
+    Ok(FsPlan {
+        ops,
+        root: cpath(&root)?,
+        root_readonly: !image,
+    })
 }
 
 #[cfg(test)]
@@ -621,7 +710,7 @@ mod tests {
     #[test]
     fn host_root_is_bound_read_only_and_symlinks_kept() {
         let spec = SandboxSpec::new(["true"]);
-        let plan = build(&spec, &host(), &[]).unwrap();
+        let plan = build(&spec, &host(), &[], &[]).unwrap();
         let d = descs(&plan);
         assert!(d.contains(&"bind /usr on /tmp/usr".to_string()));
         assert!(d.contains(&"symlink /tmp/bin -> usr/bin".to_string()));
@@ -639,7 +728,7 @@ mod tests {
     #[test]
     fn etc_is_synthetic_and_never_has_shadow() {
         let spec = SandboxSpec::new(["true"]);
-        let plan = build(&spec, &host(), &[]).unwrap();
+        let plan = build(&spec, &host(), &[], &[]).unwrap();
         let d = descs(&plan).join("\n");
         assert!(d.contains("write /tmp/etc/passwd"));
         assert!(!d.contains("shadow"));
@@ -679,7 +768,7 @@ mod tests {
 
     #[test]
     fn proc_is_masked() {
-        let plan = build(&SandboxSpec::new(["true"]), &host(), &[]).unwrap();
+        let plan = build(&SandboxSpec::new(["true"]), &host(), &[], &[]).unwrap();
         let d = descs(&plan).join("\n");
         for f in [
             "kcore",

@@ -161,17 +161,32 @@ pub fn symlink(target: &CStr, linkpath: &CStr) -> io::Result<()> {
     check(ret.into()).map(drop)
 }
 
-/// Creates (or truncates) `path` with `mode` and writes all of `data`.
+/// Creates (or truncates) `path` with `mode` and writes all of `data`; no
+/// component of `path` may be a symlink.
 pub fn write_file(path: &CStr, data: &[u8], mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: `path` is NUL-terminated; the flags are valid for open(2).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64,
+        mode: u64::from(mode),
+        resolve: 0x04 | 0x02, // RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    };
+    // SAFETY: `path` is NUL-terminated and `how` a valid open_how of the
+    // size passed.
     let fd = unsafe {
-        libc::open(
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
             path.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            libc::c_uint::from(mode),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
         )
     };
-    let fd = check(fd.into())? as RawFd;
+    let fd = check(fd)? as RawFd;
     let r = write_all(fd, data);
     close(fd);
     r
