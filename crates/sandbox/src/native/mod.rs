@@ -659,7 +659,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                     .ops
                     .get(r.index as usize)
                     .map(|op| {
-                        let d = op.describe();
+                        let d = op.describe(&child_plan.root_dir.to_string_lossy());
                         if r.errno == libc::ELOOP || r.errno == libc::ENOTDIR {
                             format!("{d} (a component of that path is a symlink or not a directory; mount points are never reached through symlinks)")
                         } else {

@@ -111,11 +111,11 @@ pub(crate) enum Op {
 
 impl Op {
     /// Describes the operation for an error message.
-    pub(crate) fn describe(&self) -> String {
-        // Paths as the sandbox sees them (the plan builds them under BASE).
+    pub(crate) fn describe(&self, root: &str) -> String {
+        // Paths as the sandbox sees them (the plan builds them under `root`).
         let s = |c: &CString| {
             let p = c.to_string_lossy();
-            match p.strip_prefix(BASE) {
+            match p.strip_prefix(root) {
                 Some(rest) if rest.starts_with('/') => format!("{rest} (in the sandbox)"),
                 _ => p.into_owned(),
             }
@@ -704,7 +704,8 @@ mod tests {
     }
 
     fn descs(plan: &FsPlan) -> Vec<String> {
-        plan.ops.iter().map(Op::describe).collect()
+        let root = plan.root.to_string_lossy().into_owned();
+        plan.ops.iter().map(|o| o.describe(&root)).collect()
     }
 
     #[test]
@@ -712,8 +713,8 @@ mod tests {
         let spec = SandboxSpec::new(["true"]);
         let plan = build(&spec, &host(), &[], &[]).unwrap();
         let d = descs(&plan);
-        assert!(d.contains(&"bind /usr on /tmp/usr".to_string()));
-        assert!(d.contains(&"symlink /tmp/bin -> usr/bin".to_string()));
+        assert!(d.contains(&"bind /usr on /usr (in the sandbox)".to_string()));
+        assert!(d.contains(&"symlink /bin (in the sandbox) -> usr/bin".to_string()));
         let usr = plan
             .ops
             .iter()
@@ -730,7 +731,7 @@ mod tests {
         let spec = SandboxSpec::new(["true"]);
         let plan = build(&spec, &host(), &[], &[]).unwrap();
         let d = descs(&plan).join("\n");
-        assert!(d.contains("write /tmp/etc/passwd"));
+        assert!(d.contains("write /etc/passwd (in the sandbox)"));
         assert!(!d.contains("shadow"));
         assert!(!d.contains("bind /etc on"));
     }
@@ -767,6 +768,52 @@ mod tests {
     }
 
     #[test]
+    fn image_root_is_an_overlay_of_layer_fds_and_keeps_the_images_etc() {
+        let mut spec = SandboxSpec::new(["true"]);
+        spec.root = Root::Layers(vec!["/l1".into(), "/l2".into()]);
+        let layers = vec![
+            LayerFd {
+                fd: 7,
+                path: "/l1".into(),
+                dev_ino: (1, 2),
+            },
+            LayerFd {
+                fd: 8,
+                path: "/l2".into(),
+                dev_ino: (1, 3),
+            },
+        ];
+        let plan = build(&spec, &host(), &[], &layers).unwrap();
+        assert!(!plan.root_readonly);
+        assert_eq!(plan.root.to_bytes(), b"/tmp/root");
+        let overlay = plan
+            .ops
+            .iter()
+            .find_map(|o| match o {
+                Op::Fs { fstype, data, .. } if fstype.to_bytes() == b"overlay" => {
+                    Some(data.to_string_lossy().into_owned())
+                }
+                _ => None,
+            })
+            .unwrap();
+        // Topmost layer first, by descriptor, userxattr.
+        assert!(
+            overlay.starts_with("lowerdir=/proc/self/fd/8:/proc/self/fd/7,"),
+            "{overlay}"
+        );
+        assert!(overlay.ends_with(",userxattr"), "{overlay}");
+        let d = descs(&plan).join("\n");
+        assert!(!d.contains("/etc/passwd"), "the image keeps its own users");
+        assert!(d.contains("write /etc/hosts (in the sandbox)"));
+        assert!(
+            !d.contains("bind /usr"),
+            "no host directories in an image root"
+        );
+        // The layers are re-opened before /tmp is covered.
+        assert!(matches!(plan.ops[0], Op::Reopen { fd: 7, .. }));
+    }
+
+    #[test]
     fn proc_is_masked() {
         let plan = build(&SandboxSpec::new(["true"]), &host(), &[], &[]).unwrap();
         let d = descs(&plan).join("\n");
@@ -778,10 +825,12 @@ mod tests {
             "sched_debug",
         ] {
             assert!(
-                d.contains(&format!("bind /tmp/dev/null on /tmp/proc/{f}")),
+                d.contains(&format!(
+                    "bind /dev/null (in the sandbox) on /proc/{f} (in the sandbox)"
+                )),
                 "{f}"
             );
         }
-        assert!(d.contains("bind /tmp/proc/sys on /tmp/proc/sys"));
+        assert!(d.contains("bind /proc/sys (in the sandbox) on /proc/sys (in the sandbox)"));
     }
 }
