@@ -62,6 +62,12 @@ pub struct SandboxSpec {
     /// Hostname inside the sandbox.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// For an image root: keep the sandbox's writes in `DIR/upper` (with
+    /// `DIR/work` as overlayfs' work dir) on the host instead of a
+    /// per-sandbox tmpfs, so they can become a new layer (`image build`,
+    /// setup commands). Created if missing.
+    #[serde(default)]
+    pub root_upper: Option<PathBuf>,
 }
 
 fn default_hostname() -> String {
@@ -87,6 +93,7 @@ impl SandboxSpec {
             network: Network::default(),
             hardening: Hardening::default(),
             hostname: default_hostname(),
+            root_upper: None,
         }
     }
 }

@@ -352,8 +352,9 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             .collect(),
     );
     let image_layers = open_layers(spec, &mut guard)?;
+    let upper = open_upper(spec, rootful, &mut guard)?;
     let host = plan::HostLayout::probe();
-    let fs = plan::build(spec, &host, &mounts, &image_layers)?;
+    let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
 
     let mut writable: Vec<PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
     if !fs.root_readonly {
@@ -718,6 +719,53 @@ fn open_layers(spec: &SandboxSpec, guard: &mut FdGuard) -> Result<Vec<plan::Laye
         });
     }
     Ok(out)
+}
+
+/// Prepares `spec.root_upper` (an image root's persistent upper layer):
+/// `DIR/upper` and `DIR/work`, owned by the sandbox's root.
+fn open_upper(
+    spec: &SandboxSpec,
+    rootful: bool,
+    guard: &mut FdGuard,
+) -> Result<Option<plan::LayerFd>, Error> {
+    let Some(dir) = &spec.root_upper else {
+        return Ok(None);
+    };
+    if !matches!(spec.root, crate::spec::Root::Layers(_)) {
+        return Err(Error::InvalidSpec(
+            "a persistent upper layer needs an image root".into(),
+        ));
+    }
+    for d in [dir.clone(), dir.join("upper"), dir.join("work")] {
+        std::fs::create_dir_all(&d).map_err(|e| Error::Sys {
+            call: format!("creating {}", d.display()),
+            source: e,
+        })?;
+        if rootful {
+            // The sandbox's root is this unprivileged host id.
+            std::os::unix::fs::chown(&d, Some(ROOTFUL_ID_BASE), Some(ROOTFUL_ID_BASE)).map_err(
+                |e| Error::Sys {
+                    call: format!("chown of {}", d.display()),
+                    source: e,
+                },
+            )?;
+        }
+    }
+    let c = cstr(dir.as_os_str().as_bytes(), "the upper layer path")?;
+    let fd = sys::open(&c, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| Error::Sys {
+        call: format!("opening {}", dir.display()),
+        source: e,
+    })?;
+    guard.0.push(fd);
+    let md = std::fs::metadata(dir).map_err(|e| Error::Sys {
+        call: format!("stat of {}", dir.display()),
+        source: e,
+    })?;
+    Ok(Some(plan::LayerFd {
+        fd,
+        path: dir.clone(),
+        dev_ino: (md.dev(), md.ino()),
+    }))
 }
 
 /// Closes descriptors when dropped.

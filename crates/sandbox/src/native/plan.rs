@@ -310,6 +310,7 @@ pub(crate) fn build(
     host: &HostLayout,
     mounts: &[UserMount],
     layers: &[LayerFd],
+    upper: Option<&LayerFd>,
 ) -> Result<FsPlan, Error> {
     let mut ops = Vec::with_capacity(96);
     let image = matches!(spec.root, Root::Layers(_));
@@ -321,7 +322,7 @@ pub(crate) fn build(
         BASE.to_string()
     };
     let under_base = |p: &str| cpath(format!("{root}{p}"));
-    for l in layers {
+    for l in layers.iter().chain(upper) {
         ops.push(Op::Reopen {
             path: cpath(&l.path)?,
             fd: l.fd,
@@ -386,12 +387,24 @@ pub(crate) fn build(
             }
         }
         Root::Layers(_) => {
-            for d in ["upper", "work", "root"] {
+            let dirs: &[&str] = if upper.is_some() {
+                &["root"]
+            } else {
+                &["upper", "work", "root"]
+            };
+            for d in dirs {
                 ops.push(Op::Mkdir {
                     path: cpath(format!("{BASE}/{d}"))?,
                     mode: 0o755,
                 });
             }
+            let (upperdir, workdir) = match upper {
+                Some(u) => (
+                    format!("/proc/self/fd/{}/upper", u.fd),
+                    format!("/proc/self/fd/{}/work", u.fd),
+                ),
+                None => (format!("{BASE}/upper"), format!("{BASE}/work")),
+            };
             // Layers by descriptor (re-opened above, before /tmp was
             // covered), topmost first; `userxattr` because the overlay is
             // mounted inside the sandbox's user namespace.
@@ -405,7 +418,7 @@ pub(crate) fn build(
                 target: cpath(&root)?,
                 flags: nosuid_nodev,
                 data: cpath(format!(
-                    "lowerdir={},upperdir={BASE}/upper,workdir={BASE}/work,userxattr",
+                    "lowerdir={},upperdir={upperdir},workdir={workdir},userxattr",
                     lower.join(":")
                 ))?,
                 optional: false,
@@ -711,7 +724,7 @@ mod tests {
     #[test]
     fn host_root_is_bound_read_only_and_symlinks_kept() {
         let spec = SandboxSpec::new(["true"]);
-        let plan = build(&spec, &host(), &[], &[]).unwrap();
+        let plan = build(&spec, &host(), &[], &[], None).unwrap();
         let d = descs(&plan);
         assert!(d.contains(&"bind /usr on /usr (in the sandbox)".to_string()));
         assert!(d.contains(&"symlink /bin (in the sandbox) -> usr/bin".to_string()));
@@ -729,7 +742,7 @@ mod tests {
     #[test]
     fn etc_is_synthetic_and_never_has_shadow() {
         let spec = SandboxSpec::new(["true"]);
-        let plan = build(&spec, &host(), &[], &[]).unwrap();
+        let plan = build(&spec, &host(), &[], &[], None).unwrap();
         let d = descs(&plan).join("\n");
         assert!(d.contains("write /etc/passwd (in the sandbox)"));
         assert!(!d.contains("shadow"));
@@ -783,7 +796,7 @@ mod tests {
                 dev_ino: (1, 3),
             },
         ];
-        let plan = build(&spec, &host(), &[], &layers).unwrap();
+        let plan = build(&spec, &host(), &[], &layers, None).unwrap();
         assert!(!plan.root_readonly);
         assert_eq!(plan.root.to_bytes(), b"/tmp/root");
         let overlay = plan
@@ -815,7 +828,7 @@ mod tests {
 
     #[test]
     fn proc_is_masked() {
-        let plan = build(&SandboxSpec::new(["true"]), &host(), &[], &[]).unwrap();
+        let plan = build(&SandboxSpec::new(["true"]), &host(), &[], &[], None).unwrap();
         let d = descs(&plan).join("\n");
         for f in [
             "kcore",
