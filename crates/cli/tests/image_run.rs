@@ -1,0 +1,173 @@
+//! Black-box tests of `nanoclaw run --image` (issue 6): an image imported
+//! from a `docker save` tarball runs with every engine layer applied, its
+//! writable layer is per sandbox, and a missing image is one clear error.
+//! Needs a Docker engine to produce the tarball (`nanoclaw-bench:latest`,
+//! built by .ci/build-bench-image.sh): skipped with a message when absent,
+//! required when NANOCLAW_REQUIRE_DOCKER=1.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+
+const IMAGE: &str = "nanoclaw-bench:latest";
+
+/// `docker save` of the bench image, once per test process; None (with a
+/// printed reason) when docker or the image is missing and not required.
+fn saved_image() -> Option<&'static Path> {
+    static TAR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let required = std::env::var("NANOCLAW_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+        let dir = std::env::temp_dir().join(format!("nanoclaw-image-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let tar = dir.join("image.tar");
+        let ok = Command::new("docker")
+            .args(["save", IMAGE, "-o"])
+            .arg(&tar)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !required,
+                "NANOCLAW_REQUIRE_DOCKER=1 but `docker save {IMAGE}` failed (run .ci/build-bench-image.sh)"
+            );
+            eprintln!("SKIPPED image tests: `docker save {IMAGE}` failed (no Docker engine or no image)");
+            return None;
+        }
+        fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod");
+        Some(tar)
+    })
+    .as_deref()
+}
+
+/// A fresh data dir owned by the mode's user, with the image imported.
+fn store_with_image(m: Mode, tar: &Path) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "nanoclaw-image-store-{}-{}",
+        std::process::id(),
+        m.name
+    ));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("mkdir");
+    if let Some((uid, gid)) = m.user {
+        std::os::unix::fs::chown(&d, Some(uid), Some(gid)).expect("chown");
+    }
+    let o = nc(m, &["image", "import", tar.to_str().expect("utf-8")])
+        .env("NANOCLAW_DATA_DIR", &d)
+        .output()
+        .expect("spawn");
+    assert!(
+        o.status.success(),
+        "[{}] import failed: {}",
+        m.name,
+        text(&o.stderr)
+    );
+    d
+}
+
+fn run_in(m: Mode, store: &Path, args: &[&str]) -> std::process::Output {
+    nc(m, args)
+        .env("NANOCLAW_DATA_DIR", store)
+        .output()
+        .expect("spawn")
+}
+
+#[test]
+fn image_runs_with_every_layer_and_a_per_sandbox_writable_layer() {
+    let Some(tar) = saved_image() else { return };
+    for m in modes("image_runs_with_every_layer") {
+        let store = store_with_image(m, tar);
+        let o = run_in(
+            m,
+            &store,
+            &[
+                "run",
+                "--image",
+                IMAGE,
+                "--",
+                "python3",
+                "-c",
+                "import os; s=open('/proc/self/status').read(); \
+                 print([l for l in s.splitlines() if l.split(':')[0] in ('CapEff','CapBnd','NoNewPrivs','Seccomp')]); \
+                 print(os.path.exists('/root/.bashrc'), open('/etc/hostname').read().strip())",
+            ],
+        );
+        let out = text(&o.stdout);
+        assert_eq!(code(&o), 0, "[{}] {out} {}", m.name, text(&o.stderr));
+        for want in [
+            "CapEff:\\t0000000000000000",
+            "CapBnd:\\t0000000000000000",
+            "NoNewPrivs:\\t1",
+            "Seccomp:\\t2",
+        ] {
+            assert!(out.contains(want), "[{}] missing {want}: {out}", m.name);
+        }
+        assert!(out.contains("False nanoclaw"), "[{}] {out}", m.name);
+
+        // Root inside the image may write its root filesystem; the write is
+        // gone in the next sandbox and never reaches the store.
+        let o = run_in(
+            m,
+            &store,
+            &[
+                "run",
+                "--image",
+                IMAGE,
+                "--user",
+                "0:0",
+                "--",
+                "sh",
+                "-c",
+                "echo x > /usr/bin/planted && read v < /usr/bin/planted && echo $v",
+            ],
+        );
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        let o = run_in(
+            m,
+            &store,
+            &[
+                "run",
+                "--image",
+                IMAGE,
+                "--",
+                "sh",
+                "-c",
+                "test -e /usr/bin/planted && echo LEAKED || echo clean",
+            ],
+        );
+        assert_eq!(text(&o.stdout).trim(), "clean", "[{}]", m.name);
+        let leaked = Command::new("sh")
+            .arg("-c")
+            .arg(format!("find {} -name planted | head -1", store.display()))
+            .output()
+            .expect("find");
+        assert!(
+            text(&leaked.stdout).trim().is_empty(),
+            "[{}] a sandbox write reached the image store",
+            m.name
+        );
+        let _ = fs::remove_dir_all(&store);
+    }
+}
+
+#[test]
+fn a_missing_image_is_one_clear_error() {
+    let dir = std::env::temp_dir().join(format!("nanoclaw-image-empty-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("mkdir");
+    let m = Mode {
+        name: "invoking",
+        user: None,
+    };
+    let o = run_in(m, &dir, &["run", "--image", "nope/missing:1", "--", "true"]);
+    let err = text(&o.stderr);
+    assert_eq!(code(&o), 125, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("image pull"), "{err}");
+    let _ = fs::remove_dir_all(&dir);
+}
