@@ -116,6 +116,8 @@ enum NetworkMode {
     None,
     Allowlist,
     Open,
+    /// Rootful: veth + nftables allowing --allow-cidr destinations.
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -452,6 +454,14 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         (Some(NetworkMode::Open), false) => Network::Open {
             limits: NetLimits::default(),
         },
+        (Some(NetworkMode::Kernel), _) => {
+            if !a.allow_host.is_empty() {
+                bail!("--network kernel enforces addresses in the kernel and cannot check names: use --allow-cidr, or --network allowlist for --allow-host")
+            }
+            Network::Kernel {
+                cidrs: a.allow_cidr.clone(),
+            }
+        }
     };
     spec.hardening.seccomp = match a.seccomp.as_deref() {
         None => Seccomp::Default,

@@ -349,3 +349,112 @@ fn bad_network_flags_are_one_clear_error() {
         }
     }
 }
+
+#[test]
+fn kernel_mode_enforces_the_allowlist_in_the_kernel() {
+    for mode in modes("kernel_mode_enforces_the_allowlist_in_the_kernel") {
+        if mode.user.is_some() || !is_root() {
+            // Rootless: one clear error saying it needs root.
+            let o = run(
+                mode,
+                &[
+                    "run",
+                    "--network",
+                    "kernel",
+                    "--allow-cidr",
+                    "10.0.0.0/8",
+                    "--",
+                    "true",
+                ],
+            );
+            let err = text(&o.stderr);
+            assert_eq!(code(&o), 125, "[{}] {err}", mode.name);
+            assert!(err.contains("needs root"), "[{}] {err}", mode.name);
+            continue;
+        }
+        // Two servers on the host (all addresses); only the first is allowed.
+        // The sandbox reaches the host through its veth gateway, an address
+        // of this machine in nanoclaw's pool 100.96.0.0/12.
+        let allowed = TcpListener::bind("0.0.0.0:0").expect("bind");
+        let other = TcpListener::bind("0.0.0.0:0").expect("bind");
+        let (pa, po) = (
+            allowed.local_addr().expect("addr").port(),
+            other.local_addr().expect("addr").port(),
+        );
+        let hits = Arc::new(AtomicUsize::new(0));
+        for l in [allowed, other] {
+            let h = hits.clone();
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let mut s = s;
+                    let _ = s.write_all(b"hello-from-host\n");
+                }
+            });
+        }
+        let script = format!(
+            r#"
+import socket
+gw = None
+for l in open("/proc/net/route").read().splitlines()[1:]:
+    f = l.split()
+    if f[1] == "00000000":
+        gw = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+out = ["gw=" + str(gw)]
+for p in ({pa}, {po}):
+    try:
+        s = socket.create_connection((gw, p), timeout=2)
+        out.append("%d:%s" % (p, s.recv(100).decode().strip()))
+    except OSError as e:
+        out.append("%d:refused" % p)
+print(" ".join(out))
+"#
+        );
+        let v = run_json(
+            mode,
+            &[
+                "--network",
+                "kernel",
+                "--allow-cidr",
+                &format!("100.96.0.0/12:{pa}"),
+                "--",
+                "python3",
+                "-c",
+                &script,
+            ],
+        );
+        let out = stdout(&v);
+        assert!(
+            out.contains("gw=100."),
+            "[{}] no veth route: {v}",
+            mode.name
+        );
+        assert!(
+            out.contains(&format!("{pa}:hello-from-host")),
+            "[{}] the allowed destination was not reached: {v}",
+            mode.name
+        );
+        assert!(
+            out.contains(&format!("{po}:refused")),
+            "[{}] a destination outside the allowlist was reached: {v}",
+            mode.name
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "[{}] {v}", mode.name);
+        assert_eq!(v["network"]["mode"], "kernel");
+        // Nothing left behind: no veth, no nftables table.
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip");
+        assert!(!text(&links.stdout).contains("ncl-"), "veth left behind");
+        if let Ok(t) = std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+        {
+            assert!(
+                !text(&t.stdout).contains("nanoclaw_"),
+                "nftables table left behind"
+            );
+        }
+    }
+}

@@ -261,6 +261,13 @@ pub enum Network {
         #[serde(default)]
         limits: NetLimits,
     },
+    /// Rootful only: a veth into the sandbox and nftables rules in the
+    /// kernel allowing exactly these `CIDR[:PORT]` destinations (TCP), for
+    /// programs that ignore proxy variables. Addresses only: no names.
+    Kernel {
+        /// `CIDR[:PORT]` rules.
+        cidrs: Vec<String>,
+    },
     /// Egress to any public destination, through the proxy (loopback,
     /// private, link-local and metadata addresses stay refused).
     Open {

@@ -75,6 +75,8 @@ pub struct Sandbox {
     pub(crate) proxy: Option<nanoclaw_net::BlockingProxy>,
     /// `none`, `allowlist` or `open`.
     pub(crate) net_mode: &'static str,
+    /// Kernel-level egress (veth + nftables), rootful `--network kernel`.
+    pub(crate) kernel_egress: Option<nanoclaw_net::kernel::KernelEgress>,
     /// The runner's end of init's lifeline pipe.
     pub(crate) lifeline: Option<RawFd>,
     /// Reaped and cleaned up; nothing left to do on drop.
@@ -344,6 +346,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         }
     };
     let net_policy = network_policy(&spec.network)?;
+    let kernel_rules = kernel_rules(&spec.network, rootful)?;
     let mounts = resolve_mounts(spec, rootful)?;
     let mut guard = FdGuard(
         mounts
@@ -565,11 +568,13 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         kill_flag: Default::default(),
         signal_fd,
         proxy: None,
+        kernel_egress: None,
         lifeline: None,
         net_mode: match spec.network {
             Network::None => "none",
             Network::Allowlist { .. } => "allowlist",
             Network::Open { .. } => "open",
+            Network::Kernel { .. } => "kernel",
         },
         released: false,
     };
@@ -598,6 +603,21 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 source: e,
             })?;
             sb.proxy = Some(start_proxy(policy, &spec.network, listener)?);
+        }
+        if let Some(allow) = kernel_rules {
+            let cfg = nanoclaw_net::kernel::KernelEgressConfig {
+                sandbox_pid: pid,
+                id: sb.id.chars().take(11).collect(),
+                allow,
+                allow_dns_to: None,
+            };
+            sb.kernel_egress = Some(nanoclaw_net::kernel::KernelEgress::setup(&cfg).map_err(
+                |e| Error::Unsupported {
+                    what: "--network kernel".into(),
+                    why: e.to_string(),
+                    fix: "use --network allowlist (the proxy), which works everywhere".into(),
+                },
+            )?);
         }
         go("cgroup joined")
     })();
@@ -965,6 +985,7 @@ fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolic
                 .map(Some)
                 .map_err(|e| Error::InvalidSpec(e.to_string()))
         }
+        Network::Kernel { .. } => Ok(None),
         Network::Open { .. } => Ok(Some(nanoclaw_net::NetworkPolicy {
             mode: nanoclaw_net::NetworkMode::Open,
             ..nanoclaw_net::NetworkPolicy::default()
@@ -980,7 +1001,7 @@ fn start_proxy(
 ) -> Result<nanoclaw_net::BlockingProxy, Error> {
     let l = match network {
         Network::Allowlist { limits, .. } | Network::Open { limits } => *limits,
-        Network::None => crate::spec::NetLimits::default(),
+        Network::None | Network::Kernel { .. } => crate::spec::NetLimits::default(),
     };
     let limits = nanoclaw_net::Limits {
         max_connections: l.max_connections as usize,
@@ -996,4 +1017,32 @@ fn start_proxy(
             why: e.to_string(),
             fix: "use --network none, or report this as a nanoclaw bug".into(),
         })
+}
+
+/// The kernel allowlist for `--network kernel`, which needs root.
+fn kernel_rules(
+    network: &Network,
+    rootful: bool,
+) -> Result<Option<Vec<nanoclaw_net::kernel::CidrPortRule>>, Error> {
+    let Network::Kernel { cidrs } = network else {
+        return Ok(None);
+    };
+    if !rootful {
+        return Err(Error::Unsupported {
+            what: "--network kernel".into(),
+            why: "it creates a veth and nftables rules on the host, which needs root".into(),
+            fix:
+                "run nanoclaw as root, or use --network allowlist (the proxy), which works rootless"
+                    .into(),
+        });
+    }
+    cidrs
+        .iter()
+        .map(|c| {
+            c.parse::<nanoclaw_net::CidrRule>()
+                .map(nanoclaw_net::kernel::CidrPortRule::from)
+                .map_err(|e| Error::InvalidSpec(format!("--allow-cidr {c}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

@@ -156,6 +156,10 @@ fn release(sb: &mut Sandbox) {
     if let Some(p) = sb.proxy.take() {
         p.shutdown();
     }
+    // After the reap: the sandbox's netns is gone, and its veth with it.
+    if let Some(k) = sb.kernel_egress.take() {
+        let _ = k.teardown();
+    }
 }
 
 /// What the proxy saw, for the outcome.
