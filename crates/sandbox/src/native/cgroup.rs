@@ -341,6 +341,7 @@ impl Cgroup {
         validate_id(id)?;
         validate_limits(limits)?;
         let h = host(false)?;
+        sweep_stale(&h);
         match create_in(&h, id, limits, opts) {
             // The parent vanished (someone removed it): prepare it again once.
             Err(CgroupError::Create { source, .. })
@@ -638,6 +639,57 @@ struct Need {
     /// the controller is only wanted for accounting.
     limit: Option<String>,
     explicit: bool,
+}
+
+/// How old an empty sandbox cgroup must be before it counts as left
+/// behind (a runner that was SIGKILLed could not remove it; its processes
+/// are gone — init dies with the runner — so the directory is empty).
+const STALE_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes empty sandbox cgroups (12 hex digit names) older than
+/// [`STALE_AGE`] under our parents, once per process. `rmdir` of a cgroup
+/// that still has processes fails, so a live sandbox is never touched; the
+/// age keeps a concurrent runner's brand-new cgroup out of reach.
+fn sweep_stale(h: &Host) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let now = std::time::SystemTime::now();
+    // NANOCLAW_CGROUP_STALE_SECS overrides the age (tests).
+    let min_age = std::env::var("NANOCLAW_CGROUP_STALE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(STALE_AGE, std::time::Duration::from_secs);
+    let mut seen: Vec<&Path> = Vec::with_capacity(4);
+    for slot in &h.slots {
+        let Slot::Usable { parent, .. } = slot else {
+            continue;
+        };
+        if seen.contains(&parent.as_path()) {
+            continue;
+        }
+        seen.push(parent);
+        let Ok(entries) = fs::read_dir(parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.len() != 12 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= min_age);
+            if old {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
 }
 
 fn create_in(
