@@ -484,7 +484,12 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
                 );
             }
         }
-        let spec = r.to_spec(command)?;
+        // An agent's `image` comes from the local image store.
+        let spec = r.to_spec_with(command, &|reference| {
+            let store = nanoclaw_image::Store::open_default().map_err(|e| e.to_string())?;
+            let img = store.resolve(reference).map_err(|e| e.to_string())?;
+            Ok(nanoclaw_sandbox::spec::Root::Layers(img.layers))
+        })?;
         if let Some(ws) = &r.workspace {
             // SAFETY: geteuid cannot fail.
             if r.workspace_is_default() && unsafe { libc::geteuid() } == 0 {
