@@ -164,29 +164,7 @@ pub fn symlink(target: &CStr, linkpath: &CStr) -> io::Result<()> {
 /// Creates (or truncates) `path` with `mode` and writes all of `data`; no
 /// component of `path` may be a symlink.
 pub fn write_file(path: &CStr, data: &[u8], mode: libc::mode_t) -> io::Result<()> {
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64,
-        mode: u64::from(mode),
-        resolve: 0x04 | 0x02, // RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-    };
-    // SAFETY: `path` is NUL-terminated and `how` a valid open_how of the
-    // size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    let fd = check(fd)? as RawFd;
+    let fd = openat2_no_symlinks(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, mode)?;
     let r = write_all(fd, data);
     close(fd);
     r
@@ -437,6 +415,12 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint) {
 /// targets, which may lie inside a writable workspace whose contents the
 /// sandboxed code controls.
 pub fn open_no_symlinks(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
+    openat2_no_symlinks(path, flags, 0)
+}
+
+/// `openat2` with `RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS` (and
+/// `O_CLOEXEC`), creating with `mode` when `flags` has `O_CREAT`.
+fn openat2_no_symlinks(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<RawFd> {
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -447,7 +431,7 @@ pub fn open_no_symlinks(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
     const RESOLVE_NO_SYMLINKS: u64 = 0x04;
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: 0,
+        mode: u64::from(mode),
         resolve: RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the
