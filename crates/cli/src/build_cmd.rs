@@ -118,10 +118,12 @@ fn options(a: &BuildArgs) -> Result<BuildOptions> {
         match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => o.build_args.push((k.to_string(), v.to_string())),
             Some(_) => bail!("--build-arg {kv:?}: expected KEY=VALUE"),
-            None => match std::env::var(kv) {
-                Ok(v) => o.build_args.push((kv.clone(), v)),
-                Err(_) => {} // Docker: an unset KEY is ignored.
-            },
+            None => {
+                // Docker: `--build-arg KEY` takes KEY from the environment; unset is ignored.
+                if let Ok(v) = std::env::var(kv) {
+                    o.build_args.push((kv.clone(), v));
+                }
+            }
         }
     }
     let allows = !a.allow_host.is_empty() || !a.allow_cidr.is_empty();
@@ -149,8 +151,7 @@ fn options(a: &BuildArgs) -> Result<BuildOptions> {
     let mut l = build_limits();
     if let Some(m) = &a.memory {
         l.memory = Some(
-            nanoclaw_sandbox::units::parse_size(m)
-                .map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
+            nanoclaw_sandbox::units::parse_size(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
         );
         l.explicit.memory = true;
     }
@@ -205,11 +206,25 @@ mod tests {
 
     #[test]
     fn flags_to_options() {
-        let a = parse(&["-t", "x:1", "-f", "D", "--build-arg", "A=1", "--allow-host", "pypi.org", "--memory", "1g", "."]);
+        let a = parse(&[
+            "-t",
+            "x:1",
+            "-f",
+            "D",
+            "--build-arg",
+            "A=1",
+            "--allow-host",
+            "pypi.org",
+            "--memory",
+            "1g",
+            ".",
+        ]);
         let o = options(&a).unwrap();
         assert_eq!(o.tag, "x:1");
         assert_eq!(o.build_args, vec![("A".to_string(), "1".to_string())]);
-        assert!(matches!(o.network, Network::Allowlist { ref hosts, .. } if hosts == &["pypi.org"]));
+        assert!(
+            matches!(o.network, Network::Allowlist { ref hosts, .. } if hosts == &["pypi.org"])
+        );
         assert_eq!(o.limits.memory, Some(1 << 30));
         let a = parse(&["-t", "x", "--network", "none", "--allow-host", "a", "."]);
         assert!(options(&a).is_err());

@@ -11,6 +11,8 @@
 //! the binary (see crates/cli/src/build_cmd.rs) they skip too, unless
 //! NANOCLAW_REQUIRE_BUILD=1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;
@@ -197,12 +199,21 @@ fn build_run_and_cache() {
         let c = w.ctx(
             "ctx",
             DOCKERFILE,
-            &[("app.py", APP), ("data/d.txt", "data file\n"), ("data/x.log", "ignored\n"), (".dockerignore", "**/*.log\n")],
+            &[
+                ("app.py", APP),
+                ("data/d.txt", "data file\n"),
+                ("data/x.log", "ignored\n"),
+                (".dockerignore", "**/*.log\n"),
+            ],
         );
         let (o, first) = w.build("app:1", &c);
         let out = text(&o.stdout);
         assert_eq!(code(&o), 0, "{}: {out}\n{}", mode.name, text(&o.stderr));
-        assert!(out.contains("Step 3/11 : RUN") && out.contains("Successfully tagged docker.io/library/app:1"), "{out}");
+        assert!(
+            out.contains("Step 3/11 : RUN")
+                && out.contains("Successfully tagged docker.io/library/app:1"),
+            "{out}"
+        );
         // CMD/ENTRYPOINT/ENV/WORKDIR/USER through `nanoclaw run --image`.
         let r = w.nc(&["run", "--image", "app:1"]);
         assert_eq!(code(&r), 0, "{}: {}", mode.name, text(&r.stderr));
@@ -223,12 +234,19 @@ fn build_run_and_cache() {
         assert_eq!(code(&o), 0, "{out2}{}", text(&o.stderr));
         assert_eq!(out2.matches("CACHED").count(), 4, "{out2}"); // 2 RUN + 2 COPY
         assert!(!out2.contains("Running in"), "{out2}");
-        assert_eq!(w.layers("app:1"), layers1, "a cached rebuild changed the layers");
+        assert_eq!(
+            w.layers("app:1"),
+            layers1,
+            "a cached rebuild changed the layers"
+        );
         eprintln!(
             "MEASURE {}: image build first {:?}, fully cached rebuild {:?}",
             mode.name, first, second
         );
-        assert!(second < first, "cached rebuild not faster: {second:?} vs {first:?}");
+        assert!(
+            second < first,
+            "cached rebuild not faster: {second:?} vs {first:?}"
+        );
     }
 }
 
@@ -244,11 +262,31 @@ fn failures_are_clear_and_leave_no_image() {
     for mode in modes("failures_are_clear_and_leave_no_image") {
         let w = World::new(mode, &tar);
         let cases: &[(&str, &str, &[&str])] = &[
-            ("FROM nanoclaw-bench\nRUN echo half > /half\nRUN echo bad >&2; exit 3\n", "fail", &["step 3", "line 3", "exit code 3", "bad"]),
-            ("FROM nanoclaw-bench\n\nSTOPSIGNAL SIGKILL\n", "unsup", &["line 3", "STOPSIGNAL", "not supported"]),
-            ("FROM nanoclaw-bench\nONBUILD RUN true\n", "unsup2", &["line 2", "ONBUILD"]),
-            ("FROM nanoclaw-bench\nCOPY ../../etc/passwd /x\n", "escape", &["line 2", "outside the build context"]),
-            ("FROM nanoclaw-bench\nCOPY link/shadow /x\n", "symlink", &["line 2", "not found in the build context"]),
+            (
+                "FROM nanoclaw-bench\nRUN echo half > /half\nRUN echo bad >&2; exit 3\n",
+                "fail",
+                &["step 3", "line 3", "exit code 3", "bad"],
+            ),
+            (
+                "FROM nanoclaw-bench\n\nSTOPSIGNAL SIGKILL\n",
+                "unsup",
+                &["line 3", "STOPSIGNAL", "not supported"],
+            ),
+            (
+                "FROM nanoclaw-bench\nONBUILD RUN true\n",
+                "unsup2",
+                &["line 2", "ONBUILD"],
+            ),
+            (
+                "FROM nanoclaw-bench\nCOPY ../../etc/passwd /x\n",
+                "escape",
+                &["line 2", "outside the build context"],
+            ),
+            (
+                "FROM nanoclaw-bench\nCOPY link/shadow /x\n",
+                "symlink",
+                &["line 2", "not found in the build context"],
+            ),
         ];
         for (df, name, needles) in cases {
             let c = w.ctx(name, df, &[]);
@@ -257,15 +295,32 @@ fn failures_are_clear_and_leave_no_image() {
             let err = text(&o.stderr);
             assert_eq!(code(&o), 125, "{}: {name}: {err}", mode.name);
             for n in *needles {
-                assert!(err.contains(n), "{}: {name}: missing {n:?} in: {err}", mode.name);
+                assert!(
+                    err.contains(n),
+                    "{}: {name}: missing {n:?} in: {err}",
+                    mode.name
+                );
             }
             // RUN output streams through; nanoclaw's own error is one line.
-            assert_eq!(err.lines().filter(|l| l.starts_with("nanoclaw:")).count(), 1, "one clear line: {err}");
+            assert_eq!(
+                err.lines().filter(|l| l.starts_with("nanoclaw:")).count(),
+                1,
+                "one clear line: {err}"
+            );
             let ls = w.nc(&["image", "ls"]);
-            assert!(!text(&ls.stdout).contains(name), "{name}: an image was left: {}", text(&ls.stdout));
+            assert!(
+                !text(&ls.stdout).contains(name),
+                "{name}: an image was left: {}",
+                text(&ls.stdout)
+            );
         }
         // Nothing half-written in the store's staging folder.
         let tmp = w.data.join("images/tmp");
-        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "{}: staging left", mode.name);
+        assert_eq!(
+            fs::read_dir(&tmp).unwrap().count(),
+            0,
+            "{}: staging left",
+            mode.name
+        );
     }
 }

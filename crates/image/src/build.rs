@@ -744,11 +744,7 @@ fn layer_lookup(layers_top_first: &[PathBuf], rel: &Path) -> io::Result<Node> {
             }
             if !md.is_dir() {
                 // A non-directory here hides everything below in lower layers.
-                return Ok(if md.file_type().is_symlink() {
-                    Node::Missing
-                } else {
-                    Node::Missing
-                });
+                return Ok(Node::Missing);
             }
             if xattr_is_y(&p, "user.overlay.opaque") || xattr_is_y(&p, "trusted.overlay.opaque") {
                 opaque = true;
@@ -1380,9 +1376,11 @@ impl Builder<'_> {
                         steps.push(self.report(step, i, StepStatus::Config, None, t0));
                         continue;
                     }
-                    _ => return Err(syntax(format!(
+                    _ => {
+                        return Err(syntax(format!(
                         "{kw} before FROM: a Dockerfile starts with FROM (only ARG may come first)"
-                    ))),
+                    )))
+                    }
                 }
             };
             let flags_none = |i: &Instruction| -> Result<(), BuildError> {

@@ -7,6 +7,8 @@
 //! /bin/sh (dash), python3 and /bin/true). Without docker the tests skip
 //! with a message, unless NANOCLAW_REQUIRE_DOCKER=1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -446,4 +448,69 @@ fn setup_layer_runs_once() {
     eprintln!("MEASURE setup_layer: first {first:?}, cached {second:?}");
     let e = setup_layer(&store, "nanoclaw-bench", "exit 5", &SetupOptions::default()).unwrap_err();
     assert!(e.to_string().contains("exit code 5"), "{e}");
+}
+
+#[test]
+fn go_compile_then_run_with_kept_cache() {
+    use nanoclaw_image::build::{go_command, prepare_go_cache, GO_CACHE_TARGET};
+    use nanoclaw_sandbox::spec::{Access, Mount};
+    if !is_root() {
+        eprintln!("SKIPPED go_compile_then_run_with_kept_cache: written for root (rootful cache ownership)");
+        return;
+    }
+    if !Path::new("/usr/bin/go").exists() {
+        assert!(
+            std::env::var("NANOCLAW_REQUIRE_GO").as_deref() != Ok("1"),
+            "go is required (NANOCLAW_REQUIRE_GO=1): apt-get install golang-go"
+        );
+        eprintln!("SKIPPED go_compile_then_run_with_kept_cache: no /usr/bin/go (apt-get install golang-go)");
+        return;
+    }
+    let t = tempfile::Builder::new()
+        .prefix("nc-go")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let code = "package main\nimport (\"fmt\"; \"os\")\nfunc main() { fmt.Println(\"go says\", len(os.Args[1:]), os.Args[1]) }\n";
+    let run = || {
+        let mut g = go_command(code, &["arg1".into()]).unwrap();
+        g.cache_dir = t.path().join("gocache");
+        let mut spec = SandboxSpec::new(g.command.clone());
+        prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid).unwrap();
+        spec.env.extend(g.env.clone());
+        spec.mounts.push(Mount {
+            source: g.cache_dir.clone(),
+            target: GO_CACHE_TARGET.into(),
+            access: Access::Rw,
+        });
+        spec.limits.memory = Some(1 << 30);
+        spec.limits.timeout = std::time::Duration::from_secs(180);
+        let t0 = Instant::now();
+        let o = nanoclaw_sandbox::run(&spec).unwrap();
+        (
+            o.exit_code,
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            t0.elapsed(),
+        )
+    };
+    let (c1, out1, err1, d1) = run();
+    assert_eq!((c1, out1.as_str()), (Some(0), "go says 1 arg1\n"), "{err1}");
+    let (c2, out2, err2, d2) = run();
+    assert_eq!((c2, out2.as_str()), (Some(0), "go says 1 arg1\n"), "{err2}");
+    eprintln!("MEASURE go: first compile+run {d1:?}, with the kept build cache {d2:?}");
+    assert!(d2 < d1, "the build cache was not reused: {d2:?} vs {d1:?}");
+    // A compile error is the program's failure, with go's message.
+    let mut g = go_command("package main\nfunc main() { undefined() }\n", &[]).unwrap();
+    g.cache_dir = t.path().join("gocache");
+    let mut spec = SandboxSpec::new(g.command.clone());
+    spec.env.extend(g.env.clone());
+    spec.mounts.push(Mount {
+        source: g.cache_dir.clone(),
+        target: GO_CACHE_TARGET.into(),
+        access: Access::Rw,
+    });
+    spec.limits.timeout = std::time::Duration::from_secs(180);
+    let o = nanoclaw_sandbox::run(&spec).unwrap();
+    assert_ne!(o.exit_code, Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("undefined"));
 }
