@@ -34,6 +34,8 @@ use crate::stats::Summary;
 const DEFAULT_IMAGE: &str = "nanoclaw-bench:latest";
 /// Target: nanoclaw's median at most this multiple of bwrap's.
 const TARGET_NANOCLAW_OVER_BWRAP: f64 = 1.0;
+/// Issue 5: sandbox start with the egress proxy within 1.5x of none.
+const TARGET_ALLOWLIST_OVER_NONE: f64 = 1.5;
 /// Target: docker's median at least this multiple of nanoclaw's.
 const TARGET_DOCKER_OVER_NANOCLAW: f64 = 40.0;
 /// Target: the runner's own peak RSS, KiB.
@@ -74,7 +76,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "host,nanoclaw,bwrap,docker"
+        default_value = "host,nanoclaw,nanoclaw-net,bwrap,docker"
     )]
     runners: Vec<RunnerKind>,
     /// Workloads, comma-separated: true, python.
@@ -100,6 +102,10 @@ struct Args {
 enum RunnerKind {
     Host,
     Nanoclaw,
+    /// nanoclaw with `--network allowlist` (the egress proxy set up).
+    #[value(name = "nanoclaw-net")]
+    #[serde(rename = "nanoclaw-net")]
+    NanoclawNet,
     Bwrap,
     Docker,
 }
@@ -109,6 +115,7 @@ impl RunnerKind {
         match self {
             RunnerKind::Host => "host (no sandbox)",
             RunnerKind::Nanoclaw => "nanoclaw",
+            RunnerKind::NanoclawNet => "nanoclaw --network allowlist",
             RunnerKind::Bwrap => "bwrap",
             RunnerKind::Docker => "docker",
         }
@@ -151,8 +158,12 @@ impl Runners {
     fn argv(&self, r: RunnerKind, payload: &[String]) -> Vec<String> {
         let mut v: Vec<String> = match r {
             RunnerKind::Host => Vec::new(),
-            RunnerKind::Nanoclaw => {
+            RunnerKind::Nanoclaw | RunnerKind::NanoclawNet => {
                 let mut v = vec![self.nanoclaw.display().to_string(), "run".into()];
+                if r == RunnerKind::NanoclawNet {
+                    // Any allowlist starts the proxy; the port is never used.
+                    v.extend(["--allow-cidr".into(), "127.0.0.1/32:9".into()]);
+                }
                 v.extend(self.nanoclaw_args.iter().cloned());
                 v.push("--".into());
                 v
@@ -278,6 +289,8 @@ struct Ratio {
     nanoclaw_over_bwrap_min: Option<f64>,
     /// Of the fastest runs.
     docker_over_nanoclaw_min: Option<f64>,
+    /// Start-up with the egress proxy over without (medians).
+    allowlist_over_none: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -458,6 +471,7 @@ fn real_main() -> Result<i32> {
                 docker_over_nanoclaw: over(med(RunnerKind::Docker), med(RunnerKind::Nanoclaw)),
                 nanoclaw_over_bwrap_min: over(min(RunnerKind::Nanoclaw), min(RunnerKind::Bwrap)),
                 docker_over_nanoclaw_min: over(min(RunnerKind::Docker), min(RunnerKind::Nanoclaw)),
+                allowlist_over_none: over(med(RunnerKind::NanoclawNet), med(RunnerKind::Nanoclaw)),
             }
         })
         .collect();
@@ -502,6 +516,17 @@ fn real_main() -> Result<i32> {
                 met: r
                     .nanoclaw_over_bwrap
                     .map(|v| v <= TARGET_NANOCLAW_OVER_BWRAP),
+            });
+        }
+        if active.contains(&RunnerKind::NanoclawNet) && active.contains(&RunnerKind::Nanoclaw) {
+            targets.push(Target {
+                name: format!("nanoclaw allowlist / none, {}", r.workload.label()),
+                value: r.allowlist_over_none,
+                limit: TARGET_ALLOWLIST_OVER_NONE,
+                unit: "x (at most)",
+                met: r
+                    .allowlist_over_none
+                    .map(|v| v <= TARGET_ALLOWLIST_OVER_NONE),
             });
         }
         // docker / nanoclaw is a target on /bin/true only: on `python3 -c pass`
@@ -599,7 +624,7 @@ fn nanoclaw_layers(r: &Runners) -> Option<serde_json::Value> {
 fn available(k: RunnerKind, r: &Runners) -> std::result::Result<(), String> {
     match k {
         RunnerKind::Host => Ok(()),
-        RunnerKind::Nanoclaw => {
+        RunnerKind::Nanoclaw | RunnerKind::NanoclawNet => {
             if is_executable(&r.nanoclaw) {
                 Ok(())
             } else {

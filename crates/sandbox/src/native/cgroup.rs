@@ -670,6 +670,12 @@ fn sweep_stale(h: &Host) {
             continue;
         }
         seen.push(parent);
+        // A directory's link count is 2 + its subdirectories: with none,
+        // there is nothing to sweep (the common case, one stat).
+        use std::os::unix::fs::MetadataExt;
+        if fs::metadata(parent).is_ok_and(|m| m.nlink() <= 2) {
+            continue;
+        }
         let Ok(entries) = fs::read_dir(parent) else {
             continue;
         };

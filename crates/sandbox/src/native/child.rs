@@ -197,6 +197,8 @@ pub(crate) struct ChildPlan {
     pub host_strings: Vec<(usize, usize)>,
     /// The directory that becomes `/`.
     pub root_dir: CString,
+    /// Reach every target without following symlinks (see `run_op`).
+    pub check_symlinks: bool,
     /// Remount `/` read-only after `pivot_root`.
     pub root_readonly: bool,
     /// NULL-terminated pointer arrays into `argv` and `envp`, built by the
@@ -439,7 +441,7 @@ fn build_root(plan: &ChildPlan) {
         sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
     );
     for (i, op) in plan.ops.iter().enumerate() {
-        if let Err(e) = run_op(op) {
+        if let Err(e) = run_op(op, plan.check_symlinks) {
             fail(
                 plan.err_w,
                 Step::FsOp,
@@ -476,7 +478,62 @@ fn build_root(plan: &ChildPlan) {
     );
 }
 
-fn run_op(op: &Op) -> std::io::Result<()> {
+/// Runs one filesystem step. With `check` (an image root, or mounts nested
+/// in other mounts, where paths pass through content the sandboxed code or
+/// an image controls), targets are reached without following symlinks;
+/// otherwise every path lies in nanoclaw's own fresh tmpfs and the plain
+/// calls are used.
+fn run_op(op: &Op, check: bool) -> std::io::Result<()> {
+    if !check {
+        match op {
+            Op::Mkdir { path, mode } => {
+                // SAFETY: `path` is NUL-terminated.
+                let r = unsafe { libc::mkdir(path.as_ptr(), *mode) };
+                if r != 0 && sys::errno() != libc::EEXIST {
+                    return Err(std::io::Error::last_os_error());
+                }
+                return Ok(());
+            }
+            Op::Fs {
+                fstype,
+                target,
+                flags,
+                data,
+                optional,
+            } => {
+                let data: Option<&CStr> = if data.is_empty() { None } else { Some(data) };
+                return match sys::mount(Some(fstype), target, Some(fstype), *flags, data) {
+                    Err(_) if *optional => Ok(()),
+                    r => r,
+                };
+            }
+            Op::Bind {
+                source,
+                target,
+                attrs,
+                if_exists,
+            } => {
+                match sys::mount(
+                    Some(source),
+                    target,
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                ) {
+                    Err(e) if *if_exists && e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                    r => r?,
+                }
+                return sys::mount_setattr(
+                    libc::AT_FDCWD,
+                    target,
+                    libc::AT_RECURSIVE as u32,
+                    *attrs,
+                    None,
+                );
+            }
+            _ => {}
+        }
+    }
     match op {
         Op::Mkdir { path, mode } => mkdir_no_symlinks(path, *mode),
         Op::Symlink { target, link } => sys::symlink(target, link),

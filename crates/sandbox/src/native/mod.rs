@@ -480,6 +480,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         hostname: cstr(&spec.hostname, "hostname")?,
         ops: fs.ops,
         root_dir: fs.root,
+        check_symlinks: fs.check_symlinks,
         root_readonly: fs.root_readonly,
         sync_r: pipes.sync.0,
         err_w: pipes.err.1,

@@ -170,6 +170,10 @@ pub(crate) struct FsPlan {
     /// Whether `/` is remounted read-only (the host root; an image root
     /// keeps its per-sandbox writable upper layer).
     pub root_readonly: bool,
+    /// Whether some target path passes through content nanoclaw does not
+    /// control (an image's layers, or a mount nested inside another mount),
+    /// so every target must be reached without following symlinks.
+    pub check_symlinks: bool,
 }
 
 fn cpath(p: impl AsRef<Path>) -> Result<CString, Error> {
@@ -691,10 +695,16 @@ pub(crate) fn build(
         }
     }
 
+    let nested = mounts.iter().any(|a| {
+        mounts
+            .iter()
+            .any(|b| a.target != b.target && a.target.starts_with(&b.target))
+    });
     Ok(FsPlan {
         ops,
         root: cpath(&root)?,
         root_readonly: !image,
+        check_symlinks: image || nested,
     })
 }
 
