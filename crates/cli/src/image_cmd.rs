@@ -76,6 +76,8 @@ pub enum ImageCommand {
     },
     /// Remove layers and blobs no image uses, and leftovers of interrupted pulls.
     Prune,
+    /// Build an image from a Dockerfile; every RUN runs in a nanoclaw sandbox.
+    Build(crate::build_cmd::BuildArgs),
     /// Layer cache statistics (hit ratio across pulls, imports and builds).
     Stats {
         /// Print JSON.
@@ -101,6 +103,7 @@ fn human(bytes: u64) -> String {
 pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
     let store = Store::open_default()?;
     match cmd {
+        ImageCommand::Build(a) => return crate::build_cmd::run_build(a),
         ImageCommand::Pull {
             reference,
             insecure,

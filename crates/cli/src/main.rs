@@ -6,6 +6,7 @@
 //! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
 //! found.
 
+mod build_cmd;
 mod config_cmd;
 mod doctor;
 mod image_cmd;

@@ -126,6 +126,8 @@ enum Lang {
     Node,
     Bash,
     Sh,
+    /// Compiled with the root's `go` (build cache kept between runs), then run.
+    Go,
 }
 
 impl Lang {
@@ -134,7 +136,7 @@ impl Lang {
             Lang::Python => ("python3", "-c"),
             Lang::Node => ("node", "-e"),
             Lang::Bash => ("bash", "-c"),
-            Lang::Sh => ("sh", "-c"),
+            Lang::Sh | Lang::Go => ("sh", "-c"),
         }
     }
 }
@@ -302,6 +304,7 @@ fn image_user(img: &nanoclaw_image::ImageRoot, user: &str) -> Result<User> {
 fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     let image = a.image.as_deref().map(image_root).transpose()?;
     let mut command = a.command.clone();
+    let mut go: Option<nanoclaw_image::build::GoRun> = None;
     if let Some(img) = &image {
         if a.lang.is_none() {
             // Docker semantics: arguments replace CMD; ENTRYPOINT stays.
@@ -321,15 +324,22 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
                 .with_context(|| format!("--file {}: cannot read it", f.display()))?,
             _ => bail!("--lang needs the snippet: pass --code CODE or --file PATH"),
         };
-        let mut argv = vec![interp.to_string(), flag.to_string(), code];
-        if lang != Lang::Python && lang != Lang::Node && !command.is_empty() {
-            // sh -c CODE NAME ARGS...: $0 is the first word after the code.
-            argv.push(interp.to_string());
+        if lang == Lang::Go {
+            let g = nanoclaw_image::build::go_command(&code, &command)
+                .map_err(|e| anyhow::anyhow!("--lang go: {e}"))?;
+            command = g.command.clone();
+            go = Some(g);
+        } else {
+            let mut argv = vec![interp.to_string(), flag.to_string(), code];
+            if lang != Lang::Python && lang != Lang::Node && !command.is_empty() {
+                // sh -c CODE NAME ARGS...: $0 is the first word after the code.
+                argv.push(interp.to_string());
+            }
+            argv.extend(command);
+            command = argv;
         }
-        argv.extend(command);
-        command = argv;
     } else if a.code.is_some() || a.file.is_some() {
-        bail!("--code and --file need --lang python|node|bash|sh");
+        bail!("--code and --file need --lang python|node|go|bash|sh");
     }
     if command.is_empty() {
         bail!("no command given: e.g. `nanoclaw run -- python3 -c 'print(1)'` or `nanoclaw run --lang python --code 'print(1)'`");
@@ -420,6 +430,28 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             bail!("--workspace-access needs --workspace DIR")
         }
         (_, WorkspaceAccess::None) => {}
+    }
+    if let Some(g) = go {
+        // Go builds need room the first time; the cache makes later runs fast.
+        if !typed("memory") {
+            spec.limits.memory = Some(1 << 30);
+        }
+        if !typed("timeout") {
+            spec.limits.timeout = std::time::Duration::from_secs(120);
+        }
+        nanoclaw_image::build::prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid)
+            .with_context(|| {
+                format!(
+                    "--lang go: cannot prepare the build cache {}",
+                    g.cache_dir.display()
+                )
+            })?;
+        spec.env.extend(g.env);
+        spec.mounts.push(Mount {
+            source: g.cache_dir,
+            target: nanoclaw_image::build::GO_CACHE_TARGET.into(),
+            access: Access::Rw,
+        });
     }
     // The same dangerous-source checks as the config file (/, /etc, the
     // Docker socket, ~/.ssh, .env files, ...), for the flags too.

@@ -1462,3 +1462,23 @@ except OSError as e:
         );
     }
 }
+
+#[test]
+fn lang_go_compiles_and_runs() {
+    let _g = shared();
+    if !Path::new("/usr/bin/go").exists() {
+        assert!(
+            std::env::var("NANOCLAW_REQUIRE_GO").map_or(true, |v| v != "1"),
+            "NANOCLAW_REQUIRE_GO=1 but /usr/bin/go is missing (apt-get install golang-go)"
+        );
+        eprintln!("SKIPPED lang_go_compiles_and_runs: no /usr/bin/go (apt-get install golang-go)");
+        return;
+    }
+    let code_ = "package main\nimport (\"fmt\"; \"os\")\nfunc main() { fmt.Println(\"go says\", len(os.Args[1:])) }\n";
+    for m in modes("lang_go_compiles_and_runs") {
+        for _ in 0..2 {
+            let out = ok_out(m, &["run", "--lang", "go", "--code", code_, "--", "x", "y"]);
+            assert_eq!(out, "go says 2\n", "[{}]", m.name);
+        }
+    }
+}
