@@ -484,10 +484,32 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
                 );
             }
         }
-        // An agent's `image` comes from the local image store.
+        // An agent's `image` comes from the local image store; its
+        // `setupCommand` runs once on top of it (with the agent's network
+        // policy) and is cached as an image, so later sandboxes start with
+        // it applied.
+        let setup = r.setup_command.clone();
+        let network = r
+            .to_spec_with(vec!["true".into()], &|_| {
+                Ok(nanoclaw_sandbox::spec::Root::Host)
+            })?
+            .network;
         let spec = r.to_spec_with(command, &|reference| {
             let store = nanoclaw_image::Store::open_default().map_err(|e| e.to_string())?;
-            let img = store.resolve(reference).map_err(|e| e.to_string())?;
+            let reference = match &setup {
+                Some(cmd) => nanoclaw_image::build::setup_layer(
+                    &store,
+                    reference,
+                    cmd,
+                    &nanoclaw_image::build::SetupOptions {
+                        network: network.clone(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| format!("setupCommand {cmd:?}: {e}"))?,
+                None => reference.to_string(),
+            };
+            let img = store.resolve(&reference).map_err(|e| e.to_string())?;
             Ok(nanoclaw_sandbox::spec::Root::Layers(img.layers))
         })?;
         if let Some(ws) = &r.workspace {

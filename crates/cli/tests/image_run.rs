@@ -47,9 +47,9 @@ fn saved_image() -> Option<&'static Path> {
 }
 
 /// A fresh data dir owned by the mode's user, with the image imported.
-fn store_with_image(m: Mode, tar: &Path) -> PathBuf {
+fn store_with_image(m: Mode, tar: &Path, tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
-        "nanoclaw-image-store-{}-{}",
+        "nanoclaw-image-store-{}-{}-{tag}",
         std::process::id(),
         m.name
     ));
@@ -82,7 +82,7 @@ fn run_in(m: Mode, store: &Path, args: &[&str]) -> std::process::Output {
 fn image_runs_with_every_layer_and_a_per_sandbox_writable_layer() {
     let Some(tar) = saved_image() else { return };
     for m in modes("image_runs_with_every_layer") {
-        let store = store_with_image(m, tar);
+        let store = store_with_image(m, tar, "layers");
         let o = run_in(
             m,
             &store,
@@ -170,4 +170,50 @@ fn a_missing_image_is_one_clear_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("image pull"), "{err}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn setup_command_runs_once_and_is_cached_as_a_layer() {
+    let Some(tar) = saved_image() else { return };
+    for m in modes("setup_command_runs_once") {
+        let store = store_with_image(m, tar, "setup");
+        let cfg = store.join("nanoclaw.yaml");
+        fs::write(
+            &cfg,
+            format!(
+                "agents:\n  list:\n    - id: py\n      sandbox:\n        mode: all\n        image: {IMAGE}\n        setupCommand: \"python3 -c 'import time; print(time.time_ns())' > /etc/prepared\"\n"
+            ),
+        )
+        .expect("write config");
+        fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let o = run_in(
+                m,
+                &store,
+                &[
+                    "run",
+                    "--config",
+                    cfg.to_str().expect("utf-8"),
+                    "--agent",
+                    "py",
+                    "--",
+                    "sh",
+                    "-c",
+                    "read v < /etc/prepared; echo $v",
+                ],
+            );
+            assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+            seen.push(text(&o.stdout));
+        }
+        assert!(
+            !seen[0].trim().is_empty(),
+            "[{}] setup output missing",
+            m.name
+        );
+        // The same timestamp twice: the setup command ran once, its result
+        // was reused as a cached layer.
+        assert_eq!(seen[0], seen[1], "[{}] the setup command ran again", m.name);
+        let _ = fs::remove_dir_all(&store);
+    }
 }
