@@ -78,6 +78,17 @@ pub enum ImageCommand {
     Prune,
     /// Build an image from a Dockerfile; every RUN runs in a nanoclaw sandbox.
     Build(crate::build_cmd::BuildArgs),
+    /// Pull ahead of time the images the config names: `execution.preload_images`
+    /// (a list, or `true` for every image in `execution.languages`) and
+    /// every agent's `sandbox.image`. Images already in the store are skipped.
+    Preload {
+        /// Config file (default: the usual discovery).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Talk plain HTTP to the registries.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Layer cache statistics (hit ratio across pulls, imports and builds).
     Stats {
         /// Print JSON.
@@ -104,6 +115,26 @@ pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
     let store = Store::open_default()?;
     match cmd {
         ImageCommand::Build(a) => return crate::build_cmd::run_build(a),
+        ImageCommand::Preload { config, insecure } => {
+            let refs = preload_list(config.as_deref())?;
+            if refs.is_empty() {
+                println!("nothing to preload: the config names no images (execution.preload_images, execution.languages, agents' sandbox.image)");
+            }
+            for r in refs {
+                if store.resolve(&r).is_ok() {
+                    println!("{r}: present");
+                    continue;
+                }
+                let rec = store.pull(
+                    &r,
+                    &PullOptions {
+                        insecure,
+                        ..PullOptions::default()
+                    },
+                )?;
+                println!("{r}: pulled ({})", rec.reference);
+            }
+        }
         ImageCommand::Pull {
             reference,
             insecure,
@@ -215,4 +246,45 @@ pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// The image references a config asks to have locally.
+fn preload_list(config: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
+    use nanoclaw_policy::model::PreloadImages;
+    let Some((path, _, loaded)) = crate::config_cmd::find_and_load(config)? else {
+        anyhow::bail!(
+            "image preload needs a config file: give --config FILE or set NANOCLAW_CONFIG"
+        );
+    };
+    if loaded.has_errors() {
+        anyhow::bail!(
+            "{} has errors; run `nanoclaw config validate --config {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let c = &loaded.config;
+    // An image reference, not a host interpreter path or the host root.
+    let is_image = |v: &str| !v.starts_with('/') && v != "host";
+    let mut refs: Vec<String> = match &c.execution.preload_images {
+        Some(PreloadImages::List(l)) => l.clone(),
+        Some(PreloadImages::All(true)) => c
+            .execution
+            .languages
+            .values()
+            .filter(|v| is_image(v))
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    let sections =
+        std::iter::once(&c.agents.defaults.sandbox).chain(c.agents.list.iter().map(|a| &a.sandbox));
+    for sb in sections {
+        if let Some(i) = sb.image.as_deref().filter(|i| is_image(i)) {
+            refs.push(i.to_string());
+        }
+    }
+    refs.sort();
+    refs.dedup();
+    Ok(refs)
 }

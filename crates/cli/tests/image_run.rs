@@ -217,3 +217,123 @@ fn setup_command_runs_once_and_is_cached_as_a_layer() {
         let _ = fs::remove_dir_all(&store);
     }
 }
+
+/// A real local registry (Debian's docker-registry) on 127.0.0.1, with the
+/// bench image pushed by docker; None (with a message) when unavailable and
+/// not required (NANOCLAW_REQUIRE_REGISTRY=1).
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn registry_with_image() -> Option<(Registry, String)> {
+    let required = std::env::var("NANOCLAW_REQUIRE_REGISTRY").is_ok_and(|v| v == "1");
+    if !Path::new("/usr/bin/docker-registry").exists() || saved_image().is_none() {
+        assert!(
+            !required,
+            "NANOCLAW_REQUIRE_REGISTRY=1 but docker-registry or docker is missing"
+        );
+        eprintln!("SKIPPED preload test: needs /usr/bin/docker-registry and docker");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = std::env::temp_dir().join(format!("nanoclaw-registry-{}", std::process::id()));
+    fs::create_dir_all(dir.join("data")).expect("mkdir");
+    let cfg = dir.join("config.yml");
+    fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        ),
+    )
+    .expect("config");
+    let child = Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start registry");
+    let reg = Registry { child, port, dir };
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed().as_secs() < 10, "registry did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let target = format!("127.0.0.1:{port}/bench/nb:1");
+    for args in [vec!["tag", IMAGE, &target], vec!["push", &target]] {
+        let ok = Command::new("docker")
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "docker {args:?} failed");
+    }
+    Some((reg, target))
+}
+
+#[test]
+fn preload_pulls_configured_images_from_a_real_registry_once() {
+    let Some((reg, reference)) = registry_with_image() else {
+        return;
+    };
+    let _ = reg.port;
+    let m = Mode {
+        name: "invoking",
+        user: None,
+    };
+    let store = std::env::temp_dir().join(format!("nanoclaw-preload-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&store);
+    fs::create_dir_all(&store).expect("mkdir");
+    let cfg = store.join("nanoclaw.yaml");
+    fs::write(
+        &cfg,
+        format!("execution:\n  preload_images:\n    - {reference}\n"),
+    )
+    .expect("config");
+    let c = cfg.to_str().expect("utf-8");
+    let o = run_in(
+        m,
+        &store,
+        &["image", "preload", "--config", c, "--insecure"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("pulled"), "{}", text(&o.stdout));
+    // Second time: nothing to download.
+    let o = run_in(
+        m,
+        &store,
+        &["image", "preload", "--config", c, "--insecure"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("present"), "{}", text(&o.stdout));
+    // And the pulled image runs.
+    let o = run_in(
+        m,
+        &store,
+        &[
+            "run",
+            "--image",
+            &reference,
+            "--",
+            "python3",
+            "-c",
+            "print(6*7)",
+        ],
+    );
+    assert_eq!(text(&o.stdout), "42\n", "{}", text(&o.stderr));
+    let _ = fs::remove_dir_all(&store);
+}
