@@ -337,3 +337,41 @@ fn preload_pulls_configured_images_from_a_real_registry_once() {
     assert_eq!(text(&o.stdout), "42\n", "{}", text(&o.stderr));
     let _ = fs::remove_dir_all(&store);
 }
+
+#[test]
+fn image_subcommands_through_the_binary() {
+    let Some(tar) = saved_image() else { return };
+    let m = Mode {
+        name: "invoking",
+        user: None,
+    };
+    let store = store_with_image(m, tar, "subcommands");
+    for args in [
+        vec!["image", "ls"],
+        vec!["image", "ls", "--json"],
+        vec!["image", "inspect", IMAGE],
+        vec!["image", "stats", "--json"],
+    ] {
+        let o = run_in(m, &store, &args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+    }
+    for (args, want) in [
+        (vec!["image", "inspect", "nope"], "nanoclaw image pull"),
+        (vec!["image", "pull", "--platform", "bogus", "x"], "OS/ARCH"),
+    ] {
+        let o = run_in(m, &store, &args);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    for args in [vec!["image", "rm", IMAGE], vec!["image", "prune"]] {
+        let o = run_in(m, &store, &args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+    }
+    let left = fs::read_dir(store.join("images/layers"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "prune left layers behind");
+    let _ = fs::remove_dir_all(&store);
+}
