@@ -225,6 +225,10 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     };
     spec.command = flags.command;
     spec.env.extend(flags.env);
+    if flags.root != nanoclaw_sandbox::spec::Root::Host {
+        // --image, or a language image from execution.languages.
+        spec.root = flags.root;
+    }
     if typed("user") {
         spec.user = flags.user;
     }
@@ -300,9 +304,47 @@ fn image_user(img: &nanoclaw_image::ImageRoot, user: &str) -> Result<User> {
     Ok(User { uid, gid })
 }
 
+/// `execution.languages[lang]` from the config: (image, interpreter path).
+fn language_setting(cfg: &Path, lang: Lang) -> Result<(Option<String>, Option<String>)> {
+    let Some((path, _, loaded)) = crate::config_cmd::find_and_load(Some(cfg))? else {
+        return Ok((None, None));
+    };
+    if loaded.has_errors() {
+        bail!(
+            "{} has errors; run `nanoclaw config validate --config {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let key = match lang {
+        Lang::Python => "python",
+        Lang::Node => "node",
+        Lang::Go => "go",
+        Lang::Bash => "bash",
+        Lang::Sh => "sh",
+    };
+    Ok(match loaded.config.execution.languages.get(key) {
+        Some(v) if v.starts_with('/') => (None, Some(v.clone())),
+        Some(v) if v != "host" => (Some(v.clone()), None),
+        _ => (None, None),
+    })
+}
+
 /// The spec from the command-line flags alone.
 fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
-    let image = a.image.as_deref().map(image_root).transpose()?;
+    // `--lang` resolves through the config's `execution.languages` (when a
+    // config is given): an image reference runs the snippet in that image,
+    // an absolute path is the interpreter to use.
+    let (lang_image, lang_interp) = match (a.lang, a.policy.config.as_deref()) {
+        (Some(l), Some(cfg)) if a.image.is_none() => language_setting(cfg, l)?,
+        _ => (None, None),
+    };
+    let image = a
+        .image
+        .as_deref()
+        .or(lang_image.as_deref())
+        .map(image_root)
+        .transpose()?;
     let mut command = a.command.clone();
     let mut go: Option<nanoclaw_image::build::GoRun> = None;
     if let Some(img) = &image {
@@ -317,7 +359,8 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
     }
     if let Some(lang) = a.lang {
-        let (interp, flag) = lang.interpreter();
+        let (default_interp, flag) = lang.interpreter();
+        let interp = lang_interp.as_deref().unwrap_or(default_interp);
         let code = match (&a.code, &a.file) {
             (Some(c), None) => c.clone(),
             (None, Some(f)) => std::fs::read_to_string(f)

@@ -375,3 +375,53 @@ fn image_subcommands_through_the_binary() {
     assert_eq!(left, 0, "prune left layers behind");
     let _ = fs::remove_dir_all(&store);
 }
+
+#[test]
+fn lang_resolves_through_execution_languages() {
+    let Some(tar) = saved_image() else { return };
+    let m = Mode {
+        name: "invoking",
+        user: None,
+    };
+    let store = store_with_image(m, tar, "languages");
+    let cfg = store.join("nanoclaw.yaml");
+    fs::write(
+        &cfg,
+        format!("execution:\n  languages:\n    python: {IMAGE}\n    sh: /bin/bash\n"),
+    )
+    .expect("config");
+    let c = cfg.to_str().expect("utf-8");
+    // The bench image has no node; the host root does (CI installs it).
+    let probe = "import shutil; print(shutil.which('node'))";
+    let o = run_in(
+        m,
+        &store,
+        &["run", "--config", c, "--lang", "python", "--code", probe],
+    );
+    assert_eq!(
+        text(&o.stdout),
+        "None\n",
+        "python did not run in the image: {}",
+        text(&o.stderr)
+    );
+    let o = run_in(
+        m,
+        &store,
+        &[
+            "run",
+            "--config",
+            c,
+            "--lang",
+            "sh",
+            "--code",
+            "echo ${BASH_VERSION:+bash}",
+        ],
+    );
+    assert_eq!(
+        text(&o.stdout),
+        "bash\n",
+        "sh did not map to /bin/bash: {}",
+        text(&o.stderr)
+    );
+    let _ = fs::remove_dir_all(&store);
+}
