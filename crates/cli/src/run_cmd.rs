@@ -264,46 +264,6 @@ fn image_root(reference: &str) -> Result<nanoclaw_image::ImageRoot> {
         .map_err(|e| anyhow::anyhow!("--image {reference}: {e}"))
 }
 
-/// An image's `USER` (`name`, `uid`, `name:group`, `uid:gid`) as ids, names
-/// looked up in the image's own /etc/passwd and /etc/group.
-fn image_user(img: &nanoclaw_image::ImageRoot, user: &str) -> Result<User> {
-    let lookup = |file: &str, name: &str| -> Option<u32> {
-        img.layers.iter().rev().find_map(|l| {
-            let text = std::fs::read_to_string(l.join("etc").join(file)).ok()?;
-            text.lines().find_map(|line| {
-                let f: Vec<&str> = line.split(':').collect();
-                (f.len() > 2 && f[0] == name)
-                    .then(|| f[2].parse().ok())
-                    .flatten()
-            })
-        })
-    };
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let uid = match u.parse::<u32>() {
-        Ok(n) => n,
-        Err(_) => lookup("passwd", u).ok_or_else(|| {
-            anyhow::anyhow!(
-                "image user {u:?} is not in the image's /etc/passwd; pass --user UID[:GID]"
-            )
-        })?,
-    };
-    let gid = match g {
-        None => uid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => lookup("group", g).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "image group {g:?} is not in the image's /etc/group; pass --user UID[:GID]"
-                )
-            })?,
-        },
-    };
-    Ok(User { uid, gid })
-}
-
 /// `execution.languages[lang]` from the config: (image, interpreter path).
 fn language_setting(cfg: &Path, lang: Lang) -> Result<(Option<String>, Option<String>)> {
     let Some((path, _, loaded)) = crate::config_cmd::find_and_load(Some(cfg))? else {
@@ -447,7 +407,9 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
         if !typed("user") {
             if let Some(u) = img.config.user.as_deref().filter(|u| !u.is_empty()) {
-                spec.user = image_user(img, u)?;
+                spec.user = nanoclaw_image::build::image_user(img, u).map_err(|e| {
+                    anyhow::anyhow!("--image {}: {e}; pass --user UID[:GID]", img.reference)
+                })?;
             }
         }
     }

@@ -1062,6 +1062,21 @@ impl Drop for StepDir {
     }
 }
 
+/// An image's `USER` value (`name`, `uid`, `name:group`, `uid:gid`) as
+/// ids, names looked up in the image's own `/etc/passwd` and `/etc/group`
+/// (read inside the image: symlinks never lead to host files).
+pub fn image_user(root: &crate::ImageRoot, spec: &str) -> Result<User, String> {
+    let stage = Stage {
+        layers: Vec::new(),
+        dirs: root.layers.clone(),
+        config: root.config.clone(),
+        chain: String::new(),
+        args: Vars::new(),
+        cmd_set: false,
+    };
+    stage.resolve_user(spec)
+}
+
 // ─────────────────────────── the builder ───────────────────────────
 
 struct Stage {
