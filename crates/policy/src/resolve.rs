@@ -294,9 +294,6 @@ pub enum SpecError {
     /// Tools of this session run on the host: there is no sandbox spec.
     #[error("this session is not sandboxed ({0}): its tools run on the host, so there is no sandbox spec to build")]
     NotSandboxed(String),
-    /// The engine cannot do this network mode yet.
-    #[error("network mode {0} is not supported by the sandbox engine yet; use network: none")]
-    NetworkUnsupported(&'static str),
     /// The image cannot be used.
     #[error("image {image:?}: {reason}")]
     Image {
@@ -966,7 +963,7 @@ impl Resolved {
     pub fn to_spec(&self, command: Vec<String>) -> Result<SandboxSpec, SpecError> {
         self.to_spec_with(command, &|image| {
             Err(format!(
-                "running from images needs the image store, which is not available yet; remove the image key (or set image: host) to use the host root, not {image}"
+                "no image store was given to resolve {image} (use to_spec_with, as `nanoclaw run --config` does), or set image: host for the host root"
             ))
         })
     }

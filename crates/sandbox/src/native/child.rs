@@ -53,8 +53,6 @@ pub(crate) enum Step {
     Exec,
     /// A filesystem operation; `index` says which.
     FsOp,
-    /// PR_SET_PDEATHSIG.
-    DeathSignal,
     /// Bringing up the loopback interface.
     Loopback,
 }
@@ -62,7 +60,7 @@ pub(crate) enum Step {
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 21] = [
+        const ALL: [Step; 20] = [
             Sync,
             BecomeRoot,
             CgroupNs,
@@ -82,7 +80,6 @@ impl Step {
             Seccomp,
             Exec,
             FsOp,
-            DeathSignal,
             Loopback,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
@@ -110,7 +107,6 @@ impl Step {
             Step::Seccomp => "installing the seccomp filter",
             Step::Exec => "execve",
             Step::FsOp => "building the filesystem",
-            Step::DeathSignal => "PR_SET_PDEATHSIG",
             Step::Loopback => "bringing up the loopback interface",
         }
     }
