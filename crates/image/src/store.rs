@@ -821,7 +821,7 @@ impl Txn<'_> {
 
     /// Unpack a layer stream into staging. When `expect_diff` / `expect_blob`
     /// are given they are checked. Counts as a fetched layer in stats.
-    pub(crate) fn add_layer<R: io::Read>(
+    pub(crate) fn add_layer<R: io::Read + Send>(
         &self,
         reader: R,
         name: &str,

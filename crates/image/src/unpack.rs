@@ -13,6 +13,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::mpsc;
 
 use nanoclaw_sandbox::native::{ROOTFUL_ID_BASE, ROOTFUL_ID_COUNT};
 
@@ -72,7 +73,7 @@ const BUF: usize = 256 * 1024;
 /// The stream may be a plain tar, gzip or zstd (detected from its magic).
 /// On error `dest` may hold a partial tree: callers unpack into a staging
 /// directory and remove it on failure (as [`crate::Store`] does).
-pub fn unpack_layer<R: Read>(
+pub fn unpack_layer<R: Read + Send>(
     reader: R,
     dest: &Path,
     mode: UnpackMode,
@@ -102,24 +103,25 @@ pub fn unpack_layer<R: Read>(
         Some([0x28, 0xb5, 0x2f, 0xfd]) => "zstd",
         _ => "tar",
     };
-    let (inner, mut state) = {
-        // Compressed: decode, buffer (the tar reader reads 512-byte headers)
-        // and hash the decoded stream for the diff_id. Plain: the blob digest
-        // is the diff_id, hashed once.
-        let src = match compression {
-            "gzip" => Src::Comp(Box::new(BufReader::with_capacity(
-                BUF,
-                HashReader::new(Box::new(flate2::bufread::MultiGzDecoder::new(&mut raw))),
-            ))),
-            "zstd" => Src::Comp(Box::new(BufReader::with_capacity(
-                BUF,
-                HashReader::new(Box::new(
-                    ruzstd::decoding::StreamingDecoder::new(&mut raw).map_err(|e| {
-                        ImageError::invalid(format!("layer {layer}"), format!("zstd: {e}"))
-                    })?,
-                )),
-            ))),
-            _ => Src::Plain(&mut raw),
+    // Compressed layers are decoded (and both digests computed) on a second
+    // thread while this one writes files: decoding and file creation each
+    // take about half the time, so the pipeline nearly doubles throughput.
+    let (inner, mut state) = std::thread::scope(|scope| {
+        let (src, decoder) = match compression {
+            "tar" => (Src::Plain(&mut raw), None),
+            kind => {
+                let (tx, rx) = mpsc::sync_channel(4);
+                let (back, spare) = mpsc::channel();
+                let input = &mut raw;
+                let handle = scope.spawn(move || decode(kind, input, tx, spare));
+                let chan = ChanReader {
+                    rx,
+                    back,
+                    cur: Vec::new(),
+                    pos: 0,
+                };
+                (Src::Chan(chan), Some(handle))
+            }
         };
         let mut archive = tar::Archive::new(src);
         let mut state = State {
@@ -150,12 +152,18 @@ pub fn unpack_layer<R: Read>(
         let mut src = archive.into_inner();
         // The rest (end-of-archive blocks, padding) counts in the digests.
         io::copy(&mut src, &mut io::sink()).map_err(|e| tar_err(layer, e))?;
-        let inner = match src {
-            Src::Plain(_) => None,
-            Src::Comp(b) => Some(b.into_inner().finish().map_err(|e| tar_err(layer, e))?),
+        drop(src);
+        let inner = match decoder {
+            None => None,
+            Some(h) => {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                Some(r.map_err(|e| tar_err(layer, e))?)
+            }
         };
-        (inner, state)
-    };
+        Ok::<_, ImageError>((inner, state))
+    })?;
     let (blob_digest, blob_size) = raw
         .into_inner()
         .finish()
@@ -175,18 +183,111 @@ pub fn unpack_layer<R: Read>(
     })
 }
 
-/// The tar stream: the raw (buffered, hashed) input, or a decoder over it.
+/// The tar stream: the raw (buffered, hashed) input, or the decoder thread's output.
 enum Src<'a, R: Read> {
     Plain(&'a mut BufReader<HashReader<R>>),
-    Comp(Box<BufReader<HashReader<Box<dyn Read + 'a>>>>),
+    Chan(ChanReader),
 }
 
 impl<R: Read> Read for Src<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Src::Plain(r) => r.read(buf),
-            Src::Comp(r) => r.read(buf),
+            Src::Chan(r) => r.read(buf),
         }
+    }
+}
+
+/// Decoded chunks (or the decoder's error) from the decoder thread.
+type Chunk = io::Result<Vec<u8>>;
+
+/// Runs on the decoder thread: decode `input` (hashed as read, for the blob
+/// digest) as `kind`, hash the decoded stream (the diff_id) and send it in
+/// chunks. Returns the diff_id and decoded size once the input is exhausted.
+/// Stops quietly when the reader went away (the unpack failed).
+fn decode<R: Read>(
+    kind: &str,
+    input: &mut BufReader<HashReader<R>>,
+    tx: mpsc::SyncSender<Chunk>,
+    spare: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<(Digest, u64)> {
+    let fail = |tx: &mpsc::SyncSender<Chunk>, e: io::Error| {
+        let copy = io::Error::new(e.kind(), e.to_string());
+        let _ = tx.send(Err(e));
+        copy
+    };
+    let decoder: Box<dyn Read + '_> = if kind == "gzip" {
+        Box::new(flate2::bufread::MultiGzDecoder::new(input))
+    } else {
+        match ruzstd::decoding::StreamingDecoder::new(input) {
+            Ok(d) => Box::new(d),
+            Err(e) => {
+                let e = io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}"));
+                return Err(fail(&tx, e));
+            }
+        }
+    };
+    let mut decoder = HashReader::new(decoder);
+    loop {
+        let mut buf = spare.try_recv().unwrap_or_default();
+        buf.resize(BUF, 0);
+        let n = match read_full(&mut decoder, &mut buf) {
+            Ok(n) => n,
+            Err(e) => return Err(fail(&tx, e)),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        if tx.send(Ok(buf)).is_err() {
+            return Err(io::Error::other("the unpacker stopped reading"));
+        }
+    }
+    decoder.finish()
+}
+
+/// Fill `buf` as far as the reader allows (decoders return short reads).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The reading end of the decoder thread's channel; returns emptied
+/// buffers for reuse.
+struct ChanReader {
+    rx: mpsc::Receiver<Chunk>,
+    back: mpsc::Sender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(next)) => {
+                    let used = std::mem::replace(&mut self.cur, next);
+                    self.pos = 0;
+                    if used.capacity() > 0 {
+                        let _ = self.back.send(used);
+                    }
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 

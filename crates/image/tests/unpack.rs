@@ -365,3 +365,50 @@ fn add_layer_from_dir_round_trip() {
     assert_eq!(rep.layers_removed, 0);
     assert!(store.resolve("example.com/built:1").is_ok());
 }
+
+/// Compressed layers are decoded on a second thread: a layer spanning many
+/// channel chunks arrives intact with both digests right; a truncated
+/// stream and a hostile entry found mid-stream are errors that stop both
+/// threads, with nothing written outside.
+#[test]
+fn compressed_layers_through_the_decoder_thread() {
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut entries = vec![E::File("a/big", &big[..], 0o644)];
+    let names: Vec<String> = (0..300).map(|i| format!("a/s{i}")).collect();
+    for n in &names {
+        entries.push(E::File(n, b"small", 0o644));
+    }
+    let tar = layer(&entries);
+    let gz = gzip(&tar);
+    let t = tempfile::tempdir().unwrap();
+    let rep = unpack_layer(&gz[..], &t.path().join("l"), UnpackMode::Rootless, "big").unwrap();
+    assert_eq!(rep.diff_id, nanoclaw_image::Digest::of(&tar));
+    assert_eq!(rep.blob_digest, nanoclaw_image::Digest::of(&gz));
+    assert_eq!(rep.tar_size, tar.len() as u64);
+    assert_eq!(std::fs::read(t.path().join("l/a/big")).unwrap(), big);
+    assert_eq!(std::fs::read(t.path().join("l/a/s299")).unwrap(), b"small");
+
+    let cut = &gz[..gz.len() / 2];
+    let err = unpack_layer(cut, &t.path().join("cut"), UnpackMode::Rootless, "cut").unwrap_err();
+    assert!(err.to_string().contains("layer cut"), "{err}");
+
+    let outside = t.path().join("pwned");
+    let evil = finish_tar(&[
+        raw_entry_tar("a/big", tar::EntryType::Regular, None, &big),
+        raw_entry_tar(
+            &format!("../../../../../..{}", outside.display()),
+            tar::EntryType::Regular,
+            None,
+            b"x",
+        ),
+    ]);
+    let err = unpack_layer(
+        &gzip(&evil)[..],
+        &t.path().join("evil"),
+        UnpackMode::Rootless,
+        "evil",
+    )
+    .unwrap_err();
+    assert!(matches!(err, ImageError::UnsafeLayer { .. }), "{err}");
+    assert!(!outside.exists());
+}
