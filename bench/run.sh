@@ -16,6 +16,6 @@ if [[ $EUID -eq 0 ]]; then
 fi
 out="bench/results/$(date -u +%F)-$(hostname -s)"
 mkdir -p bench/results
-"$CARGO_TARGET_DIR/release/nanoclaw-bench" --nanoclaw "$CARGO_TARGET_DIR/release/nanoclaw" \
+"$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/nanoclaw-bench" --nanoclaw "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/nanoclaw" \
     --json-out "$out.json" "$@" | tee "$out.md"
 echo "bench/run.sh: results in $out.md and $out.json" >&2

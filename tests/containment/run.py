@@ -2,7 +2,7 @@
 """nanoclaw containment suite: hostile programs run through ANY sandbox
 command prefix, each judged CONTAINED / EXPOSED / ESCAPED / ERROR.
 
-    python3 tests/containment/run.py --nanoclaw target/debug/nanoclaw
+    python3 tests/containment/run.py --nanoclaw target/x86_64-unknown-linux-gnu/debug/nanoclaw
     python3 tests/containment/run.py --prefix "nanoclaw run --" \\
         --pids-prefix "nanoclaw run --pids 64 --" --pids-limit 64 \\
         --memory-prefix "nanoclaw run --memory 64m --" --memory-limit 64
