@@ -477,6 +477,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     keep_fds.sort_unstable();
     let child_plan = ChildPlan {
         rootful,
+        unshare_net: kernel_rules.is_none(),
         hostname: cstr(&spec.hostname, "hostname")?,
         ops: fs.ops,
         root_dir: fs.root,
@@ -512,12 +513,14 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         None
     };
 
-    let flags = (libc::CLONE_NEWUSER
+    let mut flags = (libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET) as libc::c_ulong;
+        | libc::CLONE_NEWUTS) as libc::c_ulong;
+    if !child_plan.unshare_net {
+        flags |= libc::CLONE_NEWNET as libc::c_ulong;
+    }
     let pid = match sys::clone_fork(flags) {
         Ok(0) => child::setup_and_init(&child_plan),
         Ok(pid) => pid,
