@@ -338,20 +338,30 @@ impl Cgroup {
         limits: &Limits,
         opts: CreateOptions,
     ) -> Result<(Option<Cgroup>, Vec<String>), CgroupError> {
+        let (plan, mut degraded) = Self::plan_with(id, limits, opts)?;
+        let Some(plan) = plan else {
+            return Ok((None, degraded));
+        };
+        let (cg, more) = plan.create()?;
+        degraded.extend(more);
+        Ok((Some(cg), degraded))
+    }
+
+    /// The first half of [`Cgroup::create_with`]: decides which controllers
+    /// the sandbox gets and where, from the host's layout alone (no
+    /// directory is made). An explicit limit this host cannot enforce is an
+    /// error here already. [`PlannedCgroup::create`] does the rest, so the
+    /// caller can overlap the kernel's work for it (≈0.15 ms on v1) with
+    /// the sandbox's own set-up.
+    pub fn plan_with(
+        id: &str,
+        limits: &Limits,
+        opts: CreateOptions,
+    ) -> Result<(Option<PlannedCgroup>, Vec<String>), CgroupError> {
         validate_id(id)?;
         validate_limits(limits)?;
         let h = host(false)?;
-        sweep_stale(&h);
-        match create_in(&h, id, limits, opts) {
-            // The parent vanished (someone removed it): prepare it again once.
-            Err(CgroupError::Create { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                let h = host(true)?;
-                create_in(&h, id, limits, opts)
-            }
-            r => r,
-        }
+        plan_in(&h, id, limits, opts)
     }
 
     /// Moves process `pid` into every cgroup of the sandbox. Call it before
@@ -698,12 +708,12 @@ fn sweep_stale(h: &Host) {
     }
 }
 
-fn create_in(
+fn plan_in(
     h: &Host,
     id: &str,
     limits: &Limits,
     opts: CreateOptions,
-) -> Result<(Option<Cgroup>, Vec<String>), CgroupError> {
+) -> Result<(Option<PlannedCgroup>, Vec<String>), CgroupError> {
     let mut degraded = Vec::new();
     let mut needs = Vec::with_capacity(4);
     needs.push(Need {
@@ -727,12 +737,12 @@ fn create_in(
     }
 
     // Decide which controllers to use.
-    let mut chosen: Vec<(Controller, Version, &Path)> = Vec::with_capacity(4);
+    let mut chosen: Vec<(Controller, Version, PathBuf)> = Vec::with_capacity(4);
     for n in &needs {
         match &h.slots[n.controller.idx()] {
             Slot::Usable {
                 version, parent, ..
-            } => chosen.push((n.controller, *version, parent)),
+            } => chosen.push((n.controller, *version, parent.clone())),
             slot => {
                 let Some(limit) = &n.limit else {
                     continue; // accounting only: nothing to complain about
@@ -754,7 +764,10 @@ fn create_in(
     // CPU usage: free on v2 (cpu.stat is a core file of every v2 cgroup);
     // on v1 it needs cpuacct (often co-mounted with cpu).
     let has_v2 = chosen.iter().any(|c| c.1 == Version::V2);
-    let cpu_parent = chosen.iter().find(|c| c.0 == Controller::Cpu).map(|c| c.2);
+    let cpu_parent = chosen
+        .iter()
+        .find(|c| c.0 == Controller::Cpu)
+        .map(|c| c.2.clone());
     if !has_v2 {
         if let Slot::Usable {
             version, parent, ..
@@ -762,14 +775,76 @@ fn create_in(
         {
             // Free when co-mounted with cpu (same directory); otherwise one
             // more directory, which the caller may decline.
-            if opts.cpu_accounting || cpu_parent == Some(parent.as_path()) {
-                chosen.push((Controller::Cpuacct, *version, parent));
+            if opts.cpu_accounting || cpu_parent.as_deref() == Some(parent.as_path()) {
+                chosen.push((Controller::Cpuacct, *version, parent.clone()));
             }
         }
     }
     if chosen.is_empty() {
         return Ok((None, degraded));
     }
+    Ok((
+        Some(PlannedCgroup {
+            id: id.to_string(),
+            chosen,
+            limits: limits.clone(),
+            opts,
+        }),
+        degraded,
+    ))
+}
+
+/// A sandbox cgroup decided on but not made yet: see [`Cgroup::plan_with`].
+#[derive(Debug)]
+pub struct PlannedCgroup {
+    id: String,
+    chosen: Vec<(Controller, Version, PathBuf)>,
+    limits: Limits,
+    opts: CreateOptions,
+}
+
+impl PlannedCgroup {
+    /// What [`Cgroup::describe`] will say once it is made.
+    pub fn describe(&self) -> Vec<String> {
+        ALL.iter()
+            .filter_map(|&c| {
+                let (_, v, _) = self.chosen.iter().find(|x| x.0 == c)?;
+                Some(format!("{}: {}", c.name(), v.as_str()))
+            })
+            .collect()
+    }
+
+    /// Makes the directories and writes the limits. Returns the cgroup and
+    /// notes about limits only partly enforced (e.g. no swap accounting).
+    pub fn create(self) -> Result<(Cgroup, Vec<String>), CgroupError> {
+        sweep_stale(&*host(false)?);
+        match make(&self.id, &self.chosen, &self.limits) {
+            // The parent vanished (someone removed it): prepare it again once.
+            Err(CgroupError::Create { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                let h = host(true)?;
+                let (plan, _) = plan_in(&h, &self.id, &self.limits, self.opts)?;
+                match plan {
+                    Some(p) => make(&p.id, &p.chosen, &p.limits),
+                    None => Err(CgroupError::Create {
+                        path: PathBuf::from(&self.id),
+                        source,
+                    }),
+                }
+            }
+            r => r,
+        }
+    }
+}
+
+/// The second half of creating a cgroup: directories and limits.
+fn make(
+    id: &str,
+    chosen: &[(Controller, Version, PathBuf)],
+    limits: &Limits,
+) -> Result<(Cgroup, Vec<String>), CgroupError> {
+    let mut degraded = Vec::new();
 
     // One directory per hierarchy (co-mounted v1 controllers share one).
     let mut cg = Cgroup {
@@ -780,6 +855,7 @@ fn create_in(
         v2_fd: OnceLock::new(),
     };
     for (c, version, parent) in chosen {
+        let (c, version, parent) = (*c, *version, parent.as_path());
         let i = match cg
             .dirs
             .iter()
@@ -822,7 +898,7 @@ fn create_in(
     if let (Some(d), Some(pids)) = (cg.dir(Controller::Pids), limits.pids) {
         write_limit(&d.path, "pids.max", &pids.to_string())?;
     }
-    Ok((Some(cg), degraded))
+    Ok((cg, degraded))
 }
 
 fn write_memory(

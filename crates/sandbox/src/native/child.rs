@@ -55,8 +55,8 @@ pub(crate) enum Step {
     FsOp,
     /// Bringing up the loopback interface.
     Loopback,
-    /// unshare(CLONE_NEWNET).
-    NetNs,
+    /// unshare of the mount, ipc, uts and network namespaces.
+    Unshare,
 }
 
 impl Step {
@@ -83,7 +83,7 @@ impl Step {
             Exec,
             FsOp,
             Loopback,
-            NetNs,
+            Unshare,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -111,7 +111,7 @@ impl Step {
             Step::Exec => "execve",
             Step::FsOp => "building the filesystem",
             Step::Loopback => "bringing up the loopback interface",
-            Step::NetNs => "unshare(CLONE_NEWNET)",
+            Step::Unshare => "creating the mount, ipc, uts and network namespaces",
         }
     }
 }
@@ -166,11 +166,13 @@ pub(crate) enum StdinFd {
 /// Everything the child needs, prepared by the runner.
 pub(crate) struct ChildPlan {
     pub rootful: bool,
-    /// Create the network namespace here (unshare) rather than at clone:
-    /// the kernel's ≈0.3 ms of netns set-up then overlaps the runner's
-    /// writing of the id maps and cgroup membership. False when the runner
-    /// needs the namespace at once (`--network kernel` wires a veth into it).
-    pub unshare_net: bool,
+    /// Namespaces the child creates itself, first thing (`unshare` flags):
+    /// mount, ipc, uts and (unless `--network kernel`) network. Made here
+    /// rather than by the clone, the kernel's work for them (copying the
+    /// host's mount table, ≈0.3 ms of network namespace set-up) overlaps
+    /// the runner's writing of the id maps and cgroup membership. Our new
+    /// user namespace already gives us the capabilities for that.
+    pub unshare: libc::c_int,
     pub hostname: CString,
     pub ops: Vec<Op>,
     pub sync_r: RawFd,
@@ -251,11 +253,9 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // and the payload resets the mask before exec.
     block_all_signals();
 
-    // Our user namespace already gives us CAP_SYS_ADMIN over a namespace
-    // we create (the id maps are not needed for that).
-    // SAFETY: unshare with a namespace flag has no memory-safety requirements.
-    if plan.unshare_net && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        fail(plan.err_w, Step::NetNs, 0, sys::errno());
+    // SAFETY: unshare with namespace flags has no memory-safety requirements.
+    if unsafe { libc::unshare(plan.unshare) } != 0 {
+        fail(plan.err_w, Step::Unshare, 0, sys::errno());
     }
 
     // Wait for the runner to write our uid/gid maps and cgroup membership.

@@ -413,20 +413,24 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     };
     let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
 
-    // Cgroup before the child exists, so the child can be placed in it
-    // before it runs anything.
+    // Which cgroup controllers, decided from the host's layout before the
+    // child exists (an explicit limit this host cannot enforce fails here,
+    // leaving nothing behind). The directories are made after the clone,
+    // while the child builds its root; the child joins them before it runs
+    // anything of the sandbox's.
     // cpu time comes from init's rusage (init reaps every process of the
     // sandbox), so a separate v1 cpuacct cgroup is not worth its cost.
-    let (cg, degraded) = cgroup::Cgroup::create_with(
+    let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
         &id,
         &spec.limits,
         cgroup::CreateOptions {
             cpu_accounting: false,
         },
     )?;
-    layers.cgroup = cg.as_ref().map(|c| c.describe()).unwrap_or_default();
+    layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
     layers.degraded = degraded;
-    let no_cgroup_for = |k: &str| cg.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
+    let no_cgroup_for =
+        |k: &str| cg_plan.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
     let rlimit_data = spec.limits.memory.filter(|_| no_cgroup_for("memory"));
     let rlimit_nproc = spec.limits.pids.filter(|_| no_cgroup_for("pids"));
     if rlimit_data.is_some() {
@@ -475,9 +479,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     }
     keep_fds.extend(guard.0.iter().copied());
     keep_fds.sort_unstable();
+    // `--network kernel` wires a veth into the sandbox's network namespace
+    // right after the clone, so that one is made by the clone itself.
+    let kernel_net = kernel_rules.is_some();
     let child_plan = ChildPlan {
         rootful,
-        unshare_net: kernel_rules.is_none(),
+        unshare: libc::CLONE_NEWNS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | if kernel_net { 0 } else { libc::CLONE_NEWNET },
         hostname: cstr(&spec.hostname, "hostname")?,
         ops: fs.ops,
         root_dir: fs.root,
@@ -513,12 +523,11 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         None
     };
 
-    let mut flags = (libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS) as libc::c_ulong;
-    if !child_plan.unshare_net {
+    // The user and pid namespaces must exist at clone (the runner writes
+    // the child's id maps; init must be pid 1). The child makes the others
+    // itself (ChildPlan::unshare) while the runner writes those maps.
+    let mut flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID) as libc::c_ulong;
+    if kernel_net {
         flags |= libc::CLONE_NEWNET as libc::c_ulong;
     }
     let pid = match sys::clone_fork(flags) {
@@ -529,9 +538,6 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             if let Some((a, b)) = net_pair {
                 sys::close(a);
                 sys::close(b);
-            }
-            if let Some(cg) = cg {
-                let _ = cg.destroy();
             }
             return Err(userns_error(e));
         }
@@ -558,7 +564,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         pid,
         started,
         spec_limits: spec.limits,
-        cgroup: cg,
+        cgroup: None,
         stdout_r: pipes.stdout.0,
         stderr_r: pipes.stderr.0,
         status_r: pipes.status.0,
@@ -596,7 +602,12 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         // The child builds its root while we move it into its cgroup; it
         // waits for the second byte before it runs anything.
         go("id maps written")?;
-        if let Some(cg) = &sb.cgroup {
+        if let Some(plan) = cg_plan {
+            let (cg, notes) = plan.create()?;
+            sb.layers.degraded.extend(notes);
+            // Owned by the sandbox before the child joins: a failure from
+            // here on is cleaned up by `abort`.
+            let cg = sb.cgroup.insert(cg);
             cg.add_process(pid)?;
         }
         if let (Some(policy), Some((runner_end, _))) = (net_policy, net_pair) {
