@@ -787,7 +787,7 @@ fn plan_in(
         Some(PlannedCgroup {
             id: id.to_string(),
             chosen,
-            limits: limits.clone(),
+            limits: *limits,
             opts,
         }),
         degraded,
