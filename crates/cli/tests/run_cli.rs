@@ -1493,3 +1493,84 @@ fn lang_go_compiles_and_runs() {
         }
     }
 }
+
+/// A limit the host cannot enforce is found out after the sandbox's process
+/// exists (the cgroup is planned while the child builds its root): the run
+/// still ends at once with one clear 125 line and leaves nothing behind.
+/// Defaults that cannot be enforced by a cgroup fall back to rlimits, which
+/// reach the command. `NANOCLAW_CGROUP_PARENT=../x` makes every controller
+/// unusable, as root and rootless alike.
+#[test]
+fn a_limit_the_host_cannot_enforce_fails_cleanly_after_the_clone() {
+    let _g = exclusive();
+    for m in modes("unenforceable") {
+        let uid = m.user.map(|u| u.0);
+        let before = host_traces(uid);
+        let marker = unique("unenf");
+        let started = Instant::now();
+        let mut c = nc(m, &["run", "--memory", "64m", "--", "sleep", "30", &marker]);
+        c.env("NANOCLAW_CGROUP_PARENT", "../x")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn nanoclaw");
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let left = wait_gone(&marker, 1);
+                kill_all(&left);
+                panic!(
+                    "[{}] nanoclaw hung after a post-clone setup failure",
+                    m.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("read stderr");
+        assert_eq!(status.code(), Some(125), "[{}] stderr: {err}", m.name);
+        assert!(
+            err.contains("cannot enforce the memory (64 MiB) limit") && err.lines().count() == 1,
+            "[{}] want one clear line, got: {err}",
+            m.name
+        );
+        let left = wait_gone(&marker, 3);
+        kill_all(&left);
+        assert!(left.is_empty(), "[{}] processes left: {left:?}", m.name);
+        assert_no_new_traces(&before, uid, &format!("[{}] unenforceable limit", m.name));
+
+        // Default limits degrade to rlimits, visibly.
+        let mut c = nc(
+            m,
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "grep -E 'data size|processes' /proc/self/limits",
+            ],
+        );
+        c.env("NANOCLAW_CGROUP_PARENT", "../x");
+        let o = c.output().expect("spawn nanoclaw");
+        let out = text(&o.stdout);
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        assert!(
+            out.contains("536870912") && out.contains(" 256 "),
+            "[{}] rlimits not applied: {out}",
+            m.name
+        );
+        assert!(
+            text(&o.stderr).contains("no cgroup for the default"),
+            "[{}] no warning: {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}

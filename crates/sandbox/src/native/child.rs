@@ -116,6 +116,48 @@ impl Step {
     }
 }
 
+/// Limits enforced with rlimits because no cgroup controller can: sent by
+/// the runner with the second go-ahead, once it knows which controllers
+/// the sandbox's cgroup got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Rlimits {
+    /// Memory limit to enforce with RLIMIT_DATA.
+    pub data: Option<u64>,
+    /// Task limit to enforce with RLIMIT_NPROC.
+    pub nproc: Option<u64>,
+}
+
+impl Rlimits {
+    /// Wire size: a tag byte (`b'1'` with bit 6 / bit 7 for data / nproc
+    /// present) and two native-endian u64.
+    pub(crate) const LEN: usize = 17;
+
+    pub(crate) fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = b'1'
+            | if self.data.is_some() { 0x40 } else { 0 }
+            | if self.nproc.is_some() { 0x80 } else { 0 };
+        b[1..9].copy_from_slice(&self.data.unwrap_or(0).to_ne_bytes());
+        b[9..17].copy_from_slice(&self.nproc.unwrap_or(0).to_ne_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8; Self::LEN]) -> Option<Rlimits> {
+        if b[0] & 0x3f != b'1' {
+            return None;
+        }
+        let word = |r: &[u8]| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(r);
+            u64::from_ne_bytes(a)
+        };
+        Some(Rlimits {
+            data: (b[0] & 0x40 != 0).then(|| word(&b[1..9])),
+            nproc: (b[0] & 0x80 != 0).then(|| word(&b[9..17])),
+        })
+    }
+}
+
 /// A failure report: 12 bytes on the error pipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Report {
@@ -196,10 +238,6 @@ pub(crate) struct ChildPlan {
     pub _argv: Vec<CString>,
     /// Owns the strings `envp_ptrs` points into.
     pub _envp: Vec<CString>,
-    /// Memory limit to enforce with RLIMIT_DATA when no cgroup can.
-    pub rlimit_data: Option<u64>,
-    /// Task limit to enforce with RLIMIT_NPROC when no cgroup can.
-    pub rlimit_nproc: Option<u64>,
     /// The runner's argv and environment areas, to be wiped in init.
     pub host_strings: Vec<(usize, usize)>,
     /// The directory that becomes `/`.
@@ -310,11 +348,18 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // The runner moves us into the sandbox's cgroup while we build the root
     // (a cgroup v1 migration waits for an RCU grace period); wait for it,
     // then make that cgroup our cgroup namespace's root.
-    match sys::read(plan.sync_r, &mut b) {
-        Ok(1) => {}
-        Ok(_) => sys::exit_now(125),
-        Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
+    let mut msg = [0u8; Rlimits::LEN];
+    let mut got = 0;
+    while got < msg.len() {
+        match sys::read(plan.sync_r, &mut msg[got..]) {
+            Ok(0) => sys::exit_now(125),
+            Ok(k) => got += k,
+            Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
+        }
     }
+    let Some(rlimits) = Rlimits::decode(&msg) else {
+        sys::exit_now(125)
+    };
     // SAFETY: unshare with a namespace flag has no memory-safety requirements.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
         fail(plan.err_w, Step::CgroupNs, 0, sys::errno());
@@ -335,7 +380,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         ),
     };
     if pid == 0 {
-        payload(plan);
+        payload(plan, rlimits);
     }
     // Init keeps only the status pipe.
     for fd in [plan.err_w, plan.stdout_w, plan.stderr_w] {
@@ -705,7 +750,7 @@ fn mount_point_file(path: &CStr, mode: libc::mode_t) -> std::io::Result<()> {
 }
 
 /// The payload: hardens itself step by step and execs the command.
-fn payload(plan: &ChildPlan) -> ! {
+fn payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
     sys::close(plan.status_w);
     // stdio first, so nothing else can end up on fds 0-2.
     let stdin_fd = match plan.stdin {
@@ -731,7 +776,7 @@ fn payload(plan: &ChildPlan) -> ! {
     if unsafe { libc::setsid() } < 0 {
         fail(plan.err_w, Step::Setsid, 0, sys::errno());
     }
-    set_rlimits(plan);
+    set_rlimits(plan, rlimits);
     tryc!(
         plan,
         Step::NoNewPrivs,
@@ -794,7 +839,7 @@ fn payload(plan: &ChildPlan) -> ! {
     fail(plan.err_w, Step::Exec, 0, last)
 }
 
-fn set_rlimits(plan: &ChildPlan) {
+fn set_rlimits(plan: &ChildPlan, rlimits: Rlimits) {
     let set = |res: libc::__rlimit_resource_t, v: u64| {
         let r = libc::rlimit {
             rlim_cur: v,
@@ -807,12 +852,12 @@ fn set_rlimits(plan: &ChildPlan) {
     if set(libc::RLIMIT_CORE, 0) != 0 {
         fail(plan.err_w, Step::Rlimits, 0, sys::errno());
     }
-    if let Some(v) = plan.rlimit_data {
+    if let Some(v) = rlimits.data {
         if set(libc::RLIMIT_DATA, v) != 0 {
             fail(plan.err_w, Step::Rlimits, 1, sys::errno());
         }
     }
-    if let Some(v) = plan.rlimit_nproc {
+    if let Some(v) = rlimits.nproc {
         if set(libc::RLIMIT_NPROC, v) != 0 {
             fail(plan.err_w, Step::Rlimits, 2, sys::errno());
         }
@@ -899,5 +944,34 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
                 let _ = sys::kill(payload, sig);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rlimits_round_trip_and_garbage_is_refused() {
+        for r in [
+            Rlimits::default(),
+            Rlimits {
+                data: Some(512 << 20),
+                nproc: None,
+            },
+            Rlimits {
+                data: None,
+                nproc: Some(256),
+            },
+            Rlimits {
+                data: Some(u64::MAX),
+                nproc: Some(0),
+            },
+        ] {
+            assert_eq!(Rlimits::decode(&r.encode()), Some(r));
+        }
+        let mut bad = Rlimits::default().encode();
+        bad[0] = b'x';
+        assert_eq!(Rlimits::decode(&bad), None);
     }
 }

@@ -71,6 +71,10 @@ pub struct Sandbox {
     pub(crate) exec_error: Option<(i32, String)>,
     pub(crate) kill_flag: std::sync::Arc<std::sync::atomic::AtomicU8>,
     pub(crate) signal_fd: Option<RawFd>,
+    /// A pidfd of init (None on kernels before 5.3): the runner waits on it
+    /// rather than on the status pipe, so that init's write of the status
+    /// does not wake the runner onto init's CPU and stall init's exit.
+    pub(crate) init_pidfd: Option<RawFd>,
     /// The egress proxy serving this sandbox (allowlist and open modes).
     pub(crate) proxy: Option<nanoclaw_net::BlockingProxy>,
     /// `none`, `allowlist` or `open`.
@@ -413,37 +417,6 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     };
     let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
 
-    // Which cgroup controllers, decided from the host's layout before the
-    // child exists (an explicit limit this host cannot enforce fails here,
-    // leaving nothing behind). The directories are made after the clone,
-    // while the child builds its root; the child joins them before it runs
-    // anything of the sandbox's.
-    // cpu time comes from init's rusage (init reaps every process of the
-    // sandbox), so a separate v1 cpuacct cgroup is not worth its cost.
-    let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
-        &id,
-        &spec.limits,
-        cgroup::CreateOptions {
-            cpu_accounting: false,
-        },
-    )?;
-    layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
-    layers.degraded = degraded;
-    let no_cgroup_for =
-        |k: &str| cg_plan.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
-    let rlimit_data = spec.limits.memory.filter(|_| no_cgroup_for("memory"));
-    let rlimit_nproc = spec.limits.pids.filter(|_| no_cgroup_for("pids"));
-    if rlimit_data.is_some() {
-        layers
-            .degraded
-            .push("memory: enforced with RLIMIT_DATA instead of a cgroup".into());
-    }
-    if rlimit_nproc.is_some() {
-        layers
-            .degraded
-            .push("pids: enforced with RLIMIT_NPROC instead of a cgroup".into());
-    }
-
     let pipes = Pipes::new(&spec.stdin)?;
     let net_pair = match &net_policy {
         Some(_) => match sys::socketpair() {
@@ -509,8 +482,6 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         exec_candidates,
         _argv: argv,
         _envp: envp,
-        rlimit_data,
-        rlimit_nproc,
         host_strings: child::host_string_ranges(),
         argv_ptrs,
         envp_ptrs,
@@ -577,6 +548,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         exec_error: None,
         kill_flag: Default::default(),
         signal_fd,
+        init_pidfd: sys::pidfd_open(pid),
         proxy: None,
         kernel_egress: None,
         lifeline: None,
@@ -593,15 +565,47 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
         sb.layers.uid_map = map_uid.trim().to_string();
         write_id_maps(pid, rootful, &map_uid, &map_gid)?;
-        let go = |what: &str| {
-            sys::write_all(pipes.sync.1, b"1").map_err(|e| Error::Sys {
+        let go = |what: &str, msg: &[u8]| {
+            sys::write_all(pipes.sync.1, msg).map_err(|e| Error::Sys {
                 call: format!("signalling the sandbox ({what})"),
                 source: e,
             })
         };
-        // The child builds its root while we move it into its cgroup; it
-        // waits for the second byte before it runs anything.
-        go("id maps written")?;
+        // The child makes its namespaces and builds its root while we make
+        // and fill its cgroup; it waits for the second message (which
+        // carries the rlimits standing in for missing cgroup controllers)
+        // before it runs anything of the sandbox's.
+        go("id maps written", b"1")?;
+        // Which cgroup controllers this host offers (an explicit limit it
+        // cannot enforce is an error; `abort` then removes the child).
+        // cpu time comes from init's rusage (init reaps every process of the
+        // sandbox), so a separate v1 cpuacct cgroup is not worth its cost.
+        let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
+            &sb.id,
+            &spec.limits,
+            cgroup::CreateOptions {
+                cpu_accounting: false,
+            },
+        )?;
+        sb.layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
+        sb.layers.degraded = degraded;
+        let layers = &sb.layers;
+        let no_cgroup_for =
+            |k: &str| cg_plan.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
+        let rlimits = child::Rlimits {
+            data: spec.limits.memory.filter(|_| no_cgroup_for("memory")),
+            nproc: spec.limits.pids.filter(|_| no_cgroup_for("pids")),
+        };
+        if rlimits.data.is_some() {
+            sb.layers
+                .degraded
+                .push("memory: enforced with RLIMIT_DATA instead of a cgroup".into());
+        }
+        if rlimits.nproc.is_some() {
+            sb.layers
+                .degraded
+                .push("pids: enforced with RLIMIT_NPROC instead of a cgroup".into());
+        }
         if let Some(plan) = cg_plan {
             let (cg, notes) = plan.create()?;
             sb.layers.degraded.extend(notes);
@@ -634,8 +638,13 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 },
             )?);
         }
-        go("cgroup joined")
+        go("cgroup joined", &rlimits.encode())
     })();
+    if setup.is_err() {
+        // The child waits for a go-ahead that will not come: end it, so
+        // that reading its report below sees the error pipe close.
+        let _ = sys::kill(pid, libc::SIGKILL);
+    }
     // The write end of the sync pipe stays open for the sandbox's life: it
     // is init's lifeline (init exits when it closes, e.g. the runner dies).
     sb.lifeline = Some(pipes.sync.1);
