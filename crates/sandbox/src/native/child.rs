@@ -864,18 +864,64 @@ fn set_rlimits(plan: &ChildPlan, rlimits: Rlimits) {
     }
 }
 
+/// Puts the signal state back to the defaults for the command: execve
+/// resets caught signals by itself, so only ignored ones (`SigIgn` in
+/// /proc/self/status: typically SIGPIPE, which the Rust runtime ignores, or
+/// whatever the runner's caller ignored) need a call each; if that cannot
+/// be read, every signal is reset. The mask is cleared. Does not allocate.
 fn reset_signals() {
+    let ignored = ignored_signals().unwrap_or(u64::MAX);
     // SAFETY: resetting dispositions to SIG_DFL and clearing the mask are
     // always valid; invalid signal numbers (SIGKILL, SIGSTOP, 32, 33) just
     // return EINVAL.
     unsafe {
-        for sig in 1..libc::SIGRTMAX() {
-            libc::signal(sig, libc::SIG_DFL);
+        for sig in 1..=64 {
+            if ignored & (1u64 << (sig - 1)) != 0 {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
+}
+
+/// The `SigIgn` mask of this process, read without allocating.
+fn ignored_signals() -> Option<u64> {
+    let fd = sys::open(c"/proc/self/status", libc::O_RDONLY).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        match sys::read(fd, &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => {
+                sys::close(fd);
+                return None;
+            }
+        }
+    }
+    sys::close(fd);
+    sig_ign_mask(&buf[..n])
+}
+
+/// Parses the `SigIgn:` line of a /proc/PID/status text.
+fn sig_ign_mask(status: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\nSigIgn:\t";
+    let at = status.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let mut mask: u64 = 0;
+    let mut digits = 0;
+    for &c in &status[at..] {
+        let v = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'\n' => break,
+            _ => return None,
+        };
+        mask = mask.checked_mul(16)? | u64::from(v);
+        digits += 1;
+    }
+    (digits == 16).then_some(mask)
 }
 
 /// pid 1: reaps every child, forwards signals from outside the sandbox to
@@ -950,6 +996,17 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sig_ign_is_parsed_from_proc_status() {
+        let st = b"Name:\tx\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000180000000\n";
+        assert_eq!(sig_ign_mask(st), Some(1 << (libc::SIGPIPE - 1)));
+        assert_eq!(sig_ign_mask(b"SigIgn:\t0000000000001000\n"), None);
+        assert_eq!(sig_ign_mask(b"\nSigIgn:\tzz\n"), None);
+        // This test process (a Rust program) ignores SIGPIPE.
+        let me = ignored_signals().expect("own SigIgn");
+        assert_ne!(me & (1 << (libc::SIGPIPE - 1)), 0);
+    }
 
     #[test]
     fn rlimits_round_trip_and_garbage_is_refused() {

@@ -231,15 +231,15 @@ pub fn open(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
     check(ret.into()).map(|fd| fd as RawFd)
 }
 
-/// Sets or clears `O_NONBLOCK` on `fd`.
-/// A pidfd for `pid` (close-on-exec; readable once it has exited), or None where the
-/// kernel has none (before 5.3).
+/// A pidfd for `pid` (close-on-exec; readable once it has exited), or None
+/// where the kernel has none (before 5.3).
 pub fn pidfd_open(pid: libc::pid_t) -> Option<RawFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     (fd >= 0).then_some(fd as RawFd)
 }
 
+/// Sets or clears `O_NONBLOCK` on `fd`.
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl with F_GETFL/F_SETFL on an integer fd.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
