@@ -22,7 +22,7 @@ mod stats;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -53,6 +53,13 @@ struct Args {
     /// Unmeasured warm-up runs per runner and workload (after one checked run).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Pause after every measured run, in milliseconds, so that work a run
+    /// leaves to the system after it returns (docker's shim and container
+    /// clean-up; the kernel's network-namespace clean-up worker, which
+    /// nanoclaw's and bwrap's runs both leave) is not billed to the run
+    /// that follows it.
+    #[arg(long, default_value_t = 30)]
+    settle_ms: u64,
     /// Print one JSON object instead of markdown.
     #[arg(long)]
     json: bool,
@@ -327,6 +334,8 @@ struct Report {
     host: HostInfo,
     iterations: usize,
     warmup: usize,
+    /// Pause after every measured run (ms).
+    settle_ms: u64,
     commands: BTreeMap<String, Vec<String>>,
     skipped: Vec<Skipped>,
     results: Vec<Cell>,
@@ -426,6 +435,7 @@ fn real_main() -> Result<i32> {
                     .or_default()
                     .push(r.wall.as_secs_f64() * 1e3);
                 rss.entry((w, k)).or_default().push(r.maxrss_kib);
+                std::thread::sleep(Duration::from_millis(args.settle_ms));
             }
         }
         if (i + 1) % 10 == 0 {
@@ -583,6 +593,7 @@ fn real_main() -> Result<i32> {
         host,
         iterations: args.iterations,
         warmup: args.warmup,
+        settle_ms: args.settle_ms,
         commands,
         skipped,
         results,
@@ -808,8 +819,8 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "### Start-up benchmark\n");
     let _ = writeln!(
         s,
-        "{} · Linux {} · {} × {} · {} measured runs per cell, interleaved round-robin, after 1 checked + {} warm-up runs.",
-        h.date_utc, h.kernel, h.cpus, h.cpu, r.iterations, r.warmup
+        "{} · Linux {} · {} × {} · {} measured runs per cell, interleaved round-robin with a {} ms pause after each, after 1 checked + {} warm-up runs.",
+        h.date_utc, h.kernel, h.cpus, h.cpu, r.iterations, r.settle_ms, r.warmup
     );
     let mut versions = Vec::new();
     if let Some(v) = &h.nanoclaw_version {
