@@ -546,19 +546,13 @@ fn remove_dir(path: &Path) -> Result<(), CgroupError> {
 fn signal_members(procs: &Path, pids: &[libc::pid_t]) {
     let mut pinned: Vec<(libc::pid_t, Option<OwnedFd>)> = Vec::with_capacity(pids.len());
     for &pid in pids {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
-        // no memory is passed.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd >= 0 {
-            let Ok(raw) = RawFd::try_from(fd) else {
-                continue;
-            };
+        match super::sys::pidfd_open(pid) {
             // SAFETY: `raw` is a fresh fd returned by pidfd_open that nothing
             // else owns.
-            pinned.push((pid, Some(unsafe { OwnedFd::from_raw_fd(raw) })));
-        } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            Ok(raw) => pinned.push((pid, Some(unsafe { OwnedFd::from_raw_fd(raw) }))),
             // Kernel < 5.3: no pidfds; fall back to kill(2) below.
-            pinned.push((pid, None));
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => pinned.push((pid, None)),
+            Err(_) => {}
         }
     }
     let still = read_pids(procs);
@@ -804,6 +798,11 @@ pub struct PlannedCgroup {
 }
 
 impl PlannedCgroup {
+    /// Whether the cgroup will have controller `c`.
+    pub fn uses(&self, c: Controller) -> bool {
+        self.chosen.iter().any(|x| x.0 == c)
+    }
+
     /// What [`Cgroup::describe`] will say once it is made.
     pub fn describe(&self) -> Vec<String> {
         ALL.iter()
@@ -820,17 +819,14 @@ impl PlannedCgroup {
         sweep_stale(&*host(false)?);
         match make(&self.id, &self.chosen, &self.limits) {
             // The parent vanished (someone removed it): prepare it again once.
-            Err(CgroupError::Create { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
+            Err(e)
+                if matches!(&e, CgroupError::Create { source, .. }
+                    if source.raw_os_error() == Some(libc::ENOENT)) =>
             {
                 let h = host(true)?;
-                let (plan, _) = plan_in(&h, &self.id, &self.limits, self.opts)?;
-                match plan {
-                    Some(p) => make(&p.id, &p.chosen, &p.limits),
-                    None => Err(CgroupError::Create {
-                        path: PathBuf::from(&self.id),
-                        source,
-                    }),
+                match plan_in(&h, &self.id, &self.limits, self.opts)? {
+                    (Some(p), _) => make(&p.id, &p.chosen, &p.limits),
+                    (None, _) => Err(e),
                 }
             }
             r => r,

@@ -296,7 +296,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         fail(plan.err_w, Step::Unshare, 0, sys::errno());
     }
 
-    // Wait for the runner to write our uid/gid maps and cgroup membership.
+    // Wait for the runner to write our uid/gid maps.
     let mut b = [0u8; 1];
     match sys::read(plan.sync_r, &mut b) {
         Ok(1) => {}
@@ -345,17 +345,15 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     }
     build_root(plan);
 
-    // The runner moves us into the sandbox's cgroup while we build the root
-    // (a cgroup v1 migration waits for an RCU grace period); wait for it,
-    // then make that cgroup our cgroup namespace's root.
+    // The runner makes the sandbox's cgroup and moves us into it while we
+    // build the root (a cgroup v1 migration waits for an RCU grace period);
+    // wait for that go-ahead, which carries the rlimits standing in for
+    // missing controllers, then make that cgroup our cgroup namespace's root.
     let mut msg = [0u8; Rlimits::LEN];
-    let mut got = 0;
-    while got < msg.len() {
-        match sys::read(plan.sync_r, &mut msg[got..]) {
-            Ok(0) => sys::exit_now(125),
-            Ok(k) => got += k,
-            Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
-        }
+    match sys::read_full(plan.sync_r, &mut msg) {
+        Ok(n) if n == msg.len() => {}
+        Ok(_) => sys::exit_now(125),
+        Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
     }
     let Some(rlimits) = Rlimits::decode(&msg) else {
         sys::exit_now(125)
@@ -890,19 +888,9 @@ fn reset_signals() {
 fn ignored_signals() -> Option<u64> {
     let fd = sys::open(c"/proc/self/status", libc::O_RDONLY).ok()?;
     let mut buf = [0u8; 4096];
-    let mut n = 0;
-    while n < buf.len() {
-        match sys::read(fd, &mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(_) => {
-                sys::close(fd);
-                return None;
-            }
-        }
-    }
+    let n = sys::read_full(fd, &mut buf);
     sys::close(fd);
-    sig_ign_mask(&buf[..n])
+    sig_ign_mask(&buf[..n.ok()?])
 }
 
 /// Parses the `SigIgn:` line of a /proc/PID/status text.

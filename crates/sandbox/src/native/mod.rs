@@ -548,7 +548,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         exec_error: None,
         kill_flag: Default::default(),
         signal_fd,
-        init_pidfd: sys::pidfd_open(pid),
+        init_pidfd: sys::pidfd_open(pid).ok(),
         proxy: None,
         kernel_egress: None,
         lifeline: None,
@@ -589,12 +589,10 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         )?;
         sb.layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
         sb.layers.degraded = degraded;
-        let layers = &sb.layers;
-        let no_cgroup_for =
-            |k: &str| cg_plan.is_none() || !layers.cgroup.iter().any(|d| d.starts_with(k));
+        let no_cgroup_for = |c| !cg_plan.as_ref().is_some_and(|p| p.uses(c));
         let rlimits = child::Rlimits {
-            data: spec.limits.memory.filter(|_| no_cgroup_for("memory")),
-            nproc: spec.limits.pids.filter(|_| no_cgroup_for("pids")),
+            data: (spec.limits.memory).filter(|_| no_cgroup_for(cgroup::Controller::Memory)),
+            nproc: (spec.limits.pids).filter(|_| no_cgroup_for(cgroup::Controller::Pids)),
         };
         if rlimits.data.is_some() {
             sb.layers

@@ -68,13 +68,7 @@ pub fn kill(sandbox: &Sandbox) {
 /// pipe closed without a word), else what failed.
 pub(crate) fn read_setup_report(fd: RawFd) -> Option<Report> {
     let mut buf = [0u8; Report::SIZE];
-    let mut got = 0;
-    while got < buf.len() {
-        match sys::read(fd, &mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
+    let got = sys::read_full(fd, &mut buf).unwrap_or(0);
     Report::decode(&buf[..got])
 }
 
@@ -350,14 +344,7 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
             } else if Some(p.fd) == sb.init_pidfd {
                 // Init has exited; its status report (if any) is buffered.
                 let mut b = [0u8; 4];
-                let mut got = 0;
-                while got < 4 {
-                    match sys::read(sb.status_r, &mut b[got..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => got += k,
-                    }
-                }
-                if got == 4 {
+                if sys::read_full(sb.status_r, &mut b).ok() == Some(b.len()) {
                     payload_status = Some(i32::from_ne_bytes(b));
                 }
                 init_done = true;

@@ -202,6 +202,19 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Reads until `buf` is full or the end of the file; returns how much was
+/// read. Does not allocate (safe between fork and exec).
+pub fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read(fd, &mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
 /// Closes `fd`, ignoring errors (there is nothing useful to do about them).
 pub fn close(fd: RawFd) {
     // SAFETY: closing an fd this module's caller owns; a bad fd only yields EBADF.
@@ -231,12 +244,13 @@ pub fn open(path: &CStr, flags: libc::c_int) -> io::Result<RawFd> {
     check(ret.into()).map(|fd| fd as RawFd)
 }
 
-/// A pidfd for `pid` (close-on-exec; readable once it has exited), or None
-/// where the kernel has none (before 5.3).
-pub fn pidfd_open(pid: libc::pid_t) -> Option<RawFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+/// A pidfd for `pid` (close-on-exec; readable once it has exited).
+/// `ENOSYS` before Linux 5.3.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<RawFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    (fd >= 0).then_some(fd as RawFd)
+    check(fd).map(|fd| fd as RawFd)
 }
 
 /// Sets or clears `O_NONBLOCK` on `fd`.
