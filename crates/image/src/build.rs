@@ -59,7 +59,7 @@ use nanoclaw_sandbox::spec::{Limits, Network, Root, User};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::unpack::remove_tree;
+use crate::unpack::{open_path, remove_tree};
 use crate::{Digest, ImageConfig, ImageError, LayerInfo, Reference, Store, UnpackMode};
 
 // ───────────────────────────── errors ─────────────────────────────
@@ -806,23 +806,6 @@ fn open_beneath(root_fd: &OwnedFd, rel: &Path, flags: i32) -> io::Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn open_dir_fd(p: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: NUL-terminated path; the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
@@ -1134,7 +1117,7 @@ impl Stage {
         let rel = resolve_scoped(Path::new(path), true, &look).ok()?;
         match layer_lookup(&layers, &rel).ok()? {
             Node::Other(md, p) if md.is_file() => {
-                let fd = open_nofollow(&p).ok()?;
+                let fd = open_path(&p, libc::O_RDONLY | libc::O_NOFOLLOW).ok()?;
                 let mut s = String::new();
                 File::from(fd).read_to_string(&mut s).ok()?;
                 Some(s)
@@ -1186,23 +1169,6 @@ impl Stage {
         };
         Ok(User { uid, gid })
     }
-}
-
-fn open_nofollow(p: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: NUL-terminated path; the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn short(d: &Digest) -> &str {
@@ -1260,7 +1226,7 @@ pub fn build(
         Err(_) => IgnoreRules::default(),
     };
     let ctx = Context {
-        fd: open_dir_fd(&context)
+        fd: open_path(&context, libc::O_PATH | libc::O_DIRECTORY)
             .map_err(|e| ioe(format!("opening the context {}", context.display()), e))?,
         path: context,
         ignore,
@@ -2050,7 +2016,8 @@ impl Builder<'_> {
                     );
                     crate::unpack::unpack_layer(f, &tmp, self.store.mode(), &s.written)
                         .map_err(|e| failed(format!("extracting {}: {e}", s.written)))?;
-                    let tfd = open_dir_fd(&tmp).map_err(|e| failed(e.to_string()))?;
+                    let tfd = open_path(&tmp, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| failed(e.to_string()))?;
                     let d = w
                         .mkdir_p_resolved(&dest_abs)
                         .map_err(|e| failed(e.to_string()))?;

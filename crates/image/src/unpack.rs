@@ -90,7 +90,8 @@ pub fn unpack_layer<R: Read + Send>(
         }
     };
     std::fs::create_dir(dest).map_err(|e| io_err("creating the layer directory", e))?;
-    let root = open_dir_path(dest).map_err(|e| io_err("opening the layer directory", e))?;
+    let root = open_path(dest, libc::O_RDONLY | libc::O_DIRECTORY)
+        .map_err(|e| io_err("opening the layer directory", e))?;
 
     let mut raw = BufReader::with_capacity(BUF, HashReader::new(reader));
     let magic = raw
@@ -345,15 +346,11 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn open_dir_path(p: &Path) -> io::Result<OwnedFd> {
+/// Opens `p` with `flags` (plus `O_CLOEXEC`; never `O_CREAT`).
+pub(crate) fn open_path(p: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
     let c = cstr(p.as_os_str().as_bytes())?;
-    // SAFETY: c is a valid NUL-terminated path; the flags create nothing.
-    let fd = cvt(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
+    // SAFETY: c is a valid NUL-terminated path; without O_CREAT no mode is read.
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) })?;
     // SAFETY: fd was just returned by open and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
