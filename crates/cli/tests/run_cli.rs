@@ -1574,3 +1574,41 @@ fn a_limit_the_host_cannot_enforce_fails_cleanly_after_the_clone() {
         );
     }
 }
+
+/// Signals the caller ignored (nohup, a shell's background job) are not
+/// ignored by the sandboxed command: it starts with every disposition at
+/// its default and nothing blocked.
+#[test]
+fn signals_ignored_by_the_caller_are_default_in_the_sandbox() {
+    let _g = shared();
+    for m in modes("signal dispositions") {
+        let mut c = nc(
+            m,
+            &[
+                "run",
+                "--",
+                "grep",
+                "-E",
+                "^Sig(Ign|Blk)",
+                "/proc/self/status",
+            ],
+        );
+        // SAFETY: only async-signal-safe calls (signal) between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let o = c.output().expect("spawn nanoclaw");
+        let out = text(&o.stdout);
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        assert!(
+            out.contains("SigIgn:\t0000000000000000") && out.contains("SigBlk:\t0000000000000000"),
+            "[{}] the command inherited ignored or blocked signals: {out}",
+            m.name
+        );
+    }
+}

@@ -869,13 +869,35 @@ fn set_rlimits(plan: &ChildPlan, rlimits: Rlimits) {
 /// be read, every signal is reset. The mask is cleared. Does not allocate.
 fn reset_signals() {
     let ignored = ignored_signals().unwrap_or(u64::MAX);
+    // The kernel's struct sigaction on x86_64 and aarch64: handler, flags,
+    // restorer, mask (the C library's differs).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
     // SAFETY: resetting dispositions to SIG_DFL and clearing the mask are
-    // always valid; invalid signal numbers (SIGKILL, SIGSTOP, 32, 33) just
-    // return EINVAL.
+    // always valid; `dfl` outlives the calls. The raw syscall, because the
+    // C library refuses signals 32 and 33 (its own), which a caller may
+    // still have left ignored; SIGKILL and SIGSTOP just return EINVAL.
     unsafe {
         for sig in 1..=64 {
             if ignored & (1u64 << (sig - 1)) != 0 {
-                libc::signal(sig, libc::SIG_DFL);
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
             }
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
