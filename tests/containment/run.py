@@ -292,7 +292,11 @@ class Host:
                     continue
                 if os.path.getmtime(p) > time.time() - 600 and marker_owner_is_us(p):
                     out.append("file left on the host: %s" % p)
+        # Two scans 50 ms apart: a process caught mid-execve shows an empty
+        # command line for a moment and would be missed by one scan.
         left = processes_with(mb)
+        time.sleep(0.05)
+        left = sorted(set(left) | set(processes_with(mb)))
         if left:
             out.append("%d process(es) outlived the sandbox: %s" % (len(left), left[:5]))
             for pid in left:

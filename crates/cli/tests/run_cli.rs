@@ -70,7 +70,16 @@ fn unique(tag: &str) -> String {
 }
 
 /// Host pids whose command line contains `needle`.
+///
+/// A process in the middle of `execve` shows an empty command line for a
+/// moment (the new image's argv is not set up yet), so one empty scan does
+/// not prove a process is gone: see `wait_gone`.
 fn pids_with(needle: &str) -> Vec<i32> {
+    commands_with(needle).into_iter().map(|(p, _)| p).collect()
+}
+
+/// (pid, argv\0-joined) of the host processes whose command line contains `needle`.
+fn commands_with(needle: &str) -> Vec<(i32, Vec<u8>)> {
     let me = std::process::id() as i32;
     let mut v = Vec::new();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -82,22 +91,66 @@ fn pids_with(needle: &str) -> Vec<i32> {
         }
         if let Ok(c) = fs::read(e.path().join("cmdline")) {
             if String::from_utf8_lossy(&c).contains(needle) {
-                v.push(pid);
+                v.push((pid, c));
             }
         }
     }
     v
 }
 
-/// Waits up to `secs` for no host process to carry `needle`; returns the survivors.
-fn wait_gone(needle: &str, secs: u64) -> Vec<i32> {
+/// Waits up to `secs` for the sandboxed command itself (a process whose
+/// argv[0] is `argv0` and whose command line carries `needle`) to run `count`
+/// times; the runner's own command line, which also carries `needle`, does
+/// not count. Panics with `what` when it never does.
+fn wait_payload(needle: &str, argv0: &str, count: usize, secs: u64, what: &str) {
+    let prefix = format!("{argv0}\0");
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
+        let n = commands_with(needle)
+            .iter()
+            .filter(|(_, c)| c.starts_with(prefix.as_bytes()))
+            .count();
+        if n >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: the sandboxed command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `secs` for no host process to carry `needle`; returns the
+/// survivors. "None" must hold for two scans 50 ms apart, so a process caught
+/// mid-exec (an empty command line) is not mistaken for a gone one.
+fn wait_gone(needle: &str, secs: u64) -> Vec<i32> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut empty_before = false;
+    loop {
         let left = pids_with(needle);
-        if left.is_empty() || Instant::now() > end {
+        if left.is_empty() && empty_before {
             return left;
         }
+        if Instant::now() > end {
+            return left;
+        }
+        empty_before = left.is_empty();
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A spawned nanoclaw that is SIGKILLed and reaped if the test panics before
+/// it is done with it, so a failed test leaves no sandbox running into the
+/// next test's leak check.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -1022,7 +1075,10 @@ fn host_traces(uid: Option<u32>) -> BTreeSet<String> {
     // Processes running the nanoclaw binary.
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         if let Ok(exe) = fs::read_link(e.path().join("exe")) {
+            // Without " (deleted)": a binary unlinked between two snapshots
+            // is still the same process.
             let exe = exe.to_string_lossy();
+            let exe = exe.trim_end_matches(" (deleted)");
             if exe.contains("nanoclaw") && !exe.contains("deps/") {
                 s.insert(format!("process {} {exe}", e.file_name().to_string_lossy()));
             }
@@ -1145,16 +1201,10 @@ fn sigint_and_sigterm_clean_up_everything() {
             c.stdout(Stdio::null()).stderr(Stdio::piped());
             // Own process group, so the signal reaches nanoclaw only (not via a terminal).
             c.process_group(0);
-            let mut ch = c.spawn().expect("spawn");
-            let end = Instant::now() + Duration::from_secs(15);
-            while pids_with(&marker).len() < 2 {
-                assert!(
-                    Instant::now() < end,
-                    "[{}] the sandboxed command never started",
-                    m.name
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let mut guard = Reaped(c.spawn().expect("spawn"));
+            let ch = &mut guard.0;
+            // Both python processes (the command and its setsid'd child).
+            wait_payload(&marker, "python3", 2, 15, m.name);
             // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
             unsafe { libc::kill(ch.id() as i32, sig) };
             let end = Instant::now() + Duration::from_secs(10);
@@ -1270,31 +1320,27 @@ fn sandbox_dies_with_a_sigkilled_runner() {
     let _g = exclusive();
     for m in modes("sandbox_dies_with_a_sigkilled_runner") {
         let marker = unique("lifeline");
-        let mut child = nc(
-            m,
-            &[
-                "run",
-                "--timeout",
-                "60s",
-                "--",
-                "sh",
-                "-c",
-                &format!("sleep 1000 # {marker}"),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-        let t = Instant::now();
-        while pids_with(&format!("# {marker}")).is_empty() && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            !pids_with(&format!("# {marker}")).is_empty(),
-            "[{}] the payload never started",
-            m.name
+        let mut guard = Reaped(
+            nc(
+                m,
+                &[
+                    "run",
+                    "--timeout",
+                    "60s",
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("sleep 1000 # {marker}"),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
         );
+        let child = &mut guard.0;
+        // The payload itself (`sh -c ...`), not the runner's command line.
+        wait_payload(&marker, "sh", 1, 10, m.name);
         // SIGKILL: nanoclaw gets no chance to clean up; init must notice.
         let _ = child.kill();
         let _ = child.wait();
