@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
@@ -162,8 +162,8 @@ fn kill_all(pids: &[i32]) {
 }
 
 /// A host dir the sandbox user (whatever it maps to) can use. As root it is
-/// handed to an unprivileged owner (`nanotest` if it exists): a rootful
-/// read-write mount of a root-owned directory is refused by design.
+/// handed to an unprivileged owner (`nanotest` if it exists), the common
+/// case (a root-owned one is tested on its own).
 fn host_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(unique(tag));
     fs::create_dir_all(&d).expect("mkdir");
@@ -175,37 +175,116 @@ fn host_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Hostile code on a rootful read-write mount of a root-owned directory
+/// (what `mktemp -d` gives root): it may write there (as the host's root),
+/// but every way to create a set-user/group-ID file is refused, raw
+/// syscalls included, and rewriting an existing setuid file clears the bit.
+const SETID_ATTACK: &str = r#"
+import ctypes, os, sys
+d = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def raw(nr, *a):
+    r = libc.syscall(nr, *a)
+    return "ok" if r >= 0 else "errno %d" % ctypes.get_errno()
+res = {}
+with open(d + "/plain", "w") as f:
+    f.write("hi")
+p = (d + "/plain").encode()
+res["chmod"] = raw(90, p, 0o4755)
+res["fchmodat"] = raw(268, -100, p, 0o2755)
+res["fchmodat2"] = raw(452, -100, p, 0o6755, 0)
+fd = os.open(d + "/plain", os.O_RDONLY)
+res["fchmod"] = raw(91, fd, 0o4755)
+res["open"] = raw(2, (d + "/o").encode(), os.O_CREAT | os.O_WRONLY, 0o4755)
+res["openat"] = raw(257, -100, (d + "/oa").encode(), os.O_CREAT | os.O_WRONLY, 0o2755)
+res["creat"] = raw(85, (d + "/c").encode(), 0o6755)
+res["mknod"] = raw(133, (d + "/n").encode(), 0o104755, 0)
+res["mknodat"] = raw(259, -100, (d + "/na").encode(), 0o102755, 0)
+res["tmpfile"] = raw(257, -100, d.encode(), os.O_TMPFILE | os.O_WRONLY, 0o4755)
+res["openat2"] = raw(437, -100, (d + "/o2").encode(), ctypes.create_string_buffer(24), 24)
+with open(d + "/victim", "a") as f:
+    f.write("x")
+os.chmod(d + "/plain", 0o755)
+res["plain_chmod"] = "ok"
+print(res)
+"#;
+
 #[test]
-fn rootful_rw_mount_of_a_root_owned_dir_is_refused() {
+fn rootful_rw_mount_of_a_root_owned_dir_plants_no_setid_file() {
     let _g = shared();
     if !is_root() {
-        eprintln!("SKIPPED rootful_rw_mount_of_a_root_owned_dir_is_refused: needs root");
+        eprintln!("SKIPPED rootful_rw_mount_of_a_root_owned_dir_plants_no_setid_file: needs root");
         return;
     }
     let d = std::env::temp_dir().join(unique("rootowned"));
     fs::create_dir_all(&d).expect("mkdir");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).expect("chmod");
     let w = d.to_str().expect("utf-8");
     let root_mode = Mode {
         name: "root",
         user: None,
     };
-    for args in [
-        vec![
-            "run",
-            "--workspace",
-            w,
-            "--workspace-access",
-            "rw",
-            "--",
-            "true",
-        ],
-        vec!["run", "--mount", &format!("{w}:/data:rw"), "--", "true"],
+    // An existing setuid-root program the sandbox may rewrite.
+    fs::copy("/bin/true", d.join("victim")).expect("copy");
+    fs::set_permissions(d.join("victim"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    for (args, inside) in [
+        (
+            vec!["run", "--workspace", w, "--workspace-access", "rw", "--"],
+            "/workspace",
+        ),
+        (
+            vec!["run", "--mount", &format!("{w}:/data:rw"), "--"],
+            "/data",
+        ),
     ] {
-        let o = run(root_mode, &args);
+        let mut a = args.clone();
+        a.extend(["python3", "-c", SETID_ATTACK, inside]);
+        let out = ok_out(root_mode, &a);
+        for (call, want) in [
+            ("chmod", "errno 1"),
+            ("fchmodat", "errno 1"),
+            ("fchmodat2", "errno 1"),
+            ("fchmod", "errno 1"),
+            ("open", "errno 1"),
+            ("openat", "errno 1"),
+            ("creat", "errno 1"),
+            ("mknod", "errno 1"),
+            ("mknodat", "errno 1"),
+            ("tmpfile", "errno 1"),
+            ("openat2", "errno 38"),
+            ("plain_chmod", "ok"),
+        ] {
+            assert!(
+                out.contains(&format!("'{call}': '{want}'")),
+                "{args:?}: {call} should give {want}: {out}"
+            );
+        }
+        // What the sandbox wrote is root's on the host; nothing is set-id.
+        let md = fs::metadata(d.join("plain")).expect("written file");
+        assert_eq!((md.uid(), md.gid()), (0, 0), "{args:?}");
+        for e in fs::read_dir(&d).expect("read_dir").flatten() {
+            let mode = e.metadata().expect("metadata").mode();
+            assert_eq!(
+                mode & 0o6000,
+                0,
+                "{args:?}: {} is set-id on the host ({mode:o}): {out}",
+                e.path().display()
+            );
+        }
+        fs::set_permissions(d.join("victim"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    }
+    // Without the default seccomp profile, or with CAP_FSETID: refused.
+    for extra in [["--seccomp", "unconfined"], ["--cap-add", "FSETID"]] {
+        let mut a = vec!["run", extra[0], extra[1]];
+        a.extend(["--workspace", w, "--workspace-access", "rw", "--", "true"]);
+        let o = run(root_mode, &a);
         let err = text(&o.stderr);
-        assert_eq!(code(&o), 125, "{args:?}: {err}");
-        assert!(err.contains("owned by root"), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(code(&o), 125, "{a:?}: {err}");
+        assert!(
+            err.lines()
+                .any(|l| l.contains("owned by root") && l.contains("chown")),
+            "{a:?}: {err}"
+        );
     }
     // Read-only is fine, and host permissions still apply inside.
     fs::write(d.join("secret"), "s").expect("write");

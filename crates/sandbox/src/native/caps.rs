@@ -90,6 +90,8 @@ impl Cap {
     pub const DAC_OVERRIDE: Cap = Cap(1);
     /// CAP_FOWNER.
     pub const FOWNER: Cap = Cap(3);
+    /// CAP_FSETID.
+    pub const FSETID: Cap = Cap(4);
     /// CAP_SETGID.
     pub const SETGID: Cap = Cap(6);
     /// CAP_SETUID.

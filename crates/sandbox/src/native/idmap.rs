@@ -25,11 +25,16 @@ pub(crate) fn idmapped_clone(
     uid: u32,
     gid: u32,
 ) -> Result<RawFd, Error> {
-    // Only the (unprivileged) owner is mapped: the host's uid 0 and gid 0
-    // never appear in the mapping, so nothing the sandbox does on this
-    // mount can act as, or create files owned by, the host's root.
-    debug_assert_ne!(md.uid(), 0);
-    let group = if md.gid() == 0 { md.uid() } else { md.gid() };
+    // Only the owner is mapped. For an unprivileged owner the host's uid 0
+    // and gid 0 never appear in the mapping, so nothing the sandbox does on
+    // this mount can act as, or create files owned by, the host's root. A
+    // root-owned source maps root (the caller allows that only together
+    // with the seccomp rules that refuse creating set-id files).
+    let group = if md.gid() == 0 && md.uid() != 0 {
+        md.uid()
+    } else {
+        md.gid()
+    };
     let uid_map = format!("{} {} 1\n", md.uid(), ROOTFUL_ID_BASE + uid);
     let gid_map = format!("{} {} 1\n", group, ROOTFUL_ID_BASE + gid);
     let userns = userns_fd(&uid_map, &gid_map)?;

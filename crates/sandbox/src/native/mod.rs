@@ -232,27 +232,32 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
         })?;
         let md = std::fs::metadata(format!("/proc/self/fd/{fd}"))
             .map_err(|e| Error::InvalidSpec(format!("mount source {}: {e}", m.source.display())))?;
-        let idmapped_fd = if rootful && m.access == Access::Rw {
-            match rw_ownership(&m.source, &md, spec.user.uid) {
-                Ok(RwOwnership::Direct) => None,
-                Ok(RwOwnership::Idmap) => {
-                    match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            sys::close(fd);
-                            return Err(e);
-                        }
-                    }
-                }
+        let rw = if rootful && m.access == Access::Rw {
+            match rw_ownership(spec, &m.source, &md) {
+                Ok(o) => Some(o),
                 Err(e) => {
                     sys::close(fd);
                     return Err(e);
                 }
             }
         } else {
-            // Read-only mounts are plain binds: host files keep their owners
-            // and permissions (they show as `nobody` inside).
             None
+        };
+        let idmapped_fd = match rw {
+            None | Some(RwOwnership::Direct) => {
+                // Read-only mounts are plain binds: host files keep their
+                // owners and permissions (they show as `nobody` inside).
+                None
+            }
+            Some(RwOwnership::Idmap | RwOwnership::IdmapRoot) => {
+                match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        sys::close(fd);
+                        return Err(e);
+                    }
+                }
+            }
         };
         out.push(UserMount {
             fd,
@@ -262,6 +267,7 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
             target,
             access: m.access,
             idmapped_fd,
+            writes_as_host_root: matches!(rw, Some(RwOwnership::IdmapRoot)),
         });
     }
     // Mount parents before children.
@@ -278,25 +284,53 @@ enum RwOwnership {
     /// An idmapped mount maps the source's (unprivileged) owner to the
     /// sandbox user: the sandbox writes with exactly that owner's authority.
     Idmap,
+    /// The source belongs to the host's root: an idmapped mount maps root
+    /// to the sandbox user, so files the sandbox writes there belong to root
+    /// on the host, as they would had root written them. Allowed only with
+    /// the default seccomp profile, which then also refuses creating
+    /// set-user-ID and set-group-ID files (else the sandbox could plant a
+    /// setuid-root program on the host), and without CAP_FSETID (which would
+    /// keep an existing file's set-id bits across the sandbox's writes).
+    IdmapRoot,
 }
 
-/// Decides how a rootful rw mount may be written. A source owned by the
-/// host's root is refused: the sandbox would write (and could create
-/// setuid files) as root on the host.
-fn rw_ownership(source: &Path, md: &std::fs::Metadata, uid: u32) -> Result<RwOwnership, Error> {
-    if md.uid() == ROOTFUL_ID_BASE + uid {
-        Ok(RwOwnership::Direct)
-    } else if md.uid() == 0 {
-        Err(Error::InvalidSpec(format!(
-            "{} is owned by root: a read-write mount would let the sandbox write (and plant setuid files) as the host's root; \
-             chown it to an unprivileged user (files the sandbox writes then belong to that user), \
-             or to {} (the sandbox user's own host uid), or mount it ro",
-            source.display(),
-            ROOTFUL_ID_BASE + uid
-        )))
-    } else {
-        Ok(RwOwnership::Idmap)
+/// Decides how a rootful rw mount may be written (see [`RwOwnership`]).
+fn rw_ownership(
+    spec: &SandboxSpec,
+    source: &Path,
+    md: &std::fs::Metadata,
+) -> Result<RwOwnership, Error> {
+    if md.uid() == ROOTFUL_ID_BASE + spec.user.uid {
+        return Ok(RwOwnership::Direct);
     }
+    if md.uid() != 0 {
+        return Ok(RwOwnership::Idmap);
+    }
+    let refuse = |why: &str, fix: &str| {
+        Err(Error::InvalidSpec(format!(
+            "{} is owned by root, so the sandbox writes there as the host's root; {why}; {fix}, \
+             chown the directory to an unprivileged user, or mount it ro",
+            source.display()
+        )))
+    };
+    if !matches!(spec.hardening.seccomp, Seccomp::Default) {
+        return refuse(
+            "that needs the default seccomp profile, which refuses creating set-id files there",
+            "drop --seccomp",
+        );
+    }
+    if spec
+        .hardening
+        .cap_add
+        .iter()
+        .any(|c| caps::parse_cap(c).is_ok_and(|c| c == caps::Cap::FSETID))
+    {
+        return refuse(
+            "CAP_FSETID would keep set-id bits on files the sandbox rewrites there",
+            "drop --cap-add FSETID",
+        );
+    }
+    Ok(RwOwnership::IdmapRoot)
 }
 
 /// Starts a sandbox for `spec`. The returned [`Sandbox`] must be passed to
@@ -325,19 +359,28 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         .map(|n| caps::parse_cap(n))
         .collect::<Result<Vec<_>, _>>()?;
     layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
+    let net_policy = network_policy(&spec.network)?;
+    let kernel_rules = kernel_rules(&spec.network, rootful)?;
+    let mounts = resolve_mounts(spec, rootful)?;
+    let mut guard = FdGuard(
+        mounts
+            .iter()
+            .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
+            .collect(),
+    );
     let seccomp_filter = match &spec.hardening.seccomp {
-        Seccomp::Default if !spec.hardening.exec_allow.is_empty() => {
-            layers.seccomp = "default, no memfd_create (exec allowlist)".into();
-            Some(seccomp::default_filter_without_memfd().map_err(|e| {
+        Seccomp::Default => {
+            let extras = seccomp::DefaultExtras {
+                no_memfd: !spec.hardening.exec_allow.is_empty(),
+                no_setid_files: mounts.iter().any(|m| m.writes_as_host_root),
+            };
+            layers.seccomp = extras.describe();
+            Some(seccomp::default_filter_with(extras).map_err(|e| {
                 Error::Seccomp(seccomp::SeccompError::Profile {
                     path: "built-in".into(),
                     error: e,
                 })
             })?)
-        }
-        Seccomp::Default => {
-            layers.seccomp = "default".into();
-            Some(seccomp::default_filter())
         }
         Seccomp::Profile(p) => {
             layers.seccomp = format!("profile:{}", p.display());
@@ -349,15 +392,6 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             None
         }
     };
-    let net_policy = network_policy(&spec.network)?;
-    let kernel_rules = kernel_rules(&spec.network, rootful)?;
-    let mounts = resolve_mounts(spec, rootful)?;
-    let mut guard = FdGuard(
-        mounts
-            .iter()
-            .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
-            .collect(),
-    );
     let image_layers = open_layers(spec, &mut guard)?;
     let upper = open_upper(spec, rootful, &mut guard)?;
     let host = plan::HostLayout::probe();

@@ -158,6 +158,9 @@ pub(crate) struct UserMount {
     pub access: Access,
     /// A detached idmapped copy of the source (rootful rw mounts).
     pub idmapped_fd: Option<i32>,
+    /// A rootful rw mount of a root-owned source: the sandbox's writes
+    /// there land as the host's root (see `RwOwnership::IdmapRoot`).
+    pub writes_as_host_root: bool,
 }
 
 /// The whole filesystem plan.

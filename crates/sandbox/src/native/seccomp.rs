@@ -125,26 +125,83 @@ pub fn load_docker_profile(path: &Path, caps: &[String]) -> Result<Filter, Secco
     })
 }
 
-/// The default profile plus one rule refusing `memfd_create` (EPERM), for
-/// sandboxes with an exec allowlist: an executable memfd would otherwise be
-/// a file outside every Landlock rule that `execveat` can run. Compiled at
-/// run time (only when an allowlist is asked for).
-pub fn default_filter_without_memfd() -> Result<Filter, ProfileError> {
+/// Rules added to the default profile for one sandbox (compiled at run
+/// time, only when asked for; the plain default is compiled at build time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefaultExtras {
+    /// Refuse `memfd_create` (EPERM), for sandboxes with an exec allowlist:
+    /// an executable memfd would otherwise be a file outside every Landlock
+    /// rule that `execveat` can run.
+    pub no_memfd: bool,
+    /// Refuse creating set-user-ID or set-group-ID files (EPERM): `chmod`
+    /// family, `open`/`openat`/`creat`, `mknod`/`mknodat` with S_ISUID or
+    /// S_ISGID in the mode, and `openat2` (its mode is out of a filter's
+    /// reach; ENOSYS, so callers fall back to `openat`). For sandboxes that
+    /// write to a root-owned host directory as the host's root.
+    pub no_setid_files: bool,
+}
+
+impl DefaultExtras {
+    /// What the extras add, for the `--json` layers report.
+    pub fn describe(&self) -> String {
+        let mut s = String::from("default");
+        if self.no_memfd {
+            s.push_str(", no memfd_create (exec allowlist)");
+        }
+        if self.no_setid_files {
+            s.push_str(", no set-id files (read-write mount of a root-owned directory)");
+        }
+        s
+    }
+}
+
+/// The default profile with `extras`: the build-time program when there are
+/// none, else the profile with the extra rules first, compiled now.
+pub fn default_filter_with(extras: DefaultExtras) -> Result<Filter, ProfileError> {
+    if extras == DefaultExtras::default() {
+        return Ok(default_filter());
+    }
     const DEFAULT: &str = include_str!("../../seccomp/default.json");
     let mut v: serde_json::Value = serde_json::from_str(DEFAULT).map_err(|e| ProfileError {
         field: String::new(),
         message: format!("built-in profile: {e}"),
     })?;
+    let mut extra = Vec::new();
+    if extras.no_memfd {
+        extra.push(serde_json::json!({
+            "comment": "--exec-allow: no memfd_create (executable anonymous files escape path rules)",
+            "names": ["memfd_create"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 1
+        }));
+    }
+    if extras.no_setid_files {
+        // (syscall names, index of the mode argument) on x86_64 and aarch64.
+        let with_mode: [(&[&str], u32); 3] = [
+            (&["chmod", "fchmod", "creat", "mknod"], 1),
+            (&["fchmodat", "fchmodat2", "open", "mknodat"], 2),
+            (&["openat"], 3),
+        ];
+        for (names, index) in with_mode {
+            for bit in [libc::S_ISUID, libc::S_ISGID] {
+                extra.push(serde_json::json!({
+                    "comment": "a root-owned read-write mount: no set-id files",
+                    "names": names,
+                    "action": "SCMP_ACT_ERRNO",
+                    "errnoRet": 1,
+                    "args": [{ "index": index, "value": bit, "valueTwo": bit, "op": "SCMP_CMP_MASKED_EQ" }]
+                }));
+            }
+        }
+        extra.push(serde_json::json!({
+            "comment": "openat2's mode is behind a pointer a filter cannot read: not supported (libc falls back to openat)",
+            "names": ["openat2"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 38
+        }));
+    }
     if let Some(rules) = v.get_mut("syscalls").and_then(|r| r.as_array_mut()) {
-        rules.insert(
-            0,
-            serde_json::json!({
-                "comment": "--exec-allow: no memfd_create (executable anonymous files escape path rules)",
-                "names": ["memfd_create"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": 1
-            }),
-        );
+        rules.splice(0..0, extra);
     }
     compile_docker_profile(&v.to_string(), &[])
 }
