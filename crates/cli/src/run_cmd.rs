@@ -11,28 +11,58 @@ use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 
 /// Options of `nanoclaw run`.
 #[derive(Debug, Args)]
-#[command(trailing_var_arg = true)]
+#[command(trailing_var_arg = true, args_override_self = true)]
 pub struct RunArgs {
     /// Memory limit, e.g. 256m or 1g.
-    #[arg(long, value_name = "SIZE", default_value = "512m")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "SIZE",
+        default_value = "512m"
+    )]
     memory: String,
     /// Memory plus swap limit (default: equal to --memory, i.e. no swap).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
     memory_swap: Option<String>,
     /// CPU quota in cpus (fractional).
-    #[arg(long, value_name = "N", default_value = "1")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "N",
+        default_value = "1"
+    )]
     cpus: String,
     /// Maximum number of processes and threads.
-    #[arg(long, value_name = "N", default_value = "256")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "N",
+        default_value = "256"
+    )]
     pids: String,
     /// Wall-clock timeout, e.g. 500ms, 30s, 2m.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
     timeout: String,
     /// Size of the writable /tmp.
-    #[arg(long, value_name = "SIZE", default_value = "100m")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "SIZE",
+        default_value = "100m"
+    )]
     tmpfs_size: String,
     /// Per-stream output limit; past it output is dropped and the sandbox killed.
-    #[arg(long, value_name = "SIZE", default_value = "10m")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "SIZE",
+        default_value = "10m"
+    )]
     output_limit: String,
     /// Environment variable for the command (repeatable). The host
     /// environment is never inherited.
@@ -42,7 +72,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     workdir: Option<PathBuf>,
     /// User to run as inside the sandbox.
-    #[arg(long, value_name = "UID[:GID]", default_value = "1000:1000")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "UID[:GID]",
+        default_value = "1000:1000"
+    )]
     user: String,
     /// Host directory mounted at /workspace (see --workspace-access).
     #[arg(long, value_name = "DIR")]
@@ -413,6 +448,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             }
         }
     }
+    let mut workspace_source = None;
     match (&a.workspace, a.workspace_access) {
         (Some(dir), WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
             let source = std::fs::canonicalize(dir).with_context(|| {
@@ -421,6 +457,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             if !source.is_dir() {
                 bail!("--workspace {}: not a directory", dir.display());
             }
+            workspace_source = Some(source.clone());
             spec.mounts.push(Mount {
                 source,
                 target: "/workspace".into(),
@@ -460,14 +497,14 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     }
     // The same dangerous-source checks as the config file (/, /etc, the
     // Docker socket, ~/.ssh, .env files, ...), for the flags too.
-    let mut binds = a.mounts.clone();
-    if let (Some(ws), WorkspaceAccess::Ro | WorkspaceAccess::Rw) =
-        (&a.workspace, a.workspace_access)
-    {
+    // Relative host paths are relative to the current directory.
+    let mounts: Vec<String> = a.mounts.iter().map(|m| absolute_host_path(m)).collect();
+    let mut binds = mounts.clone();
+    if let Some(ws) = &workspace_source {
         binds.push(format!("{}:/workspace:ro", ws.display()));
     }
     crate::config_cmd::parse_cli_mounts(&binds)?;
-    for m in &a.mounts {
+    for m in &mounts {
         spec.mounts.push(parse_mount(m)?);
     }
     spec.stdin = if a.stdin { Stdin::Inherit } else { Stdin::Null };
@@ -567,4 +604,18 @@ pub fn run(a: RunArgs) -> Result<u8> {
     }
     let code = outcome.cli_exit_code();
     Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(125))
+}
+
+/// `HOST:CONTAINER[:MODE]` with a relative HOST made absolute against the
+/// current directory (`data:/data` means `$PWD/data:/data`).
+fn absolute_host_path(bind: &str) -> String {
+    match bind.split_once(':') {
+        Some((host, rest)) if !host.is_empty() && !host.starts_with('/') => {
+            match std::env::current_dir() {
+                Ok(cwd) => format!("{}:{rest}", cwd.join(host).display()),
+                Err(_) => bind.to_string(),
+            }
+        }
+        _ => bind.to_string(),
+    }
 }

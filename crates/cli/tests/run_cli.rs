@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -177,8 +178,9 @@ fn host_dir(tag: &str) -> PathBuf {
 
 /// Hostile code on a rootful read-write mount of a root-owned directory
 /// (what `mktemp -d` gives root): it may write there (as the host's root),
-/// but every way to create a set-user/group-ID file is refused, raw
-/// syscalls included, and rewriting an existing setuid file clears the bit.
+/// but every way to create a set-user/group-ID file or a file capability is
+/// refused, raw syscalls included; a directory that already holds a setuid
+/// program (which a shared mmap could rewrite keeping the bit) is refused.
 const SETID_ATTACK: &str = r#"
 import ctypes, os, sys
 d = sys.argv[1]
@@ -202,8 +204,13 @@ res["mknod"] = raw(133, (d + "/n").encode(), 0o104755, 0)
 res["mknodat"] = raw(259, -100, (d + "/na").encode(), 0o102755, 0)
 res["tmpfile"] = raw(257, -100, d.encode(), os.O_TMPFILE | os.O_WRONLY, 0o4755)
 res["openat2"] = raw(437, -100, (d + "/o2").encode(), ctypes.create_string_buffer(24), 24)
-with open(d + "/victim", "a") as f:
-    f.write("x")
+# A v3 file capability (DAC_OVERRIDE, SETUID, SETGID) for the sandbox's root.
+cap = (0x03000001).to_bytes(4, "little") + (0xc2).to_bytes(4, "little") + bytes(12) + (1000).to_bytes(4, "little")
+try:
+    os.setxattr(d + "/plain", "security.capability", cap)
+    res["setfcap"] = "ok"
+except OSError as e:
+    res["setfcap"] = "errno %d" % e.errno
 os.chmod(d + "/plain", 0o755)
 res["plain_chmod"] = "ok"
 print(res)
@@ -224,9 +231,47 @@ fn rootful_rw_mount_of_a_root_owned_dir_plants_no_setid_file() {
         name: "root",
         user: None,
     };
-    // An existing setuid-root program the sandbox may rewrite.
-    fs::copy("/bin/true", d.join("victim")).expect("copy");
-    fs::set_permissions(d.join("victim"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    // A directory that already holds a set-id or file-capability program
+    // is refused, naming it.
+    fs::create_dir_all(d.join("sub")).expect("mkdir");
+    fs::copy("/bin/true", d.join("sub/victim")).expect("copy");
+    for (mode, xattr) in [(0o4755, false), (0o2755, false), (0o755, true)] {
+        fs::set_permissions(d.join("sub/victim"), fs::Permissions::from_mode(mode)).expect("chmod");
+        if xattr {
+            let cap: Vec<u8> = [0x0200_0001u32, 0xc2, 0, 0, 0]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            let p = std::ffi::CString::new(format!("{w}/sub/victim")).expect("path");
+            // SAFETY: NUL-terminated strings and a buffer of cap.len() bytes.
+            let r = unsafe {
+                libc::setxattr(
+                    p.as_ptr(),
+                    c"security.capability".as_ptr(),
+                    cap.as_ptr().cast(),
+                    cap.len(),
+                    0,
+                )
+            };
+            assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+        }
+        let o = run(
+            root_mode,
+            &[
+                "run",
+                "--workspace",
+                w,
+                "--workspace-access",
+                "rw",
+                "--",
+                "true",
+            ],
+        );
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "mode {mode:o} xattr {xattr}: {err}");
+        assert!(err.contains("sub/victim"), "names the file: {err}");
+    }
+    fs::remove_dir_all(d.join("sub")).expect("rm");
     for (args, inside) in [
         (
             vec!["run", "--workspace", w, "--workspace-access", "rw", "--"],
@@ -252,6 +297,7 @@ fn rootful_rw_mount_of_a_root_owned_dir_plants_no_setid_file() {
             ("mknodat", "errno 1"),
             ("tmpfile", "errno 1"),
             ("openat2", "errno 38"),
+            ("setfcap", "errno 1"),
             ("plain_chmod", "ok"),
         ] {
             assert!(
@@ -271,10 +317,52 @@ fn rootful_rw_mount_of_a_root_owned_dir_plants_no_setid_file() {
                 e.path().display()
             );
         }
-        fs::set_permissions(d.join("victim"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+        let has_caps = |p: &Path| {
+            let p = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+            // SAFETY: NUL-terminated strings; size 0 only asks for the size.
+            unsafe {
+                libc::getxattr(
+                    p.as_ptr(),
+                    c"security.capability".as_ptr(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            }
+        };
+        assert!(
+            has_caps(&d.join("plain")) < 0,
+            "{args:?}: a file capability reached the host"
+        );
     }
-    // Without the default seccomp profile, or with CAP_FSETID: refused.
-    for extra in [["--seccomp", "unconfined"], ["--cap-add", "FSETID"]] {
+    // An unprivileged owner's directory (idmapped to that owner): no set-id
+    // files either.
+    let theirs = host_dir("theirs");
+    let o = run(
+        root_mode,
+        &[
+            "run",
+            "--mount",
+            &format!("{}:/t:rw", theirs.display()),
+            "--",
+            "sh",
+            "-c",
+            "touch /t/f && chmod 4755 /t/f; chmod 2755 /t/f; echo done",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let mode = fs::metadata(theirs.join("f")).expect("f").mode();
+    assert_eq!(
+        mode & 0o6000,
+        0,
+        "set-id file on an idmapped mount: {mode:o}"
+    );
+    let _ = fs::remove_dir_all(&theirs);
+    // Without the default seccomp profile, or with CAP_FSETID or CAP_SETFCAP: refused.
+    for extra in [
+        ["--seccomp", "unconfined"],
+        ["--cap-add", "FSETID"],
+        ["--cap-add", "SETFCAP"],
+    ] {
         let mut a = vec!["run", extra[0], extra[1]];
         a.extend(["--workspace", w, "--workspace-access", "rw", "--", "true"]);
         let o = run(root_mode, &a);
@@ -359,6 +447,9 @@ fn exit_codes() {
             &["run", "--user", "root:x", "--", "true"],
             &["run", "--lang", "cobol", "--code", "x"],
             &["run", "--mount", "/nonexistent-nct:/x", "--", "true"],
+            &["run", "--workdir", "/nonexistent-nct", "--", "true"],
+            &["run", "--cpus", "-1", "--", "true"],
+            &["run", "--cpus", "0.001", "--", "true"],
         ] {
             let o = run(m, bad);
             let err = text(&o.stderr);
@@ -906,6 +997,26 @@ fn pids_limit() {
             "[{}] 10 processes under --pids 64: {v}",
             m.name
         );
+        // --pids N is N tasks for the command (nanoclaw's init is not one).
+        ok_out(m, &["run", "--pids", "1", "--", "true"]);
+        let v = json(
+            m,
+            &[
+                "--pids",
+                "2",
+                "--",
+                "python3",
+                "-c",
+                FORKS,
+                "1",
+                &unique("pids-2"),
+            ],
+        );
+        assert!(
+            v["killed_by"].is_null() && v["stdout"].as_str().unwrap_or("").contains("forked 1"),
+            "[{}] the command and one child under --pids 2: {v}",
+            m.name
+        );
     }
 }
 
@@ -938,6 +1049,19 @@ fn cpu_limit_visible_in_cpu_ms() {
         assert!(
             dq >= cq * 3,
             "[{}] --cpus 0.25: {cq} ms cpu in only {dq} ms wall",
+            m.name
+        );
+        // A command killed by its timeout: its cpu time still counts (it is
+        // never reaped by init, so init's rusage alone would say ~0).
+        let v = json(
+            m,
+            &["--timeout", "1s", "--", "python3", "-c", "while True: pass"],
+        );
+        assert_eq!(v["killed_by"], "timeout", "[{}] {v}", m.name);
+        let c = v["cpu_ms"].as_u64().expect("cpu_ms");
+        assert!(
+            c >= 200,
+            "[{}] a 1 s busy loop killed at its timeout: cpu_ms {c}",
             m.name
         );
     }

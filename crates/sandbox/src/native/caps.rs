@@ -68,7 +68,7 @@ const CAPS: [(&str, Verdict); 41] = [
     ("LEASE", Refused("takes leases on files it did not create, e.g. a read-only workspace, stalling host writers for the lease-break time")),
     ("AUDIT_WRITE", Allowed("write to the audit log (needed by some login and package tools); the audit socket only exists in the host network namespace")),
     ("AUDIT_CONTROL", Refused("changes the host's audit rules and can switch auditing off")),
-    ("SETFCAP", Allowed("set file capabilities; they are namespaced to the sandbox and ignored on its nosuid mounts")),
+    ("SETFCAP", Allowed("set file capabilities; they are namespaced to the sandbox and ignored on its nosuid mounts (refused with a read-write mount of a root-owned directory, where they would count as root's on the host)")),
     ("MAC_OVERRIDE", Refused("overrides mandatory access control (AppArmor, SELinux, Smack)")),
     ("MAC_ADMIN", Refused("reconfigures mandatory access control policy (AppArmor, SELinux, Smack)")),
     ("SYSLOG", Refused("reads and clears the kernel log and exposes kernel addresses, defeating KASLR")),
@@ -92,6 +92,8 @@ impl Cap {
     pub const FOWNER: Cap = Cap(3);
     /// CAP_FSETID.
     pub const FSETID: Cap = Cap(4);
+    /// CAP_SETFCAP.
+    pub const SETFCAP: Cap = Cap(31);
     /// CAP_SETGID.
     pub const SETGID: Cap = Cap(6);
     /// CAP_SETUID.

@@ -892,7 +892,9 @@ fn make(
         }
     }
     if let (Some(d), Some(pids)) = (cg.dir(Controller::Pids), limits.pids) {
-        write_limit(&d.path, "pids.max", &pids.to_string())?;
+        // `--pids N` is N tasks for the command; the sandbox's own init is
+        // one more task in the same cgroup.
+        write_limit(&d.path, "pids.max", &(pids + 1).to_string())?;
     }
     Ok((cg, degraded))
 }
@@ -1814,7 +1816,10 @@ mod tests {
         let ev = cg.events();
         assert!(ev.pids_max_hits > 0, "no refused fork counted: {ev:?}");
         let n = cg.procs().len();
-        assert!((1..=8).contains(&n), "{n} processes in a pids=8 cgroup");
+        assert!(
+            (1..=9).contains(&n),
+            "{n} processes in a pids=8 (+1 for init) cgroup"
+        );
         cg.kill_all();
         // The shell itself either died of its failed fork or is killed.
         let _ = child.wait().expect("wait");

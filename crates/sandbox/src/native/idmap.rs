@@ -9,7 +9,9 @@
 
 use std::fs::Metadata;
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use super::{sys, ROOTFUL_ID_BASE};
 use crate::Error;
@@ -106,4 +108,58 @@ fn userns_fd(uid_map: &str, gid_map: &str) -> Result<RawFd, Error> {
         call: "setting up the id mapping of an idmapped mount".into(),
         source: e,
     })
+}
+
+/// The first file under the directory `src_fd` (an `O_PATH` descriptor)
+/// that carries privilege: set-user-ID, set-group-ID with group execute, or
+/// a `security.capability` attribute. Symlinks are not followed and other
+/// filesystems (invisible through the sandbox's non-recursive bind) are
+/// skipped. Returned as a path relative to the source.
+///
+/// A root-owned read-write mount needs this: the kernel clears set-id bits
+/// and file capabilities when the sandbox `write`s such a file, but not
+/// when it writes through a shared `mmap`, so an existing setuid-root file
+/// would keep its bit with the sandbox's code in it.
+pub(crate) fn find_privileged_file(src_fd: RawFd) -> std::io::Result<Option<PathBuf>> {
+    let root = PathBuf::from(format!("/proc/self/fd/{src_fd}"));
+    let dev = std::fs::metadata(&root)?.dev();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in std::fs::read_dir(root.join(&rel))? {
+            let e = e?;
+            let md = e.metadata()?; // lstat: symlinks are not followed
+            let rel = rel.join(e.file_name());
+            if md.dev() != dev {
+                continue;
+            }
+            let ft = md.file_type();
+            if ft.is_dir() {
+                dirs.push(rel);
+            } else if ft.is_file() {
+                let mode = md.mode();
+                let setgid_exec = mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0;
+                if mode & libc::S_ISUID != 0 || setgid_exec || has_file_caps(&root.join(&rel)) {
+                    return Ok(Some(rel));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn has_file_caps(path: &Path) -> bool {
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated; a null buffer with size 0
+    // only asks for the attribute's size.
+    let r = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            c"security.capability".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    r >= 0
 }

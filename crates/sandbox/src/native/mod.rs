@@ -153,6 +153,11 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), Error> {
                 "--cpus must be a positive number such as 0.5 or 2, got {c}"
             )));
         }
+        if c < 0.01 {
+            return Err(Error::InvalidSpec(format!(
+                "--cpus {c} is below 0.01, the smallest quota the kernel enforces (1 ms per 100 ms); use at least 0.01"
+            )));
+        }
     }
     if l.pids == Some(0) {
         return Err(Error::InvalidSpec(
@@ -250,6 +255,28 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
                 None
             }
             Some(RwOwnership::Idmap | RwOwnership::IdmapRoot) => {
+                if matches!(rw, Some(RwOwnership::IdmapRoot)) {
+                    let found = idmap::find_privileged_file(fd);
+                    if !matches!(found, Ok(None)) {
+                        sys::close(fd);
+                        return Err(Error::InvalidSpec(match found {
+                            Ok(Some(f)) => format!(
+                                "{} is owned by root and holds {}, a set-id or file-capability program: \
+                                 the sandbox could rewrite it (through mmap) and keep its privilege; \
+                                 remove that file or its set-id bits, chown the directory to an unprivileged user, \
+                                 or mount it ro",
+                                m.source.display(),
+                                f.display()
+                            ),
+                            Err(e) => format!(
+                                "{} is owned by root and could not be checked for set-id programs ({e}); \
+                                 chown it to an unprivileged user or mount it ro",
+                                m.source.display()
+                            ),
+                            Ok(None) => unreachable!(),
+                        }));
+                    }
+                }
                 match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -267,7 +294,7 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
             target,
             access: m.access,
             idmapped_fd,
-            writes_as_host_root: matches!(rw, Some(RwOwnership::IdmapRoot)),
+            no_setid_files: matches!(rw, Some(RwOwnership::Idmap | RwOwnership::IdmapRoot)),
         });
     }
     // Mount parents before children.
@@ -319,15 +346,22 @@ fn rw_ownership(
             "drop --seccomp",
         );
     }
-    if spec
-        .hardening
-        .cap_add
-        .iter()
-        .any(|c| caps::parse_cap(c).is_ok_and(|c| c == caps::Cap::FSETID))
-    {
+    let has = |cap| {
+        spec.hardening
+            .cap_add
+            .iter()
+            .any(|c| caps::parse_cap(c).is_ok_and(|c| c == cap))
+    };
+    if has(caps::Cap::FSETID) {
         return refuse(
             "CAP_FSETID would keep set-id bits on files the sandbox rewrites there",
             "drop --cap-add FSETID",
+        );
+    }
+    if has(caps::Cap::SETFCAP) {
+        return refuse(
+            "CAP_SETFCAP would let it attach file capabilities that count as root's on the host",
+            "drop --cap-add SETFCAP",
         );
     }
     Ok(RwOwnership::IdmapRoot)
@@ -372,7 +406,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         Seccomp::Default => {
             let extras = seccomp::DefaultExtras {
                 no_memfd: !spec.hardening.exec_allow.is_empty(),
-                no_setid_files: mounts.iter().any(|m| m.writes_as_host_root),
+                no_setid_files: mounts.iter().any(|m| m.no_setid_files),
             };
             layers.seccomp = extras.describe();
             Some(seccomp::default_filter_with(extras).map_err(|e| {
@@ -746,6 +780,20 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                     .unwrap_or_else(|| "building the filesystem".into()),
                 source: std::io::Error::from_raw_os_error(r.errno),
             }),
+            Some(child::Step::Workdir) => Some(Error::InvalidSpec(format!(
+                "--workdir {}: {} inside the sandbox; pick a directory that exists there \
+                 (for example /tmp, or /workspace with --workspace)",
+                workdir.display(),
+                std::io::Error::from_raw_os_error(r.errno)
+            ))),
+            Some(child::Step::ForkPayload) if r.errno == libc::EAGAIN => {
+                Some(Error::InvalidSpec(format!(
+                    "the command could not be started: {}; the task limit is reached \
+                     (--pids{}): raise it",
+                    std::io::Error::from_raw_os_error(r.errno),
+                    if rootful { "" } else { ", or this user's RLIMIT_NPROC" }
+                )))
+            }
             Some(step) => Some(Error::Setup {
                 step: step.name().into(),
                 source: std::io::Error::from_raw_os_error(r.errno),

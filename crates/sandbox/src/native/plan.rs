@@ -158,9 +158,10 @@ pub(crate) struct UserMount {
     pub access: Access,
     /// A detached idmapped copy of the source (rootful rw mounts).
     pub idmapped_fd: Option<i32>,
-    /// A rootful rw mount of a root-owned source: the sandbox's writes
-    /// there land as the host's root (see `RwOwnership::IdmapRoot`).
-    pub writes_as_host_root: bool,
+    /// A rootful rw idmapped mount: the sandbox's writes there land as a
+    /// real host user (root, for a root-owned source), so with the default
+    /// seccomp profile the sandbox may not create set-id files at all.
+    pub no_setid_files: bool,
 }
 
 /// The whole filesystem plan.

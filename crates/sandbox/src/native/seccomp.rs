@@ -136,8 +136,9 @@ pub struct DefaultExtras {
     /// Refuse creating set-user-ID or set-group-ID files (EPERM): `chmod`
     /// family, `open`/`openat`/`creat`, `mknod`/`mknodat` with S_ISUID or
     /// S_ISGID in the mode, and `openat2` (its mode is out of a filter's
-    /// reach; ENOSYS, so callers fall back to `openat`). For sandboxes that
-    /// write to a root-owned host directory as the host's root.
+    /// reach; ENOSYS, so callers fall back to `openat`). For sandboxes with
+    /// a rootful read-write idmapped mount, whose files land on the host as
+    /// a real host user (root, for a root-owned directory).
     pub no_setid_files: bool,
 }
 
@@ -149,7 +150,7 @@ impl DefaultExtras {
             s.push_str(", no memfd_create (exec allowlist)");
         }
         if self.no_setid_files {
-            s.push_str(", no set-id files (read-write mount of a root-owned directory)");
+            s.push_str(", no set-id files (read-write idmapped mount)");
         }
         s
     }
@@ -185,7 +186,7 @@ pub fn default_filter_with(extras: DefaultExtras) -> Result<Filter, ProfileError
         for (names, index) in with_mode {
             for bit in [libc::S_ISUID, libc::S_ISGID] {
                 extra.push(serde_json::json!({
-                    "comment": "a root-owned read-write mount: no set-id files",
+                    "comment": "a read-write idmapped mount: no set-id files on the host",
                     "names": names,
                     "action": "SCMP_ACT_ERRNO",
                     "errnoRet": 1,

@@ -286,9 +286,16 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     // A signal the runner received and turned into a kill (SIGINT, ...).
     let mut runner_signal: Option<i32> = None;
     let mut next_events = Instant::now() + EVENT_POLL;
+    // The cpu time of every process in the sandbox, read just before the
+    // first kill: killed processes are never reaped by init, so their time
+    // would be missing from init's rusage.
+    let cpu_at_kill: std::cell::Cell<Option<Duration>> = std::cell::Cell::new(None);
     let kill_now = |sb: &Sandbox, why: KillReason, killed_by: &mut Option<KillReason>| {
         if killed_by.is_none() {
             *killed_by = Some(why);
+            if let Some(cg) = &sb.cgroup {
+                cpu_at_kill.set(Some(cpu_of(&cg.procs())));
+            }
         }
         let _ = sys::kill(sb.pid, libc::SIGKILL);
     };
@@ -453,7 +460,9 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         (ru.ru_utime.tv_sec as u64 * 1_000_000 + ru.ru_utime.tv_usec as u64)
             + (ru.ru_stime.tv_sec as u64 * 1_000_000 + ru.ru_stime.tv_usec as u64),
     );
-    let cpu_time = cpu.unwrap_or(rusage_cpu);
+    let cpu_time = cpu
+        .unwrap_or(rusage_cpu)
+        .max(cpu_at_kill.get().unwrap_or_default());
     let peak_memory_bytes = peak.or(Some(ru.ru_maxrss as u64 * 1024));
 
     // What happened to the payload: its own status when init reported it,
@@ -500,4 +509,34 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     };
     release(&mut sb);
     Ok(outcome)
+}
+
+/// The cpu time (user + system) of `pids` and of the children each has
+/// reaped, from `/proc/PID/stat` (fields 14-17, in clock ticks). Every
+/// process that ever ran in a sandbox is counted once: alive, or in the
+/// `cutime`/`cstime` of whoever reaped it.
+fn cpu_of(pids: &[libc::pid_t]) -> Duration {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as u64,
+        _ => 100,
+    };
+    let mut ticks = 0u64;
+    for pid in pids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name (in parentheses, may contain spaces) comes
+        // field 3; fields 14-17 are utime, stime, cutime, cstime.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        ticks += rest
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Duration::from_millis(ticks * 1000 / hz)
 }
