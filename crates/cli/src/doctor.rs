@@ -21,6 +21,9 @@ struct Check {
     detail: String,
     /// What a run gets (or loses) because of it.
     effect: String,
+    /// Machine-readable details (`--json` only), e.g. the cgroup probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<serde_json::Value>,
 }
 
 fn read(p: &str) -> Option<String> {
@@ -47,6 +50,7 @@ fn checks() -> Vec<Check> {
         } else {
             "the sandbox user maps to your own uid; cgroup limits need delegation".into()
         },
+        data: None,
     });
 
     let max_userns = read("/proc/sys/user/max_user_namespaces").unwrap_or_default();
@@ -67,15 +71,49 @@ fn checks() -> Vec<Check> {
         } else {
             "sandboxes cannot start: enable the sysctl named above, or run as root".into()
         },
+        data: None,
     });
 
     let cg = nanoclaw_sandbox::native::cgroup::probe();
-    let cg_json = serde_json::to_string(&cg).unwrap_or_default();
+    let per_controller: Vec<String> = cg
+        .controllers
+        .iter()
+        .map(|c| match (&c.version, c.usable, &c.why) {
+            (Some(v), true, _) => format!(
+                "{} {} ({})",
+                c.name,
+                format!("{v:?}").to_lowercase(),
+                c.parent.as_deref().unwrap_or(Path::new("?")).display()
+            ),
+            (_, false, why) => format!(
+                "{} unusable: {}{}",
+                c.name,
+                why.as_deref().unwrap_or("not offered by the kernel"),
+                c.fix
+                    .as_deref()
+                    .map(|f| format!(" (fix: {f})"))
+                    .unwrap_or_default()
+            ),
+            (None, true, _) => format!("{} ?", c.name),
+        })
+        .collect();
     v.push(Check {
         name: "cgroups",
-        ok: true,
-        detail: cg_json,
-        effect: "memory, cpu and pids limits use these controllers; a missing one is enforced by an rlimit or refused when asked for explicitly".into(),
+        ok: cg.can_limit_all,
+        detail: format!(
+            "{}{}",
+            cg.mode,
+            cg.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_else(|| format!(": {}", per_controller.join("; ")))
+        ),
+        effect: if cg.can_limit_all {
+            "memory, cpu and pids limits are enforced by these controllers".into()
+        } else {
+            "not every limit can be enforced: a default limit falls back to an rlimit (memory, pids) or is dropped (cpus), with a warning on every run; an explicit one (--memory, --cpus, --pids) is refused (125)".into()
+        },
+        data: serde_json::to_value(&cg).ok(),
     });
 
     let seccomp = read("/proc/self/status")
@@ -95,6 +133,7 @@ fn checks() -> Vec<Check> {
         } else {
             "sandboxes cannot be started safely: the kernel lacks CONFIG_SECCOMP_FILTER".into()
         },
+        data: None,
     });
 
     let ll = nanoclaw_sandbox::native::landlock::abi_version();
@@ -112,6 +151,7 @@ fn checks() -> Vec<Check> {
             Some(_) => "write/exec rules (no IPC scoping on this ABI)".into(),
             None => "no Landlock defence in depth; --exec-allow is refused".into(),
         },
+        data: None,
     });
 
     let fs = read("/proc/filesystems").unwrap_or_default();
@@ -125,6 +165,7 @@ fn checks() -> Vec<Check> {
             "missing (module not loaded?)".into()
         },
         effect: "image roots are stacked with overlayfs".into(),
+        data: None,
     });
     let kvm = Path::new("/dev/kvm").exists();
     v.push(Check {
@@ -136,17 +177,19 @@ fn checks() -> Vec<Check> {
             "/dev/kvm absent".into()
         },
         effect: "a micro-VM backend would need it".into(),
+        data: None,
     });
-    let nft = Path::new("/sys/module/nf_tables").exists() || fs.contains("nf_tables");
+    let nft = nanoclaw_net::kernel::nftables_available();
     v.push(Check {
         name: "nftables",
-        ok: nft,
-        detail: if nft {
-            "nf_tables loaded".into()
-        } else {
-            "nf_tables module not loaded".into()
+        ok: matches!(nft, Ok(true)),
+        detail: match &nft {
+            Ok(true) => "nf_tables answers (netlink)".into(),
+            Ok(false) => "the kernel has no nf_tables (CONFIG_NF_TABLES)".into(),
+            Err(e) => format!("not checked: {e}"),
         },
-        effect: "kernel-level egress rules (rootful network allowlists)".into(),
+        effect: "kernel-level egress rules (--network kernel, rootful); the proxy allowlist works without it".into(),
+        data: None,
     });
     v
 }

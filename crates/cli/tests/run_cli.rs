@@ -1861,3 +1861,67 @@ fn signals_ignored_by_the_caller_are_default_in_the_sandbox() {
         );
     }
 }
+
+#[test]
+fn doctor_reports_the_host_and_json_parses() {
+    let _g = shared();
+    for m in modes("doctor") {
+        let out = ok_out(m, &["doctor", "--json"]);
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("[{}] doctor --json is not JSON ({e}): {out}", m.name));
+        let checks = v.as_array().expect("an array of checks");
+        let get = |name: &str| {
+            checks
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("[{}] no {name} check: {out}", m.name))
+        };
+        for name in [
+            "mode",
+            "user namespaces",
+            "cgroups",
+            "seccomp",
+            "landlock",
+            "overlayfs",
+            "kvm",
+            "nftables",
+        ] {
+            let c = get(name);
+            assert!(c["ok"].is_boolean(), "[{}] {name}: {c}", m.name);
+            assert!(
+                c["detail"].as_str().is_some_and(|d| !d.is_empty()),
+                "[{}] {name}: {c}",
+                m.name
+            );
+        }
+        let mode = get("mode")["detail"].as_str().unwrap_or("").to_string();
+        let want = if m.user.is_some() || !is_root() {
+            "rootless"
+        } else {
+            "rootful"
+        };
+        assert!(mode.starts_with(want), "[{}] mode: {mode}", m.name);
+        // What every test here relies on: user namespaces and seccomp.
+        assert_eq!(get("user namespaces")["ok"], true, "[{}]", m.name);
+        assert_eq!(get("seccomp")["ok"], true, "[{}]", m.name);
+        // The cgroup probe is structured, and agrees with its verdict.
+        let cg = get("cgroups");
+        assert_eq!(
+            cg["ok"], cg["data"]["can_limit_all"],
+            "[{}] cgroups: {cg}",
+            m.name
+        );
+        assert!(
+            cg["data"]["controllers"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            "[{}] cgroups: {cg}",
+            m.name
+        );
+        // The text form says the same, a line per check.
+        let text_out = ok_out(m, &["doctor"]);
+        for name in ["cgroups", "seccomp", "landlock"] {
+            assert!(text_out.contains(name), "[{}] doctor: {text_out}", m.name);
+        }
+    }
+}

@@ -1004,6 +1004,30 @@ impl Drop for KernelEgress {
     }
 }
 
+/// Whether this kernel's nf_tables answers (what `--network kernel`
+/// needs): asks it to delete a table that does not exist. "No such table"
+/// means nf_tables is there (built in or loaded on demand); "protocol not
+/// supported" means it is not. Needs root (nfnetlink wants CAP_NET_ADMIN).
+pub fn nftables_available() -> Result<bool, KernelError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(KernelError::NotRoot);
+    }
+    let mut nft = Nft::open().map_err(io_err("opening nfnetlink"))?;
+    match nft.delete("nanoclaw-probe-absent") {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno == libc::ENOENT => Ok(true),
+        Err(e) if e.errno == libc::EPROTONOSUPPORT || e.errno == libc::EOPNOTSUPP => Ok(false),
+        Err(e) => Err(KernelError::Io {
+            what: format!(
+                "probing nf_tables{}",
+                e.msg.map(|m| format!(" ({m})")).unwrap_or_default()
+            ),
+            source: io::Error::from_raw_os_error(e.errno),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
