@@ -613,6 +613,26 @@ fn workdir_and_user() {
             "[{}]",
             m.name
         );
+        // Names (and $USER) as a user expects them.
+        for (user, want) in [
+            ("0", "root root root"),
+            ("1000", "sandbox sandbox sandbox"),
+            ("65534:65534", "nobody nobody nogroup"),
+        ] {
+            let o = ok_out(
+                m,
+                &[
+                    "run",
+                    "--user",
+                    user,
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $USER $(id -un) $(id -gn)",
+                ],
+            );
+            assert_eq!(o.trim(), want, "[{}] --user {user}", m.name);
+        }
     }
 }
 

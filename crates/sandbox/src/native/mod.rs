@@ -973,9 +973,7 @@ fn command_line(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Result<Co
         ("LANG".into(), "C.UTF-8".into()),
         ("HOSTNAME".into(), spec.hostname.clone()),
     ];
-    if spec.user.uid != 0 {
-        env.push(("USER".into(), "sandbox".into()));
-    }
+    env.push(("USER".into(), plan::user_name(spec.user.uid).into()));
     for (k, v) in extra_env.iter().chain(&spec.env) {
         match env.iter_mut().find(|(ek, _)| ek == k) {
             Some(e) => e.1 = v.clone(),

@@ -292,10 +292,22 @@ pub(crate) struct LayerFd {
     pub dev_ino: (u64, u64),
 }
 
+/// The uid and gid of `nobody` / `nogroup`, which keep their own names.
+pub(crate) const NOBODY: u32 = 65534;
+
+/// The user name the synthetic `/etc/passwd` gives `uid`.
+pub(crate) fn user_name(uid: u32) -> &'static str {
+    match uid {
+        0 => "root",
+        NOBODY => "nobody",
+        _ => "sandbox",
+    }
+}
+
 /// Contents of the synthetic `/etc/passwd`.
 pub(crate) fn passwd(uid: u32, gid: u32) -> String {
     let mut s = String::from("root:x:0:0:root:/root:/bin/sh\n");
-    if uid != 0 {
+    if uid != 0 && uid != NOBODY {
         s.push_str(&format!("sandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n"));
     }
     s.push_str("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
@@ -305,7 +317,7 @@ pub(crate) fn passwd(uid: u32, gid: u32) -> String {
 /// Contents of the synthetic `/etc/group`.
 pub(crate) fn group(gid: u32) -> String {
     let mut s = String::from("root:x:0:\n");
-    if gid != 0 {
+    if gid != 0 && gid != NOBODY {
         s.push_str(&format!("sandbox:x:{gid}:\n"));
     }
     s.push_str("nogroup:x:65534:\n");
