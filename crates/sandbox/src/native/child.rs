@@ -7,7 +7,6 @@
 
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::plan::Op;
 use super::sys;
@@ -297,9 +296,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // process makes it, brings up its loopback (and the proxy's listener)
     // while we build the root, and we join it before mounting sysfs.
     let net_by_helper = plan.unshare & libc::CLONE_NEWNET != 0;
-    if net_by_helper {
-        start_net_helper(plan);
-    }
+    let mut net_helper = net_by_helper.then(|| NetHelper::start(plan));
     // SAFETY: unshare with namespace flags has no memory-safety requirements.
     if unsafe { libc::unshare(plan.unshare & !libc::CLONE_NEWNET) } != 0 {
         fail(plan.err_w, Step::Unshare, 0, sys::errno());
@@ -341,8 +338,10 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         // wires a veth into it).
         network_setup(plan);
     }
-    build_root(plan);
-    join_net_helper(plan);
+    build_root(plan, &mut net_helper);
+    if let Some(h) = net_helper {
+        h.join(plan);
+    }
 
     // The runner makes the sandbox's cgroup and moves us into it while we
     // build the root (a cgroup v1 migration waits for an RCU grace period);
@@ -410,76 +409,71 @@ fn network_setup(plan: &ChildPlan) {
     }
 }
 
-/// The network helper's pid (0: none running) and the descriptor slot its
-/// namespace lands in. The child is single-threaded; atomics only make the
-/// statics safe to touch.
-static NET_HELPER: AtomicI32 = AtomicI32::new(0);
-static NET_FD: AtomicI32 = AtomicI32::new(-1);
-
-/// Forks a helper that shares our descriptor table (CLONE_FILES): it makes
+/// A helper process sharing our descriptor table (CLONE_FILES) that makes
 /// the sandbox's network namespace (owned by the sandbox's user namespace,
 /// where it holds every capability, as we do), sets it up, and leaves a
-/// descriptor of it in a slot reserved here.
-fn start_net_helper(plan: &ChildPlan) {
-    let slot = match sys::open(c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC) {
-        Ok(fd) => fd,
-        Err(e) => fail(plan.err_w, Step::Unshare, 1, e.raw_os_error().unwrap_or(0)),
-    };
-    let pid = match sys::clone_fork(libc::CLONE_FILES as libc::c_ulong) {
-        Ok(p) => p,
-        Err(e) => fail(plan.err_w, Step::Unshare, 2, e.raw_os_error().unwrap_or(0)),
-    };
-    if pid == 0 {
-        // SAFETY: unshare with a namespace flag has no memory-safety requirements.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            fail(plan.err_w, Step::Unshare, 3, sys::errno());
-        }
-        network_setup(plan);
-        let ns = match sys::open(
-            c"/proc/thread-self/ns/net",
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        ) {
-            Ok(fd) => fd,
-            Err(e) => fail(plan.err_w, Step::Unshare, 4, e.raw_os_error().unwrap_or(0)),
-        };
-        // SAFETY: dup3 of two descriptors of this (shared) table.
-        if unsafe { libc::dup3(ns, slot, libc::O_CLOEXEC) } < 0 {
-            fail(plan.err_w, Step::Unshare, 5, sys::errno());
-        }
-        sys::close(ns);
-        sys::exit_now(0);
-    }
-    NET_HELPER.store(pid, Ordering::Relaxed);
-    NET_FD.store(slot, Ordering::Relaxed);
+/// descriptor of it in `slot`, reserved before the fork.
+struct NetHelper {
+    pid: libc::pid_t,
+    slot: RawFd,
 }
 
-/// Waits for the network helper and joins the namespace it made. A helper
-/// that failed has already written its report; we just end.
-fn join_net_helper(plan: &ChildPlan) {
-    let pid = NET_HELPER.swap(0, Ordering::Relaxed);
-    if pid == 0 {
-        return;
-    }
-    let fd = NET_FD.swap(-1, Ordering::Relaxed);
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+impl NetHelper {
+    fn start(plan: &ChildPlan) -> NetHelper {
+        let slot = match sys::open(c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) => fail(plan.err_w, Step::Unshare, 1, e.raw_os_error().unwrap_or(0)),
+        };
+        let pid = match sys::clone_fork(libc::CLONE_FILES as libc::c_ulong) {
+            Ok(p) => p,
+            Err(e) => fail(plan.err_w, Step::Unshare, 2, e.raw_os_error().unwrap_or(0)),
+        };
+        if pid == 0 {
+            // SAFETY: unshare with a namespace flag has no memory-safety requirements.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                fail(plan.err_w, Step::Unshare, 3, sys::errno());
+            }
+            network_setup(plan);
+            let ns = match sys::open(
+                c"/proc/thread-self/ns/net",
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            ) {
+                Ok(fd) => fd,
+                Err(e) => fail(plan.err_w, Step::Unshare, 4, e.raw_os_error().unwrap_or(0)),
+            };
+            // SAFETY: dup3 of two descriptors of this (shared) table.
+            if unsafe { libc::dup3(ns, slot, libc::O_CLOEXEC) } < 0 {
+                fail(plan.err_w, Step::Unshare, 5, sys::errno());
+            }
+            sys::close(ns);
+            sys::exit_now(0);
         }
-        if r < 0 && sys::errno() != libc::EINTR {
-            fail(plan.err_w, Step::Unshare, 6, sys::errno());
+        NetHelper { pid, slot }
+    }
+
+    /// Waits for the helper and joins the namespace it made. A helper that
+    /// failed has already written its report; we just end.
+    fn join(self, plan: &ChildPlan) {
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for our own child with a valid status pointer.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                break;
+            }
+            if r < 0 && sys::errno() != libc::EINTR {
+                fail(plan.err_w, Step::Unshare, 6, sys::errno());
+            }
         }
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            sys::exit_now(125);
+        }
+        // SAFETY: setns on a namespace descriptor we hold.
+        if unsafe { libc::setns(self.slot, libc::CLONE_NEWNET) } != 0 {
+            fail(plan.err_w, Step::Unshare, 7, sys::errno());
+        }
+        sys::close(self.slot);
     }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        sys::exit_now(125);
-    }
-    // SAFETY: setns on a namespace descriptor we hold.
-    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-        fail(plan.err_w, Step::Unshare, 7, sys::errno());
-    }
-    sys::close(fd);
 }
 
 /// Closes every descriptor from 3 up except those in `keep` (sorted).
@@ -567,21 +561,13 @@ pub(crate) fn host_string_ranges() -> Vec<(usize, usize)> {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return Vec::new();
     };
-    // Fields after the command name, which is in parentheses and may
-    // contain spaces.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return Vec::new();
-    };
-    let f: Vec<usize> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // rest starts at field 3; field N is f[N - 3].
-    let get = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let get = |n: usize| sys::stat_field(&stat, n).unwrap_or(0) as usize;
     vec![(get(48), get(49)), (get(50), get(51))]
 }
 
-fn build_root(plan: &ChildPlan) {
+/// Builds the sandbox's root; joins the network namespace `net_helper`
+/// makes (if any) before mounting sysfs.
+fn build_root(plan: &ChildPlan, net_helper: &mut Option<NetHelper>) {
     tryc!(
         plan,
         Step::MountPrivate,
@@ -591,7 +577,9 @@ fn build_root(plan: &ChildPlan) {
         // sysfs may only be mounted from inside the sandbox's own network
         // namespace (it shows that namespace's devices).
         if matches!(op, Op::Fs { fstype, .. } if *fstype == c"sysfs") {
-            join_net_helper(plan);
+            if let Some(h) = net_helper.take() {
+                h.join(plan);
+            }
         }
         if let Err(e) = run_op(op, plan.check_symlinks) {
             fail(
@@ -1103,6 +1091,21 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let st = "42 (a) b (c) S 1 2 3 4 5 6 7 8 9 10 11 12\n";
+        assert_eq!(sys::stat_field(st, 4), Some(1));
+        assert_eq!(sys::stat_field(st, 14), Some(11));
+        assert_eq!(sys::stat_field(st, 3), None); // "S" is not a number
+        assert_eq!(sys::stat_field(st, 40), None);
+        assert_eq!(sys::stat_field("no parenthesis 1 2", 3), None);
+        let me = std::fs::read_to_string("/proc/self/stat").expect("stat");
+        assert_eq!(
+            sys::stat_field(&me, 4),
+            Some(std::os::unix::process::parent_id() as u64)
+        );
+    }
 
     #[test]
     fn sig_ign_is_parsed_from_proc_status() {

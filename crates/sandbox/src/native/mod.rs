@@ -217,7 +217,11 @@ fn getegid() -> u32 {
 }
 
 /// Opens and checks the workspace and user mounts.
-fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, Error> {
+fn resolve_mounts(
+    spec: &SandboxSpec,
+    rootful: bool,
+    caps: &[caps::Cap],
+) -> Result<Vec<UserMount>, Error> {
     let mut out: Vec<UserMount> = Vec::new();
     for m in &spec.mounts {
         let target = plan::normalize_target(&m.target)?;
@@ -238,7 +242,7 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
         let md = std::fs::metadata(format!("/proc/self/fd/{fd}"))
             .map_err(|e| Error::InvalidSpec(format!("mount source {}: {e}", m.source.display())))?;
         let rw = if rootful && m.access == Access::Rw {
-            match rw_ownership(spec, &m.source, &md) {
+            match rw_ownership(spec, caps, &m.source, fd, &md) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     sys::close(fd);
@@ -255,28 +259,6 @@ fn resolve_mounts(spec: &SandboxSpec, rootful: bool) -> Result<Vec<UserMount>, E
                 None
             }
             Some(RwOwnership::Idmap | RwOwnership::IdmapRoot) => {
-                if matches!(rw, Some(RwOwnership::IdmapRoot)) {
-                    let found = idmap::find_privileged_file(fd);
-                    if !matches!(found, Ok(None)) {
-                        sys::close(fd);
-                        return Err(Error::InvalidSpec(match found {
-                            Ok(Some(f)) => format!(
-                                "{} is owned by root and holds {}, a set-id or file-capability program: \
-                                 the sandbox could rewrite it (through mmap) and keep its privilege; \
-                                 remove that file or its set-id bits, chown the directory to an unprivileged user, \
-                                 or mount it ro",
-                                m.source.display(),
-                                f.display()
-                            ),
-                            Err(e) => format!(
-                                "{} is owned by root and could not be checked for set-id programs ({e}); \
-                                 chown it to an unprivileged user or mount it ro",
-                                m.source.display()
-                            ),
-                            Ok(None) => unreachable!(),
-                        }));
-                    }
-                }
                 match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
                     Ok(t) => Some(t),
                     Err(e) => {
@@ -316,15 +298,20 @@ enum RwOwnership {
     /// on the host, as they would had root written them. Allowed only with
     /// the default seccomp profile, which then also refuses creating
     /// set-user-ID and set-group-ID files (else the sandbox could plant a
-    /// setuid-root program on the host), and without CAP_FSETID (which would
-    /// keep an existing file's set-id bits across the sandbox's writes).
+    /// setuid-root program on the host), without CAP_FSETID (which would
+    /// keep an existing file's set-id bits across the sandbox's writes) or
+    /// CAP_SETFCAP (file capabilities there would count as root's), and
+    /// when the source holds no set-id or file-capability program yet.
     IdmapRoot,
 }
 
-/// Decides how a rootful rw mount may be written (see [`RwOwnership`]).
+/// Decides how a rootful rw mount of `source` (open as `fd`) may be
+/// written, given the capabilities the sandbox keeps (see [`RwOwnership`]).
 fn rw_ownership(
     spec: &SandboxSpec,
+    caps: &[caps::Cap],
     source: &Path,
+    fd: RawFd,
     md: &std::fs::Metadata,
 ) -> Result<RwOwnership, Error> {
     if md.uid() == ROOTFUL_ID_BASE + spec.user.uid {
@@ -333,7 +320,7 @@ fn rw_ownership(
     if md.uid() != 0 {
         return Ok(RwOwnership::Idmap);
     }
-    let refuse = |why: &str, fix: &str| {
+    let refuse = |why: String, fix: &str| {
         Err(Error::InvalidSpec(format!(
             "{} is owned by root, so the sandbox writes there as the host's root; {why}; {fix}, \
              chown the directory to an unprivileged user, or mount it ro",
@@ -342,29 +329,41 @@ fn rw_ownership(
     };
     if !matches!(spec.hardening.seccomp, Seccomp::Default) {
         return refuse(
-            "that needs the default seccomp profile, which refuses creating set-id files there",
+            "that needs the default seccomp profile, which refuses creating set-id files there"
+                .into(),
             "drop --seccomp",
         );
     }
-    let has = |cap| {
-        spec.hardening
-            .cap_add
-            .iter()
-            .any(|c| caps::parse_cap(c).is_ok_and(|c| c == cap))
-    };
-    if has(caps::Cap::FSETID) {
+    if caps.contains(&caps::Cap::FSETID) {
         return refuse(
-            "CAP_FSETID would keep set-id bits on files the sandbox rewrites there",
+            "CAP_FSETID would keep set-id bits on files the sandbox rewrites there".into(),
             "drop --cap-add FSETID",
         );
     }
-    if has(caps::Cap::SETFCAP) {
+    if caps.contains(&caps::Cap::SETFCAP) {
         return refuse(
-            "CAP_SETFCAP would let it attach file capabilities that count as root's on the host",
+            "CAP_SETFCAP would let it attach file capabilities that count as root's on the host"
+                .into(),
             "drop --cap-add SETFCAP",
         );
     }
-    Ok(RwOwnership::IdmapRoot)
+    // The kernel clears set-id bits and file capabilities when the sandbox
+    // write(2)s such a file, not when it writes through a shared mmap.
+    match idmap::find_privileged_file(fd) {
+        Ok(None) => Ok(RwOwnership::IdmapRoot),
+        Ok(Some(f)) => refuse(
+            format!(
+                "it holds {}, a set-id or file-capability program the sandbox could rewrite \
+                 (through mmap) keeping its privilege",
+                f.display()
+            ),
+            "remove that file or its set-id bits",
+        ),
+        Err(e) => refuse(
+            format!("it could not be checked for set-id programs ({e})"),
+            "fix that",
+        ),
+    }
 }
 
 /// Starts a sandbox for `spec`. The returned [`Sandbox`] must be passed to
@@ -395,7 +394,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
     let net_policy = network_policy(&spec.network)?;
     let kernel_rules = kernel_rules(&spec.network, rootful)?;
-    let mounts = resolve_mounts(spec, rootful)?;
+    let mounts = resolve_mounts(spec, rootful, &keep_caps)?;
     let mut guard = FdGuard(
         mounts
             .iter()

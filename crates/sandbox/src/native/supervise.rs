@@ -526,16 +526,9 @@ fn cpu_of(pids: &[libc::pid_t]) -> Duration {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        // After the command name (in parentheses, may contain spaces) comes
-        // field 3; fields 14-17 are utime, stime, cutime, cstime.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        ticks += rest
-            .split_whitespace()
-            .skip(11)
-            .take(4)
-            .filter_map(|f| f.parse::<u64>().ok())
+        // utime, stime, cutime, cstime.
+        ticks += (14..=17)
+            .filter_map(|n| sys::stat_field(&stat, n))
             .sum::<u64>();
     }
     Duration::from_millis(ticks * 1000 / hz)

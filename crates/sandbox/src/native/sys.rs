@@ -515,3 +515,11 @@ pub fn split_parent<'a>(
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     Ok((parent, name))
 }
+
+/// Numeric field `n` (numbered from 1 as in proc(5); `n >= 3`) of a
+/// `/proc/PID/stat` text. Fields are counted after the last `)`: the
+/// command name (field 2) may contain spaces and parentheses.
+pub fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
