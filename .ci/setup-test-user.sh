@@ -49,6 +49,17 @@ if ! runuser -u "$USER_NAME" -- unshare --user --map-root-user true; then
     exit 1
 fi
 
+# Delegate a cgroup v1 subtree per controller to the test user, as an
+# administrator would (`nanoclaw doctor` prints these commands): the rootless
+# tests of memory, cpu and pids limits need it. Tests of the undelegated path
+# point NANOCLAW_CGROUP_PARENT elsewhere. (Pure v2 hosts: .ci/cgroup-v2-vm.sh.)
+for c in cpu memory pids; do
+    if [[ -d "/sys/fs/cgroup/$c" ]] && grep -q " /sys/fs/cgroup/$c[, ]\| /sys/fs/cgroup/[a-z,]*$c[, ]" /proc/self/mountinfo; then
+        mkdir -p "/sys/fs/cgroup/$c/nanoclaw-$USER_ID"
+        chown -R "$USER_ID:$USER_ID" "/sys/fs/cgroup/$c/nanoclaw-$USER_ID"
+    fi
+done
+
 # Make build outputs reachable by the test user.
 for dir in "$@"; do
     [[ -d "$dir" ]] || continue

@@ -38,6 +38,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The sandbox's setup did not finish in time; it was killed.
+    #[error(
+        "sandbox setup did not finish within {}s and was stopped; the host may be \
+         overloaded or stalled (check `dmesg` and the load), then retry",
+        .0.as_secs()
+    )]
+    SetupTimeout(std::time::Duration),
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] crate::native::cgroup::CgroupError),

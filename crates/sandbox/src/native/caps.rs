@@ -417,13 +417,13 @@ fn prctl(
 /// failing call. Must run single-threaded (the calls act per thread).
 pub fn drop_privileges(uid: u32, gid: u32, keep: &[Cap]) -> Result<(), CapError> {
     let want = mask(keep);
-    let groups = [gid as libc::gid_t];
-    // SAFETY: one gid from a live stack array.
-    if unsafe { libc::setgroups(1, groups.as_ptr()) } != 0 && errno() != libc::EPERM {
+    // Raw syscalls, not glibc's wrappers: those wait for every thread the
+    // C library believes the process has, and a child cloned from a
+    // multithreaded runner has only one (see sys::setgroups_raw).
+    if super::sys::setgroups_raw(&[gid]).is_err() && errno() != libc::EPERM {
         return Err(sys_err("setgroups", ""));
     }
-    // SAFETY: plain syscall.
-    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+    if super::sys::setresgid_raw(gid).is_err() {
         return Err(sys_err(
             "setresgid",
             "; the gid must be mapped in the sandbox's user namespace (check --user and the gid map)",
@@ -452,8 +452,7 @@ pub fn drop_privileges(uid: u32, gid: u32, keep: &[Cap]) -> Result<(), CapError>
         0,
         "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
     )?;
-    // SAFETY: plain syscall.
-    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+    if super::sys::setresuid_raw(uid).is_err() {
         return Err(sys_err(
             "setresuid",
             "; the uid must be mapped in the sandbox's user namespace (check --user and the uid map)",

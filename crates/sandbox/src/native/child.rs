@@ -199,9 +199,8 @@ impl Report {
 pub(crate) enum StdinFd {
     /// Open `/dev/null` inside the sandbox.
     Null,
-    /// Keep fd 0 as inherited.
-    Inherit,
-    /// Use this pipe read end.
+    /// Use this pipe read end (bytes from the spec, or the caller's stdin
+    /// forwarded by the runner: the caller's own fd 0 never enters).
     Pipe(RawFd),
 }
 
@@ -283,6 +282,10 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // Keep only our own descriptors: a runner with several sandboxes must
     // not leak one sandbox's pipes (or its lifeline) into another.
     close_all_but(&plan.keep_fds);
+    // Nor the runner's stdin, stdout and stderr: a pipeline reading the
+    // runner's output must see its end when the runner ends, whatever init
+    // is doing; the payload gets its own pipes.
+    stdio_to_dev_null(plan);
     // No PR_SET_PDEATHSIG: it fires when the runner *thread* that cloned us
     // exits, and is cleared by the credential change below. Init watches
     // the sync pipe instead, whose write end only the runner holds (the
@@ -311,19 +314,18 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     }
 
     if plan.rootful {
-        // SAFETY: plain credential syscalls with integer arguments.
-        let r = unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(0, 0, 0) != 0
-                || libc::setresuid(0, 0, 0) != 0
-            {
-                -1
-            } else {
-                0
-            }
-        };
-        if r != 0 {
-            fail(plan.err_w, Step::BecomeRoot, 0, sys::errno());
+        // Raw syscalls: glibc's wrappers would wait for the runner's other
+        // threads, which do not exist here (see sys::setgroups_raw).
+        let r = sys::setgroups_raw(&[])
+            .and_then(|()| sys::setresgid_raw(0))
+            .and_then(|()| sys::setresuid_raw(0));
+        if let Err(e) = r {
+            fail(
+                plan.err_w,
+                Step::BecomeRoot,
+                0,
+                e.raw_os_error().unwrap_or(0),
+            );
         }
     }
 
@@ -492,6 +494,25 @@ fn close_all_but(keep: &[RawFd]) {
         next = fd + 1;
     }
     sys::close_range(next, libc::c_uint::MAX);
+}
+
+/// Points fds 0-2 (the runner's, inherited through the clone) at
+/// `/dev/null`, except any that is one of the sandbox's own descriptors.
+fn stdio_to_dev_null(plan: &ChildPlan) {
+    let null = match sys::open(c"/dev/null", libc::O_RDWR) {
+        Ok(fd) => fd,
+        Err(e) => fail(plan.err_w, Step::Stdio, 1, e.raw_os_error().unwrap_or(0)),
+    };
+    for fd in 0..3 {
+        if fd != null && !plan.keep_fds.contains(&fd) {
+            if let Err(e) = sys::dup2(null, fd) {
+                fail(plan.err_w, Step::Stdio, 2, e.raw_os_error().unwrap_or(0));
+            }
+        }
+    }
+    if null > 2 {
+        sys::close(null);
+    }
 }
 
 /// Sets `lo` up in the sandbox's new network namespace (it starts down).
@@ -841,7 +862,6 @@ fn payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
             Ok(fd) => Some(fd),
             Err(e) => fail(plan.err_w, Step::Stdio, 0, e.raw_os_error().unwrap_or(0)),
         },
-        StdinFd::Inherit => None,
         StdinFd::Pipe(fd) => Some(fd),
     };
     let redirects = [

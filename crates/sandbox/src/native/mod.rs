@@ -41,6 +41,11 @@ pub const ROOTFUL_ID_BASE: u32 = 0x4000_0000;
 /// How many ids a rootful sandbox maps.
 pub const ROOTFUL_ID_COUNT: u32 = 65536;
 
+/// How long the sandbox's setup (namespaces, root, cgroup, network) may
+/// take before the runner gives up on it, kills the child and fails the
+/// start. Setup takes milliseconds; this bounds a child that never reports.
+pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the runner treats the sandbox's output and its own signals.
@@ -65,11 +70,11 @@ pub struct Sandbox {
     pub(crate) stdout_r: RawFd,
     pub(crate) stderr_r: RawFd,
     pub(crate) status_r: RawFd,
-    pub(crate) stdin_w: Option<(RawFd, Vec<u8>)>,
+    pub(crate) stdin_w: Option<supervise::StdinFeed>,
     pub(crate) opts: RunOptions,
     pub(crate) layers: Layers,
     pub(crate) exec_error: Option<(i32, String)>,
-    pub(crate) kill_flag: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    pub(crate) kill_flag: std::sync::Arc<supervise::KillShared>,
     pub(crate) signal_fd: Option<RawFd>,
     /// A pidfd of init (None on kernels before 5.3): the runner waits on it
     /// rather than on the status pipe, so that init's write of the status
@@ -499,10 +504,8 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         None => None,
     };
     let stdin = match (&spec.stdin, pipes.stdin) {
-        (Stdin::Null, _) => StdinFd::Null,
-        (Stdin::Inherit, _) => StdinFd::Inherit,
-        (Stdin::Bytes(_), Some((r, _))) => StdinFd::Pipe(r),
-        (Stdin::Bytes(_), None) => StdinFd::Null,
+        (_, Some((r, _))) => StdinFd::Pipe(r),
+        (_, None) => StdinFd::Null,
     };
     let mut keep_fds = vec![
         pipes.sync.0,
@@ -568,8 +571,16 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     if kernel_net {
         flags |= libc::CLONE_NEWNET as libc::c_ulong;
     }
-    let pid = match sys::clone_fork(flags) {
-        Ok(0) => child::setup_and_init(&child_plan),
+    // Every signal blocked across the clone: the child must not run one of
+    // the caller's handlers (on its copy of the caller's memory) before it
+    // sets its own mask; the caller's mask comes back right after.
+    let saved_mask = sys::block_all_signals();
+    let cloned = sys::clone_fork(flags);
+    if let Ok(0) = cloned {
+        child::setup_and_init(&child_plan);
+    }
+    sys::restore_signals(&saved_mask);
+    let pid = match cloned {
         Ok(pid) => pid,
         Err(e) => {
             pipes.close_all();
@@ -607,13 +618,14 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         stderr_r: pipes.stderr.0,
         status_r: pipes.status.0,
         stdin_w: match (&spec.stdin, pipes.stdin) {
-            (Stdin::Bytes(b), Some((_, w))) => Some((w, b.clone())),
+            (Stdin::Bytes(b), Some((_, w))) => Some(supervise::StdinFeed::bytes(w, b.clone())),
+            (Stdin::Inherit, Some((_, w))) => Some(supervise::StdinFeed::forward(w, 0)),
             _ => None,
         },
         opts,
         layers,
         exec_error: None,
-        kill_flag: Default::default(),
+        kill_flag: std::sync::Arc::new(supervise::KillShared::new(pid)),
         signal_fd,
         init_pidfd: sys::pidfd_open(pid).ok(),
         proxy: None,
@@ -628,6 +640,9 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         released: false,
     };
 
+    // Setup has a deadline of its own: a child that never reports (a bug,
+    // or a kernel that stalls) is killed rather than waited for forever.
+    let setup_deadline = Instant::now() + SETUP_TIMEOUT;
     let setup = (|| -> Result<(), Error> {
         let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
         sb.layers.uid_map = map_uid.trim().to_string();
@@ -680,7 +695,11 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             cg.add_process(pid)?;
         }
         if let (Some(policy), Some((runner_end, _))) = (net_policy, net_pair) {
-            let listener = sys::recv_fd(runner_end);
+            let listener = match sys::wait_readable(runner_end, setup_deadline) {
+                Ok(true) => sys::recv_fd(runner_end),
+                Ok(false) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                Err(e) => Err(e),
+            };
             sys::close(runner_end);
             let listener = listener.map_err(|e| Error::Sys {
                 call: "receiving the sandbox's proxy socket".into(),
@@ -714,8 +733,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     // is init's lifeline (init exits when it closes, e.g. the runner dies).
     sb.lifeline = Some(pipes.sync.1);
     drop(guard);
-    let report = supervise::read_setup_report(pipes.err.0);
+    let report = supervise::read_setup_report(pipes.err.0, setup_deadline);
     sys::close(pipes.err.0);
+    let report = match report {
+        Ok(r) => r,
+        Err(supervise::SetupTimedOut) => {
+            supervise::abort(sb);
+            return Err(Error::SetupTimeout(SETUP_TIMEOUT));
+        }
+    };
     let failure = match (setup, report) {
         (Err(e), None) => Some(e),
         (Err(_), Some(r)) if child::Step::from_u32(r.step) != Some(child::Step::Exec) => {
@@ -938,7 +964,11 @@ impl Pipes {
             stdout: mk()?,
             stderr: mk()?,
             stdin: match stdin {
-                Stdin::Bytes(_) => Some(mk()?),
+                // The caller's stdin is forwarded through a pipe too (as
+                // `docker run -i` without `-t`): a terminal fd handed to
+                // the sandbox would let it write to (and reconfigure) the
+                // user's terminal past the capture and the output limit.
+                Stdin::Bytes(_) | Stdin::Inherit => Some(mk()?),
                 _ => None,
             },
         })

@@ -1,7 +1,7 @@
 //! The runner's side of a running sandbox: output, deadline, limits, reaping
 //! and cleanup.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,32 +18,76 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 const KILL_NONE: u8 = 0;
 const KILL_REQUESTED: u8 = 1;
+/// Init has been (or is being) reaped: its pid may belong to someone else.
+const KILL_REAPED: u8 = 2;
+
+/// What a sandbox and its kill handles share.
+#[derive(Debug)]
+pub(crate) struct KillShared {
+    state: AtomicU8,
+    pid: libc::pid_t,
+    /// A pidfd of init: signals sent through it reach init or nobody, never
+    /// a process that later reuses the pid.
+    pidfd: Option<OwnedFd>,
+}
+
+impl KillShared {
+    pub(crate) fn new(pid: libc::pid_t) -> KillShared {
+        KillShared {
+            state: AtomicU8::new(KILL_NONE),
+            pid,
+            pidfd: sys::pidfd_open(pid).ok().map(|fd| {
+                // SAFETY: pidfd_open returned a new descriptor nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            }),
+        }
+    }
+
+    /// Marks init as reaped: from now on no handle signals its pid.
+    fn reaped(&self) {
+        self.state.store(KILL_REAPED, Ordering::SeqCst);
+    }
+
+    fn requested(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == KILL_REQUESTED
+    }
+}
 
 /// A cloneable handle that can kill a sandbox from another thread while
-/// [`wait`] runs.
+/// [`wait`] runs. Kept after `wait`, it does nothing: it signals through a
+/// pidfd of the sandbox's init, never a bare pid that may have been reused.
 #[derive(Debug, Clone)]
 pub struct KillHandle {
-    pid: libc::pid_t,
-    flag: Arc<AtomicU8>,
+    shared: Arc<KillShared>,
 }
 
 impl KillHandle {
     /// Kills every process of the sandbox; `wait` then reports
     /// `killed_by: killed`.
     pub fn kill(&self) {
-        if self
-            .flag
+        let sh = &self.shared;
+        if sh
+            .state
             .compare_exchange(
                 KILL_NONE,
                 KILL_REQUESTED,
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             )
-            .is_ok()
+            .is_err()
         {
-            // The pid stays ours until `wait` reaps it, so it cannot have
-            // been reused.
-            let _ = sys::kill(self.pid, libc::SIGKILL);
+            return;
+        }
+        match &sh.pidfd {
+            Some(fd) => {
+                let _ = sys::pidfd_send_signal(fd.as_raw_fd(), libc::SIGKILL);
+            }
+            // Kernels before 5.3: the pid, which `wait` has not reaped yet
+            // (it marks the state before reaping; a kill racing that very
+            // moment is the one window left on such kernels).
+            None => {
+                let _ = sys::kill(sh.pid, libc::SIGKILL);
+            }
         }
     }
 }
@@ -52,8 +96,7 @@ impl Sandbox {
     /// A handle to kill this sandbox from elsewhere.
     pub fn kill_handle(&self) -> KillHandle {
         KillHandle {
-            pid: self.pid,
-            flag: self.kill_flag.clone(),
+            shared: self.kill_flag.clone(),
         }
     }
 }
@@ -64,12 +107,31 @@ pub fn kill(sandbox: &Sandbox) {
     sandbox.kill_handle().kill();
 }
 
+/// The child did not finish its setup before the deadline.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct SetupTimedOut;
+
 /// Reads the child's setup report: `None` when the payload exec'd (the
-/// pipe closed without a word), else what failed.
-pub(crate) fn read_setup_report(fd: RawFd) -> Option<Report> {
+/// pipe closed without a word), else what failed; [`SetupTimedOut`] when
+/// the pipe neither closed nor delivered a report by `deadline`.
+pub(crate) fn read_setup_report(
+    fd: RawFd,
+    deadline: Instant,
+) -> Result<Option<Report>, SetupTimedOut> {
     let mut buf = [0u8; Report::SIZE];
-    let got = sys::read_full(fd, &mut buf).unwrap_or(0);
-    Report::decode(&buf[..got])
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::wait_readable(fd, deadline) {
+            Ok(true) => {}
+            Ok(false) => return Err(SetupTimedOut),
+            Err(_) => break,
+        }
+        match sys::read(fd, &mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    Ok(Report::decode(&buf[..got]))
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the runner and returns a signalfd
@@ -97,7 +159,7 @@ pub(crate) fn block_runner_signals() -> Result<RawFd, Error> {
 /// Kills, reaps and cleans up a sandbox whose setup failed.
 pub(crate) fn abort(mut sb: Sandbox) {
     let _ = sys::kill(sb.pid, libc::SIGKILL);
-    let _ = reap(sb.pid);
+    let _ = reap(sb.pid, &sb.kill_flag);
     release(&mut sb);
 }
 
@@ -106,13 +168,14 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         if !self.released {
             let _ = sys::kill(self.pid, libc::SIGKILL);
-            let _ = reap(self.pid);
+            let _ = reap(self.pid, &self.kill_flag);
             release(self);
         }
     }
 }
 
-fn reap(pid: libc::pid_t) -> (i32, libc::rusage) {
+fn reap(pid: libc::pid_t, shared: &KillShared) -> (i32, libc::rusage) {
+    shared.reaped();
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -139,8 +202,8 @@ fn release(sb: &mut Sandbox) {
     if let Some(fd) = sb.lifeline.take() {
         sys::close(fd);
     }
-    if let Some((w, _)) = sb.stdin_w.take() {
-        sys::close(w);
+    if let Some(feed) = sb.stdin_w.take() {
+        sys::close(feed.pipe);
     }
     if let Some(fd) = sb.signal_fd.take() {
         sys::close(fd);
@@ -196,6 +259,84 @@ fn unblock_runner_signals() {
             libc::sigaddset(&mut set, s);
         }
         libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// What the runner writes to the command's stdin pipe: fixed bytes from
+/// the spec, or the caller's own stdin forwarded as it arrives.
+#[derive(Debug)]
+pub(crate) struct StdinFeed {
+    /// The runner's (write) end of the command's stdin pipe.
+    pub(crate) pipe: RawFd,
+    buf: Vec<u8>,
+    off: usize,
+    /// Where more bytes come from once `buf` is written (the caller's fd 0);
+    /// `None` after its end of file.
+    source: Option<RawFd>,
+}
+
+impl StdinFeed {
+    /// Writes `data`, then closes the pipe.
+    pub(crate) fn bytes(pipe: RawFd, data: Vec<u8>) -> StdinFeed {
+        StdinFeed {
+            pipe,
+            buf: data,
+            off: 0,
+            source: None,
+        }
+    }
+
+    /// Copies `source` into the pipe until its end of file. `source` is
+    /// polled before each read and never set non-blocking (it is the
+    /// caller's, maybe shared with a shell).
+    pub(crate) fn forward(pipe: RawFd, source: RawFd) -> StdinFeed {
+        StdinFeed {
+            pipe,
+            buf: Vec::new(),
+            off: 0,
+            source: Some(source),
+        }
+    }
+
+    /// The descriptor to poll next and for what: the pipe while bytes are
+    /// pending, else the source.
+    fn poll_for(&self) -> (RawFd, libc::c_short) {
+        match self.source {
+            Some(src) if self.off >= self.buf.len() => (src, libc::POLLIN),
+            _ => (self.pipe, libc::POLLOUT),
+        }
+    }
+
+    /// Moves bytes along after a poll said the descriptor is ready. Returns
+    /// false when the feed is finished (all written and the source ended,
+    /// or the command closed its stdin) and the pipe should be closed.
+    fn pump(&mut self, scratch: &mut [u8]) -> bool {
+        if self.off >= self.buf.len() {
+            let Some(src) = self.source else {
+                return false;
+            };
+            match sys::read(src, scratch) {
+                Ok(n) if n > 0 => {
+                    self.buf.clear();
+                    self.buf.extend_from_slice(&scratch[..n]);
+                    self.off = 0;
+                }
+                _ => {
+                    self.source = None;
+                    return false;
+                }
+            }
+            return true;
+        }
+        let rest = &self.buf[self.off..];
+        // SAFETY: `rest` is a valid slice of `rest.len()` bytes.
+        let k = unsafe { libc::write(self.pipe, rest.as_ptr().cast(), rest.len()) };
+        if k > 0 {
+            self.off += k as usize;
+        } else if k < 0 && sys::errno() != libc::EAGAIN {
+            return false;
+        }
+        self.off < self.buf.len() || self.source.is_some()
     }
 }
 
@@ -268,8 +409,8 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     for fd in [out.fd, err.fd, sb.status_r] {
         let _ = sys::set_nonblocking(fd);
     }
-    if let Some((w, _)) = &sb.stdin_w {
-        let _ = sys::set_nonblocking(*w);
+    if let Some(feed) = &sb.stdin_w {
+        let _ = sys::set_nonblocking(feed.pipe);
     }
     if let Some((_, msg)) = &sb.exec_error {
         err.buf.extend_from_slice(msg.as_bytes());
@@ -277,7 +418,6 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
             let _ = sys::write_all(2, msg.as_bytes());
         }
     }
-    let mut stdin_off = 0usize;
     let mut scratch = vec![0u8; 64 * 1024];
     let mut killed_by: Option<KillReason> = None;
     let mut payload_status: Option<i32> = None;
@@ -330,8 +470,9 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         if let Some(sfd) = sb.signal_fd {
             push(sfd, libc::POLLIN);
         }
-        if let Some((w, _)) = &sb.stdin_w {
-            push(*w, libc::POLLOUT);
+        if let Some(feed) = &sb.stdin_w {
+            let (fd, events) = feed.poll_for();
+            push(fd, events);
         }
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
@@ -387,22 +528,14 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
                     runner_signal = Some(si.ssi_signo as i32);
                     kill_now(&sb, KillReason::Killed, &mut killed_by);
                 }
-            } else if let Some((w, data)) = &sb.stdin_w {
-                if p.fd == *w {
-                    let rest = &data[stdin_off..];
-                    // SAFETY: `rest` is a valid slice.
-                    let k = unsafe { libc::write(*w, rest.as_ptr().cast(), rest.len()) };
-                    if k > 0 {
-                        stdin_off += k as usize;
-                    }
-                    if k < 0 && sys::errno() != libc::EAGAIN || stdin_off >= data.len() {
-                        sys::close(*w);
-                        sb.stdin_w = None;
-                    }
+            } else if let Some(feed) = &mut sb.stdin_w {
+                if p.fd == feed.poll_for().0 && !feed.pump(&mut scratch) {
+                    sys::close(feed.pipe);
+                    sb.stdin_w = None;
                 }
             }
         }
-        if sb.kill_flag.load(Ordering::SeqCst) == KILL_REQUESTED && killed_by.is_none() {
+        if sb.kill_flag.requested() && killed_by.is_none() {
             killed_by = Some(KillReason::Killed);
         }
         if Instant::now() >= next_events {
@@ -420,7 +553,7 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
 
     // Init is exiting; the kernel kills everything left in the pid
     // namespace before init can be reaped.
-    let (init_status, ru) = reap(sb.pid);
+    let (init_status, ru) = reap(sb.pid, &sb.kill_flag);
     let drain_until = Instant::now() + DRAIN_GRACE;
     while (out.open || err.open) && Instant::now() < drain_until {
         let mut fds: Vec<libc::pollfd> = [&out, &err]
@@ -532,4 +665,29 @@ fn cpu_of(pids: &[libc::pid_t]) -> Duration {
             .sum::<u64>();
     }
     Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn setup_report_has_a_deadline() {
+        // A child that never writes its report nor closes the pipe.
+        let (r, w) = sys::pipe().unwrap();
+        let t0 = Instant::now();
+        let got = read_setup_report(r, t0 + Duration::from_millis(200));
+        assert_eq!(got.unwrap_err(), SetupTimedOut);
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        sys::close(w);
+        // A closed pipe with no report: the payload exec'd.
+        assert!(
+            read_setup_report(r, Instant::now() + Duration::from_secs(5))
+                .unwrap()
+                .is_none()
+        );
+        sys::close(r);
+    }
 }

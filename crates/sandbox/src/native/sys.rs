@@ -40,6 +40,57 @@ pub fn clone_fork(flags: libc::c_ulong) -> io::Result<libc::pid_t> {
     check(ret).map(|p| p as libc::pid_t)
 }
 
+/// `setgroups(2)` as a raw system call, acting on the calling thread only.
+///
+/// glibc's wrapper (like its set*id wrappers) broadcasts the change to
+/// every thread it believes the process has (`__nptl_setxid`) and waits for
+/// each: in a child made by a raw `clone` from a multithreaded process, it
+/// waits forever for threads that exist only in the parent. The sandbox's
+/// child is single-threaded, so the per-thread syscall is what it needs.
+pub fn setgroups_raw(groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: `groups` is a valid array of `groups.len()` gids (a null
+    // pointer is never dereferenced for an empty slice).
+    let ret = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    check(ret).map(drop)
+}
+
+/// `setresuid(2)` as a raw system call (see [`setgroups_raw`]).
+pub fn setresuid_raw(uid: libc::uid_t) -> io::Result<()> {
+    // SAFETY: integer-only system call.
+    let ret = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    check(ret).map(drop)
+}
+
+/// `setresgid(2)` as a raw system call (see [`setgroups_raw`]).
+pub fn setresgid_raw(gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: integer-only system call.
+    let ret = unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) };
+    check(ret).map(drop)
+}
+
+/// Blocks every signal in the calling thread and returns the previous mask.
+///
+/// Around a `clone` from a multithreaded runner: the child must not run a
+/// handler of the parent's (on a copy of the parent's memory) before it
+/// installs its own mask.
+pub fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: both sets are valid sigset_t values; sigfillset initialises
+    // `all`, and pthread_sigmask only reads it and writes `old`.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    }
+}
+
+/// Restores a signal mask saved by [`block_all_signals`].
+pub fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: `old` is a valid sigset_t returned by pthread_sigmask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
 /// `mount(2)`. `None` arguments are passed as NULL.
 pub fn mount(
     source: Option<&CStr>,
@@ -215,6 +266,31 @@ pub fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
+/// Waits until `fd` is readable (or hung up) or `deadline` passes:
+/// `Ok(true)` when readable, `Ok(false)` at the deadline.
+pub fn wait_readable(fd: RawFd, deadline: std::time::Instant) -> io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: `p` is one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n < 0 && errno() != libc::EINTR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+}
+
 /// Closes `fd`, ignoring errors (there is nothing useful to do about them).
 pub fn close(fd: RawFd) {
     // SAFETY: closing an fd this module's caller owns; a bad fd only yields EBADF.
@@ -251,6 +327,22 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<RawFd> {
     // no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     check(fd).map(|fd| fd as RawFd)
+}
+
+/// `pidfd_send_signal(pidfd, sig)`: signals the process the pidfd names,
+/// or fails with `ESRCH` once it has exited (never another process).
+pub fn pidfd_send_signal(pidfd: RawFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: no siginfo (null) and no flags; the kernel checks the fd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    check(r).map(drop)
 }
 
 /// Sets or clears `O_NONBLOCK` on `fd`.

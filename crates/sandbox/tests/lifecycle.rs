@@ -1,0 +1,83 @@
+//! Library-level lifecycle checks of the native engine.
+
+use std::time::Duration;
+
+use nanoclaw_sandbox::{start, wait, RunOptions, SandboxSpec};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// A `KillHandle` kept after `wait` must not kill whatever process reuses
+/// the sandbox's pid. The reuse is forced with `ns_last_pid` (root only).
+#[test]
+fn kill_handle_after_wait_spares_a_process_reusing_the_pid() {
+    if !is_root() {
+        println!("SKIP kill_handle_after_wait_spares_a_process_reusing_the_pid: needs root (ns_last_pid)");
+        return;
+    }
+    let mut spec = SandboxSpec::new(["true"]);
+    spec.limits.timeout = Duration::from_secs(10);
+    for attempt in 0..20 {
+        let sb = start(&spec, RunOptions::default()).expect("start");
+        let pid = sb.pid();
+        let handle = sb.kill_handle();
+        let o = wait(sb).expect("wait");
+        assert_eq!(o.exit_code, Some(0), "{o:?}");
+        // The next fork gets `pid` (unless someone else takes it first).
+        if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+            println!("SKIP kill_handle_after_wait…: ns_last_pid is not writable here");
+            return;
+        }
+        let mut victim = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        if victim.id() as i32 != pid {
+            let _ = victim.kill();
+            let _ = victim.wait();
+            eprintln!("attempt {attempt}: pid {pid} was taken by another process; retrying");
+            continue;
+        }
+        handle.kill();
+        std::thread::sleep(Duration::from_millis(100));
+        let survived = alive(pid);
+        let _ = victim.kill();
+        let _ = victim.wait();
+        assert!(
+            survived,
+            "the stale KillHandle SIGKILLed pid {pid}, now another process"
+        );
+        return;
+    }
+    panic!("could not get the sandbox's pid reused in 20 attempts");
+}
+
+/// Killing through a handle while `wait` runs still works.
+#[test]
+fn kill_handle_kills_a_running_sandbox() {
+    let mut spec = SandboxSpec::new(["sleep", "30"]);
+    spec.limits.timeout = Duration::from_secs(20);
+    let sb = start(&spec, RunOptions::default()).expect("start");
+    let h = sb.kill_handle();
+    let k = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        h.kill();
+    });
+    let o = wait(sb).expect("wait");
+    k.join().expect("killer");
+    assert_eq!(
+        o.killed_by,
+        Some(nanoclaw_sandbox::KillReason::Killed),
+        "{o:?}"
+    );
+    assert!(o.duration < Duration::from_secs(10), "{o:?}");
+}
