@@ -57,12 +57,14 @@ pub(crate) enum Step {
     Loopback,
     /// unshare of the mount, ipc, uts and network namespaces.
     Unshare,
+    /// Writing the user namespace's own limits (`/proc/sys/user/max_*`).
+    NsLimits,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 21] = [
+        const ALL: [Step; 22] = [
             Sync,
             BecomeRoot,
             CgroupNs,
@@ -84,6 +86,7 @@ impl Step {
             FsOp,
             Loopback,
             Unshare,
+            NsLimits,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -112,6 +115,7 @@ impl Step {
             Step::FsOp => "building the filesystem",
             Step::Loopback => "bringing up the loopback interface",
             Step::Unshare => "creating the mount, ipc, uts and network namespaces",
+            Step::NsLimits => "setting the user namespace's limits (/proc/sys/user)",
         }
     }
 }
@@ -230,6 +234,13 @@ pub(crate) struct ChildPlan {
     pub keep_caps: Vec<super::caps::Cap>,
     pub landlock: Option<super::landlock::Prepared>,
     pub seccomp: Option<super::seccomp::Filter>,
+    /// The filter to install instead when memory is limited only per
+    /// process (no memory cgroup): the default profile plus a refusal of
+    /// `memfd_create`, whose pages no rlimit counts.
+    pub seccomp_no_cgroup_memory: Option<super::seccomp::Filter>,
+    /// SysV shared memory allowed in the sandbox's ipc namespace, in bytes
+    /// (`kernel.shmmax` and `kernel.shmall`): bounded like `/dev/shm`.
+    pub shm_bytes: u64,
     pub workdir: CString,
     /// Candidate paths for argv[0], in PATH order.
     pub exec_candidates: Vec<CString>,
@@ -329,6 +340,9 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         }
     }
 
+    set_ns_limits(plan);
+    set_shm_limits(plan);
+
     let name = plan.hostname.as_bytes();
     // SAFETY: `name` points to `name.len()` valid bytes.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
@@ -388,6 +402,103 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         sys::close(fd);
     }
     init_loop(pid, plan.status_w, plan.sync_r)
+}
+
+/// Per-user-namespace limits written for every sandbox: the kernel charges
+/// inotify instances and watches (and fanotify groups and marks) at every
+/// level up to the host, where all of one user's sandboxes share one pool
+/// (rootful: host root's, `fs.inotify.max_user_instances` = 128 by
+/// default), so without a limit of its own one sandbox takes the whole
+/// pool from the host and its neighbours. Nested user namespaces are
+/// refused here too (seccomp refuses them as well).
+pub(crate) const NS_LIMITS: [(&CStr, &[u8]); 5] = [
+    (c"/proc/sys/user/max_inotify_instances", b"32"),
+    (c"/proc/sys/user/max_inotify_watches", b"16384"),
+    (c"/proc/sys/user/max_fanotify_groups", b"8"),
+    (c"/proc/sys/user/max_fanotify_marks", b"8192"),
+    (c"/proc/sys/user/max_user_namespaces", b"0"),
+];
+
+/// Writes [`NS_LIMITS`] for the sandbox's user namespace. Runs in init
+/// before anything of the sandbox's runs, while the host's /proc is still
+/// mounted; `/proc/sys/user` shows the writer's own user namespace, where
+/// init holds CAP_SYS_RESOURCE (the payload does not, unless
+/// `--cap-add SYS_RESOURCE`, which is refused for that reason). A kernel
+/// without a file (fanotify before 5.13) is skipped.
+fn set_ns_limits(plan: &ChildPlan) {
+    for (i, (path, value)) in NS_LIMITS.iter().enumerate() {
+        let fd = match sys::open(path, libc::O_WRONLY) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => fail(
+                plan.err_w,
+                Step::NsLimits,
+                i as u32,
+                e.raw_os_error().unwrap_or(0),
+            ),
+        };
+        let r = sys::write_all(fd, value);
+        sys::close(fd);
+        if let Err(e) = r {
+            fail(
+                plan.err_w,
+                Step::NsLimits,
+                i as u32,
+                e.raw_os_error().unwrap_or(0),
+            );
+        }
+    }
+}
+
+/// Bounds SysV shared memory in the sandbox's new ipc namespace (its
+/// defaults are effectively unlimited), like `/dev/shm`. Only the ipc
+/// namespace's root may write these, so rootful only (rootless, shm pages
+/// are counted by the memory cgroup, or `shmget` is refused by seccomp
+/// when there is none).
+fn set_shm_limits(plan: &ChildPlan) {
+    if !plan.rootful {
+        return;
+    }
+    let mut bytes = [0u8; 20];
+    let mut pages = [0u8; 20];
+    let files: [(&CStr, &[u8]); 2] = [
+        (
+            c"/proc/sys/kernel/shmmax",
+            fmt_u64(plan.shm_bytes, &mut bytes),
+        ),
+        (
+            c"/proc/sys/kernel/shmall",
+            fmt_u64(plan.shm_bytes.div_ceil(4096), &mut pages),
+        ),
+    ];
+    for (i, (path, value)) in files.iter().enumerate() {
+        let r = sys::open(path, libc::O_WRONLY).and_then(|fd| {
+            let r = sys::write_all(fd, value);
+            sys::close(fd);
+            r
+        });
+        if let Err(e) = r {
+            fail(
+                plan.err_w,
+                Step::NsLimits,
+                (NS_LIMITS.len() + i) as u32,
+                e.raw_os_error().unwrap_or(0),
+            );
+        }
+    }
+}
+
+/// Decimal digits of `v` in `buf`, without allocating.
+fn fmt_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// Brings up loopback in the current network namespace and, with a proxy,
@@ -909,7 +1020,11 @@ fn payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
     reset_signals();
 
     // Seccomp last: everything above needs syscalls the filter denies.
-    if let Some(filter) = &plan.seccomp {
+    let filter = match (&plan.seccomp_no_cgroup_memory, rlimits.data) {
+        (Some(f), Some(_)) => Some(f),
+        _ => plan.seccomp.as_ref(),
+    };
+    if let Some(filter) = filter {
         if filter.install().is_err() {
             fail(plan.err_w, Step::Seccomp, 0, sys::errno());
         }
@@ -1136,6 +1251,14 @@ mod tests {
         // This test process (a Rust program) ignores SIGPIPE.
         let me = ignored_signals().expect("own SigIgn");
         assert_ne!(me & (1 << (libc::SIGPIPE - 1)), 0);
+    }
+
+    #[test]
+    fn fmt_u64_writes_decimal_digits() {
+        let mut b = [0u8; 20];
+        assert_eq!(fmt_u64(0, &mut b), b"0");
+        assert_eq!(fmt_u64(104857600, &mut b), b"104857600");
+        assert_eq!(fmt_u64(u64::MAX, &mut b), b"18446744073709551615");
     }
 
     #[test]

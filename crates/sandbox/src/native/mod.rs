@@ -411,6 +411,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             let extras = seccomp::DefaultExtras {
                 no_memfd: !spec.hardening.exec_allow.is_empty(),
                 no_setid_files: mounts.iter().any(|m| m.no_setid_files),
+                no_unaccounted_memory: false,
             };
             layers.seccomp = extras.describe();
             Some(seccomp::default_filter_with(extras).map_err(|e| {
@@ -429,6 +430,25 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             layers.seccomp = "unconfined".into();
             None
         }
+    };
+    // Rootless, the memory cgroup may be missing (it is known only after
+    // the clone): a second filter that also refuses memfd_create (pages no
+    // rlimit counts) is ready for that case.
+    let seccomp_no_cgroup_memory = match &spec.hardening.seccomp {
+        Seccomp::Default if !rootful => {
+            let extras = seccomp::DefaultExtras {
+                no_memfd: !spec.hardening.exec_allow.is_empty(),
+                no_setid_files: mounts.iter().any(|m| m.no_setid_files),
+                no_unaccounted_memory: true,
+            };
+            Some(seccomp::default_filter_with(extras).map_err(|e| {
+                Error::Seccomp(seccomp::SeccompError::Profile {
+                    path: "built-in".into(),
+                    error: e,
+                })
+            })?)
+        }
+        _ => None,
     };
     let image_layers = open_layers(spec, &mut guard)?;
     let upper = open_upper(spec, rootful, &mut guard)?;
@@ -548,6 +568,8 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         keep_caps,
         landlock: landlock_policy,
         seccomp: seccomp_filter,
+        seccomp_no_cgroup_memory,
+        shm_bytes: spec.limits.tmpfs_size.clamp(4096, 64 << 20),
         workdir: cstr(workdir.as_os_str().as_bytes(), "workdir")?,
         exec_candidates,
         _argv: argv,
@@ -677,9 +699,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             nproc: (spec.limits.pids).filter(|_| no_cgroup_for(cgroup::Controller::Pids)),
         };
         if rlimits.data.is_some() {
-            sb.layers
-                .degraded
-                .push("memory: enforced with RLIMIT_DATA instead of a cgroup".into());
+            sb.layers.degraded.push(format!(
+                "memory: per process only, with RLIMIT_DATA instead of a cgroup (the sandbox \
+                     as a whole has no memory limit: shared memory and several processes add up{})",
+                if child_plan.seccomp_no_cgroup_memory.is_some() {
+                    "; memfd_create and SysV shmget are refused"
+                } else {
+                    ""
+                }
+            ));
         }
         if rlimits.nproc.is_some() {
             sb.layers

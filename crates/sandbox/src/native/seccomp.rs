@@ -140,6 +140,10 @@ pub struct DefaultExtras {
     /// a rootful read-write idmapped mount, whose files land on the host as
     /// a real host user (root, for a root-owned directory).
     pub no_setid_files: bool,
+    /// Refuse `memfd_create` and SysV `shmget` (EPERM) because memory is
+    /// limited only per process (no memory cgroup): no rlimit counts the
+    /// pages they hold.
+    pub no_unaccounted_memory: bool,
 }
 
 impl DefaultExtras {
@@ -151,6 +155,9 @@ impl DefaultExtras {
         }
         if self.no_setid_files {
             s.push_str(", no set-id files (read-write idmapped mount)");
+        }
+        if self.no_unaccounted_memory {
+            s.push_str(", no memfd_create or shmget (no memory cgroup)");
         }
         s
     }
@@ -172,6 +179,14 @@ pub fn default_filter_with(extras: DefaultExtras) -> Result<Filter, ProfileError
         extra.push(serde_json::json!({
             "comment": "--exec-allow: no memfd_create (executable anonymous files escape path rules)",
             "names": ["memfd_create"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 1
+        }));
+    }
+    if extras.no_unaccounted_memory {
+        extra.push(serde_json::json!({
+            "comment": "no memory cgroup: memfd and SysV shm pages escape every rlimit",
+            "names": ["memfd_create", "shmget"],
             "action": "SCMP_ACT_ERRNO",
             "errnoRet": 1
         }));

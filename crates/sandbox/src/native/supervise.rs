@@ -596,7 +596,9 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     let cpu_time = cpu
         .unwrap_or(rusage_cpu)
         .max(cpu_at_kill.get().unwrap_or_default());
-    let peak_memory_bytes = peak.or(Some(ru.ru_maxrss as u64 * 1024));
+    // Only a memory cgroup knows the sandbox's peak; init's rusage would
+    // give the largest single process, which is not the sandbox's use.
+    let peak_memory_bytes = peak;
 
     // What happened to the payload: its own status when init reported it,
     // else how init died (killed by us).

@@ -1,0 +1,227 @@
+//! Attacks the red team ran against `nanoclaw run`, kept as regression
+//! tests: each one fails when its defence is removed. Root and rootless.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// Opens inotify instances until refused, then watches on one instance
+/// until refused, prints both counts and `READY`, and holds everything.
+const INOTIFY_BOMB: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while len(fds) < 100000:
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        break
+    fds.append(fd)
+print("instances", len(fds), os.strerror(ctypes.get_errno()), flush=True)
+watches = 0
+if fds:
+    os.close(fds.pop())
+    ino = libc.inotify_init1(0)
+    d = "/tmp/w"
+    os.mkdir(d)
+    for i in range(40000):
+        p = f"{d}/{i}".encode()
+        open(p, "w").close()
+        if libc.inotify_add_watch(ino, p, 0x2) < 0:
+            break
+        watches += 1
+print("watches", watches, os.strerror(ctypes.get_errno()), flush=True)
+print("READY", flush=True)
+time.sleep(20)
+"#;
+
+fn inotify_instance_ok() -> bool {
+    // SAFETY: inotify_init1 takes flags and returns a new fd or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: closing the fd just made.
+        unsafe { libc::close(fd) };
+        return true;
+    }
+    false
+}
+
+/// A sandbox that takes every inotify instance and watch it can must leave
+/// the host (rootful: host root) and a second sandbox able to use inotify.
+#[test]
+fn inotify_exhaustion_is_contained() {
+    for m in modes("inotify_exhaustion_is_contained") {
+        let mut ch = nc(
+            m,
+            &[
+                "run",
+                "--timeout",
+                "60s",
+                "--tmpfs-size",
+                "200m",
+                "--",
+                "python3",
+                "-c",
+                INOTIFY_BOMB,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nanoclaw");
+        let mut lines = BufReader::new(ch.stdout.take().expect("stdout")).lines();
+        let mut report = Vec::new();
+        let t0 = Instant::now();
+        for l in lines.by_ref() {
+            let l = l.expect("read");
+            if l == "READY" {
+                break;
+            }
+            report.push(l);
+            assert!(
+                t0.elapsed() < Duration::from_secs(50),
+                "no READY: {report:?}"
+            );
+        }
+        eprintln!("[{}] attacker got: {report:?}", m.name);
+        let count = |what: &str| -> u64 {
+            report
+                .iter()
+                .find_map(|l| {
+                    l.strip_prefix(what)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("[{}] no {what} line in {report:?}", m.name))
+        };
+        let (instances, watches) = (count("instances "), count("watches "));
+        // While the attacker holds all it could get:
+        let host_ok = m.user.is_some() || inotify_instance_ok();
+        let second = run(
+            m,
+            &[
+                "run",
+                "--",
+                "python3",
+                "-c",
+                "import ctypes; l=ctypes.CDLL(None); print(l.inotify_init1(0) >= 0)",
+            ],
+        );
+        let _ = ch.kill();
+        let _ = ch.wait();
+        assert!(
+            instances <= 32,
+            "[{}] one sandbox opened {instances} inotify instances",
+            m.name
+        );
+        assert!(
+            watches <= 16384,
+            "[{}] one sandbox added {watches} inotify watches",
+            m.name
+        );
+        assert!(
+            host_ok,
+            "[{}] host root cannot create an inotify instance while a sandbox holds its quota",
+            m.name
+        );
+        assert_eq!(
+            text(&second.stdout).trim(),
+            "True",
+            "[{}] a second sandbox cannot use inotify: {}",
+            m.name,
+            text(&second.stderr)
+        );
+    }
+}
+
+/// Writes 1 GiB into a memfd (pages no rlimit counts), then reports.
+const MEMFD_BOMB: &str = r#"
+import os, ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print("shmget 1 GiB", libc.shmget(0, 1 << 30, 0o1600) >= 0, flush=True)
+try:
+    fd = os.memfd_create("bomb")
+except OSError as e:
+    print("memfd refused", e.errno, flush=True)
+else:
+    chunk = b"x" * (1 << 20)
+    for _ in range(1024):
+        os.write(fd, chunk)
+    print("memfd held 1 GiB", flush=True)
+"#;
+
+/// The red team's memfd bomb held 5 GiB under a 512m limit rootless
+/// without a delegated cgroup, reported as a 9 MB peak. With a memory
+/// cgroup the bomb is OOM-killed; without one memfd_create is refused, the
+/// outcome says the sandbox as a whole has no memory limit, and no peak is
+/// made up. SysV shared memory is bounded in every mode.
+#[test]
+fn memfd_bomb_never_exceeds_a_claimed_limit() {
+    for m in modes("memfd_bomb_never_exceeds_a_claimed_limit") {
+        for delegated in [true, false] {
+            if m.user.is_none() && !delegated {
+                continue; // root always has its cgroups
+            }
+            let mut c = nc(
+                m,
+                &[
+                    "run",
+                    "--json",
+                    "--timeout",
+                    "60s",
+                    "--",
+                    "python3",
+                    "-c",
+                    MEMFD_BOMB,
+                ],
+            );
+            if !delegated {
+                c.env("NANOCLAW_CGROUP_PARENT", "nanoclaw-not-delegated-here");
+            }
+            let o = c.output().expect("run nanoclaw");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "[{}] --json: {e}: {} / {}",
+                    m.name,
+                    text(&o.stdout),
+                    text(&o.stderr)
+                )
+            });
+            let out = v["stdout"].as_str().unwrap_or_default().to_string();
+            let tag = format!("[{} delegated={delegated}]", m.name);
+            eprintln!(
+                "{tag} killed_by={} peak={} stdout={out:?}",
+                v["killed_by"], v["peak_memory_bytes"]
+            );
+            assert!(
+                !out.contains("memfd held 1 GiB"),
+                "{tag} the memfd bomb held 1 GiB under a 512m limit: {v}"
+            );
+            // Rootless with a memory cgroup, shm pages are charged to it.
+            if m.user.is_none() || !delegated {
+                assert!(
+                    !out.contains("shmget 1 GiB True"),
+                    "{tag} SysV shm of 1 GiB allowed: {v}"
+                );
+            }
+            if delegated {
+                assert_eq!(v["killed_by"], "oom", "{tag} {v}");
+            } else {
+                assert!(out.contains("memfd refused"), "{tag} {v}");
+                assert!(
+                    v["peak_memory_bytes"].is_null(),
+                    "{tag} a peak without a memory cgroup: {v}"
+                );
+                let degraded = v["layers"]["degraded"].to_string();
+                assert!(
+                    degraded.contains("no memory limit"),
+                    "{tag} the outcome must say there is no sandbox-wide memory limit: {degraded}"
+                );
+            }
+        }
+    }
+}
