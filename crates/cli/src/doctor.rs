@@ -111,7 +111,7 @@ fn checks() -> Vec<Check> {
         effect: if cg.can_limit_all {
             "memory, cpu and pids limits are enforced by these controllers".into()
         } else {
-            "not every limit can be enforced: a default limit falls back to an rlimit (memory, pids) or is dropped (cpus), with a warning on every run; an explicit one (--memory, --cpus, --pids) is refused (125)".into()
+            "not every limit can be enforced: without a memory cgroup a sandbox has no memory limit as a whole (each process is held by RLIMIT_DATA, which shared memory and several processes get around; memfd_create and shmget are refused), pids fall back to RLIMIT_NPROC and cpus are dropped, with a warning on every run; an explicit --memory, --cpus or --pids is refused (125)".into()
         },
         data: serde_json::to_value(&cg).ok(),
     });
