@@ -59,12 +59,14 @@ pub(crate) enum Step {
     Unshare,
     /// Writing the user namespace's own limits (`/proc/sys/user/max_*`).
     NsLimits,
+    /// Moving into the sandbox's cgroup (v1 `tasks`).
+    CgroupJoin,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 22] = [
+        const ALL: [Step; 23] = [
             Sync,
             BecomeRoot,
             CgroupNs,
@@ -87,6 +89,7 @@ impl Step {
             Loopback,
             Unshare,
             NsLimits,
+            CgroupJoin,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -116,6 +119,7 @@ impl Step {
             Step::Loopback => "bringing up the loopback interface",
             Step::Unshare => "creating the mount, ipc, uts and network namespaces",
             Step::NsLimits => "setting the user namespace's limits (/proc/sys/user)",
+            Step::CgroupJoin => "joining the sandbox's cgroup",
         }
     }
 }
@@ -364,14 +368,30 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     // wait for that go-ahead, which carries the rlimits standing in for
     // missing controllers, then make that cgroup our cgroup namespace's root.
     let mut msg = [0u8; Rlimits::LEN];
-    match sys::read_full(plan.sync_r, &mut msg) {
-        Ok(n) if n == msg.len() => {}
+    let mut tasks = [-1; sys::MAX_FDS];
+    let ntasks = match sys::recv_with_fds(plan.sync_r, &mut msg, &mut tasks) {
+        Ok((n, k)) if n == msg.len() => k,
         Ok(_) => sys::exit_now(125),
         Err(e) => fail(plan.err_w, Step::Sync, 1, e.raw_os_error().unwrap_or(0)),
-    }
+    };
     let Some(rlimits) = Rlimits::decode(&msg) else {
         sys::exit_now(125)
     };
+    // Move ourselves (one thread) into each cgroup v1 hierarchy through the
+    // `tasks` files the runner opened: a self-move skips the kernel's
+    // global lock that a move by another process waits for.
+    for (i, fd) in tasks[..ntasks].iter().enumerate() {
+        let r = sys::write_all(*fd, b"0");
+        sys::close(*fd);
+        if let Err(e) = r {
+            fail(
+                plan.err_w,
+                Step::CgroupJoin,
+                i as u32,
+                e.raw_os_error().unwrap_or(0),
+            );
+        }
+    }
     // SAFETY: unshare with a namespace flag has no memory-safety requirements.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
         fail(plan.err_w, Step::CgroupNs, 0, sys::errno());

@@ -20,7 +20,7 @@ mod supervise;
 mod sys;
 
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -665,6 +665,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
     // Setup has a deadline of its own: a child that never reports (a bug,
     // or a kernel that stalls) is killed rather than waited for forever.
     let setup_deadline = Instant::now() + SETUP_TIMEOUT;
+    let mut join_fds: Vec<std::os::fd::OwnedFd> = Vec::new();
     let setup = (|| -> Result<(), Error> {
         let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
         sb.layers.uid_map = map_uid.trim().to_string();
@@ -720,7 +721,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             // Owned by the sandbox before the child joins: a failure from
             // here on is cleaned up by `abort`.
             let cg = sb.cgroup.insert(cg);
-            cg.add_process(pid)?;
+            join_fds = cg.join_handles(pid)?;
         }
         if let (Some(policy), Some((runner_end, _))) = (net_policy, net_pair) {
             let listener = match sys::wait_readable(runner_end, setup_deadline) {
@@ -750,8 +751,15 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
                 },
             )?);
         }
-        go("cgroup joined", &rlimits.encode())
+        // The go-ahead carries the v1 `tasks` files for the child to move
+        // itself into (see Cgroup::join_handles).
+        let raw: Vec<RawFd> = join_fds.iter().map(|f| f.as_raw_fd()).collect();
+        sys::send_with_fds(pipes.sync.1, &rlimits.encode(), &raw).map_err(|e| Error::Sys {
+            call: "signalling the sandbox (cgroup ready)".into(),
+            source: e,
+        })
     })();
+    drop(join_fds);
     if setup.is_err() {
         // The child waits for a go-ahead that will not come: end it, so
         // that reading its report below sees the error pipe close.
@@ -967,7 +975,14 @@ struct Pipes {
 
 impl Pipes {
     fn new(stdin: &Stdin) -> Result<Pipes, Error> {
-        let mut made: Vec<RawFd> = Vec::new();
+        // The sync channel is a socket: the cgroup go-ahead passes
+        // descriptors. It is also init's lifeline (end of file when the
+        // runner is gone), as a pipe was.
+        let sync = sys::socketpair().map_err(|e| Error::Sys {
+            call: "socketpair".into(),
+            source: e,
+        })?;
+        let mut made: Vec<RawFd> = vec![sync.0, sync.1];
         let mut mk = || -> Result<(RawFd, RawFd), Error> {
             match sys::pipe() {
                 Ok((r, w)) => {
@@ -986,7 +1001,7 @@ impl Pipes {
             }
         };
         Ok(Pipes {
-            sync: mk()?,
+            sync,
             err: mk()?,
             status: mk()?,
             stdout: mk()?,

@@ -425,63 +425,126 @@ union CmsgBuf {
     buf: [u8; 64],
 }
 
+/// Most descriptors [`send_with_fds`] passes in one message.
+pub const MAX_FDS: usize = 4;
+
 /// Sends descriptor `fd` over the Unix socket `sock` (`SCM_RIGHTS`), with
 /// one data byte. Does not allocate.
 pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = CmsgBuf { buf: [0u8; 64] };
-    // SAFETY: msghdr is plain data; we point it at `iov` and `cbuf`, which
-    // outlive the call, and fill the single control header through the
-    // CMSG_* accessors, which stay within CMSG_SPACE(sizeof(int)) <= 64
-    // bytes of the aligned buffer.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.buf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        check(libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) as libc::c_long).map(drop)
-    }
+    send_with_fds(sock, &[0u8], &[fd])
 }
 
 /// Receives one descriptor sent with [`send_fd`]; it is close-on-exec.
 pub fn recv_fd(sock: RawFd) -> io::Result<RawFd> {
     let mut byte = [0u8; 1];
+    let mut fds = [-1; MAX_FDS];
+    match recv_with_fds(sock, &mut byte, &mut fds)? {
+        (1, 1) => Ok(fds[0]),
+        (_, n) => {
+            for fd in &fds[..n] {
+                close(*fd);
+            }
+            Err(io::Error::from_raw_os_error(libc::EPROTO))
+        }
+    }
+}
+
+/// Sends `data` (non-empty) over the Unix stream socket `sock` with up to
+/// [`MAX_FDS`] descriptors attached (`SCM_RIGHTS`, none if `fds` is
+/// empty), in one `sendmsg`. Does not allocate.
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if data.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
     };
     let mut cbuf = CmsgBuf { buf: [0u8; 64] };
-    // SAFETY: as in send_fd; the kernel writes at most msg_controllen bytes
-    // into `cbuf` and we only read a header it reported.
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: msghdr is plain data; we point it at `iov` (the kernel only
+    // reads `data` through it) and `cbuf`, which outlive the call, and fill
+    // the single control header through the CMSG_* accessors, which stay
+    // within CMSG_SPACE(4 * sizeof(int)) <= 64 bytes of the aligned buffer.
     unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = cbuf.buf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(fd_bytes) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+            let dst = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(dst.add(i), *fd);
+            }
+        }
+        let n = check(libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) as libc::c_long)? as usize;
+        // A stream socket may take less; the descriptors went with the first byte.
+        if n < data.len() {
+            write_all(sock, &data[n..])?;
+        }
+        Ok(())
+    }
+}
+
+/// Receives `buf.len()` bytes sent with [`send_with_fds`] and the
+/// descriptors that came with them (close-on-exec) into `fds`. Returns
+/// (bytes read, descriptors received); fewer bytes means end of file.
+/// Does not allocate.
+pub fn recv_with_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    fds: &mut [RawFd; MAX_FDS],
+) -> io::Result<(usize, usize)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = CmsgBuf { buf: [0u8; 64] };
+    let mut got_fds = 0;
+    // SAFETY: as in send_with_fds; the kernel writes at most msg_controllen
+    // bytes into `cbuf` and at most `buf.len()` into `buf`, and we only read
+    // headers it reported, each bounded by its cmsg_len.
+    let n = unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.buf.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of::<CmsgBuf>();
-        let n = check(libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) as libc::c_long)?;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if n == 0
-            || cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(io::Error::from_raw_os_error(libc::EPROTO));
+        let n = loop {
+            let r = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if r >= 0 || errno() != libc::EINTR {
+                break check(r as libc::c_long)? as usize;
+            }
+        };
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let src = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(src.add(i));
+                    if got_fds < MAX_FDS {
+                        fds[got_fds] = fd;
+                        got_fds += 1;
+                    } else {
+                        close(fd);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        Ok(std::ptr::read_unaligned(
-            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
-        ))
+        n
+    };
+    if n == 0 || n == buf.len() {
+        return Ok((n, got_fds));
     }
+    let rest = read_full(sock, &mut buf[n..])?;
+    Ok((n + rest, got_fds))
 }
 
 /// A TCP socket listening on 127.0.0.1:`port` in the caller's network
