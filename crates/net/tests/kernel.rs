@@ -521,7 +521,9 @@ fn kernel_egress_enforces_the_allowlist() {
 
     // 2. The policy: TCP to INET:8080 only. Everything else is refused:
     //    another port, another host, UDP (to the same port too), DNS, the
-    //    metadata address, the host on every address.
+    //    metadata address, the host on every address. TCP gets a reset at
+    //    once; these UDP sockets are not connected, so the ICMP error does
+    //    not reach them and they wait (see refused_connections_fail_fast).
     let eg = KernelEgress::setup(&cfg(
         &sb,
         &id,
@@ -543,9 +545,14 @@ fn kernel_egress_enforces_the_allowlist() {
         (8, "host's link address"),
     ] {
         assert!(!ok(&r[i]), "{what} reachable: {}", r[i]);
+        let expected = if probes("")[i].0 == "tcp" {
+            "ConnectionRefusedError"
+        } else {
+            "TimeoutError"
+        };
         assert!(
-            r[i].contains("TimeoutError"),
-            "{what}: expected a silent drop, got {}",
+            r[i].contains(expected),
+            "{what}: expected {expected}, got {}",
             r[i]
         );
     }
@@ -584,6 +591,7 @@ fn kernel_egress_enforces_the_allowlist() {
         .output()
         .unwrap();
     let from_inet = String::from_utf8_lossy(&from_inet.stdout).into_owned();
+    // Silently: what comes from outside gets no answer.
     assert!(
         from_inet.contains("TimeoutError"),
         "the outside reached into the sandbox: {from_inet}"
@@ -653,6 +661,162 @@ fn kernel_egress_enforces_the_allowlist() {
     // Setup applies no change to the sandbox's other interfaces, and its
     // loopback stays its own.
     drop(eg); // drop tears down too
+    assert_gone(&world, &id);
+}
+
+/// Like [`PROBE`], but reports how long each probe took and the errno it
+/// failed with; UDP sockets are connected, so that an ICMP error reaches
+/// them. The timeout (5 s) is far above what a refusal may take.
+const TIMED_PROBE: &str = r#"
+import errno, json, socket, sys, threading, time
+probes = json.loads(sys.argv[1]); res = [None] * len(probes)
+def run(i, p):
+    kind, host, port = p
+    t = time.monotonic()
+    try:
+        if kind == 'tcp':
+            s = socket.create_connection((host, port), timeout=5); s.settimeout(5)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+            s.connect((host, port)); s.send(b'ping')
+        d = s.recv(100); s.close()
+        r = 'ok:' + d.decode().strip()
+    except OSError as e:
+        r = 'err:' + (errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
+    res[i] = [r, int((time.monotonic() - t) * 1000)]
+ts = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(probes)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(res))
+"#;
+
+/// A UDP echo on the host, on `addr` (its replies come from the address
+/// a connected client expects only if it is bound to that address).
+fn host_udp_echo(addr: Ipv4Addr) -> u16 {
+    let u = std::net::UdpSocket::bind((addr, 0)).unwrap();
+    let port = u.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(b"hostudp", from);
+        }
+    });
+    port
+}
+
+/// A connection the rules refuse fails at once (a TCP reset, or an ICMP
+/// error for UDP), in the forward chain (a special-purpose destination:
+/// the metadata address, another port of an allowed host) and in the input
+/// chain (the host's own addresses); before, the packets were dropped and
+/// the program waited for its timeout.
+#[test]
+fn refused_connections_fail_fast() {
+    require_root!();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let id = test_id("r");
+    let mut world = World::new();
+    world.confine(&format!("ncl-{id}"));
+    let sb = Sandbox::new();
+    let hp = host_listener();
+    // Replies from a socket on 0.0.0.0 leave from the address of the route
+    // back (the link address), so the uplink address gets its own echo.
+    let (hu_up, hu) = (
+        host_udp_echo(UPLINK_HOST),
+        host_udp_echo(Ipv4Addr::UNSPECIFIED),
+    );
+    let up = UPLINK_HOST.to_string();
+    let probes = |host_ip: &str| -> Vec<(&'static str, String, u16)> {
+        vec![
+            ("tcp", INET.into(), 8080),
+            ("tcp", METADATA.into(), 8080),
+            ("tcp", INET.into(), 8081),
+            ("tcp", up.clone(), hp),
+            ("tcp", host_ip.to_string(), hp),
+            ("udp", INET.into(), 5353),
+            ("udp", up.clone(), hu_up),
+            ("udp", host_ip.to_string(), hu),
+        ]
+    };
+    let run = |eg: &KernelEgress| -> Vec<(String, u64)> {
+        let p = probes(&eg.host_ip().to_string());
+        let json = serde_json::to_string(&p).unwrap();
+        let out = sb.in_ns(&["python3", "-c", TIMED_PROBE, &json]);
+        assert!(
+            out.status.success(),
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // Control: with a rule for each path, every path works (so a refusal
+    // below comes from the rules, not from a path that never worked).
+    let eg = KernelEgress::setup(&cfg(
+        &sb,
+        &id,
+        vec![
+            tcp(&format!("{INET}/32"), Some(8080)),
+            tcp(&format!("{METADATA}/32"), Some(8080)),
+            tcp(&format!("{INET}/32"), Some(8081)),
+            tcp(&format!("{up}/32"), Some(hp)),
+            tcp("100.96.0.0/12", Some(hp)),
+            udp(&format!("{INET}/32"), Some(5353)),
+            udp(&format!("{up}/32"), Some(hu_up)),
+            udp("100.96.0.0/12", Some(hu)),
+        ],
+        None,
+    ))
+    .unwrap();
+    let r = run(&eg);
+    eprintln!("control: {r:?}");
+    assert!(
+        r.iter().all(|(x, _)| x.starts_with("ok:")),
+        "a path does not work even with its rule: {r:?}\n{}",
+        eg.ruleset_text()
+    );
+    eg.teardown().unwrap();
+    assert_gone(&world, &id);
+
+    // Only TCP to INET:8080: every other path is refused, at once.
+    let eg = KernelEgress::setup(&cfg(
+        &sb,
+        &id,
+        vec![tcp(&format!("{INET}/32"), Some(8080))],
+        None,
+    ))
+    .unwrap();
+    let t = Instant::now();
+    let r = run(&eg);
+    eprintln!("refused (whole probe run {:?}): {r:?}", t.elapsed());
+    assert_eq!(r[0].0, format!("ok:tcp8080 {INET}"), "{r:?}");
+    for (i, what) in [
+        (1, "TCP to metadata 169.254.169.254"),
+        (2, "TCP to the allowed host, other port"),
+        (3, "TCP to the host's uplink address"),
+        (4, "TCP to the host's link address"),
+        (5, "UDP to a special-purpose address"),
+        (6, "UDP to the host's uplink address"),
+        (7, "UDP to the host's link address"),
+    ] {
+        let (res, ms) = &r[i];
+        assert!(
+            ["err:ECONNREFUSED", "err:EHOSTUNREACH", "err:EACCES"].contains(&res.as_str()),
+            "{what}: expected an immediate refusal, got {res} after {ms} ms\n{}",
+            eg.ruleset_text()
+        );
+        assert!(*ms < 2000, "{what}: the refusal took {ms} ms");
+    }
+    // The refusal happens on the host: the metadata block is rejected in
+    // the forward chain (nothing is forwarded, whatever the routes say).
+    let listed =
+        String::from_utf8_lossy(&sh(&["nft", "list", "table", "inet", eg.table_name()]).stdout)
+            .into_owned();
+    assert!(
+        listed.lines().any(|l| l.contains("169.254.0.0/16")
+            && l.contains("tcp")
+            && l.contains("reject with tcp reset")),
+        "no TCP reset for the metadata block in the kernel's table:\n{listed}"
+    );
+    eg.teardown().unwrap();
     assert_gone(&world, &id);
 }
 

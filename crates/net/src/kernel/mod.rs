@@ -23,22 +23,31 @@
 //!    of the sandbox's link `ncl-<id>`. [`KernelEgress::ruleset_text`]
 //!    prints the rules in `nft` syntax:
 //!    * forward: packets *to* the sandbox only if `ct state
-//!      established,related` (nothing outside can open a connection in);
-//!      packets *from* the sandbox dropped unless their source is the
-//!      sandbox's address (no spoofing), then accepted if they match an
-//!      allow rule that lies inside a special-purpose block (explicit) or
-//!      the DNS rule, then dropped if their destination is special-purpose
-//!      (loopback, 169.254.0.0/16 link-local and cloud metadata, RFC 1918,
-//!      CGNAT — which includes every other sandbox —, multicast, reserved,
-//!      documentation; the same blocks as [`crate::addr`]), then accepted if
-//!      they match any other allow rule, else dropped. Anything not IPv4
-//!      (IPv6, ...) from the sandbox is dropped.
+//!      established,related` (nothing outside can open a connection in;
+//!      the rest is dropped silently); packets *from* the sandbox dropped
+//!      silently unless their source is the sandbox's address (no
+//!      spoofing, and no answer to a forged address), then accepted if they
+//!      match an allow rule that lies inside a special-purpose block
+//!      (explicit) or the DNS rule, then refused if their destination is
+//!      special-purpose (loopback, 169.254.0.0/16 link-local and cloud
+//!      metadata, RFC 1918, CGNAT — which includes every other sandbox —,
+//!      multicast, reserved, documentation; the same blocks as
+//!      [`crate::addr`]), then accepted if they match any other allow rule,
+//!      else refused. Anything not IPv4 (IPv6, ...) from the sandbox is
+//!      dropped silently.
 //!    * input (the host itself, any of its addresses): from the sandbox only
 //!      replies to connections the host opened (`ct direction reply`), the
 //!      DNS rule, and allow
 //!      rules that are explicit (inside a special-purpose block) or name a
-//!      single address (`/32`); everything else dropped. So `0.0.0.0/0:443`
-//!      opens the public internet on 443 but not the host's own port 443.
+//!      single address (`/32`); everything else refused (forged sources
+//!      and non-IPv4 dropped, as in forward). So `0.0.0.0/0:443` opens the
+//!      public internet on 443 but not the host's own port 443.
+//!    * "Refused" is nftables `reject`, so that the program fails at once
+//!      instead of waiting for its timeout: TCP gets a reset (`connect`
+//!      fails with `ECONNREFUSED`), anything else ICMP administratively
+//!      prohibited (`EHOSTUNREACH` on a connected socket). The answer is
+//!      made on the host and sent to the sandbox only: the refused packet
+//!      is never forwarded.
 //!    * postrouting: the sandbox's IPv4 traffic is masqueraded behind the
 //!      host's outgoing address.
 //! 3. Creates the veth pair: `ncl-<id>` on the host, its peer created
@@ -111,8 +120,10 @@
 //!   address defeats the allowlist).
 //! * IPv4 only: IPv6 rules are refused (use the proxy mode for IPv6).
 //! * Other firewalls on the host still apply: a `drop` elsewhere (e.g.
-//!   Docker's `FORWARD` policy) can block allowed traffic; it cannot open
-//!   what this table drops (a drop in any base chain is final).
+//!   Docker's `FORWARD` policy) can block allowed traffic (and, if its
+//!   chain runs before this table's, turn a refusal back into a silent
+//!   drop); it cannot open what this table drops or rejects (a drop or
+//!   reject in any base chain is final).
 //! * Byte and connection caps are not enforced here (the proxy mode has
 //!   them).
 //! * Conntrack entries are not flushed: a connection the *host* opened into
@@ -120,7 +131,7 @@
 //! * Setup takes a few ms; teardown 15–30 ms, nearly all of it the kernel
 //!   unregistering the veth (see [`KernelEgress::teardown_in_background`]).
 //! * Needs root: `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` in the host's
-//!   namespaces, nf_tables with `ct` and `masq` support.
+//!   namespaces, nf_tables with `ct`, `masq` and `reject` support.
 
 mod netlink;
 mod nft;
@@ -302,7 +313,7 @@ fn nl_err(op: impl Into<String>, e: NlError) -> KernelError {
         libc::EOPNOTSUPP | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT
             if op.contains("nftables") =>
         {
-            "; the kernel lacks nf_tables support (modules nf_tables, nft_ct, nft_masq, nft_nat)"
+            "; the kernel lacks nf_tables support (modules nf_tables, nft_ct, nft_masq, nft_nat, nft_reject_inet)"
         }
         _ => "",
     };

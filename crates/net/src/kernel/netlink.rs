@@ -113,6 +113,11 @@ impl MsgBuf {
         self.attr(ty, &v);
     }
 
+    /// A u8 attribute.
+    pub fn attr_u8(&mut self, ty: u16, v: u8) {
+        self.attr(ty, &[v]);
+    }
+
     /// A host-endian u32 attribute.
     pub fn attr_u32(&mut self, ty: u16, v: u32) {
         self.attr(ty, &v.to_ne_bytes());

@@ -79,6 +79,14 @@ const NFTA_VERDICT_CODE: u16 = 1;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
+/// ICMP "communication administratively prohibited" (IPv4 type 3 code 13;
+/// the kernel picks the matching ICMPv6 code for IPv6).
+const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
+
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
 
@@ -161,7 +169,14 @@ pub(crate) enum Match {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Accept,
+    /// Silently: for packets whose sender must get no answer (from outside
+    /// into the sandbox, forged sources, anything not IPv4).
     Drop,
+    /// Drops and answers with a TCP reset (TCP packets only; the kernel
+    /// sends nothing for others). Valid in input/forward/output hooks only.
+    RejectTcpReset,
+    /// Drops and answers with ICMP administratively prohibited. Same hooks.
+    RejectAdminProhibited,
     Masquerade,
 }
 
@@ -229,6 +244,8 @@ impl fmt::Display for Rule {
         let v = match self.verdict {
             Verdict::Accept => "accept",
             Verdict::Drop => "drop",
+            Verdict::RejectTcpReset => "reject with tcp reset",
+            Verdict::RejectAdminProhibited => "reject with icmpx admin-prohibited",
             Verdict::Masquerade => "masquerade",
         };
         write!(f, " {v}")
@@ -261,6 +278,26 @@ fn allow_rules(chain: Chain, ifname: &str, a: &AllowV4, out: &mut Vec<Rule>) {
     }
 }
 
+/// Refuses what `matches` selects (packets from the sandbox whose source
+/// was checked: the answer goes back to the sandbox only): TCP with a
+/// reset, anything else with ICMP admin-prohibited, so that the program
+/// fails at once instead of waiting for its timeout. Two rules, the TCP
+/// one first.
+fn refuse(chain: Chain, matches: Vec<Match>, out: &mut Vec<Rule>) {
+    let mut tcp = matches.clone();
+    tcp.push(Match::L4(IPPROTO_TCP));
+    out.push(Rule {
+        chain,
+        matches: tcp,
+        verdict: Verdict::RejectTcpReset,
+    });
+    out.push(Rule {
+        chain,
+        matches,
+        verdict: Verdict::RejectAdminProhibited,
+    });
+}
+
 /// The rules for one sandbox whose host-side link is `ifname` and whose
 /// address is `sandbox_ip`. `allow` holds the caller's rules followed by the
 /// DNS rules (which count as explicit).
@@ -278,6 +315,12 @@ pub(crate) fn ruleset(
         verdict,
     };
 
+    // Refusals of packets from the sandbox are rejects (an immediate error
+    // for the program, see `refuse`), except where an answer would go to
+    // someone else: forged sources, and anything not IPv4 (the sandbox has
+    // no IPv6 address, so its source cannot have been checked). What comes
+    // from outside into the sandbox is dropped silently.
+
     // forward: nothing new may enter the sandbox from outside.
     out.push(rule(
         Chain::Forward,
@@ -289,36 +332,39 @@ pub(crate) fn ruleset(
         vec![Match::OifName(ifname.into())],
         Verdict::Drop,
     ));
-    // forward: the sandbox may only use its own address.
+    // forward: the sandbox may only use its own address (no answer to a
+    // forged source).
     out.push(rule(
         Chain::Forward,
         vec![iif(), Match::Ipv4, Match::SaddrNot(sandbox_ip)],
         Verdict::Drop,
     ));
     // forward: explicit allows of special-purpose ranges, then the special
-    // ranges dropped, then the general allows, then everything else dropped.
+    // ranges refused, then the general allows, then everything else refused
+    // (IPv4) or dropped (the rest).
     let (explicit, general): (Vec<&AllowV4>, Vec<&AllowV4>) =
         allow.iter().partition(|a| a.is_explicit_special());
     for a in dns.iter().chain(explicit.iter().copied()) {
         allow_rules(Chain::Forward, ifname, a, &mut out);
     }
     for &(b, p) in SPECIAL_V4 {
-        out.push(rule(
+        refuse(
             Chain::Forward,
             vec![iif(), Match::Ipv4, Match::Daddr(b, p)],
-            Verdict::Drop,
-        ));
+            &mut out,
+        );
     }
     for a in general {
         allow_rules(Chain::Forward, ifname, a, &mut out);
     }
+    refuse(Chain::Forward, vec![iif(), Match::Ipv4], &mut out);
     out.push(rule(Chain::Forward, vec![iif()], Verdict::Drop));
 
     // input (the host itself): replies to connections the host opened (the
     // reply direction only: a sandbox-opened connection, even one left in
     // conntrack from an earlier policy, is checked against the rules on
     // every packet), and only explicit allows (inside a special range, or a
-    // single address).
+    // single address); everything else refused (IPv4) or dropped.
     out.push(rule(
         Chain::Input,
         vec![iif(), Match::CtReply, Match::CtEstablishedRelated],
@@ -336,6 +382,7 @@ pub(crate) fn ruleset(
     ) {
         allow_rules(Chain::Input, ifname, a, &mut out);
     }
+    refuse(Chain::Input, vec![iif(), Match::Ipv4], &mut out);
     out.push(rule(Chain::Input, vec![iif()], Verdict::Drop));
 
     // postrouting: what leaves is masqueraded behind the host's address.
@@ -474,6 +521,20 @@ fn encode_verdict(m: &mut MsgBuf, v: Verdict) {
             m.nest_end();
             return;
         }
+        // `reject` sends its answer and sets the verdict to drop itself.
+        Verdict::RejectTcpReset => {
+            expr(m, "reject", |m| {
+                m.attr_be32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST);
+            });
+            return;
+        }
+        Verdict::RejectAdminProhibited => {
+            expr(m, "reject", |m| {
+                m.attr_be32(NFTA_REJECT_TYPE, NFT_REJECT_ICMPX_UNREACH);
+                m.attr_u8(NFTA_REJECT_ICMP_CODE, NFT_REJECT_ICMPX_ADMIN_PROHIBITED);
+            });
+            return;
+        }
         Verdict::Accept => NF_ACCEPT,
         Verdict::Drop => NF_DROP,
     };
@@ -600,7 +661,7 @@ mod tests {
     }
 
     #[test]
-    fn ruleset_orders_explicit_specials_before_special_drops() {
+    fn ruleset_orders_explicit_specials_before_special_refusals() {
         let rules = ruleset(
             "ncl-t",
             Ipv4Addr::new(100, 96, 0, 2),
@@ -618,12 +679,29 @@ mod tests {
                 .unwrap_or_else(|| panic!("{needle} not in {text:#?}"))
         };
         let meta = pos("forward: iifname \"ncl-t\" meta nfproto ipv4 ip daddr 169.254.169.254/32");
-        let drop_ll = pos("ip daddr 169.254.0.0/16 drop");
+        let reset_ll = pos("ip daddr 169.254.0.0/16 meta l4proto tcp reject with tcp reset");
+        let icmp_ll = pos("ip daddr 169.254.0.0/16 reject with icmpx admin-prohibited");
         let open = pos(
             "forward: iifname \"ncl-t\" meta nfproto ipv4 meta l4proto tcp th dport 443 accept",
         );
-        assert!(meta < drop_ll && drop_ll < open, "{text:#?}");
-        assert!(text.iter().any(|t| t == "forward: iifname \"ncl-t\" drop"));
+        assert!(
+            meta < reset_ll && reset_ll + 1 == icmp_ll && icmp_ll < open,
+            "{text:#?}"
+        );
+        // After the general allows: IPv4 refused, anything else dropped.
+        let tail = [
+            "forward: iifname \"ncl-t\" meta nfproto ipv4 meta l4proto tcp reject with tcp reset",
+            "forward: iifname \"ncl-t\" meta nfproto ipv4 reject with icmpx admin-prohibited",
+            "forward: iifname \"ncl-t\" drop",
+        ];
+        let at = pos(tail[0]);
+        assert!(open < at, "{text:#?}");
+        assert_eq!(text[at..at + 3], tail, "{text:#?}");
+        // Inbound and forged packets stay silent drops.
+        assert!(text.iter().any(|t| t == "forward: oifname \"ncl-t\" drop"));
+        assert!(text.iter().any(
+            |t| t == "forward: iifname \"ncl-t\" meta nfproto ipv4 ip saddr != 100.96.0.2 drop"
+        ));
         // The host (input) honours the explicit and /32 rules, not 0.0.0.0/0.
         assert!(text
             .iter()
@@ -634,10 +712,119 @@ mod tests {
         assert!(!text
             .iter()
             .any(|t| t.starts_with("input:") && t.contains("dport 443")));
-        assert_eq!(
-            text.last().unwrap(),
-            "postrouting: iifname \"ncl-t\" meta nfproto ipv4 masquerade"
+        let tail = [
+            "input: iifname \"ncl-t\" meta nfproto ipv4 meta l4proto tcp reject with tcp reset",
+            "input: iifname \"ncl-t\" meta nfproto ipv4 reject with icmpx admin-prohibited",
+            "input: iifname \"ncl-t\" drop",
+            "postrouting: iifname \"ncl-t\" meta nfproto ipv4 masquerade",
+        ];
+        assert_eq!(text[text.len() - 4..], tail, "{text:#?}");
+    }
+
+    /// Every refusal of a packet from the sandbox whose source was checked
+    /// is a reject (a TCP reset, then ICMP for the rest), in a chain where
+    /// the kernel allows `reject`; drops are kept only where no answer may
+    /// be sent.
+    #[test]
+    fn sandbox_packets_are_rejected_not_dropped() {
+        let rules = ruleset(
+            "ncl-t",
+            Ipv4Addr::new(100, 96, 0, 2),
+            &[
+                allow("0.0.0.0", 0, Proto::Any, None),
+                allow("10.1.0.0", 16, Proto::Udp, Some(53)),
+                allow("192.0.2.7", 32, Proto::Tcp, None),
+            ],
+            &[allow("100.96.0.1", 32, Proto::Udp, Some(53))],
         );
+        let mut rejects = 0;
+        for (i, r) in rules.iter().enumerate() {
+            let from_sandbox = r.matches.contains(&Match::IifName("ncl-t".into()));
+            let ipv4 = r.matches.contains(&Match::Ipv4);
+            let forged = r
+                .matches
+                .contains(&Match::SaddrNot(Ipv4Addr::new(100, 96, 0, 2)));
+            match r.verdict {
+                Verdict::RejectTcpReset => {
+                    rejects += 1;
+                    assert!(matches!(r.chain, Chain::Forward | Chain::Input), "{r}");
+                    assert!(from_sandbox && ipv4 && !forged, "{r}");
+                    assert_eq!(r.matches.last(), Some(&Match::L4(IPPROTO_TCP)), "{r}");
+                    // Its ICMP twin follows, for the same packets but TCP.
+                    let twin = &rules[i + 1];
+                    assert_eq!(twin.verdict, Verdict::RejectAdminProhibited, "{twin}");
+                    assert_eq!(twin.chain, r.chain);
+                    assert_eq!(twin.matches[..], r.matches[..r.matches.len() - 1]);
+                }
+                Verdict::RejectAdminProhibited => {
+                    assert!(matches!(r.chain, Chain::Forward | Chain::Input), "{r}");
+                    assert!(from_sandbox && ipv4 && !forged, "{r}");
+                    assert_eq!(rules[i - 1].verdict, Verdict::RejectTcpReset, "{r}");
+                }
+                Verdict::Drop => assert!(
+                    !from_sandbox || forged || !ipv4,
+                    "a drop of checked IPv4 from the sandbox: {r}"
+                ),
+                Verdict::Accept | Verdict::Masquerade => {}
+            }
+        }
+        // 15 special blocks in forward, the catch-alls of forward and input.
+        assert_eq!(rejects, SPECIAL_V4.len() + 2);
+    }
+
+    /// An expression's name and its data attributes.
+    type Expr = (String, Vec<(u16, Vec<u8>)>);
+
+    /// Walks `buf` as a list of expressions.
+    fn exprs(buf: &[u8]) -> Vec<Expr> {
+        use super::super::netlink::attrs;
+        attrs(buf)
+            .map(|(ty, elem)| {
+                assert_eq!(ty, NFTA_LIST_ELEM);
+                let mut name = String::new();
+                let mut data = Vec::new();
+                for (ty, v) in attrs(elem) {
+                    match ty {
+                        NFTA_EXPR_NAME => {
+                            name = String::from_utf8(v.split(|&b| b == 0).next().unwrap().to_vec())
+                                .unwrap()
+                        }
+                        NFTA_EXPR_DATA => data = attrs(v).map(|(t, v)| (t, v.to_vec())).collect(),
+                        _ => panic!("unexpected attribute {ty}"),
+                    }
+                }
+                (name, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reject_verdicts_encode_as_reject_expressions() {
+        let mut m = MsgBuf::new();
+        encode_verdict(&mut m, Verdict::RejectTcpReset);
+        assert_eq!(
+            exprs(m.as_bytes()),
+            vec![(
+                "reject".to_string(),
+                vec![(NFTA_REJECT_TYPE, 1u32.to_be_bytes().to_vec())]
+            )]
+        );
+        let mut m = MsgBuf::new();
+        encode_verdict(&mut m, Verdict::RejectAdminProhibited);
+        assert_eq!(
+            exprs(m.as_bytes()),
+            vec![(
+                "reject".to_string(),
+                vec![
+                    (NFTA_REJECT_TYPE, 2u32.to_be_bytes().to_vec()),
+                    (NFTA_REJECT_ICMP_CODE, vec![3]),
+                ]
+            )]
+        );
+        let mut m = MsgBuf::new();
+        encode_verdict(&mut m, Verdict::Drop);
+        let e = exprs(m.as_bytes());
+        assert_eq!(e[0].0, "immediate");
     }
 
     #[test]
