@@ -283,6 +283,25 @@ struct Cell {
     maxrss_kib_max: i64,
     /// Median wait4 ru_maxrss, KiB.
     maxrss_kib_median: i64,
+    /// Runs slower than [`SLOW_FACTOR`] × this cell's median, counted by
+    /// the runner that ran just before them (`first` for none): a start
+    /// that waits on what the previous sandbox left behind shows up here.
+    slow_after: BTreeMap<String, usize>,
+}
+
+/// A run slower than this multiple of its cell's median is flagged.
+const SLOW_FACTOR: f64 = 1.5;
+
+/// Counts the samples above `SLOW_FACTOR` × `median`, by previous runner.
+fn slow_after(samples: &[(f64, Option<RunnerKind>)], median: f64) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (ms, prev) in samples {
+        if *ms > median * SLOW_FACTOR {
+            let key = prev.map_or("first", RunnerKind::label).to_string();
+            *out.entry(key).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -416,6 +435,9 @@ fn real_main() -> Result<i32> {
     // Measured, interleaved: iteration i runs every workload on every runner,
     // the runner order rotated by i.
     let mut walls: BTreeMap<(WorkloadKind, RunnerKind), Vec<f64>> = BTreeMap::new();
+    let mut prevs: BTreeMap<(WorkloadKind, RunnerKind), Vec<Option<RunnerKind>>> =
+        BTreeMap::new();
+    let mut prev: Option<RunnerKind> = None;
     let mut rss: BTreeMap<(WorkloadKind, RunnerKind), Vec<i64>> = BTreeMap::new();
     let load_start = load1();
     let started = Instant::now();
@@ -435,6 +457,8 @@ fn real_main() -> Result<i32> {
                     .or_default()
                     .push(r.wall.as_secs_f64() * 1e3);
                 rss.entry((w, k)).or_default().push(r.maxrss_kib);
+                prevs.entry((w, k)).or_default().push(prev);
+                prev = Some(k);
                 std::thread::sleep(Duration::from_millis(args.settle_ms));
             }
         }
@@ -455,9 +479,16 @@ fn real_main() -> Result<i32> {
         };
         let mut r = rss.get(&(w, k)).cloned().unwrap_or_default();
         r.sort_unstable();
+        let tagged: Vec<(f64, Option<RunnerKind>)> = samples
+            .iter()
+            .copied()
+            .zip(prevs.get(&(w, k)).cloned().unwrap_or_default())
+            .collect();
+        let slow = slow_after(&tagged, summary.median_ms);
         results.push(Cell {
             workload: w,
             runner: k,
+            slow_after: slow,
             summary,
             maxrss_kib_max: r.last().copied().unwrap_or(0),
             maxrss_kib_median: r.get(r.len() / 2).copied().unwrap_or(0),
@@ -850,9 +881,9 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "| workload | runner | median | p90 | min | median − host² | peak RSS¹ |"
+        "| workload | runner | median | p10–p90 | min–max | slow³ | median − host² | peak RSS¹ |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---|---:|---:|");
     let mut last = None;
     for c in &r.results {
         let w = if last == Some(c.workload) {
@@ -871,13 +902,24 @@ fn markdown(r: &Report) -> String {
             }
             _ => "—".to_string(),
         };
+        let slow = if c.slow_after.is_empty() {
+            "0".to_string()
+        } else {
+            c.slow_after
+                .iter()
+                .map(|(after, n)| format!("{n} after {after}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = writeln!(
             s,
-            "| {w} | {} | {} | {} | {} | {overhead} | {:.1} MiB |",
+            "| {w} | {} | {} | {}–{} | {}–{} | {slow} | {overhead} | {:.1} MiB |",
             c.runner.label(),
             ms(c.summary.median_ms),
+            ms(c.summary.p10_ms),
             ms(c.summary.p90_ms),
             ms(c.summary.min_ms),
+            ms(c.summary.max_ms),
             c.maxrss_kib_max as f64 / 1024.0
         );
     }
@@ -962,6 +1004,10 @@ fn markdown(r: &Report) -> String {
          containerd, the shim and runc are not counted."
     );
     let _ = writeln!(
+        s,
+        "\n³ runs slower than {SLOW_FACTOR}× the cell's median, by the runner that ran just before them.\n"
+    );
+    let _ = write!(
         s,
         "\n² the sandbox's start-up and tear-down cost: its median minus the bare command's. \
          docker / nanoclaw is a target on `/bin/true` only: python's own start-up is longer \

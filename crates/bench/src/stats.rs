@@ -9,6 +9,8 @@ pub struct Summary {
     pub n: usize,
     /// Median (nearest-rank on the sorted samples; mean of the two middle ones for even n).
     pub median_ms: f64,
+    /// 10th percentile (nearest-rank).
+    pub p10_ms: f64,
     /// 90th percentile (nearest-rank).
     pub p90_ms: f64,
     /// Fastest sample.
@@ -35,6 +37,7 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
     Some(Summary {
         n,
         median_ms: median,
+        p10_ms: percentile_nearest_rank(&s, 10.0),
         p90_ms: percentile_nearest_rank(&s, 90.0),
         min_ms: s[0],
         max_ms: s[n - 1],
