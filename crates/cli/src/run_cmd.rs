@@ -6,64 +6,42 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use nanoclaw_sandbox::spec::{Access, Mount, NetLimits, Network, Seccomp, Stdin, User};
-use nanoclaw_sandbox::units::{parse_duration, parse_size};
+use nanoclaw_sandbox::units::{format_duration, format_size, parse_duration, parse_size};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 
 /// Options of `nanoclaw run`.
+///
+/// Limits, `--user` and `--workspace-access` are `Option`s with no clap
+/// default: `Some` means the flag was given before COMMAND (clap puts
+/// everything from COMMAND on into `command`, so a `--timeout` among the
+/// sandboxed command's own arguments is never one of ours). With
+/// `--config`, only given flags override the policy; the defaults are the
+/// engine's (`nanoclaw_sandbox::spec::DEFAULT_*`).
 #[derive(Debug, Args)]
 #[command(trailing_var_arg = true, args_override_self = true)]
 pub struct RunArgs {
-    /// Memory limit, e.g. 256m or 1g.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "512m"
-    )]
-    memory: String,
+    /// Memory limit, e.g. 256m or 1g (default: 512m).
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    memory: Option<String>,
     /// Memory plus swap limit (default: equal to --memory, i.e. no swap).
     #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
     memory_swap: Option<String>,
-    /// CPU quota in cpus (fractional).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "N",
-        default_value = "1"
-    )]
-    cpus: String,
-    /// Maximum number of processes and threads.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "N",
-        default_value = "256"
-    )]
-    pids: String,
-    /// Wall-clock timeout, e.g. 500ms, 30s, 2m.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "DURATION",
-        default_value = "30s"
-    )]
-    timeout: String,
-    /// Size of the writable /tmp.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "100m"
-    )]
-    tmpfs_size: String,
-    /// Per-stream output limit; past it output is dropped and the sandbox killed.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "10m"
-    )]
-    output_limit: String,
+    /// CPU quota in cpus, fractional (default: 1).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    cpus: Option<String>,
+    /// Maximum number of processes and threads (default: 256).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    pids: Option<String>,
+    /// Wall-clock timeout, e.g. 500ms, 30s, 2m (default: 30s).
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Size of the writable /tmp (default: 100m).
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    tmpfs_size: Option<String>,
+    /// Per-stream output limit (default: 10m); past it output is dropped and
+    /// the sandbox killed.
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    output_limit: Option<String>,
     /// Environment variable for the command (repeatable). The host
     /// environment is never inherited.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
@@ -71,20 +49,15 @@ pub struct RunArgs {
     /// Working directory inside the sandbox.
     #[arg(long, value_name = "PATH")]
     workdir: Option<PathBuf>,
-    /// User to run as inside the sandbox.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "UID[:GID]",
-        default_value = "1000:1000"
-    )]
-    user: String,
+    /// User to run as inside the sandbox (default: 1000:1000, or the image's user).
+    #[arg(long, allow_hyphen_values = true, value_name = "UID[:GID]")]
+    user: Option<String>,
     /// Host directory mounted at /workspace (see --workspace-access).
     #[arg(long, value_name = "DIR")]
     workspace: Option<PathBuf>,
-    /// Access to the workspace: none (not mounted), ro or rw.
-    #[arg(long, value_enum, value_name = "ACCESS", default_value = "none")]
-    workspace_access: WorkspaceAccess,
+    /// Access to the workspace: none (not mounted; the default), ro or rw.
+    #[arg(long, value_enum, value_name = "ACCESS")]
+    workspace_access: Option<WorkspaceAccess>,
     /// Bind mount HOST:CONTAINER[:ro|rw] (repeatable; default ro).
     #[arg(long = "mount", short = 'v', value_name = "HOST:CONTAINER[:ro|rw]")]
     mounts: Vec<String>,
@@ -215,15 +188,6 @@ fn parse_user(s: &str) -> Result<User> {
     Ok(User { uid, gid })
 }
 
-/// Whether `--flag` was typed on the command line (not a clap default).
-fn typed(flag: &str) -> bool {
-    let long = format!("--{flag}");
-    let eq = format!("--{flag}=");
-    std::env::args()
-        .take_while(|x| x != "--")
-        .any(|x| x == long || x.starts_with(&eq))
-}
-
 /// With `--config/--agent/--session`: the agent's resolved spec, with the
 /// limits and mounts typed on the command line on top, and the run-only
 /// flags (command, env, user, ...) from `flags`.
@@ -231,15 +195,15 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     use nanoclaw_policy::CliOverrides;
     let l = &flags.limits;
     let mut o = CliOverrides {
-        memory: l.memory.filter(|_| typed("memory")),
-        memory_swap: l.memory_swap.filter(|_| typed("memory-swap")),
-        cpus: l.cpus.filter(|_| typed("cpus")),
-        pids: l.pids.filter(|_| typed("pids")),
-        timeout: typed("timeout").then_some(l.timeout),
-        tmpfs_size: typed("tmpfs-size").then_some(l.tmpfs_size),
-        output_limit: typed("output-limit").then_some(l.output_limit),
+        memory: l.memory.filter(|_| a.memory.is_some()),
+        memory_swap: l.memory_swap.filter(|_| a.memory_swap.is_some()),
+        cpus: l.cpus.filter(|_| a.cpus.is_some()),
+        pids: l.pids.filter(|_| a.pids.is_some()),
+        timeout: a.timeout.is_some().then_some(l.timeout),
+        tmpfs_size: a.tmpfs_size.is_some().then_some(l.tmpfs_size),
+        output_limit: a.output_limit.is_some().then_some(l.output_limit),
         workspace: a.workspace.clone(),
-        workspace_access: typed("workspace-access").then_some(match a.workspace_access {
+        workspace_access: a.workspace_access.map(|w| match w {
             WorkspaceAccess::None => nanoclaw_policy::model::WorkspaceAccess::None,
             WorkspaceAccess::Ro => nanoclaw_policy::model::WorkspaceAccess::Ro,
             WorkspaceAccess::Rw => nanoclaw_policy::model::WorkspaceAccess::Rw,
@@ -264,7 +228,7 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
         // --image, or a language image from execution.languages.
         spec.root = flags.root;
     }
-    if typed("user") {
+    if a.user.is_some() {
         spec.user = flags.user;
     }
     if flags.workdir.is_some() {
@@ -386,30 +350,41 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     let size = |flag: &str, v: &str| -> Result<u64> {
         parse_size(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
     };
+    // Flags not given keep the engine's defaults (SandboxSpec::new).
     let mut spec = SandboxSpec::new(command);
     let l = &mut spec.limits;
-    l.memory = Some(size("memory", &a.memory)?);
+    if let Some(v) = &a.memory {
+        l.memory = Some(size("memory", v)?);
+    }
     l.memory_swap = a
         .memory_swap
         .as_deref()
         .map(|v| size("memory-swap", v))
         .transpose()?;
-    let cpus: f64 = a
-        .cpus
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--cpus {:?}: expected a number such as 0.5 or 2", a.cpus))?;
-    l.cpus = Some(cpus);
-    let pids: u64 = a
-        .pids
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--pids {:?}: expected a whole number such as 256", a.pids))?;
-    l.pids = Some(pids);
-    l.timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-    l.tmpfs_size = size("tmpfs-size", &a.tmpfs_size)?;
-    l.output_limit = size("output-limit", &a.output_limit)?;
-    l.explicit.memory = typed("memory") || typed("memory-swap");
-    l.explicit.cpus = typed("cpus");
-    l.explicit.pids = typed("pids");
+    if let Some(v) = &a.cpus {
+        let cpus: f64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--cpus {v:?}: expected a number such as 0.5 or 2"))?;
+        l.cpus = Some(cpus);
+    }
+    if let Some(v) = &a.pids {
+        let pids: u64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--pids {v:?}: expected a whole number such as 256"))?;
+        l.pids = Some(pids);
+    }
+    if let Some(v) = &a.timeout {
+        l.timeout = parse_duration(v).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    }
+    if let Some(v) = &a.tmpfs_size {
+        l.tmpfs_size = size("tmpfs-size", v)?;
+    }
+    if let Some(v) = &a.output_limit {
+        l.output_limit = size("output-limit", v)?;
+    }
+    l.explicit.memory = a.memory.is_some() || a.memory_swap.is_some();
+    l.explicit.cpus = a.cpus.is_some();
+    l.explicit.pids = a.pids.is_some();
 
     for e in &a.env {
         let (k, v) = e
@@ -418,7 +393,9 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         spec.env.push((k.to_string(), v.to_string()));
     }
     spec.workdir = a.workdir.clone();
-    spec.user = parse_user(&a.user)?;
+    if let Some(u) = &a.user {
+        spec.user = parse_user(u)?;
+    }
     if let Some(img) = &image {
         spec.root = nanoclaw_sandbox::spec::Root::Layers(img.layers.clone());
         let mut env: Vec<(String, String)> = img
@@ -440,7 +417,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
                 .filter(|w| !w.is_empty())
                 .map(PathBuf::from);
         }
-        if !typed("user") {
+        if a.user.is_none() {
             if let Some(u) = img.config.user.as_deref().filter(|u| !u.is_empty()) {
                 spec.user = nanoclaw_image::build::image_user(img, u).map_err(|e| {
                     anyhow::anyhow!("--image {}: {e}; pass --user UID[:GID]", img.reference)
@@ -449,7 +426,10 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
     }
     let mut workspace_source = None;
-    match (&a.workspace, a.workspace_access) {
+    match (
+        &a.workspace,
+        a.workspace_access.unwrap_or(WorkspaceAccess::None),
+    ) {
         (Some(dir), WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
             let source = std::fs::canonicalize(dir).with_context(|| {
                 format!("--workspace {}: directory does not exist", dir.display())
@@ -461,7 +441,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             spec.mounts.push(Mount {
                 source,
                 target: "/workspace".into(),
-                access: if a.workspace_access == WorkspaceAccess::Rw {
+                access: if a.workspace_access == Some(WorkspaceAccess::Rw) {
                     Access::Rw
                 } else {
                     Access::Ro
@@ -475,10 +455,10 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     }
     if let Some(g) = go {
         // Go builds need room the first time; the cache makes later runs fast.
-        if !typed("memory") {
+        if a.memory.is_none() {
             spec.limits.memory = Some(1 << 30);
         }
-        if !typed("timeout") {
+        if a.timeout.is_none() {
             spec.limits.timeout = std::time::Duration::from_secs(120);
         }
         nanoclaw_image::build::prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid)
@@ -565,6 +545,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
         handle_signals: true,
     };
     let sandbox = nanoclaw_sandbox::start(&spec, opts)?;
+    let limits = spec.limits;
     let degraded = &sandbox.layers().degraded;
     if !degraded.is_empty() {
         // One line; `--json` carries the full explanations.
@@ -591,19 +572,33 @@ pub fn run(a: RunArgs) -> Result<u8> {
         serde_json::to_writer(&mut out, &outcome)?;
         writeln!(out)?;
     } else if let Some(k) = outcome.killed_by {
-        let why = match k {
-            KillReason::Timeout => format!("timeout after {}", a.timeout),
-            KillReason::Oom => format!("out of memory (limit {})", a.memory),
-            KillReason::Pids => format!("too many processes (limit {})", a.pids),
-            KillReason::OutputLimit => {
-                format!("output over the limit ({} per stream)", a.output_limit)
-            }
-            KillReason::Killed => "interrupted".to_string(),
-        };
-        eprintln!("nanoclaw: sandbox {} killed: {why}", outcome.sandbox_id);
+        eprintln!(
+            "nanoclaw: sandbox {} killed: {}",
+            outcome.sandbox_id,
+            kill_message(k, &limits)
+        );
     }
     let code = outcome.cli_exit_code();
     Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(125))
+}
+
+/// Why the engine killed the sandbox, with the effective limit that fired
+/// (the spec's, whether it came from a flag, the config or a default).
+fn kill_message(k: KillReason, l: &nanoclaw_sandbox::spec::Limits) -> String {
+    let size = |v: Option<u64>| v.map_or_else(|| "none".to_string(), format_size);
+    match k {
+        KillReason::Timeout => format!("timeout after {}", format_duration(l.timeout)),
+        KillReason::Oom => format!("out of memory (limit {})", size(l.memory)),
+        KillReason::Pids => format!(
+            "too many processes (limit {})",
+            l.pids.map_or_else(|| "none".to_string(), |p| p.to_string())
+        ),
+        KillReason::OutputLimit => format!(
+            "output over the limit ({} per stream)",
+            format_size(l.output_limit)
+        ),
+        KillReason::Killed => "interrupted".to_string(),
+    }
 }
 
 /// `HOST:CONTAINER[:MODE]` with a relative HOST made absolute against the

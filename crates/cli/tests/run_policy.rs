@@ -1,11 +1,15 @@
-//! Black-box tests of `nanoclaw run --config FILE --agent ID`: a
-//! capability gets the same answer from `--cap-add` and from the config's
-//! `cap_add`. As the invoking user (root in CI) and rootless as `nanotest`
-//! (see `common`).
+//! Black-box tests of `nanoclaw run --config FILE --agent ID`: which flags
+//! override the agent's policy (only nanoclaw's own, given before COMMAND),
+//! what the kill message reports, and that a capability gets the same
+//! answer from `--cap-add` and from the config's `cap_add`. As the invoking
+//! user (root in CI) and rootless as `nanotest` (see `common`).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 mod common;
 use common::*;
@@ -39,12 +43,163 @@ impl Drop for Config {
     }
 }
 
+const LIMITS: &str = "agents:
+  list:
+    - id: slow
+      sandbox:
+        timeout: 1s
+    - id: quiet
+      sandbox:
+        outputLimit: 1k
+    - id: few
+      sandbox:
+        pids: 16
+        timeout: 10s
+";
+
 /// `nanoclaw run --config F --agent A ARGS...`.
 fn run_agent(m: Mode, cfg: &Config, agent: &str, args: &[&str]) -> std::process::Output {
     let path = cfg.path();
     let mut a = vec!["run", "--config", path.as_str(), "--agent", agent];
     a.extend_from_slice(args);
     run(m, &a)
+}
+
+/// A `--timeout` that is an argument of the sandboxed command (no `--`
+/// before COMMAND) is the command's, not nanoclaw's: the agent's 1 s
+/// timeout holds, and the kill message names the limit that fired.
+#[test]
+fn flags_after_the_command_do_not_replace_the_policy_timeout() {
+    let cfg = Config::new("timeout", LIMITS);
+    for m in modes("policy timeout") {
+        for args in [
+            &["sh", "-c", "sleep 5", "x", "--timeout", "30s"][..],
+            &["sh", "-c", "sleep 5", "x", "--timeout=30s"][..],
+            &["--", "sh", "-c", "sleep 5", "x", "--timeout", "30s"][..],
+        ] {
+            let started = Instant::now();
+            let o = run_agent(m, &cfg, "slow", args);
+            let took = started.elapsed();
+            let err = text(&o.stderr);
+            assert_eq!(code(&o), 124, "[{}] {args:?}: {err}", m.name);
+            assert!(
+                took < Duration::from_secs(4),
+                "[{}] {args:?}: killed after {took:?}, not at the policy's 1s",
+                m.name
+            );
+            assert!(
+                err.contains("killed: timeout after 1s"),
+                "[{}] {args:?}: the message must name the 1s that fired: {err}",
+                m.name
+            );
+        }
+        // Given before COMMAND, the flag is nanoclaw's and overrides the file.
+        let o = run_agent(
+            m,
+            &cfg,
+            "slow",
+            &["--timeout", "5s", "sh", "-c", "sleep 1.5; echo ok"],
+        );
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        assert_eq!(text(&o.stdout), "ok\n", "[{}]", m.name);
+        // Without a config the message names the flag's effective value too.
+        let o = run(m, &["run", "--timeout", "500ms", "--", "sleep", "5"]);
+        assert_eq!(code(&o), 124, "[{}] {}", m.name, text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("killed: timeout after 500ms"),
+            "[{}] {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}
+
+/// The same for `--output-limit` and `--pids` among the command's arguments.
+#[test]
+fn flags_after_the_command_do_not_replace_other_policy_limits() {
+    let cfg = Config::new("limits", LIMITS);
+    for m in modes("policy limits") {
+        // outputLimit: 1k; the command's own `--output-limit 10m` is ignored.
+        let o = run_agent(
+            m,
+            &cfg,
+            "quiet",
+            &[
+                "sh",
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' a",
+                "x",
+                "--output-limit",
+                "10m",
+            ],
+        );
+        let err = text(&o.stderr);
+        assert!(
+            o.stdout.len() <= 1024,
+            "[{}] {} bytes passed a 1k output limit; stderr: {err}",
+            m.name,
+            o.stdout.len()
+        );
+        assert!(
+            err.contains("killed: output over the limit (1 KiB per stream)"),
+            "[{}] {err}",
+            m.name
+        );
+        let path = cfg.path();
+        let o = run(
+            m,
+            &[
+                "run",
+                "--json",
+                "--config",
+                &path,
+                "--agent",
+                "quiet",
+                "sh",
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' a",
+                "x",
+                "--output-limit=10m",
+            ],
+        );
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("[{}] not JSON ({e}): {}", m.name, text(&o.stderr)));
+        assert_eq!(v["killed_by"], "output_limit", "[{}] {v}", m.name);
+
+        // pids: 16; the command's own `--pids 1000` is ignored. Needs a
+        // cgroup: rootless only where one is delegated.
+        let o = run_agent(
+            m,
+            &cfg,
+            "few",
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 40); do sleep 3 & done; wait; echo all forked",
+                "x",
+                "--pids",
+                "1000",
+            ],
+        );
+        let err = text(&o.stderr);
+        if m.user.is_some() && code(&o) == 125 && err.contains("cannot enforce the pids") {
+            eprintln!(
+                "SKIPPED policy pids ({}): no delegated pids cgroup on this host: {err}",
+                m.name
+            );
+            continue;
+        }
+        assert!(
+            !text(&o.stdout).contains("all forked"),
+            "[{}] 40 processes ran under the policy's pids 16: {err}",
+            m.name
+        );
+        assert!(
+            err.contains("killed: too many processes (limit 16)"),
+            "[{}] {err}",
+            m.name
+        );
+    }
 }
 
 /// One capability table: a capability the engine grants through
