@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use nanoclaw_image::go::GoRun;
 use nanoclaw_sandbox::spec::{Access, Mount, NetLimits, Network, Seccomp, Stdin, User};
 use nanoclaw_sandbox::units::{format_duration, format_size, parse_duration, parse_size};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
@@ -134,7 +135,8 @@ enum Lang {
     Node,
     Bash,
     Sh,
-    /// Compiled with the root's `go` (build cache kept between runs), then run.
+    /// Compiled with the root's `go` (a per-run build cache over a shared,
+    /// read-only compiled standard library), then run.
     Go,
 }
 
@@ -244,13 +246,43 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     Ok(spec)
 }
 
-/// Builds the spec from the flags. Every error here is the user's input.
-fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
-    let spec = flag_spec(a)?;
+/// Builds the spec from the flags (and the config, with `--config`), and
+/// the `--lang go` additions still to make to it ([`add_go`]). Every error
+/// here is the user's input.
+fn build_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
+    let (spec, go) = flag_spec(a)?;
     if a.policy.is_requested() {
-        return policy_spec(a, spec);
+        return Ok((policy_spec(a, spec)?, go));
     }
-    Ok(spec)
+    Ok((spec, go))
+}
+
+/// `--lang go` on the final spec: the Go environment, and the shared
+/// read-only standard-library cache for this root (published by a warm-up
+/// sandbox the first time; see `nanoclaw_image::go`). Without one the run
+/// still works, compiling what it needs into its own cache. Returns false
+/// when the warm-up was interrupted.
+fn add_go(spec: &mut SandboxSpec, g: GoRun) -> Result<bool> {
+    use nanoclaw_image::go::{std_cache, std_cache_base, GoError, GO_SHARED_CACHE_TARGET};
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    match std_cache(&std_cache_base(), &spec.root, path.as_deref(), spec.user) {
+        Ok(dir) => spec.mounts.push(Mount {
+            source: dir,
+            target: GO_SHARED_CACHE_TARGET.into(),
+            access: Access::Ro,
+        }),
+        Err(GoError::Interrupted) => return Ok(false),
+        Err(e) => eprintln!(
+            "nanoclaw: warning: --lang go: no shared standard-library cache ({e}); this run compiles what it needs itself"
+        ),
+    }
+    spec.env.extend(g.env);
+    Ok(true)
 }
 
 /// Resolves `--image` from the local store: the root's layers and the
@@ -289,8 +321,8 @@ fn language_setting(cfg: &Path, lang: Lang) -> Result<(Option<String>, Option<St
     })
 }
 
-/// The spec from the command-line flags alone.
-fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
+/// The spec from the command-line flags alone, and the `--lang go` run.
+fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
     // `--lang` resolves through the config's `execution.languages` (when a
     // config is given): an image reference runs the snippet in that image,
     // an absolute path is the interpreter to use.
@@ -305,7 +337,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         .map(image_root)
         .transpose()?;
     let mut command = a.command.clone();
-    let mut go: Option<nanoclaw_image::build::GoRun> = None;
+    let mut go: Option<GoRun> = None;
     if let Some(img) = &image {
         if a.lang.is_none() {
             // Docker semantics: arguments replace CMD; ENTRYPOINT stays.
@@ -327,7 +359,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             _ => bail!("--lang needs the snippet: pass --code CODE or --file PATH"),
         };
         if lang == Lang::Go {
-            let g = nanoclaw_image::build::go_command(&code, &command)
+            let g = nanoclaw_image::go::go_command(&code, &command)
                 .map_err(|e| anyhow::anyhow!("--lang go: {e}"))?;
             command = g.command.clone();
             go = Some(g);
@@ -453,27 +485,15 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
         (_, WorkspaceAccess::None) => {}
     }
-    if let Some(g) = go {
-        // Go builds need room the first time; the cache makes later runs fast.
+    if go.is_some() {
+        // A compile needs room: unless given, 1g of memory and 120 s (a
+        // config's limits replace these, see policy_spec).
         if a.memory.is_none() {
             spec.limits.memory = Some(1 << 30);
         }
         if a.timeout.is_none() {
             spec.limits.timeout = std::time::Duration::from_secs(120);
         }
-        nanoclaw_image::build::prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid)
-            .with_context(|| {
-                format!(
-                    "--lang go: cannot prepare the build cache {}",
-                    g.cache_dir.display()
-                )
-            })?;
-        spec.env.extend(g.env);
-        spec.mounts.push(Mount {
-            source: g.cache_dir,
-            target: nanoclaw_image::build::GO_CACHE_TARGET.into(),
-            access: Access::Rw,
-        });
     }
     // The same dangerous-source checks as the config file (/, /etc, the
     // Docker socket, ~/.ssh, .env files, ...), for the flags too.
@@ -528,12 +548,18 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             Seccomp::Profile(path.to_path_buf())
         }
     };
-    Ok(spec)
+    Ok((spec, go))
 }
 
 /// Runs `nanoclaw run`; returns the process exit code.
 pub fn run(a: RunArgs) -> Result<u8> {
-    let spec = build_spec(&a)?;
+    let (mut spec, go) = build_spec(&a)?;
+    if let Some(g) = go {
+        if !add_go(&mut spec, g)? {
+            eprintln!("nanoclaw: interrupted while preparing the Go standard library");
+            return Ok(130);
+        }
+    }
     if matches!(spec.network, Network::Open { .. }) {
         eprintln!("nanoclaw: warning: --network open: the sandbox may reach any public address through nanoclaw's proxy (loopback, private and metadata addresses stay blocked)");
     }
