@@ -22,24 +22,16 @@
 //!
 //! # `--lang go` (run_cmd.rs)
 //!
-//! `nanoclaw_image::build::go_command(code, args)` returns the argv and env
-//! to use instead of `[interp, flag, code]`, and the host folder for Go's
-//! build cache. In `flag_spec`, for `Lang::Go` (a new variant):
-//!
-//! ```ignore
-//! let g = nanoclaw_image::build::go_command(&code, &command)?;
-//! command = g.command;
-//! // after the spec's user is known:
-//! nanoclaw_image::build::prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid)?;
-//! spec.env.extend(g.env);
-//! spec.mounts.push(Mount { source: g.cache_dir, target: nanoclaw_image::build::GO_CACHE_TARGET.into(), access: Access::Rw });
-//! // go build needs room the first time: unless typed, raise memory to 1g and timeout to 120s.
-//! ```
+//! `nanoclaw_image::go::go_command(code, args)` returns the argv and env to
+//! use instead of `[interp, flag, code]`; `run_cmd::add_go` adds them to the
+//! final spec with the shared, read-only standard-library cache from
+//! `nanoclaw_image::go::std_cache` mounted at `GO_SHARED_CACHE_TARGET`.
+//! Each run's own build cache lives on its `/tmp`; nothing writable is
+//! shared (see the `nanoclaw_image::go` module docs).
 //!
 //! The `go` binary comes from the root: the host's (`apt-get install
 //! golang-go` puts it in /usr/bin, visible through the host root's /usr
-//! bind) or the image's (`--image golang:1.21-alpine`). See
-//! [`nanoclaw_image::build::go_command`] for what it needs.
+//! bind) or the image's (`--image golang:1.21-alpine`).
 //!
 //! # CI
 //!

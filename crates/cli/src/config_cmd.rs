@@ -28,9 +28,10 @@
 //! For `nanoclaw run`: add `#[command(flatten)] policy: config_cmd::PolicyArgs`
 //! to `RunArgs` (it brings `--config`, `--agent`, `--session`). When
 //! `policy.is_requested()`, build a `nanoclaw_policy::CliOverrides` from the
-//! flags the user actually typed (`ArgMatches::value_source(..) ==
-//! Some(ValueSource::CommandLine)`; never the clap defaults, or they would
-//! silently beat the file) and call [`plan_run`]. It returns the
+//! flags the user actually gave (`RunArgs` keeps them as `Option`s with no
+//! clap default; never a default, or it would silently beat the file, and
+//! never a scan of argv, where the sandboxed command's own arguments look
+//! like flags) and call [`plan_run`]. It returns the
 //! `SandboxSpec` (limits.explicit set for file and CLI values), the tool
 //! policy and the source of every value. Then apply the run-only flags
 //! (`--env`, `--user`, `--workdir`, `--stdin`, `--exec-allow`, ...) to the

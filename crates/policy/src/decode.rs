@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nanoclaw_sandbox::native::caps;
 use nanoclaw_sandbox::spec::MIN_MEMORY;
 use nanoclaw_sandbox::units::{parse_duration, parse_size};
 
@@ -24,70 +25,6 @@ pub struct DecodeEnv<'a> {
     /// `$HOME`, for `~/` in paths.
     pub home: Option<PathBuf>,
 }
-
-/// Capabilities that may never be granted, and why.
-pub const REFUSED_CAPS: &[(&str, &str)] = &[
-    (
-        "SYS_ADMIN",
-        "it is nearly root (mount, namespaces, bpf, ...)",
-    ),
-    ("SYS_MODULE", "it loads kernel modules"),
-    ("SYS_PTRACE", "it traces and injects into other processes"),
-    ("SYS_RAWIO", "it gives raw I/O port and device access"),
-    ("SYS_BOOT", "it reboots the host"),
-    ("NET_ADMIN", "it reconfigures networking and firewalls"),
-    ("NET_RAW", "it forges packets with raw sockets"),
-    ("BPF", "it loads eBPF programs into the kernel"),
-    ("PERFMON", "it exposes kernel performance data and eBPF"),
-    (
-        "MAC_ADMIN",
-        "it changes the mandatory access control policy",
-    ),
-    ("MAC_OVERRIDE", "it bypasses mandatory access control"),
-    (
-        "DAC_READ_SEARCH",
-        "it opens files by handle, bypassing path checks (shocker)",
-    ),
-    ("SYSLOG", "it reads and controls the kernel log"),
-    ("SYS_TIME", "it changes the host clock"),
-    (
-        "LINUX_IMMUTABLE",
-        "it changes immutable and append-only files",
-    ),
-    ("SYS_RESOURCE", "it overrides resource limits"),
-    ("WAKE_ALARM", "it wakes the host"),
-    ("BLOCK_SUSPEND", "it blocks host suspend"),
-    ("AUDIT_CONTROL", "it controls kernel auditing"),
-    ("AUDIT_READ", "it reads the kernel audit log"),
-    (
-        "CHECKPOINT_RESTORE",
-        "it restores processes with chosen pids",
-    ),
-    ("SYS_NICE", "it starves other processes"),
-    ("SYS_PACCT", "it controls process accounting"),
-    ("SYS_TTY_CONFIG", "it reconfigures host terminals"),
-    ("IPC_LOCK", "it locks memory"),
-    ("IPC_OWNER", "it bypasses IPC permission checks"),
-    ("LEASE", "it takes leases on files"),
-];
-
-/// Capabilities that may be granted (inside the sandbox's user namespace).
-pub const GRANTABLE_CAPS: &[&str] = &[
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "SETFCAP",
-    "NET_BIND_SERVICE",
-    "MKNOD",
-    "AUDIT_WRITE",
-    "SYS_CHROOT",
-    "NET_BROADCAST",
-];
 
 /// LLM providers nanoclaw knows.
 pub const KNOWN_PROVIDERS: &[&str] = &[
@@ -795,17 +732,18 @@ impl<'a> Decoder<'a> {
                 self.err(&p, v.pos, "privileged: true is not allowed: a privileged sandbox gets every capability, the host's devices and no seccomp filter, so hostile code could take over the host; remove the key (or set it to false) and grant single capabilities with cap_add if a step really needs one");
             }
         }
+        // Capability names are decided by the engine's one table
+        // (nanoclaw_sandbox::native::caps), so `cap_add` here and
+        // `--cap-add` get the same answer with the same reason.
         if let Some((v, p)) = f.get("cap_drop") {
             if let Some(items) = self.string_list(v, &p, "capability names") {
                 for (c, pos, ip) in items {
-                    let n = cap_name(&c);
-                    if n != "ALL"
-                        && !GRANTABLE_CAPS.contains(&n.as_str())
-                        && !REFUSED_CAPS.iter().any(|(r, _)| *r == n)
-                    {
-                        self.unknown_cap(&ip, pos, &c);
-                    } else {
-                        s.cap_drop.push(n);
+                    match caps::canonical_name(&c) {
+                        Some(n) => s.cap_drop.push(n.to_string()),
+                        None if c.trim().eq_ignore_ascii_case("ALL") => {
+                            s.cap_drop.push("ALL".to_string())
+                        }
+                        None => self.cap_error(&ip, pos, &c),
                     }
                 }
             }
@@ -813,15 +751,9 @@ impl<'a> Decoder<'a> {
         if let Some((v, p)) = f.get("cap_add") {
             if let Some(items) = self.string_list(v, &p, "capability names") {
                 for (c, pos, ip) in items {
-                    let n = cap_name(&c);
-                    if let Some((_, why)) = REFUSED_CAPS.iter().find(|(r, _)| *r == n) {
-                        self.err(&ip, pos, format!("capability {n} is refused: {why}; nanoclaw grants only capabilities that stay inside the sandbox ({})", GRANTABLE_CAPS.join(", ")));
-                    } else if n == "ALL" {
-                        self.err(&ip, pos, "cap_add: ALL is refused: it would grant SYS_ADMIN and the other dangerous capabilities; list the few you need");
-                    } else if !GRANTABLE_CAPS.contains(&n.as_str()) {
-                        self.unknown_cap(&ip, pos, &c);
-                    } else {
-                        s.cap_add.push(n);
+                    match caps::parse_cap(&c) {
+                        Ok(cap) => s.cap_add.push(cap.name().to_string()),
+                        Err(_) => self.cap_error(&ip, pos, &c),
                     }
                 }
             }
@@ -874,23 +806,16 @@ impl<'a> Decoder<'a> {
         s
     }
 
-    fn unknown_cap(&mut self, path: &str, pos: Pos, c: &str) {
-        let all = GRANTABLE_CAPS
-            .iter()
-            .copied()
-            .chain(REFUSED_CAPS.iter().map(|(r, _)| *r));
-        let n = cap_name(c);
-        let hint = suggest(&n, all);
-        let mut d = Diagnostic::error(
-            path,
-            pos,
-            format!(
-                "unknown capability {c:?}{}",
-                hint.map(|h| format!("; did you mean `{h}`?"))
-                    .unwrap_or_default()
-            ),
-        );
-        d.did_you_mean = hint.map(str::to_string);
+    /// The engine's answer for a refused or unknown capability name, as a
+    /// diagnostic (with the closest known name as `did_you_mean`).
+    fn cap_error(&mut self, path: &str, pos: Pos, c: &str) {
+        let Err(e) = caps::parse_cap(c) else {
+            return;
+        };
+        let mut d = Diagnostic::error(path, pos, e.to_string());
+        if let caps::CapError::Unknown { near, .. } = &e {
+            d.did_you_mean = near.first().map(|n| n.to_string());
+        }
         self.diags.push(d);
     }
 
@@ -1408,11 +1333,6 @@ impl<'a> Decoder<'a> {
         }
         s
     }
-}
-
-fn cap_name(c: &str) -> String {
-    let u = c.trim().to_ascii_uppercase();
-    u.strip_prefix("CAP_").map(str::to_string).unwrap_or(u)
 }
 
 trait PortOk {

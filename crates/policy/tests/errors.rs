@@ -163,14 +163,17 @@ fn privileged_is_refused_with_reason() {
 
 #[test]
 fn dangerous_capabilities_and_network() {
-    check("security:\n  cap_add: [SYS_ADMIN]\n", "security.cap_add[0]", 2, 13, "capability SYS_ADMIN is refused: it is nearly root (mount, namespaces, bpf, ...); nanoclaw grants only capabilities that stay inside the sandbox (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, SETFCAP, NET_BIND_SERVICE, MKNOD, AUDIT_WRITE, SYS_CHROOT, NET_BROADCAST)");
+    check("security:\n  cap_add: [SYS_ADMIN]\n", "security.cap_add[0]", 2, 13, "capability SYS_ADMIN is refused: CAP_SYS_ADMIN the catch-all capability: mount, namespaces, BPF maps, quotas and much more; it makes most container escapes possible. Nanoclaw never grants it; run the step outside the sandbox if it truly needs it");
     check(
         "security:\n  cap_add: [CHWON]\n",
         "security.cap_add[0]",
         2,
         13,
-        "unknown capability \"CHWON\"; did you mean `CHOWN`?",
+        "no such capability \"CHWON\"; did you mean CHOWN?; grantable: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_BROADCAST, IPC_LOCK, SYS_CHROOT, SYS_NICE, SYS_RESOURCE, MKNOD, AUDIT_WRITE, SETFCAP",
     );
+    let l = load("security:\n  cap_add: [CHWON]\n");
+    let e = l.errors().next().expect("an error");
+    assert_eq!(e.did_you_mean.as_deref(), Some("CHOWN"));
     check("security:\n  network_mode: host\n", "security.network_mode", 2, 17, "network \"host\" would share the host's network stack with sandboxed code and is refused; use open for full egress or allowlist with allowedHosts");
     check("security:\n  network_mode: nonee\n", "security.network_mode", 2, 17, "invalid value \"nonee\": expected one of none, allowlist, open, bridge; did you mean `none`?");
     check("security:\n  allowed_hosts: [\"https://api.anthropic.com\"]\n", "security.allowed_hosts[0]", 2, 19, "allowed host \"https://api.anthropic.com\" must be a host name (optionally *.domain and :port), without scheme or path, e.g. api.anthropic.com");
@@ -391,4 +394,41 @@ fn real_symlink_and_dotdot_do_not_bypass() {
         },
     );
     assert!(!l.has_errors(), "{:?}", l.diagnostics);
+}
+
+/// `security.cap_add` gets the engine's answer (`--cap-add`), name for
+/// name: one capability table decides both.
+#[test]
+fn cap_add_answers_like_the_engine() {
+    use nanoclaw_sandbox::native::caps;
+    let mut names: Vec<String> = (0..=caps::LAST_KNOWN_CAP)
+        .map(|i| caps::names(1u64 << i)[0].clone())
+        .collect();
+    names.extend(["sys_nice", "SYS_ADMIN", "all", "CHWON", "frobnicate"].map(String::from));
+    for name in names {
+        let l = load(&format!("security:\n  cap_add: [{name}]\n"));
+        let errs: Vec<_> = l.errors().collect();
+        match caps::parse_cap(&name) {
+            Ok(cap) => {
+                assert!(
+                    errs.is_empty(),
+                    "{name}: the engine grants it, the config refuses: {errs:?}"
+                );
+                assert_eq!(l.config.security.cap_add, [cap.name()], "{name}");
+            }
+            Err(e) => {
+                assert_eq!(
+                    errs.len(),
+                    1,
+                    "{name}: the engine refuses it ({e}), the config: {errs:?}"
+                );
+                assert_eq!(errs[0].message, e.to_string(), "{name}");
+            }
+        }
+    }
+    // cap_drop accepts every capability the kernel knows, and ALL.
+    let l = load("security:\n  cap_drop: [ALL, cap_sys_admin, sys_nice]\n  cap_add: [SYS_NICE]\n");
+    assert!(!l.has_errors(), "{:?}", l.diagnostics);
+    assert_eq!(l.config.security.cap_drop, ["ALL", "SYS_ADMIN", "SYS_NICE"]);
+    assert!(load("security:\n  cap_drop: [CHWON]\n").has_errors());
 }

@@ -86,11 +86,15 @@ pub struct Outcome {
     pub signal: Option<i32>,
     /// Why the engine killed the sandbox, if it did.
     pub killed_by: Option<KillReason>,
-    /// Captured stdout (empty when streamed).
-    #[serde(with = "lossy_bytes")]
+    /// Captured stdout (empty when streamed). In JSON: `stdout`, the text
+    /// (invalid UTF-8 replaced by U+FFFD, for people), and `stdout_b64`,
+    /// the exact bytes in base64, present only when they are not valid
+    /// UTF-8; reading JSON prefers `stdout_b64`, so a round trip is exact.
+    #[serde(flatten, with = "stdout_stream")]
     pub stdout: Vec<u8>,
-    /// Captured stderr (empty when streamed).
-    #[serde(with = "lossy_bytes")]
+    /// Captured stderr (empty when streamed); in JSON `stderr` and
+    /// `stderr_b64`, as for `stdout`.
+    #[serde(flatten, with = "stderr_stream")]
     pub stderr: Vec<u8>,
     /// stdout went past the output limit and the rest was dropped.
     pub stdout_truncated: bool,
@@ -127,15 +131,86 @@ impl Outcome {
     }
 }
 
-mod lossy_bytes {
+/// One output stream in JSON: `NAME` (lossy text) and, when the bytes are
+/// not valid UTF-8, `NAME_b64` (standard base64 of the exact bytes).
+mod stream {
+    use base64::Engine;
+    use serde::ser::SerializeMap;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(
+        name: &str,
+        b64_name: &str,
+        b: &[u8],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        match std::str::from_utf8(b) {
+            Ok(text) => m.serialize_entry(name, text)?,
+            Err(_) => {
+                m.serialize_entry(name, &String::from_utf8_lossy(b))?;
+                let exact = base64::engine::general_purpose::STANDARD.encode(b);
+                m.serialize_entry(b64_name, &exact)?;
+            }
+        }
+        m.end()
+    }
+
+    /// The value of one stream from its two keys: the exact bytes of
+    /// `NAME_b64` when present, else the text of `NAME`.
+    pub fn decode<E: serde::de::Error>(
+        name: &str,
+        text: Option<String>,
+        b64: Option<String>,
+    ) -> Result<Vec<u8>, E> {
+        match (b64, text) {
+            (Some(b64), _) => base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| E::custom(format!("{name}_b64: {e}"))),
+            (None, Some(t)) => Ok(t.into_bytes()),
+            (None, None) => Err(E::custom(format!("missing field `{name}`"))),
+        }
+    }
+}
+
+// Each flattened stream names only its own two keys: a flattened field
+// takes the keys it knows out of the object, so one struct for both
+// streams would leave none for the second.
+mod stdout_stream {
     use serde::{Deserialize, Deserializer, Serializer};
 
+    #[derive(Deserialize)]
+    struct Keys {
+        stdout: Option<String>,
+        stdout_b64: Option<String>,
+    }
+
     pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&String::from_utf8_lossy(b))
+        super::stream::serialize("stdout", "stdout_b64", b, s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        Ok(String::deserialize(d)?.into_bytes())
+        let k = Keys::deserialize(d)?;
+        super::stream::decode("stdout", k.stdout, k.stdout_b64)
+    }
+}
+
+mod stderr_stream {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    struct Keys {
+        stderr: Option<String>,
+        stderr_b64: Option<String>,
+    }
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        super::stream::serialize("stderr", "stderr_b64", b, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let k = Keys::deserialize(d)?;
+        super::stream::decode("stderr", k.stderr, k.stderr_b64)
     }
 }
 
@@ -150,5 +225,66 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(stdout: &[u8], stderr: &[u8]) -> Outcome {
+        Outcome {
+            exit_code: Some(0),
+            signal: None,
+            killed_by: None,
+            stdout: stdout.to_vec(),
+            stderr: stderr.to_vec(),
+            stdout_truncated: false,
+            stderr_truncated: true,
+            duration: Duration::from_millis(12),
+            cpu_time: Duration::from_millis(3),
+            peak_memory_bytes: Some(1 << 20),
+            sandbox_id: "abc".into(),
+            layers: Layers::default(),
+            network: NetworkReport::default(),
+        }
+    }
+
+    /// Binary output survives a JSON round trip byte for byte.
+    #[test]
+    fn binary_output_round_trips_exactly() {
+        let bin: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, b'\n', 0xc3]).collect();
+        for (out, err) in [
+            (bin.as_slice(), b"fine\n".as_slice()),
+            (b"caf\xc3\xa9 ok\n".as_slice(), bin.as_slice()),
+            (b"".as_slice(), b"\x80".as_slice()),
+        ] {
+            let o = outcome(out, err);
+            let json = serde_json::to_string(&o).expect("serializes");
+            let back: Outcome = serde_json::from_str(&json).expect("parses");
+            assert_eq!(back, o, "{json}");
+        }
+    }
+
+    /// Text stays readable; the base64 field appears only for bytes that
+    /// are not UTF-8.
+    #[test]
+    fn json_shape_of_the_streams() {
+        let v = serde_json::to_value(outcome(b"h\xc3\xa9\n", b"bad \xff\n")).expect("json");
+        assert_eq!(v["stdout"], "h\u{e9}\n");
+        assert!(v.get("stdout_b64").is_none(), "{v}");
+        assert_eq!(v["stderr"], "bad \u{fffd}\n");
+        assert_eq!(v["stderr_b64"], "YmFkIP8K");
+        assert_eq!(v["stderr_truncated"], true);
+        assert_eq!(v["duration_ms"], 12);
+        // JSON from before the b64 fields (text only) still reads.
+        let mut old = v.clone();
+        old.as_object_mut().expect("object").remove("stderr_b64");
+        let back: Outcome = serde_json::from_value(old).expect("parses");
+        assert_eq!(back.stderr, "bad \u{fffd}\n".as_bytes());
+        // A bad base64 field is an error, not silently the lossy text.
+        let mut bad = v;
+        bad["stderr_b64"] = "***".into();
+        assert!(serde_json::from_value::<Outcome>(bad).is_err());
     }
 }

@@ -156,9 +156,17 @@ pub struct Mount {
     pub access: Access,
 }
 
-/// Resource limits. `None` means "no limit of this kind".
+/// Resource limits.
+///
+/// In JSON every field is optional: a missing field takes its default
+/// ([`DEFAULT_MEMORY`], [`DEFAULT_CPUS`], [`DEFAULT_PIDS`],
+/// [`DEFAULT_TIMEOUT`], [`DEFAULT_TMPFS_SIZE`], [`DEFAULT_OUTPUT_LIMIT`];
+/// `memory_swap` defaults to "equal to memory", i.e. no swap), so a partial
+/// object such as `{"timeout": 1000}` keeps every other limit. Only an
+/// explicit `null` for `memory`, `memory_swap`, `cpus` or `pids` means "no
+/// limit of this kind" (`None`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Memory limit in bytes.
     pub memory: Option<u64>,
@@ -179,13 +187,12 @@ pub struct Limits {
     /// Which limits were asked for explicitly (rather than defaulted); an
     /// explicit limit that cannot be enforced is an error, a defaulted one
     /// degrades with a warning.
-    #[serde(default)]
     pub explicit: ExplicitLimits,
 }
 
-/// Which limits the caller set explicitly.
+/// Which limits the caller set explicitly (a missing field is `false`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ExplicitLimits {
     /// `memory` or `memory_swap` was set explicitly.
     pub memory: bool,
@@ -245,8 +252,13 @@ pub const DEFAULT_NET_MAX_BYTES: u64 = 1 << 30;
 /// out; `allowlist` and `open` add nanoclaw's egress proxy, listening on the
 /// sandbox's `127.0.0.1:3128` (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` are
 /// set), which checks every destination on the host side.
+///
+/// In JSON the variants are `"none"`, `{"allowlist": {"hosts": [...],
+/// "cidrs": [...], "limits": {...}}}`, `{"kernel": {"cidrs": [...]}}` and
+/// `{"open": {"limits": {...}}}`; an unknown field inside a variant is an
+/// error (a misspelt rule must not silently vanish).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Network {
     /// An empty network namespace: loopback only.
     #[default]
@@ -277,9 +289,10 @@ pub enum Network {
     },
 }
 
-/// Per-sandbox caps on proxied traffic.
+/// Per-sandbox caps on proxied traffic (in JSON a missing field takes its
+/// default, [`DEFAULT_NET_MAX_CONNECTIONS`] or [`DEFAULT_NET_MAX_BYTES`]).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct NetLimits {
     /// Most concurrent connections.
     pub max_connections: u32,
@@ -340,5 +353,127 @@ mod duration_ms {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<SandboxSpec, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    /// A partial `limits` object keeps every limit it does not name at its
+    /// default: a missing field never means "no limit".
+    #[test]
+    fn partial_limits_keep_the_defaults() {
+        // The old fail-open shape: the non-optional fields given, the
+        // optional ones left out.
+        let s = spec(
+            r#"{"command": ["true"], "limits": {"timeout": 1000, "tmpfs_size": 1048576, "output_limit": 1024}}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            s.limits.memory,
+            Some(DEFAULT_MEMORY),
+            "memory limit dropped"
+        );
+        assert_eq!(s.limits.cpus, Some(DEFAULT_CPUS), "cpu limit dropped");
+        assert_eq!(s.limits.pids, Some(DEFAULT_PIDS), "pids limit dropped");
+        assert_eq!(s.limits.tmpfs_size, 1 << 20);
+
+        let s = spec(r#"{"command": ["true"], "limits": {"timeout": 1000}}"#).expect("parses");
+        let l = s.limits;
+        assert_eq!(l.timeout, Duration::from_secs(1));
+        assert_eq!(l.memory, Some(DEFAULT_MEMORY));
+        assert_eq!(l.cpus, Some(DEFAULT_CPUS));
+        assert_eq!(l.pids, Some(DEFAULT_PIDS));
+        assert_eq!(l.memory_swap, None);
+        assert_eq!(l.effective_memory_swap(), Some(DEFAULT_MEMORY));
+        assert_eq!(l.tmpfs_size, DEFAULT_TMPFS_SIZE);
+        assert_eq!(l.output_limit, DEFAULT_OUTPUT_LIMIT);
+        assert_eq!(l.explicit, ExplicitLimits::default());
+
+        let s = spec(r#"{"command": ["true"], "limits": {}}"#).expect("parses");
+        assert_eq!(s.limits, Limits::default());
+        let s = spec(r#"{"command": ["true"], "limits": {"explicit": {"pids": true}}}"#)
+            .expect("parses");
+        assert!(s.limits.explicit.pids && !s.limits.explicit.memory);
+        assert_eq!(s.limits.pids, Some(DEFAULT_PIDS));
+    }
+
+    /// Only an explicit `null` lifts a limit.
+    #[test]
+    fn explicit_null_means_no_limit() {
+        let s = spec(
+            r#"{"command": ["true"], "limits": {"memory": null, "cpus": null, "pids": null}}"#,
+        )
+        .expect("parses");
+        assert_eq!(s.limits.memory, None);
+        assert_eq!(s.limits.cpus, None);
+        assert_eq!(s.limits.pids, None);
+        assert_eq!(s.limits.timeout, DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn unknown_limit_fields_are_refused() {
+        let e = spec(r#"{"command": ["true"], "limits": {"memroy": 1}}"#).expect_err("refused");
+        assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    /// Unknown fields inside a network variant are an error, not ignored.
+    #[test]
+    fn unknown_fields_in_network_variants_are_refused() {
+        for bad in [
+            r#"{"allowlist": {"hosts": ["a.example"], "cidrs": [], "hostz": ["b.example"]}}"#,
+            r#"{"allowlist": {"hosts": [], "cidrs": [], "limits": {"max_conections": 1}}}"#,
+            r#"{"kernel": {"cidrs": ["10.0.0.0/8"], "ports": [22]}}"#,
+            r#"{"open": {"limits": {}, "allow_private": true}}"#,
+        ] {
+            let json = format!(r#"{{"command": ["true"], "network": {bad}}}"#);
+            assert!(spec(&json).is_err(), "accepted: {bad}");
+        }
+        // The documented shapes still parse.
+        let s = spec(
+            r#"{"command": ["true"], "network": {"allowlist": {"hosts": ["a.example"], "cidrs": [], "limits": {"max_bytes": 5}}}}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            s.network,
+            Network::Allowlist {
+                hosts: vec!["a.example".into()],
+                cidrs: vec![],
+                limits: NetLimits {
+                    max_connections: DEFAULT_NET_MAX_CONNECTIONS,
+                    max_bytes: 5
+                },
+            }
+        );
+        let s = spec(r#"{"command": ["true"], "network": {"open": {}}}"#).expect("parses");
+        assert_eq!(
+            s.network,
+            Network::Open {
+                limits: NetLimits::default()
+            }
+        );
+        let s = spec(r#"{"command": ["true"], "network": "none"}"#).expect("parses");
+        assert_eq!(s.network, Network::None);
+    }
+
+    #[test]
+    fn a_full_spec_round_trips() {
+        let mut s = SandboxSpec::new(["sh", "-c", "true"]);
+        s.limits.memory = None;
+        s.limits.memory_swap = Some(1 << 30);
+        s.limits.explicit.cpus = true;
+        s.network = Network::Allowlist {
+            hosts: vec!["*.example.com:8443".into()],
+            cidrs: vec!["10.0.0.0/8".into()],
+            limits: NetLimits::default(),
+        };
+        s.stdin = Stdin::Bytes(vec![0, 255, 10]);
+        let json = serde_json::to_string(&s).expect("serializes");
+        assert_eq!(spec(&json).expect("parses"), s);
     }
 }

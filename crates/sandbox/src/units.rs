@@ -69,6 +69,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Bytes as a short human string: `512 MiB`, `1 GiB`, `1.5 MiB`, `100 bytes`.
+pub fn format_size(b: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    match UNITS.iter().find(|(size, _)| b >= *size) {
+        Some((size, unit)) if b.is_multiple_of(*size) => format!("{} {unit}", b / size),
+        Some((size, unit)) => format!("{:.1} {unit}", b as f64 / *size as f64),
+        None => format!("{b} bytes"),
+    }
+}
+
+/// A duration the way `--timeout` takes it: `500ms`, `1s`, `1.5s`, `2m`, `1h`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 && d > Duration::ZERO {
+        return format!("{}us", d.as_micros());
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms.is_multiple_of(3_600_000) {
+        return format!("{}h", ms / 3_600_000);
+    }
+    if ms.is_multiple_of(60_000) {
+        return format!("{}m", ms / 60_000);
+    }
+    if ms.is_multiple_of(1000) {
+        return format!("{}s", ms / 1000);
+    }
+    format!("{}s", d.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +130,23 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(format_size(512 << 20), "512 MiB");
+        assert_eq!(format_size(1 << 30), "1 GiB");
+        assert_eq!(format_size(3 << 19), "1.5 MiB");
+        assert_eq!(format_size(1000), "1000 bytes");
+        assert_eq!(format_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        for s in ["1s", "1.5s", "500ms", "2m", "90s", "2h"] {
+            let d = parse_duration(s).expect("parses");
+            assert_eq!(format_duration(d), s);
+        }
     }
 }

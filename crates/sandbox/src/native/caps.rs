@@ -149,11 +149,15 @@ pub fn names(mask: u64) -> Vec<String> {
 }
 
 /// Everything that can go wrong with capabilities.
+///
+/// The refusals ([`CapError::Dangerous`], [`CapError::All`],
+/// [`CapError::Unknown`]) name no flag or config key: the same message
+/// answers `--cap-add` and a config file's `cap_add` alike.
 #[derive(Debug, thiserror::Error)]
 pub enum CapError {
     /// A capability that nanoclaw never grants.
     #[error(
-        "--cap-add {name} refused: CAP_{name} {reason}. Nanoclaw never grants it; \
+        "capability {name} is refused: CAP_{name} {reason}. Nanoclaw never grants it; \
          run the step outside the sandbox if it truly needs it"
     )]
     Dangerous {
@@ -162,13 +166,22 @@ pub enum CapError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// `ALL`, which would include every refused capability.
+    #[error("capability ALL is refused: it would grant SYS_ADMIN and the other dangerous capabilities; list the few you need (grantable: {grantable})")]
+    All {
+        /// The accepted names.
+        grantable: String,
+    },
     /// A name that is not a capability.
-    #[error("--cap-add {name}: no such capability{suggestion}; grantable: {grantable}")]
+    #[error(
+        "no such capability {name:?}{}; grantable: {grantable}",
+        did_you_mean(near)
+    )]
     Unknown {
         /// What was given.
         name: String,
-        /// `"; did you mean X?"` or empty.
-        suggestion: String,
+        /// Known capability names close to it, closest first (at most 3).
+        near: Vec<&'static str>,
         /// The accepted names.
         grantable: String,
     },
@@ -210,12 +223,46 @@ fn distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// Parses a capability name for `--cap-add`: with or without the `CAP_`
-/// prefix, any case (`chown`, `CAP_CHOWN`, `Cap_Chown`). Dangerous
-/// capabilities are refused with the reason; unknown names get suggestions.
-pub fn parse_cap(name: &str) -> Result<Cap, CapError> {
+/// `"; did you mean X or Y?"`, or nothing.
+fn did_you_mean(near: &[&str]) -> String {
+    if near.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean {}?", near.join(" or "))
+    }
+}
+
+/// A capability name as written by a user (`chown`, `CAP_CHOWN`,
+/// `cap-chown`) in the table's spelling (`CHOWN`), without checking it.
+fn normalize(name: &str) -> String {
     let up = name.trim().to_ascii_uppercase().replace('-', "_");
-    let bare = up.strip_prefix("CAP_").unwrap_or(&up);
+    match up.strip_prefix("CAP_") {
+        Some(bare) => bare.to_string(),
+        None => up,
+    }
+}
+
+/// The table's name of a capability the kernel knows, granted or not
+/// (`"cap_sys_admin"` → `"SYS_ADMIN"`); `None` for anything else.
+pub fn canonical_name(name: &str) -> Option<&'static str> {
+    let bare = normalize(name);
+    CAPS.iter().map(|(n, _)| *n).find(|n| *n == bare)
+}
+
+fn grantable_list() -> String {
+    Cap::grantable()
+        .map(Cap::name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parses a capability name from `--cap-add` or a config's `cap_add`:
+/// with or without the `CAP_` prefix, any case (`chown`, `CAP_CHOWN`,
+/// `Cap_Chown`). This table is the only place that decides: dangerous
+/// capabilities (and `ALL`) are refused with the reason; unknown names get
+/// suggestions.
+pub fn parse_cap(name: &str) -> Result<Cap, CapError> {
+    let bare = normalize(name);
     if let Some(i) = CAPS.iter().position(|(n, _)| *n == bare) {
         return match CAPS[i].1 {
             Allowed(_) => Ok(Cap(i as u8)),
@@ -225,32 +272,28 @@ pub fn parse_cap(name: &str) -> Result<Cap, CapError> {
             }),
         };
     }
-    let mut near: Vec<(usize, &str)> = CAPS
+    if bare == "ALL" {
+        return Err(CapError::All {
+            grantable: grantable_list(),
+        });
+    }
+    let mut near: Vec<(usize, &'static str)> = CAPS
         .iter()
         .map(|(n, _)| {
-            let d = if !bare.is_empty() && (n.contains(bare) || bare.contains(n)) {
+            let d = if !bare.is_empty() && (n.contains(bare.as_str()) || bare.contains(n)) {
                 0
             } else {
-                distance(bare, n)
+                distance(&bare, n)
             };
             (d, *n)
         })
         .filter(|(d, n)| *d <= (n.len() / 3).max(2))
         .collect();
     near.sort();
-    let suggestion = if near.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<&str> = near.iter().take(3).map(|(_, n)| *n).collect();
-        format!("; did you mean {}?", list.join(" or "))
-    };
     Err(CapError::Unknown {
         name: name.to_string(),
-        suggestion,
-        grantable: Cap::grantable()
-            .map(Cap::name)
-            .collect::<Vec<_>>()
-            .join(", "),
+        near: near.iter().take(3).map(|(_, n)| *n).collect(),
+        grantable: grantable_list(),
     })
 }
 
@@ -607,6 +650,21 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("grantable: CHOWN"), "{m}");
+    }
+
+    #[test]
+    fn all_and_canonical_names() {
+        let m = parse_cap("all").unwrap_err().to_string();
+        assert!(m.contains("ALL is refused") && m.contains("CHOWN"), "{m}");
+        assert_eq!(canonical_name("cap_sys_admin"), Some("SYS_ADMIN"));
+        assert_eq!(canonical_name("Net-Raw"), Some("NET_RAW"));
+        assert_eq!(canonical_name("CHOWN"), Some("CHOWN"));
+        assert_eq!(canonical_name("ALL"), None);
+        assert_eq!(canonical_name("frobnicate"), None);
+        match parse_cap("CHWON") {
+            Err(CapError::Unknown { near, .. }) => assert_eq!(near.first(), Some(&"CHOWN")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
