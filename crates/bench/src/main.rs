@@ -435,8 +435,7 @@ fn real_main() -> Result<i32> {
     // Measured, interleaved: iteration i runs every workload on every runner,
     // the runner order rotated by i.
     let mut walls: BTreeMap<(WorkloadKind, RunnerKind), Vec<f64>> = BTreeMap::new();
-    let mut prevs: BTreeMap<(WorkloadKind, RunnerKind), Vec<Option<RunnerKind>>> =
-        BTreeMap::new();
+    let mut prevs: BTreeMap<(WorkloadKind, RunnerKind), Vec<Option<RunnerKind>>> = BTreeMap::new();
     let mut prev: Option<RunnerKind> = None;
     let mut rss: BTreeMap<(WorkloadKind, RunnerKind), Vec<i64>> = BTreeMap::new();
     let load_start = load1();

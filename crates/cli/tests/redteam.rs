@@ -225,3 +225,31 @@ fn memfd_bomb_never_exceeds_a_claimed_limit() {
         }
     }
 }
+
+/// Even with CAP_SYS_RESOURCE in its namespace, a sandbox cannot lift the
+/// per-namespace limits init wrote (`/proc/sys` is read-only inside).
+#[test]
+fn namespace_limits_cannot_be_raised_from_inside() {
+    for m in modes("namespace_limits_cannot_be_raised_from_inside") {
+        let o = run(
+            m,
+            &[
+                "run",
+                "--cap-add",
+                "SYS_RESOURCE",
+                "--",
+                "sh",
+                "-c",
+                "echo 100000 > /proc/sys/user/max_inotify_instances 2>/dev/null; \
+                 cat /proc/sys/user/max_inotify_instances /proc/sys/user/max_user_namespaces",
+            ],
+        );
+        assert_eq!(
+            text(&o.stdout),
+            "32\n0\n",
+            "[{}] {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+}

@@ -442,9 +442,10 @@ pub(crate) const NS_LIMITS: [(&CStr, &[u8]); 5] = [
 /// Writes [`NS_LIMITS`] for the sandbox's user namespace. Runs in init
 /// before anything of the sandbox's runs, while the host's /proc is still
 /// mounted; `/proc/sys/user` shows the writer's own user namespace, where
-/// init holds CAP_SYS_RESOURCE (the payload does not, unless
-/// `--cap-add SYS_RESOURCE`, which is refused for that reason). A kernel
-/// without a file (fanotify before 5.13) is skipped.
+/// init holds CAP_SYS_RESOURCE. The payload cannot raise them, even with
+/// `--cap-add SYS_RESOURCE`: inside, `/proc/sys` is mounted read-only and
+/// mounting is refused. A kernel without a file (fanotify before 5.13) is
+/// skipped.
 fn set_ns_limits(plan: &ChildPlan) {
     for (i, (path, value)) in NS_LIMITS.iter().enumerate() {
         let fd = match sys::open(path, libc::O_WRONLY) {
