@@ -283,6 +283,11 @@ fn fail(err_w: RawFd, step: Step, index: u32, errno: i32) -> ! {
     sys::exit_now(125)
 }
 
+/// [`fail`] with an I/O error's errno.
+fn fail_io(err_w: RawFd, step: Step, index: u32, e: &std::io::Error) -> ! {
+    fail(err_w, step, index, e.raw_os_error().unwrap_or(0))
+}
+
 macro_rules! tryc {
     ($plan:expr, $step:expr, $e:expr) => {
         if let Err(e) = $e {
@@ -384,12 +389,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         let r = sys::write_all(*fd, b"0");
         sys::close(*fd);
         if let Err(e) = r {
-            fail(
-                plan.err_w,
-                Step::CgroupJoin,
-                i as u32,
-                e.raw_os_error().unwrap_or(0),
-            );
+            fail_io(plan.err_w, Step::CgroupJoin, i as u32, &e);
         }
     }
     // SAFETY: unshare with a namespace flag has no memory-safety requirements.
@@ -451,22 +451,12 @@ fn set_ns_limits(plan: &ChildPlan) {
         let fd = match sys::open(path, libc::O_WRONLY) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => fail(
-                plan.err_w,
-                Step::NsLimits,
-                i as u32,
-                e.raw_os_error().unwrap_or(0),
-            ),
+            Err(e) => fail_io(plan.err_w, Step::NsLimits, i as u32, &e),
         };
         let r = sys::write_all(fd, value);
         sys::close(fd);
         if let Err(e) = r {
-            fail(
-                plan.err_w,
-                Step::NsLimits,
-                i as u32,
-                e.raw_os_error().unwrap_or(0),
-            );
+            fail_io(plan.err_w, Step::NsLimits, i as u32, &e);
         }
     }
 }
@@ -499,12 +489,7 @@ fn set_shm_limits(plan: &ChildPlan) {
             r
         });
         if let Err(e) = r {
-            fail(
-                plan.err_w,
-                Step::NsLimits,
-                (NS_LIMITS.len() + i) as u32,
-                e.raw_os_error().unwrap_or(0),
-            );
+            fail_io(plan.err_w, Step::NsLimits, (NS_LIMITS.len() + i) as u32, &e);
         }
     }
 }
@@ -633,12 +618,12 @@ fn close_all_but(keep: &[RawFd]) {
 fn stdio_to_dev_null(plan: &ChildPlan) {
     let null = match sys::open(c"/dev/null", libc::O_RDWR) {
         Ok(fd) => fd,
-        Err(e) => fail(plan.err_w, Step::Stdio, 1, e.raw_os_error().unwrap_or(0)),
+        Err(e) => fail_io(plan.err_w, Step::Stdio, 1, &e),
     };
     for fd in 0..3 {
         if fd != null && !plan.keep_fds.contains(&fd) {
             if let Err(e) = sys::dup2(null, fd) {
-                fail(plan.err_w, Step::Stdio, 2, e.raw_os_error().unwrap_or(0));
+                fail_io(plan.err_w, Step::Stdio, 2, &e);
             }
         }
     }
