@@ -10,9 +10,7 @@
 //! again as that user (a copy of this binary re-executed with `--worker`).
 //! A watchdog fails the run if the workload has not finished in time.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,92 +22,13 @@ const STARTERS: usize = 8;
 const PER_STARTER: usize = 12;
 const CHURNERS: usize = 3;
 const WATCHDOG: Duration = Duration::from_secs(180);
-const ROOTLESS_USER: &str = "nanotest";
+
+mod common;
+use common::children_left;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--worker") {
-        return workload("rootless");
-    }
-    // `cargo test -- --list` and filters: this binary has one test.
-    if args.iter().any(|a| a == "--list") {
-        println!("stress: test");
-        return ExitCode::SUCCESS;
-    }
-    let mode = if is_root() { "root" } else { "invoking-user" };
-    println!("stress ({mode}): {STARTERS} threads x {PER_STARTER} sandboxes, {CHURNERS} threads churning");
-    let rc = workload(mode);
-    if rc != ExitCode::SUCCESS {
-        return rc;
-    }
-    rootless()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn rootless_uid() -> Option<(String, String)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[0] == ROOTLESS_USER).then(|| (f[2].to_string(), f[3].to_string()))
-    })
-}
-
-/// Re-runs this binary as the rootless user, from a world-readable copy.
-fn rootless() -> ExitCode {
-    let required = std::env::var("NANOCLAW_REQUIRE_ROOTLESS").is_ok_and(|x| x == "1");
-    if !is_root() {
-        println!("NOTE stress: not root, so the run above was the rootless run");
-        return ExitCode::SUCCESS;
-    }
-    let Some((uid, gid)) = rootless_uid() else {
-        if required {
-            eprintln!(
-                "stress: NANOCLAW_REQUIRE_ROOTLESS=1 but user `{ROOTLESS_USER}` does not exist"
-            );
-            return ExitCode::FAILURE;
-        }
-        println!("SKIPPED stress (rootless): user `{ROOTLESS_USER}` does not exist (CI: .ci/setup-test-user.sh)");
-        return ExitCode::SUCCESS;
-    };
-    let dir = std::env::temp_dir().join(format!("nanoclaw-stress-{}", std::process::id()));
-    let bin: PathBuf = dir.join("stress");
-    let staged = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
-        .and_then(|()| std::env::current_exe())
-        .and_then(|exe| std::fs::copy(exe, &bin))
-        .and_then(|_| std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)));
-    if let Err(e) = staged {
-        eprintln!(
-            "stress: staging a copy for {ROOTLESS_USER} in {}: {e}",
-            dir.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    let status = Command::new("setpriv")
-        .args(["--reuid", &uid, "--regid", &gid, "--clear-groups", "--"])
-        .arg(&bin)
-        .arg("--worker")
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", "/tmp")
-        .current_dir("/")
-        .status();
-    let _ = std::fs::remove_dir_all(&dir);
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("stress (rootless) failed: {s}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("stress: running setpriv: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    println!("stress: {STARTERS} threads x {PER_STARTER} sandboxes, {CHURNERS} threads churning");
+    common::main_with("stress", workload)
 }
 
 /// What one started sandbox is made to do.
@@ -243,27 +162,4 @@ fn workload(mode: &str) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// Pids whose parent is this process (every sandbox must have been reaped).
-fn children_left() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(pid) = name.parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Field 4 (ppid) after the parenthesised command name.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if ppid == Some(me.as_str()) {
-            out.push(pid);
-        }
-    }
-    out
 }

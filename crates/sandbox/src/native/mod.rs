@@ -15,7 +15,9 @@ pub mod cgroup;
 mod child;
 pub mod landlock;
 mod plan;
+mod proto;
 pub mod seccomp;
+pub mod session;
 mod supervise;
 mod sys;
 
@@ -90,6 +92,8 @@ pub struct Sandbox {
     pub(crate) lifeline: Option<RawFd>,
     /// Reaped and cleaned up; nothing left to do on drop.
     pub(crate) released: bool,
+    /// For a long-lived sandbox: what every exec starts from.
+    pub(crate) exec_base: Option<session::ExecBase>,
 }
 
 impl Sandbox {
@@ -374,6 +378,12 @@ fn rw_ownership(
 /// Starts a sandbox for `spec`. The returned [`Sandbox`] must be passed to
 /// [`wait`], which reaps it and releases everything it holds.
 pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
+    start_with(spec, opts, false)
+}
+
+/// [`start`], or with `idle` a long-lived sandbox whose init runs nothing
+/// and serves execs ([`session::create`]).
+fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbox, Error> {
     validate(spec)?;
     let started = Instant::now();
     let rootful = geteuid() == 0;
@@ -557,6 +567,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         check_symlinks: fs.check_symlinks,
         root_readonly: fs.root_readonly,
         sync_r: pipes.sync.0,
+        idle,
         err_w: pipes.err.1,
         status_w: pipes.status.1,
         stdout_w: pipes.stdout.1,
@@ -660,6 +671,12 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
             Network::Kernel { .. } => "kernel",
         },
         released: false,
+        exec_base: idle.then(|| session::ExecBase {
+            env: base_env(spec, &proxy_env),
+            workdir: workdir.clone(),
+            user: spec.user,
+            next_id: 1,
+        }),
     };
 
     // Setup has a deadline of its own: a child that never reports (a bug,
@@ -791,21 +808,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         (Err(e), Some(_)) => Some(e),
         (Ok(()), Some(r)) => match child::Step::from_u32(r.step) {
             Some(child::Step::Exec) => {
-                let code = if r.errno == libc::ENOENT || r.errno == libc::ENOTDIR {
-                    127
-                } else {
-                    126
-                };
-                let why = std::io::Error::from_raw_os_error(r.errno);
-                let msg = if code == 127 {
-                    format!(
-                        "nanoclaw: {}: command not found in the sandbox\n",
-                        spec.command[0]
-                    )
-                } else {
-                    format!("nanoclaw: {}: cannot execute: {why}\n", spec.command[0])
-                };
-                sb.exec_error = Some((code, msg));
+                sb.exec_error = Some(exec_failure(&r, &spec.command[0]));
                 None
             }
             Some(child::Step::Landlock) => {
@@ -871,6 +874,27 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
         return Err(e);
     }
     Ok(sb)
+}
+
+/// The exit code and message for a command that failed before running:
+/// 127 not found, 126 not executable (execve's errno), 125 when a
+/// hardening step failed.
+pub(crate) fn exec_failure(r: &child::Report, name: &str) -> (i32, String) {
+    let why = std::io::Error::from_raw_os_error(r.errno);
+    match child::Step::from_u32(r.step) {
+        Some(child::Step::Exec) if r.errno == libc::ENOENT || r.errno == libc::ENOTDIR => (
+            127,
+            format!("nanoclaw: {name}: command not found in the sandbox\n"),
+        ),
+        Some(child::Step::Exec) => (126, format!("nanoclaw: {name}: cannot execute: {why}\n")),
+        step => (
+            125,
+            format!(
+                "nanoclaw: {name}: could not be started ({}: {why})\n",
+                step.map_or("unknown step", child::Step::name)
+            ),
+        ),
+    }
 }
 
 /// Opens the image layer directories of `spec.root` (if it is an image).
@@ -1039,19 +1063,7 @@ fn command_line(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Result<Co
         .iter()
         .map(|a| cstr(a, "an argument"))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), DEFAULT_PATH.into()),
-        ("HOME".into(), "/tmp".into()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("HOSTNAME".into(), spec.hostname.clone()),
-    ];
-    env.push(("USER".into(), plan::user_name(spec.user.uid).into()));
-    for (k, v) in extra_env.iter().chain(&spec.env) {
-        match env.iter_mut().find(|(ek, _)| ek == k) {
-            Some(e) => e.1 = v.clone(),
-            None => env.push((k.clone(), v.clone())),
-        }
-    }
+    let env = base_env(spec, extra_env);
     let path = env
         .iter()
         .find(|(k, _)| k == "PATH")
@@ -1071,6 +1083,20 @@ fn command_line(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Result<Co
         .map(|(k, v)| cstr(format!("{k}={v}"), "an environment variable"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((argv, candidates, envp))
+}
+
+/// The command's environment: nanoclaw's defaults, then `extra_env` (the
+/// proxy's), then the spec's own; a later key replaces an earlier one.
+fn base_env(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOSTNAME".into(), spec.hostname.clone()),
+    ];
+    env.push(("USER".into(), plan::user_name(spec.user.uid).into()));
+    session::merge_env(&mut env, extra_env.iter().chain(&spec.env));
+    env
 }
 
 /// The uid_map and gid_map contents for the sandbox.

@@ -223,7 +223,7 @@ fn release(sb: &mut Sandbox) {
 }
 
 /// What the proxy saw, for the outcome.
-fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
+pub(crate) fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
     let mut r = crate::outcome::NetworkReport {
         mode: sb.net_mode.to_string(),
         ..Default::default()
@@ -300,7 +300,7 @@ impl StdinFeed {
 
     /// The descriptor to poll next and for what: the pipe while bytes are
     /// pending, else the source.
-    fn poll_for(&self) -> (RawFd, libc::c_short) {
+    pub(crate) fn poll_for(&self) -> (RawFd, libc::c_short) {
         match self.source {
             Some(src) if self.off >= self.buf.len() => (src, libc::POLLIN),
             _ => (self.pipe, libc::POLLOUT),
@@ -310,7 +310,7 @@ impl StdinFeed {
     /// Moves bytes along after a poll said the descriptor is ready. Returns
     /// false when the feed is finished (all written and the source ended,
     /// or the command closed its stdin) and the pipe should be closed.
-    fn pump(&mut self, scratch: &mut [u8]) -> bool {
+    pub(crate) fn pump(&mut self, scratch: &mut [u8]) -> bool {
         if self.off >= self.buf.len() {
             let Some(src) = self.source else {
                 return false;
@@ -341,18 +341,18 @@ impl StdinFeed {
 }
 
 /// One output stream being collected.
-struct Stream {
-    fd: RawFd,
-    open: bool,
-    buf: Vec<u8>,
+pub(crate) struct Stream {
+    pub(crate) fd: RawFd,
+    pub(crate) open: bool,
+    pub(crate) buf: Vec<u8>,
     total: u64,
-    truncated: bool,
+    pub(crate) truncated: bool,
     /// Where to copy it live (1 or 2), when streaming.
     echo: Option<RawFd>,
 }
 
 impl Stream {
-    fn new(fd: RawFd, echo: Option<RawFd>) -> Stream {
+    pub(crate) fn new(fd: RawFd, echo: Option<RawFd>) -> Stream {
         Stream {
             fd,
             open: true,
@@ -364,7 +364,7 @@ impl Stream {
     }
 
     /// Reads what is available. Returns true when the limit was crossed.
-    fn pump(&mut self, limit: u64, scratch: &mut [u8]) -> bool {
+    pub(crate) fn pump(&mut self, limit: u64, scratch: &mut [u8]) -> bool {
         loop {
             match sys::read(self.fd, scratch) {
                 Ok(0) => {

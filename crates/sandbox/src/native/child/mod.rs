@@ -225,6 +225,9 @@ pub(crate) struct ChildPlan {
     pub hostname: CString,
     pub ops: Vec<Op>,
     pub sync_r: RawFd,
+    /// A long-lived sandbox (`create`): init runs no command of its own
+    /// and serves exec requests on the sync socket instead.
+    pub idle: bool,
     pub err_w: RawFd,
     pub status_w: RawFd,
     pub stdout_w: RawFd,
@@ -402,6 +405,24 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
     scrub_host_strings(&plan.host_strings);
 
+    if plan.idle {
+        // One Landlock domain for the whole sandbox, entered by init: every
+        // exec is forked into it, so what one exec leaves running can be
+        // signalled by the next (Landlock scopes signals to a domain).
+        if let Some(prepared) = &plan.landlock {
+            if let Err(f) = prepared.apply() {
+                fail_landlock(plan.err_w, &f);
+            }
+        }
+        // Setup is done: closing the report pipe tells the runner so.
+        for fd in [plan.err_w, plan.stdout_w, plan.stderr_w, plan.status_w] {
+            sys::close(fd);
+        }
+        if let StdinFd::Pipe(fd) = plan.stdin {
+            sys::close(fd);
+        }
+        serve::init_serve(plan, rlimits);
+    }
     let pid = match sys::clone_fork(0) {
         Ok(p) => p,
         Err(e) => fail(
@@ -412,7 +433,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
         ),
     };
     if pid == 0 {
-        payload(plan, rlimits);
+        run_payload(plan, rlimits);
     }
     // Init keeps only the status pipe.
     for fd in [plan.err_w, plan.stdout_w, plan.stderr_w] {
@@ -970,56 +991,95 @@ fn mount_point_file(path: &CStr, mode: libc::mode_t) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The payload: hardens itself step by step and execs the command.
-fn payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
+mod serve;
+
+/// What one payload runs: the command of a `run`, or one exec into a
+/// long-lived sandbox. Everything is prepared before the fork (the exec's
+/// strings live in init's request buffer), so the payload allocates nothing.
+pub(crate) struct Cmd<'a> {
+    /// Where a failure before `execve` is reported.
+    pub err_w: RawFd,
+    /// stdin (`None`: `/dev/null`), stdout and stderr.
+    pub stdin: Option<RawFd>,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// NULL-terminated argv and envp.
+    pub argv: *const *const libc::c_char,
+    pub envp: *const *const libc::c_char,
+    /// Where argv[0] is looked for.
+    pub program: Program<'a>,
+    pub workdir: &'a CStr,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How the payload finds its program.
+pub(crate) enum Program<'a> {
+    /// Paths prepared by the runner (a `run`).
+    Candidates(&'a [CString]),
+    /// `name` (argv[0]) searched in the colon-separated `path` the way
+    /// execvp does, without allocating (an exec).
+    Search { name: &'a [u8], path: &'a [u8] },
+}
+
+/// The first payload of a `run`, as the plan describes it.
+fn run_payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
     sys::close(plan.status_w);
-    // stdio first, so nothing else can end up on fds 0-2.
-    let stdin_fd = match plan.stdin {
-        StdinFd::Null => match sys::open(c"/dev/null", libc::O_RDONLY) {
-            Ok(fd) => Some(fd),
-            Err(e) => fail(plan.err_w, Step::Stdio, 0, e.raw_os_error().unwrap_or(0)),
+    let cmd = Cmd {
+        err_w: plan.err_w,
+        stdin: match plan.stdin {
+            StdinFd::Null => None,
+            StdinFd::Pipe(fd) => Some(fd),
         },
-        StdinFd::Pipe(fd) => Some(fd),
+        stdout: plan.stdout_w,
+        stderr: plan.stderr_w,
+        argv: plan.argv_ptrs.as_ptr(),
+        envp: plan.envp_ptrs.as_ptr(),
+        program: Program::Candidates(&plan.exec_candidates),
+        workdir: &plan.workdir,
+        uid: plan.uid,
+        gid: plan.gid,
     };
-    let redirects = [
-        (stdin_fd, 0),
-        (Some(plan.stdout_w), 1),
-        (Some(plan.stderr_w), 2),
-    ];
-    for (from, to) in redirects {
-        if let Some(from) = from {
-            tryc!(plan, Step::Stdio, sys::dup2(from, to));
+    payload(plan, rlimits, &cmd)
+}
+
+/// The payload: hardens itself step by step and execs the command.
+fn payload(plan: &ChildPlan, rlimits: Rlimits, cmd: &Cmd) -> ! {
+    let err_w = cmd.err_w;
+    // stdio first, so nothing else can end up on fds 0-2.
+    let stdin_fd = match cmd.stdin {
+        None => match sys::open(c"/dev/null", libc::O_RDONLY) {
+            Ok(fd) => fd,
+            Err(e) => fail_io(err_w, Step::Stdio, 0, &e),
+        },
+        Some(fd) => fd,
+    };
+    for (from, to) in [(stdin_fd, 0), (cmd.stdout, 1), (cmd.stderr, 2)] {
+        if let Err(e) = sys::dup2(from, to) {
+            fail_io(err_w, Step::Stdio, 0, &e);
         }
     }
     // A new session: no controlling terminal to inject keystrokes into.
     // SAFETY: setsid has no arguments.
     if unsafe { libc::setsid() } < 0 {
-        fail(plan.err_w, Step::Setsid, 0, sys::errno());
+        fail(err_w, Step::Setsid, 0, sys::errno());
     }
-    set_rlimits(plan, rlimits);
-    tryc!(
-        plan,
-        Step::NoNewPrivs,
-        sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
-    );
-    if let Some(prepared) = &plan.landlock {
+    set_rlimits(err_w, rlimits);
+    if let Err(e) = sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1) {
+        fail_io(err_w, Step::NoNewPrivs, 0, &e);
+    }
+    // A long-lived sandbox's init has entered the Landlock domain already.
+    if let (Some(prepared), false) = (&plan.landlock, plan.idle) {
         if let Err(f) = prepared.apply() {
-            // step in the high byte, rule index (or 0xffffff) below it.
-            let rule = f.rule.unwrap_or(0x00ff_ffff) & 0x00ff_ffff;
-            fail(
-                plan.err_w,
-                Step::Landlock,
-                (u32::from(f.step as u8) << 24) | rule,
-                f.errno,
-            );
+            fail_landlock(err_w, &f);
         }
     }
-    if super::caps::drop_privileges(plan.uid, plan.gid, &plan.keep_caps).is_err() {
-        fail(plan.err_w, Step::DropPrivileges, 0, sys::errno());
+    if super::caps::drop_privileges(cmd.uid, cmd.gid, &plan.keep_caps).is_err() {
+        fail(err_w, Step::DropPrivileges, 0, sys::errno());
     }
     // SAFETY: chdir with a NUL-terminated path.
-    if unsafe { libc::chdir(plan.workdir.as_ptr()) } != 0 {
-        fail(plan.err_w, Step::Workdir, 0, sys::errno());
+    if unsafe { libc::chdir(cmd.workdir.as_ptr()) } != 0 {
+        fail(err_w, Step::Workdir, 0, sys::errno());
     }
     // Every descriptor above stdio is closed at exec (CVE-2024-21626).
     sys::cloexec_from(3);
@@ -1032,38 +1092,121 @@ fn payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
     };
     if let Some(filter) = filter {
         if filter.install().is_err() {
-            fail(plan.err_w, Step::Seccomp, 0, sys::errno());
+            fail(err_w, Step::Seccomp, 0, sys::errno());
         }
     }
-    let mut saw_eacces = false;
-    let mut last = libc::ENOENT;
-    for path in &plan.exec_candidates {
-        // SAFETY: `path`, `argv` and `envp` are NUL-terminated and the arrays
-        // are NULL-terminated; they stay alive for the call.
-        unsafe {
-            libc::execve(
-                path.as_ptr(),
-                plan.argv_ptrs.as_ptr(),
-                plan.envp_ptrs.as_ptr(),
-            )
+    let errno = match &cmd.program {
+        Program::Candidates(paths) => exec_candidates(paths, cmd),
+        Program::Search { name, path } => exec_search(name, path, cmd),
+    };
+    fail(err_w, Step::Exec, 0, errno)
+}
+
+/// Reports a Landlock failure: the step in the high byte of the index,
+/// the rule (or 0xffffff) below it.
+fn fail_landlock(err_w: RawFd, f: &super::landlock::ApplyFailure) -> ! {
+    let rule = f.rule.unwrap_or(0x00ff_ffff) & 0x00ff_ffff;
+    fail(
+        err_w,
+        Step::Landlock,
+        (u32::from(f.step as u8) << 24) | rule,
+        f.errno,
+    )
+}
+
+/// Tries each path in turn (execvp's rules for which errors go on to the
+/// next); returns the errno to report.
+fn exec_candidates(paths: &[CString], cmd: &Cmd) -> i32 {
+    let mut errs = ExecErrors::new();
+    for path in paths {
+        if !errs.try_exec(path, cmd) {
+            break;
+        }
+    }
+    errs.result()
+}
+
+/// execvp without allocating: `name` as is when it has a slash, else in
+/// each directory of `path`.
+fn exec_search(name: &[u8], path: &[u8], cmd: &Cmd) -> i32 {
+    let mut buf = [0u8; 4096];
+    let mut errs = ExecErrors::new();
+    if name.is_empty() {
+        return libc::ENOENT;
+    }
+    if name.contains(&b'/') {
+        if name.len() >= buf.len() {
+            return libc::ENAMETOOLONG;
+        }
+        buf[..name.len()].copy_from_slice(name);
+        if let Ok(p) = CStr::from_bytes_until_nul(&buf) {
+            errs.try_exec(p, cmd);
+        }
+        return errs.result();
+    }
+    for dir in path.split(|b| *b == b':').filter(|d| !d.is_empty()) {
+        let dir = dir.strip_suffix(b"/").unwrap_or(dir);
+        let len = dir.len() + 1 + name.len();
+        if len >= buf.len() {
+            continue;
+        }
+        buf[..dir.len()].copy_from_slice(dir);
+        buf[dir.len()] = b'/';
+        buf[dir.len() + 1..len].copy_from_slice(name);
+        buf[len] = 0;
+        let Ok(p) = CStr::from_bytes_until_nul(&buf) else {
+            continue;
         };
-        let e = sys::errno();
-        match e {
-            libc::ENOENT | libc::ENOTDIR => {}
-            libc::EACCES => saw_eacces = true,
-            _ => {
-                last = e;
-                break;
+        if !errs.try_exec(p, cmd) {
+            break;
+        }
+    }
+    errs.result()
+}
+
+/// The errno bookkeeping of execvp: ENOENT/ENOTDIR try the next path,
+/// EACCES is remembered, anything else stops.
+struct ExecErrors {
+    saw_eacces: bool,
+    last: i32,
+}
+
+impl ExecErrors {
+    fn new() -> ExecErrors {
+        ExecErrors {
+            saw_eacces: false,
+            last: libc::ENOENT,
+        }
+    }
+
+    /// execve(path); returns whether to try the next path.
+    fn try_exec(&mut self, path: &CStr, cmd: &Cmd) -> bool {
+        // SAFETY: `path` is NUL-terminated; argv and envp are NULL-terminated
+        // arrays of NUL-terminated strings that outlive the call.
+        unsafe { libc::execve(path.as_ptr(), cmd.argv, cmd.envp) };
+        match sys::errno() {
+            libc::ENOENT | libc::ENOTDIR => true,
+            libc::EACCES => {
+                self.saw_eacces = true;
+                true
+            }
+            e => {
+                self.last = e;
+                false
             }
         }
     }
-    if saw_eacces && last == libc::ENOENT {
-        last = libc::EACCES;
+
+    fn result(&self) -> i32 {
+        if self.saw_eacces && self.last == libc::ENOENT {
+            libc::EACCES
+        } else {
+            self.last
+        }
     }
-    fail(plan.err_w, Step::Exec, 0, last)
 }
 
-fn set_rlimits(plan: &ChildPlan, rlimits: Rlimits) {
+fn set_rlimits(err_w: RawFd, rlimits: Rlimits) {
     let set = |res: libc::__rlimit_resource_t, v: u64| {
         let r = libc::rlimit {
             rlim_cur: v,
@@ -1074,16 +1217,16 @@ fn set_rlimits(plan: &ChildPlan, rlimits: Rlimits) {
     };
     // No core dumps: they would leak the sandbox's memory to the host.
     if set(libc::RLIMIT_CORE, 0) != 0 {
-        fail(plan.err_w, Step::Rlimits, 0, sys::errno());
+        fail(err_w, Step::Rlimits, 0, sys::errno());
     }
     if let Some(v) = rlimits.data {
         if set(libc::RLIMIT_DATA, v) != 0 {
-            fail(plan.err_w, Step::Rlimits, 1, sys::errno());
+            fail(err_w, Step::Rlimits, 1, sys::errno());
         }
     }
     if let Some(v) = rlimits.nproc {
         if set(libc::RLIMIT_NPROC, v) != 0 {
-            fail(plan.err_w, Step::Rlimits, 2, sys::errno());
+            fail(err_w, Step::Rlimits, 2, sys::errno());
         }
     }
 }

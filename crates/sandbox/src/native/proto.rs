@@ -1,0 +1,110 @@
+//! The messages between the runner (or keeper) and the init of a
+//! long-lived sandbox, on their sync socket. Fixed-size headers and
+//! little-endian integers, so init can read them without allocating.
+//!
+//! Runner → init:
+//! - `EXEC` (id = the runner's exec id): `uid gid argc envc` (u32 each),
+//!   then argc + envc + 1 NUL-terminated strings (argv, environment,
+//!   working directory); with descriptors: the setup-report pipe, stdout,
+//!   stderr and optionally stdin.
+//! - `KILL` (id = an exec id): the signal (u32) for that command's process
+//!   group.
+//!
+//! Init → runner: `STARTED` (the command's pid in the sandbox), `EXITED`
+//! (its wait status), `REFUSED` (an errno: too many commands, a bad
+//! request, fork failed).
+
+/// Header size: kind, id, body length, reserved (u32 each).
+pub(crate) const HEADER: usize = 16;
+/// Start a command.
+pub(crate) const EXEC: u32 = 1;
+/// Signal a command's process group.
+pub(crate) const KILL: u32 = 2;
+/// A command was started.
+pub(crate) const STARTED: u32 = 101;
+/// A command ended.
+pub(crate) const EXITED: u32 = 102;
+/// A command could not be started.
+pub(crate) const REFUSED: u32 = 103;
+/// Largest request body.
+pub(crate) const MAX_REQUEST: usize = 64 * 1024;
+/// Most argv entries, and most environment entries, of one command.
+pub(crate) const MAX_ARGS: usize = 1024;
+/// Most commands init tracks at once.
+pub(crate) const MAX_EXECS: usize = 64;
+
+/// A message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub kind: u32,
+    pub id: u32,
+    pub len: u32,
+}
+
+impl Header {
+    pub(crate) fn encode(&self) -> [u8; HEADER] {
+        let mut b = [0u8; HEADER];
+        b[0..4].copy_from_slice(&self.kind.to_le_bytes());
+        b[4..8].copy_from_slice(&self.id.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8; HEADER]) -> Header {
+        let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Header {
+            kind: u(0),
+            id: u(4),
+            len: u(8),
+        }
+    }
+}
+
+/// Encodes an `EXEC` body; `None` when it would not fit the limits.
+pub(crate) fn exec_body(
+    uid: u32,
+    gid: u32,
+    argv: &[std::ffi::CString],
+    env: &[std::ffi::CString],
+    workdir: &std::ffi::CStr,
+) -> Option<Vec<u8>> {
+    if argv.is_empty() || argv.len() > MAX_ARGS || env.len() > MAX_ARGS {
+        return None;
+    }
+    let mut b = Vec::new();
+    for w in [uid, gid, argv.len() as u32, env.len() as u32] {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    for s in argv.iter().chain(env) {
+        b.extend_from_slice(s.as_bytes_with_nul());
+    }
+    b.extend_from_slice(workdir.to_bytes_with_nul());
+    (b.len() <= MAX_REQUEST).then_some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = Header {
+            kind: EXEC,
+            id: 7,
+            len: 1234,
+        };
+        assert_eq!(Header::decode(&h.encode()), h);
+    }
+
+    #[test]
+    fn exec_body_respects_the_limits() {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let b = exec_body(1000, 1000, &[c("true")], &[c("PATH=/bin")], c"/tmp").unwrap();
+        assert_eq!(&b[8..12], &1u32.to_le_bytes());
+        assert!(b.ends_with(b"true\0PATH=/bin\0/tmp\0"));
+        assert!(exec_body(0, 0, &[], &[], c"/").is_none());
+        let big = vec![c(&"x".repeat(70_000))];
+        assert!(exec_body(0, 0, &big, &[], c"/").is_none());
+    }
+}

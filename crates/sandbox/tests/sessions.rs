@@ -1,0 +1,196 @@
+//! Long-lived sandboxes through the library: create once, exec many.
+//! Every exec is contained like a `run` payload, has its own outcome,
+//! timeout and output limit; state and background processes persist
+//! between execs; remove leaves nothing. Root and rootless (custom harness,
+//! see tests/common).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nanoclaw_sandbox::native::session::{create, exec, remove, ExecSpec};
+use nanoclaw_sandbox::spec::Stdin;
+use nanoclaw_sandbox::{KillReason, Outcome, SandboxSpec};
+
+mod common;
+
+fn main() -> ExitCode {
+    common::main_with("sessions", scenarios)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn sh(script: &str) -> ExecSpec {
+    ExecSpec::new(["sh", "-c", script])
+}
+
+/// One scenario: `Err` says what went wrong.
+type Check = fn() -> Result<(), String>;
+
+/// Runs each check; returns failure on the first that fails.
+fn scenarios(mode: &str) -> ExitCode {
+    let checks: [(&str, Check); 6] = [
+        ("state persists between execs", state_persists),
+        ("each exec is contained like a run", contained),
+        ("exit codes and not found", exit_codes),
+        (
+            "a timeout kills the exec, not the sandbox",
+            timeout_kills_the_exec,
+        ),
+        ("background processes stay; remove ends them", background),
+        ("stdin and the output limit", stdin_and_output_limit),
+    ];
+    for (name, f) in checks {
+        let t0 = Instant::now();
+        match f() {
+            Ok(()) => println!("sessions ({mode}): ok   {name} ({:?})", t0.elapsed()),
+            Err(e) => {
+                eprintln!("sessions ({mode}): FAIL {name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let left = common::children_left();
+    if !left.is_empty() {
+        eprintln!("sessions ({mode}): processes left behind: {left:?}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(sb: &mut nanoclaw_sandbox::Sandbox, spec: &ExecSpec) -> Result<Outcome, String> {
+    exec(sb, spec).map_err(|e| format!("exec {:?}: {e}", spec.command))
+}
+
+fn expect(o: &Outcome, code: i32, stdout: &str) -> Result<(), String> {
+    if o.exit_code != Some(code) || text(&o.stdout) != stdout {
+        return Err(format!(
+            "want exit {code} stdout {stdout:?}, got exit {:?} signal {:?} killed_by {:?} stdout {:?} stderr {:?}",
+            o.exit_code,
+            o.signal,
+            o.killed_by,
+            text(&o.stdout),
+            text(&o.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn new_sandbox() -> Result<nanoclaw_sandbox::Sandbox, String> {
+    let mut spec = SandboxSpec::new(Vec::<String>::new());
+    spec.limits.timeout = Duration::from_secs(120);
+    spec.env.push(("FROM_SPEC".into(), "yes".into()));
+    create(&spec).map_err(|e| format!("create: {e}"))
+}
+
+fn state_persists() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let o = run(&mut sb, &sh("echo hello > /tmp/f; echo written"))?;
+    expect(&o, 0, "written\n")?;
+    let o = run(&mut sb, &ExecSpec::new(["cat", "/tmp/f"]))?;
+    expect(&o, 0, "hello\n")?;
+    let mut e = sh("echo $FROM_SPEC $ONLY_HERE $PWD");
+    e.env.push(("ONLY_HERE".into(), "too".into()));
+    e.workdir = Some("/tmp".into());
+    expect(&run(&mut sb, &e)?, 0, "yes too /tmp\n")?;
+    remove(sb);
+    Ok(())
+}
+
+fn contained() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let o = run(
+        &mut sb,
+        &sh("id -u; grep -E '^(CapEff|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t ' ' '; \
+             ls /proc | grep -c '^[0-9]'; ls -l /proc/1/exe 2>&1 | grep -c denied"),
+    )?;
+    expect(
+        &o,
+        0,
+        "1000\nCapPrm: 0000000000000000\nCapEff: 0000000000000000\nNoNewPrivs: 1\nSeccomp: 2\n4\n1\n",
+    )?;
+    // Another user, as asked.
+    let mut e = ExecSpec::new(["id", "-u"]);
+    e.user = Some(nanoclaw_sandbox::spec::User {
+        uid: 1000,
+        gid: 1000,
+    });
+    expect(&run(&mut sb, &e)?, 0, "1000\n")?;
+    remove(sb);
+    Ok(())
+}
+
+fn exit_codes() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    expect(&run(&mut sb, &sh("exit 3"))?, 3, "")?;
+    let o = run(&mut sb, &ExecSpec::new(["no-such-command-here"]))?;
+    if o.exit_code != Some(127) || !text(&o.stderr).contains("not found") {
+        return Err(format!("not found: {o:?}"));
+    }
+    let o = run(&mut sb, &sh("kill -9 $$"))?;
+    if o.signal != Some(9) {
+        return Err(format!("signal: {o:?}"));
+    }
+    expect(&run(&mut sb, &ExecSpec::new(["true"]))?, 0, "")?;
+    remove(sb);
+    Ok(())
+}
+
+fn timeout_kills_the_exec() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let mut e = sh("echo started; sleep 30");
+    e.timeout = Duration::from_millis(300);
+    let o = run(&mut sb, &e)?;
+    if o.killed_by != Some(KillReason::Timeout) || o.duration > Duration::from_secs(5) {
+        return Err(format!("timeout: {o:?}"));
+    }
+    if text(&o.stdout) != "started\n" {
+        return Err(format!("output before the kill: {o:?}"));
+    }
+    expect(&run(&mut sb, &sh("echo alive"))?, 0, "alive\n")?;
+    remove(sb);
+    Ok(())
+}
+
+fn background() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    // A daemon in its own session survives its exec.
+    let o = run(
+        &mut sb,
+        &sh("setsid sleep 60 >/dev/null 2>&1 < /dev/null & echo $!"),
+    )?;
+    let pid = text(&o.stdout).trim().to_string();
+    if o.exit_code != Some(0) || pid.is_empty() {
+        return Err(format!("background: {o:?}"));
+    }
+    let o = run(&mut sb, &sh(&format!("kill -0 {pid} && echo running")))?;
+    expect(&o, 0, "running\n")?;
+    let host_pid = sb.pid();
+    remove(sb);
+    std::thread::sleep(Duration::from_millis(100));
+    if std::path::Path::new(&format!("/proc/{host_pid}")).exists() {
+        return Err(format!("init {host_pid} still exists after remove"));
+    }
+    Ok(())
+}
+
+fn stdin_and_output_limit() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let mut e = ExecSpec::new(["tr", "a-z", "A-Z"]);
+    e.stdin = Stdin::Bytes(b"shout\n".to_vec());
+    expect(&run(&mut sb, &e)?, 0, "SHOUT\n")?;
+    let mut e = sh("yes | head -c 100000");
+    e.output_limit = 1000;
+    let o = run(&mut sb, &e)?;
+    if !o.stdout_truncated || o.stdout.len() != 1000 {
+        return Err(format!(
+            "output limit: truncated {} len {}",
+            o.stdout_truncated,
+            o.stdout.len()
+        ));
+    }
+    expect(&run(&mut sb, &sh("echo after"))?, 0, "after\n")?;
+    remove(sb);
+    Ok(())
+}
