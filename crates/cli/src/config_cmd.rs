@@ -72,6 +72,16 @@ pub enum SandboxCommand {
     /// Show the effective sandbox and tool policy of an agent and session,
     /// where every value comes from, and what to change.
     Explain(ExplainArgs),
+    /// Create a long-lived sandbox (every `run` option; no command) and
+    /// print its id; run commands in it with `nanoclaw exec`.
+    Create(crate::sandbox_cmd::CreateArgs),
+    /// List your long-lived sandboxes.
+    #[command(alias = "list")]
+    Ls(crate::sandbox_cmd::LsArgs),
+    /// Show one sandbox's state.
+    Inspect(crate::sandbox_cmd::InspectArgs),
+    /// Remove sandboxes (and everything running in them).
+    Rm(crate::sandbox_cmd::RmArgs),
 }
 
 /// Options of `nanoclaw config validate`.
@@ -343,6 +353,10 @@ fn validate(a: &ValidateArgs) -> Result<u8> {
 pub fn run_sandbox(cmd: SandboxCommand) -> Result<u8> {
     match cmd {
         SandboxCommand::Explain(a) => explain(&a),
+        SandboxCommand::Create(a) => crate::sandbox_cmd::create(a),
+        SandboxCommand::Ls(a) => crate::sandbox_cmd::ls(a),
+        SandboxCommand::Inspect(a) => crate::sandbox_cmd::inspect(a),
+        SandboxCommand::Rm(a) => crate::sandbox_cmd::rm(a),
     }
 }
 

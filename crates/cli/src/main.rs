@@ -11,6 +11,7 @@ mod config_cmd;
 mod doctor;
 mod image_cmd;
 mod run_cmd;
+mod sandbox_cmd;
 
 use std::process::ExitCode;
 
@@ -42,9 +43,14 @@ enum Command {
     /// Check the configuration file (nanoclaw.yaml).
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
-    /// Inspect sandbox policy: `nanoclaw sandbox explain`.
+    /// Long-lived sandboxes: create, ls, inspect, rm; and policy: explain.
     #[command(subcommand)]
     Sandbox(Box<config_cmd::SandboxCommand>),
+    /// Run a command in a sandbox made with `nanoclaw sandbox create`.
+    Exec(Box<sandbox_cmd::ExecArgs>),
+    /// (internal) The keeper of one long-lived sandbox.
+    #[command(name = "__keeper", hide = true)]
+    Keeper,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +88,8 @@ fn main() -> ExitCode {
         Command::Config(c) => config_cmd::run_config(c),
         Command::Image(c) => image_cmd::run_image(c),
         Command::Sandbox(c) => config_cmd::run_sandbox(*c),
+        Command::Exec(a) => sandbox_cmd::exec(*a),
+        Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {
         Ok(code) => ExitCode::from(code),

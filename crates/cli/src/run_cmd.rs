@@ -18,7 +18,7 @@ use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 /// sandboxed command's own arguments is never one of ours). With
 /// `--config`, only given flags override the policy; the defaults are the
 /// engine's (`nanoclaw_sandbox::spec::DEFAULT_*`).
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 #[command(trailing_var_arg = true, args_override_self = true)]
 pub struct RunArgs {
     /// Memory limit, e.g. 256m or 1g (default: 512m).
@@ -552,6 +552,27 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
 }
 
 /// Runs `nanoclaw run`; returns the process exit code.
+/// The sandbox configuration of `nanoclaw sandbox create`: every `run`
+/// option except the command, snippets and stdin (those belong to `exec`).
+/// Its `--timeout` becomes each exec's default timeout (returned).
+pub fn create_spec(a: &RunArgs) -> Result<(SandboxSpec, std::time::Duration)> {
+    if !a.command.is_empty() {
+        bail!(
+            "`sandbox create` takes no command ({:?}); run it afterwards with `nanoclaw exec ID -- COMMAND`",
+            a.command.join(" ")
+        );
+    }
+    if a.lang.is_some() || a.code.is_some() || a.file.is_some() || a.stdin {
+        bail!("--lang, --code, --file and --stdin belong to `nanoclaw exec`, not `sandbox create`");
+    }
+    let mut b = a.clone();
+    b.command = vec!["true".into()];
+    let (mut spec, _) = build_spec(&b)?;
+    spec.command.clear();
+    let exec_timeout = spec.limits.timeout;
+    Ok((spec, exec_timeout))
+}
+
 pub fn run(a: RunArgs) -> Result<u8> {
     let (mut spec, go) = build_spec(&a)?;
     if let Some(g) = go {

@@ -30,7 +30,7 @@ type Check = fn() -> Result<(), String>;
 
 /// Runs each check; returns failure on the first that fails.
 fn scenarios(mode: &str) -> ExitCode {
-    let checks: [(&str, Check); 6] = [
+    let checks: [(&str, Check); 7] = [
         ("state persists between execs", state_persists),
         ("each exec is contained like a run", contained),
         ("exit codes and not found", exit_codes),
@@ -40,6 +40,10 @@ fn scenarios(mode: &str) -> ExitCode {
         ),
         ("background processes stay; remove ends them", background),
         ("stdin and the output limit", stdin_and_output_limit),
+        (
+            "one exec cannot reach into another's processes",
+            execs_are_isolated,
+        ),
     ];
     for (name, f) in checks {
         let t0 = Instant::now();
@@ -192,5 +196,42 @@ fn stdin_and_output_limit() -> Result<(), String> {
     }
     expect(&run(&mut sb, &sh("echo after"))?, 0, "after\n")?;
     remove(sb);
+    Ok(())
+}
+
+/// A process one exec leaves behind tries, in a loop, to read every
+/// process's environment and to write into every process's stdout through
+/// /proc; a later exec with a secret in its environment runs meanwhile.
+/// Each exec's nested Landlock domain refuses both, while a plain signal
+/// from one exec to another's process still works.
+fn execs_are_isolated() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let attacker = "(while :; do for p in /proc/[0-9]*; do \
+                      cat $p/environ 2>/dev/null; echo INJECTED 2>/dev/null > $p/fd/1; \
+                    done; done) > /tmp/loot 2>/dev/null < /dev/null & echo $!";
+    let o = run(&mut sb, &sh(attacker))?;
+    let looter = text(&o.stdout).trim().to_string();
+    let mut victim = sh("sleep 1; echo done");
+    victim.env.push(("SECRET".into(), "topsecret-42".into()));
+    let v = run(&mut sb, &victim)?;
+    let o = run(
+        &mut sb,
+        &sh(&format!(
+            "grep -c topsecret-42 /tmp/loot; kill {looter} && echo killed"
+        )),
+    )?;
+    remove(sb);
+    if text(&v.stdout) != "done\n" {
+        return Err(format!(
+            "the victim's stdout was written to: {:?}",
+            text(&v.stdout)
+        ));
+    }
+    if text(&o.stdout) != "0\nkilled\n" {
+        return Err(format!(
+            "the looter read the victim's environment, or could not be signalled: {:?}",
+            text(&o.stdout)
+        ));
+    }
     Ok(())
 }

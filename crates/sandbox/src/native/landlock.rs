@@ -574,6 +574,67 @@ fn errno() -> i32 {
 /// Closes an fd on drop.
 struct Fd(libc::c_int);
 
+/// Puts the calling thread in a new Landlock domain nested in its current
+/// one that restricts nothing on the filesystem (it handles reading files
+/// and allows it beneath `/`) and scopes nothing: what it adds is Landlock's
+/// ptrace rule — a process may not ptrace, or read the memory, environment
+/// or descriptors through `/proc` of, a process that is not in its own
+/// domain or one nested in it. Each exec into a long-lived sandbox enters
+/// one, so what one exec leaves running cannot reach into another exec's
+/// processes, while signals between them still work (scoping is checked
+/// against the enclosing sandbox domain). Needs `no_new_privs` (or
+/// CAP_SYS_ADMIN). Does not allocate; returns the errno on failure.
+pub fn enter_sub_domain() -> Result<(), i32> {
+    let attr = RulesetAttr {
+        handled_access_fs: access::READ_FILE,
+        handled_access_net: 0,
+        scoped: 0,
+    };
+    // SAFETY: `attr` is a valid ruleset_attr; we pass its first 8 bytes
+    // (handled_access_fs only), which every ABI accepts.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            8usize,
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    let ruleset = Fd(r as libc::c_int);
+    // SAFETY: a NUL-terminated path; the flags need no mode.
+    let root = unsafe { libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if root < 0 {
+        return Err(errno());
+    }
+    let root = Fd(root);
+    let rule = PathBeneathAttr {
+        allowed_access: access::READ_FILE,
+        parent_fd: root.0,
+    };
+    // SAFETY: our ruleset fd and a valid packed path_beneath_attr that lives
+    // across the call; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.0,
+            RULE_PATH_BENEATH,
+            &rule as *const PathBeneathAttr,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(errno());
+    }
+    // SAFETY: plain syscall on our ruleset fd.
+    if unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.0, 0u32) } != 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
 impl Drop for Fd {
     fn drop(&mut self) {
         // SAFETY: the fd was returned by the kernel to us and is closed once.

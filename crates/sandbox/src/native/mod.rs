@@ -111,6 +111,12 @@ impl Sandbox {
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
+
+    /// A pidfd of the sandbox's init (readable once it has exited), for a
+    /// holder that polls; `None` on kernels before 5.3.
+    pub fn init_pidfd(&self) -> Option<RawFd> {
+        self.init_pidfd
+    }
 }
 
 /// Runs `spec` to completion with captured output.

@@ -1068,11 +1068,21 @@ fn payload(plan: &ChildPlan, rlimits: Rlimits, cmd: &Cmd) -> ! {
     if let Err(e) = sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1) {
         fail_io(err_w, Step::NoNewPrivs, 0, &e);
     }
-    // A long-lived sandbox's init has entered the Landlock domain already.
-    if let (Some(prepared), false) = (&plan.landlock, plan.idle) {
-        if let Err(f) = prepared.apply() {
-            fail_landlock(err_w, &f);
+    match (&plan.landlock, plan.idle) {
+        (Some(prepared), false) => {
+            if let Err(f) = prepared.apply() {
+                fail_landlock(err_w, &f);
+            }
         }
+        // A long-lived sandbox's init has entered the sandbox's domain
+        // already; each exec gets a nested one of its own, so that it
+        // cannot ptrace or read through /proc what other execs run.
+        (Some(_), true) => {
+            if let Err(e) = super::landlock::enter_sub_domain() {
+                fail(err_w, Step::Landlock, 0x00ff_ffff, e);
+            }
+        }
+        (None, _) => {}
     }
     if super::caps::drop_privileges(cmd.uid, cmd.gid, &plan.keep_caps).is_err() {
         fail(err_w, Step::DropPrivileges, 0, sys::errno());

@@ -1,0 +1,767 @@
+//! Long-lived sandboxes without a daemon: `nanoclaw sandbox create` starts
+//! one keeper per sandbox (nanoclaw's own binary re-executed, `__keeper`),
+//! which holds the sandbox (cgroup, proxy, deadline) and serves exec
+//! requests on a unix socket only its owner can open; `nanoclaw exec`,
+//! `sandbox ls`, `inspect` and `rm` find it through its state directory.
+//!
+//! State: `/run/nanoclaw/sandboxes/<id>/` as root, else
+//! `$XDG_RUNTIME_DIR/nanoclaw/sandboxes/<id>/` (or `/tmp/nanoclaw-<uid>/…`),
+//! each 0700 and owned by the caller: `state.json` and `sock`. The sandbox
+//! dies with its keeper (init's lifeline), and a keeper removes its state
+//! directory when it ends; `ls` sweeps those of keepers that were killed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use nanoclaw_sandbox::native::session::{self, ExecSpec};
+use nanoclaw_sandbox::spec::{SandboxSpec, Stdin, User};
+use nanoclaw_sandbox::units::{parse_duration, parse_size};
+use nanoclaw_sandbox::{KillReason, Outcome};
+use serde::{Deserialize, Serialize};
+
+use crate::run_cmd::RunArgs;
+
+/// Default lifetime of a created sandbox.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// How long `sandbox create` waits for its keeper to report.
+const KEEPER_START: Duration = Duration::from_secs(40);
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of `nanoclaw sandbox create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A name to use instead of the id (unique among your sandboxes).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A label K=V (repeatable; `sandbox ls --label` filters on them).
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
+    /// How long the sandbox lives at most (default 1h).
+    #[arg(long, value_name = "DURATION")]
+    lifetime: Option<String>,
+    /// Removed after this long without an exec (default: never).
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
+    /// Every `run` option (limits, mounts, network, image, ...); `--timeout`
+    /// is each exec's default timeout.
+    #[command(flatten)]
+    run: Box<RunArgs>,
+}
+
+/// Options of `nanoclaw exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Print one JSON object with the outcome instead of the output.
+    #[arg(long)]
+    json: bool,
+    /// Send this process's stdin to the command (read to its end first).
+    #[arg(long)]
+    stdin: bool,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, value_name = "PATH")]
+    workdir: Option<PathBuf>,
+    /// User inside the sandbox.
+    #[arg(long, value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// This command's timeout (default: the sandbox's --timeout).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Per-stream output limit (default 10m).
+    #[arg(long, value_name = "SIZE")]
+    output_limit: Option<String>,
+    /// The sandbox: its id (or a unique prefix) or name.
+    #[arg(value_name = "ID|NAME")]
+    target: String,
+    /// The command and its arguments.
+    #[arg(value_name = "COMMAND", last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Options of `sandbox ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only sandboxes with this label K=V (repeatable).
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
+}
+
+/// Options of `sandbox rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Kill the keeper at once instead of asking it to end.
+    #[arg(long, short = 'f')]
+    force: bool,
+    /// Sandboxes: ids (or unique prefixes) or names.
+    #[arg(value_name = "ID|NAME", required = true)]
+    targets: Vec<String>,
+}
+
+/// Options of `sandbox inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The sandbox: its id (or a unique prefix) or name.
+    #[arg(value_name = "ID|NAME")]
+    target: String,
+}
+
+/// What a keeper records about its sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    id: String,
+    name: Option<String>,
+    labels: Vec<(String, String)>,
+    /// Seconds since the epoch.
+    created: u64,
+    /// Seconds since the epoch.
+    expires: u64,
+    idle_timeout_s: Option<u64>,
+    exec_timeout_ms: u64,
+    keeper_pid: u32,
+    init_pid: i32,
+    owner_uid: u32,
+    layers: nanoclaw_sandbox::Layers,
+}
+
+/// What `sandbox create` hands its keeper (on the keeper's stdin).
+#[derive(Debug, Serialize, Deserialize)]
+struct KeeperConfig {
+    spec: SandboxSpec,
+    name: Option<String>,
+    labels: Vec<(String, String)>,
+    lifetime_ms: u64,
+    idle_timeout_ms: Option<u64>,
+    exec_timeout_ms: u64,
+    root: PathBuf,
+}
+
+/// A client's request to a keeper: one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    Exec {
+        command: Vec<String>,
+        env: Vec<(String, String)>,
+        workdir: Option<PathBuf>,
+        user: Option<(u32, u32)>,
+        stdin: Option<Vec<u8>>,
+        timeout_ms: Option<u64>,
+        output_limit: Option<u64>,
+    },
+    Stop,
+}
+
+/// A keeper's answer: one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Reply {
+    Outcome(Box<Outcome>),
+    Stopping,
+    Error(String),
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The directory holding every sandbox's state, created 0700 if missing;
+/// refused if someone else owns it.
+fn state_root() -> Result<PathBuf> {
+    let uid = euid();
+    let root = if uid == 0 {
+        PathBuf::from("/run/nanoclaw/sandboxes")
+    } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("nanoclaw/sandboxes")
+    } else {
+        PathBuf::from(format!("/tmp/nanoclaw-{uid}/sandboxes"))
+    };
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true).mode(0o700);
+    b.create(&root)
+        .with_context(|| format!("creating the state directory {}", root.display()))?;
+    for dir in [root.as_path(), root.parent().unwrap_or(&root)] {
+        let md = std::fs::symlink_metadata(dir)?;
+        if md.uid() != uid || !md.is_dir() || md.mode() & 0o022 != 0 {
+            bail!(
+                "{} is not a directory owned by uid {uid} and writable only by it; remove it and retry",
+                dir.display()
+            );
+        }
+    }
+    Ok(root)
+}
+
+fn read_state(dir: &Path) -> Option<State> {
+    let b = std::fs::read(dir.join("state.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every sandbox whose keeper lives; the state of dead keepers is removed.
+fn all_sandboxes(root: &Path) -> Vec<(PathBuf, State)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let dir = e.path();
+        match read_state(&dir) {
+            Some(st) if alive(st.keeper_pid) => out.push((dir, st)),
+            // A keeper that was killed leaves its directory; one still
+            // starting has no state yet (leave it a minute).
+            Some(_) => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            None => {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|d| d > Duration::from_secs(60));
+                if old {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|(_, s)| s.created);
+    out
+}
+
+/// The sandbox named `target`: a name, an id, or a unique id prefix.
+fn find(root: &Path, target: &str) -> Result<(PathBuf, State)> {
+    let all = all_sandboxes(root);
+    if let Some(hit) = all
+        .iter()
+        .find(|(_, s)| s.id == target || s.name.as_deref() == Some(target))
+    {
+        return Ok(hit.clone());
+    }
+    let prefixed: Vec<_> = all
+        .iter()
+        .filter(|(_, s)| s.id.starts_with(target))
+        .collect();
+    match prefixed.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("no sandbox {target:?}: see `nanoclaw sandbox ls`"),
+        _ => bail!("{target:?} matches several sandboxes; give more of the id"),
+    }
+}
+
+fn parse_labels(v: &[String]) -> Result<Vec<(String, String)>> {
+    v.iter()
+        .map(|l| {
+            l.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("--label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// `nanoclaw sandbox create`: starts a keeper and prints the sandbox's id.
+pub fn create(a: CreateArgs) -> Result<u8> {
+    let (mut spec, exec_timeout) = crate::run_cmd::create_spec(&a.run)?;
+    let lifetime = match &a.lifetime {
+        Some(d) => parse_duration(d).map_err(|e| anyhow!("--lifetime: {e}"))?,
+        None => DEFAULT_LIFETIME,
+    };
+    let idle = a
+        .idle_timeout
+        .as_deref()
+        .map(|d| parse_duration(d).map_err(|e| anyhow!("--idle-timeout: {e}")))
+        .transpose()?;
+    spec.limits.timeout = lifetime;
+    let root = state_root()?;
+    if let Some(n) = &a.name {
+        if n.is_empty() || n.contains('/') || n.len() > 64 {
+            bail!("--name {n:?}: use 1-64 characters, no '/'");
+        }
+        if all_sandboxes(&root)
+            .iter()
+            .any(|(_, s)| s.name.as_deref() == Some(n))
+        {
+            bail!("a sandbox named {n:?} exists already: remove it (`nanoclaw sandbox rm {n}`) or pick another name");
+        }
+    }
+    let cfg = KeeperConfig {
+        spec,
+        name: a.name.clone(),
+        labels: parse_labels(&a.labels)?,
+        lifetime_ms: lifetime.as_millis() as u64,
+        idle_timeout_ms: idle.map(|d| d.as_millis() as u64),
+        exec_timeout_ms: exec_timeout.as_millis() as u64,
+        root,
+    };
+    let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
+    let mut child = Command::new(exe)
+        .arg("__keeper")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the sandbox's keeper")?;
+    let mut input = child.stdin.take().context("keeper stdin")?;
+    input.write_all(&serde_json::to_vec(&cfg)?)?;
+    drop(input);
+    let out = child.stdout.take().context("keeper stdout")?;
+    let line = read_line_with_deadline(out, Instant::now() + KEEPER_START);
+    match line.as_deref().and_then(|l| l.strip_prefix("ok ")) {
+        Some(id) => {
+            println!("{}", id.trim());
+            Ok(0)
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the sandbox could not be created{}",
+                line.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// The first line the keeper prints (its readiness), or `None` at EOF or
+/// the deadline.
+fn read_line_with_deadline(out: std::process::ChildStdout, deadline: Instant) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let fd = out.as_raw_fd();
+    let mut buf = Vec::new();
+    let mut r = out;
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        match r.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// `nanoclaw sandbox ls`.
+pub fn ls(a: LsArgs) -> Result<u8> {
+    let root = state_root()?;
+    let want = parse_labels(&a.labels)?;
+    let all: Vec<State> = all_sandboxes(&root)
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| want.iter().all(|w| s.labels.contains(w)))
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string(&all)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<14} {:<20} {:>8} {:>10}  LABELS",
+        "ID", "NAME", "AGE", "EXPIRES IN"
+    );
+    let now = now_s();
+    for s in all {
+        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<14} {:<20} {:>7}s {:>9}s  {}",
+            s.id,
+            s.name.as_deref().unwrap_or("-"),
+            now.saturating_sub(s.created),
+            s.expires.saturating_sub(now),
+            labels.join(",")
+        );
+    }
+    Ok(0)
+}
+
+/// `nanoclaw sandbox inspect`.
+pub fn inspect(a: InspectArgs) -> Result<u8> {
+    let (_, st) = find(&state_root()?, &a.target)?;
+    println!("{}", serde_json::to_string_pretty(&st)?);
+    Ok(0)
+}
+
+/// `nanoclaw sandbox rm`.
+pub fn rm(a: RmArgs) -> Result<u8> {
+    let root = state_root()?;
+    for t in &a.targets {
+        let (dir, st) = find(&root, t)?;
+        if a.force {
+            // SAFETY: kill with a pid and a signal.
+            unsafe { libc::kill(st.keeper_pid as i32, libc::SIGKILL) };
+        } else {
+            match ask(&dir, &Request::Stop) {
+                Ok(_) => {}
+                // SAFETY: kill with a pid and a signal.
+                Err(_) => unsafe {
+                    libc::kill(st.keeper_pid as i32, libc::SIGTERM);
+                },
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(st.keeper_pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if alive(st.keeper_pid) {
+            bail!(
+                "sandbox {} did not end within 10 s; retry with `sandbox rm -f`",
+                st.id
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("{}", st.id);
+    }
+    Ok(0)
+}
+
+/// Sends one request to a keeper and reads its reply.
+fn ask(dir: &Path, req: &Request) -> Result<Reply> {
+    let mut s = UnixStream::connect(dir.join("sock"))
+        .with_context(|| format!("connecting to the keeper in {}", dir.display()))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|e| anyhow!("the keeper's reply: {e}"))
+}
+
+/// `nanoclaw exec`.
+pub fn exec(a: ExecArgs) -> Result<u8> {
+    let (dir, _) = find(&state_root()?, &a.target)?;
+    let env = a
+        .env
+        .iter()
+        .map(|e| {
+            e.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow!("--env {e:?}: expected KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let user = a
+        .user
+        .as_deref()
+        .map(|u| {
+            let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+            Ok::<_, anyhow::Error>((uid.parse()?, gid.parse()?))
+        })
+        .transpose()
+        .map_err(|_| anyhow!("--user: expected UID[:GID] with numeric ids"))?;
+    let stdin = if a.stdin {
+        let mut b = Vec::new();
+        std::io::stdin().read_to_end(&mut b)?;
+        Some(b)
+    } else {
+        None
+    };
+    let req = Request::Exec {
+        command: a.command,
+        env,
+        workdir: a.workdir,
+        user,
+        stdin,
+        timeout_ms: a
+            .timeout
+            .as_deref()
+            .map(|t| parse_duration(t).map(|d| d.as_millis() as u64))
+            .transpose()
+            .map_err(|e| anyhow!("--timeout: {e}"))?,
+        output_limit: a
+            .output_limit
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(|e| anyhow!("--output-limit: {e}"))?,
+    };
+    let outcome = match ask(&dir, &req)? {
+        Reply::Outcome(o) => o,
+        Reply::Error(e) => bail!("{e}"),
+        Reply::Stopping => bail!("the sandbox is ending"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        std::io::stdout().write_all(&outcome.stdout)?;
+        std::io::stderr().write_all(&outcome.stderr)?;
+        if let Some(k) = outcome.killed_by {
+            let why = match k {
+                KillReason::Timeout => "timeout",
+                KillReason::OutputLimit => "output over the limit",
+                KillReason::Oom => "out of memory",
+                KillReason::Pids => "too many processes",
+                KillReason::Killed => "killed",
+            };
+            eprintln!(
+                "nanoclaw: command in sandbox {} killed: {why}",
+                outcome.sandbox_id
+            );
+        }
+    }
+    Ok(u8::try_from(outcome.cli_exit_code().clamp(0, 255)).unwrap_or(125))
+}
+
+/// The hidden `__keeper` command: holds one sandbox until it is removed,
+/// expires, idles out, or its keeper is signalled.
+pub fn keeper() -> Result<u8> {
+    // A session of its own: the terminal's hangup or ^C in the shell that
+    // ran `create` does not reach it (as with `docker run -d`).
+    // SAFETY: setsid has no arguments.
+    unsafe { libc::setsid() };
+    // Before any thread exists (the egress proxy runs on threads), so that
+    // every thread has these blocked and only the signalfd sees them.
+    let signals = block_end_signals();
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input)?;
+    let cfg: KeeperConfig = serde_json::from_slice(&input).context("keeper configuration")?;
+    let mut out = std::io::stdout();
+    match Keeper::start(cfg) {
+        Ok(k) => {
+            writeln!(out, "ok {}", k.state.id)?;
+            out.flush()?;
+            detach_stdio();
+            k.serve(signals);
+            Ok(0)
+        }
+        Err(e) => {
+            let mut line = e.to_string();
+            for c in e.chain().skip(1) {
+                line.push_str(&format!(": {c}"));
+            }
+            writeln!(out, "error {line}")?;
+            Ok(125)
+        }
+    }
+}
+
+/// The keeper's stdio becomes /dev/null: nothing ties it to the terminal
+/// or the pipeline of the `create` that started it.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 of a descriptor we hold onto a standard descriptor.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+struct Keeper {
+    sandbox: nanoclaw_sandbox::Sandbox,
+    state: State,
+    dir: PathBuf,
+    listener: UnixListener,
+    deadline: Instant,
+    idle: Option<Duration>,
+    last_used: Instant,
+    exec_timeout: Duration,
+}
+
+impl Keeper {
+    fn start(cfg: KeeperConfig) -> Result<Keeper> {
+        let sandbox = session::create(&cfg.spec)?;
+        let id = sandbox.id().to_string();
+        let dir = cfg.root.join(&id);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let listener = UnixListener::bind(dir.join("sock"))
+            .with_context(|| format!("listening on {}", dir.join("sock").display()))?;
+        std::fs::set_permissions(dir.join("sock"), std::fs::Permissions::from_mode(0o600))?;
+        let created = now_s();
+        let state = State {
+            id,
+            name: cfg.name,
+            labels: cfg.labels,
+            created,
+            expires: created + cfg.lifetime_ms / 1000,
+            idle_timeout_s: cfg.idle_timeout_ms.map(|m| m / 1000),
+            exec_timeout_ms: cfg.exec_timeout_ms,
+            keeper_pid: std::process::id(),
+            init_pid: sandbox.pid(),
+            owner_uid: euid(),
+            layers: sandbox.layers().clone(),
+        };
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
+        std::fs::rename(&tmp, dir.join("state.json"))?;
+        Ok(Keeper {
+            sandbox,
+            state,
+            dir,
+            listener,
+            deadline: Instant::now() + Duration::from_millis(cfg.lifetime_ms),
+            idle: cfg.idle_timeout_ms.map(Duration::from_millis),
+            last_used: Instant::now(),
+            exec_timeout: Duration::from_millis(cfg.exec_timeout_ms),
+        })
+    }
+
+    /// Serves clients one at a time until the end; then removes the sandbox
+    /// and the state directory.
+    fn serve(mut self, signals: i32) {
+        use std::os::fd::AsRawFd;
+        loop {
+            let now = Instant::now();
+            let end = self
+                .idle
+                .map_or(self.deadline, |i| self.deadline.min(self.last_used + i));
+            if now >= end {
+                break;
+            }
+            let mut fds = vec![
+                libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: signals,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if let Some(p) = self.sandbox.init_pidfd() {
+                fds.push(libc::pollfd {
+                    fd: p,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let ms = end.saturating_duration_since(now).as_millis().min(60_000) as i32;
+            // SAFETY: `fds` is a valid array of pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms.max(1)) };
+            if n <= 0 {
+                continue;
+            }
+            // A signal to end, or the sandbox's init is gone.
+            if fds[1].revents != 0 || fds.get(2).is_some_and(|p| p.revents != 0) {
+                break;
+            }
+            if fds[0].revents != 0 {
+                if let Ok((conn, _)) = self.listener.accept() {
+                    if self.handle(conn) {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        session::remove(self.sandbox);
+    }
+
+    /// Serves one connection; returns true when the keeper should end.
+    fn handle(&mut self, conn: UnixStream) -> bool {
+        if !peer_is_owner(&conn) {
+            return false;
+        }
+        let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&conn);
+        if reader.read_line(&mut line).is_err() {
+            return false;
+        }
+        let (reply, end) = match serde_json::from_str::<Request>(&line) {
+            Err(e) => (Reply::Error(format!("bad request: {e}")), false),
+            Ok(Request::Stop) => (Reply::Stopping, true),
+            Ok(Request::Exec {
+                command,
+                env,
+                workdir,
+                user,
+                stdin,
+                timeout_ms,
+                output_limit,
+            }) => {
+                self.last_used = Instant::now();
+                let mut spec = ExecSpec::new(command);
+                spec.env = env;
+                spec.workdir = workdir;
+                spec.user = user.map(|(uid, gid)| User { uid, gid });
+                spec.stdin = stdin.map_or(Stdin::Null, Stdin::Bytes);
+                spec.timeout = timeout_ms.map_or(self.exec_timeout, Duration::from_millis);
+                if let Some(l) = output_limit {
+                    spec.output_limit = l;
+                }
+                let r = session::exec(&mut self.sandbox, &spec);
+                self.last_used = Instant::now();
+                match r {
+                    Ok(o) => (Reply::Outcome(Box::new(o)), false),
+                    Err(e) => (Reply::Error(e.to_string()), false),
+                }
+            }
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        let _ = (&conn).write_all(&out);
+        end
+    }
+}
+
+/// Only the sandbox's owner (or root) may talk to its keeper.
+fn peer_is_owner(conn: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt(SO_PEERCRED) fills a ucred of the given size.
+    unsafe {
+        let mut cred: libc::ucred = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        );
+        r == 0 && (cred.uid == euid() || cred.uid == 0)
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP blocked and reported through a signalfd.
+fn block_end_signals() -> i32 {
+    // SAFETY: `set` is initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    }
+}
