@@ -48,6 +48,8 @@ enum Command {
     Sandbox(Box<config_cmd::SandboxCommand>),
     /// Run a command in a sandbox made with `nanoclaw sandbox create`.
     Exec(Box<sandbox_cmd::ExecArgs>),
+    /// Copy files between the host and a sandbox made with `sandbox create`.
+    Cp(sandbox_cmd::CpArgs),
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Image(c) => image_cmd::run_image(c),
         Command::Sandbox(c) => config_cmd::run_sandbox(*c),
         Command::Exec(a) => sandbox_cmd::exec(*a),
+        Command::Cp(a) => sandbox_cmd::cp(a),
         Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {

@@ -18,6 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use clap::Args;
 use nanoclaw_sandbox::native::session::{self, ExecSpec};
 use nanoclaw_sandbox::spec::{SandboxSpec, Stdin, User};
@@ -161,6 +163,18 @@ enum Request {
         output_limit: Option<u64>,
     },
     Stop,
+    /// Write a file (or, with `tar`, unpack a tar stream into a directory).
+    Put {
+        path: String,
+        /// The bytes, base64.
+        data: String,
+        tar: bool,
+    },
+    /// Read a file (or, with `tar`, a directory as a tar stream).
+    Get {
+        path: String,
+        tar: bool,
+    },
 }
 
 /// A keeper's answer: one JSON line.
@@ -170,6 +184,9 @@ enum Reply {
     Outcome(Box<Outcome>),
     Stopping,
     Error(String),
+    /// Bytes read, base64.
+    Data(String),
+    Done,
 }
 
 fn now_s() -> u64 {
@@ -509,6 +526,7 @@ pub fn exec(a: ExecArgs) -> Result<u8> {
         Reply::Outcome(o) => o,
         Reply::Error(e) => bail!("{e}"),
         Reply::Stopping => bail!("the sandbox is ending"),
+        _ => bail!("unexpected reply from the keeper"),
     };
     if a.json {
         println!("{}", serde_json::to_string(&outcome)?);
@@ -700,6 +718,22 @@ impl Keeper {
         let (reply, end) = match serde_json::from_str::<Request>(&line) {
             Err(e) => (Reply::Error(format!("bad request: {e}")), false),
             Ok(Request::Stop) => (Reply::Stopping, true),
+            Ok(Request::Put { path, data, tar }) => {
+                self.last_used = Instant::now();
+                (self.put(&path, &data, tar), false)
+            }
+            Ok(Request::Get { path, tar }) => {
+                self.last_used = Instant::now();
+                let r = if tar {
+                    session::get_tar(&mut self.sandbox, &path)
+                } else {
+                    session::get_file(&mut self.sandbox, &path)
+                };
+                match r {
+                    Ok(b) => (Reply::Data(B64.encode(b)), false),
+                    Err(e) => (Reply::Error(e.to_string()), false),
+                }
+            }
             Ok(Request::Exec {
                 command,
                 env,
@@ -732,6 +766,117 @@ impl Keeper {
         let _ = (&conn).write_all(&out);
         end
     }
+}
+
+impl Keeper {
+    fn put(&mut self, path: &str, data: &str, tar: bool) -> Reply {
+        let Ok(bytes) = B64.decode(data) else {
+            return Reply::Error("bad request: data is not base64".into());
+        };
+        let r = if tar {
+            session::put_tar(&mut self.sandbox, path, bytes, None)
+        } else {
+            session::put_file(&mut self.sandbox, path, bytes, None)
+        };
+        match r {
+            Ok(()) => Reply::Done,
+            Err(e) => Reply::Error(e.to_string()),
+        }
+    }
+}
+
+/// Options of `nanoclaw cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// HOSTPATH or ID:PATH (a host directory is copied in as a tree).
+    #[arg(value_name = "SRC")]
+    src: String,
+    /// ID:PATH or HOSTPATH; `-` writes the sandbox's PATH to stdout as a
+    /// tar stream (the way to copy a directory out).
+    #[arg(value_name = "DST")]
+    dst: String,
+}
+
+/// `ID:PATH` → (ID, PATH); a host path has no colon before its first '/'.
+fn sandbox_side(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (!id.is_empty() && !id.contains('/')).then_some((id, path))
+}
+
+/// `nanoclaw cp`: a file or a directory tree into a sandbox, a file (or a
+/// tar stream of a directory, to stdout) out of one. The copy runs inside
+/// the sandbox as its user: paths resolve in the sandbox's own root, so no
+/// symlink there can lead outside it.
+pub fn cp(a: CpArgs) -> Result<u8> {
+    let root = state_root()?;
+    match (sandbox_side(&a.src), sandbox_side(&a.dst)) {
+        (None, Some((target, path))) => {
+            let (dir, _) = find(&root, target)?;
+            let host = Path::new(&a.src);
+            let md = std::fs::metadata(host)
+                .with_context(|| format!("{}: cannot read it", host.display()))?;
+            let (data, tar) = if md.is_dir() {
+                (host_tree_as_tar(host)?, true)
+            } else {
+                (
+                    std::fs::read(host).with_context(|| format!("reading {}", host.display()))?,
+                    false,
+                )
+            };
+            let req = Request::Put {
+                path: path.to_string(),
+                data: B64.encode(data),
+                tar,
+            };
+            match ask(&dir, &req)? {
+                Reply::Done => Ok(0),
+                Reply::Error(e) => bail!("{e}"),
+                _ => bail!("unexpected reply from the keeper"),
+            }
+        }
+        (Some((target, path)), None) => {
+            let (dir, _) = find(&root, target)?;
+            let to_stdout = a.dst == "-";
+            let req = Request::Get {
+                path: path.to_string(),
+                tar: to_stdout,
+            };
+            let data = match ask(&dir, &req)? {
+                Reply::Data(d) => B64
+                    .decode(d)
+                    .map_err(|_| anyhow!("the keeper sent bad data"))?,
+                Reply::Error(e) => bail!("{e}"),
+                _ => bail!("unexpected reply from the keeper"),
+            };
+            if to_stdout {
+                std::io::stdout().write_all(&data)?;
+                return Ok(0);
+            }
+            let mut out = PathBuf::from(&a.dst);
+            if out.is_dir() {
+                let name = Path::new(path)
+                    .file_name()
+                    .ok_or_else(|| anyhow!("{path:?} names no file"))?;
+                out.push(name);
+            }
+            std::fs::write(&out, data).with_context(|| format!("writing {}", out.display()))?;
+            Ok(0)
+        }
+        (Some(_), Some(_)) => bail!(
+            "copy between two sandboxes through the host: cp ID:PATH FILE, then cp FILE ID2:PATH"
+        ),
+        (None, None) => bail!("one side of `nanoclaw cp` must be ID:PATH (a sandbox path)"),
+    }
+}
+
+/// A host directory as a tar stream: symlinks are stored as symlinks
+/// (never followed), so nothing outside the tree is read.
+fn host_tree_as_tar(dir: &Path) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir)
+        .with_context(|| format!("packing {}", dir.display()))?;
+    Ok(b.into_inner()?)
 }
 
 /// Only the sandbox's owner (or root) may talk to its keeper.

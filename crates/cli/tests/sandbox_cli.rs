@@ -179,3 +179,166 @@ fn bad_input_is_one_line_and_125() {
         ok(m, &["sandbox", "rm", &id]);
     }
 }
+
+#[test]
+fn cp_in_and_out() {
+    for m in modes("cp_in_and_out") {
+        let host = std::env::temp_dir().join(format!("nct-cp-{}-{}", m.name, std::process::id()));
+        let tree = host.join("tree");
+        std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+        std::fs::write(tree.join("sub/a.txt"), "A\n").expect("write");
+        std::os::unix::fs::symlink("/etc/shadow", tree.join("link")).expect("symlink");
+        std::fs::write(host.join("one.txt"), "one\n").expect("write");
+        chmod_r(&host);
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        let p = |x: &str| host.join(x).to_string_lossy().into_owned();
+        ok(m, &["cp", &p("one.txt"), &format!("{id}:/tmp/in/one.txt")]);
+        ok(m, &["cp", &p("tree"), &format!("{id}:/tmp/tree")]);
+        let seen = ok(
+            m,
+            &[
+                "exec",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "cat /tmp/in/one.txt /tmp/tree/sub/a.txt; readlink /tmp/tree/link",
+            ],
+        );
+        assert_eq!(seen, "one\nA\n/etc/shadow\n", "[{}]", m.name);
+        let out = host.join(format!("out-{}", m.name));
+        ok(
+            m,
+            &[
+                "cp",
+                &format!("{id}:/tmp/tree/sub/a.txt"),
+                &out.to_string_lossy(),
+            ],
+        );
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            "A\n",
+            "[{}]",
+            m.name
+        );
+        let o = run(m, &["cp", &format!("{id}:/tmp/tree"), "-"]);
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        let mut names: Vec<String> = tar::Archive::new(&o.stdout[..])
+            .entries()
+            .expect("tar")
+            .filter_map(|e| {
+                e.ok()
+                    .and_then(|e| e.path().ok().map(|p| p.to_string_lossy().into_owned()))
+            })
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["./", "./link", "./sub/", "./sub/a.txt"],
+            "[{}]",
+            m.name
+        );
+        for bad in [
+            vec![
+                "cp".to_string(),
+                format!("{id}:/no/such/file"),
+                out.to_string_lossy().into_owned(),
+            ],
+            vec![
+                "cp".to_string(),
+                p("one.txt"),
+                format!("{id}:/usr/not-writable"),
+            ],
+            vec!["cp".to_string(), p("one.txt"), format!("{id}:relative")],
+        ] {
+            let args: Vec<&str> = bad.iter().map(String::as_str).collect();
+            let o = run(m, &args);
+            assert_eq!(code(&o), 125, "[{}] {args:?}", m.name);
+            assert_eq!(
+                text(&o.stderr).lines().count(),
+                1,
+                "[{}] {}",
+                m.name,
+                text(&o.stderr)
+            );
+        }
+        ok(m, &["sandbox", "rm", &id]);
+        let _ = std::fs::remove_dir_all(&host);
+    }
+}
+
+/// A symlink swapped in a tight loop inside the sandbox, between a file of
+/// its own and the path of a host file, while files are copied in and out:
+/// nanoclaw never reads or writes the host file (the copy runs inside).
+#[test]
+fn cp_never_follows_a_swapped_symlink_out() {
+    for m in modes("cp_never_follows_a_swapped_symlink_out") {
+        let host = std::env::temp_dir().join(format!("nct-race-{}-{}", m.name, std::process::id()));
+        std::fs::create_dir_all(&host).expect("mkdir");
+        let secret = host.join("secret");
+        std::fs::write(&secret, "HOSTSECRET\n").expect("write");
+        std::fs::write(host.join("payload"), "NEW\n").expect("write");
+        chmod_r(&host);
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        let s = secret.to_string_lossy();
+        let swapper = format!(
+            "mkdir -p $(dirname {s}); echo inside > /tmp/f; \
+             (while :; do ln -sfn {s} /tmp/race; ln -sfn /tmp/f /tmp/race; ln -sfn /proc/1/root{s} /tmp/race; \
+              rm -f /tmp/race; echo inside > /tmp/race; done) >/dev/null 2>&1 </dev/null &"
+        );
+        ok(m, &["exec", &id, "--", "sh", "-c", &swapper]);
+        let out = host.join("out");
+        for _ in 0..30 {
+            let _ = run(
+                m,
+                &["cp", &format!("{id}:/tmp/race"), &out.to_string_lossy()],
+            );
+            let got = std::fs::read_to_string(&out).unwrap_or_default();
+            assert!(
+                !got.contains("HOSTSECRET"),
+                "[{}] cp read the host file through a symlink",
+                m.name
+            );
+            let _ = run(
+                m,
+                &[
+                    "cp",
+                    &host.join("payload").to_string_lossy(),
+                    &format!("{id}:/tmp/race"),
+                ],
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(&secret).unwrap_or_default(),
+            "HOSTSECRET\n",
+            "[{}] the host file was written",
+            m.name
+        );
+        ok(m, &["sandbox", "rm", &id]);
+        let _ = std::fs::remove_dir_all(&host);
+    }
+}
+
+/// World-readable, so the rootless user can read what the test prepared.
+fn chmod_r(dir: &std::path::Path) {
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(dir)
+        .status();
+    // The rootless user writes the copies it takes out here.
+    let _ = std::process::Command::new("chmod")
+        .arg("1777")
+        .arg(dir)
+        .status();
+    let mut p = dir.parent();
+    while let Some(d) = p {
+        let _ = std::process::Command::new("chmod")
+            .arg("a+x")
+            .arg(d)
+            .status();
+        p = d.parent();
+        if d == std::path::Path::new("/tmp") {
+            break;
+        }
+    }
+}

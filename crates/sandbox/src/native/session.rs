@@ -542,3 +542,104 @@ fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
         revents: 0,
     }
 }
+
+/// Most bytes one file copy moves (either way).
+pub const MAX_COPY: u64 = 1 << 30;
+
+/// A file operation failed inside the sandbox (the message is the
+/// sandboxed tool's own, e.g. "No such file or directory").
+fn copy_error(sb: &Sandbox, what: &str, o: &Outcome) -> Error {
+    let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    let why = if why.is_empty() {
+        format!("exit {:?}", o.exit_code)
+    } else {
+        why
+    };
+    Error::InvalidSpec(format!("sandbox {}: {what}: {why}", sb.id))
+}
+
+/// A copy runs as an exec: inside the sandbox, as its user (or `user`),
+/// with every restriction of a command. Paths therefore resolve in the
+/// sandbox's own mount namespace and root — a symlink, swapped in at any
+/// moment, can only ever lead to another place inside the sandbox — and
+/// writes land only where the sandbox may write, within its size limits.
+fn copy_exec(
+    sb: &mut Sandbox,
+    argv: Vec<String>,
+    stdin: Option<Vec<u8>>,
+    user: Option<User>,
+) -> Result<Outcome, Error> {
+    let mut spec = ExecSpec::new(argv);
+    spec.stdin = stdin.map_or(Stdin::Null, Stdin::Bytes);
+    spec.user = user;
+    spec.output_limit = MAX_COPY;
+    spec.timeout = Duration::from_secs(600);
+    exec(sb, &spec)
+}
+
+fn check_path(p: &str) -> Result<(), Error> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(Error::InvalidSpec(format!(
+            "{p:?}: a path inside the sandbox must be absolute"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `data` to the file `path` in the sandbox (parents created).
+pub fn put_file(
+    sb: &mut Sandbox,
+    path: &str,
+    data: Vec<u8>,
+    user: Option<User>,
+) -> Result<(), Error> {
+    check_path(path)?;
+    let script = r#"mkdir -p -- "$(dirname -- "$1")" && cat > "$1""#;
+    let argv = ["sh", "-c", script, "nanoclaw-cp", path].map(String::from);
+    let o = copy_exec(sb, argv.to_vec(), Some(data), user)?;
+    if o.exit_code != Some(0) {
+        return Err(copy_error(sb, &format!("writing {path}"), &o));
+    }
+    Ok(())
+}
+
+/// Reads the file `path` in the sandbox.
+pub fn get_file(sb: &mut Sandbox, path: &str) -> Result<Vec<u8>, Error> {
+    check_path(path)?;
+    let argv = [
+        "sh",
+        "-c",
+        r#"test -f "$1" && exec cat -- "$1"; echo "$1: not a regular file" >&2; exit 1"#,
+        "nanoclaw-cp",
+        path,
+    ];
+    let o = copy_exec(sb, argv.map(String::from).to_vec(), None, None)?;
+    if o.exit_code != Some(0) || o.stdout_truncated {
+        return Err(copy_error(sb, &format!("reading {path}"), &o));
+    }
+    Ok(o.stdout)
+}
+
+/// Unpacks the tar stream `tar` into the directory `dir` in the sandbox
+/// (created if missing), with the sandbox's `tar`.
+pub fn put_tar(sb: &mut Sandbox, dir: &str, tar: Vec<u8>, user: Option<User>) -> Result<(), Error> {
+    check_path(dir)?;
+    let script = r#"mkdir -p -- "$1" && exec tar -x -f - -C "$1" --no-same-owner"#;
+    let argv = ["sh", "-c", script, "nanoclaw-cp", dir].map(String::from);
+    let o = copy_exec(sb, argv.to_vec(), Some(tar), user)?;
+    if o.exit_code != Some(0) {
+        return Err(copy_error(sb, &format!("unpacking into {dir}"), &o));
+    }
+    Ok(())
+}
+
+/// The directory `dir` in the sandbox as a tar stream.
+pub fn get_tar(sb: &mut Sandbox, dir: &str) -> Result<Vec<u8>, Error> {
+    check_path(dir)?;
+    let argv = ["tar", "-c", "-f", "-", "-C", dir, "."].map(String::from);
+    let o = copy_exec(sb, argv.to_vec(), None, None)?;
+    if o.exit_code != Some(0) || o.stdout_truncated {
+        return Err(copy_error(sb, &format!("packing {dir}"), &o));
+    }
+    Ok(o.stdout)
+}
