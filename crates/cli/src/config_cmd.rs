@@ -82,6 +82,8 @@ pub enum SandboxCommand {
     Inspect(crate::sandbox_cmd::InspectArgs),
     /// Remove sandboxes (and everything running in them).
     Rm(crate::sandbox_cmd::RmArgs),
+    /// Remove sandboxes idle or older than a duration.
+    Prune(crate::sandbox_cmd::PruneArgs),
 }
 
 /// Options of `nanoclaw config validate`.
@@ -357,6 +359,7 @@ pub fn run_sandbox(cmd: SandboxCommand) -> Result<u8> {
         SandboxCommand::Ls(a) => crate::sandbox_cmd::ls(a),
         SandboxCommand::Inspect(a) => crate::sandbox_cmd::inspect(a),
         SandboxCommand::Rm(a) => crate::sandbox_cmd::rm(a),
+        SandboxCommand::Prune(a) => crate::sandbox_cmd::prune(a),
     }
 }
 

@@ -129,6 +129,9 @@ struct State {
     created: u64,
     /// Seconds since the epoch.
     expires: u64,
+    /// Seconds since the epoch: the last exec or copy (or the creation).
+    #[serde(default)]
+    last_used: u64,
     idle_timeout_s: Option<u64>,
     exec_timeout_ms: u64,
     keeper_pid: u32,
@@ -232,8 +235,13 @@ fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&b).ok()
 }
 
+/// Whether `pid` runs (an exited keeper stays a zombie until whoever
+/// adopted it reaps it, which counts as gone).
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
 }
 
 /// Every sandbox whose keeper lives; the state of dead keepers is removed.
@@ -245,8 +253,9 @@ fn all_sandboxes(root: &Path) -> Vec<(PathBuf, State)> {
             Some(st) if alive(st.keeper_pid) => out.push((dir, st)),
             // A keeper that was killed leaves its directory; one still
             // starting has no state yet (leave it a minute).
-            Some(_) => {
+            Some(st) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                forget_cgroups(&st.id);
             }
             None => {
                 let old = e
@@ -263,6 +272,12 @@ fn all_sandboxes(root: &Path) -> Vec<(PathBuf, State)> {
     }
     out.sort_by_key(|(_, s)| s.created);
     out
+}
+
+/// Removes the cgroups a killed keeper left (its sandbox is gone or going:
+/// init dies with its keeper).
+fn forget_cgroups(id: &str) {
+    nanoclaw_sandbox::native::cgroup::remove_sandbox_cgroups(id, Duration::from_secs(2));
 }
 
 /// The sandbox named `target`: a name, an id, or a unique id prefix.
@@ -457,6 +472,10 @@ pub fn rm(a: RmArgs) -> Result<u8> {
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
+        if a.force {
+            // The keeper had no chance to remove the sandbox's cgroups.
+            forget_cgroups(&st.id);
+        }
         println!("{}", st.id);
     }
     Ok(0)
@@ -629,6 +648,7 @@ impl Keeper {
             labels: cfg.labels,
             created,
             expires: created + cfg.lifetime_ms / 1000,
+            last_used: created,
             idle_timeout_s: cfg.idle_timeout_ms.map(|m| m / 1000),
             exec_timeout_ms: cfg.exec_timeout_ms,
             keeper_pid: std::process::id(),
@@ -636,9 +656,7 @@ impl Keeper {
             owner_uid: euid(),
             layers: sandbox.layers().clone(),
         };
-        let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
-        std::fs::rename(&tmp, dir.join("state.json"))?;
+        write_state(&dir, &state)?;
         Ok(Keeper {
             sandbox,
             state,
@@ -761,6 +779,10 @@ impl Keeper {
                 }
             }
         };
+        if !end {
+            self.state.last_used = now_s();
+            let _ = write_state(&self.dir, &self.state);
+        }
         let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
         let _ = (&conn).write_all(&out);
@@ -877,6 +899,66 @@ fn host_tree_as_tar(dir: &Path) -> Result<Vec<u8>> {
     b.append_dir_all(".", dir)
         .with_context(|| format!("packing {}", dir.display()))?;
     Ok(b.into_inner()?)
+}
+
+/// Replaces `dir/state.json` atomically.
+fn write_state(dir: &Path, state: &State) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    Ok(())
+}
+
+/// Options of `sandbox prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove sandboxes unused (no exec or copy) for this long.
+    #[arg(long, value_name = "DURATION")]
+    idle: Option<String>,
+    /// Remove sandboxes created this long ago or more.
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<String>,
+    /// Remove every sandbox.
+    #[arg(long)]
+    all: bool,
+}
+
+/// `nanoclaw sandbox prune`.
+pub fn prune(a: PruneArgs) -> Result<u8> {
+    let secs = |o: &Option<String>, flag: &str| {
+        o.as_deref()
+            .map(|d| {
+                parse_duration(d)
+                    .map(|d| d.as_secs())
+                    .map_err(|e| anyhow!("{flag}: {e}"))
+            })
+            .transpose()
+    };
+    let (idle, older) = (
+        secs(&a.idle, "--idle")?,
+        secs(&a.older_than, "--older-than")?,
+    );
+    if idle.is_none() && older.is_none() && !a.all {
+        bail!("say what to prune: --idle DURATION, --older-than DURATION or --all");
+    }
+    let root = state_root()?;
+    let now = now_s();
+    let doomed: Vec<String> = all_sandboxes(&root)
+        .into_iter()
+        .filter(|(_, s)| {
+            a.all
+                || idle.is_some_and(|i| now.saturating_sub(s.last_used.max(s.created)) >= i)
+                || older.is_some_and(|o| now.saturating_sub(s.created) >= o)
+        })
+        .map(|(_, s)| s.id)
+        .collect();
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    rm(RmArgs {
+        force: false,
+        targets: doomed,
+    })
 }
 
 /// Only the sandbox's owner (or root) may talk to its keeper.

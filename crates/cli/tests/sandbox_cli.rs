@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 mod common;
 use common::*;
 
+/// The leak check takes this for writing, every other test for reading,
+/// so its before/after snapshots see no other test's sandboxes.
+static SERIAL: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    SERIAL.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ok(m: Mode, args: &[&str]) -> String {
     let o = run(m, args);
     assert_eq!(
@@ -36,6 +44,7 @@ fn state(m: Mode, id: &str) -> serde_json::Value {
 
 #[test]
 fn create_exec_ls_rm() {
+    let _g = shared();
     for m in modes("create_exec_ls_rm") {
         let name = format!("t-{}-{}", m.name, std::process::id());
         let id = ok(
@@ -117,6 +126,7 @@ fn create_exec_ls_rm() {
 
 #[test]
 fn a_killed_keeper_takes_its_sandbox_along() {
+    let _g = shared();
     for m in modes("a_killed_keeper_takes_its_sandbox_along") {
         let id = ok(m, &["sandbox", "create"]).trim().to_string();
         ok(
@@ -148,6 +158,7 @@ fn a_killed_keeper_takes_its_sandbox_along() {
 
 #[test]
 fn bad_input_is_one_line_and_125() {
+    let _g = shared();
     for m in modes("bad_input_is_one_line_and_125") {
         for args in [
             &["exec", "no-such-sandbox", "--", "true"][..],
@@ -182,6 +193,7 @@ fn bad_input_is_one_line_and_125() {
 
 #[test]
 fn cp_in_and_out() {
+    let _g = shared();
     for m in modes("cp_in_and_out") {
         let host = std::env::temp_dir().join(format!("nct-cp-{}-{}", m.name, std::process::id()));
         let tree = host.join("tree");
@@ -272,6 +284,7 @@ fn cp_in_and_out() {
 /// nanoclaw never reads or writes the host file (the copy runs inside).
 #[test]
 fn cp_never_follows_a_swapped_symlink_out() {
+    let _g = shared();
     for m in modes("cp_never_follows_a_swapped_symlink_out") {
         let host = std::env::temp_dir().join(format!("nct-race-{}-{}", m.name, std::process::id()));
         std::fs::create_dir_all(&host).expect("mkdir");
@@ -340,5 +353,119 @@ fn chmod_r(dir: &std::path::Path) {
         if d == std::path::Path::new("/tmp") {
             break;
         }
+    }
+}
+
+/// What sandboxes leave on the host: keepers, cgroup directories, state.
+fn traces(m: Mode) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains("__keeper") {
+                out.push(format!("keeper {}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    let parent = match m.user {
+        Some((uid, _)) => format!("nanoclaw-{uid}"),
+        None => "nanoclaw".to_string(),
+    };
+    for c in ["memory", "cpu", "pids"] {
+        let d = std::path::Path::new("/sys/fs/cgroup").join(c).join(&parent);
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sandbox_id = name.len() == 12 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if sandbox_id && e.path().is_dir() {
+                out.push(e.path().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let state = match m.user {
+        Some((uid, _)) => format!("/tmp/nanoclaw-{uid}/sandboxes"),
+        None => "/run/nanoclaw/sandboxes".to_string(),
+    };
+    for e in std::fs::read_dir(state).into_iter().flatten().flatten() {
+        out.push(e.path().to_string_lossy().into_owned());
+    }
+    out
+}
+
+#[test]
+fn create_exec_rm_cycles_leave_nothing() {
+    let _g = SERIAL.write().unwrap_or_else(|e| e.into_inner());
+    let cycles: usize = std::env::var("NANOCLAW_SANDBOX_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    for m in modes("create_exec_rm_cycles_leave_nothing") {
+        let before = traces(m);
+        let t0 = Instant::now();
+        for i in 0..cycles {
+            let id = ok(m, &["sandbox", "create"]).trim().to_string();
+            assert_eq!(
+                ok(
+                    m,
+                    &[
+                        "exec",
+                        &id,
+                        "--",
+                        "sh",
+                        "-c",
+                        "echo $((1+1)); sleep 60 >/dev/null 2>&1 &"
+                    ]
+                ),
+                "2\n"
+            );
+            if i % 2 == 0 {
+                ok(m, &["sandbox", "rm", &id]);
+            } else {
+                ok(m, &["sandbox", "rm", "-f", &id]);
+            }
+        }
+        eprintln!(
+            "[{}] {cycles} create/exec/rm cycles in {:?}",
+            m.name,
+            t0.elapsed()
+        );
+        // A forced rm leaves the kernel a moment to finish the teardown.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let new = || -> Vec<String> {
+            traces(m)
+                .into_iter()
+                .filter(|t| !before.contains(t))
+                .collect()
+        };
+        let mut left = new();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = run(m, &["sandbox", "ls"]);
+            left = new();
+        }
+        assert!(left.is_empty(), "[{}] left behind: {left:?}", m.name);
+    }
+}
+
+#[test]
+fn prune_removes_what_it_is_told_to() {
+    let _g = shared();
+    for m in modes("prune_removes_what_it_is_told_to") {
+        let keep = ok(m, &["sandbox", "create", "--label", "prune=test"])
+            .trim()
+            .to_string();
+        let o = run(m, &["sandbox", "prune"]);
+        assert_eq!(code(&o), 125, "[{}] prune needs a criterion", m.name);
+        ok(m, &["sandbox", "prune", "--idle", "1h"]);
+        assert!(
+            ok(m, &["sandbox", "ls"]).contains(&keep),
+            "[{}] pruned a fresh sandbox",
+            m.name
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        ok(m, &["sandbox", "prune", "--idle", "1s"]);
+        assert!(
+            !ok(m, &["sandbox", "ls"]).contains(&keep),
+            "[{}] not pruned",
+            m.name
+        );
     }
 }

@@ -736,6 +736,41 @@ fn sweep_stale(h: &Host) {
     }
 }
 
+/// Removes the cgroup directories of sandbox `id` (12 hex digits) under
+/// our parents, as soon as they are empty, waiting up to `patience` for
+/// its last processes to leave: for a sandbox whose holder was killed
+/// before it could clean up (its init dies with the holder). A cgroup that
+/// still has processes is never removed (`rmdir` refuses). Returns whether
+/// nothing of it is left.
+pub fn remove_sandbox_cgroups(id: &str, patience: Duration) -> bool {
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return false;
+    }
+    let Ok(h) = host(false) else {
+        return true;
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for slot in &h.slots {
+        if let Slot::Usable { parent, .. } = slot {
+            let d = parent.join(id);
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    let deadline = Instant::now() + patience;
+    loop {
+        dirs.retain(|d| match fs::remove_dir(d) {
+            Ok(()) => false,
+            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+        });
+        if dirs.is_empty() || Instant::now() >= deadline {
+            return dirs.is_empty();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn plan_in(
     h: &Host,
     id: &str,
