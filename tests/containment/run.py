@@ -68,6 +68,9 @@ ATTACKS = [
     ("setuid", "setuid.py", "setuid binaries do not elevate", "normal", {}),
     ("fork_bomb", "fork_bomb.py", "pids limit contains a fork bomb", "pids", {}),
     ("memory_hog", "memory_hog.py", "memory limit kills a memory hog", "memory", {}),
+    ("memfd_bomb", "memfd_bomb.py", "memory limit holds for memfd pages (or memfd refused)", "memory", {}),
+    ("inotify_exhaustion", "inotify_exhaustion.py", "own inotify limit: the host's pool cannot be taken",
+     "normal", {}),
 ]
 
 VERDICTS = ("CONTAINED", "SKIP", "EXPOSED", "ESCAPED", "ERROR")
