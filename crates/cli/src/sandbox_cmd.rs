@@ -33,8 +33,10 @@ use crate::run_cmd::RunArgs;
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// How long `sandbox create` waits for its keeper to report.
 const KEEPER_START: Duration = Duration::from_secs(40);
-/// How long a client may take to send its request.
+/// How long a client may take to send its request, and to read the reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `rm` waits for a keeper to answer before killing it.
+const STOP_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Options of `nanoclaw sandbox create`.
 #[derive(Debug, Args)]
@@ -449,17 +451,13 @@ pub fn rm(a: RmArgs) -> Result<u8> {
     let root = state_root()?;
     for t in &a.targets {
         let (dir, st) = find(&root, t)?;
-        if a.force {
+        // A keeper busy with an exec or a copy does not answer: it is then
+        // killed, which ends its sandbox all the same (init's lifeline).
+        let asked = !a.force && ask_within(&dir, &Request::Stop, Some(STOP_PATIENCE)).is_ok();
+        let killed = !asked;
+        if killed && alive(st.keeper_pid) {
             // SAFETY: kill with a pid and a signal.
             unsafe { libc::kill(st.keeper_pid as i32, libc::SIGKILL) };
-        } else {
-            match ask(&dir, &Request::Stop) {
-                Ok(_) => {}
-                // SAFETY: kill with a pid and a signal.
-                Err(_) => unsafe {
-                    libc::kill(st.keeper_pid as i32, libc::SIGTERM);
-                },
-            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while alive(st.keeper_pid) && Instant::now() < deadline {
@@ -472,7 +470,7 @@ pub fn rm(a: RmArgs) -> Result<u8> {
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
-        if a.force {
+        if killed {
             // The keeper had no chance to remove the sandbox's cgroups.
             forget_cgroups(&st.id);
         }
@@ -483,13 +481,24 @@ pub fn rm(a: RmArgs) -> Result<u8> {
 
 /// Sends one request to a keeper and reads its reply.
 fn ask(dir: &Path, req: &Request) -> Result<Reply> {
+    ask_within(dir, req, None)
+}
+
+/// [`ask`], giving up after `limit` (for requests that must not wait on a
+/// keeper busy with a long exec).
+fn ask_within(dir: &Path, req: &Request, limit: Option<Duration>) -> Result<Reply> {
     let mut s = UnixStream::connect(dir.join("sock"))
         .with_context(|| format!("connecting to the keeper in {}", dir.display()))?;
+    s.set_read_timeout(limit)?;
+    s.set_write_timeout(limit)?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply)?;
+    if reply.is_empty() {
+        bail!("the sandbox's keeper closed the connection without an answer (the sandbox was removed meanwhile, or the request was refused)");
+    }
     serde_json::from_str(&reply).map_err(|e| anyhow!("the keeper's reply: {e}"))
 }
 
@@ -728,11 +737,10 @@ impl Keeper {
             return false;
         }
         let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
-        let mut line = String::new();
-        let mut reader = BufReader::new(&conn);
-        if reader.read_line(&mut line).is_err() {
+        let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
+        let Some(line) = read_request(&conn) else {
             return false;
-        }
+        };
         let (reply, end) = match serde_json::from_str::<Request>(&line) {
             Err(e) => (Reply::Error(format!("bad request: {e}")), false),
             Ok(Request::Stop) => (Reply::Stopping, true),
@@ -837,6 +845,12 @@ pub fn cp(a: CpArgs) -> Result<u8> {
             let host = Path::new(&a.src);
             let md = std::fs::metadata(host)
                 .with_context(|| format!("{}: cannot read it", host.display()))?;
+            if !md.is_dir() && !md.is_file() {
+                bail!(
+                    "{}: only regular files and directories can be copied",
+                    host.display()
+                );
+            }
             let (data, tar) = if md.is_dir() {
                 (host_tree_as_tar(host)?, true)
             } else {
@@ -845,6 +859,14 @@ pub fn cp(a: CpArgs) -> Result<u8> {
                     false,
                 )
             };
+            if data.len() as u64 > session::MAX_COPY {
+                bail!(
+                    "{} is {} bytes; one copy moves at most {} MiB",
+                    host.display(),
+                    data.len(),
+                    session::MAX_COPY >> 20
+                );
+            }
             let req = Request::Put {
                 path: path.to_string(),
                 data: B64.encode(data),
@@ -899,6 +921,29 @@ fn host_tree_as_tar(dir: &Path) -> Result<Vec<u8>> {
     b.append_dir_all(".", dir)
         .with_context(|| format!("packing {}", dir.display()))?;
     Ok(b.into_inner()?)
+}
+
+/// Largest request line a keeper reads (a file copied in, base64, plus
+/// framing).
+const MAX_REQUEST_LINE: usize = (session::MAX_COPY as usize) * 4 / 3 + 64 * 1024;
+
+/// One request line, read within [`REQUEST_TIMEOUT`] in all and at most
+/// [`MAX_REQUEST_LINE`] bytes; `None` for a slow, endless or broken one.
+fn read_request(conn: &UnixStream) -> Option<String> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let mut r = conn;
+    while !buf.ends_with(b"\n") {
+        if Instant::now() >= deadline || buf.len() > MAX_REQUEST_LINE {
+            return None;
+        }
+        match r.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8(buf).ok()
 }
 
 /// Replaces `dir/state.json` atomically.
@@ -961,11 +1006,14 @@ pub fn prune(a: PruneArgs) -> Result<u8> {
     })
 }
 
-/// Only the sandbox's owner (or root) may talk to its keeper.
+/// Only the sandbox's owner (or root) may talk to its keeper, and only from
+/// the keeper's own user namespace: rootless, sandboxed code runs as the
+/// owner's host uid, and a sandbox that has the state directory mounted
+/// could otherwise reach the sockets of its owner's other sandboxes.
 fn peer_is_owner(conn: &UnixStream) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: getsockopt(SO_PEERCRED) fills a ucred of the given size.
-    unsafe {
+    let cred = unsafe {
         let mut cred: libc::ucred = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
         let r = libc::getsockopt(
@@ -975,8 +1023,22 @@ fn peer_is_owner(conn: &UnixStream) -> bool {
             (&mut cred as *mut libc::ucred).cast(),
             &mut len,
         );
-        r == 0 && (cred.uid == euid() || cred.uid == 0)
+        if r != 0 {
+            return false;
+        }
+        cred
+    };
+    if cred.uid != euid() && cred.uid != 0 {
+        return false;
     }
+    // A peer in a sandbox's user namespace has another ns/user link (and
+    // one in a pid namespace we cannot see shows pid 0).
+    if cred.pid <= 0 {
+        return false;
+    }
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    let mine = ns("/proc/self/ns/user");
+    mine.is_some() && ns(&format!("/proc/{}/ns/user", cred.pid)) == mine
 }
 
 /// SIGTERM, SIGINT and SIGHUP blocked and reported through a signalfd.

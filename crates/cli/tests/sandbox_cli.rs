@@ -360,7 +360,9 @@ fn chmod_r(dir: &std::path::Path) {
 fn traces(m: Mode) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+        // Keepers of this test's binary (not of another build's tests).
+        let ours = std::fs::read_link(e.path().join("exe")).is_ok_and(|x| x == bin_for(m));
+        if let (true, Ok(cmd)) = (ours, std::fs::read(e.path().join("cmdline"))) {
             if String::from_utf8_lossy(&cmd).contains("__keeper") {
                 out.push(format!("keeper {}", e.file_name().to_string_lossy()));
             }
@@ -467,5 +469,124 @@ fn prune_removes_what_it_is_told_to() {
             "[{}] not pruned",
             m.name
         );
+    }
+}
+
+/// Sends a stop request to a keeper socket from inside another sandbox that
+/// has the state directory mounted; prints what came back.
+const FOREIGN_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b'{"op":"stop"}\n')
+    print("reply:" + s.recv(4096).decode(errors="replace").strip())
+except OSError as e:
+    print("refused:", e)
+"#;
+
+/// Red team F1: rootless, sandboxed code runs as the owner's host uid; a
+/// sandbox with the state directory mounted must still not be able to drive
+/// another sandbox's keeper.
+#[test]
+fn a_sandbox_cannot_drive_another_sandboxs_keeper() {
+    let _g = shared();
+    for m in modes("a_sandbox_cannot_drive_another_sandboxs_keeper") {
+        let root = match m.user {
+            Some((uid, _)) => format!("/tmp/nanoclaw-{uid}"),
+            None => "/run/nanoclaw".to_string(),
+        };
+        let victim = ok(m, &["sandbox", "create"]).trim().to_string();
+        let attacker = ok(
+            m,
+            &["sandbox", "create", "--mount", &format!("{root}:/h:ro")],
+        )
+        .trim()
+        .to_string();
+        let sock = format!("/h/sandboxes/{victim}/sock");
+        let out = ok(
+            m,
+            &[
+                "exec",
+                &attacker,
+                "--",
+                "python3",
+                "-c",
+                FOREIGN_CLIENT,
+                &sock,
+            ],
+        );
+        assert!(
+            !out.contains("stopping"),
+            "[{}] the attacker stopped the victim: {out}",
+            m.name
+        );
+        assert_eq!(
+            ok(m, &["exec", &victim, "--", "echo", "alive"]),
+            "alive\n",
+            "[{}] {out}",
+            m.name
+        );
+        ok(m, &["sandbox", "rm", &victim, &attacker]);
+    }
+}
+
+/// Red team F2 and F4: a keeper busy with a long exec does not make `rm`
+/// wait; a FIFO at a copy's destination is refused; one process cannot set
+/// another's resource limits (nor init's).
+#[test]
+fn busy_keepers_fifos_and_foreign_rlimits() {
+    let _g = shared();
+    for m in modes("busy_keepers_fifos_and_foreign_rlimits") {
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        ok(m, &["exec", &id, "--", "mkfifo", "/tmp/ff"]);
+        let src = std::env::temp_dir().join(format!("nct-fifo-src-{}", std::process::id()));
+        std::fs::write(&src, "x").expect("write");
+        let _ = std::process::Command::new("chmod")
+            .arg("a+r")
+            .arg(&src)
+            .status();
+        let t0 = Instant::now();
+        let o = run(m, &["cp", &src.to_string_lossy(), &format!("{id}:/tmp/ff")]);
+        assert_eq!(
+            code(&o),
+            125,
+            "[{}] copy onto a FIFO: {}",
+            m.name,
+            text(&o.stderr)
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "[{}] the copy hung on the FIFO",
+            m.name
+        );
+        let o = run(m, &["exec", &id, "--", "sh", "-c", "sleep 30 & prlimit --pid $! --nofile=4:4 || echo refused; prlimit --pid 1 --nofile=4:4 || echo refused"]);
+        assert_eq!(
+            text(&o.stdout),
+            "refused\nrefused\n",
+            "[{}] {}",
+            m.name,
+            text(&o.stderr)
+        );
+        let busy = nc(m, &["exec", &id, "--", "sleep", "60"])
+            .spawn()
+            .expect("spawn exec");
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        ok(m, &["sandbox", "rm", &id]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "[{}] rm waited {:?} for a busy keeper",
+            m.name,
+            t0.elapsed()
+        );
+        let o = busy.wait_with_output().expect("exec");
+        assert_ne!(
+            code(&o),
+            0,
+            "[{}] the interrupted exec reported success",
+            m.name
+        );
+        let _ = std::fs::remove_file(&src);
     }
 }

@@ -209,6 +209,11 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), Error> {
             )));
         }
     }
+    if spec.user.uid == u32::MAX || spec.user.gid == u32::MAX {
+        return Err(Error::InvalidSpec(
+            "--user: 4294967295 (-1) is not a user or group id".into(),
+        ));
+    }
     let rootful = geteuid() == 0;
     if rootful && (spec.user.uid >= ROOTFUL_ID_COUNT || spec.user.gid >= ROOTFUL_ID_COUNT) {
         return Err(Error::InvalidSpec(format!(

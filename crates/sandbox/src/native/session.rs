@@ -162,6 +162,14 @@ pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
 }
 
 fn validate(spec: &ExecSpec) -> Result<(), Error> {
+    if spec
+        .user
+        .is_some_and(|u| u.uid == u32::MAX || u.gid == u32::MAX)
+    {
+        return Err(Error::InvalidSpec(
+            "--user: 4294967295 (-1) is not a user or group id".into(),
+        ));
+    }
     if spec.command.is_empty() || spec.command[0].is_empty() {
         return Err(Error::InvalidSpec(
             "no command given: pass the command to run after the options".into(),
@@ -543,8 +551,12 @@ fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
     }
 }
 
-/// Most bytes one file copy moves (either way).
-pub const MAX_COPY: u64 = 1 << 30;
+/// Most bytes one file copy moves (either way). Copies are held in memory
+/// whole for now (streaming is to come), so this stays small.
+pub const MAX_COPY: u64 = 64 << 20;
+/// How long a copy may take: a planted FIFO (or a device) at the path must
+/// not hold the sandbox's holder for long.
+const COPY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A file operation failed inside the sandbox (the message is the
 /// sandboxed tool's own, e.g. "No such file or directory").
@@ -573,7 +585,7 @@ fn copy_exec(
     spec.stdin = stdin.map_or(Stdin::Null, Stdin::Bytes);
     spec.user = user;
     spec.output_limit = MAX_COPY;
-    spec.timeout = Duration::from_secs(600);
+    spec.timeout = COPY_TIMEOUT;
     exec(sb, &spec)
 }
 
@@ -594,7 +606,16 @@ pub fn put_file(
     user: Option<User>,
 ) -> Result<(), Error> {
     check_path(path)?;
-    let script = r#"mkdir -p -- "$(dirname -- "$1")" && cat > "$1""#;
+    if data.len() as u64 > MAX_COPY {
+        return Err(Error::InvalidSpec(format!(
+            "{} bytes for {path}: one copy moves at most {} MiB",
+            data.len(),
+            MAX_COPY >> 20
+        )));
+    }
+    // Never over anything but a regular file (a FIFO would block the copy;
+    // one swapped in after the check is ended by COPY_TIMEOUT).
+    let script = r#"mkdir -p -- "$(dirname -- "$1")" && { test ! -e "$1" || test -f "$1" || { echo "$1: not a regular file" >&2; exit 1; }; } && cat > "$1""#;
     let argv = ["sh", "-c", script, "nanoclaw-cp", path].map(String::from);
     let o = copy_exec(sb, argv.to_vec(), Some(data), user)?;
     if o.exit_code != Some(0) {
