@@ -45,6 +45,12 @@ pub enum Error {
         .0.as_secs()
     )]
     SetupTimeout(std::time::Duration),
+    /// A command was sent to a paused sandbox.
+    #[error("sandbox {id} is paused: resume it before running anything in it")]
+    Paused {
+        /// The sandbox.
+        id: String,
+    },
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] crate::native::cgroup::CgroupError),

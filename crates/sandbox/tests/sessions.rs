@@ -1,13 +1,14 @@
 //! Long-lived sandboxes through the library: create once, exec many.
 //! Every exec is contained like a `run` payload, has its own outcome,
 //! timeout and output limit; state and background processes persist
-//! between execs; remove leaves nothing. Root and rootless (custom harness,
-//! see tests/common).
+//! between execs; remove leaves nothing; pause freezes everything until
+//! resume. Root and rootless (custom harness, see tests/common).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use nanoclaw_sandbox::native::session::{create, exec, remove, ExecSpec};
+use nanoclaw_sandbox::native::cgroup;
+use nanoclaw_sandbox::native::session::{self, create, exec, remove, ExecSpec, RunState};
 use nanoclaw_sandbox::spec::Stdin;
 use nanoclaw_sandbox::{KillReason, Outcome, SandboxSpec};
 
@@ -30,7 +31,7 @@ type Check = fn() -> Result<(), String>;
 
 /// Runs each check; returns failure on the first that fails.
 fn scenarios(mode: &str) -> ExitCode {
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 9] = [
         ("state persists between execs", state_persists),
         ("each exec is contained like a run", contained),
         ("exit codes and not found", exit_codes),
@@ -44,6 +45,11 @@ fn scenarios(mode: &str) -> ExitCode {
             "one exec cannot reach into another's processes",
             execs_are_isolated,
         ),
+        (
+            "pause freezes everything, refuses exec; resume continues",
+            pause_and_resume,
+        ),
+        ("a paused sandbox is removed like any other", remove_paused),
     ];
     for (name, f) in checks {
         let t0 = Instant::now();
@@ -232,6 +238,153 @@ fn execs_are_isolated() -> Result<(), String> {
             "the looter read the victim's environment, or could not be signalled: {:?}",
             text(&o.stdout)
         ));
+    }
+    Ok(())
+}
+
+/// Whether this host gives this user a freezer (decides what pause must do).
+fn freezer_usable() -> bool {
+    cgroup::probe()
+        .controllers
+        .iter()
+        .any(|c| c.name == "freezer" && c.usable)
+}
+
+/// Host pids of the processes whose parent is the sandbox's init.
+fn children_of(init: i32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(init) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Clock ticks of cpu time (user + system) of host pid `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A busy loop left running by an exec gets no cpu while the sandbox is
+/// paused (its own counter and the cgroup's), an exec is refused with
+/// `Error::Paused`, and after resume it runs on and execs work. Where the
+/// host gives no freezer, pause fails with one error that says what to
+/// delegate, and the sandbox keeps running.
+fn pause_and_resume() -> Result<(), String> {
+    let mut sb = new_sandbox()?;
+    let o = run(
+        &mut sb,
+        &sh("while :; do :; done >/dev/null 2>&1 </dev/null & echo $!"),
+    )?;
+    expect(&o, 0, &text(&o.stdout))?;
+    let r = check_pause(&mut sb);
+    remove(sb);
+    r
+}
+
+fn check_pause(sb: &mut nanoclaw_sandbox::Sandbox) -> Result<(), String> {
+    let busy = match children_of(sb.pid()).as_slice() {
+        [one] => *one,
+        other => return Err(format!("expected one busy loop, found {other:?}")),
+    };
+    if !freezer_usable() {
+        let e = session::pause(sb).expect_err("pause without a freezer must fail");
+        let msg = e.to_string();
+        if !matches!(e, nanoclaw_sandbox::Error::Unsupported { .. }) || !msg.contains("freezer") {
+            return Err(format!("unclear error without a freezer: {msg}"));
+        }
+        println!("NOTE sessions: no freezer for this user, pause says: {msg}");
+        return expect(&run(sb, &sh("echo still"))?, 0, "still\n");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    session::pause(sb).map_err(|e| format!("pause: {e}"))?;
+    let st = session::status(sb);
+    if st.state != RunState::Paused || !st.can_pause {
+        return Err(format!("status after pause: {st:?}"));
+    }
+    let (t0, c0) = (cpu_ticks(busy), st.cpu);
+    std::thread::sleep(Duration::from_millis(300));
+    let (t1, c1) = (cpu_ticks(busy), session::status(sb).cpu);
+    if t1 > t0 + 1 || c1 != c0 {
+        return Err(format!(
+            "ran while paused: {t0} -> {t1} ticks, cgroup {c0:?} -> {c1:?}"
+        ));
+    }
+    match exec(sb, &ExecSpec::new(["true"])) {
+        Err(nanoclaw_sandbox::Error::Paused { .. }) => {}
+        other => return Err(format!("exec into a paused sandbox: {other:?}")),
+    }
+    session::resume(sb).map_err(|e| format!("resume: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t2 = cpu_ticks(busy);
+    if t2 < t1 + 5 {
+        return Err(format!("not running after resume: {t1} -> {t2} ticks"));
+    }
+    expect(&run(sb, &sh("echo resumed"))?, 0, "resumed\n")?;
+    // Latency, with the busy loop running.
+    let (mut p, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        session::pause(sb).map_err(|e| format!("pause: {e}"))?;
+        p.push(t.elapsed());
+        let t = Instant::now();
+        session::resume(sb).map_err(|e| format!("resume: {e}"))?;
+        r.push(t.elapsed());
+    }
+    let (mp, mr) = (median(&mut p), median(&mut r));
+    println!(
+        "sessions: pause median {mp:?} (max {:?}), resume median {mr:?} (max {:?})",
+        p[19], r[19]
+    );
+    if mp > Duration::from_millis(10) || mr > Duration::from_millis(10) {
+        return Err(format!("pause/resume too slow: {mp:?} / {mr:?}"));
+    }
+    Ok(())
+}
+
+/// Removing a paused sandbox ends it at once (frozen processes do not act
+/// on SIGKILL until thawed: remove must thaw them).
+fn remove_paused() -> Result<(), String> {
+    if !freezer_usable() {
+        return Ok(());
+    }
+    let mut sb = new_sandbox()?;
+    run(
+        &mut sb,
+        &sh("setsid sleep 60 >/dev/null 2>&1 < /dev/null &"),
+    )?;
+    session::pause(&mut sb).map_err(|e| format!("pause: {e}"))?;
+    let init = sb.pid();
+    let t = Instant::now();
+    remove(sb);
+    if t.elapsed() > Duration::from_secs(2) {
+        return Err(format!("remove of a paused sandbox took {:?}", t.elapsed()));
+    }
+    if std::path::Path::new(&format!("/proc/{init}")).exists() {
+        return Err(format!("init {init} still exists after remove"));
     }
     Ok(())
 }

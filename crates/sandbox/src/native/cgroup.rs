@@ -5,6 +5,13 @@
 //! hierarchy is used there, otherwise its v1 hierarchy is used. Mounts are
 //! found through `/proc/self/mountinfo`; nothing is hardcoded.
 //!
+//! Freezing (pause/resume of long-lived sandboxes, only when asked for with
+//! [`CreateOptions::freezer`]) is built into every v2 cgroup
+//! (`cgroup.freeze`): it is used there when the sandbox already has a v2
+//! directory; otherwise the v1 freezer hierarchy; otherwise, on a hybrid
+//! host whose v2 hierarchy has no controllers, a v2 directory of its own.
+//! `NANOCLAW_CGROUP_FREEZER=v1|v2` forces one (tests).
+//!
 //! Where sandboxes go (the "parent"), per hierarchy:
 //! - `NANOCLAW_CGROUP_PARENT` set: `<hierarchy root>/<that path>`;
 //! - as root (euid 0): `<hierarchy root>/nanoclaw`;
@@ -43,6 +50,10 @@ pub const PARENT_ENV: &str = "NANOCLAW_CGROUP_PARENT";
 const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long `kill_all` keeps signalling processes that are still listed.
 const KILL_PATIENCE: Duration = Duration::from_secs(2);
+/// Environment variable that forces where the freezer goes (`v1`, `v2`).
+pub const FREEZER_ENV: &str = "NANOCLAW_CGROUP_FREEZER";
+/// How many controllers nanoclaw knows.
+const N: usize = 5;
 
 /// A cgroup hierarchy version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -75,13 +86,17 @@ pub enum Controller {
     Cpuacct,
     /// Task count limit.
     Pids,
+    /// Freezing every process (pause and resume): v1's freezer hierarchy,
+    /// or v2's built-in `cgroup.freeze`.
+    Freezer,
 }
 
-const ALL: [Controller; 4] = [
+const ALL: [Controller; N] = [
     Controller::Memory,
     Controller::Cpu,
     Controller::Cpuacct,
     Controller::Pids,
+    Controller::Freezer,
 ];
 
 impl Controller {
@@ -92,6 +107,7 @@ impl Controller {
             Controller::Cpu => "cpu",
             Controller::Cpuacct => "cpuacct",
             Controller::Pids => "pids",
+            Controller::Freezer => "freezer",
         }
     }
 
@@ -166,6 +182,25 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// Freezing or thawing the sandbox's processes failed.
+    #[error("cannot write {value:?} to {path}: {source}; {}", freeze_hint(.source))]
+    Freeze {
+        /// `freezer.state` (v1) or `cgroup.freeze` (v2).
+        path: PathBuf,
+        /// What was written.
+        value: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Some process did not freeze in time; the cgroup was thawed again.
+    #[error("the processes in {} did not all stop within {} ms (one may be stuck in the kernel, e.g. on a hung network filesystem); the sandbox was left running: retry later", .path.display(), .waited.as_millis())]
+    FreezeTimeout {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// How long it was given.
+        waited: Duration,
+    },
     /// Removing a cgroup directory failed.
     #[error("cannot remove cgroup {path}: {source}; processes may still be inside: kill them (see its cgroup.procs) and rmdir it")]
     Remove {
@@ -202,6 +237,16 @@ fn create_hint(e: &io::Error) -> &'static str {
     }
 }
 
+fn freeze_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "permission denied: the freezer cgroup must be writable by this user (delegated)"
+        }
+        Some(libc::ENOENT) => "the sandbox's cgroup is gone (has the sandbox ended?)",
+        _ => "the kernel refused to freeze or thaw the cgroup",
+    }
+}
+
 fn add_hint(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ESRCH) => "the process is gone",
@@ -233,6 +278,17 @@ pub struct CgroupStats {
     pub cpu: Option<Duration>,
 }
 
+/// What the sandbox's cgroup holds right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CgroupUsage {
+    /// Memory charged to the sandbox now, in bytes (page cache included).
+    pub memory_bytes: Option<u64>,
+    /// CPU time used so far by every process of the sandbox.
+    pub cpu: Option<Duration>,
+    /// Tasks (threads) in the sandbox now.
+    pub tasks: Option<u64>,
+}
+
 /// Tuning for [`Cgroup::create_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateOptions {
@@ -242,12 +298,18 @@ pub struct CreateOptions {
     /// (≈ 60 µs). Without it, `stats().cpu` is None there (the caller can
     /// use the init process's rusage instead). Default: true.
     pub cpu_accounting: bool,
+    /// Make [`Cgroup::freeze`] available: free where the sandbox has a v2
+    /// directory anyway, else one more directory (a v1 freezer one), like
+    /// `cpu_accounting`. Where the host offers no usable freezer the
+    /// cgroup is made without one and a note says why. Default: false.
+    pub freezer: bool,
 }
 
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
             cpu_accounting: true,
+            freezer: false,
         }
     }
 }
@@ -270,7 +332,7 @@ pub struct Cgroup {
     id: String,
     dirs: Vec<Dir>,
     /// Index in `dirs` per controller (cpuacct: where cpu usage is read).
-    by_controller: [Option<usize>; 4],
+    by_controller: [Option<usize>; N],
     /// Where cpu usage is read from: a v2 dir's `cpu.stat` or v1 `cpuacct.usage`.
     cpu_usage: Option<usize>,
     v2_fd: OnceLock<Option<OwnedFd>>,
@@ -299,7 +361,7 @@ enum Slot {
 /// The host's cgroup layout as seen by this process.
 #[derive(Debug, Clone)]
 struct Host {
-    slots: [Slot; 4],
+    slots: [Slot; N],
     v2_mount: Option<PathBuf>,
     rootful: bool,
     uid: u32,
@@ -435,16 +497,117 @@ impl Cgroup {
             Version::V2 => read_u64(&d.path.join("memory.peak")),
             Version::V1 => read_u64(&d.path.join("memory.max_usage_in_bytes")),
         });
-        let cpu = self
-            .cpu_usage
-            .map(|i| &self.dirs[i])
-            .and_then(|d| match d.version {
-                Version::V2 => {
-                    read_key(&d.path.join("cpu.stat"), "usage_usec").map(Duration::from_micros)
-                }
-                Version::V1 => read_u64(&d.path.join("cpuacct.usage")).map(Duration::from_nanos),
-            });
-        CgroupStats { peak_memory, cpu }
+        CgroupStats {
+            peak_memory,
+            cpu: self.cpu_used(),
+        }
+    }
+
+    fn cpu_used(&self) -> Option<Duration> {
+        let d = &self.dirs[self.cpu_usage?];
+        match d.version {
+            Version::V2 => {
+                read_key(&d.path.join("cpu.stat"), "usage_usec").map(Duration::from_micros)
+            }
+            Version::V1 => read_u64(&d.path.join("cpuacct.usage")).map(Duration::from_nanos),
+        }
+    }
+
+    /// Memory, cpu time and tasks now, as the kernel accounts them (None
+    /// where no controller of this cgroup counts it).
+    pub fn usage(&self) -> CgroupUsage {
+        let memory_bytes = self.dir(Controller::Memory).and_then(|d| match d.version {
+            Version::V2 => read_u64(&d.path.join("memory.current")),
+            Version::V1 => read_u64(&d.path.join("memory.usage_in_bytes")),
+        });
+        let tasks = match self.dir(Controller::Pids) {
+            Some(d) => read_u64(&d.path.join("pids.current")),
+            // Every directory lists every task: count the lines.
+            None => self.dirs.first().and_then(|d| {
+                let file = match d.version {
+                    Version::V2 => "cgroup.threads",
+                    Version::V1 => "tasks",
+                };
+                let s = fs::read_to_string(d.path.join(file)).ok()?;
+                Some(s.lines().count() as u64)
+            }),
+        };
+        CgroupUsage {
+            memory_bytes,
+            cpu: self.cpu_used(),
+            tasks,
+        }
+    }
+
+    /// Whether this cgroup was made with a freezer ([`CreateOptions::freezer`]).
+    pub fn can_freeze(&self) -> bool {
+        self.dir(Controller::Freezer).is_some()
+    }
+
+    /// The directory whose freezer file [`thaw_dir`] writes, if any.
+    pub fn freezer_path(&self) -> Option<&Path> {
+        self.dir(Controller::Freezer).map(|d| d.path.as_path())
+    }
+
+    /// Stops every process of the sandbox and returns once the kernel
+    /// reports them all stopped (v2 `cgroup.events` `frozen 1`, v1
+    /// `freezer.state` `FROZEN`). A process that does not stop within
+    /// `patience` (one stuck in the kernel) makes it thaw everything again
+    /// and fail: the sandbox is then never left half frozen.
+    pub fn freeze(&self, patience: Duration) -> Result<(), CgroupError> {
+        let Some(d) = self.dir(Controller::Freezer) else {
+            return Err(no_freezer(&self.id));
+        };
+        let (file, on) = freezer_file(d.version, true);
+        write_freeze(&d.path.join(file), on)?;
+        let deadline = Instant::now() + patience;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            if frozen(d) == Some(true) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.thaw();
+                return Err(CgroupError::FreezeTimeout {
+                    path: d.path.clone(),
+                    waited: patience,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets the processes of the sandbox run again.
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        let Some(d) = self.dir(Controller::Freezer) else {
+            return Err(no_freezer(&self.id));
+        };
+        let (file, off) = freezer_file(d.version, false);
+        write_freeze(&d.path.join(file), off)
+    }
+
+    /// Whether the kernel reports the cgroup frozen (None: no freezer).
+    pub fn is_frozen(&self) -> Option<bool> {
+        frozen(self.dir(Controller::Freezer)?)
+    }
+
+    /// SIGKILL to every process of a frozen sandbox, then thaw: the
+    /// processes die without running again (a frozen v1 process does not
+    /// act on SIGKILL until it is thawed). Best effort, does not wait.
+    pub fn kill_frozen(&self) {
+        if let Some(first) = self.dirs.first() {
+            let v2_killed = self
+                .dirs
+                .iter()
+                .find(|d| d.version == Version::V2)
+                .is_some_and(|d| write_file(&d.path.join("cgroup.kill"), b"1").is_ok());
+            if !v2_killed {
+                let procs = first.path.join("cgroup.procs");
+                signal_members(&procs, &read_pids(&procs));
+            }
+        }
+        let _ = self.thaw();
     }
 
     /// The processes currently in the sandbox's cgroup.
@@ -549,6 +712,83 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = self.remove_dirs();
+    }
+}
+
+/// (file, value) that freezes (`on`) or thaws a cgroup of version `v`.
+fn freezer_file(v: Version, on: bool) -> (&'static str, &'static str) {
+    match (v, on) {
+        (Version::V2, true) => ("cgroup.freeze", "1"),
+        (Version::V2, false) => ("cgroup.freeze", "0"),
+        (Version::V1, true) => ("freezer.state", "FROZEN"),
+        (Version::V1, false) => ("freezer.state", "THAWED"),
+    }
+}
+
+fn write_freeze(path: &Path, value: &'static str) -> Result<(), CgroupError> {
+    write_file(path, value.as_bytes()).map_err(|source| CgroupError::Freeze {
+        path: path.to_path_buf(),
+        value,
+        source,
+    })
+}
+
+fn no_freezer(id: &str) -> CgroupError {
+    CgroupError::Unavailable {
+        limit: format!("freezer of sandbox {id}"),
+        why: "its cgroup was made without a freezer".into(),
+        fix: "create the sandbox as a long-lived one (session::create)".into(),
+    }
+}
+
+/// Whether the kernel reports the freezer directory `d` frozen.
+fn frozen(d: &Dir) -> Option<bool> {
+    match d.version {
+        Version::V2 => read_key(&d.path.join("cgroup.events"), "frozen").map(|v| v == 1),
+        // FREEZING while some task has not stopped yet.
+        Version::V1 => fs::read_to_string(d.path.join("freezer.state"))
+            .ok()
+            .map(|s| s.trim() == "FROZEN"),
+    }
+}
+
+/// Thaws the cgroup directory `path` (v1 `freezer.state` or v2
+/// `cgroup.freeze`), for a holder that died while its sandbox was frozen:
+/// its frozen processes would otherwise never notice that it is gone.
+/// Refuses anything that is not a directory of a cgroup filesystem.
+pub fn thaw_dir(path: &Path) -> Result<(), CgroupError> {
+    let not_cgroup = || CgroupError::Freeze {
+        path: path.to_path_buf(),
+        value: "THAWED",
+        source: io::Error::from_raw_os_error(libc::ENOTDIR),
+    };
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| not_cgroup())?;
+    // SAFETY: an all-zero statfs is a valid value for statfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            source => Err(CgroupError::Freeze {
+                path: path.to_path_buf(),
+                value: "THAWED",
+                source,
+            }),
+        };
+    }
+    // The field's and the constants' types differ between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let version = match st.f_type as i64 {
+        t if t == libc::CGROUP2_SUPER_MAGIC as i64 => Version::V2,
+        t if t == libc::CGROUP_SUPER_MAGIC as i64 => Version::V1,
+        _ => return Err(not_cgroup()),
+    };
+    let (file, off) = freezer_file(version, false);
+    match write_freeze(&path.join(file), off) {
+        Err(CgroupError::Freeze { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        r => r,
     }
 }
 
@@ -739,9 +979,10 @@ fn sweep_stale(h: &Host) {
 /// Removes the cgroup directories of sandbox `id` (12 hex digits) under
 /// our parents, as soon as they are empty, waiting up to `patience` for
 /// its last processes to leave: for a sandbox whose holder was killed
-/// before it could clean up (its init dies with the holder). A cgroup that
-/// still has processes is never removed (`rmdir` refuses). Returns whether
-/// nothing of it is left.
+/// before it could clean up (its init dies with the holder; one that was
+/// paused is thawed first, or it could not). A cgroup that still has
+/// processes is never removed (`rmdir` refuses). Returns whether nothing
+/// of it is left.
 pub fn remove_sandbox_cgroups(id: &str, patience: Duration) -> bool {
     if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return false;
@@ -757,6 +998,11 @@ pub fn remove_sandbox_cgroups(id: &str, patience: Duration) -> bool {
                 dirs.push(d);
             }
         }
+    }
+    // A sandbox paused when its holder died is still frozen: it could
+    // never end (nor its cgroups empty) until thawed.
+    if let Slot::Usable { parent, .. } = &h.slots[Controller::Freezer.idx()] {
+        let _ = thaw_dir(&parent.join(id));
     }
     let deadline = Instant::now() + patience;
     loop {
@@ -843,6 +1089,19 @@ fn plan_in(
             }
         }
     }
+    if opts.freezer {
+        match &h.slots[Controller::Freezer.idx()] {
+            Slot::Usable {
+                version, parent, ..
+            } => chosen.push((Controller::Freezer, *version, parent.clone())),
+            slot => {
+                let (why, fix) = slot_problem(Controller::Freezer, slot, h);
+                degraded.push(format!(
+                    "pause is not available: {why}; to make it available: {fix}"
+                ));
+            }
+        }
+    }
     if chosen.is_empty() {
         return Ok((None, degraded));
     }
@@ -915,7 +1174,7 @@ fn make(
     let mut cg = Cgroup {
         id: id.to_string(),
         dirs: Vec::with_capacity(chosen.len()),
-        by_controller: [None; 4],
+        by_controller: [None; N],
         cpu_usage: None,
         v2_fd: OnceLock::new(),
     };
@@ -1121,6 +1380,10 @@ fn writable(path: &Path) -> bool {
 fn slot_problem(c: Controller, slot: &Slot, h: &Host) -> (String, String) {
     match slot {
         Slot::Unusable { why, fix, .. } => (why.clone(), fix.clone()),
+        Slot::Absent if c == Controller::Freezer => (
+            "the kernel offers no cgroup freezer (no v1 freezer hierarchy is mounted and there is no cgroup v2 hierarchy)".into(),
+            "mount the v1 freezer hierarchy (mount -t cgroup -o freezer freezer /sys/fs/cgroup/freezer) or use cgroup v2 (Linux 5.2 or later)".into(),
+        ),
         Slot::Absent => (
             format!(
                 "the kernel offers no {} cgroup controller (neither the cgroup v2 hierarchy{} nor a mounted v1 hierarchy has it)",
@@ -1252,7 +1515,7 @@ fn discover(prepare: bool) -> Result<Host, CgroupError> {
         .unwrap_or_default();
     let over = parent_override();
 
-    let mut slots: [Slot; 4] = [Slot::Absent, Slot::Absent, Slot::Absent, Slot::Absent];
+    let mut slots: [Slot; N] = std::array::from_fn(|_| Slot::Absent);
     // cgroup v2 controllers.
     let v2_wanted: Vec<Controller> = [Controller::Memory, Controller::Cpu, Controller::Pids]
         .into_iter()
@@ -1300,9 +1563,31 @@ fn discover(prepare: bool) -> Result<Host, CgroupError> {
     if v2_controllers.iter().any(|n| n == "cpu") {
         slots[Controller::Cpuacct.idx()] = slots[Controller::Cpu.idx()].clone();
     }
+    let freezer_on = std::env::var(FREEZER_ENV).ok();
+    let freezer_on = freezer_on.as_deref();
+    // v2 freezing is built into every cgroup: free where a sandbox's
+    // controllers are on v2 already.
+    if freezer_on != Some("v1") {
+        let shared = [Controller::Memory, Controller::Pids, Controller::Cpu]
+            .iter()
+            .find(|c| {
+                matches!(
+                    slots[c.idx()],
+                    Slot::Usable {
+                        version: Version::V2,
+                        ..
+                    }
+                )
+            });
+        if let Some(c) = shared {
+            slots[Controller::Freezer.idx()] = v2_freezer_slot(slots[c.idx()].clone());
+        }
+    }
     // cgroup v1 for whatever v2 does not have.
     for c in ALL {
-        if !matches!(slots[c.idx()], Slot::Absent) {
+        if !matches!(slots[c.idx()], Slot::Absent)
+            || (c == Controller::Freezer && freezer_on == Some("v2"))
+        {
             continue;
         }
         let Some(m) = mounts
@@ -1311,7 +1596,31 @@ fn discover(prepare: bool) -> Result<Host, CgroupError> {
         else {
             continue;
         };
-        slots[c.idx()] = v1_slot(c, m, rootful, uid, over.as_ref(), prepare)?;
+        slots[c.idx()] = match v1_slot(c, m, rootful, uid, over.as_ref(), prepare) {
+            // Pausing is optional: a freezer we cannot prepare must not
+            // stop sandboxes from starting.
+            Err(e) if c == Controller::Freezer => Slot::Unusable {
+                version: Version::V1,
+                mount: m.point.clone(),
+                why: e.to_string(),
+                fix: "make the freezer hierarchy writable for nanoclaw".into(),
+            },
+            r => r?,
+        };
+    }
+    // A hybrid host whose v2 hierarchy has no controllers (or none usable
+    // here): a v2 directory of the sandbox's own, just for freezing.
+    let fz = Controller::Freezer.idx();
+    if let (Some(m), false, true) = (
+        v2,
+        freezer_on == Some("v1"),
+        !matches!(slots[fz], Slot::Usable { .. }),
+    ) {
+        let standalone = standalone_v2_freezer(m, rootful, euid, over.as_ref(), prepare);
+        // Keep the v1 hierarchy's explanation when neither can be used.
+        if matches!(slots[fz], Slot::Absent) || matches!(standalone, Slot::Usable { .. }) {
+            slots[fz] = standalone;
+        }
     }
     Ok(Host {
         slots,
@@ -1321,6 +1630,68 @@ fn discover(prepare: bool) -> Result<Host, CgroupError> {
     })
 }
 
+/// A v2 directory of the sandbox's own, only for freezing (a hybrid host
+/// whose v2 hierarchy has no controllers usable here).
+fn standalone_v2_freezer(
+    m: &CgMount,
+    rootful: bool,
+    uid: u32,
+    over: Option<&Result<PathBuf, String>>,
+    prepare: bool,
+) -> Slot {
+    match v2_parent(m, rootful, uid, over) {
+        Err((why, fix)) => Slot::Unusable {
+            version: Version::V2,
+            mount: m.point.clone(),
+            why: format!("cgroup v2 freezer: {why}"),
+            fix,
+        },
+        Ok((base, parent)) => {
+            let made = if prepare {
+                prepare_v2(&base, &parent, &[]).is_ok()
+            } else {
+                rootful || writable(&parent) || writable(&base)
+            };
+            v2_freezer_slot(if made {
+                Slot::Usable {
+                    version: Version::V2,
+                    mount: m.point.clone(),
+                    parent,
+                }
+            } else {
+                Slot::Unusable {
+                    version: Version::V2,
+                    mount: m.point.clone(),
+                    why: format!("cannot create {}", parent.display()),
+                    fix: delegate_fix(uid, rootful),
+                }
+            })
+        }
+    }
+}
+
+/// The freezer on v2 where `slot` (a v2 placement) is: usable if the
+/// kernel has `cgroup.freeze` (Linux 5.2).
+fn v2_freezer_slot(slot: Slot) -> Slot {
+    match slot {
+        Slot::Usable { mount, parent, .. }
+            if parent.exists() && !parent.join("cgroup.freeze").exists() =>
+        {
+            Slot::Unusable {
+                version: Version::V2,
+                why: format!(
+                    "this kernel's cgroup v2 has no freezer ({} is missing; it came with Linux 5.2)",
+                    parent.join("cgroup.freeze").display()
+                ),
+                fix: "upgrade the kernel to 5.2 or later, or mount the v1 freezer hierarchy"
+                    .into(),
+                mount,
+            }
+        }
+        other => other,
+    }
+}
+
 fn delegate_fix(uid: u32, rootful: bool) -> String {
     if rootful {
         format!("check that no process sits in the parent cgroup, or set {PARENT_ENV} to an empty cgroup")
@@ -1328,6 +1699,17 @@ fn delegate_fix(uid: u32, rootful: bool) -> String {
         format!(
             "run nanoclaw as root, or inside a delegated cgroup: systemd-run --user -p Delegate=yes --scope nanoclaw ... (uid {uid}'s systemd user manager must delegate the controller: set Delegate=memory pids cpu for user@.service)"
         )
+    }
+}
+
+/// Why this host offers no usable freezer, and what to do about it (None
+/// when it does).
+pub fn freezer_problem() -> Option<(String, String)> {
+    let h = host(false).ok()?;
+    let slot = &h.slots[Controller::Freezer.idx()];
+    match slot {
+        Slot::Usable { .. } => None,
+        _ => Some(slot_problem(Controller::Freezer, slot, &h)),
     }
 }
 
@@ -2006,6 +2388,11 @@ mod tests {
             CreateOptions::default(),
             CreateOptions {
                 cpu_accounting: false,
+                freezer: false,
+            },
+            CreateOptions {
+                cpu_accounting: true,
+                freezer: true,
             },
         ] {
             let (mean, line) = time_cycles(pid, &l, opts, 100);
@@ -2029,6 +2416,77 @@ mod tests {
         for p in paths {
             assert!(!p.exists(), "{} left behind by drop", p.display());
         }
+    }
+
+    /// Ticks of user+system cpu time of `pid` (/proc/PID/stat).
+    fn cpu_ticks(pid: u32) -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    }
+
+    #[test]
+    fn freeze_stops_a_busy_loop_and_thaw_resumes_it() {
+        if !is_root() {
+            return;
+        }
+        let opts = CreateOptions {
+            cpu_accounting: true,
+            freezer: true,
+        };
+        let (cg, notes) =
+            Cgroup::create_with(&uniq("freeze"), &Limits::default(), opts).expect("create");
+        let cg = cg.expect("cgroup");
+        assert!(cg.can_freeze(), "no freezer: {notes:?}");
+        assert_eq!(cg.is_frozen(), Some(false));
+        let mut child = spawn_in(&cg, "while :; do :; done");
+        let checks = (|| -> Result<(), String> {
+            std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            cg.freeze(Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            eprintln!("freeze took {:?} ({:?})", t.elapsed(), cg.describe());
+            if cg.is_frozen() != Some(true) {
+                return Err("not reported frozen".into());
+            }
+            let (a, cpu_a) = (cpu_ticks(child.id()), cg.usage().cpu);
+            std::thread::sleep(Duration::from_millis(300));
+            let (b, cpu_b) = (cpu_ticks(child.id()), cg.usage().cpu);
+            if b > a + 1 || cpu_a != cpu_b {
+                return Err(format!(
+                    "ran while frozen: {a} -> {b} ticks, {cpu_a:?} -> {cpu_b:?}"
+                ));
+            }
+            // (v1 does not move a process's earlier charges with it: 0 is fine.)
+            let u = cg.usage();
+            if u.tasks != Some(1) || u.memory_bytes.is_none() {
+                return Err(format!("usage: {u:?}"));
+            }
+            let t = Instant::now();
+            cg.thaw().map_err(|e| e.to_string())?;
+            eprintln!("thaw took {:?}", t.elapsed());
+            std::thread::sleep(Duration::from_millis(300));
+            let c = cpu_ticks(child.id());
+            if c < b + 5 {
+                return Err(format!("did not run after thaw: {b} -> {c} ticks"));
+            }
+            cg.freeze(Duration::from_secs(5)).map_err(|e| e.to_string())
+        })();
+        // Killing a frozen cgroup: the process dies without running again.
+        cg.kill_frozen();
+        let (status, _) = output(&mut child);
+        checks.expect("freeze and thaw");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        destroy_and_check(cg);
+    }
+
+    #[test]
+    fn thaw_dir_refuses_what_is_not_a_cgroup() {
+        let e = thaw_dir(Path::new("/tmp")).expect_err("/tmp is no cgroup");
+        assert!(matches!(e, CgroupError::Freeze { .. }), "{e}");
+        thaw_dir(Path::new("/sys/fs/cgroup/no-such-nanoclaw-dir")).expect("missing is fine");
     }
 
     #[test]
@@ -2149,7 +2607,7 @@ mod tests {
         let p = probe();
         eprintln!("{}", serde_json::to_string_pretty(&p).expect("json"));
         assert!(p.error.is_none(), "{:?}", p.error);
-        assert_eq!(p.controllers.len(), 4);
+        assert_eq!(p.controllers.len(), ALL.len());
         // On a root host where every controller exists, all are usable.
         if p.rootful {
             for c in &p.controllers {

@@ -14,6 +14,7 @@ pub mod caps;
 pub mod cgroup;
 mod child;
 pub mod landlock;
+mod pause;
 mod plan;
 mod proto;
 pub mod seccomp;
@@ -94,6 +95,9 @@ pub struct Sandbox {
     pub(crate) released: bool,
     /// For a long-lived sandbox: what every exec starts from.
     pub(crate) exec_base: Option<session::ExecBase>,
+    /// Frozen by [`session::pause`] (or being frozen): killing it must
+    /// thaw it too.
+    pub(crate) paused: bool,
 }
 
 impl Sandbox {
@@ -688,6 +692,7 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
             user: spec.user,
             next_id: 1,
         }),
+        paused: false,
     };
 
     // Setup has a deadline of its own: a child that never reports (a bug,
@@ -711,13 +716,16 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
         go("id maps written", b"1")?;
         // Which cgroup controllers this host offers (an explicit limit it
         // cannot enforce is an error; `abort` then removes the child).
-        // cpu time comes from init's rusage (init reaps every process of the
-        // sandbox), so a separate v1 cpuacct cgroup is not worth its cost.
+        // A run's cpu time comes from init's rusage (init reaps every
+        // process of the sandbox), so a separate v1 cpuacct cgroup is not
+        // worth its cost; a long-lived sandbox reports its usage while it
+        // lives (inspect) and can be paused, so it gets both.
         let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
             &sb.id,
             &spec.limits,
             cgroup::CreateOptions {
-                cpu_accounting: false,
+                cpu_accounting: idle,
+                freezer: idle,
             },
         )?;
         sb.layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();

@@ -10,6 +10,7 @@
 //! that command's process group, not the sandbox; what a command leaves
 //! running in the background stays (it is the sandbox's, and counts
 //! against its limits). [`remove`] ends the sandbox and everything in it.
+//! [`pause`] freezes it until [`resume`]; [`status`] reads its usage.
 //!
 //! ```no_run
 //! use nanoclaw_sandbox::native::session::{create, exec, remove, ExecSpec};
@@ -32,6 +33,10 @@ use super::{cstr, sys, Sandbox};
 use crate::outcome::{KillReason, Outcome};
 use crate::spec::{SandboxSpec, Stdin, User, DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT};
 use crate::Error;
+
+pub use super::pause::{
+    freezer_dir, is_paused, pause, resume, status, thaw_orphan, LiveStatus, RunState,
+};
 
 /// How long a killed command may take to be reported gone before the
 /// sandbox is considered broken.
@@ -121,6 +126,9 @@ pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
         return Err(Error::InvalidSpec(
             "this sandbox was started for one command; exec needs one made with create".into(),
         ));
+    }
+    if sb.paused {
+        return Err(Error::Paused { id: sb.id.clone() });
     }
     if started >= sb.started + sb.spec_limits.timeout {
         return Err(Error::InvalidSpec(format!(

@@ -158,16 +158,29 @@ pub(crate) fn block_runner_signals() -> Result<RawFd, Error> {
 
 /// Kills, reaps and cleans up a sandbox whose setup failed.
 pub(crate) fn abort(mut sb: Sandbox) {
-    let _ = sys::kill(sb.pid, libc::SIGKILL);
+    kill_init(&mut sb);
     let _ = reap(sb.pid, &sb.kill_flag);
     release(&mut sb);
+}
+
+/// SIGKILL to init. A paused sandbox is thawed too, after every process
+/// got the signal (so none runs again): frozen (v1) processes do not die,
+/// and reaping init would wait forever.
+fn kill_init(sb: &mut Sandbox) {
+    let _ = sys::kill(sb.pid, libc::SIGKILL);
+    if sb.paused {
+        if let Some(cg) = &sb.cgroup {
+            cg.kill_frozen();
+        }
+        sb.paused = false;
+    }
 }
 
 impl Drop for Sandbox {
     /// A sandbox dropped without [`wait`] is killed, reaped and cleaned up.
     fn drop(&mut self) {
         if !self.released {
-            let _ = sys::kill(self.pid, libc::SIGKILL);
+            kill_init(self);
             let _ = reap(self.pid, &self.kill_flag);
             release(self);
         }

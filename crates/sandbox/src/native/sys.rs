@@ -425,8 +425,9 @@ union CmsgBuf {
     buf: [u8; 64],
 }
 
-/// Most descriptors [`send_with_fds`] passes in one message.
-pub const MAX_FDS: usize = 4;
+/// Most descriptors [`send_with_fds`] passes in one message (an exec's
+/// four pipes; a sandbox's v1 cgroup `tasks` files, up to five).
+pub const MAX_FDS: usize = 6;
 
 /// Sends descriptor `fd` over the Unix socket `sock` (`SCM_RIGHTS`), with
 /// one data byte. Does not allocate.
@@ -465,7 +466,7 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> 
     // SAFETY: msghdr is plain data; we point it at `iov` (the kernel only
     // reads `data` through it) and `cbuf`, which outlive the call, and fill
     // the single control header through the CMSG_* accessors, which stay
-    // within CMSG_SPACE(4 * sizeof(int)) <= 64 bytes of the aligned buffer.
+    // within CMSG_SPACE(MAX_FDS * sizeof(int)) = 40 <= 64 bytes of the aligned buffer.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
