@@ -51,9 +51,12 @@ fi
 
 # Delegate a cgroup v1 subtree per controller to the test user, as an
 # administrator would (`nanoclaw doctor` prints these commands): the rootless
-# tests of memory, cpu and pids limits need it. Tests of the undelegated path
-# point NANOCLAW_CGROUP_PARENT elsewhere. (Pure v2 hosts: .ci/cgroup-v2-vm.sh.)
-for c in cpu memory pids; do
+# tests of memory, cpu and pids limits need it, those of pause/resume the
+# freezer, and a long-lived sandbox's cpu usage (inspect) cpuacct where it
+# is a hierarchy of its own. Tests of the undelegated path point
+# NANOCLAW_CGROUP_PARENT elsewhere. (Pure v2 hosts: .ci/cgroup-v2-vm.sh;
+# v2 freezing needs no controller.)
+for c in cpu cpuacct memory pids freezer; do
     if [[ -d "/sys/fs/cgroup/$c" ]] && grep -q " /sys/fs/cgroup/$c[, ]\| /sys/fs/cgroup/[a-z,]*$c[, ]" /proc/self/mountinfo; then
         mkdir -p "/sys/fs/cgroup/$c/nanoclaw-$USER_ID"
         chown -R "$USER_ID:$USER_ID" "/sys/fs/cgroup/$c/nanoclaw-$USER_ID"

@@ -84,6 +84,10 @@ pub enum SandboxCommand {
     Rm(crate::sandbox_cmd::RmArgs),
     /// Remove sandboxes idle or older than a duration.
     Prune(crate::sandbox_cmd::PruneArgs),
+    /// Freeze every process of sandboxes until `sandbox resume`.
+    Pause(crate::sandbox_cmd::PauseArgs),
+    /// Let paused sandboxes run again.
+    Resume(crate::sandbox_cmd::PauseArgs),
 }
 
 /// Options of `nanoclaw config validate`.
@@ -360,6 +364,8 @@ pub fn run_sandbox(cmd: SandboxCommand) -> Result<u8> {
         SandboxCommand::Inspect(a) => crate::sandbox_cmd::inspect(a),
         SandboxCommand::Rm(a) => crate::sandbox_cmd::rm(a),
         SandboxCommand::Prune(a) => crate::sandbox_cmd::prune(a),
+        SandboxCommand::Pause(a) => crate::sandbox_cmd::pause(a),
+        SandboxCommand::Resume(a) => crate::sandbox_cmd::resume(a),
     }
 }
 

@@ -43,7 +43,7 @@ enum Command {
     /// Check the configuration file (nanoclaw.yaml).
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
-    /// Long-lived sandboxes: create, ls, inspect, rm; and policy: explain.
+    /// Long-lived sandboxes: create, ls, inspect, pause, resume, rm; and policy: explain.
     #[command(subcommand)]
     Sandbox(Box<config_cmd::SandboxCommand>),
     /// Run a command in a sandbox made with `nanoclaw sandbox create`.

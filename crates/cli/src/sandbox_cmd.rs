@@ -2,7 +2,8 @@
 //! one keeper per sandbox (nanoclaw's own binary re-executed, `__keeper`),
 //! which holds the sandbox (cgroup, proxy, deadline) and serves exec
 //! requests on a unix socket only its owner can open; `nanoclaw exec`,
-//! `sandbox ls`, `inspect` and `rm` find it through its state directory.
+//! `sandbox ls`, `inspect`, `pause`, `resume` and `rm` find it through its
+//! state directory.
 //!
 //! State: `/run/nanoclaw/sandboxes/<id>/` as root, else
 //! `$XDG_RUNTIME_DIR/nanoclaw/sandboxes/<id>/` (or `/tmp/nanoclaw-<uid>/…`),
@@ -28,6 +29,9 @@ use nanoclaw_sandbox::{KillReason, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::run_cmd::RunArgs;
+
+mod live;
+pub use live::{pause, resume, PauseArgs};
 
 /// Default lifetime of a created sandbox.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -140,6 +144,10 @@ struct State {
     init_pid: i32,
     owner_uid: u32,
     layers: nanoclaw_sandbox::Layers,
+    /// The cgroup that freezes the sandbox (pause), to thaw it should the
+    /// keeper be killed while it is paused.
+    #[serde(default)]
+    freezer_cgroup: Option<PathBuf>,
 }
 
 /// What `sandbox create` hands its keeper (on the keeper's stdin).
@@ -158,6 +166,12 @@ struct KeeperConfig {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
+    /// Freeze the sandbox (`sandbox pause`); the reply is `Live`.
+    Pause,
+    /// Thaw it (`sandbox resume`); the reply is `Live`.
+    Resume,
+    /// The sandbox's state and usage now; the reply is `Live`.
+    Inspect,
     Exec {
         command: Vec<String>,
         env: Vec<(String, String)>,
@@ -186,6 +200,8 @@ enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Reply {
+    /// The sandbox now (after a pause or resume).
+    Live(Box<live::Live>),
     Outcome(Box<Outcome>),
     Stopping,
     Error(String),
@@ -256,6 +272,7 @@ fn all_sandboxes(root: &Path) -> Vec<(PathBuf, State)> {
             // A keeper that was killed leaves its directory; one still
             // starting has no state yet (leave it a minute).
             Some(st) => {
+                live::thaw_orphan(&st);
                 let _ = std::fs::remove_dir_all(&dir);
                 forget_cgroups(&st.id);
             }
@@ -411,26 +428,34 @@ fn read_line_with_deadline(out: std::process::ChildStdout, deadline: Instant) ->
 pub fn ls(a: LsArgs) -> Result<u8> {
     let root = state_root()?;
     let want = parse_labels(&a.labels)?;
-    let all: Vec<State> = all_sandboxes(&root)
+    let all: Vec<(PathBuf, State)> = all_sandboxes(&root)
         .into_iter()
-        .map(|(_, s)| s)
-        .filter(|s| want.iter().all(|w| s.labels.contains(w)))
+        .filter(|(_, s)| want.iter().all(|w| s.labels.contains(w)))
         .collect();
     if a.json {
-        println!("{}", serde_json::to_string(&all)?);
+        let mut out = Vec::with_capacity(all.len());
+        for (dir, s) in &all {
+            let mut v = serde_json::to_value(s)?;
+            if let Some(m) = v.as_object_mut() {
+                m.insert("state".into(), live::state_of(dir).into());
+            }
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(0);
     }
     println!(
-        "{:<14} {:<20} {:>8} {:>10}  LABELS",
-        "ID", "NAME", "AGE", "EXPIRES IN"
+        "{:<14} {:<20} {:<8} {:>8} {:>10}  LABELS",
+        "ID", "NAME", "STATE", "AGE", "EXPIRES IN"
     );
     let now = now_s();
-    for s in all {
+    for (dir, s) in all {
         let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "{:<14} {:<20} {:>7}s {:>9}s  {}",
+            "{:<14} {:<20} {:<8} {:>7}s {:>9}s  {}",
             s.id,
             s.name.as_deref().unwrap_or("-"),
+            live::state_of(&dir),
             now.saturating_sub(s.created),
             s.expires.saturating_sub(now),
             labels.join(",")
@@ -441,9 +466,7 @@ pub fn ls(a: LsArgs) -> Result<u8> {
 
 /// `nanoclaw sandbox inspect`.
 pub fn inspect(a: InspectArgs) -> Result<u8> {
-    let (_, st) = find(&state_root()?, &a.target)?;
-    println!("{}", serde_json::to_string_pretty(&st)?);
-    Ok(0)
+    live::inspect(&a.target)
 }
 
 /// `nanoclaw sandbox rm`.
@@ -469,6 +492,7 @@ pub fn rm(a: RmArgs) -> Result<u8> {
                 st.id
             );
         }
+        live::thaw_orphan(&st);
         let _ = std::fs::remove_dir_all(&dir);
         if killed {
             // The keeper had no chance to remove the sandbox's cgroups.
@@ -664,6 +688,7 @@ impl Keeper {
             init_pid: sandbox.pid(),
             owner_uid: euid(),
             layers: sandbox.layers().clone(),
+            freezer_cgroup: session::freezer_dir(&sandbox),
         };
         write_state(&dir, &state)?;
         Ok(Keeper {
@@ -741,7 +766,10 @@ impl Keeper {
         let Some(line) = read_request(&conn) else {
             return false;
         };
-        let (reply, end) = match serde_json::from_str::<Request>(&line) {
+        let req = serde_json::from_str::<Request>(&line);
+        // Looking at a sandbox is not using it.
+        let used = !matches!(req, Ok(Request::Inspect) | Err(_));
+        let (reply, end) = match req {
             Err(e) => (Reply::Error(format!("bad request: {e}")), false),
             Ok(Request::Stop) => (Reply::Stopping, true),
             Ok(Request::Put { path, data, tar }) => {
@@ -786,8 +814,11 @@ impl Keeper {
                     Err(e) => (Reply::Error(e.to_string()), false),
                 }
             }
+            Ok(Request::Pause) => (self.pause_or_resume(true, &conn), false),
+            Ok(Request::Resume) => (self.pause_or_resume(false, &conn), false),
+            Ok(Request::Inspect) => (Reply::Live(Box::new(self.live())), false),
         };
-        if !end {
+        if !end && used {
             self.state.last_used = now_s();
             let _ = write_state(&self.dir, &self.state);
         }

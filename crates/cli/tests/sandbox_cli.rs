@@ -156,6 +156,177 @@ fn a_killed_keeper_takes_its_sandbox_along() {
     }
 }
 
+/// Whether `nanoclaw doctor` says this mode's user has a freezer.
+fn freezer_usable(m: Mode) -> bool {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(m, &["doctor", "--json"])).expect("doctor json");
+    let checks = v.as_array().cloned().unwrap_or_default();
+    let cg = checks.iter().find(|c| c["name"] == "cgroups");
+    cg.and_then(|c| c["data"]["controllers"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c["name"] == "freezer" && c["usable"] == true)
+}
+
+/// cpu time used by the sandbox so far, per `inspect` (ms).
+fn cpu_ms(m: Mode, id: &str) -> f64 {
+    state(m, id)["cpu_used_ms"].as_f64().unwrap_or(-1.0)
+}
+
+#[test]
+fn pause_and_resume() {
+    for m in modes("pause_and_resume") {
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        ok(
+            m,
+            &[
+                "exec",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "while :; do :; done >/dev/null 2>&1 </dev/null &",
+            ],
+        );
+        let st = state(m, &id);
+        assert_eq!(st["state"], "running", "[{}] {st}", m.name);
+        assert!(
+            st["tasks"].as_u64().unwrap_or(0) >= 2 || st["tasks"].is_null(),
+            "[{}] {st}",
+            m.name
+        );
+        if !freezer_usable(m) {
+            // No freezer for this user: one clear error, nothing pretended.
+            let o = run(m, &["sandbox", "pause", &id]);
+            let err = text(&o.stderr);
+            assert_eq!(code(&o), 125, "[{}] {err}", m.name);
+            assert!(
+                err.lines().count() == 1 && err.contains("freezer") && err.contains("delegate"),
+                "[{}] {err}",
+                m.name
+            );
+            assert_eq!(state(m, &id)["state"], "running", "[{}]", m.name);
+            ok(m, &["sandbox", "rm", &id]);
+            continue;
+        }
+        assert_eq!(ok(m, &["sandbox", "pause", &id]).trim(), id);
+        let st = state(m, &id);
+        assert_eq!(st["state"], "paused", "[{}] {st}", m.name);
+        assert!(
+            ok(m, &["sandbox", "ls"])
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("paused")),
+            "[{}] ls does not say paused",
+            m.name
+        );
+        let o = run(m, &["exec", &id, "--", "true"]);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "[{}] exec while paused: {err}", m.name);
+        assert!(err.contains("paused"), "[{}] {err}", m.name);
+        // The busy loop gets no cpu while paused (where cpu is accounted).
+        let a = cpu_ms(m, &id);
+        std::thread::sleep(Duration::from_millis(300));
+        let b = cpu_ms(m, &id);
+        assert!(
+            b - a < 10.0,
+            "[{}] cpu ran while paused: {a} -> {b}",
+            m.name
+        );
+        assert_eq!(ok(m, &["sandbox", "resume", &id]).trim(), id);
+        std::thread::sleep(Duration::from_millis(300));
+        let c = cpu_ms(m, &id);
+        assert!(
+            c < 0.0 || c - b > 50.0,
+            "[{}] not running after resume: {b} -> {c}",
+            m.name
+        );
+        let st = state(m, &id);
+        assert_eq!(st["state"], "running", "[{}] {st}", m.name);
+        for k in ["last_used", "deadline"] {
+            assert!(st[k].as_u64().unwrap_or(0) > 0, "[{}] {k}: {st}", m.name);
+        }
+        assert!(st["memory_bytes"].is_u64(), "[{}] {st}", m.name);
+        assert_eq!(ok(m, &["exec", &id, "--", "echo", "on"]), "on\n");
+        // Removed while paused: everything ends (a frozen process acts on
+        // SIGKILL only once thawed).
+        let init = st["init_pid"].as_i64().unwrap_or(0) as i32;
+        ok(m, &["sandbox", "pause", &id]);
+        ok(m, &["sandbox", "rm", &id]);
+        assert!(gone(init), "[{}] a paused sandbox outlived rm", m.name);
+    }
+}
+
+/// A keeper killed while its sandbox is paused cannot end it (the frozen
+/// init never notices): `rm -f` and the sweep of `ls` thaw it.
+#[test]
+fn a_paused_sandbox_of_a_killed_keeper_ends() {
+    for m in modes("a_paused_sandbox_of_a_killed_keeper_ends") {
+        if !freezer_usable(m) {
+            eprintln!("SKIPPED [{}]: no freezer for this user", m.name);
+            continue;
+        }
+        for how in ["rm -f", "ls"] {
+            let id = ok(m, &["sandbox", "create"]).trim().to_string();
+            ok(
+                m,
+                &[
+                    "exec",
+                    &id,
+                    "--",
+                    "sh",
+                    "-c",
+                    "sleep 300 >/dev/null 2>&1 </dev/null &",
+                ],
+            );
+            ok(m, &["sandbox", "pause", &id]);
+            let st = state(m, &id);
+            let (keeper, init) = (
+                st["keeper_pid"].as_i64().unwrap_or(0) as i32,
+                st["init_pid"].as_i64().unwrap_or(0) as i32,
+            );
+            if how == "rm -f" {
+                ok(m, &["sandbox", "rm", "-f", &id]);
+            } else {
+                // SAFETY: kill with a pid and a signal.
+                unsafe { libc::kill(keeper, libc::SIGKILL) };
+                assert!(gone(keeper), "[{}] keeper", m.name);
+                assert!(!ok(m, &["sandbox", "ls"]).contains(&id), "[{}]", m.name);
+            }
+            assert!(gone(init), "[{}] {how}: the paused sandbox stayed", m.name);
+        }
+    }
+}
+
+/// A keeper serves one request at a time: `pause` while a command runs
+/// gives up after 10 s with one clear line, and the request it abandoned
+/// is not carried out once the command is done.
+#[test]
+fn pausing_a_busy_sandbox_fails_cleanly() {
+    for m in modes("pausing_a_busy_sandbox_fails_cleanly") {
+        if !freezer_usable(m) {
+            eprintln!("SKIPPED [{}]: no freezer for this user", m.name);
+            continue;
+        }
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        let mut busy = nc(m, &["exec", &id, "--", "sleep", "12"])
+            .spawn()
+            .expect("spawn exec");
+        std::thread::sleep(Duration::from_millis(300));
+        let o = run(m, &["sandbox", "pause", &id]);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 125, "[{}] {err}", m.name);
+        assert!(
+            err.lines().count() == 1 && err.contains("busy"),
+            "[{}] {err}",
+            m.name
+        );
+        assert!(busy.wait().expect("wait exec").success(), "[{}]", m.name);
+        assert_eq!(state(m, &id)["state"], "running", "[{}]", m.name);
+        assert_eq!(ok(m, &["exec", &id, "--", "echo", "on"]), "on\n");
+        ok(m, &["sandbox", "rm", &id]);
+    }
+}
+
 #[test]
 fn bad_input_is_one_line_and_125() {
     let _g = shared();
