@@ -12,9 +12,15 @@
 //! ```text
 //! cargo run --release -p nanoclaw-bench -- [--iterations N] [--json] [--nanoclaw PATH]
 //! ```
+//!
+//! `--mode exec` measures commands run in a live sandbox instead (see
+//! [`execbench`]): `nanoclaw exec ID -- CMD` into one made once with
+//! `nanoclaw sandbox create`, `session::exec` in-process, `docker exec`
+//! into a running container, and the bare command.
 
 #![warn(missing_docs)]
 
+mod execbench;
 mod execcheck;
 mod run;
 mod stats;
@@ -76,9 +82,15 @@ struct Args {
     /// The docker client binary.
     #[arg(long, default_value = "docker")]
     docker: PathBuf,
-    /// The image for `docker run` (must contain /bin/true and /usr/bin/python3).
-    #[arg(long, default_value = DEFAULT_IMAGE)]
-    image: String,
+    /// The image for `docker run` (must contain /bin/true, /bin/sh and
+    /// /usr/bin/python3). Default: $NANOCLAW_BENCH_IMAGE, else
+    /// nanoclaw-bench:latest.
+    #[arg(long)]
+    image: Option<String>,
+    /// What to measure: sandbox start-up (`start`), or commands run in a
+    /// sandbox that is already up (`exec`).
+    #[arg(long, value_enum, default_value = "start")]
+    mode: BenchMode,
     /// Runners, comma-separated: host, nanoclaw, bwrap, docker.
     #[arg(
         long,
@@ -102,6 +114,14 @@ struct Args {
     /// Exit with status 3 when a target is missed.
     #[arg(long)]
     check_targets: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchMode {
+    /// A fresh sandbox per command: run vs bwrap vs docker run.
+    Start,
+    /// Commands in a live sandbox: nanoclaw exec vs docker exec.
+    Exec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -386,8 +406,16 @@ fn real_main() -> Result<i32> {
         nanoclaw_args: args.nanoclaw_args.clone(),
         bwrap: which(&args.bwrap).unwrap_or_else(|| args.bwrap.clone()),
         docker: which(&args.docker).unwrap_or_else(|| args.docker.clone()),
-        image: args.image.clone(),
+        image: args
+            .image
+            .clone()
+            .or_else(|| std::env::var("NANOCLAW_BENCH_IMAGE").ok())
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
     };
+    if args.mode == BenchMode::Exec {
+        return execbench::main(&args, &runners);
+    }
     let mut kinds: Vec<RunnerKind> = args.runners.clone();
     kinds.sort();
     kinds.dedup();
