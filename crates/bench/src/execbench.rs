@@ -472,18 +472,8 @@ fn report(
         ratios,
         targets,
     };
-    let json = serde_json::to_string_pretty(&rep)?;
-    if let Some(p) = &args.json_out {
-        std::fs::write(p, format!("{json}\n"))
-            .with_context(|| format!("cannot write {}", p.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        print!("{}", markdown(&rep));
-    }
     let missed = rep.targets.iter().any(|t| t.met == Some(false));
-    Ok(if args.check_targets && missed { 3 } else { 0 })
+    crate::emit(args, &rep, &markdown(&rep), missed)
 }
 
 fn markdown(r: &ExecReport) -> String {

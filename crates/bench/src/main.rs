@@ -661,7 +661,15 @@ fn real_main() -> Result<i32> {
         nanoclaw_layers,
         targets,
     };
-    let json = serde_json::to_string_pretty(&report)?;
+    let missed = report.targets.iter().any(|t| t.met == Some(false));
+    emit(&args, &report, &markdown(&report), missed)
+}
+
+/// Writes a report: JSON to `--json-out` (if given), and JSON or markdown
+/// to stdout; the exit code says whether a target was missed (with
+/// `--check-targets`).
+fn emit<R: Serialize>(args: &Args, report: &R, markdown: &str, missed: bool) -> Result<i32> {
+    let json = serde_json::to_string_pretty(report)?;
     if let Some(p) = &args.json_out {
         std::fs::write(p, format!("{json}\n"))
             .with_context(|| format!("cannot write {}", p.display()))?;
@@ -669,9 +677,8 @@ fn real_main() -> Result<i32> {
     if args.json {
         println!("{json}");
     } else {
-        print!("{}", markdown(&report));
+        print!("{markdown}");
     }
-    let missed = report.targets.iter().any(|t| t.met == Some(false));
     Ok(if args.check_targets && missed { 3 } else { 0 })
 }
 
