@@ -141,6 +141,10 @@ struct State {
     idle_timeout_s: Option<u64>,
     exec_timeout_ms: u64,
     keeper_pid: u32,
+    /// The keeper's start time (clock ticks after boot, /proc/PID/stat
+    /// field 22): a pid reused by another process is not the keeper.
+    #[serde(default)]
+    keeper_start: u64,
     init_pid: i32,
     owner_uid: u32,
     layers: nanoclaw_sandbox::Layers,
@@ -225,18 +229,37 @@ fn euid() -> u32 {
 /// refused if someone else owns it.
 fn state_root() -> Result<PathBuf> {
     let uid = euid();
-    let root = if uid == 0 {
-        PathBuf::from("/run/nanoclaw/sandboxes")
+    let candidates: Vec<PathBuf> = if uid == 0 {
+        vec![PathBuf::from("/run/nanoclaw/sandboxes")]
     } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
-        PathBuf::from(x).join("nanoclaw/sandboxes")
+        vec![PathBuf::from(x).join("nanoclaw/sandboxes")]
     } else {
-        PathBuf::from(format!("/tmp/nanoclaw-{uid}/sandboxes"))
+        // /tmp is shared: another user may have taken our name there first
+        // (a denial of service, never used); then the home directory.
+        let mut v = vec![PathBuf::from(format!("/tmp/nanoclaw-{uid}/sandboxes"))];
+        if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            v.push(PathBuf::from(h).join(".local/state/nanoclaw/sandboxes"));
+        }
+        v
     };
+    let mut last = None;
+    for root in candidates {
+        match own_dir(&root, uid) {
+            Ok(()) => return Ok(root),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no place for the sandboxes' state")))
+}
+
+/// Creates `root` (0700) if missing and checks it and its parent belong to
+/// `uid` and are writable by it alone.
+fn own_dir(root: &Path, uid: u32) -> Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true).mode(0o700);
-    b.create(&root)
+    b.create(root)
         .with_context(|| format!("creating the state directory {}", root.display()))?;
-    for dir in [root.as_path(), root.parent().unwrap_or(&root)] {
+    for dir in [root, root.parent().unwrap_or(root)] {
         let md = std::fs::symlink_metadata(dir)?;
         if md.uid() != uid || !md.is_dir() || md.mode() & 0o022 != 0 {
             bail!(
@@ -245,7 +268,7 @@ fn state_root() -> Result<PathBuf> {
             );
         }
     }
-    Ok(root)
+    Ok(())
 }
 
 fn read_state(dir: &Path) -> Option<State> {
@@ -262,13 +285,52 @@ fn alive(pid: u32) -> bool {
     })
 }
 
+/// A process's start time (/proc/PID/stat field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Field 3 (state) is the first after the command name; 22 is 20 later.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the sandbox's keeper still runs: its pid lives and is the same
+/// process (same start time), not one that reused the pid.
+fn keeper_alive(st: &State) -> bool {
+    alive(st.keeper_pid)
+        && (st.keeper_start == 0 || start_time(st.keeper_pid) == Some(st.keeper_start))
+}
+
+/// SIGKILLs the keeper through a pidfd, after checking the pidfd names the
+/// keeper (not a process that reused its pid).
+fn kill_keeper(st: &State) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, st.keeper_pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return;
+    }
+    if keeper_alive(st) {
+        // SAFETY: signalling through the pidfd we hold; no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd as libc::c_int,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd as libc::c_int) };
+}
+
 /// Every sandbox whose keeper lives; the state of dead keepers is removed.
 fn all_sandboxes(root: &Path) -> Vec<(PathBuf, State)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let dir = e.path();
         match read_state(&dir) {
-            Some(st) if alive(st.keeper_pid) => out.push((dir, st)),
+            Some(st) if keeper_alive(&st) => out.push((dir, st)),
             // A keeper that was killed leaves its directory; one still
             // starting has no state yet (leave it a minute).
             Some(st) => {
@@ -478,15 +540,14 @@ pub fn rm(a: RmArgs) -> Result<u8> {
         // killed, which ends its sandbox all the same (init's lifeline).
         let asked = !a.force && ask_within(&dir, &Request::Stop, Some(STOP_PATIENCE)).is_ok();
         let killed = !asked;
-        if killed && alive(st.keeper_pid) {
-            // SAFETY: kill with a pid and a signal.
-            unsafe { libc::kill(st.keeper_pid as i32, libc::SIGKILL) };
+        if killed {
+            kill_keeper(&st);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(st.keeper_pid) && Instant::now() < deadline {
+        while keeper_alive(&st) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if alive(st.keeper_pid) {
+        if keeper_alive(&st) {
             bail!(
                 "sandbox {} did not end within 10 s; retry with `sandbox rm -f`",
                 st.id
@@ -685,6 +746,7 @@ impl Keeper {
             idle_timeout_s: cfg.idle_timeout_ms.map(|m| m / 1000),
             exec_timeout_ms: cfg.exec_timeout_ms,
             keeper_pid: std::process::id(),
+            keeper_start: start_time(std::process::id()).unwrap_or(0),
             init_pid: sandbox.pid(),
             owner_uid: euid(),
             layers: sandbox.layers().clone(),

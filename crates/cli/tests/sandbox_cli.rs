@@ -761,3 +761,42 @@ fn busy_keepers_fifos_and_foreign_rlimits() {
         let _ = std::fs::remove_file(&src);
     }
 }
+
+/// A state file whose keeper pid now belongs to another process (the keeper
+/// died and the pid was reused) must not make `rm` signal that process.
+#[test]
+fn rm_never_signals_a_process_that_reused_a_keepers_pid() {
+    let _g = shared();
+    if !is_root() {
+        println!("SKIP rm_never_signals_a_process_that_reused_a_keepers_pid: writes /run/nanoclaw as root");
+        return;
+    }
+    let m = modes("rm_never_signals_a_process_that_reused_a_keepers_pid")[0];
+    let id = ok(m, &["sandbox", "create"]).trim().to_string();
+    let dir = std::path::Path::new("/run/nanoclaw/sandboxes").join(&id);
+    let mut st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state"))
+            .expect("json");
+    let keeper = st["keeper_pid"].as_i64().unwrap_or(0) as i32;
+    // Start times have clock-tick (10 ms) resolution.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    // The state now names the bystander, with the keeper's start time.
+    st["keeper_pid"] = serde_json::json!(bystander.id());
+    std::fs::write(dir.join("state.json"), st.to_string()).expect("rewrite state");
+    let o = run(m, &["sandbox", "rm", "-f", &id]);
+    let survived = bystander.try_wait().ok().flatten().is_none();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    // SAFETY: kill with a pid and a signal (the real keeper, ours).
+    unsafe { libc::kill(keeper, libc::SIGKILL) };
+    let _ = run(m, &["sandbox", "ls"]);
+    assert!(
+        survived,
+        "rm -f killed a process that had the keeper's pid: {}",
+        text(&o.stderr)
+    );
+}
