@@ -507,18 +507,19 @@ pub fn ls(a: LsArgs) -> Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<14} {:<20} {:<8} {:>8} {:>10}  LABELS",
-        "ID", "NAME", "STATE", "AGE", "EXPIRES IN"
+        "{:<14} {:<20} {:<8} {:>8} {:>8} {:>10}  LABELS",
+        "ID", "NAME", "STATE", "AGE", "IDLE", "EXPIRES IN"
     );
     let now = now_s();
     for (dir, s) in all {
         let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "{:<14} {:<20} {:<8} {:>7}s {:>9}s  {}",
+            "{:<14} {:<20} {:<8} {:>7}s {:>7}s {:>9}s  {}",
             s.id,
             s.name.as_deref().unwrap_or("-"),
             live::state_of(&dir),
             now.saturating_sub(s.created),
+            now.saturating_sub(s.last_used.max(s.created)),
             s.expires.saturating_sub(now),
             labels.join(",")
         );
