@@ -68,15 +68,27 @@ fn main() -> ExitCode {
                 _ => {
                     // One clear error, exit 125 like `docker run`.
                     let msg = e.render().to_string();
-                    let first = msg
-                        .lines()
-                        .find(|l| !l.trim().is_empty())
+                    let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+                    let mut first = lines
+                        .next()
                         .unwrap_or("invalid arguments")
-                        .trim_start_matches("error: ");
+                        .trim_start_matches("error: ")
+                        .to_string();
+                    // "...not provided:" is followed by what was missing.
+                    if first.ends_with(':') {
+                        if let Some(next) = lines.next() {
+                            first.push(' ');
+                            first.push_str(next);
+                        }
+                    }
+                    let sub = std::env::args()
+                        .nth(1)
+                        .filter(|a| !a.starts_with('-'))
+                        .unwrap_or_else(|| "run".into());
                     let hint = if msg.contains("--help") {
-                        "; see `nanoclaw run --help`"
+                        format!("; see `nanoclaw {sub} --help`")
                     } else {
-                        ""
+                        String::new()
                     };
                     eprintln!("nanoclaw: {first}{hint}");
                     ExitCode::from(EXIT_NANOCLAW)

@@ -130,7 +130,7 @@ enum NetworkMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Lang {
+pub(crate) enum Lang {
     Python,
     Node,
     Bash,
@@ -141,7 +141,7 @@ enum Lang {
 }
 
 impl Lang {
-    fn interpreter(self) -> (&'static str, &'static str) {
+    pub(crate) fn interpreter(self) -> (&'static str, &'static str) {
         match self {
             Lang::Python => ("python3", "-c"),
             Lang::Node => ("node", "-e"),

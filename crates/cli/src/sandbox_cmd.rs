@@ -90,9 +90,45 @@ pub struct ExecArgs {
     /// The sandbox: its id (or a unique prefix) or name.
     #[arg(value_name = "ID|NAME")]
     target: String,
-    /// The command and its arguments.
-    #[arg(value_name = "COMMAND", last = true, required = true)]
+    /// Run a snippet with this interpreter instead of COMMAND (python, node,
+    /// bash, sh).
+    #[arg(long, value_enum, value_name = "LANG")]
+    lang: Option<crate::run_cmd::Lang>,
+    /// The snippet's code (with --lang).
+    #[arg(long, value_name = "CODE", conflicts_with = "file", requires = "lang")]
+    code: Option<String>,
+    /// A host file whose contents are the snippet (with --lang).
+    #[arg(long, value_name = "PATH", requires = "lang")]
+    file: Option<PathBuf>,
+    /// The command and its arguments (with --lang: the snippet's arguments).
+    #[arg(value_name = "COMMAND", last = true, required_unless_present = "lang")]
     command: Vec<String>,
+}
+
+/// The argv of `exec`: COMMAND, or the snippet run by its interpreter.
+fn exec_argv(a: &ExecArgs) -> Result<Vec<String>> {
+    let Some(lang) = a.lang else {
+        return Ok(a.command.clone());
+    };
+    if lang == crate::run_cmd::Lang::Go {
+        bail!("--lang go is not supported by `nanoclaw exec` yet; use `nanoclaw run --lang go`");
+    }
+    let code = match (&a.code, &a.file) {
+        (Some(c), _) => c.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("--file {}: cannot read it", f.display()))?,
+        (None, None) => bail!("--lang needs --code CODE or --file PATH"),
+    };
+    let (interp, flag) = lang.interpreter();
+    let mut argv = vec![interp.to_string(), flag.to_string(), code];
+    if !a.command.is_empty() {
+        // sh -c CODE NAME ARGS...: $0 then the arguments, as with `run`.
+        if matches!(lang, crate::run_cmd::Lang::Bash | crate::run_cmd::Lang::Sh) {
+            argv.push(interp.to_string());
+        }
+        argv.extend(a.command.iter().cloned());
+    }
+    Ok(argv)
 }
 
 /// Options of `sandbox ls`.
@@ -618,7 +654,7 @@ pub fn exec(a: ExecArgs) -> Result<u8> {
         None
     };
     let req = Request::Exec {
-        command: a.command,
+        command: exec_argv(&a)?,
         env,
         workdir: a.workdir,
         user,

@@ -800,3 +800,59 @@ fn rm_never_signals_a_process_that_reused_a_keepers_pid() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn exec_runs_snippets_with_lang() {
+    let _g = shared();
+    for m in modes("exec_runs_snippets_with_lang") {
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        assert_eq!(
+            ok(
+                m,
+                &[
+                    "exec",
+                    "--lang",
+                    "python",
+                    "--code",
+                    "import sys; print(6*7, sys.argv[1:])",
+                    &id,
+                    "--",
+                    "a"
+                ]
+            ),
+            "42 ['a']\n",
+            "[{}]",
+            m.name
+        );
+        assert_eq!(
+            ok(
+                m,
+                &[
+                    "exec",
+                    "--lang",
+                    "sh",
+                    "--code",
+                    "echo \"$0:$1\"",
+                    &id,
+                    "--",
+                    "x"
+                ]
+            ),
+            "sh:x\n",
+            "[{}]",
+            m.name
+        );
+        let o = run(m, &["exec", "--lang", "go", "--code", "package main", &id]);
+        assert_eq!(code(&o), 125, "[{}] --lang go in exec", m.name);
+        let o = run(m, &["exec", &id]);
+        assert_eq!(code(&o), 125, "[{}] exec without a command", m.name);
+        assert_eq!(
+            text(&o.stderr).lines().count(),
+            1,
+            "[{}] {}",
+            m.name,
+            text(&o.stderr)
+        );
+        ok(m, &["sandbox", "rm", &id]);
+    }
+}
