@@ -253,3 +253,36 @@ fn namespace_limits_cannot_be_raised_from_inside() {
         );
     }
 }
+
+/// A bind of the host's /tmp (where nanoclaw assembles the sandbox's root in
+/// the sandbox's own mount namespace) shows the host's /tmp, read-only, and
+/// not a copy of the sandbox's root stacked over a hidden read-write mount.
+#[test]
+fn binding_the_hosts_tmp_shows_the_hosts_tmp() {
+    let marker = format!("nct-tmp-marker-{}", std::process::id());
+    let path = std::path::Path::new("/tmp").join(&marker);
+    std::fs::write(&path, "x").expect("marker");
+    let _ = std::process::Command::new("chmod")
+        .arg("644")
+        .arg(&path)
+        .status();
+    for m in modes("binding_the_hosts_tmp_shows_the_hosts_tmp") {
+        let script = format!(
+            "test -e /h/{marker} && echo seen; grep -c ' /h ' /proc/self/mountinfo; touch /h/w 2>/dev/null || echo ro"
+        );
+        // HOME=/tmp (the tests' default) would make /tmp a home directory,
+        // which nanoclaw refuses to mount.
+        let o = nc(m, &["run", "-v", "/tmp:/h", "--", "sh", "-c", &script])
+            .env("HOME", "/nonexistent")
+            .output()
+            .expect("run nanoclaw");
+        assert_eq!(
+            text(&o.stdout),
+            "seen\n1\nro\n",
+            "[{}] {}",
+            m.name,
+            text(&o.stderr)
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}

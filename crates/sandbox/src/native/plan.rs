@@ -97,6 +97,8 @@ pub(crate) enum Op {
     Attach { fd: i32, target: CString },
     /// Sets attributes on an existing mount recursively.
     Attrs { target: CString, attrs: u64 },
+    /// Detaches the mount at `path` (lazily, with its submounts).
+    Detach { path: CString },
     /// Re-opens a host path (`O_PATH`) inside the sandbox's new mount
     /// namespace onto descriptor `fd`, checking it is still the same inode
     /// (device, inode) the runner validated. A bind mount's source must be
@@ -130,6 +132,7 @@ impl Op {
             Op::Bind { source, target, .. } => format!("bind {} on {}", s(source), s(target)),
             Op::Attach { target, .. } => format!("attach idmapped mount on {}", s(target)),
             Op::Attrs { target, .. } => format!("set mount attributes on {}", s(target)),
+            Op::Detach { path } => format!("detach the mount at {}", s(path)),
             Op::Reopen { path, .. } => {
                 format!(
                     "open mount source {} (it must not change while starting)",
@@ -138,6 +141,18 @@ impl Op {
             }
         }
     }
+}
+
+/// Where BASE lies inside `source` (`""` for BASE itself), when it does.
+fn base_within(source: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(source).ok()?;
+    let rel = Path::new(BASE).strip_prefix(&real).ok()?;
+    let rel = rel.to_string_lossy();
+    Some(if rel.is_empty() {
+        String::new()
+    } else {
+        format!("/{rel}")
+    })
 }
 
 /// A user mount resolved and checked by the runner.
@@ -702,12 +717,23 @@ pub(crate) fn build(
                 });
                 ops.push(Op::Attrs { target, attrs });
             }
-            None => ops.push(Op::Bind {
-                source: cpath(format!("/proc/self/fd/{}", m.fd))?,
-                target,
-                attrs,
-                if_exists: false,
-            }),
+            None => {
+                ops.push(Op::Bind {
+                    source: cpath(format!("/proc/self/fd/{}", m.fd))?,
+                    target: target.clone(),
+                    attrs,
+                    if_exists: false,
+                });
+                // A source that contains BASE (`/`, `/tmp`) brings, through
+                // the recursive bind, a copy of the sandbox's own root
+                // (mounted on BASE) along: take it off again, so the host's
+                // directory shows, with the attributes asked for.
+                if let Some(rel) = base_within(&m.source) {
+                    let path = format!("{}{rel}", target.to_string_lossy());
+                    ops.push(Op::Detach { path: cpath(path)? });
+                    ops.push(Op::Attrs { target, attrs });
+                }
+            }
         }
     }
 

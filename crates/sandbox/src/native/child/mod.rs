@@ -913,6 +913,7 @@ fn run_op(op: &Op, check: bool) -> std::io::Result<()> {
             r
         }
         Op::Attrs { target, attrs } => set_attrs(target, *attrs),
+        Op::Detach { path } => sys::umount2(path, libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW),
     }
 }
 
