@@ -175,6 +175,7 @@ fn cpu_ms(m: Mode, id: &str) -> f64 {
 
 #[test]
 fn pause_and_resume() {
+    let _g = shared();
     for m in modes("pause_and_resume") {
         let id = ok(m, &["sandbox", "create"]).trim().to_string();
         ok(
@@ -260,6 +261,7 @@ fn pause_and_resume() {
 /// init never notices): `rm -f` and the sweep of `ls` thaw it.
 #[test]
 fn a_paused_sandbox_of_a_killed_keeper_ends() {
+    let _g = shared();
     for m in modes("a_paused_sandbox_of_a_killed_keeper_ends") {
         if !freezer_usable(m) {
             eprintln!("SKIPPED [{}]: no freezer for this user", m.name);
@@ -302,6 +304,7 @@ fn a_paused_sandbox_of_a_killed_keeper_ends() {
 /// is not carried out once the command is done.
 #[test]
 fn pausing_a_busy_sandbox_fails_cleanly() {
+    let _g = shared();
     for m in modes("pausing_a_busy_sandbox_fails_cleanly") {
         if !freezer_usable(m) {
             eprintln!("SKIPPED [{}]: no freezer for this user", m.name);
@@ -620,7 +623,8 @@ fn create_exec_rm_cycles_leave_nothing() {
 
 #[test]
 fn prune_removes_what_it_is_told_to() {
-    let _g = shared();
+    // Pruning acts on every sandbox of the user: no other test may have one.
+    let _g = SERIAL.write().unwrap_or_else(|e| e.into_inner());
     for m in modes("prune_removes_what_it_is_told_to") {
         let keep = ok(m, &["sandbox", "create", "--label", "prune=test"])
             .trim()
