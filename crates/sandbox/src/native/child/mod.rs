@@ -1318,38 +1318,49 @@ fn sig_ign_mask(status: &[u8]) -> Option<u64> {
 /// the payload, and exits (taking the whole pid namespace with it) when the
 /// payload exits, after reporting its wait status — or at once when the
 /// runner goes away (its end of the lifeline pipe closes).
-fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
-    // SAFETY: `set`, the pollfd array and `si` are valid, initialised C
-    // structs that the calls fill in; waitpid writes into `status`.
-    unsafe {
+/// A signalfd for every signal (init keeps them all blocked); init ends
+/// when it cannot have one.
+pub(crate) fn init_signalfd() -> RawFd {
+    // SAFETY: `set` is initialised by sigfillset; signalfd returns a new fd.
+    let sfd = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        if sfd < 0 {
-            sys::exit_now(125);
-        }
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    };
+    if sfd < 0 {
+        sys::exit_now(125);
+    }
+    sfd
+}
+
+/// Waits until the signalfd `sfd` or `other` is readable (or hung up);
+/// returns which: (signals pending, `other` ready).
+pub(crate) fn wait_signal_or(sfd: RawFd, other: RawFd) -> (bool, bool) {
+    let mut fds = [sfd, other].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `fds` is a valid array of two pollfd structs.
+    if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}
+
+fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
+    let sfd = init_signalfd();
+    // SAFETY: `si` is a valid, initialised C struct that read fills in;
+    // waitpid writes into `status`.
+    unsafe {
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: sfd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: lifeline,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
-                continue;
-            }
-            if fds[1].revents != 0 {
+            let (signals, gone) = wait_signal_or(sfd, lifeline);
+            if gone {
                 // The runner is gone (or broke protocol): nobody will reap,
                 // limit or time this sandbox any more, so it ends now.
                 sys::exit_now(125);
             }
-            if fds[0].revents == 0 {
+            if !signals {
                 continue;
             }
             let mut si: libc::signalfd_siginfo = std::mem::zeroed();

@@ -29,38 +29,15 @@ type Running = [(libc::pid_t, u32); proto::MAX_EXECS];
 /// on the socket: the sandbox ends with it) or breaks the protocol.
 pub(crate) fn init_serve(plan: &ChildPlan, rlimits: Rlimits) -> ! {
     let sock = plan.sync_r;
-    // SAFETY: `set` is initialised by sigfillset; signalfd returns a new fd.
-    let sfd = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
-    };
-    if sfd < 0 {
-        sys::exit_now(125);
-    }
+    let sfd = super::init_signalfd();
     let mut running: Running = [(0, 0); proto::MAX_EXECS];
     let mut buf = [0u8; proto::MAX_REQUEST];
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: sfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sock,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd structs.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            continue;
-        }
-        if fds[0].revents != 0 {
+        let (signals, request) = super::wait_signal_or(sfd, sock);
+        if signals {
             reap(sfd, sock, &mut running);
         }
-        if fds[1].revents != 0 {
+        if request {
             serve_one(plan, rlimits, sock, &mut buf, &mut running);
         }
     }
