@@ -1,0 +1,8 @@
+//! `nanoclaw serve`: a daemon that speaks E2B's API (the control plane of
+//! `spec/openapi.yml` and the envd data plane of `spec/envd/**`, Connect
+//! protocol with the JSON codec) over long-lived sandboxes held by keepers,
+//! with tenants and quotas, warm pools and a hash-chained audit log.
+//!
+//! The HTTP layer only parses requests into actions for a [`backend`];
+//! the daemon never clones a sandbox itself: every sandbox is created and
+//! held by a keeper (a single-threaded `nanoclaw __keeper` process).
