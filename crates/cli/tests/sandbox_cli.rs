@@ -299,33 +299,111 @@ fn a_paused_sandbox_of_a_killed_keeper_ends() {
     }
 }
 
-/// A keeper serves one request at a time: `pause` while a command runs
-/// gives up after 10 s with one clear line, and the request it abandoned
-/// is not carried out once the command is done.
+/// A keeper never waits on a command: `pause` while one runs answers at
+/// once and freezes the command too (it cannot end while paused); after
+/// `resume` it finishes normally.
 #[test]
-fn pausing_a_busy_sandbox_fails_cleanly() {
+fn pausing_a_busy_sandbox_freezes_its_command() {
     let _g = shared();
-    for m in modes("pausing_a_busy_sandbox_fails_cleanly") {
+    for m in modes("pausing_a_busy_sandbox_freezes_its_command") {
         if !freezer_usable(m) {
             eprintln!("SKIPPED [{}]: no freezer for this user", m.name);
             continue;
         }
         let id = ok(m, &["sandbox", "create"]).trim().to_string();
-        let mut busy = nc(m, &["exec", &id, "--", "sleep", "12"])
+        let mut busy = nc(m, &["exec", &id, "--", "sleep", "1"])
             .spawn()
             .expect("spawn exec");
         std::thread::sleep(Duration::from_millis(300));
-        let o = run(m, &["sandbox", "pause", &id]);
-        let err = text(&o.stderr);
-        assert_eq!(code(&o), 125, "[{}] {err}", m.name);
+        let t = std::time::Instant::now();
+        ok(m, &["sandbox", "pause", &id]);
         assert!(
-            err.lines().count() == 1 && err.contains("busy"),
-            "[{}] {err}",
+            t.elapsed() < Duration::from_millis(900),
+            "[{}] pause waited for the command",
             m.name
         );
+        assert_eq!(state(m, &id)["state"], "paused", "[{}]", m.name);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            busy.try_wait().expect("try_wait").is_none(),
+            "[{}] the command ended while its sandbox was paused",
+            m.name
+        );
+        ok(m, &["sandbox", "resume", &id]);
         assert!(busy.wait().expect("wait exec").success(), "[{}]", m.name);
         assert_eq!(state(m, &id)["state"], "running", "[{}]", m.name);
         assert_eq!(ok(m, &["exec", &id, "--", "echo", "on"]), "on\n");
+        ok(m, &["sandbox", "rm", &id]);
+    }
+}
+
+/// Several commands run in one sandbox at once (a keeper serves them all
+/// from one thread), each with its own output and exit code, and the
+/// output of `exec` streams as it comes.
+#[test]
+fn concurrent_execs_and_streaming_output() {
+    let _g = shared();
+    for m in modes("concurrent_execs_and_streaming_output") {
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        let t = std::time::Instant::now();
+        let kids: Vec<_> = (0..8)
+            .map(|i| {
+                nc(
+                    m,
+                    &[
+                        "exec",
+                        &id,
+                        "--",
+                        "sh",
+                        "-c",
+                        &format!("sleep 1; echo {i}; exit {i}"),
+                    ],
+                )
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn exec")
+            })
+            .collect();
+        for (i, k) in kids.into_iter().enumerate() {
+            let o = k.wait_with_output().expect("wait");
+            assert_eq!(o.status.code(), Some(i as i32), "[{}]", m.name);
+            assert_eq!(text(&o.stdout), format!("{i}\n"), "[{}]", m.name);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "[{}] 8 one-second commands took {:?}: they did not run at once",
+            m.name,
+            t.elapsed()
+        );
+        // Streaming: the first line arrives long before the command ends.
+        let mut c = nc(
+            m,
+            &[
+                "exec",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "echo first; sleep 3; echo second",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+        let t = std::time::Instant::now();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        assert_eq!(line, "first\n", "[{}]", m.name);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "[{}] output was not streamed",
+            m.name
+        );
+        assert!(c.wait().expect("wait").success());
         ok(m, &["sandbox", "rm", &id]);
     }
 }

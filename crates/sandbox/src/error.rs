@@ -51,6 +51,14 @@ pub enum Error {
         /// The sandbox.
         id: String,
     },
+    /// A path (or other object) inside a sandbox does not exist.
+    #[error("sandbox {id}: {what}")]
+    NotFound {
+        /// The sandbox.
+        id: String,
+        /// What was looked for, and the sandboxed tool's message.
+        what: String,
+    },
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] crate::native::cgroup::CgroupError),

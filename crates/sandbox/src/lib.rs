@@ -22,3 +22,4 @@ pub use error::Error;
 pub use native::{kill, run, start, wait, KillHandle, RunOptions, Sandbox};
 pub use outcome::{KillReason, Layers, Outcome};
 pub use spec::SandboxSpec;
+pub mod keeper;

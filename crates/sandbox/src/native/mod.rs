@@ -16,11 +16,11 @@ mod child;
 pub mod landlock;
 mod pause;
 mod plan;
-mod proto;
+pub mod proto;
 pub mod seccomp;
 pub mod session;
 mod supervise;
-mod sys;
+pub(crate) mod sys;
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};

@@ -26,6 +26,11 @@ pub(crate) const STARTED: u32 = 101;
 pub(crate) const EXITED: u32 = 102;
 /// A command could not be started.
 pub(crate) const REFUSED: u32 = 103;
+/// Why a command was killed (a keeper's frame, before `EXITED`): the
+/// value is a [`reason_code`].
+pub(crate) const KILLED_BY: u32 = 104;
+/// Size of a reply frame: a header and one i32 value.
+pub const FRAME: usize = HEADER + 4;
 /// Largest request body.
 pub(crate) const MAX_REQUEST: usize = 64 * 1024;
 /// Most argv entries, and most environment entries, of one command.
@@ -58,6 +63,42 @@ impl Header {
             len: u(8),
         }
     }
+}
+
+/// A header with no body but one i32 `value` (a reply, or a `KILL`).
+pub(crate) fn frame(kind: u32, id: u32, value: i32) -> [u8; FRAME] {
+    let mut b = [0u8; FRAME];
+    b[..HEADER].copy_from_slice(&Header { kind, id, len: 4 }.encode());
+    b[HEADER..].copy_from_slice(&value.to_le_bytes());
+    b
+}
+
+/// The header and value of a frame.
+pub(crate) fn decode_frame(b: &[u8; FRAME]) -> (Header, i32) {
+    let mut h = [0u8; HEADER];
+    h.copy_from_slice(&b[..HEADER]);
+    let v = i32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+    (Header::decode(&h), v)
+}
+
+/// The code of a kill reason in a `KILLED_BY` frame.
+pub(crate) fn reason_code(r: crate::KillReason) -> i32 {
+    use crate::KillReason as K;
+    match r {
+        K::Timeout => 1,
+        K::OutputLimit => 2,
+        K::Oom => 3,
+        K::Pids => 4,
+        K::Killed => 5,
+    }
+}
+
+/// The kill reason of a `KILLED_BY` code.
+pub(crate) fn kill_reason(code: i32) -> Option<crate::KillReason> {
+    use crate::KillReason as K;
+    [K::Timeout, K::OutputLimit, K::Oom, K::Pids, K::Killed]
+        .into_iter()
+        .find(|r| reason_code(*r) == code)
 }
 
 /// Encodes an `EXEC` body; `None` when it would not fit the limits.

@@ -23,6 +23,7 @@
 //! ```
 
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -119,9 +120,52 @@ pub fn remove(sandbox: Sandbox) {
     supervise::abort(sandbox);
 }
 
+/// A command started in a sandbox by [`spawn`], not yet waited for: its
+/// exec id and the caller's ends of its pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The exec id (init's replies and [`kill_frame`]s name it).
+    pub id: u32,
+    /// The command's stdout.
+    pub stdout: OwnedFd,
+    /// The command's stderr.
+    pub stderr: OwnedFd,
+    /// Where the command reports a failure to start (a [`child`] report),
+    /// read after it exited.
+    pub report: OwnedFd,
+    /// The command's stdin, when asked for.
+    pub stdin: Option<OwnedFd>,
+}
+
 /// Runs one command in `sb` to completion.
 pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
     let started = Instant::now();
+    let spawned = spawn(sb, spec, !matches!(spec.stdin, Stdin::Null))?;
+    let lifeline = sb
+        .lifeline
+        .ok_or_else(|| Error::InvalidSpec(format!("sandbox {} has ended", sb.id)))?;
+    let ev = sb.cgroup.as_ref().map(|c| c.events()).unwrap_or_default();
+    let deadline = (started + spec.timeout).min(sb.started + sb.spec_limits.timeout);
+    let waiter = Waiter::new(spawned, spec, deadline, started, None);
+    let finished = waiter.wait(lifeline, &sb.id)?;
+    let mut outcome = finished.into_outcome(&spec.command[0], &sb.id);
+    if let (Some(cg), None) = (&sb.cgroup, outcome.killed_by) {
+        let after = cg.events();
+        if after.oom_kills > ev.oom_kills {
+            outcome.killed_by = Some(KillReason::Oom);
+        } else if after.pids_max_hits > ev.pids_max_hits {
+            outcome.killed_by = Some(KillReason::Pids);
+        }
+    }
+    outcome.layers = sb.layers.clone();
+    outcome.network = supervise::network_report(sb);
+    Ok(outcome)
+}
+
+/// Starts one command in `sb` and returns at once with its pipes (with a
+/// stdin pipe when `with_stdin`). Init's replies about it (`STARTED`,
+/// `EXITED`, `REFUSED`) arrive on the sandbox's lifeline.
+pub fn spawn(sb: &mut Sandbox, spec: &ExecSpec, with_stdin: bool) -> Result<Spawned, Error> {
     if sb.exec_base.is_none() {
         return Err(Error::InvalidSpec(
             "this sandbox was started for one command; exec needs one made with create".into(),
@@ -130,7 +174,7 @@ pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
     if sb.paused {
         return Err(Error::Paused { id: sb.id.clone() });
     }
-    if started >= sb.started + sb.spec_limits.timeout {
+    if Instant::now() >= sb.started + sb.spec_limits.timeout {
         return Err(Error::InvalidSpec(format!(
             "sandbox {} is past its lifetime ({}s); create a new one",
             sb.id,
@@ -139,13 +183,12 @@ pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
     }
     validate(spec)?;
     let (id, body) = request(sb, spec)?;
-    let pipes = ExecPipes::new(&spec.stdin)?;
-    let mut fds = vec![pipes.err.1, pipes.out.1, pipes.err_out.1];
-    fds.extend(pipes.stdin.map(|(r, _)| r));
     let Some(lifeline) = sb.lifeline else {
-        pipes.close_all();
         return Err(Error::InvalidSpec(format!("sandbox {} has ended", sb.id)));
     };
+    let pipes = ExecPipes::new(with_stdin)?;
+    let mut fds = vec![pipes.err.1, pipes.out.1, pipes.err_out.1];
+    fds.extend(pipes.stdin.map(|(r, _)| r));
     let mut msg = Header {
         kind: proto::EXEC,
         id,
@@ -156,17 +199,28 @@ pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
     msg.extend_from_slice(&body);
     let sent = sys::send_with_fds(lifeline, &msg, &fds);
     pipes.close_child_ends();
-    if let Err(e) = sent {
-        pipes.close_parent_ends();
-        return Err(Error::Sys {
+    // SAFETY: each parent end is a pipe fd we created and own alone.
+    let own = |fd: i32| unsafe { OwnedFd::from_raw_fd(fd) };
+    let spawned = Spawned {
+        id,
+        stdout: own(pipes.out.0),
+        stderr: own(pipes.err_out.0),
+        report: own(pipes.err.0),
+        stdin: pipes.stdin.map(|(_, w)| own(w)),
+    };
+    match sent {
+        Ok(()) => Ok(spawned),
+        Err(e) => Err(Error::Sys {
             call: format!("sending the command to sandbox {}", sb.id),
             source: e,
-        });
+        }),
     }
-    let run = Running::new(sb, id, spec, &pipes, started);
-    let result = run.wait(sb, lifeline);
-    pipes.close_parent_ends();
-    result
+}
+
+/// The message asking for signal `sig` to exec `id`'s process group (to
+/// init on the lifeline, or to a keeper on an attached connection).
+pub fn kill_frame(id: u32, sig: i32) -> [u8; proto::FRAME] {
+    proto::frame(proto::KILL, id, sig)
 }
 
 fn validate(spec: &ExecSpec) -> Result<(), Error> {
@@ -257,7 +311,7 @@ struct ExecPipes {
 }
 
 impl ExecPipes {
-    fn new(stdin: &Stdin) -> Result<ExecPipes, Error> {
+    fn new(with_stdin: bool) -> Result<ExecPipes, Error> {
         let mut made = Vec::new();
         let mut mk = || match sys::pipe() {
             Ok(p) => {
@@ -271,10 +325,7 @@ impl ExecPipes {
                 err: mk()?,
                 out: mk()?,
                 err_out: mk()?,
-                stdin: match stdin {
-                    Stdin::Null => None,
-                    Stdin::Bytes(_) | Stdin::Inherit => Some(mk()?),
-                },
+                stdin: if with_stdin { Some(mk()?) } else { None },
             })
         })();
         r.map_err(|e| {
@@ -297,112 +348,150 @@ impl ExecPipes {
             sys::close(r);
         }
     }
+}
 
-    fn close_parent_ends(&self) {
-        for fd in [self.err.0, self.out.0, self.err_out.0] {
-            sys::close(fd);
+/// What a waited-for command did (before it becomes an [`Outcome`]).
+#[derive(Debug)]
+pub struct Finished {
+    /// Its wait status.
+    pub status: i32,
+    /// Why nanoclaw killed it, if it did.
+    pub killed_by: Option<KillReason>,
+    /// Its output (up to the limit).
+    pub stdout: Vec<u8>,
+    /// Its error output (up to the limit).
+    pub stderr: Vec<u8>,
+    /// Whether stdout went past the limit.
+    pub stdout_truncated: bool,
+    /// Whether stderr went past the limit.
+    pub stderr_truncated: bool,
+    /// From the request to the end.
+    pub duration: Duration,
+    /// Why it could not be started, if it could not.
+    failed: Option<super::child::Report>,
+}
+
+impl Finished {
+    /// The outcome (exit code and signal as `run` reports them; a start
+    /// failure is exit 126/127 with a message on stderr).
+    pub fn into_outcome(mut self, name: &str, sandbox_id: &str) -> Outcome {
+        let status = self.status;
+        let (mut exit_code, mut signal) = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else {
+            (None, Some(libc::WTERMSIG(status)))
+        };
+        if let Some(r) = &self.failed {
+            let (code, msg) = super::exec_failure(r, name);
+            exit_code = Some(code);
+            signal = None;
+            self.stderr.extend_from_slice(msg.as_bytes());
         }
-    }
-
-    fn close_all(&self) {
-        self.close_child_ends();
-        self.close_parent_ends();
-        if let Some((_, w)) = self.stdin {
-            sys::close(w);
+        Outcome {
+            exit_code,
+            signal,
+            killed_by: self.killed_by,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            stdout_truncated: self.stdout_truncated,
+            stderr_truncated: self.stderr_truncated,
+            duration: self.duration,
+            cpu_time: Duration::ZERO,
+            peak_memory_bytes: None,
+            sandbox_id: sandbox_id.to_string(),
+            layers: crate::outcome::Layers::default(),
+            network: Default::default(),
         }
     }
 }
 
-/// One command being waited for.
-struct Running {
+/// Waits for one [`Spawned`] command: pumps its output (kept up to the
+/// output limit, or copied live to `echo`), feeds its stdin, enforces its
+/// deadline and output limit by asking for a kill, and reads its end from
+/// `events` — init's lifeline in-process, or a keeper connection, which
+/// carry the same frames ([`proto::FRAME`]).
+pub struct Waiter {
     id: u32,
-    /// argv[0], for messages.
-    name: String,
     started: Instant,
     deadline: Instant,
     limit: u64,
     out: Stream,
     err: Stream,
-    report_fd: i32,
-    stdin: Option<StdinFeed>,
+    report: OwnedFd,
+    _fds: [OwnedFd; 2],
+    stdin: Option<(StdinFeed, OwnedFd)>,
     killed_by: Option<KillReason>,
     kill_sent: Option<Instant>,
     status: Option<i32>,
-    oom_before: u64,
-    pids_before: u64,
 }
 
-impl Running {
-    fn new(sb: &Sandbox, id: u32, spec: &ExecSpec, pipes: &ExecPipes, started: Instant) -> Running {
-        let stdin = match (&spec.stdin, pipes.stdin) {
-            (Stdin::Bytes(b), Some((_, w))) => Some(StdinFeed::bytes(w, b.clone())),
-            (Stdin::Inherit, Some((_, w))) => Some(StdinFeed::forward(w, 0)),
+impl Waiter {
+    /// A waiter for `sp` (run by `spec`, whose stdin it feeds), killed at
+    /// `deadline`; `echo` = (stdout, stderr) descriptors to copy output to
+    /// as it comes instead of keeping it.
+    pub fn new(
+        sp: Spawned,
+        spec: &ExecSpec,
+        deadline: Instant,
+        started: Instant,
+        echo: Option<(i32, i32)>,
+    ) -> Waiter {
+        let stdin = match (&spec.stdin, sp.stdin) {
+            (Stdin::Bytes(b), Some(w)) => Some((StdinFeed::bytes(w.as_raw_fd(), b.clone()), w)),
+            (Stdin::Inherit, Some(w)) => Some((StdinFeed::forward(w.as_raw_fd(), 0), w)),
             _ => None,
         };
-        if let Some(f) = &stdin {
+        if let Some((f, _)) = &stdin {
             let _ = sys::set_nonblocking(f.pipe);
         }
-        for fd in [pipes.out.0, pipes.err_out.0, pipes.err.0] {
-            let _ = sys::set_nonblocking(fd);
+        for fd in [&sp.stdout, &sp.stderr, &sp.report] {
+            let _ = sys::set_nonblocking(fd.as_raw_fd());
         }
-        let ev = sb.cgroup.as_ref().map(|c| c.events()).unwrap_or_default();
-        let sandbox_end = sb.started + sb.spec_limits.timeout;
-        Running {
-            id,
-            name: spec.command[0].clone(),
+        Waiter {
+            id: sp.id,
             started,
-            deadline: (started + spec.timeout).min(sandbox_end),
+            deadline,
             limit: spec.output_limit,
-            out: Stream::new(pipes.out.0, None),
-            err: Stream::new(pipes.err_out.0, None),
-            report_fd: pipes.err.0,
+            out: Stream::new(sp.stdout.as_raw_fd(), echo.map(|e| e.0)),
+            err: Stream::new(sp.stderr.as_raw_fd(), echo.map(|e| e.1)),
+            report: sp.report,
+            _fds: [sp.stdout, sp.stderr],
             stdin,
             killed_by: None,
             kill_sent: None,
             status: None,
-            oom_before: ev.oom_kills,
-            pids_before: ev.pids_max_hits,
         }
     }
 
-    /// Asks init to kill this command's process group (once).
-    fn kill(&mut self, lifeline: i32, why: KillReason) {
+    /// Asks for this command's process group to be killed (once).
+    fn kill(&mut self, events: i32, why: KillReason) {
         self.killed_by.get_or_insert(why);
         if self.kill_sent.is_none() {
             self.kill_sent = Some(Instant::now());
-            let mut msg = Header {
-                kind: proto::KILL,
-                id: self.id,
-                len: 4,
-            }
-            .encode()
-            .to_vec();
-            msg.extend_from_slice(&libc::SIGKILL.to_le_bytes());
-            let _ = sys::write_all(lifeline, &msg);
+            let _ = sys::write_all(events, &kill_frame(self.id, libc::SIGKILL));
         }
     }
 
     /// Pumps output and stdin until the command is reported gone.
-    fn wait(mut self, sb: &Sandbox, lifeline: i32) -> Result<Outcome, Error> {
+    pub fn wait(mut self, events: i32, sandbox_id: &str) -> Result<Finished, Error> {
         let mut scratch = vec![0u8; 64 * 1024];
         while self.status.is_none() {
             let now = Instant::now();
             if now >= self.deadline {
-                self.kill(lifeline, KillReason::Timeout);
+                self.kill(events, KillReason::Timeout);
             }
             if self.kill_sent.is_some_and(|t| now >= t + KILL_GRACE) {
                 return Err(Error::InvalidSpec(format!(
-                    "sandbox {}: a killed command was not reported gone; remove the sandbox",
-                    sb.id
+                    "sandbox {sandbox_id}: a killed command was not reported gone; remove the sandbox"
                 )));
             }
-            let mut fds = vec![pollfd(lifeline, libc::POLLIN)];
+            let mut fds = vec![pollfd(events, libc::POLLIN)];
             for s in [&self.out, &self.err] {
                 if s.open {
                     fds.push(pollfd(s.fd, libc::POLLIN));
                 }
             }
-            if let Some(f) = &self.stdin {
+            if let Some((f, _)) = &self.stdin {
                 let (fd, ev) = f.poll_for();
                 fds.push(pollfd(fd, ev));
             }
@@ -421,22 +510,22 @@ impl Running {
                 return Err(Error::sys("poll"));
             }
             for p in fds.iter().filter(|p| p.revents != 0) {
-                self.on_ready(p.fd, sb, lifeline, &mut scratch)?;
+                self.on_ready(p.fd, events, sandbox_id, &mut scratch)?;
             }
         }
         self.drain(&mut scratch);
-        Ok(self.outcome(sb))
+        Ok(self.finish())
     }
 
     fn on_ready(
         &mut self,
         fd: i32,
-        sb: &Sandbox,
-        lifeline: i32,
+        events: i32,
+        sandbox_id: &str,
         scratch: &mut [u8],
     ) -> Result<(), Error> {
-        if fd == lifeline {
-            return self.on_message(sb, lifeline);
+        if fd == events {
+            return self.on_message(events, sandbox_id);
         }
         if fd == self.out.fd || fd == self.err.fd {
             let s = if fd == self.out.fd {
@@ -445,31 +534,27 @@ impl Running {
                 &mut self.err
             };
             if s.pump(self.limit, scratch) {
-                self.kill(lifeline, KillReason::OutputLimit);
+                self.kill(events, KillReason::OutputLimit);
             }
             return Ok(());
         }
-        if let Some(f) = &mut self.stdin {
+        if let Some((f, _)) = &mut self.stdin {
             if fd == f.poll_for().0 && !f.pump(scratch) {
-                sys::close(f.pipe);
                 self.stdin = None;
             }
         }
         Ok(())
     }
 
-    /// One reply from init.
-    fn on_message(&mut self, sb: &Sandbox, lifeline: i32) -> Result<(), Error> {
-        let mut hdr = [0u8; proto::HEADER + 4];
-        let gone = || Error::InvalidSpec(format!("sandbox {} has ended", sb.id));
-        match sys::read_full(lifeline, &mut hdr) {
-            Ok(n) if n == hdr.len() => {}
+    /// One frame from init (or the keeper).
+    fn on_message(&mut self, events: i32, sandbox_id: &str) -> Result<(), Error> {
+        let mut buf = [0u8; proto::FRAME];
+        let gone = || Error::InvalidSpec(format!("sandbox {sandbox_id} has ended"));
+        match sys::read_full(events, &mut buf) {
+            Ok(n) if n == buf.len() => {}
             _ => return Err(gone()),
         }
-        let mut h = [0u8; proto::HEADER];
-        h.copy_from_slice(&hdr[..proto::HEADER]);
-        let h = Header::decode(&h);
-        let value = i32::from_le_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+        let (h, value) = proto::decode_frame(&buf);
         if h.id != self.id {
             // A reply about an earlier exec (say, one whose wait failed).
             return Ok(());
@@ -480,8 +565,14 @@ impl Running {
                 self.status = Some(value);
                 Ok(())
             }
+            proto::KILLED_BY => {
+                if let Some(r) = proto::kill_reason(value) {
+                    self.killed_by.get_or_insert(r);
+                }
+                Ok(())
+            }
             proto::REFUSED => Err(Error::Sys {
-                call: format!("starting the command in sandbox {}", sb.id),
+                call: format!("starting the command in sandbox {sandbox_id}"),
                 source: std::io::Error::from_raw_os_error(value),
             }),
             _ => Err(gone()),
@@ -489,9 +580,7 @@ impl Running {
     }
 
     fn drain(&mut self, scratch: &mut [u8]) {
-        if let Some(f) = self.stdin.take() {
-            sys::close(f.pipe);
-        }
+        self.stdin = None;
         let until = Instant::now() + DRAIN_GRACE;
         while (self.out.open || self.err.open) && Instant::now() < until {
             let mut fds: Vec<libc::pollfd> = [&self.out, &self.err]
@@ -509,44 +598,18 @@ impl Running {
         }
     }
 
-    fn outcome(mut self, sb: &Sandbox) -> Outcome {
-        let status = self.status.unwrap_or(libc::SIGKILL);
+    fn finish(mut self) -> Finished {
         let mut report = [0u8; super::child::Report::SIZE];
-        let got = sys::read_full(self.report_fd, &mut report).unwrap_or(0);
-        let failed = super::child::Report::decode(&report[..got]);
-        let (mut exit_code, mut signal) = if libc::WIFEXITED(status) {
-            (Some(libc::WEXITSTATUS(status)), None)
-        } else {
-            (None, Some(libc::WTERMSIG(status)))
-        };
-        if let Some(r) = failed {
-            let (code, msg) = super::exec_failure(&r, &self.name);
-            exit_code = Some(code);
-            signal = None;
-            self.err.buf.extend_from_slice(msg.as_bytes());
-        }
-        if let Some(cg) = &sb.cgroup {
-            let ev = cg.events();
-            if self.killed_by.is_none() && ev.oom_kills > self.oom_before {
-                self.killed_by = Some(KillReason::Oom);
-            } else if self.killed_by.is_none() && ev.pids_max_hits > self.pids_before {
-                self.killed_by = Some(KillReason::Pids);
-            }
-        }
-        Outcome {
-            exit_code,
-            signal,
+        let got = sys::read_full(self.report.as_raw_fd(), &mut report).unwrap_or(0);
+        Finished {
+            status: self.status.unwrap_or(libc::SIGKILL),
             killed_by: self.killed_by,
             stdout: std::mem::take(&mut self.out.buf),
             stderr: std::mem::take(&mut self.err.buf),
             stdout_truncated: self.out.truncated,
             stderr_truncated: self.err.truncated,
             duration: self.started.elapsed(),
-            cpu_time: Duration::ZERO,
-            peak_memory_bytes: None,
-            sandbox_id: sb.id.clone(),
-            layers: sb.layers.clone(),
-            network: supervise::network_report(sb),
+            failed: super::child::Report::decode(&report[..got]),
         }
     }
 }
@@ -566,16 +629,24 @@ pub const MAX_COPY: u64 = 64 << 20;
 /// not hold the sandbox's holder for long.
 const COPY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A file operation failed inside the sandbox (the message is the
-/// sandboxed tool's own, e.g. "No such file or directory").
-fn copy_error(sb: &Sandbox, what: &str, o: &Outcome) -> Error {
-    let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
-    let why = if why.is_empty() {
-        format!("exit {:?}", o.exit_code)
-    } else {
-        why
-    };
-    Error::InvalidSpec(format!("sandbox {}: {what}: {why}", sb.id))
+/// Something that runs commands in one sandbox: the sandbox itself
+/// (in-process, [`exec`]) or its keeper (`keeper::Remote`). The file
+/// operations below work through either.
+pub trait Execute {
+    /// Runs one command to completion.
+    fn execute(&mut self, spec: &ExecSpec) -> Result<Outcome, Error>;
+    /// The sandbox's id, for messages.
+    fn sandbox_id(&self) -> &str;
+}
+
+impl Execute for Sandbox {
+    fn execute(&mut self, spec: &ExecSpec) -> Result<Outcome, Error> {
+        exec(self, spec)
+    }
+
+    fn sandbox_id(&self) -> &str {
+        &self.id
+    }
 }
 
 /// A copy runs as an exec: inside the sandbox, as its user (or `user`),
@@ -583,8 +654,8 @@ fn copy_error(sb: &Sandbox, what: &str, o: &Outcome) -> Error {
 /// sandbox's own mount namespace and root — a symlink, swapped in at any
 /// moment, can only ever lead to another place inside the sandbox — and
 /// writes land only where the sandbox may write, within its size limits.
-fn copy_exec(
-    sb: &mut Sandbox,
+fn copy_exec<E: Execute + ?Sized>(
+    sb: &mut E,
     argv: Vec<String>,
     stdin: Option<Vec<u8>>,
     user: Option<User>,
@@ -594,7 +665,25 @@ fn copy_exec(
     spec.user = user;
     spec.output_limit = MAX_COPY;
     spec.timeout = COPY_TIMEOUT;
-    exec(sb, &spec)
+    sb.execute(&spec)
+}
+
+/// A file operation failed inside the sandbox (the message is the
+/// sandboxed tool's own, e.g. "No such file or directory").
+fn copy_error<E: Execute + ?Sized>(sb: &E, what: &str, o: &Outcome) -> Error {
+    let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    let why = if why.is_empty() {
+        format!("exit {:?}", o.exit_code)
+    } else {
+        why
+    };
+    if why.contains("No such file or directory") || why.contains("can't stat") {
+        return Error::NotFound {
+            id: sb.sandbox_id().to_string(),
+            what: format!("{what}: {why}"),
+        };
+    }
+    Error::InvalidSpec(format!("sandbox {}: {what}: {why}", sb.sandbox_id()))
 }
 
 fn check_path(p: &str) -> Result<(), Error> {
@@ -607,8 +696,8 @@ fn check_path(p: &str) -> Result<(), Error> {
 }
 
 /// Writes `data` to the file `path` in the sandbox (parents created).
-pub fn put_file(
-    sb: &mut Sandbox,
+pub fn put_file<E: Execute + ?Sized>(
+    sb: &mut E,
     path: &str,
     data: Vec<u8>,
     user: Option<User>,
@@ -633,7 +722,7 @@ pub fn put_file(
 }
 
 /// Reads the file `path` in the sandbox.
-pub fn get_file(sb: &mut Sandbox, path: &str) -> Result<Vec<u8>, Error> {
+pub fn get_file<E: Execute + ?Sized>(sb: &mut E, path: &str) -> Result<Vec<u8>, Error> {
     check_path(path)?;
     let argv = [
         "sh",
@@ -651,7 +740,12 @@ pub fn get_file(sb: &mut Sandbox, path: &str) -> Result<Vec<u8>, Error> {
 
 /// Unpacks the tar stream `tar` into the directory `dir` in the sandbox
 /// (created if missing), with the sandbox's `tar`.
-pub fn put_tar(sb: &mut Sandbox, dir: &str, tar: Vec<u8>, user: Option<User>) -> Result<(), Error> {
+pub fn put_tar<E: Execute + ?Sized>(
+    sb: &mut E,
+    dir: &str,
+    tar: Vec<u8>,
+    user: Option<User>,
+) -> Result<(), Error> {
     check_path(dir)?;
     let script = r#"mkdir -p -- "$1" && exec tar -x -f - -C "$1" --no-same-owner"#;
     let argv = ["sh", "-c", script, "nanoclaw-cp", dir].map(String::from);
@@ -663,7 +757,7 @@ pub fn put_tar(sb: &mut Sandbox, dir: &str, tar: Vec<u8>, user: Option<User>) ->
 }
 
 /// The directory `dir` in the sandbox as a tar stream.
-pub fn get_tar(sb: &mut Sandbox, dir: &str) -> Result<Vec<u8>, Error> {
+pub fn get_tar<E: Execute + ?Sized>(sb: &mut E, dir: &str) -> Result<Vec<u8>, Error> {
     check_path(dir)?;
     let argv = ["tar", "-c", "-f", "-", "-C", dir, "."].map(String::from);
     let o = copy_exec(sb, argv.to_vec(), None, None)?;
@@ -671,4 +765,202 @@ pub fn get_tar(sb: &mut Sandbox, dir: &str) -> Result<Vec<u8>, Error> {
         return Err(copy_error(sb, &format!("packing {dir}"), &o));
     }
     Ok(o.stdout)
+}
+
+/// The kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// Anything else (FIFO, socket, device).
+    Other,
+}
+
+/// What [`stat`] and [`list_dir`] report of one path in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryInfo {
+    /// The last component of `path`.
+    pub name: String,
+    /// The absolute path in the sandbox.
+    pub path: String,
+    /// Its kind (of the entry itself: a symlink is not followed).
+    pub kind: EntryKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (e.g. 0o644).
+    pub mode: u32,
+    /// Owner's name (or uid) in the sandbox.
+    pub owner: String,
+    /// Group's name (or gid) in the sandbox.
+    pub group: String,
+    /// Last modification, seconds since the epoch.
+    pub modified: i64,
+    /// Where a symlink points.
+    pub symlink_target: Option<String>,
+}
+
+/// `stat -c` format of one entry: `%F|%s|%a|%U|%G|%Y|%n`.
+const STAT_FORMAT: &str = "%F|%s|%a|%U|%G|%Y|%n";
+
+fn parse_entry(line: &str) -> Option<EntryInfo> {
+    let mut f = line.splitn(7, '|');
+    let kind = match f.next()? {
+        "regular file" | "regular empty file" => EntryKind::File,
+        "directory" => EntryKind::Dir,
+        "symbolic link" => EntryKind::Symlink,
+        _ => EntryKind::Other,
+    };
+    let size = f.next()?.parse().ok()?;
+    let mode = u32::from_str_radix(f.next()?, 8).ok()?;
+    let owner = f.next()?.to_string();
+    let group = f.next()?.to_string();
+    let modified = f.next()?.parse().ok()?;
+    let path = f.next()?.to_string();
+    let name = path.rsplit('/').next().unwrap_or(&path).to_string();
+    Some(EntryInfo {
+        name,
+        path,
+        kind,
+        size,
+        mode,
+        owner,
+        group,
+        modified,
+        symlink_target: None,
+    })
+}
+
+/// Runs a small shell script for a file operation; its stdout on success.
+fn file_op<E: Execute + ?Sized>(
+    sb: &mut E,
+    what: &str,
+    script: &str,
+    args: &[&str],
+    user: Option<User>,
+) -> Result<Vec<u8>, Error> {
+    for a in args {
+        check_path(a)?;
+    }
+    let mut argv: Vec<String> = vec![
+        "sh".into(),
+        "-c".into(),
+        script.into(),
+        "nanoclaw-fs".into(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let o = copy_exec(sb, argv, None, user)?;
+    if o.exit_code != Some(0) || o.stdout_truncated {
+        return Err(copy_error(sb, what, &o));
+    }
+    Ok(o.stdout)
+}
+
+/// What is at `path` (a symlink itself, not its target).
+pub fn stat<E: Execute + ?Sized>(sb: &mut E, path: &str) -> Result<EntryInfo, Error> {
+    let script = format!(
+        r#"stat -c '{STAT_FORMAT}' -- "$1" || exit 1; if [ -L "$1" ]; then readlink -- "$1"; fi"#
+    );
+    let out = file_op(sb, &format!("stat {path}"), &script, &[path], None)?;
+    let text = String::from_utf8_lossy(&out);
+    let mut lines = text.lines();
+    let mut e = lines
+        .next()
+        .and_then(parse_entry)
+        .ok_or_else(|| Error::InvalidSpec(format!("stat {path}: unreadable answer")))?;
+    if e.kind == EntryKind::Symlink {
+        e.symlink_target = lines.next().map(str::to_string);
+    }
+    Ok(e)
+}
+
+/// The entries under the directory `path`, `depth` levels deep (1: its
+/// own entries). Names holding a newline are left out.
+pub fn list_dir<E: Execute + ?Sized>(
+    sb: &mut E,
+    path: &str,
+    depth: u32,
+) -> Result<Vec<EntryInfo>, Error> {
+    let depth = depth.clamp(1, 64).to_string();
+    let script = format!(
+        r#"test -d "$1" || {{ test -e "$1" && echo "$1: Not a directory" >&2 || echo "$1: No such file or directory" >&2; exit 1; }}; find "$1" -mindepth 1 -maxdepth "$2" -exec stat -c '{STAT_FORMAT}' -- {{}} +"#
+    );
+    let mut argv = vec![path];
+    argv.push(&depth);
+    // `depth` is not a path: check `path` only.
+    check_path(path)?;
+    let mut full: Vec<String> = vec!["sh".into(), "-c".into(), script, "nanoclaw-fs".into()];
+    full.extend(argv.iter().map(|a| a.to_string()));
+    let o = copy_exec(sb, full, None, None)?;
+    if o.exit_code != Some(0) || o.stdout_truncated {
+        return Err(copy_error(sb, &format!("listing {path}"), &o));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(parse_entry)
+        .collect())
+}
+
+/// Creates the directory `path` and its parents; false if it existed.
+pub fn make_dir<E: Execute + ?Sized>(
+    sb: &mut E,
+    path: &str,
+    user: Option<User>,
+) -> Result<bool, Error> {
+    let script = r#"if test -d "$1"; then echo exists; else mkdir -p -- "$1"; fi"#;
+    let out = file_op(sb, &format!("creating {path}"), script, &[path], user)?;
+    Ok(!out.starts_with(b"exists"))
+}
+
+/// Removes `path` (a directory with everything in it).
+pub fn remove_path<E: Execute + ?Sized>(
+    sb: &mut E,
+    path: &str,
+    user: Option<User>,
+) -> Result<(), Error> {
+    let script = r#"test -e "$1" || test -L "$1" || { echo "$1: No such file or directory" >&2; exit 1; }; rm -rf -- "$1""#;
+    file_op(sb, &format!("removing {path}"), script, &[path], user).map(|_| ())
+}
+
+/// Moves `from` to `to` (parents of `to` created).
+pub fn rename<E: Execute + ?Sized>(
+    sb: &mut E,
+    from: &str,
+    to: &str,
+    user: Option<User>,
+) -> Result<EntryInfo, Error> {
+    let script = format!(
+        r#"test -e "$1" || test -L "$1" || {{ echo "$1: No such file or directory" >&2; exit 1; }}; mkdir -p -- "$(dirname -- "$2")" && mv -T -- "$1" "$2" && stat -c '{STAT_FORMAT}' -- "$2""#
+    );
+    let out = file_op(sb, &format!("moving {from}"), &script, &[from, to], user)?;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .and_then(parse_entry)
+        .ok_or_else(|| Error::InvalidSpec(format!("moving {from}: unreadable answer")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse() {
+        let e = parse_entry("regular file|12|644|user|user|1700000000|/tmp/a|b").unwrap();
+        assert_eq!(e.kind, EntryKind::File);
+        assert_eq!(e.size, 12);
+        assert_eq!(e.mode, 0o644);
+        assert_eq!(e.path, "/tmp/a|b");
+        assert_eq!(e.name, "a|b");
+        assert_eq!(
+            parse_entry("directory|0|755|root|root|1|/").unwrap().kind,
+            EntryKind::Dir
+        );
+        assert!(parse_entry("garbage").is_none());
+    }
 }

@@ -228,10 +228,7 @@ fn reap(sfd: RawFd, sock: RawFd, running: &mut Running) {
 
 /// Sends one reply (a header and a 4-byte value) to the runner.
 fn reply(sock: RawFd, kind: u32, id: u32, value: i32) {
-    let mut msg = [0u8; proto::HEADER + 4];
-    msg[..proto::HEADER].copy_from_slice(&Header { kind, id, len: 4 }.encode());
-    msg[proto::HEADER..].copy_from_slice(&value.to_le_bytes());
-    if sys::write_all(sock, &msg).is_err() {
+    if sys::write_all(sock, &proto::frame(kind, id, value)).is_err() {
         sys::exit_now(0);
     }
 }
