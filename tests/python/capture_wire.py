@@ -120,6 +120,23 @@ def main():
         attempt("run_code", lambda: ci.run_code("print('hi')\n1+1"))
         attempt("run_code error", lambda: ci.run_code("1/0"))
         attempt("ci.kill", ci.kill)
+        import asyncio
+        from e2b import AsyncSandbox
+
+        async def async_watch():
+            a = await AsyncSandbox.create(timeout=60)
+            seen = []
+            h = await a.files.watch_dir("/tmp", on_event=seen.append, timeout=5)
+            await a.files.write("/tmp/async.txt", "x")
+            for _ in range(30):
+                if seen:
+                    break
+                await asyncio.sleep(0.1)
+            await h.stop()
+            r = await a.commands.run("echo async")
+            await a.kill()
+            return seen, r
+        attempt("AsyncSandbox watch_dir (WatchDir stream)", lambda: asyncio.run(async_watch()))
         attempt("sandbox.kill", sbx.kill)
         attempt("sandbox.kill again", sbx.kill)
         attempt("get_info after kill", sbx.get_info)
