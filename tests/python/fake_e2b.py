@@ -136,8 +136,9 @@ class HttpError(Exception):
 
 
 class Proc:
-    def __init__(self, sb: "Sandbox", pid: int, config: dict, tag, stdin: bool):
+    def __init__(self, sb: "Sandbox", pid: int, config: dict, tag, stdin: bool, user: str = "user"):
         self.sb = sb
+        self.user = user
         self.pid = pid
         self.config = config
         self.tag = tag
@@ -165,9 +166,15 @@ class Proc:
         }
         env.update(self.sb.envs)
         env.update(cfg.get("envs") or {})
-        cwd = self.sb.host_path(cfg.get("cwd") or HOME)
+        home = "/root" if self.user == "root" else HOME
+        sandbox_cwd = cfg.get("cwd") or home
+        cwd = self.sb.host_path(sandbox_cwd)
         if not os.path.isdir(cwd):
             raise ConnectError("invalid_argument", f"cwd '{cfg.get('cwd')}' does not exist")
+        if BWRAP:
+            env["HOME"] = home
+            argv = bwrap_argv(self.sb.root, self.user, sandbox_cwd) + argv
+            cwd = self.sb.root
         self.popen = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -244,19 +251,42 @@ class Sandbox:
         self.procs: dict = {}
         self.next_pid = 1000
         self.watchers: dict = {}
-        for d in (HOME, "/etc", "/tmp"):
+        for d in (HOME, "/etc", "/tmp", "/root"):
             os.makedirs(self.host_path(d), exist_ok=True)
         with open(self.host_path("/etc/hostname"), "w") as f:
             f.write(self.id + "\n")
         with open(self.host_path("/etc/passwd"), "w") as f:
             f.write("root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n")
 
-    def host_path(self, p: str) -> str:
-        """Map a sandbox path (absolute, or relative to /home/user) to the host."""
+    def host_path(self, p: str, follow_last: bool = True) -> str:
+        """Map a sandbox path (absolute, or relative to /home/user) to the host,
+        resolving '..' and symlinks as if self.root were '/' (like openat2's
+        RESOLVE_IN_ROOT; not race-free, good enough for a fake)."""
         if not p.startswith("/"):
             p = posixpath.join(HOME, p)
-        norm = posixpath.normpath("/" + p.lstrip("/"))  # '..' can never climb above '/'
-        return os.path.join(self.root, norm.lstrip("/"))
+        todo = [c for c in p.split("/") if c]
+        done: list = []
+        hops = 0
+        while todo:
+            c = todo.pop(0)
+            if c == ".":
+                continue
+            if c == "..":
+                if done:
+                    done.pop()
+                continue
+            cand = os.path.join(self.root, *done, c)
+            if os.path.islink(cand) and (todo or follow_last):
+                hops += 1
+                if hops > 40:
+                    raise ConnectError("invalid_argument", "too many levels of symbolic links")
+                target = os.readlink(cand)
+                if target.startswith("/"):
+                    done = []
+                todo = [x for x in target.split("/") if x] + todo
+                continue
+            done.append(c)
+        return os.path.join(self.root, *done)
 
     def sandbox_path(self, host: str) -> str:
         rel = os.path.relpath(host, self.root)
@@ -322,6 +352,26 @@ class State:
 
 
 STATE: State = None  # type: ignore
+
+BWRAP = shutil.which("bwrap") if not os.environ.get("FAKE_E2B_NO_BWRAP") else None
+
+
+def bwrap_argv(root: str, user: str, cwd: str) -> list:
+    """Run a command with the sandbox root's /home, /tmp, /etc, /root bound
+    over the host's, the host's /usr read-only, and its own pid namespace
+    (so /proc/1/root is the sandbox too). Only a fake: no seccomp, no
+    network isolation, no limits."""
+    uid = "0" if user == "root" else "1000"
+    a = ["bwrap", "--unshare-user", "--uid", uid, "--gid", uid, "--unshare-pid", "--unshare-ipc",
+         "--die-with-parent", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
+    for d in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        if os.path.islink(d):
+            a += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            a += ["--ro-bind", d, d]
+    for d in ("/home", "/tmp", "/etc", "/root"):
+        a += ["--bind", os.path.join(root, d.lstrip("/")), d]
+    return a + ["--chdir", cwd]
 
 
 # --------------------------------------------------------------------------
@@ -603,6 +653,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- data plane: envd -----------------------------------------------
 
+    def request_user(self) -> str:
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            return base64.b64decode(auth[6:]).decode().split(":", 1)[0] or "user"
+        return "user"
+
     def sandbox_for_data(self) -> Sandbox:
         sid = self.headers.get("E2b-Sandbox-Id")
         with STATE.lock:
@@ -679,7 +735,8 @@ class Handler(BaseHTTPRequestHandler):
             with sb.lock:
                 sb.next_pid += 1
                 pid = sb.next_pid
-                proc = Proc(sb, pid, msg.get("process", {}), msg.get("tag"), bool(msg.get("stdin")))
+                proc = Proc(sb, pid, msg.get("process", {}), msg.get("tag"), bool(msg.get("stdin")),
+                            self.request_user())
                 sb.procs[pid] = proc
             t = self.headers.get("Connect-Timeout-Ms")
             try:
@@ -775,7 +832,7 @@ class Handler(BaseHTTPRequestHandler):
     def fs_rpc(self, rec, sb, method, body):
         msg = self._req_msg(body)
         if method == "Stat":
-            hp = sb.host_path(msg.get("path", ""))
+            hp = sb.host_path(msg.get("path", ""), follow_last=False)
             if not os.path.lexists(hp):
                 raise ConnectError("not_found", f"no such file or directory: {msg.get('path')}")
             return self.send_json(rec, 200, {"entry": entry_info(sb, hp)})
@@ -801,14 +858,15 @@ class Handler(BaseHTTPRequestHandler):
             os.makedirs(hp)
             return self.send_json(rec, 200, {"entry": entry_info(sb, hp)})
         if method == "Move":
-            src, dst = sb.host_path(msg["source"]), sb.host_path(msg["destination"])
+            src = sb.host_path(msg["source"], follow_last=False)
+            dst = sb.host_path(msg["destination"], follow_last=False)
             if not os.path.lexists(src):
                 raise ConnectError("not_found", f"source {msg['source']} not found")
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.rename(src, dst)
             return self.send_json(rec, 200, {"entry": entry_info(sb, dst)})
         if method == "Remove":
-            hp = sb.host_path(msg["path"])
+            hp = sb.host_path(msg["path"], follow_last=False)
             if not os.path.lexists(hp):
                 raise ConnectError("not_found", f"path {msg['path']} not found")
             shutil.rmtree(hp) if os.path.isdir(hp) and not os.path.islink(hp) else os.remove(hp)
@@ -971,6 +1029,7 @@ def main():
         LOG_FILE = open(args.log, "a")
     srv = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     srv.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below
     print(f"listening http://127.0.0.1:{srv.server_address[1]}", flush=True)
     try:
         srv.serve_forever()
