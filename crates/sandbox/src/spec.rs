@@ -68,6 +68,11 @@ pub struct SandboxSpec {
     /// setup commands). Created if missing.
     #[serde(default)]
     pub root_upper: Option<PathBuf>,
+    /// A home directory for the sandbox user at this absolute path (E2B's
+    /// `/home/user`): a tmpfs of `limits.tmpfs_size` owned by the user,
+    /// writable, its `HOME` and the default working directory.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
 }
 
 fn default_hostname() -> String {
@@ -94,6 +99,7 @@ impl SandboxSpec {
             hardening: Hardening::default(),
             hostname: default_hostname(),
             root_upper: None,
+            home: None,
         }
     }
 }

@@ -31,7 +31,15 @@ type Check = fn() -> Result<(), String>;
 
 /// Runs each check; returns failure on the first that fails.
 fn scenarios(mode: &str) -> ExitCode {
-    let checks: [(&str, Check); 9] = [
+    let checks: [(&str, Check); 11] = [
+        (
+            "a home directory is the user's, writable, HOME and cwd",
+            home_dir,
+        ),
+        (
+            "file operations: stat, list, mkdir, rename, remove",
+            file_ops,
+        ),
         ("state persists between execs", state_persists),
         ("each exec is contained like a run", contained),
         ("exit codes and not found", exit_codes),
@@ -387,4 +395,64 @@ fn remove_paused() -> Result<(), String> {
         return Err(format!("init {init} still exists after remove"));
     }
     Ok(())
+}
+
+fn home_dir() -> Result<(), String> {
+    let mut spec = SandboxSpec::new(Vec::<String>::new());
+    spec.home = Some("/home/user".into());
+    let mut sb = create(&spec).map_err(|e| e.to_string())?;
+    let o = exec(
+        &mut sb,
+        &sh("echo $HOME; pwd; echo x > ~/f && stat -c '%u %a' ~ && cat ~/f"),
+    )
+    .map_err(|e| e.to_string())?;
+    remove(sb);
+    let want = format!("/home/user\n/home/user\n{} 755\nx\n", 1000);
+    if text(&o.stdout) != want {
+        return Err(format!("got {:?} {:?}", text(&o.stdout), text(&o.stderr)));
+    }
+    Ok(())
+}
+
+fn file_ops() -> Result<(), String> {
+    let e = |e: nanoclaw_sandbox::Error| e.to_string();
+    let mut sb = create(&SandboxSpec::new(Vec::<String>::new())).map_err(e)?;
+    let r = (|| -> Result<(), String> {
+        session::put_file(&mut sb, "/tmp/d/a.txt", b"hello".to_vec(), None).map_err(e)?;
+        let st = session::stat(&mut sb, "/tmp/d/a.txt").map_err(e)?;
+        if st.kind != session::EntryKind::File || st.size != 5 || st.name != "a.txt" {
+            return Err(format!("stat: {st:?}"));
+        }
+        if !session::make_dir(&mut sb, "/tmp/d/sub/deeper", None).map_err(e)? {
+            return Err("make_dir said it existed".into());
+        }
+        if session::make_dir(&mut sb, "/tmp/d/sub", None).map_err(e)? {
+            return Err("make_dir of an existing dir said it made it".into());
+        }
+        let all = session::list_dir(&mut sb, "/tmp/d", 1).map_err(e)?;
+        let mut names: Vec<_> = all.iter().map(|x| x.name.clone()).collect();
+        names.sort();
+        if names != ["a.txt", "sub"] {
+            return Err(format!("list depth 1: {names:?}"));
+        }
+        if session::list_dir(&mut sb, "/tmp/d", 2).map_err(e)?.len() != 3 {
+            return Err("list depth 2".into());
+        }
+        let moved = session::rename(&mut sb, "/tmp/d/a.txt", "/tmp/e/b.txt", None).map_err(e)?;
+        if moved.path != "/tmp/e/b.txt" {
+            return Err(format!("rename: {moved:?}"));
+        }
+        session::remove_path(&mut sb, "/tmp/d", None).map_err(e)?;
+        match session::stat(&mut sb, "/tmp/d") {
+            Err(nanoclaw_sandbox::Error::NotFound { .. }) => {}
+            other => return Err(format!("stat of a removed dir: {other:?}")),
+        }
+        // Outside what the sandbox may write: refused, host untouched.
+        if session::make_dir(&mut sb, "/etc/nanoclaw-test", None).is_ok() {
+            return Err("made a directory in the read-only /etc".into());
+        }
+        Ok(())
+    })();
+    remove(sb);
+    r
 }

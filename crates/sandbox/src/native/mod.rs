@@ -213,6 +213,15 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), Error> {
             )));
         }
     }
+    if let Some(h) = &spec.home {
+        let n = plan::normalize_target(h)?;
+        if n == Path::new("/") || n.starts_with("/proc") || n.starts_with("/dev") {
+            return Err(Error::InvalidSpec(format!(
+                "home {:?}: pick a directory such as /home/user",
+                h.display()
+            )));
+        }
+    }
     if spec.user.uid == u32::MAX || spec.user.gid == u32::MAX {
         return Err(Error::InvalidSpec(
             "--user: 4294967295 (-1) is not a user or group id".into(),
@@ -481,6 +490,7 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
 
     let mut writable: Vec<PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
+    writable.extend(spec.home.clone());
     if !fs.root_readonly {
         // An image root is writable (its per-sandbox upper layer on tmpfs).
         writable.push("/".into());
@@ -513,13 +523,17 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
         }
     };
 
-    let workdir = spec.workdir.clone().unwrap_or_else(|| {
-        if mounts.iter().any(|m| m.target == Path::new("/workspace")) {
-            "/workspace".into()
-        } else {
-            "/tmp".into()
-        }
-    });
+    let workdir = spec
+        .workdir
+        .clone()
+        .or(spec.home.clone())
+        .unwrap_or_else(|| {
+            if mounts.iter().any(|m| m.target == Path::new("/workspace")) {
+                "/workspace".into()
+            } else {
+                "/tmp".into()
+            }
+        });
     let proxy_env = if net_policy.is_some() {
         nanoclaw_net::proxy_env(child::PROXY_PORT)
     } else {
@@ -1109,7 +1123,12 @@ fn command_line(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Result<Co
 fn base_env(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
-        ("HOME".into(), "/tmp".into()),
+        (
+            "HOME".into(),
+            spec.home
+                .as_ref()
+                .map_or_else(|| "/tmp".into(), |h| h.to_string_lossy().into_owned()),
+        ),
         ("LANG".into(), "C.UTF-8".into()),
         ("HOSTNAME".into(), spec.hostname.clone()),
     ];

@@ -562,6 +562,30 @@ pub(crate) fn build(
         optional: false,
     });
 
+    if let Some(home) = &spec.home {
+        let home = normalize_target(home)?;
+        let mut cur = PathBuf::from("/");
+        for c in home.components().skip(1) {
+            cur.push(c);
+            ops.push(Op::Mkdir {
+                path: under_base(&cur.to_string_lossy())?,
+                mode: 0o755,
+            });
+        }
+        ops.push(Op::Fs {
+            fstype: c"tmpfs",
+            target: under_base(&home.to_string_lossy())?,
+            flags: tmp_flags,
+            data: cpath(format!(
+                "mode=0755,uid={},gid={},size={}",
+                spec.user.uid,
+                spec.user.gid,
+                spec.limits.tmpfs_size.max(4096)
+            ))?,
+            optional: false,
+        });
+    }
+
     // A minimal /dev.
     ops.push(Op::Mkdir {
         path: under_base("/dev")?,
