@@ -424,6 +424,9 @@ pub struct EntryInfo {
     pub modified_time: Option<SystemTime>,
     /// A symlink's target.
     pub symlink_target: Option<String>,
+    /// User metadata of the file (envd keeps it as `user.e2b.<key>`
+    /// extended attributes); empty when none.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// `Filesystem.WatchDir` / `CreateWatcher`.
@@ -435,6 +438,10 @@ pub struct WatchSpec {
     pub recursive: bool,
     /// Fill [`FsEvent::entry`] when the entry can be stat-ed.
     pub include_entry: bool,
+    /// E2B's `allow_network_mounts`: watching a network filesystem was
+    /// asked for explicitly (a sandbox without network mounts can ignore
+    /// it).
+    pub allow_network_mounts: bool,
 }
 
 /// The kind of a filesystem event.
@@ -698,11 +705,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = BackendResult<FileDownload>> + Send;
 
     /// Writes (creates or replaces) a file from `body`, creating parent
-    /// directories, owned by the scope's user.
+    /// directories, owned by the scope's user. `metadata` replaces the
+    /// file's user metadata (an empty map clears it), as envd's `/files`
+    /// does with `X-Metadata-*` headers; keys are lowercase printable
+    /// ASCII, already validated against envd's limits.
     fn write_file(
         &self,
         scope: &SandboxScope,
         path: &str,
+        metadata: &BTreeMap<String, String>,
         body: ByteStream,
     ) -> impl Future<Output = BackendResult<EntryInfo>> + Send;
 

@@ -75,6 +75,8 @@ pub struct ServeOptions {
     /// Tenant of unix-socket requests without an API key (see
     /// [`E2bState::unix_tenant`]).
     pub unix_tenant: Option<TenantId>,
+    /// The `envdVersion` to report (see [`crate::e2b::ENVD_VERSION`]).
+    pub envd_version: String,
     /// Stop on SIGTERM/SIGINT.
     pub handle_signals: bool,
     /// Another reason to stop (tests, the daemon's own shutdown).
@@ -95,6 +97,7 @@ impl Default for ServeOptions {
             header_read_timeout: Self::HEADER_READ_TIMEOUT,
             shutdown_grace: Self::SHUTDOWN_GRACE,
             unix_tenant: None,
+            envd_version: e2b::ENVD_VERSION.to_owned(),
             handle_signals: true,
             shutdown: None,
         }
@@ -268,6 +271,7 @@ pub async fn serve_bound<B: Backend, A: Authenticator>(
     let mut state = E2bState::new(backend, auth);
     state.limits = opts.limits.clone();
     state.unix_tenant = opts.unix_tenant.clone();
+    state.envd_version = opts.envd_version.clone();
     let router = e2b::router(Arc::new(state));
     let (stop_tx, stop_rx) = watch::channel(false);
     let conn = ConnOptions {

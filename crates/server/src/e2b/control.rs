@@ -96,7 +96,10 @@ pub async fn create<B: Backend, A: Authenticator>(
         })
         .await
         .map_err(ApiError::control)?;
-    Ok(json_status(StatusCode::CREATED, models::sandbox(&info)))
+    Ok(json_status(
+        StatusCode::CREATED,
+        models::sandbox(&info, &state.envd_version),
+    ))
 }
 
 /// Parses E2B's metadata filter: a form-encoded string whose keys and
@@ -134,7 +137,10 @@ pub async fn list_legacy<B: Backend, A: Authenticator>(
         .map_err(ApiError::control)?;
     all.retain(|s| s.state == SandboxState::Running && matches_metadata(s, &filter));
     all.sort_by_key(|s| std::cmp::Reverse(s.started_at));
-    let items: Vec<Value> = all.iter().map(models::listed_sandbox).collect();
+    let items: Vec<Value> = all
+        .iter()
+        .map(|s| models::listed_sandbox(s, &state.envd_version))
+        .collect();
     Ok(json_status(StatusCode::OK, Value::Array(items)))
 }
 
@@ -249,7 +255,7 @@ pub async fn list_v2<B: Backend, A: Authenticator>(
         .iter()
         .skip(q.offset)
         .take(q.limit)
-        .map(models::listed_sandbox)
+        .map(|s| models::listed_sandbox(s, &state.envd_version))
         .collect();
     let mut response = json_status(StatusCode::OK, Value::Array(page));
     let next = q.offset.saturating_add(q.limit);
@@ -317,7 +323,10 @@ pub async fn get_one<B: Backend, A: Authenticator>(
         .get(&tenant, &id)
         .await
         .map_err(ApiError::control)?;
-    Ok(json_status(StatusCode::OK, models::sandbox_detail(&info)))
+    Ok(json_status(
+        StatusCode::OK,
+        models::sandbox_detail(&info, &state.envd_version),
+    ))
 }
 
 /// `DELETE /sandboxes/{id}`.
@@ -410,11 +419,16 @@ pub async fn resume<B: Backend, A: Authenticator>(
         .resume(&tenant, &id, timeout)
         .await
         .map_err(ApiError::control)?;
-    Ok(json_status(StatusCode::CREATED, models::sandbox(&info)))
+    Ok(json_status(
+        StatusCode::CREATED,
+        models::sandbox(&info, &state.envd_version),
+    ))
 }
 
-/// `POST /sandboxes/{id}/connect`: 201 when it was resumed, 200 when it
-/// was running (its time to live only ever extended).
+/// `POST /v2/sandboxes/{id}/connect` (and the older path without `/v2`):
+/// 201 when it was resumed, 200 when it was running (its time to live
+/// only ever extended). The body may be `{}`: the timeout is then the
+/// default.
 pub async fn connect<B: Backend, A: Authenticator>(
     State(state): State<AppState<B, A>>,
     conn: Option<Extension<Peer>>,
@@ -423,11 +437,8 @@ pub async fn connect<B: Backend, A: Authenticator>(
     body: Body,
 ) -> ApiResult {
     let tenant = authenticate(&state, &headers, peer(conn)).await?;
-    let req: TimeoutBody = read_json(&state, &headers, body, true).await?;
-    let Some(secs) = req.timeout else {
-        return Err(ApiError::bad_request("timeout is required"));
-    };
-    let timeout = models::timeout_secs(Some(secs), DEFAULT_TIMEOUT_SECS)?;
+    let req: TimeoutBody = read_json(&state, &headers, body, false).await?;
+    let timeout = models::timeout_secs(req.timeout, DEFAULT_TIMEOUT_SECS)?;
     let outcome = state
         .backend
         .connect(&tenant, &id, timeout)
@@ -438,7 +449,10 @@ pub async fn connect<B: Backend, A: Authenticator>(
     } else {
         StatusCode::OK
     };
-    Ok(json_status(status, models::sandbox(&outcome.info)))
+    Ok(json_status(
+        status,
+        models::sandbox(&outcome.info, &state.envd_version),
+    ))
 }
 
 /// `POST /sandboxes/{id}/timeout`: 204.

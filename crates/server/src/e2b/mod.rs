@@ -30,14 +30,19 @@ use crate::auth::{Authenticator, TenantId};
 use crate::backend::Backend;
 use crate::error::ApiError;
 
-/// The envd version reported to the SDK (`envdVersion`). The SDK gates
-/// features on it; every feature gated at or below this version is
-/// implemented: recursive watch (0.1.4), metrics (0.2.4), `stdin: false`
-/// (0.3.0), the sandbox's default user when none is given (0.4.0),
-/// `CloseStdin` (0.5.2), `application/octet-stream` uploads with optional
-/// gzip (0.5.7). Not claimed: file metadata as xattrs (0.6.2), entry info
-/// in watch events (0.6.3), watching network mounts (0.6.4).
-pub const ENVD_VERSION: &str = "0.5.7";
+/// The envd version reported to the SDK (`envdVersion`) by default. The
+/// SDK gates features on it; every feature gated at or below 0.6.4 is
+/// served by this layer: recursive watch (0.1.4), metrics (0.2.4),
+/// `stdin: false` (0.3.0), the sandbox's default user when none is given
+/// (0.4.0), `CloseStdin` (0.5.2), `application/octet-stream` uploads with
+/// optional gzip (0.5.7), file metadata via `X-Metadata-*` (0.6.2, handed
+/// to [`Backend::write_file`] and shown from [`crate::backend::EntryInfo`]),
+/// entry info in watch events (0.6.3, [`crate::backend::WatchSpec`]'s
+/// `include_entry`), watching network mounts (0.6.4, a flag passed on). A
+/// backend that cannot keep file metadata or fill watch entries should be
+/// served with `0.6.1` or `0.6.2` ([`E2bState::envd_version`]), so the SDK
+/// refuses those features itself.
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// Sizes and times the server enforces on requests.
 #[derive(Clone, Debug)]
@@ -105,6 +110,8 @@ pub struct E2bState<B, A> {
     pub unix_tenant: Option<TenantId>,
     /// Non-streaming filesystem watchers.
     pub watchers: envd::filesystem::Watchers,
+    /// The `envdVersion` reported ([`ENVD_VERSION`] by default).
+    pub envd_version: String,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -116,6 +123,7 @@ impl<B, A> E2bState<B, A> {
             limits: Limits::default(),
             unix_tenant: None,
             watchers: envd::filesystem::Watchers::default(),
+            envd_version: ENVD_VERSION.to_owned(),
         }
     }
 }
@@ -167,7 +175,10 @@ pub fn router<B: Backend, A: Authenticator>(state: AppState<B, A>) -> Router {
             "/sandboxes",
             post(control::create::<B, A>).get(control::list_legacy::<B, A>),
         )
-        .route("/v2/sandboxes", get(control::list_v2::<B, A>))
+        .route(
+            "/v2/sandboxes",
+            post(control::create::<B, A>).get(control::list_v2::<B, A>),
+        )
         .route("/sandboxes/metrics", get(control::metrics_many::<B, A>))
         .route(
             "/sandboxes/{id}",
@@ -177,6 +188,7 @@ pub fn router<B: Backend, A: Authenticator>(state: AppState<B, A>) -> Router {
         .route("/sandboxes/{id}/pause", post(control::pause::<B, A>))
         .route("/sandboxes/{id}/resume", post(control::resume::<B, A>))
         .route("/sandboxes/{id}/connect", post(control::connect::<B, A>))
+        .route("/v2/sandboxes/{id}/connect", post(control::connect::<B, A>))
         .route(
             "/sandboxes/{id}/timeout",
             post(control::set_timeout::<B, A>),
@@ -218,7 +230,30 @@ pub fn router<B: Backend, A: Authenticator>(state: AppState<B, A>) -> Router {
         )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(only_envd_port))
         .with_state(state)
+}
+
+/// The data-plane port nanoclaw serves (envd's).
+const ENVD_PORT: &str = "49983";
+
+/// Data-plane requests for another port of the sandbox (the SDK sends
+/// `E2b-Sandbox-Port`; e.g. 49999 for the code interpreter) are answered
+/// as E2B's proxy answers a port nothing listens on: 502 "port is not
+/// open".
+async fn only_envd_port(request: Request, next: axum::middleware::Next) -> Response<Body> {
+    let port = request
+        .headers()
+        .get("e2b-sandbox-port")
+        .map(|v| v.to_str().unwrap_or("").trim().to_owned());
+    match port {
+        Some(port) if port != ENVD_PORT => ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            format!("The sandbox is running but port {port} is not open"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 /// `GET /health`: envd's (a sandbox's) when the request names a sandbox,

@@ -13,12 +13,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::time::{format_rfc3339, unix_seconds};
-use super::ENVD_VERSION;
 use crate::backend::{SandboxInfo, SandboxMetric, SandboxState};
 use crate::error::ApiError;
 
-/// E2B's default sandbox time to live when a request gives none (15 s).
-pub const DEFAULT_TIMEOUT_SECS: u64 = 15;
+/// The sandbox time to live when create or connect gives none: 300 s, the
+/// SDK's documented default (E2B's API applies it when the SDK omits the
+/// field).
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
 
 /// The deprecated `clientID` every sandbox schema requires.
 const CLIENT_ID: &str = "nanoclaw";
@@ -160,12 +161,12 @@ fn state_name(state: SandboxState) -> &'static str {
 }
 
 /// The `Sandbox` schema (answer to create, connect, resume).
-pub fn sandbox(info: &SandboxInfo) -> Value {
+pub fn sandbox(info: &SandboxInfo, envd_version: &str) -> Value {
     let mut v = json!({
         "templateID": info.template_id,
         "sandboxID": info.sandbox_id,
         "clientID": CLIENT_ID,
-        "envdVersion": ENVD_VERSION,
+        "envdVersion": envd_version,
         "envdAccessToken": info.envd_access_token,
         "trafficAccessToken": null,
         "domain": null,
@@ -177,7 +178,7 @@ pub fn sandbox(info: &SandboxInfo) -> Value {
 }
 
 /// The `ListedSandbox` schema.
-pub fn listed_sandbox(info: &SandboxInfo) -> Value {
+pub fn listed_sandbox(info: &SandboxInfo, envd_version: &str) -> Value {
     let mut v = json!({
         "templateID": info.template_id,
         "sandboxID": info.sandbox_id,
@@ -189,7 +190,7 @@ pub fn listed_sandbox(info: &SandboxInfo) -> Value {
         "diskSizeMB": info.disk_size_mb,
         "metadata": info.metadata,
         "state": state_name(info.state),
-        "envdVersion": ENVD_VERSION,
+        "envdVersion": envd_version,
         "volumeMounts": [],
     });
     if let (Some(alias), Some(obj)) = (&info.alias, v.as_object_mut()) {
@@ -199,8 +200,8 @@ pub fn listed_sandbox(info: &SandboxInfo) -> Value {
 }
 
 /// The `SandboxDetail` schema.
-pub fn sandbox_detail(info: &SandboxInfo) -> Value {
-    let mut v = listed_sandbox(info);
+pub fn sandbox_detail(info: &SandboxInfo, envd_version: &str) -> Value {
+    let mut v = listed_sandbox(info, envd_version);
     if let Some(obj) = v.as_object_mut() {
         obj.insert("envdAccessToken".into(), json!(info.envd_access_token));
         obj.insert("domain".into(), Value::Null);

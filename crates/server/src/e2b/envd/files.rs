@@ -3,6 +3,7 @@
 //! `application/octet-stream` body, optionally gzip-encoded). Bodies
 //! stream through to the backend in both directions.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -244,6 +245,57 @@ fn part_stream(reader: Arc<tokio::sync::Mutex<Multipart>>, failure: Failure) -> 
     )
 }
 
+/// Header prefix of file metadata on uploads.
+const METADATA_PREFIX: &str = "x-metadata-";
+/// The xattr namespace envd stores metadata under (counted in the limit).
+const XATTR_PREFIX_LEN: usize = "user.e2b.".len();
+/// Longest metadata key (the VFS xattr-name limit minus the prefix).
+const MAX_METADATA_KEY: usize = 246;
+/// Most metadata bytes per file (prefix + key + value, summed).
+const MAX_METADATA_TOTAL: usize = 4096;
+
+fn printable(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// The `X-Metadata-<key>: <value>` headers of an upload, validated as
+/// envd does: keys lowercased, keys and values printable ASCII, keys at
+/// most 246 bytes, all of it at most 4096 bytes; a repeated key keeps its
+/// first value.
+fn metadata_from_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    let mut total = 0usize;
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix(METADATA_PREFIX) else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        let value = value
+            .to_str()
+            .ok()
+            .filter(|v| printable(v))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("metadata value of {key:?} must be printable ASCII"))
+            })?;
+        if key.is_empty() || !printable(&key) || key.len() > MAX_METADATA_KEY {
+            return Err(ApiError::bad_request(format!(
+                "invalid metadata key {key:?}: 1 to {MAX_METADATA_KEY} printable ASCII bytes"
+            )));
+        }
+        if out.contains_key(&key) {
+            continue;
+        }
+        total += XATTR_PREFIX_LEN + key.len() + value.len();
+        if total > MAX_METADATA_TOTAL {
+            return Err(ApiError::bad_request(format!(
+                "file metadata is over {MAX_METADATA_TOTAL} bytes"
+            )));
+        }
+        out.insert(key, value.to_owned());
+    }
+    Ok(out)
+}
+
 /// E2B's upload answer: `[{"path", "name", "type"}]`.
 fn written(entries: &[EntryInfo]) -> Response<Body> {
     let items: Vec<Value> = entries
@@ -253,7 +305,11 @@ fn written(entries: &[EntryInfo]) -> Response<Body> {
                 FileType::Directory => "dir",
                 FileType::File | FileType::Symlink => "file",
             };
-            json!({ "path": e.path, "name": e.name, "type": kind })
+            let mut item = json!({ "path": e.path, "name": e.name, "type": kind });
+            if let (false, Some(obj)) = (e.metadata.is_empty(), item.as_object_mut()) {
+                obj.insert("metadata".into(), json!(e.metadata));
+            }
+            item
         })
         .collect();
     (StatusCode::OK, Json(Value::Array(items))).into_response()
@@ -266,14 +322,7 @@ pub async fn upload<B: Backend, A: Authenticator>(
 ) -> ApiResult {
     let (scope, path) = files_scope(&state, request.headers(), request.uri(), "write").await?;
     let headers = request.headers().clone();
-    if headers
-        .keys()
-        .any(|k| k.as_str().starts_with("x-metadata-"))
-    {
-        return Err(ApiError::bad_request(
-            "file metadata (X-Metadata-* headers) is not supported",
-        ));
-    }
+    let metadata = metadata_from_headers(&headers)?;
     check_content_length(&headers, state.limits.upload).map_err(ApiError::from)?;
     let content_type = headers
         .get(CONTENT_TYPE)
@@ -282,7 +331,7 @@ pub async fn upload<B: Backend, A: Authenticator>(
         .to_owned();
     let body = request.into_body();
     if let Some(b) = boundary(&content_type) {
-        return upload_multipart(&state, &scope, path, body, &b).await;
+        return upload_multipart(&state, &scope, path, &metadata, body, &b).await;
     }
     let media = content_type
         .split(';')
@@ -322,7 +371,12 @@ pub async fn upload<B: Backend, A: Authenticator>(
     };
     let result = state
         .backend
-        .write_file(&scope, &path, raw_stream(upload, Arc::clone(&failure)))
+        .write_file(
+            &scope,
+            &path,
+            &metadata,
+            raw_stream(upload, Arc::clone(&failure)),
+        )
         .await;
     if let Some(e) = take_failure(&failure) {
         return Err(e);
@@ -335,6 +389,7 @@ async fn upload_multipart<B: Backend, A>(
     state: &E2bState<B, A>,
     scope: &SandboxScope,
     query_path: Option<String>,
+    metadata: &BTreeMap<String, String>,
     body: Body,
     boundary: &str,
 ) -> ApiResult {
@@ -368,7 +423,10 @@ async fn upload_multipart<B: Backend, A>(
         };
         check_path("file name", &path).map_err(ApiError::bad_request)?;
         let stream = part_stream(Arc::clone(&reader), Arc::clone(&failure));
-        let result = state.backend.write_file(scope, &path, stream).await;
+        let result = state
+            .backend
+            .write_file(scope, &path, metadata, stream)
+            .await;
         if let Some(e) = take_failure(&failure) {
             return Err(e);
         }
@@ -383,6 +441,23 @@ async fn upload_multipart<B: Backend, A>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-metadata-owner", HeaderValue::from_static("alice"));
+        h.append("x-metadata-owner", HeaderValue::from_static("bob"));
+        h.insert("x-other", HeaderValue::from_static("x"));
+        let m = metadata_from_headers(&h).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["owner"], "alice");
+        let mut big = HeaderMap::new();
+        big.insert(
+            "x-metadata-k",
+            HeaderValue::from_str(&"v".repeat(5000)).unwrap(),
+        );
+        assert!(metadata_from_headers(&big).is_err());
+    }
 
     #[test]
     fn signature_matches_the_sdk() {

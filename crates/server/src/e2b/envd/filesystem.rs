@@ -141,16 +141,11 @@ async fn move_entry<B: Backend, A>(
 
 fn watch_spec(req: &WatchRequest) -> Result<WatchSpec, ConnectError> {
     valid_path("path", &req.path)?;
-    if req.allow_network_mounts {
-        return Err(ConnectError::new(
-            Code::Unimplemented,
-            "watching network mounts is not supported",
-        ));
-    }
     Ok(WatchSpec {
         path: req.path.clone(),
         recursive: req.recursive,
         include_entry: req.include_entry,
+        allow_network_mounts: req.allow_network_mounts,
     })
 }
 

@@ -5,9 +5,11 @@
 //! URLs have), and authorized by the sandbox's `X-Access-Token`.
 //!
 //! A sandbox that is unknown, belongs to no one the token proves, or is
-//! paused is answered like E2B's proxy answers a sandbox it cannot reach:
-//! 502 (REST) or `unavailable` (Connect). A wrong token gets the same
-//! answer as an unknown sandbox, so ids cannot be probed.
+//! paused is answered like E2B's proxy answers a sandbox it cannot reach,
+//! on every data-plane route (Connect ones included): HTTP 502 with
+//! `{"code": 502, "message": "The sandbox <id> was not found"}` (the SDK
+//! turns "was not found" into `SandboxNotRunningException`). A wrong token
+//! gets the same answer as an unknown sandbox, so ids cannot be probed.
 
 pub mod files;
 pub mod filesystem;
@@ -142,31 +144,18 @@ pub async fn health<B: Backend, A>(state: &E2bState<B, A>, headers: &HeaderMap) 
     }
 }
 
-/// A REST error of the routing/auth step as a Connect error.
-pub fn api_to_connect(e: ApiError) -> ConnectError {
-    let code = match e.status {
-        StatusCode::BAD_REQUEST => Code::InvalidArgument,
-        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
-        StatusCode::NOT_FOUND => Code::NotFound,
-        StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
-        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
-        StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
-        StatusCode::NOT_IMPLEMENTED => Code::Unimplemented,
-        _ => Code::Internal,
-    };
-    ConnectError::new(code, e.message)
-}
-
 /// Resolves the scope of a Connect call (user from `Authorization:
-/// Basic`).
+/// Basic`). A bad user header is a Connect `invalid_argument`; an
+/// unreachable sandbox is the proxy-style 502 (see the module docs).
 pub async fn rpc_scope<B: Backend, A>(
     state: &E2bState<B, A>,
     headers: &HeaderMap,
-) -> Result<SandboxScope, ConnectError> {
-    let user = user_from_headers(headers).map_err(ConnectError::invalid)?;
+) -> Result<SandboxScope, Response<Body>> {
+    let user =
+        user_from_headers(headers).map_err(|e| ConnectError::invalid(e).into_unary_response())?;
     resolve(state, headers, Proof::Token(token(headers)), user)
         .await
-        .map_err(api_to_connect)
+        .map_err(IntoResponse::into_response)
 }
 
 /// A parsed unary call: its scope, message and deadline.
@@ -188,9 +177,7 @@ pub async fn read_unary<T: DeserializeOwned, B: Backend, A>(
     connect::check_request_headers(&parts.headers, false)?;
     let timeout =
         connect::timeout_from_headers(&parts.headers).map_err(ConnectError::into_unary_response)?;
-    let scope = rpc_scope(state, &parts.headers)
-        .await
-        .map_err(ConnectError::into_unary_response)?;
+    let scope = rpc_scope(state, &parts.headers).await?;
     let limit = state.limits.rpc_message as u64;
     let bytes = read_limited(&parts.headers, body, limit, state.limits.body_idle)
         .await
@@ -260,7 +247,7 @@ pub async fn read_stream_call<T: DeserializeOwned, B: Backend, A>(
         .map_err(fail)?
         .filter(|t| !t.is_zero());
     let keepalive = connect::keepalive_from_headers(&parts.headers);
-    let scope = rpc_scope(state, &parts.headers).await.map_err(fail)?;
+    let scope = rpc_scope(state, &parts.headers).await?;
     let limit = state.limits.rpc_message;
     let bytes = read_limited(
         &parts.headers,

@@ -24,6 +24,14 @@ use crate::connect::{
 use crate::e2b::body::next_chunk;
 use crate::e2b::{AppState, E2bState};
 
+/// An end that arrives this close to the deadline, from a killed
+/// process, is taken as the deadline's doing.
+const DEADLINE_SLACK: Duration = Duration::from_millis(200);
+
+fn deadline_error() -> ConnectError {
+    ConnectError::new(Code::DeadlineExceeded, "the command's timeout was reached")
+}
+
 /// Output is sent in messages of at most this many bytes (before base64).
 const MAX_DATA_CHUNK: usize = 256 << 10;
 
@@ -169,6 +177,14 @@ async fn pump_process(
                     next_ping = keepalive.map(|k| Instant::now() + k);
                 }
                 Some(ProcessEvent::End(end)) => {
+                    // Killed by the deadline (the backend's timer beat
+                    // ours): report the deadline, as the SDK expects a
+                    // TimeoutException rather than an exit of -1.
+                    let at_deadline = deadline.is_some_and(|d| Instant::now() + DEADLINE_SLACK >= d);
+                    if at_deadline && !end.exited {
+                        tx.finish(Some(deadline_error())).await;
+                        return;
+                    }
                     if tx.send(&proto::end_event(&end)).await.is_ok() {
                         tx.finish(None).await;
                     }
@@ -184,11 +200,7 @@ async fn pump_process(
                 }
             },
             () = sleep_until(deadline) => {
-                tx.finish(Some(ConnectError::new(
-                    Code::DeadlineExceeded,
-                    "the command's timeout was reached",
-                )))
-                .await;
+                tx.finish(Some(deadline_error())).await;
                 return;
             }
             () = sleep_until(next_ping) => {
@@ -214,7 +226,7 @@ async fn stream_input<B: Backend, A>(
     }
     let scope = match rpc_scope(state, &parts.headers).await {
         Ok(s) => s,
-        Err(e) => return connect::stream_error(e),
+        Err(response) => return response,
     };
     let mut decoder = EnvelopeDecoder::new(state.limits.rpc_message);
     let mut selector = None;

@@ -340,7 +340,7 @@ pub struct WatchRequest {
     /// Entry info in events.
     #[serde(alias = "include_entry", rename = "includeEntry")]
     pub include_entry: bool,
-    /// Network mounts (not supported).
+    /// Network mounts too.
     #[serde(alias = "allow_network_mounts", rename = "allowNetworkMounts")]
     pub allow_network_mounts: bool,
 }
@@ -417,6 +417,10 @@ pub fn list_response(processes: &[ProcessInfo]) -> Value {
     json!({ "processes": items })
 }
 
+/// Go's `os.FileMode` type bits, which envd's `mode` carries.
+const GO_MODE_DIR: u32 = 1 << 31;
+const GO_MODE_SYMLINK: u32 = 1 << 27;
+
 fn file_type_name(t: FileType) -> &'static str {
     match t {
         FileType::File => "FILE_TYPE_FILE",
@@ -432,7 +436,11 @@ pub fn entry_json(e: &EntryInfo) -> Value {
         "type": file_type_name(e.file_type),
         "path": e.path,
         "size": e.size.to_string(),
-        "mode": e.mode,
+        "mode": e.mode & 0o7777 | match e.file_type {
+            FileType::Directory => GO_MODE_DIR,
+            FileType::Symlink => GO_MODE_SYMLINK,
+            FileType::File => 0,
+        },
         "permissions": e.permissions,
         "owner": e.owner,
         "group": e.group,
@@ -443,6 +451,9 @@ pub fn entry_json(e: &EntryInfo) -> Value {
         }
         if let Some(target) = &e.symlink_target {
             obj.insert("symlinkTarget".into(), json!(target));
+        }
+        if !e.metadata.is_empty() {
+            obj.insert("metadata".into(), json!(e.metadata));
         }
     }
     v
@@ -552,6 +563,7 @@ mod tests {
             group: "user".into(),
             modified_time: None,
             symlink_target: None,
+            metadata: Default::default(),
         });
         assert_eq!(entry["size"], "5");
         assert_eq!(entry["type"], "FILE_TYPE_FILE");
