@@ -6,3 +6,15 @@
 //! The HTTP layer only parses requests into actions for a [`backend`];
 //! the daemon never clones a sandbox itself: every sandbox is created and
 //! held by a keeper (a single-threaded `nanoclaw __keeper` process).
+
+pub mod auth;
+pub mod backend;
+pub mod connect;
+pub mod e2b;
+pub mod error;
+pub mod listen;
+
+pub use auth::{Authenticator, StaticKeys, TenantId};
+pub use backend::{Backend, BackendError};
+pub use error::{ApiError, ServeError};
+pub use listen::{serve, ListenAddr, ServeOptions};
