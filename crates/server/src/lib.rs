@@ -12,6 +12,7 @@ pub mod backend;
 pub mod connect;
 pub mod e2b;
 pub mod error;
+pub mod keepers;
 pub mod listen;
 
 pub use auth::{Authenticator, StaticKeys, TenantId};

@@ -1,0 +1,801 @@
+//! The real [`Backend`]: every sandbox is held by a keeper (a small
+//! single-threaded `nanoclaw __keeper` process, see
+//! `nanoclaw_sandbox::keeper`); the daemon never clones one itself. What
+//! blocks (starting a keeper, asking it, file operations, which run as
+//! commands inside the sandbox) runs on tokio's blocking pool; a running
+//! process's pipes are read on the event loop.
+//!
+//! Each sandbox's E2B record (tenant, template, metadata, token, end) is
+//! kept beside its keeper's state (`e2b.json`), so a restarted daemon
+//! re-adopts the sandboxes that are still alive ([`KeeperBackend::adopt`]).
+//! Processes started before a restart are not re-attached: their pipes
+//! were the old daemon's, and their keeper killed them when it hung up.
+
+mod files;
+mod process;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nanoclaw_sandbox::keeper::{self, KeeperConfig, KeeperError, Live, Remote, Reply, Request};
+use nanoclaw_sandbox::native::session::ExecSpec;
+use nanoclaw_sandbox::spec::{Network, User};
+use nanoclaw_sandbox::SandboxSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::*;
+use process::Proc;
+
+/// How much longer than its E2B end a keeper lives on its own (should the
+/// daemon be gone at the end, the sandbox still ends).
+const KEEPER_GRACE: Duration = Duration::from_secs(60);
+/// How long a paused sandbox is kept.
+const PAUSED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How often the reaper looks at deadlines and dead keepers.
+const REAP_EVERY: Duration = Duration::from_millis(500);
+/// The E2B user's uid and gid inside a sandbox ("user").
+const E2B_USER: User = User {
+    uid: 1000,
+    gid: 1000,
+};
+/// E2B's home directory and default working directory.
+pub const E2B_HOME: &str = "/home/user";
+
+/// A template: what a sandbox is built from.
+#[derive(Clone, Debug)]
+pub struct Template {
+    /// The sandbox (its command is ignored).
+    pub spec: SandboxSpec,
+}
+
+impl Template {
+    /// The default sandbox (host root, default limits) as E2B's `base`:
+    /// user 1000 with a writable `/home/user`.
+    pub fn base() -> Template {
+        let mut spec = SandboxSpec::new(Vec::<String>::new());
+        spec.user = E2B_USER;
+        spec.home = Some(E2B_HOME.into());
+        spec.hostname = "e2b".into();
+        Template { spec }
+    }
+}
+
+/// How the backend runs.
+#[derive(Clone, Debug)]
+pub struct KeeperBackendConfig {
+    /// nanoclaw's own binary (keepers are `EXE __keeper`).
+    pub exe: PathBuf,
+    /// Where the keepers of this daemon keep their state.
+    pub root: PathBuf,
+    /// Templates by name (`base` is added when missing).
+    pub templates: HashMap<String, Template>,
+}
+
+/// What the daemon records of a sandbox, beside its keeper's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    tenant: String,
+    template: String,
+    metadata: BTreeMap<String, String>,
+    env_vars: BTreeMap<String, String>,
+    token: String,
+    started_at_ms: u64,
+    end_at_ms: u64,
+    auto_pause: bool,
+    allow_internet_access: Option<bool>,
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+    cpu_count: u32,
+    memory_mb: u32,
+}
+
+/// One sandbox.
+struct Entry {
+    remote: Remote,
+    record: Mutex<Record>,
+    paused: Mutex<bool>,
+    procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    /// (when, cpu ms) of the last metrics sample.
+    last_cpu: Mutex<Option<(SystemTime, f64)>>,
+}
+
+/// Sandboxes held by keepers.
+pub struct KeeperBackend {
+    cfg: KeeperBackendConfig,
+    sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn at(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn keeper_error(e: KeeperError) -> BackendError {
+    match e {
+        KeeperError::NotFound(id) => BackendError::NotFound(format!("sandbox {id} not found")),
+        KeeperError::Busy(m) => BackendError::Timeout(m),
+        KeeperError::Invalid(m) => BackendError::InvalidArgument(m),
+        KeeperError::Engine(e) => engine_error(e),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+pub(crate) fn engine_error(e: nanoclaw_sandbox::Error) -> BackendError {
+    use nanoclaw_sandbox::Error as E;
+    match e {
+        E::NotFound { what, .. } => BackendError::NotFound(what),
+        E::Paused { id } => BackendError::Unavailable(format!("sandbox {id} is paused")),
+        E::InvalidSpec(m) if m.contains("Permission denied") || m.contains("Read-only") => {
+            BackendError::PermissionDenied(m)
+        }
+        E::InvalidSpec(m) if m.contains("No space left") => BackendError::NoSpace(m),
+        E::InvalidSpec(m) => BackendError::InvalidArgument(m),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> BackendResult<T> + Send + 'static,
+) -> BackendResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Internal(format!("worker: {e}")))?
+}
+
+/// The E2B network request as a sandbox network policy.
+fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
+    let denies_all = req
+        .deny_out
+        .iter()
+        .any(|d| d == "0.0.0.0/0" || d == "::/0");
+    if !req.allow_out.is_empty() {
+        // Everything not allowed is refused already; E2B's allowOut wins
+        // over denyOut.
+        let (mut hosts, mut cidrs) = (Vec::new(), Vec::new());
+        for a in &req.allow_out {
+            if a.parse::<std::net::IpAddr>().is_ok() || a.contains('/') {
+                cidrs.push(a.clone());
+            } else {
+                hosts.push(a.clone());
+            }
+        }
+        return Ok(Network::Allowlist {
+            hosts,
+            cidrs,
+            limits: Default::default(),
+        });
+    }
+    if req.allow_internet_access == Some(false) || denies_all {
+        return Ok(Network::None);
+    }
+    if !req.deny_out.is_empty() {
+        return Err(BackendError::InvalidArgument(
+            "network.denyOut with internet access on is not supported: nanoclaw cannot refuse single destinations while allowing the rest; list what to allow in network.allowOut instead (everything else is refused)".into(),
+        ));
+    }
+    Ok(Network::Open {
+        limits: Default::default(),
+    })
+}
+
+/// The uid:gid of an E2B user name.
+fn user_of(scope: &SandboxScope) -> BackendResult<Option<User>> {
+    match scope.user.as_deref() {
+        None | Some("") | Some("user") => Ok(Some(E2B_USER)),
+        Some("root") => Ok(Some(User { uid: 0, gid: 0 })),
+        Some(other) => Err(BackendError::InvalidArgument(format!(
+            "user {other:?} does not exist in the sandbox (use \"user\" or \"root\")"
+        ))),
+    }
+}
+
+impl KeeperBackend {
+    /// A backend with no sandboxes yet (see [`KeeperBackend::adopt`]).
+    pub fn new(mut cfg: KeeperBackendConfig) -> Arc<KeeperBackend> {
+        cfg.templates
+            .entry("base".into())
+            .or_insert_with(Template::base);
+        Arc::new(KeeperBackend {
+            cfg,
+            sandboxes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes over the sandboxes a previous daemon left alive (their
+    /// keepers run and their records are there); the keepers of this root
+    /// without a record are ended. Returns (adopted, removed).
+    pub fn adopt(&self) -> (usize, usize) {
+        let (mut adopted, mut removed) = (0, 0);
+        for (dir, st) in keeper::all_sandboxes(&self.cfg.root) {
+            let rec = std::fs::read(dir.join("e2b.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            let remote = Remote::new(&st.id, &dir);
+            match rec {
+                Some(record) => {
+                    let paused = keeper::state_of(&dir) == "paused";
+                    self.insert(remote, record, paused);
+                    adopted += 1;
+                }
+                None => {
+                    let _ = remote.ask_within(&Request::Stop, Duration::from_secs(2));
+                    removed += 1;
+                }
+            }
+        }
+        (adopted, removed)
+    }
+
+    fn insert(&self, remote: Remote, record: Record, paused: bool) -> Arc<Entry> {
+        let e = Arc::new(Entry {
+            remote,
+            record: Mutex::new(record),
+            paused: Mutex::new(paused),
+            procs: Mutex::new(HashMap::new()),
+            last_cpu: Mutex::new(None),
+        });
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.insert(e.remote.id.clone(), e.clone());
+        }
+        e
+    }
+
+    /// The tenant's sandbox `id` (another tenant's is not found).
+    fn entry(&self, tenant: &TenantId, id: &str) -> BackendResult<Arc<Entry>> {
+        let m = self
+            .sandboxes
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        m.get(id)
+            .filter(|e| e.record.lock().is_ok_and(|r| r.tenant == tenant.0))
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(format!("sandbox \"{id}\" not found")))
+    }
+
+    /// A running sandbox of the scope's tenant.
+    fn running(&self, scope: &SandboxScope) -> BackendResult<Arc<Entry>> {
+        let e = self.entry(&scope.tenant, &scope.sandbox_id)?;
+        if e.paused.lock().is_ok_and(|p| *p) {
+            return Err(BackendError::Unavailable(format!(
+                "sandbox {} is paused",
+                scope.sandbox_id
+            )));
+        }
+        Ok(e)
+    }
+
+    /// Forgets a sandbox and ends its keeper.
+    async fn end(&self, id: &str) {
+        let e = self.sandboxes.lock().ok().and_then(|mut m| m.remove(id));
+        if let Some(e) = e {
+            let r = e.remote.clone();
+            let _ = blocking(move || {
+                let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    /// The reaper: ends (or, with auto-pause, pauses) sandboxes past their
+    /// end, and forgets those whose keeper is gone. Runs until the backend
+    /// is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_EVERY).await;
+                let Some(b) = weak.upgrade() else { return };
+                b.reap().await;
+            }
+        });
+    }
+
+    async fn reap(&self) {
+        let now = ms(SystemTime::now());
+        let all: Vec<Arc<Entry>> = match self.sandboxes.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for e in all {
+            let (end, auto_pause) = match e.record.lock() {
+                Ok(r) => (r.end_at_ms, r.auto_pause),
+                Err(_) => continue,
+            };
+            let paused = e.paused.lock().is_ok_and(|p| *p);
+            let gone = !e.remote.dir.join("sock").exists();
+            if gone {
+                if let Ok(mut m) = self.sandboxes.lock() {
+                    m.remove(&e.remote.id);
+                }
+            } else if now >= end && !paused {
+                if auto_pause {
+                    let _ = self.set_paused(&e, true).await;
+                } else {
+                    self.end(&e.remote.id).await;
+                }
+            }
+        }
+    }
+
+    async fn ask(&self, e: &Arc<Entry>, req: Request) -> BackendResult<Live> {
+        let r = e.remote.clone();
+        match blocking(move || r.ask(&req).map_err(keeper_error)).await? {
+            Reply::Live(l) => Ok(*l),
+            Reply::Error(m) => Err(BackendError::Conflict(m)),
+            Reply::Stopping => Err(BackendError::NotFound("the sandbox is ending".into())),
+        }
+    }
+
+    async fn set_paused(&self, e: &Arc<Entry>, pause: bool) -> BackendResult<()> {
+        let req = if pause {
+            Request::Pause
+        } else {
+            Request::Resume
+        };
+        self.ask(e, req).await?;
+        if let Ok(mut p) = e.paused.lock() {
+            *p = pause;
+        }
+        if pause {
+            self.ask(
+                e,
+                Request::SetLifetime {
+                    seconds: PAUSED_RETENTION.as_secs(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a sandbox's end to `timeout` from now (its keeper's lifetime
+    /// too, with a grace period).
+    async fn extend(&self, e: &Arc<Entry>, timeout: Duration) -> BackendResult<()> {
+        let end = SystemTime::now() + timeout;
+        self.ask(
+            e,
+            Request::SetLifetime {
+                seconds: (timeout + KEEPER_GRACE).as_secs(),
+            },
+        )
+        .await?;
+        let rec = match e.record.lock() {
+            Ok(mut r) => {
+                r.end_at_ms = ms(end);
+                r.clone()
+            }
+            Err(_) => return Err(BackendError::Internal("lock".into())),
+        };
+        save_record(&e.remote.dir, &rec);
+        Ok(())
+    }
+
+    fn info(e: &Entry) -> BackendResult<SandboxInfo> {
+        let r = e
+            .record
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        Ok(SandboxInfo {
+            sandbox_id: e.remote.id.clone(),
+            template_id: r.template.clone(),
+            alias: Some(r.template.clone()),
+            started_at: at(r.started_at_ms),
+            end_at: at(r.end_at_ms),
+            state: if e.paused.lock().is_ok_and(|p| *p) {
+                SandboxState::Paused
+            } else {
+                SandboxState::Running
+            },
+            metadata: r.metadata.clone(),
+            cpu_count: r.cpu_count,
+            memory_mb: r.memory_mb,
+            disk_size_mb: 0,
+            allow_internet_access: r.allow_internet_access,
+            allow_out: r.allow_out.clone(),
+            deny_out: r.deny_out.clone(),
+            auto_pause: r.auto_pause,
+            envd_access_token: r.token.clone(),
+        })
+    }
+
+    fn proc_of(e: &Entry, sel: &ProcessSelector) -> BackendResult<Arc<Proc>> {
+        let procs = e
+            .procs
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        let found = match sel {
+            ProcessSelector::Pid(pid) => procs.get(pid).cloned(),
+            ProcessSelector::Tag(t) => procs
+                .values()
+                .find(|p| p.tag.as_deref() == Some(t.as_str()))
+                .cloned(),
+        };
+        found.ok_or_else(|| BackendError::NotFound(format!("process {sel:?} not found")))
+    }
+}
+
+fn save_record(dir: &Path, rec: &Record) {
+    if let Ok(b) = serde_json::to_vec(rec) {
+        let tmp = dir.join("e2b.json.tmp");
+        if std::fs::write(&tmp, b).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("e2b.json"));
+        }
+    }
+}
+
+impl Backend for KeeperBackend {
+    async fn create(&self, req: CreateSandbox) -> BackendResult<SandboxInfo> {
+        let tpl = self.cfg.templates.get(&req.template).ok_or_else(|| {
+            BackendError::NotFound(format!("template '{}' not found", req.template))
+        })?;
+        let mut spec = tpl.spec.clone();
+        spec.network = network_of(&req)?;
+        for (k, v) in &req.env_vars {
+            spec.env.push((k.clone(), v.clone()));
+        }
+        spec.limits.timeout = req.timeout + KEEPER_GRACE;
+        let cfg = KeeperConfig {
+            spec: spec.clone(),
+            name: None,
+            labels: vec![("tenant".into(), req.tenant.0.clone())],
+            lifetime_ms: (req.timeout + KEEPER_GRACE).as_millis() as u64,
+            idle_timeout_ms: None,
+            exec_timeout_ms: 3_600_000,
+            root: self.cfg.root.clone(),
+        };
+        let exe = self.cfg.exe.clone();
+        let id = blocking(move || keeper::start_keeper(&exe, &cfg).map_err(keeper_error)).await?;
+        let now = SystemTime::now();
+        let record = Record {
+            tenant: req.tenant.0.clone(),
+            template: req.template.clone(),
+            metadata: req.metadata.clone(),
+            env_vars: req.env_vars.clone(),
+            token: req.envd_access_token.clone(),
+            started_at_ms: ms(now),
+            end_at_ms: ms(now + req.timeout),
+            auto_pause: req.auto_pause,
+            allow_internet_access: req.allow_internet_access,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+            cpu_count: spec
+                .limits
+                .cpus
+                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_CPUS)
+                .ceil()
+                .max(1.0) as u32,
+            memory_mb: (spec
+                .limits
+                .memory
+                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
+                >> 20) as u32,
+        };
+        let dir = self.cfg.root.join(&id);
+        save_record(&dir, &record);
+        let e = self.insert(Remote::new(&id, &dir), record, false);
+        Self::info(&e)
+    }
+
+    async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {
+        Self::info(&*self.entry(tenant, sandbox_id)?)
+    }
+
+    async fn list(&self, tenant: &TenantId) -> BackendResult<Vec<SandboxInfo>> {
+        let all: Vec<Arc<Entry>> = self
+            .sandboxes
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for e in all {
+            if e.record.lock().is_ok_and(|r| r.tenant == tenant.0) {
+                out.push(Self::info(&e)?);
+            }
+        }
+        out.sort_by_key(|i| i.started_at);
+        Ok(out)
+    }
+
+    async fn kill(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
+        self.entry(tenant, sandbox_id)?;
+        self.end(sandbox_id).await;
+        Ok(())
+    }
+
+    async fn pause(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
+        let e = self.entry(tenant, sandbox_id)?;
+        if e.paused.lock().is_ok_and(|p| *p) {
+            return Err(BackendError::Conflict(format!(
+                "sandbox {sandbox_id} is already paused"
+            )));
+        }
+        self.set_paused(&e, true).await
+    }
+
+    async fn resume(
+        &self,
+        tenant: &TenantId,
+        sandbox_id: &str,
+        timeout: Duration,
+    ) -> BackendResult<SandboxInfo> {
+        let e = self.entry(tenant, sandbox_id)?;
+        if !e.paused.lock().is_ok_and(|p| *p) {
+            return Err(BackendError::Conflict(format!(
+                "sandbox {sandbox_id} is already running"
+            )));
+        }
+        self.set_paused(&e, false).await?;
+        self.extend(&e, timeout).await?;
+        Self::info(&e)
+    }
+
+    async fn set_timeout(
+        &self,
+        tenant: &TenantId,
+        sandbox_id: &str,
+        timeout: Duration,
+    ) -> BackendResult<()> {
+        let e = self.entry(tenant, sandbox_id)?;
+        self.extend(&e, timeout).await
+    }
+
+    async fn metrics(
+        &self,
+        tenant: &TenantId,
+        sandbox_id: &str,
+    ) -> BackendResult<Vec<SandboxMetric>> {
+        let e = self.entry(tenant, sandbox_id)?;
+        let live = self.ask(&e, Request::Inspect).await?;
+        let now = SystemTime::now();
+        let (cpu_count, mem_total) = match e.record.lock() {
+            Ok(r) => (r.cpu_count, u64::from(r.memory_mb) << 20),
+            Err(_) => (1, 0),
+        };
+        let cpu_ms = live.cpu_used_ms.unwrap_or(0.0);
+        let pct = match e.last_cpu.lock() {
+            Ok(mut last) => {
+                let pct = last.and_then(|(t, c)| {
+                    let dt = now.duration_since(t).ok()?.as_secs_f64() * 1000.0;
+                    (dt > 0.0).then(|| ((cpu_ms - c) / dt * 100.0 / f64::from(cpu_count)) as f32)
+                });
+                *last = Some((now, cpu_ms));
+                pct.unwrap_or(0.0).max(0.0)
+            }
+            Err(_) => 0.0,
+        };
+        Ok(vec![SandboxMetric {
+            timestamp: now,
+            cpu_count,
+            cpu_used_pct: pct,
+            mem_used: live.memory_bytes.unwrap_or(0),
+            mem_total,
+            mem_cache: 0,
+            disk_used: 0,
+            disk_total: 0,
+        }])
+    }
+
+    async fn envd_access(&self, sandbox_id: &str) -> BackendResult<EnvdAccess> {
+        let e = self
+            .sandboxes
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?
+            .get(sandbox_id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(format!("sandbox \"{sandbox_id}\" not found")))?;
+        let r = e
+            .record
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        Ok(EnvdAccess {
+            tenant: TenantId(r.tenant.clone()),
+            access_token: r.token.clone(),
+            state: if e.paused.lock().is_ok_and(|p| *p) {
+                SandboxState::Paused
+            } else {
+                SandboxState::Running
+            },
+        })
+    }
+
+    async fn start_process(
+        &self,
+        scope: &SandboxScope,
+        req: StartProcess,
+    ) -> BackendResult<ProcessHandle> {
+        if req.pty.is_some() {
+            return Err(BackendError::Unimplemented(
+                "PTY sessions are not supported by nanoclaw yet".into(),
+            ));
+        }
+        let e = self.running(scope)?;
+        let mut spec = ExecSpec::new(
+            std::iter::once(req.config.cmd.clone()).chain(req.config.args.iter().cloned()),
+        );
+        spec.env = e
+            .record
+            .lock()
+            .map(|r| r.env_vars.clone().into_iter().collect())
+            .unwrap_or_default();
+        spec.env
+            .extend(req.config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        spec.user = user_of(scope)?;
+        if let Some(u) = spec.user.filter(|u| u.uid == 0) {
+            spec.user = Some(u);
+            spec.env.push(("HOME".into(), "/root".into()));
+        }
+        spec.workdir = req.config.cwd.as_ref().map(PathBuf::from);
+        let remote = e.remote.clone();
+        let stdin = req.stdin;
+        let rs = blocking(move || remote.spawn(&spec, stdin).map_err(keeper_error)).await?;
+        let weak = Arc::downgrade(&e);
+        let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, move |pid| {
+            if let Some(e) = weak.upgrade() {
+                if let Ok(mut p) = e.procs.lock() {
+                    p.remove(&pid);
+                }
+            }
+        })
+        .await?;
+        if let Ok(mut p) = e.procs.lock() {
+            p.insert(proc.pid, proc);
+        }
+        Ok(handle)
+    }
+
+    async fn connect_process(
+        &self,
+        scope: &SandboxScope,
+        selector: &ProcessSelector,
+    ) -> BackendResult<ProcessHandle> {
+        let e = self.running(scope)?;
+        let p = Self::proc_of(&e, selector)?;
+        Ok(ProcessHandle {
+            pid: p.pid,
+            events: p.listen(),
+        })
+    }
+
+    async fn list_processes(&self, scope: &SandboxScope) -> BackendResult<Vec<ProcessInfo>> {
+        let e = self.running(scope)?;
+        let procs = e
+            .procs
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        let mut out: Vec<ProcessInfo> = procs
+            .values()
+            .map(|p| ProcessInfo {
+                pid: p.pid,
+                tag: p.tag.clone(),
+                config: p.config.clone(),
+            })
+            .collect();
+        out.sort_by_key(|p| p.pid);
+        Ok(out)
+    }
+
+    async fn send_input(
+        &self,
+        scope: &SandboxScope,
+        selector: &ProcessSelector,
+        input: ProcessInput,
+    ) -> BackendResult<()> {
+        let e = self.running(scope)?;
+        let p = Self::proc_of(&e, selector)?;
+        match input {
+            ProcessInput::Stdin(b) => p.write_stdin(&b).await,
+            ProcessInput::Pty(_) => Err(BackendError::Unimplemented(
+                "PTY sessions are not supported by nanoclaw yet".into(),
+            )),
+        }
+    }
+
+    async fn close_stdin(
+        &self,
+        scope: &SandboxScope,
+        selector: &ProcessSelector,
+    ) -> BackendResult<()> {
+        let e = self.running(scope)?;
+        Self::proc_of(&e, selector)?.close_stdin().await;
+        Ok(())
+    }
+
+    async fn send_signal(
+        &self,
+        scope: &SandboxScope,
+        selector: &ProcessSelector,
+        signal: Signal,
+    ) -> BackendResult<()> {
+        let e = self.running(scope)?;
+        let sig = match signal {
+            Signal::Term => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+        };
+        Self::proc_of(&e, selector)?.signal(sig).await
+    }
+
+    async fn stat(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
+        let e = self.running(scope)?;
+        files::stat(&e.remote, scope, path).await
+    }
+
+    async fn list_dir(
+        &self,
+        scope: &SandboxScope,
+        path: &str,
+        depth: u32,
+    ) -> BackendResult<Vec<EntryInfo>> {
+        let e = self.running(scope)?;
+        files::list_dir(&e.remote, scope, path, depth).await
+    }
+
+    async fn make_dir(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
+        let e = self.running(scope)?;
+        files::make_dir(&e.remote, scope, path).await
+    }
+
+    async fn rename(
+        &self,
+        scope: &SandboxScope,
+        source: &str,
+        destination: &str,
+    ) -> BackendResult<EntryInfo> {
+        let e = self.running(scope)?;
+        files::rename(&e.remote, scope, source, destination).await
+    }
+
+    async fn remove(&self, scope: &SandboxScope, path: &str) -> BackendResult<()> {
+        let e = self.running(scope)?;
+        files::remove(&e.remote, scope, path).await
+    }
+
+    async fn read_file(&self, scope: &SandboxScope, path: &str) -> BackendResult<FileDownload> {
+        let e = self.running(scope)?;
+        files::read_file(&e.remote, scope, path).await
+    }
+
+    async fn write_file(
+        &self,
+        scope: &SandboxScope,
+        path: &str,
+        metadata: &BTreeMap<String, String>,
+        body: ByteStream,
+    ) -> BackendResult<EntryInfo> {
+        let e = self.running(scope)?;
+        if !metadata.is_empty() {
+            return Err(BackendError::Unimplemented(
+                "file metadata (X-Metadata-*) is not supported by nanoclaw yet".into(),
+            ));
+        }
+        files::write_file(&e.remote, scope, path, body).await
+    }
+
+    async fn watch_dir(
+        &self,
+        scope: &SandboxScope,
+        spec: WatchSpec,
+    ) -> BackendResult<tokio::sync::mpsc::Receiver<FsEvent>> {
+        let e = self.running(scope)?;
+        files::watch_dir(&e.remote, scope, spec).await
+    }
+}
+
+/// Where this daemon's keepers keep their state: beside the CLI's
+/// (`…/nanoclaw/serve/sandboxes`), created 0700.
+pub fn default_root() -> Result<PathBuf, KeeperError> {
+    let cli = keeper::state_root()?;
+    let base = cli.parent().unwrap_or(&cli).join("serve").join("sandboxes");
+    // SAFETY: geteuid cannot fail.
+    keeper::own_dir(&base, unsafe { libc::geteuid() })?;
+    Ok(base)
+}
