@@ -6,3 +6,7 @@
 //! The HTTP layer only parses requests into actions for a [`backend`];
 //! the daemon never clones a sandbox itself: every sandbox is created and
 //! held by a keeper (a single-threaded `nanoclaw __keeper` process).
+
+pub mod audit;
+pub mod db;
+pub mod tenants;
