@@ -7,13 +7,16 @@
 //! the daemon never clones a sandbox itself: every sandbox is created and
 //! held by a keeper (a single-threaded `nanoclaw __keeper` process).
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod connect;
+pub mod db;
 pub mod e2b;
 pub mod error;
 pub mod keepers;
 pub mod listen;
+pub mod tenants;
 
 pub use auth::{Authenticator, StaticKeys, TenantId};
 pub use backend::{Backend, BackendError};
