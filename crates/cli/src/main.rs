@@ -12,6 +12,7 @@ mod doctor;
 mod image_cmd;
 mod run_cmd;
 mod sandbox_cmd;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,8 @@ enum Command {
     Exec(Box<sandbox_cmd::ExecArgs>),
     /// Copy files between the host and a sandbox made with `sandbox create`.
     Cp(sandbox_cmd::CpArgs),
+    /// Serve E2B's API (and nanoclaw's) over long-lived sandboxes.
+    Serve(serve_cmd::ServeArgs),
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Sandbox(c) => config_cmd::run_sandbox(*c),
         Command::Exec(a) => sandbox_cmd::exec(*a),
         Command::Cp(a) => sandbox_cmd::cp(a),
+        Command::Serve(a) => serve_cmd::run(a),
         Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {

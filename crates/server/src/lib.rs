@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod connect;
+pub mod daemon;
 pub mod db;
 pub mod e2b;
 pub mod error;

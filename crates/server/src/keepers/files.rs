@@ -140,9 +140,7 @@ pub(super) async fn read_file(
     let data = blocking(move || {
         let st = session::stat(&mut r, &p).map_err(engine_error)?;
         if st.kind == EntryKind::Dir {
-            return Err(BackendError::InvalidArgument(format!(
-                "{p} is a directory"
-            )));
+            return Err(BackendError::InvalidArgument(format!("{p} is a directory")));
         }
         session::get_file(&mut r, &p).map_err(engine_error)
     })
@@ -191,7 +189,12 @@ async fn snapshot(r: &Remote, path: &str, depth: u32) -> BackendResult<Snapshot>
     Ok(list
         .into_iter()
         .map(entry)
-        .map(|e| (e.path.clone(), (e.file_type, e.size, e.modified_time, e.mode)))
+        .map(|e| {
+            (
+                e.path.clone(),
+                (e.file_type, e.size, e.modified_time, e.mode),
+            )
+        })
         .collect())
 }
 

@@ -151,10 +151,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The E2B network request as a sandbox network policy.
 fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
-    let denies_all = req
-        .deny_out
-        .iter()
-        .any(|d| d == "0.0.0.0/0" || d == "::/0");
+    let denies_all = req.deny_out.iter().any(|d| d == "0.0.0.0/0" || d == "::/0");
     if !req.allow_out.is_empty() {
         // Everything not allowed is refused already; E2B's allowOut wins
         // over denyOut.

@@ -257,7 +257,9 @@ impl Pump {
         let mut end = end_of(status);
         if let Some(msg) = self.start_failure() {
             self.proc
-                .broadcast(ProcessEvent::Data(ProcessOutput::Stderr(Bytes::from(msg.1))))
+                .broadcast(ProcessEvent::Data(ProcessOutput::Stderr(Bytes::from(
+                    msg.1,
+                ))))
                 .await;
             end = ProcessEnd::exited(msg.0);
         }

@@ -1,0 +1,52 @@
+//! `nanoclaw serve`: the daemon (E2B's API over keepers).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use nanoclaw_server::daemon::{self, DaemonConfig};
+use nanoclaw_server::ListenAddr;
+
+/// Options of `nanoclaw serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen: `unix:PATH` or `tcp:ADDR:PORT` (repeatable; TCP only
+    /// when tenants have API keys). Default: /run/nanoclaw/nanoclaw.sock as
+    /// root, $XDG_RUNTIME_DIR/nanoclaw/nanoclaw.sock rootless.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// The data folder (tenants, audit log); default /var/lib/nanoclaw as
+    /// root, $XDG_DATA_HOME/nanoclaw rootless.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The envdVersion to report to E2B clients.
+    #[arg(long, value_name = "VERSION", hide = true)]
+    envd_version: Option<String>,
+}
+
+/// `nanoclaw serve`.
+pub fn run(a: ServeArgs) -> Result<u8> {
+    let listen = a
+        .listen
+        .iter()
+        .map(|l| {
+            l.parse::<ListenAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--listen {l:?}: use unix:PATH or tcp:ADDR:PORT (e.g. tcp:127.0.0.1:3000)"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = DaemonConfig {
+        listen,
+        data: a.data,
+        exe: std::env::current_exe().context("finding nanoclaw's own binary")?,
+        envd_version: a.envd_version,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(daemon::run(cfg))?;
+    Ok(0)
+}
