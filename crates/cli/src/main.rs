@@ -6,12 +6,14 @@
 //! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
 //! found.
 
+mod audit_cmd;
 mod build_cmd;
 mod config_cmd;
 mod doctor;
 mod image_cmd;
 mod run_cmd;
 mod sandbox_cmd;
+mod tenant_cmd;
 
 use std::process::ExitCode;
 
@@ -50,6 +52,10 @@ enum Command {
     Exec(Box<sandbox_cmd::ExecArgs>),
     /// Copy files between the host and a sandbox made with `sandbox create`.
     Cp(sandbox_cmd::CpArgs),
+    /// Tenants of `nanoclaw serve`: add, ls, set, rm, and their API keys.
+    Tenant(tenant_cmd::TenantArgs),
+    /// The audit log: ls, show, export, verify, prune.
+    Audit(audit_cmd::AuditArgs),
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
@@ -104,6 +110,8 @@ fn main() -> ExitCode {
         Command::Sandbox(c) => config_cmd::run_sandbox(*c),
         Command::Exec(a) => sandbox_cmd::exec(*a),
         Command::Cp(a) => sandbox_cmd::cp(a),
+        Command::Tenant(a) => tenant_cmd::run_tenant(a),
+        Command::Audit(a) => audit_cmd::run_audit(a),
         Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {
