@@ -6,6 +6,7 @@
 //! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
 //! found.
 
+mod audit_cmd;
 mod build_cmd;
 mod config_cmd;
 mod doctor;
@@ -13,6 +14,7 @@ mod image_cmd;
 mod run_cmd;
 mod sandbox_cmd;
 mod serve_cmd;
+mod tenant_cmd;
 
 use std::process::ExitCode;
 
@@ -53,6 +55,10 @@ enum Command {
     Cp(sandbox_cmd::CpArgs),
     /// Serve E2B's API (and nanoclaw's) over long-lived sandboxes.
     Serve(serve_cmd::ServeArgs),
+    /// Tenants of `nanoclaw serve`: add, ls, set, rm, and their API keys.
+    Tenant(tenant_cmd::TenantArgs),
+    /// The audit log: ls, show, export, verify, prune.
+    Audit(audit_cmd::AuditArgs),
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
@@ -108,6 +114,8 @@ fn main() -> ExitCode {
         Command::Exec(a) => sandbox_cmd::exec(*a),
         Command::Cp(a) => sandbox_cmd::cp(a),
         Command::Serve(a) => serve_cmd::run(a),
+        Command::Tenant(a) => tenant_cmd::run_tenant(a),
+        Command::Audit(a) => audit_cmd::run_audit(a),
         Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {

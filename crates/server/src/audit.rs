@@ -755,7 +755,11 @@ impl Audit {
         Ok(out)
     }
 
-    /// Walks the chain from the anchor (or seq 1) to the last record.
+    /// Walks the chain from the anchor (or seq 1) to the last record, in
+    /// one read snapshot. It holds this handle's connection for the whole
+    /// walk, so a daemon should verify through its own [`Audit::open`]
+    /// rather than the handle its requests append through (other
+    /// connections keep appending meanwhile: WAL readers do not block).
     pub fn verify(&self) -> Result<Report, AuditError> {
         self.verify_inner(None)
     }
