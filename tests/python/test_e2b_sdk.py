@@ -306,7 +306,13 @@ def test_default_cwd_is_home(shared_sandbox):
 
 
 def test_run_as_root_and_as_user(shared_sandbox):
-    assert shared_sandbox.commands.run("id -u", user="root").stdout.strip() == "0"
+    if os.environ.get("NANOCLAW_E2B_ROOTLESS", "") == "1":
+        # A rootless daemon's sandboxes have a single user: asking for root
+        # is refused with a clear error, never silently run as someone else.
+        with pytest.raises(Exception, match="rootful"):
+            shared_sandbox.commands.run("id -u", user="root")
+    else:
+        assert shared_sandbox.commands.run("id -u", user="root").stdout.strip() == "0"
     uid = shared_sandbox.commands.run("id -u", user="user").stdout.strip()
     assert uid.isdigit() and uid != "0"
 
@@ -745,6 +751,12 @@ def test_tenant_b_cannot_use_tenant_a_data_plane(make_sandbox, e2b_target, token
 
 
 def test_code_interpreter_run_code(e2b_target, registry):
+    if os.environ.get("NANOCLAW_E2B_CODE_INTERPRETER", "") != "1":
+        pytest.skip(
+            "e2b-code-interpreter (template code-interpreter-v1, /execute on port 49999) "
+            "is not served by nanoclaw yet (stateful code execution is issue 14); "
+            "set NANOCLAW_E2B_CODE_INTERPRETER=1 to run this test anyway"
+        )
     ci = pytest.importorskip("e2b_code_interpreter")
     sbx = ci.Sandbox.create(timeout=120, **e2b_target.a)
     registry.add(sbx, e2b_target.a)

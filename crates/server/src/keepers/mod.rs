@@ -186,6 +186,10 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
 fn user_of(scope: &SandboxScope) -> BackendResult<Option<User>> {
     match scope.user.as_deref() {
         None | Some("") | Some("user") => Ok(Some(E2B_USER)),
+        // SAFETY: geteuid cannot fail.
+        Some("root") if unsafe { libc::geteuid() } != 0 => Err(BackendError::InvalidArgument(
+            "user \"root\" needs a rootful nanoclaw serve: the sandboxes of a rootless daemon have a single user (\"user\")".into(),
+        )),
         Some("root") => Ok(Some(User { uid: 0, gid: 0 })),
         Some(other) => Err(BackendError::InvalidArgument(format!(
             "user {other:?} does not exist in the sandbox (use \"user\" or \"root\")"

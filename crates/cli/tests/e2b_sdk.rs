@@ -1,0 +1,255 @@
+//! `nanoclaw serve` driven by real clients written by others: the pinned,
+//! unmodified `e2b` Python SDK (tests/python, run by pytest from the venv
+//! `.ci/python-venv.sh` makes) and curl; root and rootless. Also the fault
+//! test: the daemon SIGKILLed with sandboxes alive, restarted, re-adopts
+//! them; nothing is left behind.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{modes, nc, text, Mode};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv with the pinned SDK, or `None` (skip, unless required).
+fn venv() -> Option<PathBuf> {
+    let v = std::env::var_os("NANOCLAW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo().join("target"))
+                .join("venv")
+        });
+    if v.join("bin/python").exists() {
+        return Some(v);
+    }
+    let required = std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1");
+    assert!(
+        !required,
+        "NANOCLAW_REQUIRE_E2B=1 but there is no venv at {} (run .ci/python-venv.sh)",
+        v.display()
+    );
+    eprintln!(
+        "SKIPPED: no Python venv with the e2b SDK at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
+        v.display()
+    );
+    None
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A daemon with two tenants, in a fresh data folder owned by the mode's user.
+struct Daemon {
+    mode: Mode,
+    data: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    keys: (String, String),
+}
+
+impl Daemon {
+    fn new(mode: Mode, name: &str) -> Daemon {
+        let data =
+            std::env::temp_dir().join(format!("nanoclaw-serve-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        if let Some((uid, gid)) = mode.user {
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
+        }
+        let d = data.to_string_lossy().into_owned();
+        let key = |t: &str| {
+            let o = nc(mode, &["tenant", "add", t, "--data", &d])
+                .output()
+                .expect("tenant add");
+            assert!(o.status.success(), "tenant add: {}", text(&o.stderr));
+            text(&o.stdout).trim().to_string()
+        };
+        let keys = (key("alice"), key("bob"));
+        let mut dm = Daemon {
+            mode,
+            data,
+            port: free_port(),
+            child: None,
+            keys,
+        };
+        dm.start();
+        dm
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        let d = self.data.to_string_lossy().into_owned();
+        let listen = format!("tcp:127.0.0.1:{}", self.port);
+        let child = nc(self.mode, &["serve", "--data", &d, "--listen", &listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn nanoclaw serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nanoclaw serve did not listen within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill with a pid and a signal.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+
+    /// curl (a real HTTP client) against the control plane: (status, body).
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("-H")
+            .arg(format!("X-API-Key: {}", self.keys.0))
+            .arg(format!("{}{path}", self.url()));
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "--data", b]);
+        }
+        let o = c.output().expect("curl");
+        let out = text(&o.stdout);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Keeper processes of the mode's user.
+fn keepers(mode: Mode) -> usize {
+    let uid = mode.user.map_or(0, |u| u.0);
+    let o = Command::new("pgrep")
+        .args(["-c", "-u", &uid.to_string(), "-f", "nanoclaw __keeper"])
+        .output()
+        .expect("pgrep");
+    text(&o.stdout).trim().parse().unwrap_or(0)
+}
+
+fn wait_keepers(mode: Mode, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = keepers(mode);
+        if n <= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_e2b_sdk_runs_against_nanoclaw_serve() {
+    let Some(venv) = venv() else { return };
+    for m in modes("the_e2b_sdk_runs_against_nanoclaw_serve") {
+        let before = keepers(m);
+        let d = Daemon::new(m, "sdk");
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/python/test_e2b_sdk.py",
+            ])
+            .current_dir(repo())
+            .env("NANOCLAW_E2B_API_URL", d.url())
+            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
+            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
+            .env("NANOCLAW_REQUIRE_E2B", "1")
+            .env(
+                "NANOCLAW_E2B_ROOTLESS",
+                if m.user.is_some() { "1" } else { "0" },
+            )
+            .output()
+            .expect("run pytest");
+        let out = text(&o.stdout);
+        assert!(
+            o.status.success(),
+            "[{}] the e2b SDK suite failed:\n{out}\n{}",
+            m.name,
+            text(&o.stderr)
+        );
+        eprintln!("[{}] {}", m.name, out.lines().last().unwrap_or(""));
+        drop(d);
+        assert_eq!(
+            wait_keepers(m, before),
+            before,
+            "[{}] keepers left behind",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn a_killed_daemon_readopts_its_sandboxes() {
+    for m in modes("a_killed_daemon_readopts_its_sandboxes") {
+        if std::process::Command::new("curl")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            panic!("curl is needed (apt-get install curl)");
+        }
+        let before = keepers(m);
+        let mut d = Daemon::new(m, "fault");
+        let (code, body) = d.curl(
+            "POST",
+            "/v2/sandboxes",
+            Some(r#"{"templateID":"base","timeout":120}"#),
+        );
+        assert_eq!(code, 201, "[{}] create: {body}", m.name);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let id = v["sandboxID"].as_str().expect("sandboxID").to_string();
+        d.signal(libc::SIGKILL);
+        assert_eq!(
+            keepers(m),
+            before + 1,
+            "[{}] the sandbox died with the daemon",
+            m.name
+        );
+        d.start();
+        let (code, body) = d.curl("GET", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 200, "[{}] not re-adopted: {body}", m.name);
+        let (code, _) = d.curl("DELETE", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 204, "[{}] delete", m.name);
+        assert_eq!(
+            wait_keepers(m, before),
+            before,
+            "[{}] keeper left behind",
+            m.name
+        );
+        let (code, body) = d.curl("GET", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 404, "[{}] {body}", m.name);
+        assert!(body.contains("\"code\""), "[{}] error body: {body}", m.name);
+    }
+}
