@@ -465,3 +465,87 @@ async fn polled_watcher() {
     assert_eq!(r.status, 404);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_and_stream_input() {
+    let s = start().await;
+    let (id, token) = create(&s, KEY_A).await;
+    let mut h = envd(&id, &token);
+    h.push(STREAM);
+    h.push(("keepalive-ping-interval", "1"));
+    let r = send(
+        &s,
+        "POST",
+        "/process.Process/Start",
+        &h,
+        envelope(0, r#"{"process":{"cmd":"sleep","args":["1.6"]}}"#),
+    )
+    .await;
+    let msgs = envelopes(&r.body);
+    assert!(
+        msgs.iter()
+            .any(|(_, m)| m["event"]["keepalive"].is_object()),
+        "{msgs:?}"
+    );
+    assert_eq!(msgs[msgs.len() - 2].1["event"]["end"]["exitCode"], 0);
+
+    // StreamInput: a client stream of start + data, answered with {}.
+    let addr = s.addr.unwrap();
+    let (id2, token2) = (id.clone(), token.clone());
+    let cat = tokio::spawn(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut hh = envd(&id2, &token2);
+        hh.push(STREAM);
+        send_on(
+            stream,
+            "POST",
+            "/process.Process/Start",
+            &hh,
+            envelope(
+                0,
+                r#"{"process":{"cmd":"head","args":["-c","6"]},"stdin":true,"tag":"head"}"#,
+            ),
+        )
+        .await
+    });
+    let mut body = envelope(0, r#"{"start":{"process":{"tag":"head"}}}"#).to_vec();
+    body.extend_from_slice(&envelope(0, r#"{"keepalive":{}}"#));
+    body.extend_from_slice(&envelope(
+        0,
+        &format!(r#"{{"data":{{"input":{{"stdin":"{}"}}}}}}"#, b64("piped\n")),
+    ));
+    let mut answer = None;
+    for _ in 0..500 {
+        let r = send(&s, "POST", "/process.Process/StreamInput", &h, body.clone()).await;
+        let msgs = envelopes(&r.body);
+        if msgs.len() == 2 {
+            answer = Some(msgs);
+            break;
+        }
+        assert_eq!(msgs[0].1["error"]["code"], "not_found", "{msgs:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        answer.unwrap(),
+        vec![(0, serde_json::json!({})), (2, serde_json::json!({}))]
+    );
+    let r = cat.await.unwrap();
+    let out: Vec<u8> = envelopes(&r.body)
+        .iter()
+        .filter_map(|(_, m)| {
+            m["event"]["data"]["stdout"]
+                .as_str()
+                .map(|_| unb64(&m["event"]["data"]["stdout"]))
+        })
+        .flatten()
+        .collect();
+    assert_eq!(out, b"piped\n");
+    // Data before start is refused.
+    let bad = envelope(
+        0,
+        &format!(r#"{{"data":{{"input":{{"stdin":"{}"}}}}}}"#, b64("x")),
+    );
+    let r = send(&s, "POST", "/process.Process/StreamInput", &h, bad).await;
+    assert_eq!(envelopes(&r.body)[0].1["error"]["code"], "invalid_argument");
+    s.stop().await;
+}
