@@ -1,7 +1,8 @@
 //! The unmodified `e2b` Python SDK against the HTTP layer (over the
-//! in-test Backend double). Runs only when `NANOCLAW_E2B_PYTHON` names a
-//! Python that has the pinned `e2b` package; otherwise it says so and
-//! passes.
+//! in-test Backend double), with the venv `.ci/python-venv.sh` makes
+//! (`NANOCLAW_VENV`, else `$CARGO_TARGET_DIR/venv` or `target/venv`).
+//! Without it the test says SKIPPED, and fails under
+//! `NANOCLAW_REQUIRE_E2B=1` (CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -111,8 +112,7 @@ print("SDK OK")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_e2b_sdk_works_end_to_end() {
-    let Ok(python) = std::env::var("NANOCLAW_E2B_PYTHON") else {
-        eprintln!("NANOCLAW_E2B_PYTHON is not set: the SDK end-to-end test did not run");
+    let Some(python) = venv_python() else {
         return;
     };
     let s = start().await;
@@ -139,4 +139,32 @@ async fn the_e2b_sdk_works_end_to_end() {
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     s.stop().await;
+}
+
+/// The venv's python, or `None` after saying SKIPPED (a failure when
+/// `NANOCLAW_REQUIRE_E2B=1`).
+fn venv_python() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let venv = std::env::var_os("NANOCLAW_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"))
+                .join("venv")
+        });
+    let py = venv.join("bin/python");
+    if py.exists() {
+        return Some(py);
+    }
+    assert!(
+        std::env::var("NANOCLAW_REQUIRE_E2B").map_or(true, |v| v != "1"),
+        "NANOCLAW_REQUIRE_E2B=1 but there is no venv at {} (run .ci/python-venv.sh)",
+        venv.display()
+    );
+    eprintln!(
+        "SKIPPED the_e2b_sdk_works_end_to_end: no venv with the e2b SDK at {} (run .ci/python-venv.sh)",
+        venv.display()
+    );
+    None
 }
