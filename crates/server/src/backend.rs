@@ -496,6 +496,34 @@ pub struct ConnectOutcome {
     pub resumed: bool,
 }
 
+/// `POST /v1/run` (nanoclaw's own): one command in a fresh sandbox that
+/// is removed afterwards. Either `command`, or `lang` + `code`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The template (default `base`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// argv.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `python`, `node`, `bash` or `sh`, with `code`.
+    #[serde(default)]
+    pub lang: Option<String>,
+    /// The snippet for `lang`.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit in milliseconds (default 30 s).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Bytes for stdin (UTF-8).
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
 /// Everything the E2B layer asks of sandboxes. See the module docs.
 ///
 /// Methods return `Send` futures (write them as `async fn` in the impl;
@@ -601,6 +629,18 @@ pub trait Backend: Send + Sync + 'static {
                 }
             }
         }
+    }
+
+    /// `POST /v1/run`: runs one command in a fresh sandbox (removed
+    /// afterwards) and returns its outcome as `nanoclaw run --json` prints
+    /// it.
+    fn run_once(
+        &self,
+        tenant: &TenantId,
+        req: RunRequest,
+    ) -> impl Future<Output = BackendResult<serde_json::Value>> + Send {
+        let _ = (tenant, req);
+        async { Err(BackendError::Unimplemented("one-shot runs are not supported here".into())) }
     }
 
     /// Starts a process. Its pid is known when this returns; its events
