@@ -59,6 +59,9 @@ enum Command {
     Tenant(tenant_cmd::TenantArgs),
     /// The audit log: ls, show, export, verify, prune.
     Audit(audit_cmd::AuditArgs),
+    /// (internal) One run from a JSON spec on stdin (the daemon's /v1/run).
+    #[command(name = "__run", hide = true)]
+    RunSpec,
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve_cmd::run(a),
         Command::Tenant(a) => tenant_cmd::run_tenant(a),
         Command::Audit(a) => audit_cmd::run_audit(a),
+        Command::RunSpec => sandbox_cmd::run_spec(),
         Command::Keeper => sandbox_cmd::keeper(),
     };
     match result {

@@ -502,3 +502,16 @@ pub fn prune(a: PruneArgs) -> Result<u8> {
 pub fn keeper() -> Result<u8> {
     Ok(keeper::keeper_main())
 }
+
+/// The hidden `__run` command (the daemon's one-shot runs): a
+/// `SandboxSpec` as JSON on stdin, the outcome as JSON on stdout — a fresh
+/// single-threaded process of nanoclaw's own binary creates the sandbox.
+pub fn run_spec() -> Result<u8> {
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input)?;
+    let spec: nanoclaw_sandbox::SandboxSpec =
+        serde_json::from_slice(&input).context("the run's spec")?;
+    let outcome = nanoclaw_sandbox::run(&spec)?;
+    println!("{}", serde_json::to_string(&outcome)?);
+    Ok(0)
+}

@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 
 use common::{modes, nc, text, Mode};
 
+/// The tests count keeper processes: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -121,20 +128,41 @@ impl Daemon {
         }
     }
 
+    /// Adds a tenant (with `tenant add` options); its key.
+    fn tenant(&self, name: &str, opts: &[&str]) -> String {
+        let d = self.data.to_string_lossy().into_owned();
+        let mut args = vec!["tenant", "add", name, "--data", &d];
+        args.extend_from_slice(opts);
+        let o = nc(self.mode, &args).output().expect("tenant add");
+        assert!(o.status.success(), "tenant add: {}", text(&o.stderr));
+        text(&o.stdout).trim().to_string()
+    }
+
     /// curl (a real HTTP client) against the control plane: (status, body).
     fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        self.curl_as(&self.keys.0, method, path, body)
+    }
+
+    /// [`Daemon::curl`] with another tenant's key; headers in the body too.
+    fn curl_as(&self, key: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let mut c = Command::new("curl");
-        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        c.args(["-s", "-i", "-o", "-", "-w", "\n%{http_code}", "-X", method])
             .arg("-H")
-            .arg(format!("X-API-Key: {}", self.keys.0))
+            .arg(format!("X-API-Key: {key}"))
             .arg(format!("{}{path}", self.url()));
         if let Some(b) = body {
             c.args(["-H", "content-type: application/json", "--data", b]);
         }
         let o = c.output().expect("curl");
         let out = text(&o.stdout);
-        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        let (all, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        // Headers, then the body: keep the headers (for Retry-After) on
+        // their own lines before the body's.
+        let body = match all.split_once("\r\n\r\n") {
+            Some((head, body)) => format!("{head}\n\n{body}"),
+            None => all.to_string(),
+        };
+        (code.trim().parse().unwrap_or(0), body)
     }
 }
 
@@ -168,6 +196,7 @@ fn wait_keepers(mode: Mode, want: usize) -> usize {
 
 #[test]
 fn the_e2b_sdk_runs_against_nanoclaw_serve() {
+    let _g = serial();
     let Some(venv) = venv() else { return };
     for m in modes("the_e2b_sdk_runs_against_nanoclaw_serve") {
         let before = keepers(m);
@@ -212,6 +241,7 @@ fn the_e2b_sdk_runs_against_nanoclaw_serve() {
 
 #[test]
 fn a_killed_daemon_readopts_its_sandboxes() {
+    let _g = serial();
     for m in modes("a_killed_daemon_readopts_its_sandboxes") {
         if std::process::Command::new("curl")
             .arg("--version")
@@ -228,7 +258,7 @@ fn a_killed_daemon_readopts_its_sandboxes() {
             Some(r#"{"templateID":"base","timeout":120}"#),
         );
         assert_eq!(code, 201, "[{}] create: {body}", m.name);
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let v = json_body(&body);
         let id = v["sandboxID"].as_str().expect("sandboxID").to_string();
         d.signal(libc::SIGKILL);
         assert_eq!(
@@ -252,4 +282,86 @@ fn a_killed_daemon_readopts_its_sandboxes() {
         assert_eq!(code, 404, "[{}] {body}", m.name);
         assert!(body.contains("\"code\""), "[{}] error body: {body}", m.name);
     }
+}
+
+/// The JSON body of a `curl -i` answer.
+fn json_body(answer: &str) -> serde_json::Value {
+    let body = answer.split_once("\n\n").map_or(answer, |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"))
+}
+
+/// Quotas by attack: a tenant allowed 2 sandboxes and 60 s lifetimes
+/// cannot get a third or a longer one (429, Retry-After, a JSON body
+/// naming the quota), while another tenant is unaffected; nothing is
+/// left behind.
+#[test]
+fn quotas_refuse_with_429_and_say_which() {
+    let _g = serial();
+    let m = modes("quotas_refuse_with_429_and_say_which")[0];
+    let before = keepers(m);
+    let d = Daemon::new(m, "quota");
+    let carol = d.tenant("carol", &["--max-sandboxes", "2", "--max-lifetime", "60s"]);
+    let make = |key: &str, timeout: u32| {
+        d.curl_as(
+            key,
+            "POST",
+            "/v2/sandboxes",
+            Some(&format!(r#"{{"templateID":"base","timeout":{timeout}}}"#)),
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (code, body) = make(&carol, 30);
+        assert_eq!(code, 201, "{body}");
+        ids.push(
+            json_body(&body)["sandboxID"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    let (code, body) = make(&carol, 30);
+    assert_eq!(code, 429, "a third sandbox: {body}");
+    assert!(body.to_ascii_lowercase().contains("retry-after:"), "{body}");
+    let v = json_body(&body);
+    assert_eq!(v["code"], 429, "{body}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("concurrent sandboxes"),
+        "{body}"
+    );
+    // Another tenant is not affected by carol's quota.
+    let (code, body) = make(&d.keys.1, 30);
+    assert_eq!(code, 201, "{body}");
+    let bob_id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // A longer lifetime than allowed, once there is room again.
+    let (code, _) = d.curl_as(&carol, "DELETE", &format!("/sandboxes/{}", ids[0]), None);
+    assert_eq!(code, 204);
+    let (code, body) = make(&carol, 3600);
+    assert_eq!(code, 429, "a 1 h sandbox: {body}");
+    assert!(
+        json_body(&body)["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lifetime"),
+        "{body}"
+    );
+    let (code, body) = d.curl_as(
+        &carol,
+        "POST",
+        &format!("/sandboxes/{}/timeout", ids[1]),
+        Some(r#"{"timeout":3600}"#),
+    );
+    assert_eq!(code, 429, "extending past the lifetime: {body}");
+    for (key, id) in [(&carol, &ids[1]), (&d.keys.1, &bob_id)] {
+        let (code, _) = d.curl_as(key, "DELETE", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 204);
+    }
+    drop(d);
+    assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }

@@ -640,7 +640,11 @@ pub trait Backend: Send + Sync + 'static {
         req: RunRequest,
     ) -> impl Future<Output = BackendResult<serde_json::Value>> + Send {
         let _ = (tenant, req);
-        async { Err(BackendError::Unimplemented("one-shot runs are not supported here".into())) }
+        async {
+            Err(BackendError::Unimplemented(
+                "one-shot runs are not supported here".into(),
+            ))
+        }
     }
 
     /// Starts a process. Its pid is known when this returns; its events

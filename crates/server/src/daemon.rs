@@ -89,6 +89,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         exe: cfg.exe.clone(),
         root,
         templates: Default::default(),
+        tenants: Some(tenants.clone()),
     });
     let (adopted, removed) = backend.adopt();
     if adopted + removed > 0 {

@@ -13,6 +13,7 @@
 
 mod files;
 mod process;
+mod quota;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::*;
 use process::Proc;
+use quota::{Quota, Share};
 
 /// How much longer than its E2B end a keeper lives on its own (should the
 /// daemon be gone at the end, the sandbox still ends).
@@ -71,6 +73,8 @@ pub struct KeeperBackendConfig {
     pub root: PathBuf,
     /// Templates by name (`base` is added when missing).
     pub templates: HashMap<String, Template>,
+    /// Tenants and their quotas (`None`: no quotas).
+    pub tenants: Option<Arc<crate::tenants::Tenants>>,
 }
 
 /// What the daemon records of a sandbox, beside its keeper's state.
@@ -105,6 +109,7 @@ struct Entry {
 pub struct KeeperBackend {
     cfg: KeeperBackendConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    quota: Quota,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -203,9 +208,11 @@ impl KeeperBackend {
         cfg.templates
             .entry("base".into())
             .or_insert_with(Template::base);
+        let quota = Quota::new(cfg.tenants.clone());
         Arc::new(KeeperBackend {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            quota,
         })
     }
 
@@ -360,6 +367,10 @@ impl KeeperBackend {
     /// Moves a sandbox's end to `timeout` from now (its keeper's lifetime
     /// too, with a grace period).
     async fn extend(&self, e: &Arc<Entry>, timeout: Duration) -> BackendResult<()> {
+        let tenant = e.record.lock().ok().map(|r| TenantId(r.tenant.clone()));
+        if let Some(t) = tenant {
+            self.quota.check_lifetime(&t, timeout).await?;
+        }
         let end = SystemTime::now() + timeout;
         self.ask(
             e,
@@ -377,6 +388,72 @@ impl KeeperBackend {
         };
         save_record(&e.remote.dir, &rec);
         Ok(())
+    }
+
+    /// Starts a keeper for `req` with `spec` and records the sandbox.
+    async fn start_sandbox(
+        &self,
+        req: &CreateSandbox,
+        spec: SandboxSpec,
+    ) -> BackendResult<SandboxInfo> {
+        let cfg = KeeperConfig {
+            spec: spec.clone(),
+            name: None,
+            labels: vec![("tenant".into(), req.tenant.0.clone())],
+            lifetime_ms: (req.timeout + KEEPER_GRACE).as_millis() as u64,
+            idle_timeout_ms: None,
+            exec_timeout_ms: 3_600_000,
+            root: self.cfg.root.clone(),
+        };
+        let exe = self.cfg.exe.clone();
+        let id = blocking(move || keeper::start_keeper(&exe, &cfg).map_err(keeper_error)).await?;
+        let now = SystemTime::now();
+        let record = Record {
+            tenant: req.tenant.0.clone(),
+            template: req.template.clone(),
+            metadata: req.metadata.clone(),
+            env_vars: req.env_vars.clone(),
+            token: req.envd_access_token.clone(),
+            started_at_ms: ms(now),
+            end_at_ms: ms(now + req.timeout),
+            auto_pause: req.auto_pause,
+            allow_internet_access: req.allow_internet_access,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+            cpu_count: spec
+                .limits
+                .cpus
+                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_CPUS)
+                .ceil()
+                .max(1.0) as u32,
+            memory_mb: (spec
+                .limits
+                .memory
+                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
+                >> 20) as u32,
+        };
+        let dir = self.cfg.root.join(&id);
+        save_record(&dir, &record);
+        let e = self.insert(Remote::new(&id, &dir), record, false);
+        Self::info(&e)
+    }
+
+    /// What the tenant's sandboxes hold now.
+    fn live_share(&self, tenant: &TenantId) -> Share {
+        let Ok(m) = self.sandboxes.lock() else {
+            return Share::default();
+        };
+        let mut total = Share::default();
+        for e in m.values() {
+            if let Ok(r) = e.record.lock() {
+                if r.tenant == tenant.0 {
+                    total.sandboxes += 1;
+                    total.memory_mb += u64::from(r.memory_mb);
+                    total.cpus += f64::from(r.cpu_count);
+                }
+            }
+        }
+        total
     }
 
     fn info(e: &Entry) -> BackendResult<SandboxInfo> {
@@ -443,46 +520,63 @@ impl Backend for KeeperBackend {
             spec.env.push((k.clone(), v.clone()));
         }
         spec.limits.timeout = req.timeout + KEEPER_GRACE;
-        let cfg = KeeperConfig {
-            spec: spec.clone(),
-            name: None,
-            labels: vec![("tenant".into(), req.tenant.0.clone())],
-            lifetime_ms: (req.timeout + KEEPER_GRACE).as_millis() as u64,
-            idle_timeout_ms: None,
-            exec_timeout_ms: 3_600_000,
-            root: self.cfg.root.clone(),
-        };
-        let exe = self.cfg.exe.clone();
-        let id = blocking(move || keeper::start_keeper(&exe, &cfg).map_err(keeper_error)).await?;
-        let now = SystemTime::now();
-        let record = Record {
-            tenant: req.tenant.0.clone(),
-            template: req.template.clone(),
-            metadata: req.metadata.clone(),
-            env_vars: req.env_vars.clone(),
-            token: req.envd_access_token.clone(),
-            started_at_ms: ms(now),
-            end_at_ms: ms(now + req.timeout),
-            auto_pause: req.auto_pause,
-            allow_internet_access: req.allow_internet_access,
-            allow_out: req.allow_out.clone(),
-            deny_out: req.deny_out.clone(),
-            cpu_count: spec
-                .limits
-                .cpus
-                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_CPUS)
-                .ceil()
-                .max(1.0) as u32,
-            memory_mb: (spec
-                .limits
-                .memory
-                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
-                >> 20) as u32,
-        };
-        let dir = self.cfg.root.join(&id);
-        save_record(&dir, &record);
-        let e = self.insert(Remote::new(&id, &dir), record, false);
-        Self::info(&e)
+        let want = share_of(&spec);
+        self.quota
+            .reserve(&req.tenant, self.live_share(&req.tenant), want, req.timeout)
+            .await?;
+        let r = self.start_sandbox(&req, spec).await;
+        self.quota.release(&req.tenant, want);
+        r
+    }
+
+    async fn run_once(
+        &self,
+        tenant: &TenantId,
+        req: RunRequest,
+    ) -> BackendResult<serde_json::Value> {
+        let name = req.template.clone().unwrap_or_else(|| "base".into());
+        let tpl = self
+            .cfg
+            .templates
+            .get(&name)
+            .ok_or_else(|| BackendError::NotFound(format!("template '{name}' not found")))?;
+        let mut spec = tpl.spec.clone();
+        spec.command = run_argv(&req)?;
+        spec.env
+            .extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000).max(1));
+        self.quota.check_lifetime(tenant, timeout).await?;
+        spec.limits.timeout = timeout;
+        if let Some(s) = &req.stdin {
+            spec.stdin = nanoclaw_sandbox::spec::Stdin::Bytes(s.clone().into_bytes());
+        }
+        let input = serde_json::to_vec(&spec).map_err(|e| BackendError::Internal(e.to_string()))?;
+        let mut child = tokio::process::Command::new(&self.cfg.exe)
+            .arg("__run")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
+        if let Some(mut w) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            w.write_all(&input)
+                .await
+                .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| BackendError::Internal(format!("a run: {e}")))?;
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr);
+            return Err(BackendError::InvalidArgument(
+                msg.trim().trim_start_matches("nanoclaw: ").to_string(),
+            ));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| BackendError::Internal(format!("a run's outcome: {e}")))
     }
 
     async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {
@@ -788,6 +882,48 @@ impl Backend for KeeperBackend {
     ) -> BackendResult<tokio::sync::mpsc::Receiver<FsEvent>> {
         let e = self.running(scope)?;
         files::watch_dir(&e.remote, scope, spec).await
+    }
+}
+
+/// What a sandbox of `spec` counts against its tenant's quotas.
+fn share_of(spec: &SandboxSpec) -> Share {
+    Share {
+        sandboxes: 1,
+        memory_mb: spec
+            .limits
+            .memory
+            .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
+            >> 20,
+        cpus: spec
+            .limits
+            .cpus
+            .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_CPUS)
+            .ceil()
+            .max(1.0),
+    }
+}
+
+/// The argv of a one-shot run: `command`, or `code` run by `lang`.
+fn run_argv(req: &RunRequest) -> BackendResult<Vec<String>> {
+    match (&req.lang, &req.code, req.command.is_empty()) {
+        (None, None, false) => Ok(req.command.clone()),
+        (Some(lang), Some(code), true) => {
+            let (interp, flag) = match lang.as_str() {
+                "python" => ("python3", "-c"),
+                "node" => ("node", "-e"),
+                "bash" => ("bash", "-c"),
+                "sh" => ("sh", "-c"),
+                other => {
+                    return Err(BackendError::InvalidArgument(format!(
+                        "lang {other:?}: use python, node, bash or sh"
+                    )))
+                }
+            };
+            Ok(vec![interp.into(), flag.into(), code.clone()])
+        }
+        _ => Err(BackendError::InvalidArgument(
+            "give either \"command\" (argv) or \"lang\" and \"code\"".into(),
+        )),
     }
 }
 

@@ -1,0 +1,157 @@
+//! Tenants' quotas on sandboxes: concurrent sandboxes, total memory,
+//! total CPUs, longest lifetime (the request rate is the HTTP layer's).
+//! A creation reserves its share before its keeper starts, so concurrent
+//! creations cannot together overrun a quota.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{BackendError, BackendResult, TenantId};
+use crate::tenants::{Limits, Tenants};
+
+/// How long a refused creation is told to wait before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// What one sandbox counts against its tenant's quotas.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Share {
+    pub sandboxes: u32,
+    pub memory_mb: u64,
+    pub cpus: f64,
+}
+
+impl Share {
+    fn add(self, o: Share) -> Share {
+        Share {
+            sandboxes: self.sandboxes + o.sandboxes,
+            memory_mb: self.memory_mb + o.memory_mb,
+            cpus: self.cpus + o.cpus,
+        }
+    }
+
+    fn sub(self, o: Share) -> Share {
+        Share {
+            sandboxes: self.sandboxes.saturating_sub(o.sandboxes),
+            memory_mb: self.memory_mb.saturating_sub(o.memory_mb),
+            cpus: (self.cpus - o.cpus).max(0.0),
+        }
+    }
+}
+
+/// The quota keeper.
+pub(crate) struct Quota {
+    tenants: Option<Arc<Tenants>>,
+    /// Shares reserved by creations in progress, per tenant.
+    pending: Mutex<HashMap<String, Share>>,
+}
+
+fn refused(which: &str, detail: String) -> BackendError {
+    BackendError::QuotaExceeded {
+        which: format!("{which} ({detail})"),
+        retry_after: Some(RETRY_AFTER),
+    }
+}
+
+impl Quota {
+    pub(crate) fn new(tenants: Option<Arc<Tenants>>) -> Quota {
+        Quota {
+            tenants,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tenant's limits (`None`: no tenants table, no limits).
+    async fn limits(&self, tenant: &TenantId) -> BackendResult<Option<Limits>> {
+        let Some(t) = self.tenants.clone() else {
+            return Ok(None);
+        };
+        let name = tenant.0.clone();
+        let got = tokio::task::spawn_blocking(move || t.get(&name))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        match got {
+            Ok(t) => Ok(Some(t.limits)),
+            // A tenant removed while its key was cached: nothing allowed.
+            Err(_) => Err(BackendError::NotFound(format!("tenant {tenant} not found"))),
+        }
+    }
+
+    /// Refuses a lifetime over the tenant's longest.
+    pub(crate) async fn check_lifetime(&self, tenant: &TenantId, d: Duration) -> BackendResult<()> {
+        if let Some(l) = self.limits(tenant).await? {
+            if d.as_secs() > l.max_lifetime_s {
+                return Err(refused(
+                    "max lifetime",
+                    format!(
+                        "{} s asked, tenant {tenant} may have at most {} s",
+                        d.as_secs(),
+                        l.max_lifetime_s
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves `want` for a new sandbox of `tenant`, given what its live
+    /// sandboxes hold (`live`); the reservation is released with
+    /// [`Quota::release`] once the sandbox exists (or failed).
+    pub(crate) async fn reserve(
+        &self,
+        tenant: &TenantId,
+        live: Share,
+        want: Share,
+        lifetime: Duration,
+    ) -> BackendResult<()> {
+        self.check_lifetime(tenant, lifetime).await?;
+        let Some(l) = self.limits(tenant).await? else {
+            return Ok(());
+        };
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        let p = pending.get(&tenant.0).copied().unwrap_or_default();
+        let after = live.add(p).add(want);
+        if after.sandboxes > l.max_sandboxes {
+            return Err(refused(
+                "concurrent sandboxes",
+                format!("tenant {tenant} may have {} at once", l.max_sandboxes),
+            ));
+        }
+        if after.memory_mb > l.max_memory_mb {
+            return Err(refused(
+                "total memory",
+                format!(
+                    "{} MiB asked with {} MiB in use, tenant {tenant} may use {} MiB",
+                    want.memory_mb,
+                    live.add(p).memory_mb,
+                    l.max_memory_mb
+                ),
+            ));
+        }
+        if after.cpus > l.max_cpus + 1e-9 {
+            return Err(refused(
+                "total cpus",
+                format!(
+                    "{} asked with {} in use, tenant {tenant} may use {}",
+                    want.cpus,
+                    live.add(p).cpus,
+                    l.max_cpus
+                ),
+            ));
+        }
+        pending.insert(tenant.0.clone(), p.add(want));
+        Ok(())
+    }
+
+    /// Ends a reservation.
+    pub(crate) fn release(&self, tenant: &TenantId, want: Share) {
+        if let Ok(mut pending) = self.pending.lock() {
+            if let Some(p) = pending.get_mut(&tenant.0) {
+                *p = p.sub(want);
+            }
+        }
+    }
+}
