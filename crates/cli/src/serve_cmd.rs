@@ -19,6 +19,10 @@ pub struct ServeArgs {
     /// root, $XDG_DATA_HOME/nanoclaw rootless.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// A warm pool: TEMPLATE=N sandboxes created ahead and handed out on
+    /// create (repeatable; e.g. --pool base=8).
+    #[arg(long = "pool", value_name = "TEMPLATE=N")]
+    pools: Vec<String>,
     /// The envdVersion to report to E2B clients.
     #[arg(long, value_name = "VERSION", hide = true)]
     envd_version: Option<String>,
@@ -37,7 +41,22 @@ pub fn run(a: ServeArgs) -> Result<u8> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut pools = std::collections::HashMap::new();
+    for p in &a.pools {
+        let n = p
+            .split_once('=')
+            .and_then(|(t, n)| Some((t, n.parse::<usize>().ok()?)))
+            .filter(|(t, n)| !t.is_empty() && *n <= nanoclaw_server::keepers::MAX_POOL);
+        let Some((t, n)) = n else {
+            anyhow::bail!(
+                "--pool {p:?}: use TEMPLATE=N with N at most {} (e.g. --pool base=8)",
+                nanoclaw_server::keepers::MAX_POOL
+            );
+        };
+        pools.insert(t.to_string(), n);
+    }
     let cfg = DaemonConfig {
+        pools,
         listen,
         data: a.data,
         exe: std::env::current_exe().context("finding nanoclaw's own binary")?,

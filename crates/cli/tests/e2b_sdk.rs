@@ -65,10 +65,16 @@ struct Daemon {
     port: u16,
     child: Option<Child>,
     keys: (String, String),
+    extra: Vec<String>,
 }
 
 impl Daemon {
     fn new(mode: Mode, name: &str) -> Daemon {
+        Daemon::with(mode, name, &[])
+    }
+
+    /// A daemon started with extra `serve` options.
+    fn with(mode: Mode, name: &str, extra: &[&str]) -> Daemon {
         let data =
             std::env::temp_dir().join(format!("nanoclaw-serve-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
@@ -92,6 +98,7 @@ impl Daemon {
             port: free_port(),
             child: None,
             keys,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         dm.start();
         dm
@@ -104,7 +111,9 @@ impl Daemon {
     fn start(&mut self) {
         let d = self.data.to_string_lossy().into_owned();
         let listen = format!("tcp:127.0.0.1:{}", self.port);
-        let child = nc(self.mode, &["serve", "--data", &d, "--listen", &listen])
+        let mut args = vec!["serve", "--data", &d, "--listen", &listen];
+        args.extend(self.extra.iter().map(String::as_str));
+        let child = nc(self.mode, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -364,4 +373,78 @@ fn quotas_refuse_with_429_and_say_which() {
     }
     drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
+}
+
+/// Warm pools: sandboxes made ahead are handed out (`launch: warm`), a
+/// request with another network policy gets a cold one, the pool refills,
+/// and the daemon's stop ends the pooled sandboxes.
+#[test]
+fn a_warm_pool_hands_out_and_refills() {
+    let _g = serial();
+    let m = modes("a_warm_pool_hands_out_and_refills")[0];
+    let before = keepers(m);
+    let d = Daemon::with(m, "pool", &["--pool", "base=2"]);
+    assert_eq!(
+        wait_keepers_up(m, before + 2),
+        before + 2,
+        "the pool did not fill"
+    );
+    let (code, body) = d.curl(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":60}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (_, info) = d.curl("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(json_body(&info)["metadata"]["launch"], "warm", "{info}");
+    let (code, body) = d.curl(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":60,"allow_internet_access":false}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let cold = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (_, info) = d.curl("GET", &format!("/sandboxes/{cold}"), None);
+    assert_eq!(json_body(&info)["metadata"]["launch"], "cold", "{info}");
+    // 2 handed-out (one warm, one cold) + the refilled pool of 2.
+    assert_eq!(
+        wait_keepers_up(m, before + 4),
+        before + 4,
+        "the pool did not refill"
+    );
+    drop(d);
+    // The handed-out sandboxes outlive the daemon (to be re-adopted) until
+    // their end; the pooled ones end with it.
+    assert_eq!(
+        wait_keepers(m, before + 2),
+        before + 2,
+        "pooled sandboxes outlived the daemon"
+    );
+    for id in [id, cold] {
+        let dir = format!("/run/nanoclaw/serve/sandboxes/{id}");
+        if let Some(st) = std::fs::read_to_string(format!("{dir}/state.json")).ok() {
+            let v: serde_json::Value = serde_json::from_str(&st).expect("state");
+            // SAFETY: kill with a pid and a signal.
+            unsafe { libc::kill(v["keeper_pid"].as_i64().unwrap_or(0) as i32, libc::SIGTERM) };
+        }
+    }
+    assert_eq!(wait_keepers(m, before), before, "keepers left behind");
+}
+
+fn wait_keepers_up(mode: Mode, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = keepers(mode);
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

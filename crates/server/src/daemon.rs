@@ -22,6 +22,8 @@ pub struct DaemonConfig {
     pub exe: PathBuf,
     /// The `envdVersion` to report, if not the default.
     pub envd_version: Option<String>,
+    /// Warm pool size per template.
+    pub pools: std::collections::HashMap<String, usize>,
 }
 
 /// Why the daemon could not start or stopped.
@@ -39,6 +41,9 @@ pub enum DaemonError {
     /// Serving.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// A bad option.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// API keys checked against the tenants table.
@@ -90,7 +95,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         root,
         templates: Default::default(),
         tenants: Some(tenants.clone()),
+        pools: cfg.pools.clone(),
     });
+    if let Some(t) = backend.unknown_pools().first() {
+        return Err(DaemonError::Config(format!(
+            "--pool {t}=N: there is no template {t:?} (known: base)"
+        )));
+    }
     let (adopted, removed) = backend.adopt();
     if adopted + removed > 0 {
         eprintln!(
@@ -98,6 +109,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         );
     }
     backend.spawn_reaper();
+    backend.spawn_pools();
     let mut listen = cfg.listen.clone();
     if listen.is_empty() {
         let sock = default_socket();
@@ -111,6 +123,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         opts.envd_version = v;
     }
     let auth = Arc::new(TenantKeys { tenants });
-    serve(listen, backend, auth, opts).await?;
+    let r = serve(listen, backend.clone(), auth, opts).await;
+    let b = backend.clone();
+    let _ = tokio::task::spawn_blocking(move || b.drain_pools()).await;
+    r?;
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! were the old daemon's, and their keeper killed them when it hung up.
 
 mod files;
+mod pool;
 mod process;
 mod quota;
 
@@ -29,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::*;
 use process::Proc;
 use quota::{Quota, Share};
+
+pub use pool::MAX_POOL;
 
 /// How much longer than its E2B end a keeper lives on its own (should the
 /// daemon be gone at the end, the sandbox still ends).
@@ -75,6 +78,8 @@ pub struct KeeperBackendConfig {
     pub templates: HashMap<String, Template>,
     /// Tenants and their quotas (`None`: no quotas).
     pub tenants: Option<Arc<crate::tenants::Tenants>>,
+    /// Warm pool size per template.
+    pub pools: HashMap<String, usize>,
 }
 
 /// What the daemon records of a sandbox, beside its keeper's state.
@@ -110,6 +115,7 @@ pub struct KeeperBackend {
     cfg: KeeperBackendConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     quota: Quota,
+    pool: pool::Pool,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -182,9 +188,14 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
             "network.denyOut with internet access on is not supported: nanoclaw cannot refuse single destinations while allowing the rest; list what to allow in network.allowOut instead (everything else is refused)".into(),
         ));
     }
-    Ok(Network::Open {
+    Ok(default_network())
+}
+
+/// E2B's default network: the internet, through the proxy.
+pub(crate) fn default_network() -> Network {
+    Network::Open {
         limits: Default::default(),
-    })
+    }
 }
 
 /// The uid:gid of an E2B user name.
@@ -209,10 +220,12 @@ impl KeeperBackend {
             .entry("base".into())
             .or_insert_with(Template::base);
         let quota = Quota::new(cfg.tenants.clone());
+        let pool = pool::Pool::new(cfg.pools.clone());
         Arc::new(KeeperBackend {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
             quota,
+            pool,
         })
     }
 
@@ -396,6 +409,14 @@ impl KeeperBackend {
         req: &CreateSandbox,
         spec: SandboxSpec,
     ) -> BackendResult<SandboxInfo> {
+        if spec.network == default_network() {
+            if let Some(r) = self.pool.take(&req.template) {
+                if let Ok(info) = self.adopt_warm(req, &spec, r.clone()).await {
+                    return Ok(info);
+                }
+                let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+            }
+        }
         let cfg = KeeperConfig {
             spec: spec.clone(),
             name: None,
@@ -432,10 +453,82 @@ impl KeeperBackend {
                 .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
                 >> 20) as u32,
         };
+        let mut record = record;
+        record
+            .metadata
+            .entry("launch".into())
+            .or_insert_with(|| "cold".into());
         let dir = self.cfg.root.join(&id);
         save_record(&dir, &record);
         let e = self.insert(Remote::new(&id, &dir), record, false);
         Self::info(&e)
+    }
+
+    /// Hands a pooled sandbox to `req`'s tenant.
+    async fn adopt_warm(
+        &self,
+        req: &CreateSandbox,
+        spec: &SandboxSpec,
+        r: Remote,
+    ) -> BackendResult<SandboxInfo> {
+        let rr = r.clone();
+        let seconds = (req.timeout + KEEPER_GRACE).as_secs();
+        blocking(move || {
+            rr.ask(&Request::SetLifetime { seconds })
+                .map_err(keeper_error)
+        })
+        .await?;
+        let now = SystemTime::now();
+        let mut metadata = req.metadata.clone();
+        metadata.insert("launch".into(), "warm".into());
+        let record = Record {
+            tenant: req.tenant.0.clone(),
+            template: req.template.clone(),
+            metadata,
+            env_vars: req.env_vars.clone(),
+            token: req.envd_access_token.clone(),
+            started_at_ms: ms(now),
+            end_at_ms: ms(now + req.timeout),
+            auto_pause: req.auto_pause,
+            allow_internet_access: req.allow_internet_access,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+            cpu_count: share_of(spec).cpus as u32,
+            memory_mb: share_of(spec).memory_mb as u32,
+        };
+        save_record(&r.dir, &record);
+        let e = self.insert(r, record, false);
+        Self::info(&e)
+    }
+
+    /// Starts filling the warm pools (call once, from the runtime).
+    pub fn spawn_pools(self: &Arc<Self>) {
+        if self.pool.target.values().any(|n| *n > 0) {
+            pool::spawn_refiller(Arc::downgrade(self));
+        }
+    }
+
+    /// Pools configured for templates that do not exist.
+    pub fn unknown_pools(&self) -> Vec<String> {
+        self.pool
+            .target
+            .keys()
+            .filter(|t| !self.cfg.templates.contains_key(*t))
+            .cloned()
+            .collect()
+    }
+
+    /// Ready pooled sandboxes per template.
+    pub fn pool_sizes(&self) -> HashMap<String, usize> {
+        self.pool.sizes()
+    }
+
+    /// Ends the pooled sandboxes (at shutdown: they have no record and
+    /// would be ended by the next daemon anyway).
+    pub fn drain_pools(&self) {
+        for r in self.pool.drain() {
+            let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+        }
     }
 
     /// What the tenant's sandboxes hold now.
