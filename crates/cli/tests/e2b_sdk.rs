@@ -137,6 +137,17 @@ impl Daemon {
         }
     }
 
+    /// `nanoclaw audit ARGS --data D`: its stdout (must succeed).
+    fn audit(&self, args: &[&str]) -> String {
+        let d = self.data.to_string_lossy().into_owned();
+        let mut a = vec!["audit"];
+        a.extend_from_slice(args);
+        a.extend(["--data", &d]);
+        let o = nc(self.mode, &a).output().expect("nanoclaw audit");
+        assert!(o.status.success(), "audit {args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    }
+
     /// Adds a tenant (with `tenant add` options); its key.
     fn tenant(&self, name: &str, opts: &[&str]) -> String {
         let d = self.data.to_string_lossy().into_owned();
@@ -238,6 +249,19 @@ fn the_e2b_sdk_runs_against_nanoclaw_serve() {
             text(&o.stderr)
         );
         eprintln!("[{}] {}", m.name, out.lines().last().unwrap_or(""));
+        // Every command the suite ran is in the audit log, whose chain holds.
+        let execs = d.audit(&["ls", "--kind", "exec", "--limit", "1000", "--json"]);
+        assert!(
+            execs.contains("/bin/bash"),
+            "[{}] no exec records: {execs}",
+            m.name
+        );
+        let verify = d.audit(&["verify"]);
+        assert!(
+            verify.starts_with("ok"),
+            "[{}] audit verify: {verify}",
+            m.name
+        );
         drop(d);
         assert_eq!(
             wait_keepers(m, before),

@@ -41,6 +41,9 @@ pub enum DaemonError {
     /// Serving.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// A bad option.
     #[error("{0}")]
     Config(String),
@@ -96,6 +99,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         templates: Default::default(),
         tenants: Some(tenants.clone()),
         pools: cfg.pools.clone(),
+        audit: Some(crate::audit::Audit::open(&crate::db::db_path(&data))?),
     });
     if let Some(t) = backend.unknown_pools().first() {
         return Err(DaemonError::Config(format!(

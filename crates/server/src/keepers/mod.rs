@@ -80,6 +80,8 @@ pub struct KeeperBackendConfig {
     pub tenants: Option<Arc<crate::tenants::Tenants>>,
     /// Warm pool size per template.
     pub pools: HashMap<String, usize>,
+    /// The audit log (create, exec, kill, pause, resume, files).
+    pub audit: Option<crate::audit::Audit>,
 }
 
 /// What the daemon records of a sandbox, beside its keeper's state.
@@ -531,6 +533,21 @@ impl KeeperBackend {
         }
     }
 
+    /// Appends an audit record about a sandbox (durable on return).
+    async fn audit(&self, kind: &str, tenant: &TenantId, sandbox: &str, detail: Option<String>) {
+        let Some(a) = self.cfg.audit.clone() else {
+            return;
+        };
+        let mut rec = crate::audit::Record::new(kind);
+        rec.tenant = Some(tenant.0.clone());
+        rec.sandbox = Some(sandbox.to_string());
+        rec.detail = detail;
+        let r = tokio::task::spawn_blocking(move || a.append(rec)).await;
+        if !matches!(r, Ok(Ok(_))) {
+            eprintln!("nanoclaw serve: could not write an audit record ({kind} {sandbox})");
+        }
+    }
+
     /// What the tenant's sandboxes hold now.
     fn live_share(&self, tenant: &TenantId) -> Share {
         let Ok(m) = self.sandboxes.lock() else {
@@ -619,6 +636,21 @@ impl Backend for KeeperBackend {
             .await?;
         let r = self.start_sandbox(&req, spec).await;
         self.quota.release(&req.tenant, want);
+        if let Ok(info) = &r {
+            let launch = info.metadata.get("launch").cloned().unwrap_or_default();
+            let detail = format!(
+                "template {}, launch {launch}, timeout {} s",
+                req.template,
+                req.timeout.as_secs()
+            );
+            self.audit(
+                crate::audit::kind::CREATE,
+                &req.tenant,
+                &info.sandbox_id,
+                Some(detail),
+            )
+            .await;
+        }
         r
     }
 
@@ -697,6 +729,8 @@ impl Backend for KeeperBackend {
     async fn kill(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
         self.entry(tenant, sandbox_id)?;
         self.end(sandbox_id).await;
+        self.audit(crate::audit::kind::KILL, tenant, sandbox_id, None)
+            .await;
         Ok(())
     }
 
@@ -707,7 +741,10 @@ impl Backend for KeeperBackend {
                 "sandbox {sandbox_id} is already paused"
             )));
         }
-        self.set_paused(&e, true).await
+        self.set_paused(&e, true).await?;
+        self.audit(crate::audit::kind::PAUSE, tenant, sandbox_id, None)
+            .await;
+        Ok(())
     }
 
     async fn resume(
@@ -724,6 +761,8 @@ impl Backend for KeeperBackend {
         }
         self.set_paused(&e, false).await?;
         self.extend(&e, timeout).await?;
+        self.audit(crate::audit::kind::RESUME, tenant, sandbox_id, None)
+            .await;
         Self::info(&e)
     }
 
@@ -827,7 +866,19 @@ impl Backend for KeeperBackend {
         let stdin = req.stdin;
         let rs = blocking(move || remote.spawn(&spec, stdin).map_err(keeper_error)).await?;
         let weak = Arc::downgrade(&e);
-        let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, move |pid| {
+        let hook = self.cfg.audit.clone().map(|a| {
+            let mut rec = crate::audit::Record::new(crate::audit::kind::EXEC);
+            rec.tenant = Some(scope.tenant.0.clone());
+            rec.sandbox = Some(scope.sandbox_id.clone());
+            rec.argv = Some(
+                std::iter::once(req.config.cmd.clone())
+                    .chain(req.config.args.iter().cloned())
+                    .collect(),
+            );
+            rec.detail = scope.user.as_ref().map(|u| format!("user {u}"));
+            (a, rec)
+        });
+        let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, hook, move |pid| {
             if let Some(e) = weak.upgrade() {
                 if let Ok(mut p) = e.procs.lock() {
                     p.remove(&pid);

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+use crate::audit::{Audit, Capture, Record};
 use crate::backend::{
     BackendError, BackendResult, ProcessConfig, ProcessEnd, ProcessEvent, ProcessHandle,
     ProcessOutput,
@@ -43,7 +44,13 @@ pub(crate) struct Proc {
     listeners: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
     stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
     control: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// What stdin received (for the audit record).
+    input: Mutex<Capture>,
 }
+
+/// Where a process's end is recorded: the log and the record so far
+/// (kind, tenant, sandbox, argv).
+pub(crate) type AuditHook = Option<(Audit, Record)>;
 
 fn decode(frame: &[u8; FRAME]) -> (u32, u32, i32) {
     let u = |i: usize| u32::from_le_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
@@ -63,6 +70,7 @@ impl Proc {
         config: ProcessConfig,
         tag: Option<String>,
         timeout: Option<Duration>,
+        audit: AuditHook,
         on_end: impl FnOnce(u32) + Send + 'static,
     ) -> BackendResult<(Arc<Proc>, ProcessHandle)> {
         rs.conn.set_nonblocking(true).map_err(internal)?;
@@ -98,6 +106,7 @@ impl Proc {
             listeners: Mutex::new(vec![tx]),
             stdin: tokio::sync::Mutex::new(stdin),
             control: tokio::sync::Mutex::new(wr),
+            input: Mutex::new(Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES)),
         });
         let out = pipe::Receiver::from_owned_fd(sp.stdout).map_err(internal)?;
         let err = pipe::Receiver::from_owned_fd(sp.stderr).map_err(internal)?;
@@ -108,6 +117,9 @@ impl Proc {
             err: Some(err),
             report: sp.report,
             killed_by_timeout: false,
+            output: Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES),
+            audit,
+            started: std::time::Instant::now(),
         };
         tokio::spawn(async move {
             let end = pump.run(timeout).await;
@@ -138,6 +150,9 @@ impl Proc {
                 "the process has no open stdin (start it with stdin enabled)".into(),
             ));
         };
+        if let Ok(mut c) = self.input.lock() {
+            c.update(data);
+        }
         w.write_all(data)
             .await
             .map_err(|e| BackendError::InvalidArgument(format!("stdin: {e}")))
@@ -204,6 +219,10 @@ struct Pump {
     err: Option<pipe::Receiver>,
     report: OwnedFd,
     killed_by_timeout: bool,
+    /// Both output streams as they came (for the audit record).
+    output: Capture,
+    audit: AuditHook,
+    started: std::time::Instant,
 }
 
 impl Pump {
@@ -224,12 +243,14 @@ impl Pump {
             tokio::select! {
                 r = read_some(&mut self.out, &mut buf_out) => {
                     if let Some(n) = r {
+                        self.output.update(&buf_out[..n]);
                         let b = Bytes::copy_from_slice(&buf_out[..n]);
                         self.proc.broadcast(ProcessEvent::Data(ProcessOutput::Stdout(b))).await;
                     }
                 }
                 r = read_some(&mut self.err, &mut buf_err) => {
                     if let Some(n) = r {
+                        self.output.update(&buf_err[..n]);
                         let b = Bytes::copy_from_slice(&buf_err[..n]);
                         self.proc.broadcast(ProcessEvent::Data(ProcessOutput::Stderr(b))).await;
                     }
@@ -264,11 +285,37 @@ impl Pump {
             end = ProcessEnd::exited(msg.0);
         }
         self.proc.close_stdin().await;
+        // The record is on disk before anyone hears of the end.
+        self.record(status, &end).await;
         self.proc.broadcast(ProcessEvent::End(end)).await;
         if let Ok(mut l) = self.proc.listeners.lock() {
             l.clear();
         }
         (self.proc.pid, status)
+    }
+
+    /// Appends the exec's audit record (and waits for it to be durable).
+    async fn record(&mut self, status: i32, end: &ProcessEnd) {
+        let Some((audit, mut rec)) = self.audit.take() else {
+            return;
+        };
+        rec.exit_code = end.exited.then_some(end.exit_code);
+        rec.signal = (!libc::WIFEXITED(status)).then(|| libc::WTERMSIG(status));
+        rec.killed_by = self.killed_by_timeout.then(|| "timeout".to_string());
+        rec.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        let output = std::mem::replace(&mut self.output, Capture::new(0));
+        rec.output = Some(output.finish());
+        let input = self
+            .proc
+            .input
+            .lock()
+            .map(|mut c| std::mem::replace(&mut *c, Capture::new(0)).finish())
+            .ok();
+        rec.input = input;
+        let r = tokio::task::spawn_blocking(move || audit.append(rec)).await;
+        if !matches!(r, Ok(Ok(_))) {
+            eprintln!("nanoclaw serve: could not write an exec's audit record");
+        }
     }
 
     /// Output still in the pipes after the end (until EOF, or a grace
@@ -284,6 +331,7 @@ impl Pump {
                 let r = tokio::time::timeout_at(until, read_some(src, buf)).await;
                 match r {
                     Ok(Some(n)) => {
+                        self.output.update(&buf[..n]);
                         let b = Bytes::copy_from_slice(&buf[..n]);
                         let ev = if stdout {
                             ProcessOutput::Stdout(b)
