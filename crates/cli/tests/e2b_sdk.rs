@@ -453,7 +453,7 @@ fn a_warm_pool_hands_out_and_refills() {
     );
     for id in [id, cold] {
         let dir = format!("/run/nanoclaw/serve/sandboxes/{id}");
-        if let Some(st) = std::fs::read_to_string(format!("{dir}/state.json")).ok() {
+        if let Ok(st) = std::fs::read_to_string(format!("{dir}/state.json")) {
             let v: serde_json::Value = serde_json::from_str(&st).expect("state");
             // SAFETY: kill with a pid and a signal.
             unsafe { libc::kill(v["keeper_pid"].as_i64().unwrap_or(0) as i32, libc::SIGTERM) };
