@@ -870,6 +870,8 @@ class Bench:
         if not self.a.no_docker:
             self.docker = DockerSide(self.a.image)
             self.docker.remove_stale()
+            self.results["versions"]["docker_engine"] = self.docker.client.version().get("Version")
+            self.results["versions"]["docker_api"] = self.docker.client.api.api_version
 
     def cleanup(self):
         if self.daemon is not None:
@@ -1139,6 +1141,9 @@ class Bench:
             for f in futs:
                 f.result()
         wall = max(r["end"] for r in results) - t0
+        # closed before the teardown: killed keepers are reaped by init, so
+        # their CPU time could not be attributed afterwards
+        cpu = win.close()
         mem1 = self.daemon.memory()
         handles = [r["handle"] for r in results if r["handle"] is not None]
         t1 = time.perf_counter()
@@ -1149,7 +1154,6 @@ class Bench:
         if after_teardown is not None:
             after_teardown()
             gone_wall = time.perf_counter() - t1
-        cpu = win.close()
         errs = [r["error"] for r in results if r["error"]]
         return {
             "wall_s": wall,
@@ -1334,9 +1338,11 @@ class Bench:
             avail, kmem = self.mem_available(), kernel_mem()
             if base_avail is None:
                 base_avail, base_kmem = avail, kmem
+            # does one more create get slower with many sandboxes up?
+            lat = self.create_probe(d, a.probe_creates)
             out["nanoclaw"].append({"count": cnt, **m, "keepers": keepers, "procs": procs, "pss": kpss,
                                     "mem_available": avail, "mem_used_delta": base_avail - avail,
-                                    "kmem_delta": kmem - base_kmem})
+                                    "kmem_delta": kmem - base_kmem, "create_probe": summarize(lat)})
         # and after killing them all: does the daemon give memory back?
         t = time.perf_counter()
         with cf.ThreadPoolExecutor(8) as ex:
@@ -1375,9 +1381,19 @@ class Bench:
                 avail, kmem = self.mem_available(), kernel_mem()
                 if base_avail is None:
                     base_avail, base_kmem = avail, kmem
-                out["docker"].append({"count": cnt, **{f"rss_{k}": v for k, v in dk.daemon_rss().items()},
+                rss = dk.daemon_rss()
+                lat = []
+                for _ in range(a.probe_creates):
+                    self.check_stop()
+                    t = time.perf_counter()
+                    c = dk.create_live()
+                    lat.append((time.perf_counter() - t) * 1000)
+                    c.remove(force=True)
+                    self.settle()
+                out["docker"].append({"count": cnt, **{f"rss_{k}": v for k, v in rss.items()},
                                       "shims": shims, "procs": procs, "pss": cpss, "mem_available": avail,
-                                      "mem_used_delta": base_avail - avail, "kmem_delta": kmem - base_kmem})
+                                      "mem_used_delta": base_avail - avail, "kmem_delta": kmem - base_kmem,
+                                      "create_probe": summarize(lat)})
             t = time.perf_counter()
             with cf.ThreadPoolExecutor(8) as ex:
                 list(ex.map(lambda c: c.remove(force=True), cs))
@@ -1385,6 +1401,28 @@ class Bench:
             out["docker_cpu"] = win.close()
         self.results["sections"]["e"] = out
         return out
+
+    def create_probe(self, d, n):
+        """n sequential creates (raw HTTP, unix socket), each killed and gone
+        before the next: ms each."""
+        c = RawClient(d.keys["b"], unix=d.sock)
+        lat = []
+        try:
+            for _ in range(n):
+                self.check_stop()
+                t = time.perf_counter()
+                sid, _ = c.create()
+                lat.append((time.perf_counter() - t) * 1000)
+                d.track("b", sid)
+                pids = d.sandbox_pids(sid)
+                c.kill(sid)
+                d.untrack("b", sid)
+                if pids:
+                    wait_gone(pids)
+                self.settle()
+        finally:
+            c.close()
+        return lat
 
     @staticmethod
     def mem_available():
@@ -1410,6 +1448,9 @@ class Bench:
         }
         self.results["versions"] = self.versions()
         self.results["mode"] = "full" if a.full else "quick"
+        self.results["argv"] = sys.argv[1:]
+        self.results["notes"] = self.notes  # (filled in by setup)
+        self.results["params"] = {k: getattr(a, k) for k in ("settle_ms", "idle_parallel", "probe_creates")}
         t_all = time.perf_counter()
         self.setup()
         self.results["isolated"] = self.isolated
@@ -1464,11 +1505,11 @@ def table_rows(res, anchor_prefix="docker"):
     return lines
 
 
-def markdown(b: Bench):
-    r = b.results
+def markdown(r):
+    """The report, from the results alone (so `--render` can redo it from the JSON)."""
     m = r["machine"]
     v = r["versions"]
-    a = b.a
+    a = argparse.Namespace(**r["params"])
     L = []
     L.append("### `nanoclaw serve` vs Docker, driven by their SDKs (e2b SDK / Docker Engine API)")
     L.append("")
@@ -1477,8 +1518,8 @@ def markdown(b: Bench):
              f"{' '.join(m['load_start'])} at the start, {' '.join(m.get('load_end', ['?']))} at the end; "
              f"whole run {r.get('total_s', 0):.0f} s.")
     L.append(f"Versions: {v['nanoclaw']} (git {v['git']}), e2b {v['e2b_py']} (Python {v['python']}), "
-             f"docker SDK {v['docker_py']}, " + (f"Docker Engine {b.docker.client.version().get('Version')} "
-                                                 f"(API {b.docker.client.api.api_version})" if b.docker else "no docker") + ".")
+             f"docker SDK {v['docker_py']}, " + (f"Docker Engine {v['docker_engine']} (API {v['docker_api']})"
+                                                 if v.get("docker_engine") else "no docker") + ".")
     L.append("")
     L.append("Transports: the e2b SDK rows go over **TCP loopback** (the SDK cannot dial a unix socket); "
              "the *raw HTTP* rows are a stdlib HTTP/1.1 keep-alive client sending the SDK's own requests "
@@ -1488,11 +1529,19 @@ def markdown(b: Bench):
              "`--network none`, and a live container is `sh -c 'read _'` with stdin open (the image has no `sleep`). "
              "`exec_run` is 3 API calls (create, start, inspect). nanoclaw tenants were given quotas far "
              "above the test (sandboxes, memory, CPUs, 10⁶ requests/s), so no request was throttled.")
+    L.append("")
+    L.append("Each section ends with the CPU use of the machine's cores over it and who used it (from /proc: "
+             "this benchmark's client, nanoclaw's daemon, keepers and sandboxes, docker's daemons, shims and "
+             "containers, kernel threads, other processes). *Unattributed* is busy time of processes that "
+             "started and ended inside the section and were reaped by init: other builds' short-lived "
+             "compilers, and killed sandboxes' keepers, which double-fork. A section where other processes "
+             "used a quarter of a core or more is flagged: its medians are inflated and `min` is the better "
+             "estimate of the uncontended cost.")
     if r.get("isolated"):
         L.append("")
         L.append("The daemon ran in a private mount namespace with its own tmpfs on `/run/nanoclaw`, so it "
                  "saw no other daemon's keepers (see the notes).")
-    for n in b.notes:
+    for n in r.get("notes", []):
         L.append("")
         L.append(n)
 
@@ -1559,7 +1608,7 @@ def markdown(b: Bench):
             if x["error_examples"]:
                 L.append(f"\nErrors ({x['who']}, round {x['round']}): " + "; ".join(f"`{e}`" for e in x["error_examples"]))
         for x in s["rounds"]:
-            L += ["", f"Round {x['round']} {x['who']}: " + cpu_line(x["cpu"])]
+            L += ["", f"Round {x['round']} {x['who']} (until the last thread was done, before the teardown): " + cpu_line(x["cpu"])]
     if "d" in secs_:
         s = secs_["d"]
         L += ["", "#### (d) One-shot runs: `POST /v1/run` vs `docker run --rm`", ""]
@@ -1589,15 +1638,18 @@ def markdown(b: Bench):
               "(/proc/meminfo) since the 0 row: namespaces, cgroups, page tables. MemAvailable delta = since the "
               "0 row, system-wide: other work on the machine (builds) moves it by tens of MiB, so read it per "
               "sandbox only at the largest count.", "",
-              "| idle | daemon VmRSS | VmHWM | threads | fds | keepers · processes | keepers + sandboxes PSS (per sandbox) | kernel (per sandbox) | MemAvailable delta (per sandbox) |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "*One more create* = " + str(a.probe_creates) + " sequential creates (raw HTTP, unix socket) with that "
+              "many sandboxes up, each killed before the next: median (min).", "",
+              "| idle | daemon VmRSS | VmHWM | threads | fds | keepers · processes | keepers + sandboxes PSS (per sandbox) | kernel (per sandbox) | MemAvailable delta (per sandbox) | one more create |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for x in s["nanoclaw"]:
             c = x["count"]
             per_pss = mib(x["pss"] / c) if c else "—"
             per_av = mib(x["mem_used_delta"] / c) if c else "—"
             L.append(f"| {c} | {mib(x['vmrss'])} | {mib(x['vmhwm'])} | {x['threads']} | {x['fds']} | "
                      f"{x['keepers']} · {x['procs']} | {mib(x['pss'])} ({per_pss}) | {mib(x['kmem_delta'])} "
-                     f"({mib(x['kmem_delta'] / c) if c else '—'}) | {mib(x['mem_used_delta'])} ({per_av}) |")
+                     f"({mib(x['kmem_delta'] / c) if c else '—'}) | {mib(x['mem_used_delta'])} ({per_av}) | "
+                     f"{ms((x.get('create_probe') or {}).get('median'))} ({ms((x.get('create_probe') or {}).get('min'))}) |")
         ak = s.get("nanoclaw_after_kill")
         if ak:
             L.append(f"\nAfter killing all {s['counts'][-1]} (calls returned in {s['nanoclaw_kill_all_s']:.1f} s with 8 threads, "
@@ -1605,29 +1657,33 @@ def markdown(b: Bench):
                      f"{mib(ak['vmrss'])}, threads {ak['threads']}, fds {ak['fds']}.")
         if s.get("docker"):
             L += ["", "Docker, same procedure (containers `sh -c 'read _'`, `--network none`):", "",
-                  "| idle | dockerd VmRSS | containerd VmRSS | shims · processes | shims + containers PSS (per container) | kernel (per container) | MemAvailable delta (per container) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| idle | dockerd VmRSS | containerd VmRSS | shims · processes | shims + containers PSS (per container) | kernel (per container) | MemAvailable delta (per container) | one more create + start |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for x in s["docker"]:
                 c = x["count"]
                 per_pss = mib(x["pss"] / c) if c else "—"
                 per_av = mib(x["mem_used_delta"] / c) if c else "—"
                 L.append(f"| {c} | {mib(x.get('rss_dockerd'))} | {mib(x.get('rss_containerd'))} | {x['shims']} · {x['procs']} | "
                          f"{mib(x['pss'])} ({per_pss}) | {mib(x['kmem_delta'])} ({mib(x['kmem_delta'] / c) if c else '—'}) | "
-                         f"{mib(x['mem_used_delta'])} ({per_av}) |")
+                         f"{mib(x['mem_used_delta'])} ({per_av}) | {ms((x.get('create_probe') or {}).get('median'))} "
+                         f"({ms((x.get('create_probe') or {}).get('min'))}) |")
             L.append(f"\nRemoving all {s['docker_counts'][-1]}: {s['docker_remove_all_s']:.1f} s (8 threads).")
             nl = [x for x in s["nanoclaw"] if x["count"]]
             dl = [x for x in s["docker"] if x["count"]]
             if nl and dl:
                 n_, d_ = nl[-1], dl[-1]
+                busy = any(w and w["cores"]["other"] >= 0.25 for w in (s.get("nanoclaw_cpu"), s.get("docker_cpu")))
+                avail = ("MemAvailable delta not compared: other processes were busy during the section, and "
+                         "their memory moves it" if busy or n_["mem_used_delta"] <= 0 or d_["mem_used_delta"] <= 0 else
+                         f"MemAvailable delta {ratio(d_['mem_used_delta'] / d_['count'], n_['mem_used_delta'] / n_['count'])}")
                 L.append(f"Per sandbox at the largest count, docker / nanoclaw: PSS {ratio(d_['pss'] / d_['count'], n_['pss'] / n_['count'])}, "
-                         f"kernel {ratio(d_['kmem_delta'] / d_['count'], n_['kmem_delta'] / n_['count'])}, "
-                         f"MemAvailable delta {ratio(d_['mem_used_delta'] / d_['count'], n_['mem_used_delta'] / n_['count'])}"
+                         f"kernel {ratio(d_['kmem_delta'] / d_['count'], n_['kmem_delta'] / n_['count'])}; {avail}"
                          + ("" if n_["count"] == d_["count"] else f" ({d_['count']} containers vs {n_['count']} sandboxes)") + ".")
         L += ["", "nanoclaw: " + cpu_line(s["nanoclaw_cpu"])]
         if s.get("docker_cpu"):
             L += ["", "docker: " + cpu_line(s["docker_cpu"])]
     L.append("")
-    L.append("Command: `" + " ".join(["bench/e2b_bench.py", *sys.argv[1:]]) + "`")
+    L.append("Command: `" + " ".join(["bench/e2b_bench.py", *r.get("argv", [])]) + "`")
     return "\n".join(L) + "\n"
 
 
@@ -1656,6 +1712,8 @@ def parse_args(argv=None):
     p.add_argument("--docker-idle", type=int,
                    help="largest idle-container count in (e); 0 = skip docker there (default: as --idle, at most 200)")
     p.add_argument("--idle-parallel", type=int, default=8, help="threads making idle sandboxes in (e)")
+    p.add_argument("--probe-creates", type=int, default=10,
+                   help="sequential creates timed at each idle count in (e)")
     p.add_argument("--pool-size", type=int, default=4, help="warm pool size, when the daemon has --pool")
     p.add_argument("--pool-refill-ms", type=int, default=300, help="pause after a warm-pool create (refill)")
     p.add_argument("--no-warm", action="store_true", help="skip the warm-pool variant")
@@ -1691,6 +1749,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--render"]:
+        # bench/e2b_bench.py --render RESULTS.json: print the report again
+        with open(argv[1]) as f:
+            sys.stdout.write(markdown(json.load(f)))
+        return 0
     a = parse_args(argv)
 
     def on_signal(signum, _frame):
@@ -1719,7 +1783,7 @@ def main(argv=None):
             signal.signal(s, signal.SIG_IGN)
         b.cleanup()
     if rc == 0 or b.results.get("sections"):
-        md = markdown(b)
+        md = markdown(b.results)
         print(md)
         if a.out is not None:
             path = a.out or os.path.join(REPO, "bench", "results",
