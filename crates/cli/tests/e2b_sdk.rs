@@ -443,22 +443,12 @@ fn a_warm_pool_hands_out_and_refills() {
         before + 4,
         "the pool did not refill"
     );
-    drop(d);
-    // The handed-out sandboxes outlive the daemon (to be re-adopted) until
-    // their end; the pooled ones end with it.
-    assert_eq!(
-        wait_keepers(m, before + 2),
-        before + 2,
-        "pooled sandboxes outlived the daemon"
-    );
-    for id in [id, cold] {
-        let dir = format!("/run/nanoclaw/serve/sandboxes/{id}");
-        if let Ok(st) = std::fs::read_to_string(format!("{dir}/state.json")) {
-            let v: serde_json::Value = serde_json::from_str(&st).expect("state");
-            // SAFETY: kill with a pid and a signal.
-            unsafe { libc::kill(v["keeper_pid"].as_i64().unwrap_or(0) as i32, libc::SIGTERM) };
-        }
+    for id in [&id, &cold] {
+        let (code, _) = d.curl("DELETE", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 204);
     }
+    // The pooled sandboxes end with the daemon.
+    drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }
 
@@ -471,4 +461,36 @@ fn wait_keepers_up(mode: Mode, want: usize) -> usize {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Two daemons (two data folders) never see each other's sandboxes, even
+/// for same-named tenants; a second daemon on the same data folder is
+/// refused.
+#[test]
+fn two_daemons_do_not_share_sandboxes() {
+    let _g = serial();
+    let m = modes("two_daemons_do_not_share_sandboxes")[0];
+    let before = keepers(m);
+    let d1 = Daemon::new(m, "two-a");
+    let (code, body) = d1.curl("POST", "/v2/sandboxes", Some(r#"{"templateID":"base","timeout":60}"#));
+    assert_eq!(code, 201, "{body}");
+    let id = json_body(&body)["sandboxID"].as_str().expect("id").to_string();
+    let d2 = Daemon::new(m, "two-b");
+    let (code, body) = d2.curl("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(code, 404, "the other daemon's sandbox is visible: {body}");
+    let (_, list) = d2.curl("GET", "/v2/sandboxes", None);
+    assert!(!list.contains(&id), "{list}");
+    let (code, body) = d1.curl("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(code, 200, "the second daemon took the sandbox: {body}");
+    // The same data folder twice: refused, one line.
+    let dd = d1.data.to_string_lossy().into_owned();
+    let port = format!("tcp:127.0.0.1:{}", free_port());
+    let o = nc(m, &["serve", "--data", &dd, "--listen", &port]).output().expect("serve");
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("another nanoclaw serve"), "{}", text(&o.stderr));
+    let (code, _) = d1.curl("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(code, 204);
+    drop(d2);
+    drop(d1);
+    assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }

@@ -88,11 +88,33 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// One daemon per data folder: an exclusive lock on `DATA/serve.lock`,
+/// held while the returned file is open.
+fn lock_data(data: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let path = data.join("serve.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DaemonError::Config(format!(
+            "another nanoclaw serve uses the data folder {} (stop it, or give this one another --data)",
+            data.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let data = crate::db::data_dir(cfg.data.as_deref())?;
     let tenants = Arc::new(Tenants::open(&crate::db::db_path(&data))?);
-    let root = keepers::default_root()?;
+    let _lock = lock_data(&data)?;
+    let root = keepers::default_root(&data)?;
     let backend = KeeperBackend::new(KeeperBackendConfig {
         exe: cfg.exe.clone(),
         root,

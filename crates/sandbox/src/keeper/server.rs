@@ -44,6 +44,7 @@ pub fn keeper_main() -> u8 {
     }
     // SAFETY: setsid has no arguments.
     unsafe { libc::setsid() };
+    crate::native::cgroup::skip_stale_sweep();
     // Before any thread exists (the egress proxy runs on threads), so that
     // every thread has these blocked and only the signalfd sees them.
     let signals = block_end_signals();

@@ -924,13 +924,23 @@ struct Need {
 /// are gone — init dies with the runner — so the directory is empty).
 const STALE_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
+static SWEEP_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process will not sweep stale cgroups: a keeper, one of possibly
+/// thousands alive, each a new process, would otherwise list every
+/// sibling's cgroup in every hierarchy at its start (O(sandboxes) per
+/// create); a killed keeper's cgroups are removed by whoever notices it
+/// gone (`keeper::forget`), and one-shot runs still sweep.
+pub fn skip_stale_sweep() {
+    SWEEP_DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Removes empty sandbox cgroups (12 hex digit names) older than
 /// [`STALE_AGE`] under our parents, once per process. `rmdir` of a cgroup
 /// that still has processes fails, so a live sandbox is never touched; the
 /// age keeps a concurrent runner's brand-new cgroup out of reach.
 fn sweep_stale(h: &Host) {
-    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if DONE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    if SWEEP_DONE.swap(true, std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let now = std::time::SystemTime::now();

@@ -1071,11 +1071,20 @@ fn run_argv(req: &RunRequest) -> BackendResult<Vec<String>> {
     }
 }
 
-/// Where this daemon's keepers keep their state: beside the CLI's
-/// (`…/nanoclaw/serve/sandboxes`), created 0700.
-pub fn default_root() -> Result<PathBuf, KeeperError> {
+/// Where the keepers of the daemon whose data folder is `data` keep their
+/// state: beside the CLI's, one folder per data folder
+/// (`…/nanoclaw/serve/<hash of the data folder>`, 0700), so two daemons
+/// never see (or re-adopt) each other's sandboxes.
+pub fn default_root(data: &Path) -> Result<PathBuf, KeeperError> {
+    use sha2::Digest;
     let cli = keeper::state_root()?;
-    let base = cli.parent().unwrap_or(&cli).join("serve").join("sandboxes");
+    let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let base = cli
+        .parent()
+        .unwrap_or(&cli)
+        .join("serve")
+        .join(&hex::encode(digest)[..16]);
     // SAFETY: geteuid cannot fail.
     keeper::own_dir(&base, unsafe { libc::geteuid() })?;
     Ok(base)
