@@ -2,13 +2,17 @@
 //! their keys, the audit log), the keeper backend (re-adopting what a
 //! previous daemon left alive), and the listeners.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use crate::auth::{AuthError, Authenticator, TenantId};
+use crate::audit::Audit;
+use crate::auth::{AuthError, Authenticator, TenantId, TenantLimits};
 use crate::keepers::{self, KeeperBackend, KeeperBackendConfig};
 use crate::listen::{serve, ListenAddr, ServeOptions};
-use crate::tenants::Tenants;
+use crate::metrics::Metrics;
+use crate::tenants::{Quotas, TenantError, Tenants};
 use crate::ServeError;
 
 /// What `nanoclaw serve` was asked for.
@@ -33,6 +37,9 @@ pub enum DaemonError {
     /// The tenants table.
     #[error(transparent)]
     Tenants(#[from] crate::tenants::TenantError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The keepers' state directory.
     #[error(transparent)]
     Keeper(#[from] nanoclaw_sandbox::keeper::KeeperError),
@@ -41,9 +48,30 @@ pub enum DaemonError {
     Serve(#[from] ServeError),
 }
 
-/// API keys checked against the tenants table.
+/// How long [`TenantKeys`] keeps a tenant's limits before reading them
+/// again (a `nanoclaw tenant set` takes effect within this time).
+pub const LIMITS_TTL: Duration = Duration::from_secs(5);
+
+/// API keys checked against the tenants table; tenants' limits read from
+/// it and kept for [`LIMITS_TTL`].
 pub struct TenantKeys {
     tenants: Arc<Tenants>,
+    limits: Mutex<HashMap<TenantId, (Instant, TenantLimits)>>,
+}
+
+impl TenantKeys {
+    /// Keys and limits from `tenants`.
+    pub fn new(tenants: Arc<Tenants>) -> Self {
+        TenantKeys {
+            tenants,
+            limits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self) -> MutexGuard<'_, HashMap<TenantId, (Instant, TenantLimits)>> {
+        // Plain values: a panic elsewhere cannot leave them inconsistent.
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Authenticator for TenantKeys {
@@ -64,6 +92,31 @@ impl Authenticator for TenantKeys {
             .map(|all| all.iter().any(|t| !t.keys.is_empty()))
             .map_err(|e| AuthError::Unavailable(e.to_string()))
     }
+
+    /// The tenant's rate from the tenants table (a tenant removed since
+    /// — the owner of a sandbox that outlived it — gets the defaults).
+    async fn limits(&self, tenant: &TenantId) -> Result<TenantLimits, AuthError> {
+        let now = Instant::now();
+        if let Some((at, limits)) = self.cached().get(tenant) {
+            if now.saturating_duration_since(*at) < LIMITS_TTL {
+                return Ok(*limits);
+            }
+        }
+        let (t, name) = (self.tenants.clone(), tenant.0.clone());
+        let found = tokio::task::spawn_blocking(move || t.get(&name))
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let limits = match found {
+            Ok(t) => t.limits,
+            Err(TenantError::NotFound(_)) => Quotas::default().limits(),
+            Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+        };
+        let limits = TenantLimits {
+            rate_per_s: Some(limits.rate_per_s),
+        };
+        self.cached().insert(tenant.clone(), (now, limits));
+        Ok(limits)
+    }
 }
 
 /// The default socket: `/run/nanoclaw/nanoclaw.sock` as root, else
@@ -83,13 +136,19 @@ pub fn default_socket() -> PathBuf {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let data = crate::db::data_dir(cfg.data.as_deref())?;
-    let tenants = Arc::new(Tenants::open(&crate::db::db_path(&data))?);
+    let db = crate::db::db_path(&data);
+    let tenants = Arc::new(Tenants::open(&db)?);
+    // Its own connection: appends wait on their fsync without holding the
+    // tenants' connection.
+    let audit = Audit::open(&db)?;
+    let metrics = Arc::new(Metrics::new());
     let root = keepers::default_root()?;
     let backend = KeeperBackend::new(KeeperBackendConfig {
         exe: cfg.exe.clone(),
         root,
         templates: Default::default(),
     });
+    backend.set_metrics(Arc::clone(&metrics));
     let (adopted, removed) = backend.adopt();
     if adopted + removed > 0 {
         eprintln!(
@@ -109,7 +168,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     if let Some(v) = cfg.envd_version {
         opts.envd_version = v;
     }
-    let auth = Arc::new(TenantKeys { tenants });
+    opts.audit = Some(audit);
+    opts.metrics = metrics;
+    let auth = Arc::new(TenantKeys::new(tenants));
     serve(listen, backend, auth, opts).await?;
     Ok(())
 }

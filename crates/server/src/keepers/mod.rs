@@ -16,8 +16,8 @@ mod process;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use nanoclaw_sandbox::keeper::{self, KeeperConfig, KeeperError, Live, Remote, Reply, Request};
 use nanoclaw_sandbox::native::session::ExecSpec;
@@ -26,6 +26,7 @@ use nanoclaw_sandbox::SandboxSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::*;
+use crate::metrics::Metrics;
 use process::Proc;
 
 /// How much longer than its E2B end a keeper lives on its own (should the
@@ -105,6 +106,9 @@ struct Entry {
 pub struct KeeperBackend {
     cfg: KeeperBackendConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// The daemon's counters, once [`KeeperBackend::set_metrics`] gave
+    /// them.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -206,7 +210,15 @@ impl KeeperBackend {
         Arc::new(KeeperBackend {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Counts execs (and their durations) in `metrics` from now on; the
+    /// sandbox gauges are read from this backend at each scrape. Only the
+    /// first call has an effect.
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Takes over the sandboxes a previous daemon left alive (their
@@ -609,6 +621,18 @@ impl Backend for KeeperBackend {
         })
     }
 
+    async fn refresh_metrics(&self, metrics: &Metrics) {
+        let all: Vec<Arc<Entry>> = match self.sandboxes.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        let paused = all
+            .iter()
+            .filter(|e| e.paused.lock().is_ok_and(|p| *p))
+            .count() as u64;
+        metrics.set_sandboxes(all.len() as u64 - paused, paused);
+    }
+
     async fn start_process(
         &self,
         scope: &SandboxScope,
@@ -640,7 +664,12 @@ impl Backend for KeeperBackend {
         let stdin = req.stdin;
         let rs = blocking(move || remote.spawn(&spec, stdin).map_err(keeper_error)).await?;
         let weak = Arc::downgrade(&e);
+        let metrics = self.metrics.get().cloned();
+        let started = Instant::now();
         let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, move |pid| {
+            if let Some(m) = &metrics {
+                m.exec_finished(started.elapsed());
+            }
             if let Some(e) = weak.upgrade() {
                 if let Ok(mut p) = e.procs.lock() {
                     p.remove(&pid);
@@ -648,6 +677,9 @@ impl Backend for KeeperBackend {
             }
         })
         .await?;
+        if let Some(m) = self.metrics.get() {
+            m.exec_started();
+        }
         if let Ok(mut p) = e.procs.lock() {
             p.insert(proc.pid, proc);
         }
