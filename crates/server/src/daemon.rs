@@ -57,14 +57,21 @@ pub const LIMITS_TTL: Duration = Duration::from_secs(5);
 pub struct TenantKeys {
     tenants: Arc<Tenants>,
     limits: Mutex<HashMap<TenantId, (Instant, TenantLimits)>>,
+    ttl: Duration,
 }
 
 impl TenantKeys {
-    /// Keys and limits from `tenants`.
+    /// Keys and limits from `tenants` (limits kept for [`LIMITS_TTL`]).
     pub fn new(tenants: Arc<Tenants>) -> Self {
+        Self::with_ttl(tenants, LIMITS_TTL)
+    }
+
+    /// Keys and limits from `tenants`, limits kept for `ttl`.
+    pub fn with_ttl(tenants: Arc<Tenants>, ttl: Duration) -> Self {
         TenantKeys {
             tenants,
             limits: Mutex::new(HashMap::new()),
+            ttl,
         }
     }
 
@@ -98,7 +105,7 @@ impl Authenticator for TenantKeys {
     async fn limits(&self, tenant: &TenantId) -> Result<TenantLimits, AuthError> {
         let now = Instant::now();
         if let Some((at, limits)) = self.cached().get(tenant) {
-            if now.saturating_duration_since(*at) < LIMITS_TTL {
+            if now.saturating_duration_since(*at) < self.ttl {
                 return Ok(*limits);
             }
         }
@@ -173,4 +180,39 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let auth = Arc::new(TenantKeys::new(tenants));
     serve(listen, backend, auth, opts).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenants::{Change, QuotaChanges};
+
+    #[tokio::test]
+    async fn tenant_limits_come_from_the_table_and_are_kept_for_a_while() {
+        let dir = std::env::temp_dir().join(format!("nanoclaw-daemon-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenants = Arc::new(Tenants::open(&dir.join("nanoclaw.db")).unwrap());
+        let quotas = Quotas {
+            rate_per_s: Some(3.0),
+            ..Quotas::default()
+        };
+        let (_, key) = tenants.add("acme", quotas).unwrap();
+        let keys = TenantKeys::with_ttl(tenants.clone(), Duration::from_millis(300));
+        let acme = keys.authenticate(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(3.0));
+        let set = QuotaChanges {
+            rate_per_s: Change::Set(7.0),
+            ..QuotaChanges::default()
+        };
+        tenants.set("acme", &set).unwrap();
+        // Kept: the table is not read on every request.
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(3.0));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(7.0));
+        // A tenant that is gone (a sandbox's owner) gets the defaults.
+        let gone = keys.limits(&TenantId::from("gone")).await.unwrap();
+        assert_eq!(gone.rate_per_s, Some(crate::tenants::DEFAULT_RATE_PER_S));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
