@@ -72,13 +72,6 @@ pub enum Access {
     PublicOrAccessToken,
 }
 
-impl Access {
-    /// Whether requests are charged to a tenant's rate limit.
-    pub fn rate_limited(self) -> bool {
-        self != Access::Public
-    }
-}
-
 /// How a Connect procedure streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RpcKind {
