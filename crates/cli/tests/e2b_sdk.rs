@@ -472,9 +472,16 @@ fn two_daemons_do_not_share_sandboxes() {
     let m = modes("two_daemons_do_not_share_sandboxes")[0];
     let before = keepers(m);
     let d1 = Daemon::new(m, "two-a");
-    let (code, body) = d1.curl("POST", "/v2/sandboxes", Some(r#"{"templateID":"base","timeout":60}"#));
+    let (code, body) = d1.curl(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":60}"#),
+    );
     assert_eq!(code, 201, "{body}");
-    let id = json_body(&body)["sandboxID"].as_str().expect("id").to_string();
+    let id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let d2 = Daemon::new(m, "two-b");
     let (code, body) = d2.curl("GET", &format!("/sandboxes/{id}"), None);
     assert_eq!(code, 404, "the other daemon's sandbox is visible: {body}");
@@ -485,12 +492,74 @@ fn two_daemons_do_not_share_sandboxes() {
     // The same data folder twice: refused, one line.
     let dd = d1.data.to_string_lossy().into_owned();
     let port = format!("tcp:127.0.0.1:{}", free_port());
-    let o = nc(m, &["serve", "--data", &dd, "--listen", &port]).output().expect("serve");
+    let o = nc(m, &["serve", "--data", &dd, "--listen", &port])
+        .output()
+        .expect("serve");
     assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("another nanoclaw serve"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("another nanoclaw serve"),
+        "{}",
+        text(&o.stderr)
+    );
     let (code, _) = d1.curl("DELETE", &format!("/sandboxes/{id}"), None);
     assert_eq!(code, 204);
     drop(d2);
     drop(d1);
+    assert_eq!(wait_keepers(m, before), before, "keepers left behind");
+}
+
+/// nanoclaw's own routes on the real daemon, by curl: one-shot runs
+/// (exit code and output as `run --json`), bad input as 400 JSON, health,
+/// Prometheus metrics, the OpenAPI document, the tenant's audit records.
+#[test]
+fn nanoclaw_routes_on_the_real_daemon() {
+    let _g = serial();
+    let m = modes("nanoclaw_routes_on_the_real_daemon")[0];
+    let before = keepers(m);
+    let d = Daemon::new(m, "routes");
+    let (code, body) = d.curl(
+        "POST",
+        "/v1/run",
+        Some(r#"{"command":["sh","-c","echo hi; echo err >&2; exit 3"]}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let v = json_body(&body);
+    assert_eq!(v["exit_code"], 3, "{body}");
+    assert_eq!(v["stdout"], "hi\n", "{body}");
+    assert_eq!(v["stderr"], "err\n", "{body}");
+    let (code, body) = d.curl(
+        "POST",
+        "/v1/run",
+        Some(r#"{"lang":"python","code":"import os; print(os.getuid())","timeout_ms":10000}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_body(&body)["stdout"], "1000\n", "{body}");
+    let (code, body) = d.curl("POST", "/v1/run", Some(r#"{"command":["true"],"bogus":1}"#));
+    assert_eq!(code, 400, "{body}");
+    assert!(json_body(&body)["message"].is_string(), "{body}");
+    let (code, body) = d.curl(
+        "POST",
+        "/v1/run",
+        Some(r#"{"command":["true"],"timeout_ms":99999999}"#),
+    );
+    assert_eq!(
+        code, 429,
+        "a run past the tenant's longest lifetime: {body}"
+    );
+    let (code, body) = d.curl("GET", "/healthz", None);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = d.curl("GET", "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("nanoclaw_http_requests_total"), "{body}");
+    let (code, body) = d.curl("GET", "/openapi.json", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        json_body(&body)["openapi"].as_str().map(|s| &s[..3]),
+        Some("3.1")
+    );
+    let (code, body) = d.curl("GET", "/v1/audit?kind=request&limit=1000", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("/v1/run"), "{body}");
+    drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }

@@ -44,6 +44,15 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// The limits the HTTP layer enforces for a tenant. `Default` is
+/// unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TenantLimits {
+    /// API requests per second (a token bucket with a burst of
+    /// `max(1, 2 × rate)`, see [`crate::ratelimit`]); `None`: no limit.
+    pub rate_per_s: Option<f64>,
+}
+
 /// Resolves API keys to tenants.
 ///
 /// Implementations must compare keys without leaking timing about how much
@@ -59,6 +68,17 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Whether at least one key is configured. A TCP listener is refused
     /// unless this is true: a network-reachable daemon must not run open.
     fn has_keys(&self) -> impl Future<Output = Result<bool, AuthError>> + Send;
+
+    /// The limits of `tenant` (asked on every authenticated request, so
+    /// an implementation over a database should cache them for a few
+    /// seconds). By default: unlimited.
+    fn limits(
+        &self,
+        tenant: &TenantId,
+    ) -> impl Future<Output = Result<TenantLimits, AuthError>> + Send {
+        let _ = tenant;
+        async { Ok(TenantLimits::default()) }
+    }
 }
 
 /// An in-memory authenticator: a fixed map of keys to tenants. Keys are
@@ -67,6 +87,7 @@ pub trait Authenticator: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct StaticKeys {
     by_digest: HashMap<[u8; 32], TenantId>,
+    limits: HashMap<TenantId, TenantLimits>,
 }
 
 impl fmt::Debug for StaticKeys {
@@ -93,6 +114,18 @@ impl StaticKeys {
     pub fn insert(&mut self, key: &str, tenant: TenantId) {
         self.by_digest.insert(digest(key), tenant);
     }
+
+    /// Limits `tenant` to `per_second` requests (builder style; tenants
+    /// without a rate are unlimited).
+    pub fn with_rate(mut self, tenant: impl Into<TenantId>, per_second: f64) -> Self {
+        self.limits.insert(
+            tenant.into(),
+            TenantLimits {
+                rate_per_s: Some(per_second),
+            },
+        );
+        self
+    }
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -106,6 +139,10 @@ impl Authenticator for StaticKeys {
 
     async fn has_keys(&self) -> Result<bool, AuthError> {
         Ok(!self.by_digest.is_empty())
+    }
+
+    async fn limits(&self, tenant: &TenantId) -> Result<TenantLimits, AuthError> {
+        Ok(self.limits.get(tenant).copied().unwrap_or_default())
     }
 }
 
@@ -138,6 +175,11 @@ mod tests {
         assert_eq!(keys.authenticate("e2b_cc").await.unwrap(), None);
         assert!(keys.has_keys().await.unwrap());
         assert!(!StaticKeys::new().has_keys().await.unwrap());
+        let limited = keys.with_rate("alice", 2.5);
+        let alice = limited.limits(&TenantId::from("alice")).await.unwrap();
+        assert_eq!(alice.rate_per_s, Some(2.5));
+        let bob = limited.limits(&TenantId::from("bob")).await.unwrap();
+        assert_eq!(bob, TenantLimits::default());
     }
 
     #[test]

@@ -647,6 +647,17 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
+    /// Brings what the backend reports in `GET /metrics` up to date just
+    /// before it is rendered (e.g. [`crate::metrics::Metrics::set_sandboxes`]).
+    /// Counters are bumped as things happen instead. By default nothing.
+    fn refresh_metrics(
+        &self,
+        metrics: &crate::metrics::Metrics,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = metrics;
+        async {}
+    }
+
     /// Starts a process. Its pid is known when this returns; its events
     /// follow on the handle.
     fn start_process(

@@ -2,13 +2,17 @@
 //! their keys, the audit log), the keeper backend (re-adopting what a
 //! previous daemon left alive), and the listeners.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use crate::auth::{AuthError, Authenticator, TenantId};
+use crate::audit::Audit;
+use crate::auth::{AuthError, Authenticator, TenantId, TenantLimits};
 use crate::keepers::{self, KeeperBackend, KeeperBackendConfig};
 use crate::listen::{serve, ListenAddr, ServeOptions};
-use crate::tenants::Tenants;
+use crate::metrics::Metrics;
+use crate::tenants::{Quotas, TenantError, Tenants};
 use crate::ServeError;
 
 /// What `nanoclaw serve` was asked for.
@@ -35,23 +39,51 @@ pub enum DaemonError {
     /// The tenants table.
     #[error(transparent)]
     Tenants(#[from] crate::tenants::TenantError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The keepers' state directory.
     #[error(transparent)]
     Keeper(#[from] nanoclaw_sandbox::keeper::KeeperError),
     /// Serving.
     #[error(transparent)]
     Serve(#[from] ServeError),
-    /// The audit log.
-    #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
     /// A bad option.
     #[error("{0}")]
     Config(String),
 }
 
-/// API keys checked against the tenants table.
+/// How long [`TenantKeys`] keeps a tenant's limits before reading them
+/// again (a `nanoclaw tenant set` takes effect within this time).
+pub const LIMITS_TTL: Duration = Duration::from_secs(5);
+
+/// API keys checked against the tenants table; tenants' limits read from
+/// it and kept for [`LIMITS_TTL`].
 pub struct TenantKeys {
     tenants: Arc<Tenants>,
+    limits: Mutex<HashMap<TenantId, (Instant, TenantLimits)>>,
+    ttl: Duration,
+}
+
+impl TenantKeys {
+    /// Keys and limits from `tenants` (limits kept for [`LIMITS_TTL`]).
+    pub fn new(tenants: Arc<Tenants>) -> Self {
+        Self::with_ttl(tenants, LIMITS_TTL)
+    }
+
+    /// Keys and limits from `tenants`, limits kept for `ttl`.
+    pub fn with_ttl(tenants: Arc<Tenants>, ttl: Duration) -> Self {
+        TenantKeys {
+            tenants,
+            limits: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    fn cached(&self) -> MutexGuard<'_, HashMap<TenantId, (Instant, TenantLimits)>> {
+        // Plain values: a panic elsewhere cannot leave them inconsistent.
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Authenticator for TenantKeys {
@@ -71,6 +103,31 @@ impl Authenticator for TenantKeys {
             .map_err(|e| AuthError::Unavailable(e.to_string()))?
             .map(|all| all.iter().any(|t| !t.keys.is_empty()))
             .map_err(|e| AuthError::Unavailable(e.to_string()))
+    }
+
+    /// The tenant's rate from the tenants table (a tenant removed since
+    /// — the owner of a sandbox that outlived it — gets the defaults).
+    async fn limits(&self, tenant: &TenantId) -> Result<TenantLimits, AuthError> {
+        let now = Instant::now();
+        if let Some((at, limits)) = self.cached().get(tenant) {
+            if now.saturating_duration_since(*at) < self.ttl {
+                return Ok(*limits);
+            }
+        }
+        let (t, name) = (self.tenants.clone(), tenant.0.clone());
+        let found = tokio::task::spawn_blocking(move || t.get(&name))
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let limits = match found {
+            Ok(t) => t.limits,
+            Err(TenantError::NotFound(_)) => Quotas::default().limits(),
+            Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+        };
+        let limits = TenantLimits {
+            rate_per_s: Some(limits.rate_per_s),
+        };
+        self.cached().insert(tenant.clone(), (now, limits));
+        Ok(limits)
     }
 }
 
@@ -112,8 +169,13 @@ fn lock_data(data: &std::path::Path) -> Result<std::fs::File, DaemonError> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let data = crate::db::data_dir(cfg.data.as_deref())?;
-    let tenants = Arc::new(Tenants::open(&crate::db::db_path(&data))?);
+    let db = crate::db::db_path(&data);
+    let tenants = Arc::new(Tenants::open(&db)?);
     let _lock = lock_data(&data)?;
+    // Its own connection: appends wait on their fsync without holding the
+    // tenants' connection.
+    let audit = Audit::open(&db)?;
+    let metrics = Arc::new(Metrics::new());
     let root = keepers::default_root(&data)?;
     let backend = KeeperBackend::new(KeeperBackendConfig {
         exe: cfg.exe.clone(),
@@ -121,13 +183,14 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         templates: Default::default(),
         tenants: Some(tenants.clone()),
         pools: cfg.pools.clone(),
-        audit: Some(crate::audit::Audit::open(&crate::db::db_path(&data))?),
+        audit: Some(audit.clone()),
     });
     if let Some(t) = backend.unknown_pools().first() {
         return Err(DaemonError::Config(format!(
             "--pool {t}=N: there is no template {t:?} (known: base)"
         )));
     }
+    backend.set_metrics(Arc::clone(&metrics));
     let (adopted, removed) = backend.adopt();
     if adopted + removed > 0 {
         eprintln!(
@@ -148,10 +211,47 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     if let Some(v) = cfg.envd_version {
         opts.envd_version = v;
     }
-    let auth = Arc::new(TenantKeys { tenants });
+    opts.audit = Some(audit);
+    opts.metrics = metrics;
+    let auth = Arc::new(TenantKeys::new(tenants));
     let r = serve(listen, backend.clone(), auth, opts).await;
     let b = backend.clone();
     let _ = tokio::task::spawn_blocking(move || b.drain_pools()).await;
     r?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenants::{Change, QuotaChanges};
+
+    #[tokio::test]
+    async fn tenant_limits_come_from_the_table_and_are_kept_for_a_while() {
+        let dir = std::env::temp_dir().join(format!("nanoclaw-daemon-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenants = Arc::new(Tenants::open(&dir.join("nanoclaw.db")).unwrap());
+        let quotas = Quotas {
+            rate_per_s: Some(3.0),
+            ..Quotas::default()
+        };
+        let (_, key) = tenants.add("acme", quotas).unwrap();
+        let keys = TenantKeys::with_ttl(tenants.clone(), Duration::from_millis(300));
+        let acme = keys.authenticate(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(3.0));
+        let set = QuotaChanges {
+            rate_per_s: Change::Set(7.0),
+            ..QuotaChanges::default()
+        };
+        tenants.set("acme", &set).unwrap();
+        // Kept: the table is not read on every request.
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(3.0));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(keys.limits(&acme).await.unwrap().rate_per_s, Some(7.0));
+        // A tenant that is gone (a sandbox's owner) gets the defaults.
+        let gone = keys.limits(&TenantId::from("gone")).await.unwrap();
+        assert_eq!(gone.rate_per_s, Some(crate::tenants::DEFAULT_RATE_PER_S));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -17,9 +17,12 @@ pub mod e2b;
 pub mod error;
 pub mod keepers;
 pub mod listen;
+pub mod metrics;
+pub mod ratelimit;
 pub mod tenants;
 
-pub use auth::{Authenticator, StaticKeys, TenantId};
+pub use auth::{Authenticator, StaticKeys, TenantId, TenantLimits};
 pub use backend::{Backend, BackendError};
 pub use error::{ApiError, ServeError};
 pub use listen::{serve, ListenAddr, ServeOptions};
+pub use metrics::Metrics;

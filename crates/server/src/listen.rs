@@ -21,10 +21,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::audit::Audit;
 use crate::auth::{Authenticator, TenantId};
 use crate::backend::Backend;
 use crate::e2b::{self, E2bState, Limits, Peer};
 use crate::error::ServeError;
+use crate::metrics::Metrics;
 
 /// Mode of a unix listener's socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -81,6 +83,12 @@ pub struct ServeOptions {
     pub handle_signals: bool,
     /// Another reason to stop (tests, the daemon's own shutdown).
     pub shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The audit log every request is recorded in before it is answered
+    /// (see [`crate::e2b::observe`]); `None`: requests are not recorded.
+    pub audit: Option<Audit>,
+    /// The counters served as `GET /metrics` (share them with the
+    /// backend so it can count execs, pool hits, …).
+    pub metrics: Arc<Metrics>,
 }
 
 impl ServeOptions {
@@ -100,6 +108,8 @@ impl Default for ServeOptions {
             envd_version: e2b::ENVD_VERSION.to_owned(),
             handle_signals: true,
             shutdown: None,
+            audit: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -272,6 +282,8 @@ pub async fn serve_bound<B: Backend, A: Authenticator>(
     state.limits = opts.limits.clone();
     state.unix_tenant = opts.unix_tenant.clone();
     state.envd_version = opts.envd_version.clone();
+    state.audit = opts.audit.clone();
+    state.metrics = Arc::clone(&opts.metrics);
     let router = e2b::router(Arc::new(state));
     let (stop_tx, stop_rx) = watch::channel(false);
     let conn = ConnOptions {

@@ -96,6 +96,7 @@ pub async fn create<B: Backend, A: Authenticator>(
         })
         .await
         .map_err(ApiError::control)?;
+    super::observe::note_sandbox(&info.sandbox_id);
     Ok(json_status(
         StatusCode::CREATED,
         models::sandbox(&info, &state.envd_version),
@@ -419,6 +420,7 @@ pub async fn resume<B: Backend, A: Authenticator>(
         .resume(&tenant, &id, timeout)
         .await
         .map_err(ApiError::control)?;
+    super::observe::note_sandbox(&info.sandbox_id);
     Ok(json_status(
         StatusCode::CREATED,
         models::sandbox(&info, &state.envd_version),

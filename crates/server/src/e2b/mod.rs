@@ -14,21 +14,27 @@ pub mod control;
 pub mod envd;
 pub mod models;
 pub mod multipart;
+pub mod nanoclaw;
+pub mod observe;
+pub mod openapi;
+pub mod routes;
 pub mod time;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, Response};
 use axum::response::IntoResponse;
-use axum::routing::{any, get, post};
 use axum::Router;
 
+use crate::audit::Audit;
 use crate::auth::{Authenticator, TenantId};
 use crate::backend::Backend;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 
 /// The envd version reported to the SDK (`envdVersion`) by default. The
 /// SDK gates features on it; every feature gated at or below 0.6.4 is
@@ -112,6 +118,16 @@ pub struct E2bState<B, A> {
     pub watchers: envd::filesystem::Watchers,
     /// The `envdVersion` reported ([`ENVD_VERSION`] by default).
     pub envd_version: String,
+    /// Where every request is recorded before it is answered (see
+    /// [`observe`]); `None`: nothing is recorded.
+    pub audit: Option<Audit>,
+    /// The counters of `GET /metrics` (shared with the backend).
+    pub metrics: Arc<Metrics>,
+    /// Per-tenant request rate limits (the rates come from
+    /// [`Authenticator::limits`]).
+    pub rate: RateLimiter,
+    /// `GET /openapi.json`, made at its first request.
+    pub openapi: OnceLock<String>,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -124,6 +140,10 @@ impl<B, A> E2bState<B, A> {
             unix_tenant: None,
             watchers: envd::filesystem::Watchers::default(),
             envd_version: ENVD_VERSION.to_owned(),
+            audit: None,
+            metrics: Arc::default(),
+            rate: RateLimiter::new(),
+            openapi: OnceLock::new(),
         }
     }
 }
@@ -133,7 +153,7 @@ pub type AppState<B, A> = Arc<E2bState<B, A>>;
 
 /// The API key of a control-plane request: `X-API-Key`, or
 /// `Authorization: Bearer <key>`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(key.trim());
     }
@@ -142,95 +162,59 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
-/// Authenticates a control-plane request: its tenant, or 401.
+/// Authenticates a control-plane request: its tenant, or 401. The
+/// request is then charged to the tenant's rate limit (429 when over it;
+/// see [`observe::charge`]).
 pub async fn authenticate<B, A: Authenticator>(
     state: &E2bState<B, A>,
     headers: &HeaderMap,
     peer: Option<Peer>,
 ) -> Result<TenantId, ApiError> {
-    match presented_key(headers) {
+    let tenant = match presented_key(headers) {
         Some(key) if !key.is_empty() => match state.auth.authenticate(key).await {
-            Ok(Some(tenant)) => Ok(tenant),
-            Ok(None) => Err(ApiError::unauthorized("Invalid API key")),
-            Err(e) => Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                e.to_string(),
-            )),
+            Ok(Some(tenant)) => tenant,
+            Ok(None) => {
+                observe::note_auth_failure("unknown API key", None);
+                return Err(ApiError::unauthorized("Invalid API key"));
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    e.to_string(),
+                ))
+            }
         },
         _ => match (&state.unix_tenant, peer) {
-            (Some(tenant), Some(Peer { unix: true })) => Ok(tenant.clone()),
-            _ => Err(ApiError::unauthorized(
-                "Missing API key: send it in the X-API-Key header",
-            )),
+            (Some(tenant), Some(Peer { unix: true })) => tenant.clone(),
+            _ => {
+                observe::note_auth_failure("no API key", None);
+                return Err(ApiError::unauthorized(
+                    "Missing API key: send it in the X-API-Key header",
+                ));
+            }
         },
-    }
+    };
+    observe::charge(state, &tenant).await?;
+    Ok(tenant)
 }
 
-/// The router serving E2B's API over `state`.
+/// The router serving E2B's API and nanoclaw's own routes over `state`:
+/// every route of [`routes::table`], each request observed by
+/// [`observe::observe`] (counted, rate-limited, audited).
 pub fn router<B: Backend, A: Authenticator>(state: AppState<B, A>) -> Router {
-    let unsupported = any(control::not_supported::<B, A>);
-    Router::new()
-        .route("/health", get(health::<B, A>))
-        .route(
-            "/sandboxes",
-            post(control::create::<B, A>).get(control::list_legacy::<B, A>),
-        )
-        .route(
-            "/v2/sandboxes",
-            post(control::create::<B, A>).get(control::list_v2::<B, A>),
-        )
-        .route("/sandboxes/metrics", get(control::metrics_many::<B, A>))
-        .route(
-            "/sandboxes/{id}",
-            get(control::get_one::<B, A>).delete(control::kill::<B, A>),
-        )
-        .route("/sandboxes/{id}/metrics", get(control::metrics::<B, A>))
-        .route("/sandboxes/{id}/pause", post(control::pause::<B, A>))
-        .route("/sandboxes/{id}/resume", post(control::resume::<B, A>))
-        .route("/sandboxes/{id}/connect", post(control::connect::<B, A>))
-        .route("/v2/sandboxes/{id}/connect", post(control::connect::<B, A>))
-        .route(
-            "/sandboxes/{id}/timeout",
-            post(control::set_timeout::<B, A>),
-        )
-        .route("/sandboxes/{id}/refreshes", post(control::refresh::<B, A>))
-        .route("/sandboxes/{id}/{feature}", unsupported.clone())
-        .route("/v2/sandboxes/{id}/{feature}", unsupported.clone())
-        .route("/snapshots", unsupported.clone())
-        .route("/templates", unsupported.clone())
-        .route("/templates/{*rest}", unsupported.clone())
-        .route("/v2/templates", unsupported.clone())
-        .route("/v2/templates/{*rest}", unsupported.clone())
-        .route("/v3/templates", unsupported.clone())
-        .route("/volumes", unsupported.clone())
-        .route("/volumes/{*rest}", unsupported.clone())
-        .route("/volumecontent/{*rest}", unsupported.clone())
-        .route("/secrets", unsupported.clone())
-        .route("/secrets/{*rest}", unsupported.clone())
-        .route("/teams", unsupported.clone())
-        .route("/teams/{*rest}", unsupported.clone())
-        .route("/api-keys", unsupported.clone())
-        .route("/api-keys/{*rest}", unsupported.clone())
-        .route("/access-tokens", unsupported.clone())
-        .route("/access-tokens/{*rest}", unsupported.clone())
-        .route("/nodes", unsupported.clone())
-        .route("/nodes/{*rest}", unsupported.clone())
-        .route("/admin/{*rest}", unsupported)
-        .route(
-            "/process.Process/{method}",
-            post(envd::process::rpc::<B, A>),
-        )
-        .route(
-            "/filesystem.Filesystem/{method}",
-            post(envd::filesystem::rpc::<B, A>),
-        )
-        .route(
-            "/files",
-            get(envd::files::download::<B, A>).post(envd::files::upload::<B, A>),
-        )
+    let mut router = Router::new();
+    for route in routes::table::<B, A>() {
+        let (path, service) = route.into_parts();
+        router = router.route(path, service);
+    }
+    router
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(only_envd_port))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            observe::observe::<B, A>,
+        ))
         .with_state(state)
 }
 
@@ -258,7 +242,7 @@ async fn only_envd_port(request: Request, next: axum::middleware::Next) -> Respo
 
 /// `GET /health`: envd's (a sandbox's) when the request names a sandbox,
 /// else the API's own (204).
-async fn health<B: Backend, A: Authenticator>(
+pub(crate) async fn health<B: Backend, A: Authenticator>(
     State(state): State<AppState<B, A>>,
     request: Request,
 ) -> Response<Body> {

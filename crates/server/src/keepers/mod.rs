@@ -18,8 +18,8 @@ mod quota;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use nanoclaw_sandbox::keeper::{self, KeeperConfig, KeeperError, Live, Remote, Reply, Request};
 use nanoclaw_sandbox::native::session::ExecSpec;
@@ -28,6 +28,7 @@ use nanoclaw_sandbox::SandboxSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::*;
+use crate::metrics::Metrics;
 use process::Proc;
 use quota::{Quota, Share};
 
@@ -118,6 +119,9 @@ pub struct KeeperBackend {
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     quota: Quota,
     pool: pool::Pool,
+    /// The daemon's counters, once [`KeeperBackend::set_metrics`] gave
+    /// them.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -228,7 +232,15 @@ impl KeeperBackend {
             sandboxes: Mutex::new(HashMap::new()),
             quota,
             pool,
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Counts execs (and their durations) in `metrics` from now on; the
+    /// sandbox gauges are read from this backend at each scrape. Only the
+    /// first call has an effect.
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Takes over the sandboxes a previous daemon left alive (their
@@ -412,11 +424,23 @@ impl KeeperBackend {
         spec: SandboxSpec,
     ) -> BackendResult<SandboxInfo> {
         if spec.network == default_network() {
-            if let Some(r) = self.pool.take(&req.template) {
-                if let Ok(info) = self.adopt_warm(req, &spec, r.clone()).await {
-                    return Ok(info);
+            let metrics = self.metrics.get();
+            match self.pool.take(&req.template) {
+                Some(r) => {
+                    if let Ok(info) = self.adopt_warm(req, &spec, r.clone()).await {
+                        if let Some(m) = metrics {
+                            m.pool_hit();
+                        }
+                        return Ok(info);
+                    }
+                    let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
                 }
-                let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+                None if self.pool.target.get(&req.template).is_some_and(|n| *n > 0) => {
+                    if let Some(m) = metrics {
+                        m.pool_miss();
+                    }
+                }
+                None => {}
             }
         }
         let cfg = KeeperConfig {
@@ -835,6 +859,18 @@ impl Backend for KeeperBackend {
         })
     }
 
+    async fn refresh_metrics(&self, metrics: &Metrics) {
+        let all: Vec<Arc<Entry>> = match self.sandboxes.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return,
+        };
+        let paused = all
+            .iter()
+            .filter(|e| e.paused.lock().is_ok_and(|p| *p))
+            .count() as u64;
+        metrics.set_sandboxes(all.len() as u64 - paused, paused);
+    }
+
     async fn start_process(
         &self,
         scope: &SandboxScope,
@@ -878,7 +914,12 @@ impl Backend for KeeperBackend {
             rec.detail = scope.user.as_ref().map(|u| format!("user {u}"));
             (a, rec)
         });
+        let metrics = self.metrics.get().cloned();
+        let started = Instant::now();
         let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, hook, move |pid| {
+            if let Some(m) = &metrics {
+                m.exec_finished(started.elapsed());
+            }
             if let Some(e) = weak.upgrade() {
                 if let Ok(mut p) = e.procs.lock() {
                     p.remove(&pid);
@@ -886,6 +927,9 @@ impl Backend for KeeperBackend {
             }
         })
         .await?;
+        if let Some(m) = self.metrics.get() {
+            m.exec_started();
+        }
         if let Ok(mut p) = e.procs.lock() {
             p.insert(proc.pid, proc);
         }

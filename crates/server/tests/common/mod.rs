@@ -310,6 +310,45 @@ impl Backend for TestBackend {
         })
     }
 
+    /// A host subprocess (no sandbox: a double), answering its exit code
+    /// and output.
+    async fn run_once(
+        &self,
+        tenant: &TenantId,
+        req: RunRequest,
+    ) -> BackendResult<serde_json::Value> {
+        let argv = if req.command.is_empty() {
+            vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                req.code.unwrap_or_default(),
+            ]
+        } else {
+            req.command
+        };
+        let out = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .envs(&req.env)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| BackendError::InvalidArgument(format!("cannot run {}: {e}", argv[0])))?;
+        Ok(serde_json::json!({
+            "tenant": tenant.as_str(),
+            "exit_code": out.status.code(),
+            "stdout": String::from_utf8_lossy(&out.stdout),
+        }))
+    }
+
+    async fn refresh_metrics(&self, metrics: &nanoclaw_server::Metrics) {
+        let map = self.sandboxes.lock().unwrap();
+        let paused = map
+            .values()
+            .filter(|s| s.info.state == SandboxState::Paused)
+            .count() as u64;
+        metrics.set_sandboxes(map.len() as u64 - paused, paused);
+    }
+
     async fn envd_access(&self, id: &str) -> BackendResult<EnvdAccess> {
         let map = self.sandboxes.lock().unwrap();
         let s = map.get(id).ok_or_else(|| not_found(id))?;
@@ -695,8 +734,17 @@ pub fn keys() -> StaticKeys {
 }
 
 /// Starts a server on the given listeners with `opts`.
-pub async fn start_with(addrs: Vec<ListenAddr>, mut opts: ServeOptions) -> Server {
-    let auth = Arc::new(keys());
+pub async fn start_with(addrs: Vec<ListenAddr>, opts: ServeOptions) -> Server {
+    start_auth(addrs, opts, keys()).await
+}
+
+/// Starts a server on the given listeners with `opts` and `auth`.
+pub async fn start_auth(
+    addrs: Vec<ListenAddr>,
+    mut opts: ServeOptions,
+    auth: StaticKeys,
+) -> Server {
+    let auth = Arc::new(auth);
     let backend = Arc::new(TestBackend::default());
     let bound = listen::bind(&addrs, auth.as_ref()).await.expect("bind");
     let addr = bound.iter().find_map(Bound::tcp_addr);

@@ -54,7 +54,7 @@ fn signature(
 
 /// Authorizes a `/files` request (token header, or a signed URL) and
 /// checks its `path`/`username` parameters.
-async fn files_scope<B: Backend, A>(
+async fn files_scope<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     headers: &HeaderMap,
     uri: &Uri,
@@ -82,6 +82,7 @@ async fn files_scope<B: Backend, A>(
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
                 if exp < now {
+                    crate::e2b::observe::note_auth_failure("expired signed URL", None);
                     return Err(ApiError::unauthorized("the signed URL has expired"));
                 }
             }
@@ -385,7 +386,7 @@ pub async fn upload<B: Backend, A: Authenticator>(
     Ok(written(&[entry]))
 }
 
-async fn upload_multipart<B: Backend, A>(
+async fn upload_multipart<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     scope: &SandboxScope,
     query_path: Option<String>,

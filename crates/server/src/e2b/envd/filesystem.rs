@@ -56,7 +56,7 @@ fn valid_path(what: &str, path: &str) -> Result<(), ConnectError> {
 }
 
 /// `Stat`, `MakeDir`, `Remove`: one path in.
-async fn path_call<B: Backend, A>(
+async fn path_call<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     method: &str,
     parts: &Parts,
@@ -86,7 +86,7 @@ async fn path_call<B: Backend, A>(
     unary_response(result)
 }
 
-async fn list_dir<B: Backend, A>(
+async fn list_dir<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -112,7 +112,7 @@ async fn list_dir<B: Backend, A>(
     unary_response(result)
 }
 
-async fn move_entry<B: Backend, A>(
+async fn move_entry<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -149,7 +149,7 @@ fn watch_spec(req: &WatchRequest) -> Result<WatchSpec, ConnectError> {
     })
 }
 
-async fn watch_dir<B: Backend, A>(
+async fn watch_dir<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -339,7 +339,7 @@ async fn fill(mut rx: mpsc::Receiver<FsEvent>, buffer: Arc<Mutex<Buffer>>, cap: 
     lock(&buffer).ended = true;
 }
 
-async fn create_watcher<B: Backend, A>(
+async fn create_watcher<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -371,7 +371,7 @@ async fn create_watcher<B: Backend, A>(
     unary_response(result)
 }
 
-async fn get_watcher_events<B: Backend, A>(
+async fn get_watcher_events<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -390,7 +390,7 @@ async fn get_watcher_events<B: Backend, A>(
     unary_response(result)
 }
 
-async fn remove_watcher<B: Backend, A>(
+async fn remove_watcher<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,

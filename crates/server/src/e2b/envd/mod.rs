@@ -28,8 +28,8 @@ use base64::Engine;
 use serde::de::DeserializeOwned;
 
 use super::body::read_limited;
-use super::E2bState;
-use crate::auth::constant_time_eq;
+use super::{observe, E2bState};
+use crate::auth::{constant_time_eq, Authenticator};
 use crate::backend::{Backend, BackendError, SandboxScope, SandboxState};
 use crate::connect::{self, Code, ConnectError, EnvelopeDecoder};
 use crate::error::ApiError;
@@ -96,7 +96,7 @@ pub enum Proof<'a> {
 /// Resolves a data-plane request to the sandbox's scope: the owning
 /// tenant (from the token) and `user`. Errors are REST errors (502 for an
 /// unknown, paused or wrongly-tokened sandbox; 400 without a sandbox id).
-pub async fn resolve<B: Backend, A>(
+pub async fn resolve<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     headers: &HeaderMap,
     proof: Proof<'_>,
@@ -112,15 +112,24 @@ pub async fn resolve<B: Backend, A>(
         Err(BackendError::NotFound(_)) => return Err(unreachable(&id, "was not found")),
         Err(e) => return Err(ApiError::envd(e)),
     };
-    let proven = match proof {
-        Proof::Token(token) => {
-            token.is_some_and(|t| constant_time_eq(t.as_bytes(), access.access_token.as_bytes()))
-        }
-        Proof::Check(check) => check(&access.access_token),
+    let (proven, why) = match proof {
+        Proof::Token(token) => (
+            token.is_some_and(|t| constant_time_eq(t.as_bytes(), access.access_token.as_bytes())),
+            if token.is_some() {
+                "wrong access token"
+            } else {
+                "no access token"
+            },
+        ),
+        Proof::Check(check) => (check(&access.access_token), "wrong URL signature"),
     };
     if !proven {
+        // Recorded as concerning the owner: it is their sandbox someone
+        // tried to reach.
+        observe::note_auth_failure(why, Some(&access.tenant));
         return Err(unreachable(&id, "was not found"));
     }
+    observe::charge(state, &access.tenant).await?;
     if access.state == SandboxState::Paused {
         return Err(unreachable(&id, "is paused"));
     }
@@ -137,7 +146,10 @@ pub fn token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `GET /health` of a sandbox: 204 when it runs, 502 when it does not.
-pub async fn health<B: Backend, A>(state: &E2bState<B, A>, headers: &HeaderMap) -> Response<Body> {
+pub async fn health<B: Backend, A: Authenticator>(
+    state: &E2bState<B, A>,
+    headers: &HeaderMap,
+) -> Response<Body> {
     match resolve(state, headers, Proof::Token(token(headers)), None).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
@@ -147,7 +159,7 @@ pub async fn health<B: Backend, A>(state: &E2bState<B, A>, headers: &HeaderMap) 
 /// Resolves the scope of a Connect call (user from `Authorization:
 /// Basic`). A bad user header is a Connect `invalid_argument`; an
 /// unreachable sandbox is the proxy-style 502 (see the module docs).
-pub async fn rpc_scope<B: Backend, A>(
+pub async fn rpc_scope<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     headers: &HeaderMap,
 ) -> Result<SandboxScope, Response<Body>> {
@@ -155,7 +167,19 @@ pub async fn rpc_scope<B: Backend, A>(
         user_from_headers(headers).map_err(|e| ConnectError::invalid(e).into_unary_response())?;
     resolve(state, headers, Proof::Token(token(headers)), user)
         .await
-        .map_err(IntoResponse::into_response)
+        .map_err(|e| {
+            if e.status == StatusCode::TOO_MANY_REQUESTS {
+                // A rate limit: Connect's shape (resource_exhausted, 429).
+                ConnectError {
+                    code: Code::ResourceExhausted,
+                    message: e.message,
+                    retry_after: e.retry_after,
+                }
+                .into_unary_response()
+            } else {
+                e.into_response()
+            }
+        })
 }
 
 /// A parsed unary call: its scope, message and deadline.
@@ -169,7 +193,7 @@ pub struct Unary<T> {
 }
 
 /// Checks, authorizes and decodes a unary Connect request.
-pub async fn read_unary<T: DeserializeOwned, B: Backend, A>(
+pub async fn read_unary<T: DeserializeOwned, B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -236,7 +260,7 @@ pub struct StreamCall<T> {
 /// Checks, authorizes and decodes a server-streaming request (one
 /// enveloped message). Wrong content type: 415; anything else fails as a
 /// stream (HTTP 200, error in the end-of-stream message).
-pub async fn read_stream_call<T: DeserializeOwned, B: Backend, A>(
+pub async fn read_stream_call<T: DeserializeOwned, B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,

@@ -59,7 +59,11 @@ pub async fn rpc<B: Backend, A: Authenticator>(
     }
 }
 
-async fn start<B: Backend, A>(state: &E2bState<B, A>, parts: &Parts, body: Body) -> Response<Body> {
+async fn start<B: Backend, A: Authenticator>(
+    state: &E2bState<B, A>,
+    parts: &Parts,
+    body: Body,
+) -> Response<Body> {
     let call: StreamCall<StartRequest> = match read_stream_call(state, parts, body).await {
         Ok(c) => c,
         Err(response) => return response,
@@ -92,7 +96,7 @@ async fn start<B: Backend, A>(state: &E2bState<B, A>, parts: &Parts, body: Body)
     }
 }
 
-async fn connect_to<B: Backend, A>(
+async fn connect_to<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -216,7 +220,7 @@ async fn pump_process(
 
 /// `StreamInput`: a client stream of start (which process), then data
 /// and keepalive messages. Answered with one empty message.
-async fn stream_input<B: Backend, A>(
+async fn stream_input<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     mut body: Body,
@@ -278,7 +282,11 @@ async fn stream_input<B: Backend, A>(
     }
 }
 
-async fn list<B: Backend, A>(state: &E2bState<B, A>, parts: &Parts, body: Body) -> Response<Body> {
+async fn list<B: Backend, A: Authenticator>(
+    state: &E2bState<B, A>,
+    parts: &Parts,
+    body: Body,
+) -> Response<Body> {
     let call = match read_unary::<Value, B, A>(state, parts, body).await {
         Ok(c) => c,
         Err(response) => return response,
@@ -287,7 +295,7 @@ async fn list<B: Backend, A>(state: &E2bState<B, A>, parts: &Parts, body: Body) 
     unary_response(result.map(|p| proto::list_response(&p)))
 }
 
-async fn send_input<B: Backend, A>(
+async fn send_input<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -309,7 +317,7 @@ async fn send_input<B: Backend, A>(
     unary_response(result.map(|()| json!({})))
 }
 
-async fn close_stdin<B: Backend, A>(
+async fn close_stdin<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -330,7 +338,7 @@ async fn close_stdin<B: Backend, A>(
     unary_response(result.map(|()| json!({})))
 }
 
-async fn send_signal<B: Backend, A>(
+async fn send_signal<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
@@ -352,7 +360,7 @@ async fn send_signal<B: Backend, A>(
     unary_response(result.map(|()| json!({})))
 }
 
-async fn update<B: Backend, A>(
+async fn update<B: Backend, A: Authenticator>(
     state: &E2bState<B, A>,
     parts: &Parts,
     body: Body,
