@@ -485,9 +485,15 @@ impl Keeper {
         if sys::send_with_fds(c.stream.as_raw_fd(), &frame, &fds).is_err() {
             self.hang_up(t);
         }
-        // Our copies of the pipes close here (`sp` drops).
-        self.state.last_used = now_s();
-        let _ = write_state(&self.dir, &self.state);
+        // Our copies of the pipes close here (`sp` drops). `last_used`
+        // on disk (for `sandbox ls` and `prune`) has a resolution of
+        // seconds: rewriting state.json on every exec would put a write
+        // and a rename on every command's path for nothing.
+        let now = now_s();
+        if now != self.state.last_used {
+            self.state.last_used = now;
+            let _ = write_state(&self.dir, &self.state);
+        }
     }
 
     fn spawn_failed(&mut self, t: u64, msg: &str) {
