@@ -53,6 +53,21 @@ fn refused(which: &str, detail: String) -> BackendError {
     }
 }
 
+/// Refuses a lifetime over the tenant's longest.
+fn lifetime_ok(l: &Limits, tenant: &TenantId, d: Duration) -> BackendResult<()> {
+    if d.as_secs() > l.max_lifetime_s {
+        return Err(refused(
+            "max lifetime",
+            format!(
+                "{} s asked, tenant {tenant} may have at most {} s",
+                d.as_secs(),
+                l.max_lifetime_s
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Quota {
     pub(crate) fn new(tenants: Option<Arc<Tenants>>) -> Quota {
         Quota {
@@ -79,19 +94,10 @@ impl Quota {
 
     /// Refuses a lifetime over the tenant's longest.
     pub(crate) async fn check_lifetime(&self, tenant: &TenantId, d: Duration) -> BackendResult<()> {
-        if let Some(l) = self.limits(tenant).await? {
-            if d.as_secs() > l.max_lifetime_s {
-                return Err(refused(
-                    "max lifetime",
-                    format!(
-                        "{} s asked, tenant {tenant} may have at most {} s",
-                        d.as_secs(),
-                        l.max_lifetime_s
-                    ),
-                ));
-            }
+        match self.limits(tenant).await? {
+            Some(l) => lifetime_ok(&l, tenant, d),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Reserves `want` for a new sandbox of `tenant`, given what its live
@@ -104,10 +110,10 @@ impl Quota {
         want: Share,
         lifetime: Duration,
     ) -> BackendResult<()> {
-        self.check_lifetime(tenant, lifetime).await?;
         let Some(l) = self.limits(tenant).await? else {
             return Ok(());
         };
+        lifetime_ok(&l, tenant, lifetime)?;
         let mut pending = self
             .pending
             .lock()
