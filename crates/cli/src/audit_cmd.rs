@@ -283,18 +283,34 @@ fn summary(e: &Entry) -> String {
     parts.join(" ")
 }
 
+/// A cell as the terminal may show it: recorded fields hold what clients
+/// and sandboxed programs chose (argv, paths), so control characters are
+/// escaped — a newline must not forge a row, an escape sequence must not
+/// reach the terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_table(records: &[Entry]) -> anyhow::Result<()> {
-    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let dash = |v: &Option<String>| printable(v.as_deref().unwrap_or("-"));
     let rows: Vec<[String; 6]> = records
         .iter()
         .map(|e| {
             [
                 e.seq.to_string(),
                 e.time.clone(),
-                e.record.kind.clone(),
+                printable(&e.record.kind),
                 dash(&e.record.tenant),
                 dash(&e.record.sandbox),
-                summary(e),
+                printable(&summary(e)),
             ]
         })
         .collect();

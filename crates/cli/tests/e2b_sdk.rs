@@ -563,3 +563,151 @@ fn nanoclaw_routes_on_the_real_daemon() {
     drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }
+
+/// The red team's findings against `nanoclaw serve`, by attack; each
+/// assertion fails on the code before its fix.
+#[test]
+fn red_team_findings_stay_fixed() {
+    let _g = serial();
+    let m = modes("red_team_findings_stay_fixed")[0];
+    let before = keepers(m);
+    let d = Daemon::new(m, "redteam");
+    let alive = |what: &str| {
+        let (code, _) = d.curl("GET", "/healthz", None);
+        assert_eq!(code, 200, "the daemon died after {what}");
+    };
+    // 1. Client-chosen durations added to clocks must not panic (abort).
+    let (code, body) = d.curl(
+        "GET",
+        "/sandboxes/x/metrics?start=18446744073709551615",
+        None,
+    );
+    assert!((400..500).contains(&code), "{body}");
+    alive("a huge metrics start");
+    let (code, body) = d.curl(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":30}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (code, body) = d.curl(
+        "POST",
+        &format!("/sandboxes/{id}/connect"),
+        Some(r#"{"timeout":9223372036854775807}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    alive("a huge connect timeout");
+    // 2. An admin command on the live data folder must not unlink the
+    //    daemon's WAL: records stay visible to the CLI.
+    let dd = d.data.to_string_lossy().into_owned();
+    let o = nc(m, &["tenant", "ls", "--data", &dd])
+        .output()
+        .expect("tenant ls");
+    assert!(o.status.success());
+    let (code, _) = d.curl("GET", "/v2/sandboxes?probe=after-tenant-ls", None);
+    assert_eq!(code, 200);
+    assert!(
+        d.data.join("nanoclaw.db-wal").exists(),
+        "the WAL was unlinked"
+    );
+    let recs = d.audit(&["ls", "--kind", "request", "--limit", "1000", "--json"]);
+    assert!(
+        recs.contains("after-tenant-ls") || recs.contains("/v2/sandboxes"),
+        "{recs}"
+    );
+    let last = d.audit(&["ls", "--kind", "request", "--limit", "1", "--json"]);
+    assert!(
+        last.contains("/v2/sandboxes"),
+        "the CLI does not see the daemon's newest record: {last}"
+    );
+    // 3. allowOut may not open loopback, metadata or private networks.
+    for rule in [
+        "127.0.0.1/32",
+        "169.254.169.254",
+        "10.0.0.0/8",
+        "::1",
+        "0.0.0.0/1",
+    ] {
+        let body =
+            format!(r#"{{"templateID":"base","timeout":30,"network":{{"allowOut":["{rule}"]}}}}"#);
+        let (code, answer) = d.curl("POST", "/v2/sandboxes", Some(&body));
+        assert_eq!(code, 400, "allowOut {rule}: {answer}");
+    }
+    // 4. One-shot runs count against the tenant's sandbox quota.
+    let carol = d.tenant("carol", &["--max-sandboxes", "1"]);
+    let (code, body) = d.curl_as(
+        &carol,
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":30}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let carol_id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (code, body) = d.curl_as(&carol, "POST", "/v1/run", Some(r#"{"command":["true"]}"#));
+    assert_eq!(code, 429, "a run past max-sandboxes: {body}");
+    // 5. Concurrent creates do not overrun max-sandboxes.
+    let dave = d.tenant("dave", &["--max-sandboxes", "3", "--rate", "1000"]);
+    std::thread::scope(|s| {
+        for _ in 0..12 {
+            s.spawn(|| {
+                for _ in 0..3 {
+                    d.curl_as(
+                        &dave,
+                        "POST",
+                        "/v2/sandboxes",
+                        Some(r#"{"templateID":"base","timeout":30}"#),
+                    );
+                }
+            });
+        }
+    });
+    let (_, list) = d.curl_as(&dave, "GET", "/v2/sandboxes", None);
+    let v = json_body(&list);
+    let ids: Vec<String> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|x| x["sandboxID"].as_str().map(String::from))
+        .collect();
+    assert!(
+        ids.len() <= 3,
+        "{} sandboxes for a tenant allowed 3",
+        ids.len()
+    );
+    // 6. The longest lifetime counts from the creation.
+    let erin = d.tenant("erin", &["--max-lifetime", "60s"]);
+    let (code, body) = d.curl_as(
+        &erin,
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":40}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let erin_id = json_body(&body)["sandboxID"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, body) = d.curl_as(
+        &erin,
+        "POST",
+        &format!("/sandboxes/{erin_id}/timeout"),
+        Some(r#"{"timeout":59}"#),
+    );
+    assert_eq!(code, 429, "extended past creation + max lifetime: {body}");
+    for (key, sid) in [(&d.keys.0, &id), (&carol, &carol_id), (&erin, &erin_id)] {
+        d.curl_as(key, "DELETE", &format!("/sandboxes/{sid}"), None);
+    }
+    for sid in &ids {
+        d.curl_as(&dave, "DELETE", &format!("/sandboxes/{sid}"), None);
+    }
+    drop(d);
+    assert_eq!(wait_keepers(m, before), before, "keepers left behind");
+}

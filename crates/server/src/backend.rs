@@ -613,8 +613,8 @@ pub trait Backend: Send + Sync + 'static {
                     })
                 }
                 SandboxState::Running => {
-                    let wanted = SystemTime::now() + timeout;
-                    if wanted <= info.end_at {
+                    let wanted = SystemTime::now().checked_add(timeout);
+                    if wanted.is_none_or(|w| w <= info.end_at) {
                         return Ok(ConnectOutcome {
                             info,
                             resumed: false,

@@ -317,7 +317,9 @@ pub fn keepalive_from_headers(headers: &HeaderMap) -> Option<Duration> {
     if secs == 0 {
         return None;
     }
-    Some(Duration::from_secs(secs).max(MIN_KEEPALIVE))
+    // Clamped: the interval is added to the current time, and a client's
+    // u64::MAX would overflow it.
+    Some(Duration::from_secs(secs.min(3600)).max(MIN_KEEPALIVE))
 }
 
 /// Decodes a JSON message. An empty payload is the empty message `{}`.

@@ -174,7 +174,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let _lock = lock_data(&data)?;
     // Its own connection: appends wait on their fsync without holding the
     // tenants' connection.
-    let audit = Audit::open(&db)?;
+    let audit = Audit::from_connection(crate::db::open_again(&db)?);
     let metrics = Arc::new(Metrics::new());
     let root = keepers::default_root(&data)?;
     let backend = KeeperBackend::new(KeeperBackendConfig {

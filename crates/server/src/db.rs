@@ -278,6 +278,20 @@ fn prepare_file(path: &Path) -> Result<(), DbError> {
 /// the [module docs](self) say and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, DbError> {
     prepare_file(path)?;
+    connect(path)
+}
+
+/// Another connection to a database this process has already opened with
+/// [`open`]: unlike `open`, it never opens or closes the file outside
+/// SQLite — closing any descriptor of the file would drop all of this
+/// process's POSIX locks on it (SQLite's documented hazard), and another
+/// process's connection could then checkpoint and delete the WAL under
+/// this one's feet.
+pub fn open_again(path: &Path) -> Result<Connection, DbError> {
+    connect(path)
+}
+
+fn connect(path: &Path) -> Result<Connection, DbError> {
     let open_err = |source| DbError::Open {
         path: path.to_path_buf(),
         source,

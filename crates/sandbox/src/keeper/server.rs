@@ -428,8 +428,15 @@ impl Keeper {
                 self.reply(t, &r);
             }
             Request::SetLifetime { seconds } => {
-                self.deadline = Instant::now() + Duration::from_secs(seconds);
+                // At most ten years: the sum must not overflow.
+                let seconds = seconds.min(10 * 365 * 24 * 3600);
+                let now = Instant::now();
+                self.deadline = now + Duration::from_secs(seconds);
                 self.state.expires = now_s() + seconds;
+                // Execs check the sandbox's own lifetime too: move it along.
+                self.sandbox.spec_limits.timeout = self
+                    .deadline
+                    .saturating_duration_since(self.sandbox.started);
                 let _ = write_state(&self.dir, &self.state);
                 let live = self.live();
                 self.reply(t, &Reply::Live(Box::new(live)));

@@ -352,8 +352,11 @@ fn query_secs(query: &HashMap<String, String>, name: &str) -> Result<Option<Syst
         None => Ok(None),
         Some(s) => s
             .parse::<u64>()
-            .map(|n| Some(UNIX_EPOCH + Duration::from_secs(n)))
-            .map_err(|_| {
+            .ok()
+            .and_then(|n| UNIX_EPOCH.checked_add(Duration::from_secs(n)))
+            .filter(|t| *t < UNIX_EPOCH + Duration::from_secs(1 << 40))
+            .map(Some)
+            .ok_or_else(|| {
                 ApiError::bad_request(format!("invalid {name} {s:?}: expected Unix seconds"))
             }),
     }

@@ -118,12 +118,20 @@ impl NewSandbox {
     }
 }
 
-/// A `timeout` in seconds: must not be negative.
+/// The longest timeout a request may ask for (30 days): time arithmetic
+/// on anything a client sends must never overflow.
+pub const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;
+
+/// A request's `timeout` in seconds (0 or more, at most
+/// [`MAX_TIMEOUT_SECS`]), or `default`.
 pub fn timeout_secs(value: Option<i64>, default: u64) -> Result<Duration, ApiError> {
     match value {
         None => Ok(Duration::from_secs(default)),
         Some(n) if n < 0 => Err(ApiError::bad_request(format!(
             "timeout must be 0 or more seconds, got {n}"
+        ))),
+        Some(n) if n > MAX_TIMEOUT_SECS => Err(ApiError::bad_request(format!(
+            "timeout must be at most {MAX_TIMEOUT_SECS} seconds (30 days), got {n}"
         ))),
         Some(n) => Ok(Duration::from_secs(n.unsigned_abs())),
     }

@@ -169,12 +169,17 @@ async fn blocking<T: Send + 'static>(
 /// The E2B network request as a sandbox network policy.
 fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
     let denies_all = req.deny_out.iter().any(|d| d == "0.0.0.0/0" || d == "::/0");
+    if req.allow_out.iter().any(|a| a == "0.0.0.0/0") {
+        // "Everything": the internet, special addresses still refused.
+        return Ok(default_network());
+    }
     if !req.allow_out.is_empty() {
         // Everything not allowed is refused already; E2B's allowOut wins
         // over denyOut.
         let (mut hosts, mut cidrs) = (Vec::new(), Vec::new());
         for a in &req.allow_out {
             if a.parse::<std::net::IpAddr>().is_ok() || a.contains('/') {
+                check_public(a)?;
                 cidrs.push(a.clone());
             } else {
                 hosts.push(a.clone());
@@ -195,6 +200,61 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
         ));
     }
     Ok(default_network())
+}
+
+/// Refuses an `allowOut` address or CIDR that reaches anything but the
+/// public internet: an explicit rule would let the egress proxy connect to
+/// the host's loopback (the daemon itself), link-local (cloud metadata
+/// credentials) or private networks — an operator's choice, never an API
+/// caller's.
+fn check_public(rule: &str) -> BackendResult<()> {
+    let bad = || {
+        BackendError::InvalidArgument(format!(
+            "network.allowOut {rule:?}: only public addresses may be allowed (not loopback, link-local, private, shared, multicast or reserved ranges)"
+        ))
+    };
+    let (addr, len) = match rule.split_once('/') {
+        Some((a, l)) => (a, Some(l.parse::<u32>().map_err(|_| bad())?)),
+        None => (rule, None),
+    };
+    match addr.parse::<std::net::IpAddr>().map_err(|_| bad())? {
+        std::net::IpAddr::V4(v4) => {
+            let len = len.unwrap_or(32);
+            if len > 32 {
+                return Err(bad());
+            }
+            let size = 1u64 << (32 - len);
+            let start = u64::from(u32::from(v4)) & !(size - 1);
+            let special: [(u32, u32); 11] = [
+                (0x0000_0000, 8),
+                (0x0a00_0000, 8),
+                (0x6440_0000, 10),
+                (0x7f00_0000, 8),
+                (0xa9fe_0000, 16),
+                (0xac10_0000, 12),
+                (0xc000_0000, 24),
+                (0xc0a8_0000, 16),
+                (0xc612_0000, 15),
+                (0xe000_0000, 4),
+                (0xf000_0000, 4),
+            ];
+            for (net, l) in special {
+                let (a, b) = (u64::from(net), u64::from(net) + (1u64 << (32 - l)));
+                if start < b && a < start + size {
+                    return Err(bad());
+                }
+            }
+            Ok(())
+        }
+        std::net::IpAddr::V6(v6) => {
+            // Global unicast (2000::/3) only, and not an IPv4-in-IPv6 form.
+            let len = len.unwrap_or(128);
+            if !(3..=128).contains(&len) || v6.segments()[0] & 0xe000 != 0x2000 {
+                return Err(bad());
+            }
+            Ok(())
+        }
+    }
 }
 
 /// E2B's default network: the internet, through the proxy.
@@ -394,9 +454,15 @@ impl KeeperBackend {
     /// Moves a sandbox's end to `timeout` from now (its keeper's lifetime
     /// too, with a grace period).
     async fn extend(&self, e: &Arc<Entry>, timeout: Duration) -> BackendResult<()> {
-        let tenant = e.record.lock().ok().map(|r| TenantId(r.tenant.clone()));
-        if let Some(t) = tenant {
-            self.quota.check_lifetime(&t, timeout).await?;
+        let who = e
+            .record
+            .lock()
+            .ok()
+            .map(|r| (TenantId(r.tenant.clone()), r.started_at_ms));
+        if let Some((t, started)) = who {
+            // The longest lifetime counts from the creation, not from now.
+            let age = Duration::from_millis(ms(SystemTime::now()).saturating_sub(started));
+            self.quota.check_lifetime(&t, age + timeout).await?;
         }
         let end = SystemTime::now() + timeout;
         self.ask(
@@ -557,6 +623,44 @@ impl KeeperBackend {
         }
     }
 
+    /// A one-shot run in a fresh `nanoclaw __run` process.
+    async fn run_reserved(
+        &self,
+        mut spec: SandboxSpec,
+        stdin: Option<String>,
+    ) -> BackendResult<serde_json::Value> {
+        if let Some(s) = &stdin {
+            spec.stdin = nanoclaw_sandbox::spec::Stdin::Bytes(s.clone().into_bytes());
+        }
+        let input = serde_json::to_vec(&spec).map_err(|e| BackendError::Internal(e.to_string()))?;
+        let mut child = tokio::process::Command::new(&self.cfg.exe)
+            .arg("__run")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
+        if let Some(mut w) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            w.write_all(&input)
+                .await
+                .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| BackendError::Internal(format!("a run: {e}")))?;
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr);
+            return Err(BackendError::InvalidArgument(
+                msg.trim().trim_start_matches("nanoclaw: ").to_string(),
+            ));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| BackendError::Internal(format!("a run's outcome: {e}")))
+    }
+
     /// Appends an audit record about a sandbox (durable on return).
     async fn audit(&self, kind: &str, tenant: &TenantId, sandbox: &str, detail: Option<String>) {
         let Some(a) = self.cfg.audit.clone() else {
@@ -655,11 +759,17 @@ impl Backend for KeeperBackend {
         }
         spec.limits.timeout = req.timeout + KEEPER_GRACE;
         let want = share_of(&spec);
-        self.quota
-            .reserve(&req.tenant, self.live_share(&req.tenant), want, req.timeout)
+        let held = self
+            .quota
+            .reserve(
+                &req.tenant,
+                || self.live_share(&req.tenant),
+                want,
+                req.timeout,
+            )
             .await?;
         let r = self.start_sandbox(&req, spec).await;
-        self.quota.release(&req.tenant, want);
+        drop(held);
         if let Ok(info) = &r {
             let launch = info.metadata.get("launch").cloned().unwrap_or_default();
             let detail = format!(
@@ -694,38 +804,15 @@ impl Backend for KeeperBackend {
         spec.env
             .extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000).max(1));
-        self.quota.check_lifetime(tenant, timeout).await?;
         spec.limits.timeout = timeout;
-        if let Some(s) = &req.stdin {
-            spec.stdin = nanoclaw_sandbox::spec::Stdin::Bytes(s.clone().into_bytes());
-        }
-        let input = serde_json::to_vec(&spec).map_err(|e| BackendError::Internal(e.to_string()))?;
-        let mut child = tokio::process::Command::new(&self.cfg.exe)
-            .arg("__run")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
-        if let Some(mut w) = child.stdin.take() {
-            use tokio::io::AsyncWriteExt;
-            w.write_all(&input)
-                .await
-                .map_err(|e| BackendError::Internal(format!("starting a run: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| BackendError::Internal(format!("a run: {e}")))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr);
-            return Err(BackendError::InvalidArgument(
-                msg.trim().trim_start_matches("nanoclaw: ").to_string(),
-            ));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| BackendError::Internal(format!("a run's outcome: {e}")))
+        // A one-shot run is a sandbox while it runs: it counts against the
+        // tenant's quotas like any other.
+        let want = share_of(&spec);
+        let _held = self
+            .quota
+            .reserve(tenant, || self.live_share(tenant), want, timeout)
+            .await?;
+        self.run_reserved(spec, req.stdin).await
     }
 
     async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {

@@ -39,6 +39,20 @@ impl Share {
     }
 }
 
+/// A share reserved for a sandbox being made; released when dropped (also
+/// when the request that made it is cancelled midway).
+pub(crate) struct Reservation<'a> {
+    quota: &'a Quota,
+    tenant: TenantId,
+    want: Share,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.quota.release(&self.tenant, self.want);
+    }
+}
+
 /// The quota keeper.
 pub(crate) struct Quota {
     tenants: Option<Arc<Tenants>>,
@@ -101,23 +115,33 @@ impl Quota {
     }
 
     /// Reserves `want` for a new sandbox of `tenant`, given what its live
-    /// sandboxes hold (`live`); the reservation is released with
-    /// [`Quota::release`] once the sandbox exists (or failed).
+    /// sandboxes hold (`live`, read while the reservations are locked);
+    /// the reservation lasts until the returned guard is dropped (once the
+    /// sandbox exists, or failed).
     pub(crate) async fn reserve(
         &self,
         tenant: &TenantId,
-        live: Share,
+        live: impl FnOnce() -> Share,
         want: Share,
         lifetime: Duration,
-    ) -> BackendResult<()> {
+    ) -> BackendResult<Reservation<'_>> {
+        let reservation = |want| Reservation {
+            quota: self,
+            tenant: tenant.clone(),
+            want,
+        };
         let Some(l) = self.limits(tenant).await? else {
-            return Ok(());
+            return Ok(reservation(Share::default()));
         };
         lifetime_ok(&l, tenant, lifetime)?;
         let mut pending = self
             .pending
             .lock()
             .map_err(|_| BackendError::Internal("lock".into()))?;
+        // What is live is read under the lock, after every await: a
+        // creation that ended meanwhile is counted live, never lost
+        // between "live" and "pending".
+        let live = live();
         let p = pending.get(&tenant.0).copied().unwrap_or_default();
         let after = live.add(p).add(want);
         if after.sandboxes > l.max_sandboxes {
@@ -149,11 +173,11 @@ impl Quota {
             ));
         }
         pending.insert(tenant.0.clone(), p.add(want));
-        Ok(())
+        Ok(reservation(want))
     }
 
     /// Ends a reservation.
-    pub(crate) fn release(&self, tenant: &TenantId, want: Share) {
+    fn release(&self, tenant: &TenantId, want: Share) {
         if let Ok(mut pending) = self.pending.lock() {
             if let Some(p) = pending.get_mut(&tenant.0) {
                 *p = p.sub(want);
