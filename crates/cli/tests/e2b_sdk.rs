@@ -256,6 +256,13 @@ fn the_e2b_sdk_runs_against_nanoclaw_serve() {
             "[{}] no exec records: {execs}",
             m.name
         );
+        // And every file operation, with its path.
+        let files = d.audit(&["ls", "--kind", "file", "--limit", "1000", "--json"]);
+        assert!(
+            files.contains("\"write\"") && files.contains("\"remove\""),
+            "[{}] no file records: {files}",
+            m.name
+        );
         let verify = d.audit(&["verify"]);
         assert!(
             verify.starts_with("ok"),

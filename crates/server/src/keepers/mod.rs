@@ -661,6 +661,33 @@ impl KeeperBackend {
             .map_err(|e| BackendError::Internal(format!("a run's outcome: {e}")))
     }
 
+    /// Appends a `file` record (operation and paths) for a filesystem call,
+    /// whatever its result (durable on return).
+    async fn audit_file<T>(
+        &self,
+        scope: &SandboxScope,
+        op: &str,
+        paths: &[&str],
+        r: BackendResult<T>,
+    ) -> BackendResult<T> {
+        if let Some(a) = self.cfg.audit.clone() {
+            let mut rec = crate::audit::Record::new(crate::audit::kind::FILE);
+            rec.tenant = Some(scope.tenant.0.clone());
+            rec.sandbox = Some(scope.sandbox_id.clone());
+            rec.method = Some(op.to_string());
+            rec.path = Some(paths.join(" -> "));
+            rec.detail = match &r {
+                Ok(_) => scope.user.as_ref().map(|u| format!("user {u}")),
+                Err(e) => Some(format!("failed: {e}")),
+            };
+            let w = tokio::task::spawn_blocking(move || a.append(rec)).await;
+            if !matches!(w, Ok(Ok(_))) {
+                eprintln!("nanoclaw serve: could not write a file operation's audit record");
+            }
+        }
+        r
+    }
+
     /// Appends an audit record about a sandbox (durable on return).
     async fn audit(&self, kind: &str, tenant: &TenantId, sandbox: &str, detail: Option<String>) {
         let Some(a) = self.cfg.audit.clone() else {
@@ -1096,7 +1123,10 @@ impl Backend for KeeperBackend {
 
     async fn stat(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
         let e = self.running(scope)?;
-        files::stat(&e.remote, scope, path).await
+        {
+            let r = files::stat(&e.remote, scope, path).await;
+            self.audit_file(scope, "stat", &[path], r).await
+        }
     }
 
     async fn list_dir(
@@ -1106,12 +1136,18 @@ impl Backend for KeeperBackend {
         depth: u32,
     ) -> BackendResult<Vec<EntryInfo>> {
         let e = self.running(scope)?;
-        files::list_dir(&e.remote, scope, path, depth).await
+        {
+            let r = files::list_dir(&e.remote, scope, path, depth).await;
+            self.audit_file(scope, "list", &[path], r).await
+        }
     }
 
     async fn make_dir(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
         let e = self.running(scope)?;
-        files::make_dir(&e.remote, scope, path).await
+        {
+            let r = files::make_dir(&e.remote, scope, path).await;
+            self.audit_file(scope, "mkdir", &[path], r).await
+        }
     }
 
     async fn rename(
@@ -1121,17 +1157,27 @@ impl Backend for KeeperBackend {
         destination: &str,
     ) -> BackendResult<EntryInfo> {
         let e = self.running(scope)?;
-        files::rename(&e.remote, scope, source, destination).await
+        {
+            let r = files::rename(&e.remote, scope, source, destination).await;
+            self.audit_file(scope, "move", &[source, destination], r)
+                .await
+        }
     }
 
     async fn remove(&self, scope: &SandboxScope, path: &str) -> BackendResult<()> {
         let e = self.running(scope)?;
-        files::remove(&e.remote, scope, path).await
+        {
+            let r = files::remove(&e.remote, scope, path).await;
+            self.audit_file(scope, "remove", &[path], r).await
+        }
     }
 
     async fn read_file(&self, scope: &SandboxScope, path: &str) -> BackendResult<FileDownload> {
         let e = self.running(scope)?;
-        files::read_file(&e.remote, scope, path).await
+        {
+            let r = files::read_file(&e.remote, scope, path).await;
+            self.audit_file(scope, "read", &[path], r).await
+        }
     }
 
     async fn write_file(
@@ -1147,7 +1193,10 @@ impl Backend for KeeperBackend {
                 "file metadata (X-Metadata-*) is not supported by nanoclaw yet".into(),
             ));
         }
-        files::write_file(&e.remote, scope, path, body).await
+        {
+            let r = files::write_file(&e.remote, scope, path, body).await;
+            self.audit_file(scope, "write", &[path], r).await
+        }
     }
 
     async fn watch_dir(
