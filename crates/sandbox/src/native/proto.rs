@@ -15,17 +15,17 @@
 //! request, fork failed).
 
 /// Header size: kind, id, body length, reserved (u32 each).
-pub(crate) const HEADER: usize = 16;
+pub const HEADER: usize = 16;
 /// Start a command.
 pub(crate) const EXEC: u32 = 1;
 /// Signal a command's process group.
-pub(crate) const KILL: u32 = 2;
+pub const KILL: u32 = 2;
 /// A command was started.
-pub(crate) const STARTED: u32 = 101;
+pub const STARTED: u32 = 101;
 /// A command ended.
-pub(crate) const EXITED: u32 = 102;
+pub const EXITED: u32 = 102;
 /// A command could not be started.
-pub(crate) const REFUSED: u32 = 103;
+pub const REFUSED: u32 = 103;
 /// Why a command was killed (a keeper's frame, before `EXITED`): the
 /// value is a [`reason_code`].
 pub(crate) const KILLED_BY: u32 = 104;
@@ -40,9 +40,12 @@ pub(crate) const MAX_EXECS: usize = 64;
 
 /// A message header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Header {
+pub struct Header {
+    /// The message kind.
     pub kind: u32,
+    /// The exec it is about.
     pub id: u32,
+    /// Body length.
     pub len: u32,
 }
 
@@ -74,7 +77,7 @@ pub(crate) fn frame(kind: u32, id: u32, value: i32) -> [u8; FRAME] {
 }
 
 /// The header and value of a frame.
-pub(crate) fn decode_frame(b: &[u8; FRAME]) -> (Header, i32) {
+pub fn decode_frame(b: &[u8; FRAME]) -> (Header, i32) {
     let mut h = [0u8; HEADER];
     h.copy_from_slice(&b[..HEADER]);
     let v = i32::from_le_bytes([b[16], b[17], b[18], b[19]]);

@@ -103,6 +103,29 @@ struct Record {
     memory_mb: u32,
 }
 
+impl Record {
+    /// The record of a sandbox made for `req` with `spec`, starting now.
+    fn for_request(req: &CreateSandbox, spec: &SandboxSpec) -> Record {
+        let now = SystemTime::now();
+        let share = share_of(spec);
+        Record {
+            tenant: req.tenant.0.clone(),
+            template: req.template.clone(),
+            metadata: req.metadata.clone(),
+            env_vars: req.env_vars.clone(),
+            token: req.envd_access_token.clone(),
+            started_at_ms: ms(now),
+            end_at_ms: ms(now + req.timeout),
+            auto_pause: req.auto_pause,
+            allow_internet_access: req.allow_internet_access,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+            cpu_count: share.cpus as u32,
+            memory_mb: share.memory_mb as u32,
+        }
+    }
+}
+
 /// One sandbox.
 struct Entry {
     remote: Remote,
@@ -520,40 +543,13 @@ impl KeeperBackend {
         };
         let exe = self.cfg.exe.clone();
         let id = blocking(move || keeper::start_keeper(&exe, &cfg).map_err(keeper_error)).await?;
-        let now = SystemTime::now();
-        let record = Record {
-            tenant: req.tenant.0.clone(),
-            template: req.template.clone(),
-            metadata: req.metadata.clone(),
-            env_vars: req.env_vars.clone(),
-            token: req.envd_access_token.clone(),
-            started_at_ms: ms(now),
-            end_at_ms: ms(now + req.timeout),
-            auto_pause: req.auto_pause,
-            allow_internet_access: req.allow_internet_access,
-            allow_out: req.allow_out.clone(),
-            deny_out: req.deny_out.clone(),
-            cpu_count: spec
-                .limits
-                .cpus
-                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_CPUS)
-                .ceil()
-                .max(1.0) as u32,
-            memory_mb: (spec
-                .limits
-                .memory
-                .unwrap_or(nanoclaw_sandbox::spec::DEFAULT_MEMORY)
-                >> 20) as u32,
-        };
-        let mut record = record;
+        let mut record = Record::for_request(req, &spec);
         record
             .metadata
             .entry("launch".into())
             .or_insert_with(|| "cold".into());
         let dir = self.cfg.root.join(&id);
-        save_record(&dir, &record);
-        let e = self.insert(Remote::new(&id, &dir), record, false);
-        Self::info(&e)
+        self.record_sandbox(Remote::new(&id, &dir), record)
     }
 
     /// Hands a pooled sandbox to `req`'s tenant.
@@ -570,24 +566,13 @@ impl KeeperBackend {
                 .map_err(keeper_error)
         })
         .await?;
-        let now = SystemTime::now();
-        let mut metadata = req.metadata.clone();
-        metadata.insert("launch".into(), "warm".into());
-        let record = Record {
-            tenant: req.tenant.0.clone(),
-            template: req.template.clone(),
-            metadata,
-            env_vars: req.env_vars.clone(),
-            token: req.envd_access_token.clone(),
-            started_at_ms: ms(now),
-            end_at_ms: ms(now + req.timeout),
-            auto_pause: req.auto_pause,
-            allow_internet_access: req.allow_internet_access,
-            allow_out: req.allow_out.clone(),
-            deny_out: req.deny_out.clone(),
-            cpu_count: share_of(spec).cpus as u32,
-            memory_mb: share_of(spec).memory_mb as u32,
-        };
+        let mut record = Record::for_request(req, spec);
+        record.metadata.insert("launch".into(), "warm".into());
+        self.record_sandbox(r, record)
+    }
+
+    /// Records a sandbox beside its keeper's state and takes it in.
+    fn record_sandbox(&self, r: Remote, record: Record) -> BackendResult<SandboxInfo> {
         save_record(&r.dir, &record);
         let e = self.insert(r, record, false);
         Self::info(&e)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nanoclaw_sandbox::keeper::RemoteSpawn;
-use nanoclaw_sandbox::native::proto::FRAME;
+use nanoclaw_sandbox::native::proto::{self, EXITED, FRAME, REFUSED, STARTED};
 use nanoclaw_sandbox::native::session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
@@ -30,11 +30,6 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// How long the keeper may take to report the command started.
 const START_WAIT: Duration = Duration::from_secs(10);
 
-/// Frame kinds (`nanoclaw_sandbox::native::proto`).
-const STARTED: u32 = 101;
-const EXITED: u32 = 102;
-const REFUSED: u32 = 103;
-
 /// One process of a sandbox.
 pub(crate) struct Proc {
     pub pid: u32,
@@ -52,9 +47,10 @@ pub(crate) struct Proc {
 /// (kind, tenant, sandbox, argv).
 pub(crate) type AuditHook = Option<(Audit, Record)>;
 
+/// (kind, exec id, value) of a frame.
 fn decode(frame: &[u8; FRAME]) -> (u32, u32, i32) {
-    let u = |i: usize| u32::from_le_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
-    (u(0), u(4), u(16) as i32)
+    let (h, value) = proto::decode_frame(frame);
+    (h.kind, h.id, value)
 }
 
 fn internal(e: impl std::fmt::Display) -> BackendError {
