@@ -88,6 +88,12 @@ pub enum SandboxCommand {
     Pause(crate::sandbox_cmd::PauseArgs),
     /// Let paused sandboxes run again.
     Resume(crate::sandbox_cmd::PauseArgs),
+    /// End every process running in sandboxes (SIGTERM, then SIGKILL);
+    /// the sandboxes and their files stay for the next exec.
+    Stop(crate::sandbox_cmd::StopArgs),
+    /// Remove the scoped sandboxes `run`/`exec --agent` made, so the next
+    /// command of their scope gets a new one (after a policy change).
+    Recreate(crate::scope_cmd::RecreateArgs),
 }
 
 /// Options of `nanoclaw config validate`.
@@ -366,6 +372,8 @@ pub fn run_sandbox(cmd: SandboxCommand) -> Result<u8> {
         SandboxCommand::Prune(a) => crate::sandbox_cmd::prune(a),
         SandboxCommand::Pause(a) => crate::sandbox_cmd::pause(a),
         SandboxCommand::Resume(a) => crate::sandbox_cmd::resume(a),
+        SandboxCommand::Stop(a) => crate::sandbox_cmd::stop(a),
+        SandboxCommand::Recreate(a) => crate::scope_cmd::recreate(a),
     }
 }
 

@@ -13,6 +13,7 @@ mod doctor;
 mod image_cmd;
 mod run_cmd;
 mod sandbox_cmd;
+mod scope_cmd;
 mod serve_cmd;
 mod tenant_cmd;
 

@@ -64,7 +64,7 @@ pub struct RunArgs {
     mounts: Vec<String>,
     /// Forward this process's stdin to the command (default: /dev/null).
     #[arg(long)]
-    stdin: bool,
+    pub(crate) stdin: bool,
     /// Run a snippet with this interpreter instead of COMMAND.
     #[arg(long, value_enum, value_name = "LANG")]
     lang: Option<Lang>,
@@ -76,7 +76,7 @@ pub struct RunArgs {
     file: Option<PathBuf>,
     /// Print one JSON object with the outcome instead of streaming output.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Grant a capability inside the sandbox's own user namespace (repeatable).
     #[arg(long = "cap-add", value_name = "NAME")]
     cap_add: Vec<String>,
@@ -106,8 +106,15 @@ pub struct RunArgs {
     #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
     allow_cidr: Vec<String>,
     /// Policy from a config file: --config FILE --agent ID [--session KEY].
+    /// With --agent the command runs in the agent's long-lived sandbox for
+    /// its scope (`sandbox.scope`: one per session, per agent, or shared),
+    /// created on first use.
     #[command(flatten)]
-    policy: crate::config_cmd::PolicyArgs,
+    pub(crate) policy: crate::config_cmd::PolicyArgs,
+    /// With --agent: a fresh sandbox for this command alone, removed at its
+    /// end, instead of the agent's scoped sandbox.
+    #[arg(long)]
+    pub(crate) fresh: bool,
     /// The command and its arguments.
     #[arg(value_name = "COMMAND")]
     command: Vec<String>,
@@ -149,6 +156,35 @@ impl Lang {
             Lang::Sh | Lang::Go => ("sh", "-c"),
         }
     }
+}
+
+/// A snippet's argv, and the environment it needs.
+pub(crate) type Snippet = (Vec<String>, Vec<(String, String)>);
+
+/// The argv that runs `code` in `lang` with arguments `args` (`interp`
+/// replacing the default interpreter), and the environment it needs (a
+/// Go build's: its cache in the sandbox's /tmp, so it lives as long as the
+/// sandbox and is shared with no other).
+pub(crate) fn snippet_argv(
+    lang: Lang,
+    interp: Option<&str>,
+    code: String,
+    args: &[String],
+) -> Result<Snippet> {
+    if lang == Lang::Go {
+        let g = nanoclaw_image::go::go_command(&code, args)
+            .map_err(|e| anyhow::anyhow!("--lang go: {e}"))?;
+        return Ok((g.command, g.env));
+    }
+    let (default_interp, flag) = lang.interpreter();
+    let interp = interp.unwrap_or(default_interp);
+    let mut argv = vec![interp.to_string(), flag.to_string(), code];
+    if lang != Lang::Python && lang != Lang::Node && !args.is_empty() {
+        // sh -c CODE NAME ARGS...: $0 is the first word after the code.
+        argv.push(interp.to_string());
+    }
+    argv.extend(args.iter().cloned());
+    Ok((argv, Vec::new()))
 }
 
 /// Parses `HOST:CONTAINER[:ro|rw]`.
@@ -193,7 +229,10 @@ fn parse_user(s: &str) -> Result<User> {
 /// With `--config/--agent/--session`: the agent's resolved spec, with the
 /// limits and mounts typed on the command line on top, and the run-only
 /// flags (command, env, user, ...) from `flags`.
-fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
+fn policy_spec(
+    a: &RunArgs,
+    flags: SandboxSpec,
+) -> Result<(SandboxSpec, nanoclaw_policy::Resolved)> {
     use nanoclaw_policy::CliOverrides;
     let l = &flags.limits;
     let mut o = CliOverrides {
@@ -243,18 +282,37 @@ fn policy_spec(a: &RunArgs, flags: SandboxSpec) -> Result<SandboxSpec> {
     if a.seccomp.is_some() {
         spec.hardening.seccomp = h.seccomp;
     }
-    Ok(spec)
+    Ok((spec, plan.resolved))
 }
 
 /// Builds the spec from the flags (and the config, with `--config`), and
 /// the `--lang go` additions still to make to it ([`add_go`]). Every error
 /// here is the user's input.
-fn build_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
+pub(crate) fn build_spec(a: &RunArgs) -> Result<Built> {
     let (spec, go) = flag_spec(a)?;
     if a.policy.is_requested() {
-        return Ok((policy_spec(a, spec)?, go));
+        let (spec, resolved) = policy_spec(a, spec)?;
+        return Ok(Built {
+            spec,
+            go,
+            resolved: Some(resolved),
+        });
     }
-    Ok((spec, go))
+    Ok(Built {
+        spec,
+        go,
+        resolved: None,
+    })
+}
+
+/// What `run`'s flags (and config) make.
+pub(crate) struct Built {
+    /// The sandbox and its command.
+    pub spec: SandboxSpec,
+    /// `--lang go`: what is still to add ([`add_go`]).
+    pub go: Option<GoRun>,
+    /// With `--config`/`--agent`: the agent's resolved policy.
+    pub resolved: Option<nanoclaw_policy::Resolved>,
 }
 
 /// `--lang go` on the final spec: the Go environment, and the shared
@@ -350,8 +408,6 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
         }
     }
     if let Some(lang) = a.lang {
-        let (default_interp, flag) = lang.interpreter();
-        let interp = lang_interp.as_deref().unwrap_or(default_interp);
         let code = match (&a.code, &a.file) {
             (Some(c), None) => c.clone(),
             (None, Some(f)) => std::fs::read_to_string(f)
@@ -364,13 +420,7 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
             command = g.command.clone();
             go = Some(g);
         } else {
-            let mut argv = vec![interp.to_string(), flag.to_string(), code];
-            if lang != Lang::Python && lang != Lang::Node && !command.is_empty() {
-                // sh -c CODE NAME ARGS...: $0 is the first word after the code.
-                argv.push(interp.to_string());
-            }
-            argv.extend(command);
-            command = argv;
+            command = snippet_argv(lang, lang_interp.as_deref(), code, &command)?.0;
         }
     } else if a.code.is_some() || a.file.is_some() {
         bail!("--code and --file need --lang python|node|go|bash|sh");
@@ -565,16 +615,26 @@ pub fn create_spec(a: &RunArgs) -> Result<(SandboxSpec, std::time::Duration)> {
     if a.lang.is_some() || a.code.is_some() || a.file.is_some() || a.stdin {
         bail!("--lang, --code, --file and --stdin belong to `nanoclaw exec`, not `sandbox create`");
     }
+    if a.fresh {
+        bail!("--fresh belongs to `nanoclaw run --agent`; `sandbox create` always makes a new sandbox");
+    }
     let mut b = a.clone();
     b.command = vec!["true".into()];
-    let (mut spec, _) = build_spec(&b)?;
+    let mut spec = build_spec(&b)?.spec;
     spec.command.clear();
     let exec_timeout = spec.limits.timeout;
     Ok((spec, exec_timeout))
 }
 
 pub fn run(a: RunArgs) -> Result<u8> {
-    let (mut spec, go) = build_spec(&a)?;
+    let Built {
+        mut spec,
+        go,
+        resolved,
+    } = build_spec(&a)?;
+    if let Some(scope) = resolved.filter(|_| a.policy.agent.is_some() && !a.fresh) {
+        return crate::scope_cmd::run_scoped(&a, spec, go, &scope);
+    }
     if let Some(g) = go {
         if !add_go(&mut spec, g)? {
             eprintln!("nanoclaw: interrupted while preparing the Go standard library");
@@ -631,7 +691,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
 
 /// Why the engine killed the sandbox, with the effective limit that fired
 /// (the spec's, whether it came from a flag, the config or a default).
-fn kill_message(k: KillReason, l: &nanoclaw_sandbox::spec::Limits) -> String {
+pub(crate) fn kill_message(k: KillReason, l: &nanoclaw_sandbox::spec::Limits) -> String {
     let size = |v: Option<u64>| v.map_or_else(|| "none".to_string(), format_size);
     match k {
         KillReason::Timeout => format!("timeout after {}", format_duration(l.timeout)),

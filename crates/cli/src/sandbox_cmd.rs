@@ -23,7 +23,7 @@ use nanoclaw_sandbox::KillReason;
 use crate::run_cmd::RunArgs;
 
 mod live;
-pub use live::{pause, resume, PauseArgs};
+pub use live::{pause, resume, stop, PauseArgs, StopArgs};
 
 /// Default lifetime of a created sandbox.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -75,11 +75,15 @@ pub struct ExecArgs {
     /// Per-stream output limit (default 10m).
     #[arg(long, value_name = "SIZE")]
     output_limit: Option<String>,
-    /// The sandbox: its id (or a unique prefix) or name.
+    /// The sandbox: its id (or a unique prefix) or name. Or none, with
+    /// --config/--agent: the agent's sandbox for its scope.
     #[arg(value_name = "ID|NAME")]
-    target: String,
+    target: Option<String>,
+    /// The agent's scoped sandbox instead of ID|NAME (created on first use).
+    #[command(flatten)]
+    policy: crate::config_cmd::PolicyArgs,
     /// Run a snippet with this interpreter instead of COMMAND (python, node,
-    /// bash, sh).
+    /// bash, sh, go: compiled in the sandbox, its build cache kept in its /tmp).
     #[arg(long, value_enum, value_name = "LANG")]
     lang: Option<crate::run_cmd::Lang>,
     /// The snippet's code (with --lang).
@@ -93,30 +97,19 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-/// The argv of `exec`: COMMAND, or the snippet run by its interpreter.
-fn exec_argv(a: &ExecArgs) -> Result<Vec<String>> {
+/// The argv of `exec` (COMMAND, or the snippet run by its interpreter)
+/// and the environment the snippet needs (`--lang go`: the Go build's).
+fn exec_argv(a: &ExecArgs) -> Result<crate::run_cmd::Snippet> {
     let Some(lang) = a.lang else {
-        return Ok(a.command.clone());
+        return Ok((a.command.clone(), Vec::new()));
     };
-    if lang == crate::run_cmd::Lang::Go {
-        bail!("--lang go is not supported by `nanoclaw exec` yet; use `nanoclaw run --lang go`");
-    }
     let code = match (&a.code, &a.file) {
         (Some(c), _) => c.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("--file {}: cannot read it", f.display()))?,
         (None, None) => bail!("--lang needs --code CODE or --file PATH"),
     };
-    let (interp, flag) = lang.interpreter();
-    let mut argv = vec![interp.to_string(), flag.to_string(), code];
-    if !a.command.is_empty() {
-        // sh -c CODE NAME ARGS...: $0 then the arguments, as with `run`.
-        if matches!(lang, crate::run_cmd::Lang::Bash | crate::run_cmd::Lang::Sh) {
-            argv.push(interp.to_string());
-        }
-        argv.extend(a.command.iter().cloned());
-    }
-    Ok(argv)
+    crate::run_cmd::snippet_argv(lang, None, code, &a.command)
 }
 
 /// Options of `sandbox ls`.
@@ -219,6 +212,9 @@ pub fn ls(a: LsArgs) -> Result<u8> {
             let mut v = serde_json::to_value(s)?;
             if let Some(m) = v.as_object_mut() {
                 m.insert("state".into(), keeper::state_of(dir).into());
+                if let Some(scope) = crate::scope_cmd::describe(s) {
+                    m.insert("scope".into(), scope);
+                }
             }
             out.push(v);
         }
@@ -226,20 +222,64 @@ pub fn ls(a: LsArgs) -> Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<14} {:<20} {:<8} {:>8} {:>8} {:>10}  LABELS",
-        "ID", "NAME", "STATE", "AGE", "IDLE", "EXPIRES IN"
+        "{:<14} {:<16} {:<8} {:>8} {:>8} {:>10}  {:<8} {:<12} {:<12} {:<14} {:<6} LABELS",
+        "ID",
+        "NAME",
+        "STATE",
+        "AGE",
+        "IDLE",
+        "EXPIRES IN",
+        "SCOPE",
+        "AGENT",
+        "SESSION",
+        "IMAGE",
+        "CONFIG"
     );
     let now = now_s();
     for (dir, s) in all {
-        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = s
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with("nanoclaw."))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let l = |k: &str| crate::scope_cmd::label(&s, k).unwrap_or("-").to_string();
+        // Who and which session a scoped sandbox serves: a shared one
+        // serves every agent, an agent-scoped one every session.
+        let scope = l(crate::scope_cmd::LABEL_SCOPE);
+        let agent = if scope == "shared" {
+            "*".into()
+        } else {
+            l(crate::scope_cmd::LABEL_AGENT)
+        };
+        let session = if scope == "session" {
+            l(crate::scope_cmd::LABEL_SESSION)
+        } else if scope == "-" {
+            "-".into()
+        } else {
+            "*".into()
+        };
+        let matches = match crate::scope_cmd::label(&s, crate::scope_cmd::LABEL_KEY) {
+            None => "-",
+            Some(_) => match crate::scope_cmd::config_matches(&s) {
+                Some(true) => "match",
+                Some(false) => "OLD",
+                None => "?",
+            },
+        };
         println!(
-            "{:<14} {:<20} {:<8} {:>7}s {:>7}s {:>9}s  {}",
+            "{:<14} {:<16} {:<8} {:>7}s {:>7}s {:>9}s  {:<8} {:<12} {:<12} {:<14} {:<6} {}",
             s.id,
             s.name.as_deref().unwrap_or("-"),
             keeper::state_of(&dir),
             now.saturating_sub(s.created),
             now.saturating_sub(s.last_used.max(s.created)),
             s.expires.saturating_sub(now),
+            scope,
+            agent,
+            session,
+            l(crate::scope_cmd::LABEL_IMAGE),
+            matches,
             labels.join(",")
         );
     }
@@ -254,90 +294,135 @@ pub fn inspect(a: InspectArgs) -> Result<u8> {
 /// `nanoclaw sandbox rm`.
 pub fn rm(a: RmArgs) -> Result<u8> {
     for t in &a.targets {
-        let (r, st) = remote(t)?;
-        // A keeper that does not answer is killed, which ends its sandbox
-        // all the same (init's lifeline).
-        let asked = !a.force && r.ask_within(&Request::Stop, STOP_PATIENCE).is_ok();
-        if !asked {
-            kill_keeper(&st);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while keeper_alive(&st) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if keeper_alive(&st) {
-            bail!(
-                "sandbox {} did not end within 10 s; retry with `sandbox rm -f`",
-                st.id
-            );
-        }
-        if asked {
-            let _ = std::fs::remove_dir_all(&r.dir);
-        } else {
-            // The keeper had no chance to clean up.
-            keeper::forget(&r.dir, &st);
-        }
-        println!("{}", st.id);
+        println!("{}", remove_with(t, a.force)?);
     }
     Ok(0)
+}
+
+/// Removes the sandbox `target` (asking its keeper to end it).
+pub(crate) fn remove(target: &str) -> Result<()> {
+    remove_with(target, false).map(|_| ())
+}
+
+/// Removes the sandbox `target`; `force` kills its keeper at once.
+/// Returns its id.
+fn remove_with(target: &str, force: bool) -> Result<String> {
+    let (r, st) = remote(target)?;
+    // A keeper that does not answer is killed, which ends its sandbox
+    // all the same (init's lifeline).
+    let asked = !force && r.ask_within(&Request::Stop, STOP_PATIENCE).is_ok();
+    if !asked {
+        kill_keeper(&st);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keeper_alive(&st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if keeper_alive(&st) {
+        bail!(
+            "sandbox {} did not end within 10 s; retry with `sandbox rm -f`",
+            st.id
+        );
+    }
+    if asked {
+        let _ = std::fs::remove_dir_all(&r.dir);
+    } else {
+        // The keeper had no chance to clean up.
+        keeper::forget(&r.dir, &st);
+    }
+    Ok(st.id)
 }
 
 /// `nanoclaw exec`: the command's output streams to ours as it comes
 /// (with `--json`, it is collected into the outcome).
 pub fn exec(a: ExecArgs) -> Result<u8> {
-    let (r, st) = remote(&a.target)?;
-    let mut spec = ExecSpec::new(exec_argv(&a)?);
-    spec.env = a
-        .env
-        .iter()
-        .map(|e| {
-            e.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| anyhow!("--env {e:?}: expected KEY=VALUE"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    spec.user = a
-        .user
-        .as_deref()
-        .map(|u| {
-            let (uid, gid) = u.split_once(':').unwrap_or((u, u));
-            Ok::<_, anyhow::Error>(User {
-                uid: uid.parse()?,
-                gid: gid.parse()?,
+    let (r, st, mut spec) = match (&a.target, a.policy.is_requested()) {
+        (Some(_), true) => bail!(
+            "give either a sandbox (ID|NAME) or --config/--agent/--session (the agent's scoped sandbox), not both"
+        ),
+        (None, false) => bail!(
+            "which sandbox? give its ID or NAME, or --config FILE --agent ID for the agent's scoped sandbox"
+        ),
+        (Some(t), false) => {
+            let (r, st) = remote(t)?;
+            let mut base = ExecSpec::new(Vec::<String>::new());
+            base.timeout = Duration::from_millis(st.exec_timeout_ms);
+            (r, st, base)
+        }
+        (None, true) => crate::scope_cmd::scoped_for_exec(&a.policy)?,
+    };
+    let (argv, mut env) = exec_argv(&a)?;
+    spec.command = argv;
+    env.extend(
+        a.env
+            .iter()
+            .map(|e| {
+                e.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| anyhow!("--env {e:?}: expected KEY=VALUE"))
             })
-        })
-        .transpose()
-        .map_err(|_| anyhow!("--user: expected UID[:GID] with numeric ids"))?;
-    spec.workdir = a.workdir.clone();
+            .collect::<Result<Vec<_>>>()?,
+    );
+    spec.env.extend(env);
+    if let Some(u) = a.user.as_deref() {
+        let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+        spec.user = Some(User {
+            uid: uid
+                .parse()
+                .map_err(|_| anyhow!("--user: expected UID[:GID] with numeric ids"))?,
+            gid: gid
+                .parse()
+                .map_err(|_| anyhow!("--user: expected UID[:GID] with numeric ids"))?,
+        });
+    }
+    if a.workdir.is_some() {
+        spec.workdir = a.workdir.clone();
+    }
     if a.stdin {
         let mut b = Vec::new();
         std::io::stdin().read_to_end(&mut b)?;
         spec.stdin = Stdin::Bytes(b);
     }
-    spec.timeout = match a.timeout.as_deref() {
-        Some(t) => parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?,
-        None => Duration::from_millis(st.exec_timeout_ms),
-    };
+    if let Some(t) = a.timeout.as_deref() {
+        spec.timeout = parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?;
+    }
     if let Some(l) = a.output_limit.as_deref() {
         spec.output_limit = parse_size(l).map_err(|e| anyhow!("--output-limit: {e}"))?;
     }
-    let echo = (!a.json).then_some((1, 2));
-    let mut outcome = r.exec_echo(&spec, echo)?;
-    outcome.layers = st.layers.clone();
-    if a.json {
-        println!("{}", serde_json::to_string(&outcome)?);
-    } else if let Some(k) = outcome.killed_by {
-        let why = match k {
+    report_exec(&r, &st, &spec, a.json, &|k| {
+        match k {
             KillReason::Timeout => "timeout",
             KillReason::OutputLimit => "output over the limit",
             KillReason::Oom => "out of memory",
             KillReason::Pids => "too many processes",
             KillReason::Killed => "killed",
-        };
+        }
+        .to_string()
+    })
+}
+
+/// Runs `spec` in the keeper's sandbox: output streams to ours as it comes
+/// (with `json`, it is collected into the outcome printed at the end); a
+/// kill is one line on stderr, `why` saying what fired. Returns the exit
+/// code (`run`'s conventions).
+pub(crate) fn report_exec(
+    r: &Remote,
+    st: &State,
+    spec: &ExecSpec,
+    json: bool,
+    why: &dyn Fn(KillReason) -> String,
+) -> Result<u8> {
+    let echo = (!json).then_some((1, 2));
+    let mut outcome = r.exec_echo(spec, echo)?;
+    outcome.layers = st.layers.clone();
+    if json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else if let Some(k) = outcome.killed_by {
         eprintln!(
-            "nanoclaw: command in sandbox {} killed: {why}",
-            outcome.sandbox_id
+            "nanoclaw: command in sandbox {} killed: {}",
+            outcome.sandbox_id,
+            why(k)
         );
     } else {
         // A start failure's message (exit 126/127) was added to stderr.

@@ -193,6 +193,9 @@ fn setup_command_runs_once_and_is_cached_as_a_layer() {
                 &store,
                 &[
                     "run",
+                    // A fresh sandbox each time: the setup's result must
+                    // come from the cached layer, not a reused sandbox.
+                    "--fresh",
                     "--config",
                     cfg.to_str().expect("utf-8"),
                     "--agent",

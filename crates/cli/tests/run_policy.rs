@@ -57,10 +57,18 @@ const LIMITS: &str = "agents:
         timeout: 10s
 ";
 
-/// `nanoclaw run --config F --agent A ARGS...`.
+/// `nanoclaw run --fresh --config F --agent A ARGS...` (a one-shot sandbox;
+/// tests/scopes.rs covers the agent's scoped sandbox).
 fn run_agent(m: Mode, cfg: &Config, agent: &str, args: &[&str]) -> std::process::Output {
     let path = cfg.path();
-    let mut a = vec!["run", "--config", path.as_str(), "--agent", agent];
+    let mut a = vec![
+        "run",
+        "--fresh",
+        "--config",
+        path.as_str(),
+        "--agent",
+        agent,
+    ];
     a.extend_from_slice(args);
     run(m, &a)
 }
@@ -151,6 +159,7 @@ fn flags_after_the_command_do_not_replace_other_policy_limits() {
             &[
                 "run",
                 "--json",
+                "--fresh",
                 "--config",
                 &path,
                 "--agent",

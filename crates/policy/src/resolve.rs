@@ -775,9 +775,9 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         None,
         None,
     );
-    if setup_command.is_some() && image.is_none() {
-        warnings.push("setupCommand needs an image root (it is applied once and cached as an image layer); with the host root it is not run".to_string());
-    }
+    // With an image, setupCommand is applied once and cached as an image
+    // layer; with the host root it runs once in each new scoped sandbox
+    // (`nanoclaw run/exec --agent`), before its first command.
     let prune = p.pick(
         "prune",
         None,

@@ -60,3 +60,41 @@ pub fn inspect(target: &str) -> Result<u8> {
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
 }
+
+/// Options of `sandbox stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Seconds each process gets after SIGTERM before SIGKILL (as `docker stop -t`).
+    #[arg(
+        long = "time",
+        short = 't',
+        value_name = "SECONDS",
+        default_value_t = 10
+    )]
+    time: u64,
+    /// Sandboxes: ids (or unique prefixes) or names.
+    #[arg(value_name = "ID|NAME", required = true)]
+    targets: Vec<String>,
+}
+
+/// `nanoclaw sandbox stop`: ends every process running in each sandbox
+/// (SIGTERM, then SIGKILL after `--time`); the sandbox, its files and its
+/// limits stay for the next `exec` (a sandbox cannot be restarted, so
+/// docker's stop + start are one step here). `sandbox rm` removes it.
+pub fn stop(a: StopArgs) -> Result<u8> {
+    if a.time > 3600 {
+        bail!("--time {}: at most 3600 seconds", a.time);
+    }
+    for t in &a.targets {
+        let (r, st) = remote(t)?;
+        let killed = r.stop_processes(Duration::from_secs(a.time))?;
+        if killed > 0 {
+            eprintln!(
+                "nanoclaw: sandbox {}: {killed} process(es) did not end within {} s and were killed",
+                st.id, a.time
+            );
+        }
+        println!("{}", st.id);
+    }
+    Ok(0)
+}

@@ -259,6 +259,55 @@ impl Remote {
     pub fn exec(&self, spec: &ExecSpec) -> Result<Outcome, KeeperError> {
         self.exec_echo(spec, None)
     }
+
+    /// Sends `signal` to every process of the sandbox but init; returns
+    /// how many children init still has.
+    pub fn signal_all(&self, signal: i32) -> Result<u64, KeeperError> {
+        match self.ask(&Request::Signal { signal })? {
+            Reply::Live(l) => Ok(l.processes),
+            Reply::Error(e) => Err(KeeperError::Invalid(e)),
+            other => Err(KeeperError::Protocol(format!(
+                "unexpected answer to a signal: {other:?}"
+            ))),
+        }
+    }
+
+    /// `sandbox stop`: SIGTERM to every process of the sandbox but init,
+    /// up to `grace` for them to end, then SIGKILL. The sandbox stays,
+    /// idle. Returns how many were still there for SIGKILL.
+    pub fn stop_processes(&self, grace: Duration) -> Result<u64, KeeperError> {
+        if self.signal_all(libc::SIGTERM)? == 0 {
+            return Ok(0);
+        }
+        let left_after = |deadline: Instant| -> Result<u64, KeeperError> {
+            loop {
+                let left = match self.ask(&Request::Inspect)? {
+                    Reply::Live(l) => l.processes,
+                    other => {
+                        return Err(KeeperError::Protocol(format!(
+                            "unexpected answer to inspect: {other:?}"
+                        )))
+                    }
+                };
+                if left == 0 || Instant::now() >= deadline {
+                    return Ok(left);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let left = left_after(Instant::now() + grace)?;
+        if left == 0 {
+            return Ok(0);
+        }
+        self.signal_all(libc::SIGKILL)?;
+        if left_after(Instant::now() + Duration::from_secs(5))? > 0 {
+            return Err(KeeperError::Invalid(format!(
+                "sandbox {}: processes still there 5 s after SIGKILL; remove it",
+                self.id
+            )));
+        }
+        Ok(left)
+    }
 }
 
 impl session::Execute for Remote {

@@ -120,6 +120,13 @@ pub enum Request {
     },
     /// End the sandbox; the reply is `Stopping`.
     Stop,
+    /// Send `signal` to every process of the sandbox but its init (the
+    /// first step of `sandbox stop`); the reply is `Live`, whose
+    /// `processes` says how many are left.
+    Signal {
+        /// 1–64.
+        signal: i32,
+    },
 }
 
 /// A keeper's answer: one JSON line.
@@ -158,6 +165,10 @@ pub struct Live {
     /// Commands running now (started through the keeper).
     #[serde(default)]
     pub execs: u64,
+    /// Processes of the sandbox that are children of its init (0: nothing
+    /// runs in it but init; every process descends from init).
+    #[serde(default)]
+    pub processes: u64,
 }
 
 /// Frame kinds a keeper adds to init's (see [`crate::native::proto`]).

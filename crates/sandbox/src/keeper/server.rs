@@ -419,6 +419,13 @@ impl Keeper {
                 self.reply(t, &Reply::Stopping);
                 self.stopping = true;
             }
+            Request::Signal { signal } => {
+                let r = match session::signal_all(&self.sandbox, signal) {
+                    Ok(()) => Reply::Live(Box::new(self.live())),
+                    Err(e) => Reply::Error(e.to_string()),
+                };
+                self.reply(t, &r);
+            }
             Request::Inspect => {
                 let live = self.live();
                 self.reply(t, &Reply::Live(Box::new(live)));
@@ -540,6 +547,7 @@ impl Keeper {
             tasks: st.tasks,
             can_pause: st.can_pause,
             execs: self.execs.len() as u64,
+            processes: session::children_of_init(self.sandbox.pid()),
         }
     }
 

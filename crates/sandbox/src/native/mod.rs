@@ -19,6 +19,7 @@ mod plan;
 pub mod proto;
 pub mod seccomp;
 pub mod session;
+mod stop;
 mod supervise;
 pub(crate) mod sys;
 

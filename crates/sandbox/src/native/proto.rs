@@ -9,6 +9,8 @@
 //!   stderr and optionally stdin.
 //! - `KILL` (id = an exec id): the signal (u32) for that command's process
 //!   group.
+//! - `KILL_ALL` (id 0): the signal (u32) for every process of the sandbox
+//!   but init (`kill(-1)` from the sandbox's pid 1).
 //!
 //! Init → runner: `STARTED` (the command's pid in the sandbox), `EXITED`
 //! (its wait status), `REFUSED` (an errno: too many commands, a bad
@@ -20,6 +22,8 @@ pub const HEADER: usize = 16;
 pub(crate) const EXEC: u32 = 1;
 /// Signal a command's process group.
 pub const KILL: u32 = 2;
+/// Signal every process of the sandbox but init.
+pub(crate) const KILL_ALL: u32 = 3;
 /// A command was started.
 pub const STARTED: u32 = 101;
 /// A command ended.

@@ -38,6 +38,7 @@ use crate::Error;
 pub use super::pause::{
     freezer_dir, is_paused, pause, resume, status, thaw_orphan, LiveStatus, RunState,
 };
+pub use super::stop::{children_of_init, signal_all, stop, wait_until_empty};
 
 /// How long a killed command may take to be reported gone before the
 /// sandbox is considered broken.

@@ -85,6 +85,14 @@ fn serve_one(
                 let _ = sys::kill(pid, sig);
             }
         }
+        proto::KILL_ALL if len == 4 => {
+            let sig = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            // From the pid namespace's init, -1 is every process of the
+            // namespace except init itself (and none outside it).
+            if (1..=64).contains(&sig) {
+                let _ = sys::kill(-1, sig);
+            }
+        }
         _ => sys::exit_now(125),
     }
     for fd in fds {
