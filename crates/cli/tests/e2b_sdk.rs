@@ -718,3 +718,44 @@ fn red_team_findings_stay_fixed() {
     drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
 }
+
+/// Red team: a tenant removed while its sandboxes live. They end (nobody
+/// can reach them any more), and its name is not given to a new tenant,
+/// which would otherwise inherit them and their audit history.
+#[test]
+fn a_removed_tenants_sandboxes_end_and_its_name_is_retired() {
+    let _g = serial();
+    let m = modes("a_removed_tenants_sandboxes_end_and_its_name_is_retired")[0];
+    let before = keepers(m);
+    let d = Daemon::new(m, "tenantrm");
+    let key = d.tenant("carol", &[]);
+    let (code, body) = d.curl_as(
+        &key,
+        "POST",
+        "/sandboxes",
+        Some(r#"{"templateID":"base","timeout":300}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(wait_keepers(m, before + 1), before + 1);
+    let dd = d.data.to_string_lossy().into_owned();
+    let o = nc(m, &["tenant", "rm", "carol", "--data", &dd])
+        .output()
+        .expect("tenant rm");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        wait_keepers(m, before),
+        before,
+        "a removed tenant's sandbox lives on"
+    );
+    let o = nc(m, &["tenant", "add", "carol", "--data", &dd])
+        .output()
+        .expect("tenant add");
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("not reused"),
+        "{}",
+        text(&o.stderr)
+    );
+    let (code, _) = d.curl_as(&key, "GET", "/v2/sandboxes", None);
+    assert_eq!(code, 401, "the removed tenant's key still works");
+}

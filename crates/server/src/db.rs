@@ -141,6 +141,13 @@ BEGIN
     SELECT RAISE(ABORT, 'the audit anchor cannot be deleted');
 END;
 "#,
+    // 2: names of removed tenants, never given to a new tenant.
+    r#"
+CREATE TABLE retired_tenants (
+    name       TEXT PRIMARY KEY,
+    removed_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// An error opening or using the database.

@@ -54,6 +54,10 @@ pub enum TenantError {
     /// No tenant of that name.
     #[error("no tenant {0:?} (see `nanoclaw tenant ls`)")]
     NotFound(String),
+    /// The name belonged to a tenant that was removed: names are never
+    /// given to another tenant (its audit history keeps the name).
+    #[error("tenant name {0:?} belonged to a removed tenant and is not reused (the audit log still names it): pick another name")]
+    Retired(String),
     /// A quota value is out of range or unparseable.
     #[error("invalid {field} {value:?}: {reason}")]
     InvalidQuota {
@@ -503,6 +507,14 @@ impl Tenants {
         if find(&tx, name)?.is_some() {
             return Err(TenantError::Duplicate(name.to_string()));
         }
+        let retired: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM retired_tenants WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if retired {
+            return Err(TenantError::Retired(name.to_string()));
+        }
         tx.execute(
             "INSERT INTO tenants (name, created_ms, max_sandboxes, max_memory_mb, max_cpus, max_lifetime_s, rate_per_s)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -569,13 +581,21 @@ impl Tenants {
         Ok(t)
     }
 
-    /// Removes a tenant and all its API keys.
+    /// Removes a tenant and all its API keys; its name is retired (never
+    /// given to a new tenant). A running daemon ends the tenant's
+    /// sandboxes within a second.
     pub fn remove(&self, name: &str) -> Result<(), TenantError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (id, _) = find(&tx, name)?.ok_or_else(|| TenantError::NotFound(name.into()))?;
         tx.execute("DELETE FROM api_keys WHERE tenant_id = ?1", [id])?;
         tx.execute("DELETE FROM tenants WHERE id = ?1", [id])?;
+        // Never given to another tenant: the audit log, and the daemon's
+        // records of sandboxes that may outlive this call, name tenants.
+        tx.execute(
+            "INSERT OR IGNORE INTO retired_tenants (name, removed_ms) VALUES (?1, ?2)",
+            (name, db::now_ms()),
+        )?;
         tx.commit()?;
         Ok(())
     }

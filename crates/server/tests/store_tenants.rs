@@ -98,6 +98,36 @@ fn duplicate_and_invalid_names_are_refused() {
     assert_eq!(key_rows(&dir.db()), 1, "a refused add leaves no key");
 }
 
+/// A removed tenant's name is never given to a new tenant: the audit log
+/// and the daemon's sandbox records name tenants, and a new "acme" must not
+/// inherit the old one's sandboxes or history.
+#[test]
+fn a_removed_tenants_name_is_not_reused() {
+    let dir = TempDir::new("tenant-retired");
+    let tenants = Tenants::open(&dir.db()).expect("open");
+    let (_, key) = tenants.add("acme", Quotas::default()).expect("add");
+    tenants.remove("acme").expect("remove");
+    assert!(matches!(tenants.authenticate(key.as_str()), Ok(None)));
+    let e = tenants
+        .add("acme", Quotas::default())
+        .expect_err("a retired name");
+    assert!(
+        matches!(e, TenantError::Retired(ref n) if n == "acme"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("pick another name"), "{e}");
+    assert!(matches!(tenants.get("acme"), Err(TenantError::NotFound(_))));
+    tenants
+        .add("acme2", Quotas::default())
+        .expect("another name");
+    // Retired in the file, for every process that opens it.
+    let again = Tenants::open(&dir.db()).expect("open again");
+    assert!(matches!(
+        again.add("acme", Quotas::default()),
+        Err(TenantError::Retired(_))
+    ));
+}
+
 #[test]
 fn quotas_defaults_set_and_reset() {
     let dir = TempDir::new("tenant-quota");
@@ -234,14 +264,12 @@ fn remove_deletes_the_tenant_and_its_keys() {
         tenants.remove("acme"),
         Err(TenantError::NotFound(_))
     ));
-    // The name is free again, with a new key.
-    let (_, k4) = tenants.add("acme", Quotas::default()).expect("re-add");
-    assert_ne!(k4, k1);
+    // The name is retired (a_removed_tenants_name_is_not_reused).
     let names: Vec<_> = tenants
         .list()
         .expect("list")
         .into_iter()
         .map(|t| t.name)
         .collect();
-    assert_eq!(names, ["acme", "globex"]);
+    assert_eq!(names, ["globex"]);
 }

@@ -422,7 +422,15 @@ impl KeeperBackend {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
         };
+        let orphaned = self.removed_tenants(&all).await;
         for e in all {
+            let tenant = e.record.lock().map(|r| r.tenant.clone()).ok();
+            if tenant.is_some_and(|t| orphaned.contains(&t)) {
+                // Its tenant was removed (`nanoclaw tenant rm`): nobody may
+                // reach it any more, so it does not outlive its owner.
+                self.end(&e.remote.id).await;
+                continue;
+            }
             let (end, auto_pause) = match e.record.lock() {
                 Ok(r) => (r.end_at_ms, r.auto_pause),
                 Err(_) => continue,
@@ -441,6 +449,27 @@ impl KeeperBackend {
                 }
             }
         }
+    }
+
+    /// The tenants of `all` that are no longer in the tenants table.
+    async fn removed_tenants(&self, all: &[Arc<Entry>]) -> Vec<String> {
+        let Some(t) = self.cfg.tenants.clone() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = all
+            .iter()
+            .filter_map(|e| e.record.lock().ok().map(|r| r.tenant.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .filter(|n| matches!(t.get(n), Err(crate::tenants::TenantError::NotFound(_))))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     async fn ask(&self, e: &Arc<Entry>, req: Request) -> BackendResult<Live> {
