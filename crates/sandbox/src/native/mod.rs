@@ -423,7 +423,13 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     let mut prep = Prepared::new(spec, rootful, &mut layers)?;
     let launch = Launch::new(spec, &mut prep, rootful, idle)?;
     let signal_fd = if opts.handle_signals {
-        Some(supervise::block_runner_signals()?)
+        match supervise::block_runner_signals() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                launch.close_all();
+                return Err(e);
+            }
+        }
     } else {
         None
     };
@@ -522,13 +528,16 @@ struct ChildParts {
     argv: Vec<CString>,
     exec_candidates: Vec<CString>,
     envp: Vec<CString>,
+    hostname: CString,
+    workdir: CString,
 }
 
 impl Prepared {
     /// Capabilities, network policy, kernel rules, mounts, the seccomp
     /// filters, image layers, the filesystem plan, Landlock, the working
-    /// directory and the command line, in that order; `layers` records
-    /// what they apply. On failure every descriptor opened is closed.
+    /// directory, the command line, the hostname and workdir as C strings,
+    /// in that order; `layers` records what they apply. On failure every
+    /// descriptor opened is closed.
     fn new(spec: &SandboxSpec, rootful: bool, layers: &mut Layers) -> Result<Prepared, Error> {
         let keep_caps = spec
             .hardening
@@ -559,6 +568,8 @@ impl Prepared {
             Vec::new()
         };
         let (argv, exec_candidates, envp) = command_line(spec, &proxy_env)?;
+        let hostname = cstr(&spec.hostname, "hostname")?;
+        let workdir_c = cstr(workdir.as_os_str().as_bytes(), "workdir")?;
         Ok(Prepared {
             child: ChildParts {
                 keep_caps,
@@ -569,6 +580,8 @@ impl Prepared {
                 argv,
                 exec_candidates,
                 envp,
+                hostname,
+                workdir: workdir_c,
             },
             guard,
             net_policy,
@@ -699,6 +712,7 @@ struct Launch {
 
 impl Launch {
     /// Makes the pipes and the child's plan, taking `prep`'s child parts.
+    /// Fails only when the pipes cannot be made (nothing is left open).
     fn new(
         spec: &SandboxSpec,
         prep: &mut Prepared,
@@ -737,7 +751,7 @@ impl Launch {
                 | libc::CLONE_NEWIPC
                 | libc::CLONE_NEWUTS
                 | if kernel_net { 0 } else { libc::CLONE_NEWNET },
-            hostname: cstr(&spec.hostname, "hostname")?,
+            hostname: parts.hostname,
             ops: parts.fs.ops,
             root_dir: parts.fs.root,
             check_symlinks: parts.fs.check_symlinks,
@@ -757,7 +771,7 @@ impl Launch {
             seccomp: parts.seccomp,
             seccomp_no_cgroup_memory: parts.seccomp_no_cgroup_memory,
             shm_bytes: spec.limits.tmpfs_size.clamp(4096, 64 << 20),
-            workdir: cstr(prep.workdir.as_os_str().as_bytes(), "workdir")?,
+            workdir: parts.workdir,
             exec_candidates: parts.exec_candidates,
             _argv: parts.argv,
             _envp: parts.envp,
@@ -796,11 +810,7 @@ impl Launch {
         let pid = match cloned {
             Ok(pid) => pid,
             Err(e) => {
-                self.pipes.close_all();
-                if let Some((a, b)) = self.net_pair {
-                    sys::close(a);
-                    sys::close(b);
-                }
+                self.close_all();
                 return Err(userns_error(e));
             }
         };
@@ -809,6 +819,15 @@ impl Launch {
             sys::close(fd);
         }
         Ok(pid)
+    }
+
+    /// Closes both ends of every pipe and of the socketpair (no child).
+    fn close_all(&self) {
+        self.pipes.close_all();
+        if let Some((a, b)) = self.net_pair {
+            sys::close(a);
+            sys::close(b);
+        }
     }
 }
 
