@@ -59,6 +59,27 @@ pub enum Error {
         /// What was looked for, and the sandboxed tool's message.
         what: String,
     },
+    /// A backend cannot honour a field of a sandbox configuration (see
+    /// [`crate::backend::Capabilities`]).
+    #[error("--backend {backend}: {field} is not supported: {why}")]
+    NotSupported {
+        /// The backend's name, e.g. `docker`.
+        backend: String,
+        /// The field, as the command line names it, e.g. `--exec-allow`.
+        field: String,
+        /// Why, and what to use instead.
+        why: String,
+    },
+    /// The process that holds a sandbox for a backend (a keeper; a
+    /// container runtime or a VM monitor later) failed, hung up or did not
+    /// answer in time.
+    #[error("{backend}: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] crate::native::cgroup::CgroupError),

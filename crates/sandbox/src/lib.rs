@@ -3,7 +3,8 @@
 //! One input type ([`SandboxSpec`]) and one output type ([`Outcome`]) cross
 //! every boundary. The native backend ([`native`]) realises a spec with
 //! namespaces, a read-only root, cgroups, seccomp and Landlock, with no
-//! daemon and no image.
+//! daemon and no image. Long-lived sandboxes, whatever realises them, are
+//! driven through the [`Backend`] and [`LiveSandbox`] traits ([`backend`]).
 //!
 //! ```no_run
 //! use nanoclaw_sandbox::{run, SandboxSpec};
@@ -12,12 +13,17 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod error;
 pub mod native;
 pub mod outcome;
 pub mod spec;
 pub mod units;
 
+pub use backend::{
+    Backend, Capabilities, Echo, Execution, LiveSandbox, NativeInProcess, NativeKeeper,
+    SandboxConfig, SandboxInfo, SandboxStats,
+};
 pub use error::Error;
 pub use native::{kill, run, start, wait, KillHandle, RunOptions, Sandbox};
 pub use outcome::{KillReason, Layers, Outcome};

@@ -81,3 +81,31 @@ fn kill_handle_kills_a_running_sandbox() {
     );
     assert!(o.duration < Duration::from_secs(10), "{o:?}");
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A NUL byte in the hostname or the workdir is refused before anything is
+/// made: no pipe is left open (a start that got as far as its pipes would
+/// leave ten descriptors; the margin is for the other tests, running at
+/// the same time).
+#[test]
+fn a_nul_byte_in_hostname_or_workdir_leaves_nothing_open() {
+    let before = open_fds();
+    for i in 0..40 {
+        let mut spec = SandboxSpec::new(["true"]);
+        if i % 2 == 0 {
+            spec.hostname = "bad\0name".into();
+        } else {
+            spec.workdir = Some("/tmp/bad\0dir".into());
+        }
+        let e = start(&spec, RunOptions::default()).expect_err("a NUL byte must be refused");
+        assert!(e.to_string().contains("NUL"), "{e}");
+    }
+    let after = open_fds();
+    assert!(
+        after < before + 40,
+        "descriptors left open: {before} before, {after} after 40 refused starts"
+    );
+}

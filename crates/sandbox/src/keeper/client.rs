@@ -111,6 +111,23 @@ pub struct RemoteSpawn {
     pub spawned: Spawned,
 }
 
+impl RemoteSpawn {
+    /// Waits for the command (started at `started` from `spec`, in sandbox
+    /// `sandbox_id`) to end, enforcing its timeout and output limit, with
+    /// `echo` as in [`Remote::exec_echo`].
+    pub fn wait(
+        self,
+        sandbox_id: &str,
+        spec: &ExecSpec,
+        started: Instant,
+        echo: Option<(i32, i32)>,
+    ) -> Result<Outcome, KeeperError> {
+        let waiter = Waiter::new(self.spawned, spec, started + spec.timeout, started, echo);
+        let finished = waiter.wait(self.conn.as_raw_fd(), sandbox_id)?;
+        Ok(finished.into_outcome(&spec.command[0], sandbox_id))
+    }
+}
+
 impl Remote {
     /// The sandbox in `dir` (with id `id`).
     pub fn new(id: &str, dir: &Path) -> Remote {
@@ -250,9 +267,7 @@ impl Remote {
     ) -> Result<Outcome, KeeperError> {
         let started = Instant::now();
         let rs = self.spawn(spec, !matches!(spec.stdin, Stdin::Null))?;
-        let waiter = Waiter::new(rs.spawned, spec, started + spec.timeout, started, echo);
-        let finished = waiter.wait(rs.conn.as_raw_fd(), &self.id)?;
-        Ok(finished.into_outcome(&spec.command[0], &self.id))
+        rs.wait(&self.id, spec, started, echo)
     }
 
     /// Runs one command to completion.
@@ -321,4 +336,40 @@ impl session::Execute for Remote {
     fn sandbox_id(&self) -> &str {
         &self.id
     }
+}
+
+/// Ends the sandbox `st` held by `remote`'s keeper and waits until the
+/// keeper is gone (at most `patience` for it to answer, then 10 s for it to
+/// exit). Unless `force`, the keeper is asked to stop, and cleans up
+/// itself; when forced, or when it does not answer, it is killed (which
+/// ends its sandbox all the same: init's lifeline) and its state and
+/// cgroups are removed here. Stopping a sandbox that has ended already is
+/// not an error.
+pub fn stop_sandbox(
+    remote: &Remote,
+    st: &super::State,
+    force: bool,
+    patience: Duration,
+) -> Result<(), KeeperError> {
+    let asked = !force && remote.ask_within(&Request::Stop, patience).is_ok();
+    if !asked {
+        super::kill_keeper(st);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while super::keeper_alive(st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if super::keeper_alive(st) {
+        return Err(KeeperError::Invalid(format!(
+            "sandbox {} did not end within 10 s; kill its keeper (pid {})",
+            st.id, st.keeper_pid
+        )));
+    }
+    if asked {
+        let _ = std::fs::remove_dir_all(&remote.dir);
+    } else {
+        // The keeper had no chance to clean up.
+        super::forget(&remote.dir, st);
+    }
+    Ok(())
 }

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{start_keeper, Remote, RemoteSpawn};
+pub use client::{start_keeper, stop_sandbox, Remote, RemoteSpawn};
 pub use server::keeper_main;
 pub use state::{
     all_sandboxes, find, forget, keeper_alive, kill_keeper, now_s, own_dir, read_state, state_of,

@@ -408,12 +408,78 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
 
 /// [`start`], or with `idle` a long-lived sandbox whose init runs nothing
 /// and serves execs ([`session::create`]).
+///
+/// The steps: [`Prepared::new`] (everything fallible that needs no child),
+/// [`Launch::new`] (the pipes and the child's plan), [`Launch::clone_init`],
+/// [`runner_setup`] (id maps, cgroup, rlimits, network, the go-ahead) while
+/// the child builds its root, then [`finish_setup`] (the child's report).
 fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbox, Error> {
     validate(spec)?;
     let started = Instant::now();
     let rootful = geteuid() == 0;
     let id = new_id();
-    let mut layers = Layers {
+    let mut layers = initial_layers(rootful);
+    // Everything fallible that needs no child comes first, so a bad spec
+    // leaves nothing behind.
+    let mut prep = Prepared::new(spec, rootful, &mut layers)?;
+    let launch = Launch::new(spec, &mut prep, rootful, idle)?;
+    let signal_fd = if opts.handle_signals {
+        match supervise::block_runner_signals() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                launch.close_all();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let pid = launch.clone_init()?;
+
+    let mut sb = Sandbox {
+        id,
+        pid,
+        started,
+        spec_limits: spec.limits,
+        cgroup: None,
+        stdout_r: launch.pipes.stdout.0,
+        stderr_r: launch.pipes.stderr.0,
+        status_r: launch.pipes.status.0,
+        stdin_w: match (&spec.stdin, launch.pipes.stdin) {
+            (Stdin::Bytes(b), Some((_, w))) => Some(supervise::StdinFeed::bytes(w, b.clone())),
+            (Stdin::Inherit, Some((_, w))) => Some(supervise::StdinFeed::forward(w, 0)),
+            _ => None,
+        },
+        opts,
+        layers,
+        exec_error: None,
+        kill_flag: std::sync::Arc::new(supervise::KillShared::new(pid)),
+        signal_fd,
+        init_pidfd: sys::pidfd_open(pid).ok(),
+        proxy: None,
+        kernel_egress: None,
+        lifeline: None,
+        net_mode: net_mode(&spec.network),
+        released: false,
+        exec_base: idle.then(|| session::ExecBase {
+            env: base_env(spec, &prep.proxy_env),
+            workdir: prep.workdir.clone(),
+            user: spec.user,
+            next_id: 1,
+        }),
+        paused: false,
+    };
+
+    // Setup has a deadline of its own: a child that never reports (a bug,
+    // or a kernel that stalls) is killed rather than waited for forever.
+    let setup_deadline = Instant::now() + SETUP_TIMEOUT;
+    let setup = runner_setup(&mut sb, spec, &launch, &mut prep, setup_deadline);
+    finish_setup(sb, setup, spec, launch, prep, setup_deadline)
+}
+
+/// What the engine applies to every sandbox, before the spec adds to it.
+fn initial_layers(rootful: bool) -> Layers {
+    Layers {
         mode: if rootful { "rootful" } else { "rootless" }.into(),
         namespaces: ["user", "mnt", "pid", "ipc", "uts", "net", "cgroup"]
             .iter()
@@ -421,40 +487,138 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
             .collect(),
         no_new_privs: true,
         ..Layers::default()
-    };
+    }
+}
 
-    // Everything fallible that needs no child comes first, so a bad spec
-    // leaves nothing behind.
-    let keep_caps = spec
-        .hardening
-        .cap_add
-        .iter()
-        .map(|n| caps::parse_cap(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
-    let net_policy = network_policy(&spec.network)?;
-    let kernel_rules = kernel_rules(&spec.network, rootful)?;
-    let mounts = resolve_mounts(spec, rootful, &keep_caps)?;
-    let mut guard = FdGuard(
-        mounts
+/// `none`, `allowlist`, `open` or `kernel`.
+fn net_mode(network: &Network) -> &'static str {
+    match network {
+        Network::None => "none",
+        Network::Allowlist { .. } => "allowlist",
+        Network::Open { .. } => "open",
+        Network::Kernel { .. } => "kernel",
+    }
+}
+
+/// What a start works out before it makes anything a child needs: every
+/// step of it that can fail on a bad spec or host.
+struct Prepared {
+    /// What moves into the child's plan ([`Launch::new`] takes it).
+    child: ChildParts,
+    /// The mounts' and image layers' descriptors, which the child re-opens;
+    /// closed once the child's setup is over.
+    guard: FdGuard,
+    /// The egress proxy's policy (allowlist and open modes).
+    net_policy: Option<nanoclaw_net::NetworkPolicy>,
+    /// The kernel allowlist (`--network kernel`).
+    kernel_rules: Option<Vec<nanoclaw_net::kernel::CidrPortRule>>,
+    /// The command's working directory.
+    workdir: PathBuf,
+    /// The proxy's environment variables for the command.
+    proxy_env: Vec<(String, String)>,
+}
+
+/// The parts of [`ChildPlan`] that need no pipe.
+#[derive(Default)]
+struct ChildParts {
+    keep_caps: Vec<caps::Cap>,
+    seccomp: Option<seccomp::Filter>,
+    seccomp_no_cgroup_memory: Option<seccomp::Filter>,
+    fs: plan::FsPlan,
+    landlock: Option<landlock::Prepared>,
+    argv: Vec<CString>,
+    exec_candidates: Vec<CString>,
+    envp: Vec<CString>,
+    hostname: CString,
+    workdir: CString,
+}
+
+impl Prepared {
+    /// Capabilities, network policy, kernel rules, mounts, the seccomp
+    /// filters, image layers, the filesystem plan, Landlock, the working
+    /// directory, the command line, the hostname and workdir as C strings,
+    /// in that order; `layers` records what they apply. On failure every
+    /// descriptor opened is closed.
+    fn new(spec: &SandboxSpec, rootful: bool, layers: &mut Layers) -> Result<Prepared, Error> {
+        let keep_caps = spec
+            .hardening
+            .cap_add
             .iter()
-            .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
-            .collect(),
-    );
-    let seccomp_filter = match &spec.hardening.seccomp {
+            .map(|n| caps::parse_cap(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
+        let net_policy = network_policy(&spec.network)?;
+        let kernel_rules = kernel_rules(&spec.network, rootful)?;
+        let mounts = resolve_mounts(spec, rootful, &keep_caps)?;
+        let mut guard = FdGuard(
+            mounts
+                .iter()
+                .flat_map(|m| std::iter::once(m.fd).chain(m.idmapped_fd))
+                .collect(),
+        );
+        let (seccomp, seccomp_no_cgroup_memory) = seccomp_filters(spec, rootful, &mounts, layers)?;
+        let image_layers = open_layers(spec, &mut guard)?;
+        let upper = open_upper(spec, rootful, &mut guard)?;
+        let host = plan::HostLayout::probe();
+        let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
+        let landlock = landlock_policy(spec, &fs, &mounts, layers)?;
+        let workdir = default_workdir(spec, &mounts);
+        let proxy_env = if net_policy.is_some() {
+            nanoclaw_net::proxy_env(child::PROXY_PORT)
+        } else {
+            Vec::new()
+        };
+        let (argv, exec_candidates, envp) = command_line(spec, &proxy_env)?;
+        let hostname = cstr(&spec.hostname, "hostname")?;
+        let workdir_c = cstr(workdir.as_os_str().as_bytes(), "workdir")?;
+        Ok(Prepared {
+            child: ChildParts {
+                keep_caps,
+                seccomp,
+                seccomp_no_cgroup_memory,
+                fs,
+                landlock,
+                argv,
+                exec_candidates,
+                envp,
+                hostname,
+                workdir: workdir_c,
+            },
+            guard,
+            net_policy,
+            kernel_rules,
+            workdir,
+            proxy_env,
+        })
+    }
+}
+
+/// The seccomp filter for `spec` (described in `layers.seccomp`), and the
+/// stricter one to install should the memory cgroup turn out missing.
+fn seccomp_filters(
+    spec: &SandboxSpec,
+    rootful: bool,
+    mounts: &[UserMount],
+    layers: &mut Layers,
+) -> Result<(Option<seccomp::Filter>, Option<seccomp::Filter>), Error> {
+    let extras = |no_unaccounted_memory| seccomp::DefaultExtras {
+        no_memfd: !spec.hardening.exec_allow.is_empty(),
+        no_setid_files: mounts.iter().any(|m| m.no_setid_files),
+        no_unaccounted_memory,
+    };
+    let compile = |extras| {
+        seccomp::default_filter_with(extras).map_err(|e| {
+            Error::Seccomp(seccomp::SeccompError::Profile {
+                path: "built-in".into(),
+                error: e,
+            })
+        })
+    };
+    let filter = match &spec.hardening.seccomp {
         Seccomp::Default => {
-            let extras = seccomp::DefaultExtras {
-                no_memfd: !spec.hardening.exec_allow.is_empty(),
-                no_setid_files: mounts.iter().any(|m| m.no_setid_files),
-                no_unaccounted_memory: false,
-            };
+            let extras = extras(false);
             layers.seccomp = extras.describe();
-            Some(seccomp::default_filter_with(extras).map_err(|e| {
-                Error::Seccomp(seccomp::SeccompError::Profile {
-                    path: "built-in".into(),
-                    error: e,
-                })
-            })?)
+            Some(compile(extras)?)
         }
         Seccomp::Profile(p) => {
             layers.seccomp = format!("profile:{}", p.display());
@@ -469,27 +633,21 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     // Rootless, the memory cgroup may be missing (it is known only after
     // the clone): a second filter that also refuses memfd_create (pages no
     // rlimit counts) is ready for that case.
-    let seccomp_no_cgroup_memory = match &spec.hardening.seccomp {
-        Seccomp::Default if !rootful => {
-            let extras = seccomp::DefaultExtras {
-                no_memfd: !spec.hardening.exec_allow.is_empty(),
-                no_setid_files: mounts.iter().any(|m| m.no_setid_files),
-                no_unaccounted_memory: true,
-            };
-            Some(seccomp::default_filter_with(extras).map_err(|e| {
-                Error::Seccomp(seccomp::SeccompError::Profile {
-                    path: "built-in".into(),
-                    error: e,
-                })
-            })?)
-        }
+    let no_cgroup_memory = match &spec.hardening.seccomp {
+        Seccomp::Default if !rootful => Some(compile(extras(true))?),
         _ => None,
     };
-    let image_layers = open_layers(spec, &mut guard)?;
-    let upper = open_upper(spec, rootful, &mut guard)?;
-    let host = plan::HostLayout::probe();
-    let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
+    Ok((filter, no_cgroup_memory))
+}
 
+/// The Landlock rules (described in `layers.landlock`): writes only where
+/// the sandbox may write, execs only from `--exec-allow` when given.
+fn landlock_policy(
+    spec: &SandboxSpec,
+    fs: &plan::FsPlan,
+    mounts: &[UserMount],
+    layers: &mut Layers,
+) -> Result<Option<landlock::Prepared>, Error> {
     let mut writable: Vec<PathBuf> = vec!["/tmp".into(), "/dev/shm".into()];
     writable.extend(spec.home.clone());
     if !fs.root_readonly {
@@ -502,14 +660,14 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
             .filter(|m| m.access == Access::Rw)
             .map(|m| m.target.clone()),
     );
-    let landlock_policy = match landlock::abi_version() {
+    match landlock::abi_version() {
         Some(_) => {
             let prepared = landlock::prepare(&landlock::LandlockPolicy::standard(
                 writable,
                 spec.hardening.exec_allow.clone(),
             ))?;
             layers.landlock = prepared.description().to_string();
-            Some(prepared)
+            Ok(Some(prepared))
         }
         None => {
             if !spec.hardening.exec_allow.is_empty() {
@@ -520,12 +678,15 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
                 });
             }
             layers.landlock = "unavailable: the kernel does not support Landlock".into();
-            None
+            Ok(None)
         }
-    };
+    }
+}
 
-    let workdir = spec
-        .workdir
+/// The command's working directory: `--workdir`, else the home directory,
+/// else `/workspace` when mounted, else `/tmp`.
+fn default_workdir(spec: &SandboxSpec, mounts: &[UserMount]) -> PathBuf {
+    spec.workdir
         .clone()
         .or(spec.home.clone())
         .unwrap_or_else(|| {
@@ -534,40 +695,146 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
             } else {
                 "/tmp".into()
             }
-        });
-    let proxy_env = if net_policy.is_some() {
-        nanoclaw_net::proxy_env(child::PROXY_PORT)
-    } else {
-        Vec::new()
-    };
-    let (argv, exec_candidates, envp) = command_line(spec, &proxy_env)?;
-    let ptrs = |v: &Vec<CString>| -> Vec<*const libc::c_char> {
-        v.iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect()
-    };
-    let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
+        })
+}
 
-    let pipes = Pipes::new(&spec.stdin)?;
-    let net_pair = match &net_policy {
-        Some(_) => match sys::socketpair() {
-            Ok(p) => Some(p),
+/// The child's side of a start, made just before the clone: the pipes
+/// between runner and child, the proxy's socketpair, and the plan the
+/// child runs from. After the clone the child uses only what is in here,
+/// allocated beforehand: it allocates nothing itself.
+struct Launch {
+    pipes: Pipes,
+    /// (the runner's end, the child's end) of the proxy's socketpair.
+    net_pair: Option<(RawFd, RawFd)>,
+    plan: ChildPlan,
+    /// `--network kernel`: the clone itself makes the network namespace.
+    kernel_net: bool,
+}
+
+impl Launch {
+    /// Makes the pipes and the child's plan, taking `prep`'s child parts.
+    /// Fails only when the pipes cannot be made (nothing is left open).
+    fn new(
+        spec: &SandboxSpec,
+        prep: &mut Prepared,
+        rootful: bool,
+        idle: bool,
+    ) -> Result<Launch, Error> {
+        let pipes = Pipes::new(&spec.stdin)?;
+        let net_pair = match &prep.net_policy {
+            Some(_) => match sys::socketpair() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    pipes.close_all();
+                    return Err(Error::Sys {
+                        call: "socketpair for the network proxy".into(),
+                        source: e,
+                    });
+                }
+            },
+            None => None,
+        };
+        let stdin = match pipes.stdin {
+            Some((r, _)) => StdinFd::Pipe(r),
+            None => StdinFd::Null,
+        };
+        let mut keep_fds = child_ends(&pipes, net_pair);
+        keep_fds.extend(prep.guard.0.iter().copied());
+        keep_fds.sort_unstable();
+        // `--network kernel` wires a veth into the sandbox's network namespace
+        // right after the clone, so that one is made by the clone itself.
+        let kernel_net = prep.kernel_rules.is_some();
+        let parts = std::mem::take(&mut prep.child);
+        let (argv_ptrs, envp_ptrs) = (ptrs(&parts.argv), ptrs(&parts.envp));
+        let plan = ChildPlan {
+            rootful,
+            unshare: libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | if kernel_net { 0 } else { libc::CLONE_NEWNET },
+            hostname: parts.hostname,
+            ops: parts.fs.ops,
+            root_dir: parts.fs.root,
+            check_symlinks: parts.fs.check_symlinks,
+            root_readonly: parts.fs.root_readonly,
+            sync_r: pipes.sync.0,
+            idle,
+            err_w: pipes.err.1,
+            status_w: pipes.status.1,
+            stdout_w: pipes.stdout.1,
+            stderr_w: pipes.stderr.1,
+            stdin,
+            keep_fds,
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+            keep_caps: parts.keep_caps,
+            landlock: parts.landlock,
+            seccomp: parts.seccomp,
+            seccomp_no_cgroup_memory: parts.seccomp_no_cgroup_memory,
+            shm_bytes: spec.limits.tmpfs_size.clamp(4096, 64 << 20),
+            workdir: parts.workdir,
+            exec_candidates: parts.exec_candidates,
+            _argv: parts.argv,
+            _envp: parts.envp,
+            host_strings: child::host_string_ranges(),
+            argv_ptrs,
+            envp_ptrs,
+            net_sock: net_pair.map(|(_, child_end)| child_end),
+        };
+        Ok(Launch {
+            pipes,
+            net_pair,
+            plan,
+            kernel_net,
+        })
+    }
+
+    /// Clones the sandbox's init, which runs [`child::setup_and_init`] on
+    /// the plan and never returns; then closes the child's ends here.
+    fn clone_init(&self) -> Result<libc::pid_t, Error> {
+        // The user and pid namespaces must exist at clone (the runner writes
+        // the child's id maps; init must be pid 1). The child makes the others
+        // itself (ChildPlan::unshare) while the runner writes those maps.
+        let mut flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID) as libc::c_ulong;
+        if self.kernel_net {
+            flags |= libc::CLONE_NEWNET as libc::c_ulong;
+        }
+        // Every signal blocked across the clone: the child must not run one of
+        // the caller's handlers (on its copy of the caller's memory) before it
+        // sets its own mask; the caller's mask comes back right after.
+        let saved_mask = sys::block_all_signals();
+        let cloned = sys::clone_fork(flags);
+        if let Ok(0) = cloned {
+            child::setup_and_init(&self.plan);
+        }
+        sys::restore_signals(&saved_mask);
+        let pid = match cloned {
+            Ok(pid) => pid,
             Err(e) => {
-                pipes.close_all();
-                return Err(Error::Sys {
-                    call: "socketpair for the network proxy".into(),
-                    source: e,
-                });
+                self.close_all();
+                return Err(userns_error(e));
             }
-        },
-        None => None,
-    };
-    let stdin = match (&spec.stdin, pipes.stdin) {
-        (_, Some((r, _))) => StdinFd::Pipe(r),
-        (_, None) => StdinFd::Null,
-    };
-    let mut keep_fds = vec![
+        };
+        // The runner keeps only its own ends.
+        for fd in child_ends(&self.pipes, self.net_pair) {
+            sys::close(fd);
+        }
+        Ok(pid)
+    }
+
+    /// Closes both ends of every pipe and of the socketpair (no child).
+    fn close_all(&self) {
+        self.pipes.close_all();
+        if let Some((a, b)) = self.net_pair {
+            sys::close(a);
+            sys::close(b);
+        }
+    }
+}
+
+/// The child's ends of the pipes and of the proxy's socketpair.
+fn child_ends(pipes: &Pipes, net_pair: Option<(RawFd, RawFd)>) -> Vec<RawFd> {
+    let mut fds = vec![
         pipes.sync.0,
         pipes.err.1,
         pipes.status.1,
@@ -575,253 +842,183 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
         pipes.stderr.1,
     ];
     if let Some((r, _)) = pipes.stdin {
-        keep_fds.push(r);
+        fds.push(r);
     }
     if let Some((_, child_end)) = net_pair {
-        keep_fds.push(child_end);
+        fds.push(child_end);
     }
-    keep_fds.extend(guard.0.iter().copied());
-    keep_fds.sort_unstable();
-    // `--network kernel` wires a veth into the sandbox's network namespace
-    // right after the clone, so that one is made by the clone itself.
-    let kernel_net = kernel_rules.is_some();
-    let child_plan = ChildPlan {
-        rootful,
-        unshare: libc::CLONE_NEWNS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS
-            | if kernel_net { 0 } else { libc::CLONE_NEWNET },
-        hostname: cstr(&spec.hostname, "hostname")?,
-        ops: fs.ops,
-        root_dir: fs.root,
-        check_symlinks: fs.check_symlinks,
-        root_readonly: fs.root_readonly,
-        sync_r: pipes.sync.0,
-        idle,
-        err_w: pipes.err.1,
-        status_w: pipes.status.1,
-        stdout_w: pipes.stdout.1,
-        stderr_w: pipes.stderr.1,
-        stdin,
-        keep_fds,
-        uid: spec.user.uid,
-        gid: spec.user.gid,
-        keep_caps,
-        landlock: landlock_policy,
-        seccomp: seccomp_filter,
-        seccomp_no_cgroup_memory,
-        shm_bytes: spec.limits.tmpfs_size.clamp(4096, 64 << 20),
-        workdir: cstr(workdir.as_os_str().as_bytes(), "workdir")?,
-        exec_candidates,
-        _argv: argv,
-        _envp: envp,
-        host_strings: child::host_string_ranges(),
-        argv_ptrs,
-        envp_ptrs,
-        net_sock: net_pair.map(|(_, child_end)| child_end),
-    };
+    fds
+}
 
-    let signal_fd = if opts.handle_signals {
-        Some(supervise::block_runner_signals()?)
-    } else {
-        None
-    };
+/// A NULL-terminated array of pointers into `v`'s strings.
+fn ptrs(v: &[CString]) -> Vec<*const libc::c_char> {
+    v.iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
 
-    // The user and pid namespaces must exist at clone (the runner writes
-    // the child's id maps; init must be pid 1). The child makes the others
-    // itself (ChildPlan::unshare) while the runner writes those maps.
-    let mut flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID) as libc::c_ulong;
-    if kernel_net {
-        flags |= libc::CLONE_NEWNET as libc::c_ulong;
+/// The runner's part of the setup, while the child builds its root: the
+/// id maps, the cgroup, the egress proxy or kernel egress, and the
+/// go-ahead, which carries the rlimits standing in for missing cgroup
+/// controllers and the handles the child joins its cgroup with.
+fn runner_setup(
+    sb: &mut Sandbox,
+    spec: &SandboxSpec,
+    launch: &Launch,
+    prep: &mut Prepared,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let (rootful, sync_w) = (launch.plan.rootful, launch.pipes.sync.1);
+    let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
+    sb.layers.uid_map = map_uid.trim().to_string();
+    write_id_maps(sb.pid, rootful, &map_uid, &map_gid)?;
+    // The child makes its namespaces and builds its root while we make
+    // and fill its cgroup; it waits for the second message (which
+    // carries the rlimits standing in for missing cgroup controllers)
+    // before it runs anything of the sandbox's.
+    sys::write_all(sync_w, b"1").map_err(|e| Error::Sys {
+        call: "signalling the sandbox (id maps written)".into(),
+        source: e,
+    })?;
+    let memfd_refused = launch.plan.seccomp_no_cgroup_memory.is_some();
+    let (rlimits, join_fds) = cgroup_setup(sb, &spec.limits, launch.plan.idle, memfd_refused)?;
+    if let (Some(policy), Some((runner_end, _))) = (prep.net_policy.take(), launch.net_pair) {
+        sb.proxy = Some(serve_proxy(policy, &spec.network, runner_end, deadline)?);
     }
-    // Every signal blocked across the clone: the child must not run one of
-    // the caller's handlers (on its copy of the caller's memory) before it
-    // sets its own mask; the caller's mask comes back right after.
-    let saved_mask = sys::block_all_signals();
-    let cloned = sys::clone_fork(flags);
-    if let Ok(0) = cloned {
-        child::setup_and_init(&child_plan);
+    if let Some(allow) = prep.kernel_rules.take() {
+        sb.kernel_egress = Some(kernel_egress(sb.pid, &sb.id, allow)?);
     }
-    sys::restore_signals(&saved_mask);
-    let pid = match cloned {
-        Ok(pid) => pid,
-        Err(e) => {
-            pipes.close_all();
-            if let Some((a, b)) = net_pair {
-                sys::close(a);
-                sys::close(b);
+    // The go-ahead carries the v1 `tasks` files for the child to move
+    // itself into (see Cgroup::join_handles).
+    let raw: Vec<RawFd> = join_fds.iter().map(|f| f.as_raw_fd()).collect();
+    sys::send_with_fds(sync_w, &rlimits.encode(), &raw).map_err(|e| Error::Sys {
+        call: "signalling the sandbox (cgroup ready)".into(),
+        source: e,
+    })
+}
+
+/// Plans and creates the sandbox's cgroup (owned by `sb` from then on);
+/// returns the rlimits standing in for the controllers it lacks and the
+/// handles the child joins it with.
+fn cgroup_setup(
+    sb: &mut Sandbox,
+    limits: &crate::spec::Limits,
+    idle: bool,
+    memfd_refused: bool,
+) -> Result<(child::Rlimits, Vec<std::os::fd::OwnedFd>), Error> {
+    // Which cgroup controllers this host offers (an explicit limit it
+    // cannot enforce is an error; `abort` then removes the child).
+    // A run's cpu time comes from init's rusage (init reaps every
+    // process of the sandbox), so a separate v1 cpuacct cgroup is not
+    // worth its cost; a long-lived sandbox reports its usage while it
+    // lives (inspect) and can be paused, so it gets both.
+    let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
+        &sb.id,
+        limits,
+        cgroup::CreateOptions {
+            cpu_accounting: idle,
+            freezer: idle,
+        },
+    )?;
+    sb.layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
+    sb.layers.degraded = degraded;
+    let no_cgroup_for = |c| !cg_plan.as_ref().is_some_and(|p| p.uses(c));
+    let rlimits = child::Rlimits {
+        data: (limits.memory).filter(|_| no_cgroup_for(cgroup::Controller::Memory)),
+        nproc: (limits.pids).filter(|_| no_cgroup_for(cgroup::Controller::Pids)),
+    };
+    if rlimits.data.is_some() {
+        sb.layers.degraded.push(format!(
+            "memory: per process only, with RLIMIT_DATA instead of a cgroup (the sandbox \
+                 as a whole has no memory limit: shared memory and several processes add up{})",
+            if memfd_refused {
+                "; memfd_create and SysV shmget are refused"
+            } else {
+                ""
             }
-            return Err(userns_error(e));
-        }
-    };
-    // The runner keeps only its own ends.
-    for fd in [
-        pipes.sync.0,
-        pipes.err.1,
-        pipes.status.1,
-        pipes.stdout.1,
-        pipes.stderr.1,
-    ] {
-        sys::close(fd);
+        ));
     }
-    if let Some((r, _)) = pipes.stdin {
-        sys::close(r);
+    if rlimits.nproc.is_some() {
+        sb.layers
+            .degraded
+            .push("pids: enforced with RLIMIT_NPROC instead of a cgroup".into());
     }
-    if let Some((_, child_end)) = net_pair {
-        sys::close(child_end);
+    let mut join_fds = Vec::new();
+    if let Some(plan) = cg_plan {
+        let (cg, notes) = plan.create()?;
+        sb.layers.degraded.extend(notes);
+        // Owned by the sandbox before the child joins: a failure from
+        // here on is cleaned up by `abort`.
+        let cg = sb.cgroup.insert(cg);
+        join_fds = cg.join_handles(sb.pid)?;
     }
+    Ok((rlimits, join_fds))
+}
 
-    let mut sb = Sandbox {
-        id,
-        pid,
-        started,
-        spec_limits: spec.limits,
-        cgroup: None,
-        stdout_r: pipes.stdout.0,
-        stderr_r: pipes.stderr.0,
-        status_r: pipes.status.0,
-        stdin_w: match (&spec.stdin, pipes.stdin) {
-            (Stdin::Bytes(b), Some((_, w))) => Some(supervise::StdinFeed::bytes(w, b.clone())),
-            (Stdin::Inherit, Some((_, w))) => Some(supervise::StdinFeed::forward(w, 0)),
-            _ => None,
-        },
-        opts,
-        layers,
-        exec_error: None,
-        kill_flag: std::sync::Arc::new(supervise::KillShared::new(pid)),
-        signal_fd,
-        init_pidfd: sys::pidfd_open(pid).ok(),
-        proxy: None,
-        kernel_egress: None,
-        lifeline: None,
-        net_mode: match spec.network {
-            Network::None => "none",
-            Network::Allowlist { .. } => "allowlist",
-            Network::Open { .. } => "open",
-            Network::Kernel { .. } => "kernel",
-        },
-        released: false,
-        exec_base: idle.then(|| session::ExecBase {
-            env: base_env(spec, &proxy_env),
-            workdir: workdir.clone(),
-            user: spec.user,
-            next_id: 1,
-        }),
-        paused: false,
+/// Receives the proxy's listener, made by the child on the sandbox's own
+/// 127.0.0.1, on the runner's end of the socketpair (closed here), and
+/// serves it.
+fn serve_proxy(
+    policy: nanoclaw_net::NetworkPolicy,
+    network: &Network,
+    runner_end: RawFd,
+    deadline: Instant,
+) -> Result<nanoclaw_net::BlockingProxy, Error> {
+    let listener = match sys::wait_readable(runner_end, deadline) {
+        Ok(true) => sys::recv_fd(runner_end),
+        Ok(false) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+        Err(e) => Err(e),
     };
+    sys::close(runner_end);
+    let listener = listener.map_err(|e| Error::Sys {
+        call: "receiving the sandbox's proxy socket".into(),
+        source: e,
+    })?;
+    start_proxy(policy, network, listener)
+}
 
-    // Setup has a deadline of its own: a child that never reports (a bug,
-    // or a kernel that stalls) is killed rather than waited for forever.
-    let setup_deadline = Instant::now() + SETUP_TIMEOUT;
-    let mut join_fds: Vec<std::os::fd::OwnedFd> = Vec::new();
-    let setup = (|| -> Result<(), Error> {
-        let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
-        sb.layers.uid_map = map_uid.trim().to_string();
-        write_id_maps(pid, rootful, &map_uid, &map_gid)?;
-        let go = |what: &str, msg: &[u8]| {
-            sys::write_all(pipes.sync.1, msg).map_err(|e| Error::Sys {
-                call: format!("signalling the sandbox ({what})"),
-                source: e,
-            })
-        };
-        // The child makes its namespaces and builds its root while we make
-        // and fill its cgroup; it waits for the second message (which
-        // carries the rlimits standing in for missing cgroup controllers)
-        // before it runs anything of the sandbox's.
-        go("id maps written", b"1")?;
-        // Which cgroup controllers this host offers (an explicit limit it
-        // cannot enforce is an error; `abort` then removes the child).
-        // A run's cpu time comes from init's rusage (init reaps every
-        // process of the sandbox), so a separate v1 cpuacct cgroup is not
-        // worth its cost; a long-lived sandbox reports its usage while it
-        // lives (inspect) and can be paused, so it gets both.
-        let (cg_plan, degraded) = cgroup::Cgroup::plan_with(
-            &sb.id,
-            &spec.limits,
-            cgroup::CreateOptions {
-                cpu_accounting: idle,
-                freezer: idle,
-            },
-        )?;
-        sb.layers.cgroup = cg_plan.as_ref().map(|c| c.describe()).unwrap_or_default();
-        sb.layers.degraded = degraded;
-        let no_cgroup_for = |c| !cg_plan.as_ref().is_some_and(|p| p.uses(c));
-        let rlimits = child::Rlimits {
-            data: (spec.limits.memory).filter(|_| no_cgroup_for(cgroup::Controller::Memory)),
-            nproc: (spec.limits.pids).filter(|_| no_cgroup_for(cgroup::Controller::Pids)),
-        };
-        if rlimits.data.is_some() {
-            sb.layers.degraded.push(format!(
-                "memory: per process only, with RLIMIT_DATA instead of a cgroup (the sandbox \
-                     as a whole has no memory limit: shared memory and several processes add up{})",
-                if child_plan.seccomp_no_cgroup_memory.is_some() {
-                    "; memfd_create and SysV shmget are refused"
-                } else {
-                    ""
-                }
-            ));
-        }
-        if rlimits.nproc.is_some() {
-            sb.layers
-                .degraded
-                .push("pids: enforced with RLIMIT_NPROC instead of a cgroup".into());
-        }
-        if let Some(plan) = cg_plan {
-            let (cg, notes) = plan.create()?;
-            sb.layers.degraded.extend(notes);
-            // Owned by the sandbox before the child joins: a failure from
-            // here on is cleaned up by `abort`.
-            let cg = sb.cgroup.insert(cg);
-            join_fds = cg.join_handles(pid)?;
-        }
-        if let (Some(policy), Some((runner_end, _))) = (net_policy, net_pair) {
-            let listener = match sys::wait_readable(runner_end, setup_deadline) {
-                Ok(true) => sys::recv_fd(runner_end),
-                Ok(false) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
-                Err(e) => Err(e),
-            };
-            sys::close(runner_end);
-            let listener = listener.map_err(|e| Error::Sys {
-                call: "receiving the sandbox's proxy socket".into(),
-                source: e,
-            })?;
-            sb.proxy = Some(start_proxy(policy, &spec.network, listener)?);
-        }
-        if let Some(allow) = kernel_rules {
-            let cfg = nanoclaw_net::kernel::KernelEgressConfig {
-                sandbox_pid: pid,
-                id: sb.id.chars().take(11).collect(),
-                allow,
-                allow_dns_to: None,
-            };
-            sb.kernel_egress = Some(nanoclaw_net::kernel::KernelEgress::setup(&cfg).map_err(
-                |e| Error::Unsupported {
-                    what: "--network kernel".into(),
-                    why: e.to_string(),
-                    fix: "use --network allowlist (the proxy), which works everywhere".into(),
-                },
-            )?);
-        }
-        // The go-ahead carries the v1 `tasks` files for the child to move
-        // itself into (see Cgroup::join_handles).
-        let raw: Vec<RawFd> = join_fds.iter().map(|f| f.as_raw_fd()).collect();
-        sys::send_with_fds(pipes.sync.1, &rlimits.encode(), &raw).map_err(|e| Error::Sys {
-            call: "signalling the sandbox (cgroup ready)".into(),
-            source: e,
-        })
-    })();
-    drop(join_fds);
+/// Wires a veth with nftables rules `allow` into sandbox `id`'s network
+/// namespace (rootful `--network kernel`).
+fn kernel_egress(
+    pid: libc::pid_t,
+    id: &str,
+    allow: Vec<nanoclaw_net::kernel::CidrPortRule>,
+) -> Result<nanoclaw_net::kernel::KernelEgress, Error> {
+    let cfg = nanoclaw_net::kernel::KernelEgressConfig {
+        sandbox_pid: pid,
+        id: id.chars().take(11).collect(),
+        allow,
+        allow_dns_to: None,
+    };
+    nanoclaw_net::kernel::KernelEgress::setup(&cfg).map_err(|e| Error::Unsupported {
+        what: "--network kernel".into(),
+        why: e.to_string(),
+        fix: "use --network allowlist (the proxy), which works everywhere".into(),
+    })
+}
+
+/// Waits for the child's setup report and turns a failure on either side
+/// into the start's error (the sandbox is then removed).
+fn finish_setup(
+    mut sb: Sandbox,
+    setup: Result<(), Error>,
+    spec: &SandboxSpec,
+    launch: Launch,
+    prep: Prepared,
+    deadline: Instant,
+) -> Result<Sandbox, Error> {
     if setup.is_err() {
         // The child waits for a go-ahead that will not come: end it, so
         // that reading its report below sees the error pipe close.
-        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::kill(sb.pid, libc::SIGKILL);
     }
     // The write end of the sync pipe stays open for the sandbox's life: it
     // is init's lifeline (init exits when it closes, e.g. the runner dies).
-    sb.lifeline = Some(pipes.sync.1);
-    drop(guard);
-    let report = supervise::read_setup_report(pipes.err.0, setup_deadline);
-    sys::close(pipes.err.0);
+    sb.lifeline = Some(launch.pipes.sync.1);
+    drop(prep.guard);
+    let report = supervise::read_setup_report(launch.pipes.err.0, deadline);
+    sys::close(launch.pipes.err.0);
     let report = match report {
         Ok(r) => r,
         Err(supervise::SetupTimedOut) => {
@@ -830,84 +1027,112 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
         }
     };
     let failure = match (setup, report) {
-        (Err(e), None) => Some(e),
-        (Err(_), Some(r)) if child::Step::from_u32(r.step) != Some(child::Step::Exec) => {
-            Some(Error::Setup {
-                step: child::Step::from_u32(r.step)
-                    .map_or("unknown", child::Step::name)
-                    .into(),
-                source: std::io::Error::from_raw_os_error(r.errno),
-            })
+        (Ok(()), Some(r)) if child::Step::from_u32(r.step) == Some(child::Step::Exec) => {
+            sb.exec_error = Some(exec_failure(&r, &spec.command[0]));
+            None
         }
-        (Err(e), Some(_)) => Some(e),
-        (Ok(()), Some(r)) => match child::Step::from_u32(r.step) {
-            Some(child::Step::Exec) => {
-                sb.exec_error = Some(exec_failure(&r, &spec.command[0]));
-                None
-            }
-            Some(child::Step::Landlock) => {
-                let f = landlock::ApplyFailure::from_bytes({
-                    let mut b = [0u8; 9];
-                    b[0] = (r.index >> 24) as u8;
-                    let rule = r.index & 0x00ff_ffff;
-                    let rule = if rule == 0x00ff_ffff { u32::MAX } else { rule };
-                    b[1..5].copy_from_slice(&rule.to_le_bytes());
-                    b[5..9].copy_from_slice(&r.errno.to_le_bytes());
-                    b
-                });
-                match (f, &child_plan.landlock) {
-                    (Some(f), Some(p)) => Some(Error::Landlock(p.explain(f))),
-                    _ => Some(Error::Setup {
-                        step: "installing Landlock rules".into(),
-                        source: std::io::Error::from_raw_os_error(r.errno),
-                    }),
-                }
-            }
-            Some(child::Step::FsOp) => Some(Error::Setup {
-                step: child_plan
-                    .ops
-                    .get(r.index as usize)
-                    .map(|op| {
-                        let d = op.describe(&child_plan.root_dir.to_string_lossy());
-                        if r.errno == libc::ELOOP || r.errno == libc::ENOTDIR {
-                            format!("{d} (a component of that path is a symlink or not a directory; mount points are never reached through symlinks)")
-                        } else {
-                            d
-                        }
-                    })
-                    .unwrap_or_else(|| "building the filesystem".into()),
-                source: std::io::Error::from_raw_os_error(r.errno),
-            }),
-            Some(child::Step::Workdir) => Some(Error::InvalidSpec(format!(
-                "--workdir {}: {} inside the sandbox; pick a directory that exists there \
-                 (for example /tmp, or /workspace with --workspace)",
-                workdir.display(),
-                std::io::Error::from_raw_os_error(r.errno)
-            ))),
-            Some(child::Step::ForkPayload) if r.errno == libc::EAGAIN => {
-                Some(Error::InvalidSpec(format!(
-                    "the command could not be started: {}; the task limit is reached \
-                     (--pids{}): raise it",
-                    std::io::Error::from_raw_os_error(r.errno),
-                    if rootful { "" } else { ", or this user's RLIMIT_NPROC" }
-                )))
-            }
-            Some(step) => Some(Error::Setup {
-                step: step.name().into(),
-                source: std::io::Error::from_raw_os_error(r.errno),
-            }),
-            None => Some(Error::Setup {
-                step: "unknown".into(),
-                source: std::io::Error::from_raw_os_error(r.errno),
-            }),
-        },
-        (Ok(()), None) => None,
+        (setup, report) => report_failure(setup, report, &launch.plan, &prep.workdir),
     };
     if let Some(e) = failure {
         supervise::abort(sb);
         return Err(e);
     }
     Ok(sb)
+}
+
+/// The start's error, if any, from the runner's side of the setup and the
+/// child's report (`None`: the payload was exec'd). A failed exec is not
+/// an error here (the caller records it as the command's exit).
+fn report_failure(
+    setup: Result<(), Error>,
+    report: Option<child::Report>,
+    plan: &ChildPlan,
+    workdir: &Path,
+) -> Option<Error> {
+    let errno = |r: &child::Report| std::io::Error::from_raw_os_error(r.errno);
+    match (setup, report) {
+        (Err(e), None) => Some(e),
+        (Err(_), Some(r)) if child::Step::from_u32(r.step) != Some(child::Step::Exec) => {
+            Some(Error::Setup {
+                step: child::Step::from_u32(r.step)
+                    .map_or("unknown", child::Step::name)
+                    .into(),
+                source: errno(&r),
+            })
+        }
+        (Err(e), Some(_)) => Some(e),
+        (Ok(()), Some(r)) => match child::Step::from_u32(r.step) {
+            Some(child::Step::Exec) => None,
+            Some(child::Step::Landlock) => Some(landlock_failure(&r, plan)),
+            Some(child::Step::FsOp) => Some(fs_op_failure(&r, plan)),
+            Some(child::Step::Workdir) => Some(Error::InvalidSpec(format!(
+                "--workdir {}: {} inside the sandbox; pick a directory that exists there \
+                 (for example /tmp, or /workspace with --workspace)",
+                workdir.display(),
+                errno(&r)
+            ))),
+            Some(child::Step::ForkPayload) if r.errno == libc::EAGAIN => {
+                Some(Error::InvalidSpec(format!(
+                    "the command could not be started: {}; the task limit is reached \
+                     (--pids{}): raise it",
+                    errno(&r),
+                    if plan.rootful {
+                        ""
+                    } else {
+                        ", or this user's RLIMIT_NPROC"
+                    }
+                )))
+            }
+            Some(step) => Some(Error::Setup {
+                step: step.name().into(),
+                source: errno(&r),
+            }),
+            None => Some(Error::Setup {
+                step: "unknown".into(),
+                source: errno(&r),
+            }),
+        },
+        (Ok(()), None) => None,
+    }
+}
+
+/// The child could not install a Landlock rule: which one, and why.
+fn landlock_failure(r: &child::Report, plan: &ChildPlan) -> Error {
+    let f = landlock::ApplyFailure::from_bytes({
+        let mut b = [0u8; 9];
+        b[0] = (r.index >> 24) as u8;
+        let rule = r.index & 0x00ff_ffff;
+        let rule = if rule == 0x00ff_ffff { u32::MAX } else { rule };
+        b[1..5].copy_from_slice(&rule.to_le_bytes());
+        b[5..9].copy_from_slice(&r.errno.to_le_bytes());
+        b
+    });
+    match (f, &plan.landlock) {
+        (Some(f), Some(p)) => Error::Landlock(p.explain(f)),
+        _ => Error::Setup {
+            step: "installing Landlock rules".into(),
+            source: std::io::Error::from_raw_os_error(r.errno),
+        },
+    }
+}
+
+/// A filesystem step of the child failed: which one, and why.
+fn fs_op_failure(r: &child::Report, plan: &ChildPlan) -> Error {
+    Error::Setup {
+        step: plan
+            .ops
+            .get(r.index as usize)
+            .map(|op| {
+                let d = op.describe(&plan.root_dir.to_string_lossy());
+                if r.errno == libc::ELOOP || r.errno == libc::ENOTDIR {
+                    format!("{d} (a component of that path is a symlink or not a directory; mount points are never reached through symlinks)")
+                } else {
+                    d
+                }
+            })
+            .unwrap_or_else(|| "building the filesystem".into()),
+        source: std::io::Error::from_raw_os_error(r.errno),
+    }
 }
 
 /// The exit code and message for a command that failed before running:

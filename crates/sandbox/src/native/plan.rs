@@ -339,7 +339,47 @@ pub(crate) fn group(gid: u32) -> String {
     s
 }
 
-/// Builds the filesystem plan for `spec`.
+/// Mount attributes of a read-only bind of host content.
+const RO_ATTRS: u64 = crate::native::sys::MOUNT_ATTR_RDONLY
+    | crate::native::sys::MOUNT_ATTR_NOSUID
+    | crate::native::sys::MOUNT_ATTR_NODEV;
+/// Mount flags of the sandbox's own filesystems.
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// A plan's operations while it is being built.
+struct Ops {
+    ops: Vec<Op>,
+    /// Where the sandbox's root is assembled: the tmpfs itself for the
+    /// host root; an overlay mounted inside it for an image.
+    root: String,
+}
+
+impl Ops {
+    /// `inside` (an absolute path in the sandbox) under the root being
+    /// assembled.
+    fn under(&self, inside: &str) -> Result<CString, Error> {
+        cpath(format!("{}{inside}", self.root))
+    }
+
+    fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Every directory from the top down to `inside` (not `/` itself).
+    fn mkdirs(&mut self, inside: &Path) -> Result<(), Error> {
+        let mut cur = PathBuf::from("/");
+        for c in inside.components().skip(1) {
+            cur.push(c);
+            let path = self.under(&cur.to_string_lossy())?;
+            self.push(Op::Mkdir { path, mode: 0o755 });
+        }
+        Ok(())
+    }
+}
+
+/// Builds the filesystem plan for `spec`: the sources re-opened, the new
+/// root, `/etc`, `/tmp` and the home directory, `/dev`, `/proc` and
+/// `/sys`, then the workspace and user mounts.
 pub(crate) fn build(
     spec: &SandboxSpec,
     host: &HostLayout,
@@ -347,16 +387,50 @@ pub(crate) fn build(
     layers: &[LayerFd],
     upper: Option<&LayerFd>,
 ) -> Result<FsPlan, Error> {
-    let mut ops = Vec::with_capacity(96);
     let image = matches!(spec.root, Root::Layers(_));
-    // Where the sandbox's root is assembled: the tmpfs itself for the host
-    // root; an overlay mounted inside it for an image.
-    let root = if image {
-        format!("{BASE}/root")
-    } else {
-        BASE.to_string()
+    let mut ops = Ops {
+        ops: Vec::with_capacity(96),
+        root: if image {
+            format!("{BASE}/root")
+        } else {
+            BASE.to_string()
+        },
     };
-    let under_base = |p: &str| cpath(format!("{root}{p}"));
+    reopen_sources(&mut ops, mounts, layers, upper)?;
+    new_root(&mut ops, spec, host, layers, upper)?;
+    if image {
+        image_etc(&mut ops, spec)?;
+    } else {
+        synthetic_etc(&mut ops, spec, host)?;
+    }
+    tmp_and_home(&mut ops, spec)?;
+    dev(&mut ops, spec)?;
+    proc_and_sys(&mut ops)?;
+    // The workspace and user mounts.
+    for m in mounts {
+        user_mount(&mut ops, m)?;
+    }
+    let nested = mounts.iter().any(|a| {
+        mounts
+            .iter()
+            .any(|b| a.target != b.target && a.target.starts_with(&b.target))
+    });
+    Ok(FsPlan {
+        root: cpath(&ops.root)?,
+        ops: ops.ops,
+        root_readonly: !image,
+        check_symlinks: image || nested,
+    })
+}
+
+/// Image layers and mount sources, re-opened in the new mount namespace
+/// before anything covers their paths.
+fn reopen_sources(
+    ops: &mut Ops,
+    mounts: &[UserMount],
+    layers: &[LayerFd],
+    upper: Option<&LayerFd>,
+) -> Result<(), Error> {
     for l in layers.iter().chain(upper) {
         ops.push(Op::Reopen {
             path: cpath(&l.path)?,
@@ -375,17 +449,26 @@ pub(crate) fn build(
             ino: m.dev_ino.1,
         });
     }
-    let ro = crate::native::sys::MOUNT_ATTR_RDONLY
-        | crate::native::sys::MOUNT_ATTR_NOSUID
-        | crate::native::sys::MOUNT_ATTR_NODEV;
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    Ok(())
+}
 
+/// The new root: a small tmpfs that only holds mount points and /etc with
+/// the host's directories bound read-only (host root), or an overlay of
+/// the image's layers (image root).
+fn new_root(
+    ops: &mut Ops,
+    spec: &SandboxSpec,
+    host: &HostLayout,
+    layers: &[LayerFd],
+    upper: Option<&LayerFd>,
+) -> Result<(), Error> {
+    let image = matches!(spec.root, Root::Layers(_));
     // The new root: a small tmpfs that only holds mount points and /etc
     // (host root), or the image's writable upper layer (image root).
     ops.push(Op::Fs {
         fstype: c"tmpfs",
         target: cpath(BASE)?,
-        flags: nosuid_nodev,
+        flags: NOSUID_NODEV,
         data: if image {
             cpath(format!(
                 "mode=0755,size={}",
@@ -396,164 +479,179 @@ pub(crate) fn build(
         },
         optional: false,
     });
-
     match &spec.root {
-        Root::Host => {
-            for (name, link) in &host.root_entries {
-                let inside = format!("/{name}");
-                match link {
-                    Some(t) => ops.push(Op::Symlink {
-                        target: cpath(t)?,
-                        link: under_base(&inside)?,
-                    }),
-                    None => {
-                        ops.push(Op::Mkdir {
-                            path: under_base(&inside)?,
-                            mode: 0o755,
-                        });
-                        ops.push(Op::Bind {
-                            source: cpath(&inside)?,
-                            target: under_base(&inside)?,
-                            attrs: ro,
-                            if_exists: false,
-                        });
-                    }
-                }
-            }
-        }
-        Root::Layers(_) => {
-            let dirs: &[&str] = if upper.is_some() {
-                &["root"]
-            } else {
-                &["upper", "work", "root"]
-            };
-            for d in dirs {
+        Root::Host => host_root_entries(ops, host),
+        Root::Layers(_) => image_overlay(ops, layers, upper),
+        Root::Dir(_) => Err(Error::Unsupported {
+            what: "a directory root".into(),
+            why: "not implemented; use the host root or an image".into(),
+            fix: "run without it, or import the directory as an image".into(),
+        }),
+    }
+}
+
+/// The host's `/usr`, `/bin`, `/lib*`…: bound read-only, symlinks kept.
+fn host_root_entries(ops: &mut Ops, host: &HostLayout) -> Result<(), Error> {
+    for (name, link) in &host.root_entries {
+        let inside = format!("/{name}");
+        match link {
+            Some(t) => ops.push(Op::Symlink {
+                target: cpath(t)?,
+                link: ops.under(&inside)?,
+            }),
+            None => {
                 ops.push(Op::Mkdir {
-                    path: cpath(format!("{BASE}/{d}"))?,
+                    path: ops.under(&inside)?,
                     mode: 0o755,
                 });
+                ops.push(Op::Bind {
+                    source: cpath(&inside)?,
+                    target: ops.under(&inside)?,
+                    attrs: RO_ATTRS,
+                    if_exists: false,
+                });
             }
-            let (upperdir, workdir) = match upper {
-                Some(u) => (
-                    format!("/proc/self/fd/{}/upper", u.fd),
-                    format!("/proc/self/fd/{}/work", u.fd),
-                ),
-                None => (format!("{BASE}/upper"), format!("{BASE}/work")),
-            };
-            // Layers by descriptor (re-opened above, before /tmp was
-            // covered), topmost first; `userxattr` because the overlay is
-            // mounted inside the sandbox's user namespace.
-            let lower: Vec<String> = layers
-                .iter()
-                .rev()
-                .map(|l| format!("/proc/self/fd/{}", l.fd))
-                .collect();
-            ops.push(Op::Fs {
-                fstype: c"overlay",
-                target: cpath(&root)?,
-                flags: nosuid_nodev,
-                data: cpath(format!(
-                    "lowerdir={},upperdir={upperdir},workdir={workdir},userxattr",
-                    lower.join(":")
-                ))?,
-                optional: false,
-            });
-        }
-        Root::Dir(_) => {
-            return Err(Error::Unsupported {
-                what: "a directory root".into(),
-                why: "not implemented; use the host root or an image".into(),
-                fix: "run without it, or import the directory as an image".into(),
-            })
         }
     }
+    Ok(())
+}
 
-    if image {
-        // The image's own /etc, with the sandbox's name and (lack of)
-        // network written over it in the per-sandbox upper layer.
-        ops.push(Op::Mkdir {
-            path: under_base("/etc")?,
-            mode: 0o755,
-        });
-        for (name, data) in [
-            ("hosts", hosts_file(&spec.hostname)),
-            ("hostname", format!("{}\n", spec.hostname)),
-            ("resolv.conf", RESOLV_CONF.to_string()),
-        ] {
-            ops.push(Op::File {
-                path: under_base(&format!("/etc/{name}"))?,
-                data: data.into_bytes(),
-                mode: 0o644,
-            });
-        }
+/// The image's layers as an overlay, with a writable upper layer (the
+/// persistent `upper`, or one on the root's tmpfs).
+fn image_overlay(ops: &mut Ops, layers: &[LayerFd], upper: Option<&LayerFd>) -> Result<(), Error> {
+    let dirs: &[&str] = if upper.is_some() {
+        &["root"]
     } else {
-        // A synthetic /etc.
+        &["upper", "work", "root"]
+    };
+    for d in dirs {
         ops.push(Op::Mkdir {
-            path: under_base("/etc")?,
+            path: cpath(format!("{BASE}/{d}"))?,
             mode: 0o755,
         });
-        let files: [(&str, String); 6] = [
-            ("passwd", passwd(spec.user.uid, spec.user.gid)),
-            ("group", group(spec.user.gid)),
-            ("hosts", hosts_file(&spec.hostname)),
-            ("hostname", format!("{}\n", spec.hostname)),
-            ("resolv.conf", RESOLV_CONF.to_string()),
-            (
-                "nsswitch.conf",
-                "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
-                    .to_string(),
-            ),
-        ];
-        for (name, data) in files {
-            ops.push(Op::File {
-                path: under_base(&format!("/etc/{name}"))?,
-                data: data.into_bytes(),
-                mode: 0o644,
-            });
-        }
-        for (name, link, is_dir) in &host.etc_entries {
-            let inside = format!("/etc/{name}");
-            match link {
-                Some(t) => ops.push(Op::Symlink {
-                    target: cpath(t)?,
-                    link: under_base(&inside)?,
-                }),
-                None => {
-                    if *is_dir {
-                        ops.push(Op::Mkdir {
-                            path: under_base(&inside)?,
-                            mode: 0o755,
-                        });
-                    } else {
-                        ops.push(Op::File {
-                            path: under_base(&inside)?,
-                            data: Vec::new(),
-                            mode: 0o644,
-                        });
-                    }
-                    ops.push(Op::Bind {
-                        source: cpath(&inside)?,
-                        target: under_base(&inside)?,
-                        attrs: ro,
-                        if_exists: true,
+    }
+    let (upperdir, workdir) = match upper {
+        Some(u) => (
+            format!("/proc/self/fd/{}/upper", u.fd),
+            format!("/proc/self/fd/{}/work", u.fd),
+        ),
+        None => (format!("{BASE}/upper"), format!("{BASE}/work")),
+    };
+    // Layers by descriptor (re-opened above, before /tmp was
+    // covered), topmost first; `userxattr` because the overlay is
+    // mounted inside the sandbox's user namespace.
+    let lower: Vec<String> = layers
+        .iter()
+        .rev()
+        .map(|l| format!("/proc/self/fd/{}", l.fd))
+        .collect();
+    ops.push(Op::Fs {
+        fstype: c"overlay",
+        target: cpath(&ops.root)?,
+        flags: NOSUID_NODEV,
+        data: cpath(format!(
+            "lowerdir={},upperdir={upperdir},workdir={workdir},userxattr",
+            lower.join(":")
+        ))?,
+        optional: false,
+    });
+    Ok(())
+}
+
+/// The image's own /etc, with the sandbox's name and (lack of) network
+/// written over it in the per-sandbox upper layer.
+fn image_etc(ops: &mut Ops, spec: &SandboxSpec) -> Result<(), Error> {
+    ops.push(Op::Mkdir {
+        path: ops.under("/etc")?,
+        mode: 0o755,
+    });
+    for (name, data) in [
+        ("hosts", hosts_file(&spec.hostname)),
+        ("hostname", format!("{}\n", spec.hostname)),
+        ("resolv.conf", RESOLV_CONF.to_string()),
+    ] {
+        ops.push(Op::File {
+            path: ops.under(&format!("/etc/{name}"))?,
+            data: data.into_bytes(),
+            mode: 0o644,
+        });
+    }
+    Ok(())
+}
+
+/// A synthetic /etc: nanoclaw's own users, names and resolver, and the
+/// few host entries programs need, bound read-only.
+fn synthetic_etc(ops: &mut Ops, spec: &SandboxSpec, host: &HostLayout) -> Result<(), Error> {
+    ops.push(Op::Mkdir {
+        path: ops.under("/etc")?,
+        mode: 0o755,
+    });
+    let files: [(&str, String); 6] = [
+        ("passwd", passwd(spec.user.uid, spec.user.gid)),
+        ("group", group(spec.user.gid)),
+        ("hosts", hosts_file(&spec.hostname)),
+        ("hostname", format!("{}\n", spec.hostname)),
+        ("resolv.conf", RESOLV_CONF.to_string()),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
+                .to_string(),
+        ),
+    ];
+    for (name, data) in files {
+        ops.push(Op::File {
+            path: ops.under(&format!("/etc/{name}"))?,
+            data: data.into_bytes(),
+            mode: 0o644,
+        });
+    }
+    for (name, link, is_dir) in &host.etc_entries {
+        let inside = format!("/etc/{name}");
+        match link {
+            Some(t) => ops.push(Op::Symlink {
+                target: cpath(t)?,
+                link: ops.under(&inside)?,
+            }),
+            None => {
+                if *is_dir {
+                    ops.push(Op::Mkdir {
+                        path: ops.under(&inside)?,
+                        mode: 0o755,
+                    });
+                } else {
+                    ops.push(Op::File {
+                        path: ops.under(&inside)?,
+                        data: Vec::new(),
+                        mode: 0o644,
                     });
                 }
+                ops.push(Op::Bind {
+                    source: cpath(&inside)?,
+                    target: ops.under(&inside)?,
+                    attrs: RO_ATTRS,
+                    if_exists: true,
+                });
             }
         }
     }
+    Ok(())
+}
 
+/// `/tmp`, the writable scratch space, and the home directory: size-limited
+/// tmpfs instances.
+fn tmp_and_home(ops: &mut Ops, spec: &SandboxSpec) -> Result<(), Error> {
     // /tmp: the writable scratch space.
     ops.push(Op::Mkdir {
-        path: under_base("/tmp")?,
+        path: ops.under("/tmp")?,
         mode: 0o1777,
     });
-    let mut tmp_flags = nosuid_nodev;
+    let mut tmp_flags = NOSUID_NODEV;
     if spec.hardening.tmp_noexec {
         tmp_flags |= libc::MS_NOEXEC;
     }
     ops.push(Op::Fs {
         fstype: c"tmpfs",
-        target: under_base("/tmp")?,
+        target: ops.under("/tmp")?,
         flags: tmp_flags,
         data: cpath(format!(
             "mode=1777,size={}",
@@ -561,20 +659,12 @@ pub(crate) fn build(
         ))?,
         optional: false,
     });
-
     if let Some(home) = &spec.home {
         let home = normalize_target(home)?;
-        let mut cur = PathBuf::from("/");
-        for c in home.components().skip(1) {
-            cur.push(c);
-            ops.push(Op::Mkdir {
-                path: under_base(&cur.to_string_lossy())?,
-                mode: 0o755,
-            });
-        }
+        ops.mkdirs(&home)?;
         ops.push(Op::Fs {
             fstype: c"tmpfs",
-            target: under_base(&home.to_string_lossy())?,
+            target: ops.under(&home.to_string_lossy())?,
             flags: tmp_flags,
             data: cpath(format!(
                 "mode=0755,uid={},gid={},size={}",
@@ -585,15 +675,19 @@ pub(crate) fn build(
             optional: false,
         });
     }
+    Ok(())
+}
 
-    // A minimal /dev.
+/// A minimal /dev: the harmless devices bound from the host, a private
+/// devpts, a size-limited /dev/shm and the usual symlinks.
+fn dev(ops: &mut Ops, spec: &SandboxSpec) -> Result<(), Error> {
     ops.push(Op::Mkdir {
-        path: under_base("/dev")?,
+        path: ops.under("/dev")?,
         mode: 0o755,
     });
     ops.push(Op::Fs {
         fstype: c"tmpfs",
-        target: under_base("/dev")?,
+        target: ops.under("/dev")?,
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
         data: CString::from(c"mode=0755,size=64k,nr_inodes=64"),
         optional: false,
@@ -601,34 +695,34 @@ pub(crate) fn build(
     for d in DEVICES {
         let inside = format!("/dev/{d}");
         ops.push(Op::File {
-            path: under_base(&inside)?,
+            path: ops.under(&inside)?,
             data: Vec::new(),
             mode: 0o666,
         });
         ops.push(Op::Bind {
             source: cpath(&inside)?,
-            target: under_base(&inside)?,
+            target: ops.under(&inside)?,
             attrs: crate::native::sys::MOUNT_ATTR_NOSUID | crate::native::sys::MOUNT_ATTR_NOEXEC,
             if_exists: false,
         });
     }
     for d in ["/dev/pts", "/dev/shm"] {
         ops.push(Op::Mkdir {
-            path: under_base(d)?,
+            path: ops.under(d)?,
             mode: 0o755,
         });
     }
     ops.push(Op::Fs {
         fstype: c"devpts",
-        target: under_base("/dev/pts")?,
+        target: ops.under("/dev/pts")?,
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
         data: CString::from(c"newinstance,ptmxmode=0666,mode=0620"),
         optional: true,
     });
     ops.push(Op::Fs {
         fstype: c"tmpfs",
-        target: under_base("/dev/shm")?,
-        flags: nosuid_nodev | libc::MS_NOEXEC,
+        target: ops.under("/dev/shm")?,
+        flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: cpath(format!(
             "mode=1777,size={}",
             spec.limits.tmpfs_size.clamp(4096, 64 << 20)
@@ -644,43 +738,47 @@ pub(crate) fn build(
     ] {
         ops.push(Op::Symlink {
             target: cpath(target)?,
-            link: under_base(&format!("/dev/{link}"))?,
+            link: ops.under(&format!("/dev/{link}"))?,
         });
     }
+    Ok(())
+}
 
+/// A fresh /proc with the dangerous parts masked, and a read-only /sys.
+fn proc_and_sys(ops: &mut Ops) -> Result<(), Error> {
     // A fresh /proc for the new pid namespace, with the dangerous parts masked.
     ops.push(Op::Mkdir {
-        path: under_base("/proc")?,
+        path: ops.under("/proc")?,
         mode: 0o555,
     });
     ops.push(Op::Fs {
         fstype: c"proc",
-        target: under_base("/proc")?,
-        flags: nosuid_nodev | libc::MS_NOEXEC,
+        target: ops.under("/proc")?,
+        flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: CString::default(),
         optional: false,
     });
     for f in PROC_MASKED_FILES {
         ops.push(Op::Bind {
-            source: under_base("/dev/null")?,
-            target: under_base(&format!("/proc/{f}"))?,
-            attrs: ro,
+            source: ops.under("/dev/null")?,
+            target: ops.under(&format!("/proc/{f}"))?,
+            attrs: RO_ATTRS,
             if_exists: true,
         });
     }
     for d in PROC_READONLY_DIRS {
         ops.push(Op::Bind {
-            source: under_base(&format!("/proc/{d}"))?,
-            target: under_base(&format!("/proc/{d}"))?,
-            attrs: ro,
+            source: ops.under(&format!("/proc/{d}"))?,
+            target: ops.under(&format!("/proc/{d}"))?,
+            attrs: RO_ATTRS,
             if_exists: true,
         });
     }
     for d in PROC_MASKED_DIRS {
         ops.push(Op::Fs {
             fstype: c"tmpfs",
-            target: under_base(&format!("/proc/{d}"))?,
-            flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+            target: ops.under(&format!("/proc/{d}"))?,
+            flags: libc::MS_RDONLY | NOSUID_NODEV | libc::MS_NOEXEC,
             data: CString::from(c"size=0,nr_inodes=1"),
             optional: true,
         });
@@ -688,90 +786,75 @@ pub(crate) fn build(
 
     // A read-only /sys with the firmware tables hidden.
     ops.push(Op::Mkdir {
-        path: under_base("/sys")?,
+        path: ops.under("/sys")?,
         mode: 0o555,
     });
     ops.push(Op::Fs {
         fstype: c"sysfs",
-        target: under_base("/sys")?,
-        flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+        target: ops.under("/sys")?,
+        flags: libc::MS_RDONLY | NOSUID_NODEV | libc::MS_NOEXEC,
         data: CString::default(),
         optional: true,
     });
     ops.push(Op::Fs {
         fstype: c"tmpfs",
-        target: under_base("/sys/firmware")?,
-        flags: libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+        target: ops.under("/sys/firmware")?,
+        flags: libc::MS_RDONLY | NOSUID_NODEV | libc::MS_NOEXEC,
         data: CString::from(c"size=0,nr_inodes=1"),
         optional: true,
     });
+    Ok(())
+}
 
-    // The workspace and user mounts.
-    for m in mounts {
-        let mut cur = PathBuf::from("/");
-        let comps: Vec<_> = m.target.components().skip(1).collect();
-        for (i, c) in comps.iter().enumerate() {
-            cur.push(c);
-            let last = i + 1 == comps.len();
-            let inside = cur.to_string_lossy().into_owned();
-            if last && !m.is_dir {
-                ops.push(Op::File {
-                    path: under_base(&inside)?,
-                    data: Vec::new(),
-                    mode: 0o644,
-                });
-            } else {
-                ops.push(Op::Mkdir {
-                    path: under_base(&inside)?,
-                    mode: 0o755,
-                });
-            }
+/// One workspace or user mount: its mount point (made with its parents),
+/// then the idmapped mount attached, or the source bound.
+fn user_mount(ops: &mut Ops, m: &UserMount) -> Result<(), Error> {
+    ops.mkdirs(m.target.parent().unwrap_or(Path::new("/")))?;
+    let inside = m.target.to_string_lossy().into_owned();
+    if m.is_dir {
+        ops.push(Op::Mkdir {
+            path: ops.under(&inside)?,
+            mode: 0o755,
+        });
+    } else {
+        ops.push(Op::File {
+            path: ops.under(&inside)?,
+            data: Vec::new(),
+            mode: 0o644,
+        });
+    }
+    let target = ops.under(&inside)?;
+    let mut attrs = crate::native::sys::MOUNT_ATTR_NOSUID | crate::native::sys::MOUNT_ATTR_NODEV;
+    if m.access == Access::Ro {
+        attrs |= crate::native::sys::MOUNT_ATTR_RDONLY;
+    }
+    match m.idmapped_fd {
+        Some(fd) => {
+            ops.push(Op::Attach {
+                fd,
+                target: target.clone(),
+            });
+            ops.push(Op::Attrs { target, attrs });
         }
-        let target = under_base(&m.target.to_string_lossy())?;
-        let mut attrs =
-            crate::native::sys::MOUNT_ATTR_NOSUID | crate::native::sys::MOUNT_ATTR_NODEV;
-        if m.access == Access::Ro {
-            attrs |= crate::native::sys::MOUNT_ATTR_RDONLY;
-        }
-        match m.idmapped_fd {
-            Some(fd) => {
-                ops.push(Op::Attach {
-                    fd,
-                    target: target.clone(),
-                });
+        None => {
+            ops.push(Op::Bind {
+                source: cpath(format!("/proc/self/fd/{}", m.fd))?,
+                target: target.clone(),
+                attrs,
+                if_exists: false,
+            });
+            // A source that contains BASE (`/`, `/tmp`) brings, through
+            // the recursive bind, a copy of the sandbox's own root
+            // (mounted on BASE) along: take it off again, so the host's
+            // directory shows, with the attributes asked for.
+            if let Some(rel) = base_within(&m.source) {
+                let path = format!("{}{rel}", target.to_string_lossy());
+                ops.push(Op::Detach { path: cpath(path)? });
                 ops.push(Op::Attrs { target, attrs });
-            }
-            None => {
-                ops.push(Op::Bind {
-                    source: cpath(format!("/proc/self/fd/{}", m.fd))?,
-                    target: target.clone(),
-                    attrs,
-                    if_exists: false,
-                });
-                // A source that contains BASE (`/`, `/tmp`) brings, through
-                // the recursive bind, a copy of the sandbox's own root
-                // (mounted on BASE) along: take it off again, so the host's
-                // directory shows, with the attributes asked for.
-                if let Some(rel) = base_within(&m.source) {
-                    let path = format!("{}{rel}", target.to_string_lossy());
-                    ops.push(Op::Detach { path: cpath(path)? });
-                    ops.push(Op::Attrs { target, attrs });
-                }
             }
         }
     }
-
-    let nested = mounts.iter().any(|a| {
-        mounts
-            .iter()
-            .any(|b| a.target != b.target && a.target.starts_with(&b.target))
-    });
-    Ok(FsPlan {
-        ops,
-        root: cpath(&root)?,
-        root_readonly: !image,
-        check_symlinks: image || nested,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -140,14 +140,43 @@ pub struct Spawned {
 
 /// Runs one command in `sb` to completion.
 pub fn exec(sb: &mut Sandbox, spec: &ExecSpec) -> Result<Outcome, Error> {
+    exec_echo(sb, spec, None)
+}
+
+/// [`exec`]; `echo` = (stdout, stderr) descriptors to copy the command's
+/// output to as it comes, instead of keeping it in the outcome.
+pub fn exec_echo(
+    sb: &mut Sandbox,
+    spec: &ExecSpec,
+    echo: Option<(i32, i32)>,
+) -> Result<Outcome, Error> {
     let started = Instant::now();
     let spawned = spawn(sb, spec, !matches!(spec.stdin, Stdin::Null))?;
+    let ev = cgroup_events(sb);
+    wait_spawned(sb, spawned, spec, started, ev, echo)
+}
+
+/// The sandbox's cgroup event counters now (zero without a cgroup): read
+/// when a command starts, to tell what its own run caused.
+pub(crate) fn cgroup_events(sb: &Sandbox) -> super::cgroup::CgroupEvents {
+    sb.cgroup.as_ref().map(|c| c.events()).unwrap_or_default()
+}
+
+/// Waits for a command [`spawn`]ed at `started` (when the cgroup's counters
+/// were `ev`) and returns its outcome, as [`exec_echo`] does.
+pub(crate) fn wait_spawned(
+    sb: &Sandbox,
+    spawned: Spawned,
+    spec: &ExecSpec,
+    started: Instant,
+    ev: super::cgroup::CgroupEvents,
+    echo: Option<(i32, i32)>,
+) -> Result<Outcome, Error> {
     let lifeline = sb
         .lifeline
         .ok_or_else(|| Error::InvalidSpec(format!("sandbox {} has ended", sb.id)))?;
-    let ev = sb.cgroup.as_ref().map(|c| c.events()).unwrap_or_default();
     let deadline = (started + spec.timeout).min(sb.started + sb.spec_limits.timeout);
-    let waiter = Waiter::new(spawned, spec, deadline, started, None);
+    let waiter = Waiter::new(spawned, spec, deadline, started, echo);
     let finished = waiter.wait(lifeline, &sb.id)?;
     let mut outcome = finished.into_outcome(&spec.command[0], &sb.id);
     if let (Some(cg), None) = (&sb.cgroup, outcome.killed_by) {

@@ -432,65 +432,24 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         }
     }
     let mut scratch = vec![0u8; 64 * 1024];
-    let mut killed_by: Option<KillReason> = None;
-    let mut payload_status: Option<i32> = None;
-    let mut status_buf = Vec::with_capacity(4);
-    let mut init_done = false;
-    // A signal the runner received and turned into a kill (SIGINT, ...).
-    let mut runner_signal: Option<i32> = None;
+    let mut w = Watch::default();
     let mut next_events = Instant::now() + EVENT_POLL;
-    // The cpu time of every process in the sandbox, read just before the
-    // first kill: killed processes are never reaped by init, so their time
-    // would be missing from init's rusage.
-    let cpu_at_kill: std::cell::Cell<Option<Duration>> = std::cell::Cell::new(None);
-    let kill_now = |sb: &Sandbox, why: KillReason, killed_by: &mut Option<KillReason>| {
-        if killed_by.is_none() {
-            *killed_by = Some(why);
-            if let Some(cg) = &sb.cgroup {
-                cpu_at_kill.set(Some(cpu_of(&cg.procs())));
-            }
-        }
-        let _ = sys::kill(sb.pid, libc::SIGKILL);
-    };
 
-    while !init_done {
+    while !w.init_done {
         let now = Instant::now();
         if now >= deadline {
-            kill_now(&sb, KillReason::Timeout, &mut killed_by);
+            w.kill(&sb, KillReason::Timeout);
         }
         let wake = deadline.min(next_events);
         let timeout_ms = wake
             .saturating_duration_since(now)
             .as_millis()
             .clamp(0, 1000) as i32;
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
-        let mut push = |fd: RawFd, events: libc::c_short| {
-            fds.push(libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            });
-        };
-        // Init's death, where a pidfd says it; else the status pipe.
-        let init_fd = sb.init_pidfd.unwrap_or(sb.status_r);
-        push(init_fd, libc::POLLIN);
-        if out.open {
-            push(out.fd, libc::POLLIN);
-        }
-        if err.open {
-            push(err.fd, libc::POLLIN);
-        }
-        if let Some(sfd) = sb.signal_fd {
-            push(sfd, libc::POLLIN);
-        }
-        if let Some(feed) = &sb.stdin_w {
-            let (fd, events) = feed.poll_for();
-            push(fd, events);
-        }
+        let mut fds = poll_set(&sb, &out, &err);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 && sys::errno() != libc::EINTR {
-            kill_now(&sb, KillReason::Killed, &mut killed_by);
+            w.kill(&sb, KillReason::Killed);
             return Err(Error::sys("poll"));
         }
         for p in &fds {
@@ -500,46 +459,16 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
             if p.fd == out.fd || p.fd == err.fd {
                 let s = if p.fd == out.fd { &mut out } else { &mut err };
                 if s.pump(limits.output_limit, &mut scratch) {
-                    kill_now(&sb, KillReason::OutputLimit, &mut killed_by);
+                    w.kill(&sb, KillReason::OutputLimit);
                 }
             } else if Some(p.fd) == sb.init_pidfd {
-                // Init has exited; its status report (if any) is buffered.
-                let mut b = [0u8; 4];
-                if sys::read_full(sb.status_r, &mut b).ok() == Some(b.len()) {
-                    payload_status = Some(i32::from_ne_bytes(b));
-                }
-                init_done = true;
+                w.on_init_exit(sb.status_r);
             } else if p.fd == sb.status_r {
-                let mut b = [0u8; 4];
-                match sys::read(sb.status_r, &mut b) {
-                    Ok(0) => init_done = true,
-                    Ok(k) => {
-                        status_buf.extend_from_slice(&b[..k]);
-                        if status_buf.len() >= 4 {
-                            let mut a = [0u8; 4];
-                            a.copy_from_slice(&status_buf[..4]);
-                            payload_status = Some(i32::from_ne_bytes(a));
-                            init_done = true;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => init_done = true,
-                }
+                w.on_status_pipe(sb.status_r);
             } else if Some(p.fd) == sb.signal_fd {
-                // SAFETY: signalfd_siginfo is plain data; reading into it is
-                // what signalfd is for.
-                let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                // SAFETY: `si` is a valid buffer of the right size.
-                let r = unsafe {
-                    libc::read(
-                        p.fd,
-                        (&mut si as *mut libc::signalfd_siginfo).cast(),
-                        std::mem::size_of::<libc::signalfd_siginfo>(),
-                    )
-                };
-                if r > 0 {
-                    runner_signal = Some(si.ssi_signo as i32);
-                    kill_now(&sb, KillReason::Killed, &mut killed_by);
+                if let Some(sig) = read_signal(p.fd) {
+                    w.runner_signal = Some(sig);
+                    w.kill(&sb, KillReason::Killed);
                 }
             } else if let Some(feed) = &mut sb.stdin_w {
                 if p.fd == feed.poll_for().0 && !feed.pump(&mut scratch) {
@@ -548,17 +477,17 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
                 }
             }
         }
-        if sb.kill_flag.requested() && killed_by.is_none() {
-            killed_by = Some(KillReason::Killed);
+        if sb.kill_flag.requested() && w.killed_by.is_none() {
+            w.killed_by = Some(KillReason::Killed);
         }
         if Instant::now() >= next_events {
             next_events = Instant::now() + EVENT_POLL;
             if let Some(cg) = &sb.cgroup {
                 let ev = cg.events();
                 if ev.oom_kills > 0 {
-                    kill_now(&sb, KillReason::Oom, &mut killed_by);
+                    w.kill(&sb, KillReason::Oom);
                 } else if ev.pids_max_hits > 0 {
-                    kill_now(&sb, KillReason::Pids, &mut killed_by);
+                    w.kill(&sb, KillReason::Pids);
                 }
             }
         }
@@ -567,83 +496,21 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     // Init is exiting; the kernel kills everything left in the pid
     // namespace before init can be reaped.
     let (init_status, ru) = reap(sb.pid, &sb.kill_flag);
-    let drain_until = Instant::now() + DRAIN_GRACE;
-    while (out.open || err.open) && Instant::now() < drain_until {
-        let mut fds: Vec<libc::pollfd> = [&out, &err]
-            .iter()
-            .filter(|s| s.open)
-            .map(|s| libc::pollfd {
-                fd: s.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `fds` is a valid array of pollfd structs.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
-        for s in [&mut out, &mut err] {
-            if s.open && s.pump(limits.output_limit, &mut scratch) && killed_by.is_none() {
-                killed_by = Some(KillReason::OutputLimit);
-            }
-        }
+    if drain(&mut out, &mut err, limits.output_limit, &mut scratch) && w.killed_by.is_none() {
+        w.killed_by = Some(KillReason::OutputLimit);
     }
     let duration = sb.started.elapsed();
-
-    let (mut cpu, mut peak) = (None, None);
-    if let Some(cg) = &sb.cgroup {
-        let ev = cg.events();
-        if killed_by.is_none() {
-            if ev.oom_kills > 0 {
-                killed_by = Some(KillReason::Oom);
-            } else if ev.pids_max_hits > 0 {
-                killed_by = Some(KillReason::Pids);
-            }
-        }
-        let st = cg.stats();
-        cpu = st.cpu;
-        peak = st.peak_memory;
-    }
-    let rusage_cpu = Duration::from_micros(
-        (ru.ru_utime.tv_sec as u64 * 1_000_000 + ru.ru_utime.tv_usec as u64)
-            + (ru.ru_stime.tv_sec as u64 * 1_000_000 + ru.ru_stime.tv_usec as u64),
-    );
-    let cpu_time = cpu
-        .unwrap_or(rusage_cpu)
-        .max(cpu_at_kill.get().unwrap_or_default());
-    // Only a memory cgroup knows the sandbox's peak; init's rusage would
-    // give the largest single process, which is not the sandbox's use.
-    let peak_memory_bytes = peak;
+    let (cpu_time, peak_memory_bytes) = usage(&sb, &ru, w.cpu_at_kill, &mut w.killed_by);
 
     // What happened to the payload: its own status when init reported it,
     // else how init died (killed by us).
-    let status = payload_status.unwrap_or(init_status);
-    let (mut exit_code, mut signal) = if libc::WIFEXITED(status) {
-        (Some(libc::WEXITSTATUS(status)), None)
-    } else if libc::WIFSIGNALED(status) {
-        (None, Some(libc::WTERMSIG(status)))
-    } else {
-        (None, Some(libc::SIGKILL))
-    };
-    if let Some((code, _)) = sb.exec_error {
-        if killed_by.is_none() {
-            exit_code = Some(code);
-            signal = None;
-        }
-    }
-    if killed_by.is_some() && exit_code.is_some() && payload_status.is_none() {
-        exit_code = None;
-        signal = Some(libc::SIGKILL);
-    }
-    // Interrupted like `docker run` with its signal proxy: the command is
-    // reported as ended by the signal the runner got (exit 130 for ^C).
-    if let (Some(KillReason::Killed), Some(sig)) = (killed_by, runner_signal) {
-        exit_code = None;
-        signal = Some(sig);
-    }
+    let status = w.payload_status.unwrap_or(init_status);
+    let (exit_code, signal) = exit_of(status, &w, sb.exec_error.as_ref().map(|e| e.0));
 
     let outcome = Outcome {
         exit_code,
         signal,
-        killed_by,
+        killed_by: w.killed_by,
         stdout: std::mem::take(&mut out.buf),
         stderr: std::mem::take(&mut err.buf),
         stdout_truncated: out.truncated,
@@ -657,6 +524,202 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     };
     release(&mut sb);
     Ok(outcome)
+}
+
+/// What [`wait`] learns while the sandbox runs.
+#[derive(Default)]
+struct Watch {
+    /// Why the runner killed the sandbox (the first reason).
+    killed_by: Option<KillReason>,
+    /// The payload's wait status, as init reported it.
+    payload_status: Option<i32>,
+    /// The status report so far, when read from the pipe.
+    status_buf: Vec<u8>,
+    /// Init has exited (or its status pipe closed).
+    init_done: bool,
+    /// A signal the runner received and turned into a kill (SIGINT, ...).
+    runner_signal: Option<i32>,
+    /// The cpu time of every process in the sandbox, read just before the
+    /// first kill: killed processes are never reaped by init, so their time
+    /// would be missing from init's rusage.
+    cpu_at_kill: Option<Duration>,
+}
+
+impl Watch {
+    /// SIGKILL to init, recording `why` if it is the first reason.
+    fn kill(&mut self, sb: &Sandbox, why: KillReason) {
+        if self.killed_by.is_none() {
+            self.killed_by = Some(why);
+            if let Some(cg) = &sb.cgroup {
+                self.cpu_at_kill = Some(cpu_of(&cg.procs()));
+            }
+        }
+        let _ = sys::kill(sb.pid, libc::SIGKILL);
+    }
+
+    /// Init has exited (its pidfd said so); its status report (if any) is
+    /// buffered in the status pipe.
+    fn on_init_exit(&mut self, status_r: RawFd) {
+        let mut b = [0u8; 4];
+        if sys::read_full(status_r, &mut b).ok() == Some(b.len()) {
+            self.payload_status = Some(i32::from_ne_bytes(b));
+        }
+        self.init_done = true;
+    }
+
+    /// Input on the status pipe (where there is no pidfd): the payload's
+    /// status, or its end of file when init is gone.
+    fn on_status_pipe(&mut self, status_r: RawFd) {
+        let mut b = [0u8; 4];
+        match sys::read(status_r, &mut b) {
+            Ok(0) => self.init_done = true,
+            Ok(k) => {
+                self.status_buf.extend_from_slice(&b[..k]);
+                if self.status_buf.len() >= 4 {
+                    let mut a = [0u8; 4];
+                    a.copy_from_slice(&self.status_buf[..4]);
+                    self.payload_status = Some(i32::from_ne_bytes(a));
+                    self.init_done = true;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.init_done = true,
+        }
+    }
+}
+
+/// What [`wait`] polls: init's death, output, the runner's signals, stdin.
+fn poll_set(sb: &Sandbox, out: &Stream, err: &Stream) -> Vec<libc::pollfd> {
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
+    let mut push = |fd: RawFd, events: libc::c_short| {
+        fds.push(libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        });
+    };
+    // Init's death, where a pidfd says it; else the status pipe.
+    let init_fd = sb.init_pidfd.unwrap_or(sb.status_r);
+    push(init_fd, libc::POLLIN);
+    if out.open {
+        push(out.fd, libc::POLLIN);
+    }
+    if err.open {
+        push(err.fd, libc::POLLIN);
+    }
+    if let Some(sfd) = sb.signal_fd {
+        push(sfd, libc::POLLIN);
+    }
+    if let Some(feed) = &sb.stdin_w {
+        let (fd, events) = feed.poll_for();
+        push(fd, events);
+    }
+    fds
+}
+
+/// The signal a signalfd reports, if it has one.
+fn read_signal(fd: RawFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data; reading into it is
+    // what signalfd is for.
+    let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is a valid buffer of the right size.
+    let r = unsafe {
+        libc::read(
+            fd,
+            (&mut si as *mut libc::signalfd_siginfo).cast(),
+            std::mem::size_of::<libc::signalfd_siginfo>(),
+        )
+    };
+    (r > 0).then_some(si.ssi_signo as i32)
+}
+
+/// Reads what is left of the output after init has exited, for at most
+/// [`DRAIN_GRACE`]; true when a stream went past `limit`.
+fn drain(out: &mut Stream, err: &mut Stream, limit: u64, scratch: &mut [u8]) -> bool {
+    let mut over = false;
+    let drain_until = Instant::now() + DRAIN_GRACE;
+    while (out.open || err.open) && Instant::now() < drain_until {
+        let mut fds: Vec<libc::pollfd> = [&*out, &*err]
+            .iter()
+            .filter(|s| s.open)
+            .map(|s| libc::pollfd {
+                fd: s.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        for s in [&mut *out, &mut *err] {
+            if s.open && s.pump(limit, scratch) {
+                over = true;
+            }
+        }
+    }
+    over
+}
+
+/// The sandbox's cpu time and peak memory; an OOM kill or a hit of the
+/// pids limit its cgroup saw goes into `killed_by` when nothing else did.
+fn usage(
+    sb: &Sandbox,
+    ru: &libc::rusage,
+    cpu_at_kill: Option<Duration>,
+    killed_by: &mut Option<KillReason>,
+) -> (Duration, Option<u64>) {
+    let (mut cpu, mut peak) = (None, None);
+    if let Some(cg) = &sb.cgroup {
+        let ev = cg.events();
+        if killed_by.is_none() {
+            if ev.oom_kills > 0 {
+                *killed_by = Some(KillReason::Oom);
+            } else if ev.pids_max_hits > 0 {
+                *killed_by = Some(KillReason::Pids);
+            }
+        }
+        let st = cg.stats();
+        cpu = st.cpu;
+        peak = st.peak_memory;
+    }
+    let rusage_cpu = Duration::from_micros(
+        (ru.ru_utime.tv_sec as u64 * 1_000_000 + ru.ru_utime.tv_usec as u64)
+            + (ru.ru_stime.tv_sec as u64 * 1_000_000 + ru.ru_stime.tv_usec as u64),
+    );
+    let cpu_time = cpu
+        .unwrap_or(rusage_cpu)
+        .max(cpu_at_kill.unwrap_or_default());
+    // Only a memory cgroup knows the sandbox's peak; init's rusage would
+    // give the largest single process, which is not the sandbox's use.
+    (cpu_time, peak)
+}
+
+/// The exit code and signal the outcome reports for wait status `status`
+/// (`exec_error`: the code of a command that could not be started).
+fn exit_of(status: i32, w: &Watch, exec_error: Option<i32>) -> (Option<i32>, Option<i32>) {
+    let (mut exit_code, mut signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, Some(libc::SIGKILL))
+    };
+    if let Some(code) = exec_error {
+        if w.killed_by.is_none() {
+            exit_code = Some(code);
+            signal = None;
+        }
+    }
+    if w.killed_by.is_some() && exit_code.is_some() && w.payload_status.is_none() {
+        exit_code = None;
+        signal = Some(libc::SIGKILL);
+    }
+    // Interrupted like `docker run` with its signal proxy: the command is
+    // reported as ended by the signal the runner got (exit 130 for ^C).
+    if let (Some(KillReason::Killed), Some(sig)) = (w.killed_by, w.runner_signal) {
+        exit_code = None;
+        signal = Some(sig);
+    }
+    (exit_code, signal)
 }
 
 /// The cpu time (user + system) of `pids` and of the children each has
