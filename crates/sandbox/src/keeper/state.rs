@@ -222,6 +222,14 @@ pub fn forget(dir: &Path, st: &State) {
 
 /// The sandbox named `target`: a name, an id, or a unique id prefix.
 pub fn find(root: &Path, target: &str) -> Result<(PathBuf, State), KeeperError> {
+    // A whole id names its directory: no need to read every sandbox's state.
+    let valid_id = target.len() == 12 && target.bytes().all(|b| b.is_ascii_hexdigit());
+    if valid_id {
+        let dir = root.join(target);
+        if let Some(st) = read_state(&dir).filter(|s| s.id == target && keeper_alive(s)) {
+            return Ok((dir, st));
+        }
+    }
     let all = all_sandboxes(root);
     if let Some(hit) = all
         .iter()
