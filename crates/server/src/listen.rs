@@ -345,23 +345,64 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 impl Acceptor {
-    async fn accept(&self) -> io::Result<(Box<dyn Io>, Peer)> {
+    /// A connection, who it is from, and (TCP) the client's address.
+    async fn accept(&self) -> io::Result<(Box<dyn Io>, Peer, Option<std::net::IpAddr>)> {
         match self {
             Acceptor::Tcp(l) => {
-                let (s, _) = l.accept().await?;
+                let (s, addr) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Box::new(s), Peer { unix: false }))
+                Ok((Box::new(s), Peer { unix: false }, Some(addr.ip())))
             }
             Acceptor::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Box::new(s), Peer { unix: true }))
+                Ok((Box::new(s), Peer { unix: true }, None))
             }
         }
     }
 }
 
-/// Accepts connections until told to stop, then lets open connections
-/// finish for the grace period.
+/// Open connections one listener serves at once; past it, new ones wait in
+/// the kernel's backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Open connections one TCP client address may hold at once; more are
+/// closed at once (one address cannot take every slot).
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
+
+/// Open connections per client address (TCP), and the slot a connection
+/// holds until it ends.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+struct AddressSlot(PerAddress, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(&self, ip: Option<std::net::IpAddr>) -> Result<Option<AddressSlot>, ()> {
+        let Some(ip) = ip else { return Ok(None) };
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_ADDRESS {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(AddressSlot(self.clone(), ip)))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Accepts connections until told to stop (at most [`MAX_CONNECTIONS`]
+/// open, [`MAX_CONNECTIONS_PER_ADDRESS`] per TCP client address), then
+/// lets open connections finish for the grace period.
 async fn accept_loop(
     acceptor: Acceptor,
     router: Router,
@@ -369,11 +410,19 @@ async fn accept_loop(
     opts: ConnOptions,
 ) {
     let mut conns = JoinSet::new();
+    let per_address = PerAddress::default();
     loop {
         tokio::select! {
-            accepted = acceptor.accept() => match accepted {
-                Ok((io, peer)) => {
-                    conns.spawn(serve_connection(io, peer, router.clone(), stop.clone(), opts));
+            accepted = acceptor.accept(), if conns.len() < MAX_CONNECTIONS => match accepted {
+                Ok((io, peer, ip)) => {
+                    // Over its address's share: closed at once (dropped).
+                    if let Ok(slot) = per_address.take(ip) {
+                        let (router, stop) = (router.clone(), stop.clone());
+                        conns.spawn(async move {
+                            serve_connection(io, peer, router, stop, opts).await;
+                            drop(slot);
+                        });
+                    }
                 }
                 // Out of fds or a connection reset while queued: wait a
                 // little rather than spin.

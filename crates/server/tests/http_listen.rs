@@ -121,6 +121,89 @@ async fn slow_bodies_get_408_json() {
     s.stop().await;
 }
 
+/// Red team: a body trickled a byte at a time, each within the idle
+/// timeout, held its request open for as long as the client liked. It must
+/// keep an average rate after a grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_bodies_are_cut_off() {
+    let mut opts = ServeOptions::default();
+    opts.limits.body_idle = Duration::from_secs(5);
+    opts.limits.body_grace = Duration::from_millis(500);
+    opts.limits.body_min_rate = 1000;
+    let s = start_with(vec![ListenAddr::Tcp("127.0.0.1:0".into())], opts).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr.unwrap())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY_A}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut answer = String::new();
+    // One byte every 200 ms: well within the idle timeout, far below 1000 B/s.
+    while started.elapsed() < Duration::from_secs(10) {
+        if c.write_all(b" ").await.is_err() {
+            break;
+        }
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await
+        {
+            answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+            break;
+        }
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("too slow"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    s.stop().await;
+}
+
+/// Red team: connections had no cap. One TCP client address may hold
+/// `MAX_CONNECTIONS_PER_ADDRESS` at once; past it, new ones are closed,
+/// and a slot frees when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let s = start_with(
+        vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+        ServeOptions::default(),
+    )
+    .await;
+    let addr = s.addr.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..listen::MAX_CONNECTIONS_PER_ADDRESS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The server has accepted them all once a request on a new one is
+    // answered or refused; give the accept loop a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the extra connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "over the cap: {}", String::from_utf8_lossy(&buf[..n]));
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = send_on(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        "GET",
+        "/healthz",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "a freed slot is usable");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_serve() {
     let auth = Arc::new(keys());

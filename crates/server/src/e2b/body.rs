@@ -2,7 +2,7 @@
 //! client cannot hold a request open forever, nor make the server buffer
 //! more than the limit), and decoding query strings.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::header::CONTENT_LENGTH;
@@ -27,13 +27,75 @@ pub enum BodyError {
     /// The connection failed mid-body.
     #[error("reading the request body failed: {0}")]
     Read(String),
+    /// The body came slower than its [`Pace`] on average.
+    #[error("request body too slow: {bytes} bytes in {secs} s (send faster, or split the upload)")]
+    TooSlow {
+        /// Bytes received.
+        bytes: u64,
+        /// Seconds since the body was first awaited.
+        secs: u64,
+    },
+}
+
+/// A body's minimum average rate: a client that trickles (a byte now and
+/// then, each within the idle timeout) would otherwise hold a request, and
+/// what it holds, for as long as it likes. After [`Pace::GRACE`], the body
+/// must have come at [`Pace::MIN_RATE`] on average since then.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    start: Instant,
+    bytes: u64,
+    grace: Duration,
+    min_rate: u64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace::new()
+    }
+}
+
+impl Pace {
+    /// How long any body may take before the rate counts: 30 s.
+    pub const GRACE: Duration = Duration::from_secs(30);
+    /// The average rate owed after the grace period: 16 KiB/s.
+    pub const MIN_RATE: u64 = 16 * 1024;
+
+    /// A body starting now, with the default grace and rate.
+    pub fn new() -> Pace {
+        Pace::with(Self::GRACE, Self::MIN_RATE)
+    }
+
+    /// A body starting now that owes `min_rate` bytes/s after `grace`.
+    pub fn with(grace: Duration, min_rate: u64) -> Pace {
+        Pace {
+            start: Instant::now(),
+            bytes: 0,
+            grace,
+            min_rate,
+        }
+    }
+
+    /// Counts `n` more bytes; an error when the body is behind its pace.
+    pub fn add(&mut self, n: usize) -> Result<(), BodyError> {
+        self.bytes += n as u64;
+        let elapsed = self.start.elapsed();
+        let owed = elapsed.saturating_sub(self.grace).as_secs_f64() * self.min_rate as f64;
+        if (self.bytes as f64) < owed {
+            return Err(BodyError::TooSlow {
+                bytes: self.bytes,
+                secs: elapsed.as_secs(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl From<BodyError> for ApiError {
     fn from(e: BodyError) -> Self {
         let status = match e {
             BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Timeout(_) | BodyError::TooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             BodyError::Read(_) => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -76,6 +138,7 @@ pub async fn read_limited(
     mut body: Body,
     limit: u64,
     idle: Duration,
+    mut pace: Pace,
 ) -> Result<Bytes, BodyError> {
     check_content_length(headers, limit)?;
     let mut buf = BytesMut::new();
@@ -83,6 +146,7 @@ pub async fn read_limited(
         if (buf.len() + chunk.len()) as u64 > limit {
             return Err(BodyError::TooLarge { limit });
         }
+        pace.add(chunk.len())?;
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
@@ -176,9 +240,35 @@ mod tests {
     #[tokio::test]
     async fn limited_read() {
         let headers = HeaderMap::new();
-        let ok = read_limited(&headers, Body::from("hello"), 5, Duration::from_secs(1)).await;
+        let ok = read_limited(
+            &headers,
+            Body::from("hello"),
+            5,
+            Duration::from_secs(1),
+            Pace::new(),
+        )
+        .await;
         assert_eq!(ok.unwrap(), Bytes::from_static(b"hello"));
-        let big = read_limited(&headers, Body::from("hello!"), 5, Duration::from_secs(1)).await;
+        let big = read_limited(
+            &headers,
+            Body::from("hello!"),
+            5,
+            Duration::from_secs(1),
+            Pace::new(),
+        )
+        .await;
         assert_eq!(big.unwrap_err(), BodyError::TooLarge { limit: 5 });
+    }
+
+    #[test]
+    fn pace_allows_the_grace_period_then_wants_the_rate() {
+        let mut p = Pace::new();
+        assert!(p.add(1).is_ok(), "within the grace period any rate is fine");
+        // 40 s in: 10 s past the grace period owes 160 KiB.
+        p.start -= Duration::from_secs(40);
+        assert!(matches!(p.add(1), Err(BodyError::TooSlow { bytes: 2, .. })));
+        let mut fast = Pace::new();
+        fast.start -= Duration::from_secs(40);
+        assert!(fast.add(200 * 1024).is_ok());
     }
 }

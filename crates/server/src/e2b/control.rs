@@ -39,7 +39,14 @@ async fn read_json<T: DeserializeOwned + Default, B, A>(
     required: bool,
 ) -> Result<T, ApiError> {
     let limits = &state.limits;
-    let bytes = read_limited(headers, body, limits.control_body, limits.body_idle).await?;
+    let bytes = read_limited(
+        headers,
+        body,
+        limits.control_body,
+        limits.body_idle,
+        limits.pace(),
+    )
+    .await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         if required {
             return Err(ApiError::bad_request("request body is required (JSON)"));

@@ -61,6 +61,11 @@ pub struct Limits {
     pub upload: u64,
     /// Longest wait for the next bytes of a request body.
     pub body_idle: Duration,
+    /// How long a body may take before its average rate counts (see
+    /// [`body::Pace`]).
+    pub body_grace: Duration,
+    /// The average rate (bytes/s) a body owes after `body_grace`.
+    pub body_min_rate: u64,
     /// Non-streaming watchers (`CreateWatcher`) alive per sandbox.
     pub watchers_per_sandbox: usize,
     /// Events a non-streaming watcher keeps until they are fetched.
@@ -82,6 +87,13 @@ impl Limits {
     pub const WATCHER_EVENTS: usize = 4096;
 }
 
+impl Limits {
+    /// The pace a request body starting now must keep.
+    pub fn pace(&self) -> body::Pace {
+        body::Pace::with(self.body_grace, self.body_min_rate)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -89,6 +101,8 @@ impl Default for Limits {
             rpc_message: Self::RPC_MESSAGE,
             upload: Self::UPLOAD,
             body_idle: Self::BODY_IDLE,
+            body_grace: body::Pace::GRACE,
+            body_min_rate: body::Pace::MIN_RATE,
             watchers_per_sandbox: Self::WATCHERS_PER_SANDBOX,
             watcher_events: Self::WATCHER_EVENTS,
         }

@@ -48,6 +48,7 @@ pub struct Multipart {
     buf: BytesMut,
     delimiter: Vec<u8>,
     idle: Duration,
+    pace: super::body::Pace,
     stage: Stage,
     eof: bool,
     limit: u64,
@@ -98,7 +99,14 @@ impl Multipart {
             limit,
             total: 0,
             failed: None,
+            pace: super::body::Pace::new(),
         }
+    }
+
+    /// The body must keep `pace` (see [`super::body::Pace`]).
+    pub fn with_pace(mut self, pace: super::body::Pace) -> Self {
+        self.pace = pace;
+        self
     }
 
     /// The error that stopped the reader, if any.
@@ -122,6 +130,9 @@ impl Multipart {
                 self.total += chunk.len() as u64;
                 if self.total > self.limit {
                     return self.fail(BodyError::TooLarge { limit: self.limit }.into());
+                }
+                if let Err(e) = self.pace.add(chunk.len()) {
+                    return self.fail(e.into());
                 }
                 self.buf.extend_from_slice(&chunk);
                 Ok(true)

@@ -112,7 +112,14 @@ pub async fn run<B: Backend, A: Authenticator>(
 ) -> ApiResult {
     let tenant = authenticate(&state, &headers, conn.map(|Extension(p)| p)).await?;
     let limits = &state.limits;
-    let bytes = read_limited(&headers, body, limits.control_body, limits.body_idle).await?;
+    let bytes = read_limited(
+        &headers,
+        body,
+        limits.control_body,
+        limits.body_idle,
+        limits.pace(),
+    )
+    .await?;
     note_input(Captured::of(&bytes));
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(

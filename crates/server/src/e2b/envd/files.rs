@@ -154,6 +154,7 @@ struct RawUpload {
     limit: u64,
     total: u64,
     idle: std::time::Duration,
+    pace: crate::e2b::body::Pace,
     done: bool,
 }
 
@@ -167,6 +168,9 @@ impl RawUpload {
             let chunk = next_chunk(&mut self.body, self.idle)
                 .await
                 .map_err(ApiError::from)?;
+            if let Some(c) = &chunk {
+                self.pace.add(c.len()).map_err(ApiError::from)?;
+            }
             let out = match (chunk, &mut self.gunzip) {
                 (Some(c), None) => c,
                 (Some(c), Some(gz)) => {
@@ -368,6 +372,7 @@ pub async fn upload<B: Backend, A: Authenticator>(
         limit: state.limits.upload,
         total: 0,
         idle: state.limits.body_idle,
+        pace: state.limits.pace(),
         done: false,
     };
     let result = state
@@ -394,12 +399,10 @@ async fn upload_multipart<B: Backend, A: Authenticator>(
     body: Body,
     boundary: &str,
 ) -> ApiResult {
-    let reader = Arc::new(tokio::sync::Mutex::new(Multipart::new(
-        body,
-        boundary,
-        state.limits.upload,
-        state.limits.body_idle,
-    )));
+    let reader = Arc::new(tokio::sync::Mutex::new(
+        Multipart::new(body, boundary, state.limits.upload, state.limits.body_idle)
+            .with_pace(state.limits.pace()),
+    ));
     let failure = Failure::default();
     let mut entries = Vec::new();
     loop {

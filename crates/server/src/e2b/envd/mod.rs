@@ -203,9 +203,15 @@ pub async fn read_unary<T: DeserializeOwned, B: Backend, A: Authenticator>(
         connect::timeout_from_headers(&parts.headers).map_err(ConnectError::into_unary_response)?;
     let scope = rpc_scope(state, &parts.headers).await?;
     let limit = state.limits.rpc_message as u64;
-    let bytes = read_limited(&parts.headers, body, limit, state.limits.body_idle)
-        .await
-        .map_err(|e| body_error_to_connect(&e).into_unary_response())?;
+    let bytes = read_limited(
+        &parts.headers,
+        body,
+        limit,
+        state.limits.body_idle,
+        state.limits.pace(),
+    )
+    .await
+    .map_err(|e| body_error_to_connect(&e).into_unary_response())?;
     let message = connect::decode_json(&bytes).map_err(ConnectError::into_unary_response)?;
     Ok(Unary {
         scope,
@@ -219,7 +225,7 @@ pub fn body_error_to_connect(e: &super::body::BodyError) -> ConnectError {
     use super::body::BodyError;
     let code = match e {
         BodyError::TooLarge { .. } => Code::ResourceExhausted,
-        BodyError::Timeout(_) => Code::DeadlineExceeded,
+        BodyError::Timeout(_) | BodyError::TooSlow { .. } => Code::DeadlineExceeded,
         BodyError::Read(_) => Code::InvalidArgument,
     };
     ConnectError::new(code, e.to_string())
@@ -278,6 +284,7 @@ pub async fn read_stream_call<T: DeserializeOwned, B: Backend, A: Authenticator>
         body,
         limit as u64 + 5,
         state.limits.body_idle,
+        state.limits.pace(),
     )
     .await
     .map_err(|e| fail(body_error_to_connect(&e)))?;
