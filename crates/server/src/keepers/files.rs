@@ -3,13 +3,14 @@
 //! in the sandbox's own root, so no symlink can lead outside it.
 
 use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use nanoclaw_sandbox::keeper::Remote;
 use nanoclaw_sandbox::native::session::{self, EntryKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::{blocking, engine_error, user_of, E2B_HOME};
 use crate::backend::{
@@ -19,6 +20,75 @@ use crate::backend::{
 
 /// How often a watched directory is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// File calls running at once, in all. Each holds a thread of tokio's
+/// blocking pool while its in-sandbox command runs (up to 20 s against a
+/// FIFO an attacker swapped in): without a bound, a flood of them starved
+/// every other blocking task of the daemon.
+const OPS_TOTAL: usize = 64;
+/// File calls running at once per tenant (one tenant cannot take them all).
+const OPS_PER_TENANT: usize = 16;
+/// MiB of file content the daemon holds in memory at once for reads and
+/// writes (each transfer is buffered whole, up to `session::MAX_COPY`).
+const BUFFER_MIB: usize = 512;
+
+/// What bounds file calls (see the constants above).
+struct Gate {
+    ops: Arc<Semaphore>,
+    per_tenant: Mutex<HashMap<String, Arc<Semaphore>>>,
+    mib: Arc<Semaphore>,
+}
+
+static GATE: LazyLock<Gate> = LazyLock::new(|| Gate {
+    ops: Arc::new(Semaphore::new(OPS_TOTAL)),
+    per_tenant: Mutex::new(HashMap::new()),
+    mib: Arc::new(Semaphore::new(BUFFER_MIB)),
+});
+
+/// Slots a file call holds while it runs.
+struct OpPermit(
+    #[allow(dead_code)] OwnedSemaphorePermit,
+    #[allow(dead_code)] OwnedSemaphorePermit,
+);
+
+fn closed(_: tokio::sync::AcquireError) -> BackendError {
+    BackendError::Internal("the daemon is shutting down".into())
+}
+
+/// Waits for a slot of the tenant's and one of everybody's.
+async fn op_permit(scope: &SandboxScope) -> BackendResult<OpPermit> {
+    let mine = {
+        let mut m = GATE.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            m.entry(scope.tenant.0.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(OPS_PER_TENANT))),
+        )
+    };
+    let tenant = mine.acquire_owned().await.map_err(closed)?;
+    let all = Arc::clone(&GATE.ops)
+        .acquire_owned()
+        .await
+        .map_err(closed)?;
+    Ok(OpPermit(tenant, all))
+}
+
+/// Waits until `bytes` more of file content may be held in memory.
+async fn buffer_permit(bytes: u64) -> BackendResult<OwnedSemaphorePermit> {
+    let mib = bytes.div_ceil(1 << 20).clamp(1, BUFFER_MIB as u64) as u32;
+    Arc::clone(&GATE.mib)
+        .acquire_many_owned(mib)
+        .await
+        .map_err(closed)
+}
+
+/// [`blocking`] within the tenant's and everybody's share of file calls.
+async fn gated<T: Send + 'static>(
+    scope: &SandboxScope,
+    f: impl FnOnce() -> BackendResult<T> + Send + 'static,
+) -> BackendResult<T> {
+    let _slots = op_permit(scope).await?;
+    blocking(f).await
+}
 
 /// An absolute path: a relative one is under the user's home (as envd).
 fn absolute(scope: &SandboxScope, path: &str) -> String {
@@ -77,7 +147,10 @@ fn entry(e: session::EntryInfo) -> EntryInfo {
 
 pub(super) async fn stat(r: &Remote, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
     let (mut r, p) = (r.clone(), absolute(scope, path));
-    blocking(move || session::stat(&mut r, &p).map(entry).map_err(engine_error)).await
+    gated(scope, move || {
+        session::stat(&mut r, &p).map(entry).map_err(engine_error)
+    })
+    .await
 }
 
 pub(super) async fn list_dir(
@@ -87,7 +160,7 @@ pub(super) async fn list_dir(
     depth: u32,
 ) -> BackendResult<Vec<EntryInfo>> {
     let (mut r, p) = (r.clone(), absolute(scope, path));
-    blocking(move || {
+    gated(scope, move || {
         session::list_dir(&mut r, &p, depth.max(1))
             .map(|v| v.into_iter().map(entry).collect())
             .map_err(engine_error)
@@ -101,7 +174,7 @@ pub(super) async fn make_dir(
     path: &str,
 ) -> BackendResult<EntryInfo> {
     let (mut r, p, user) = (r.clone(), absolute(scope, path), user_of(scope)?);
-    blocking(move || {
+    gated(scope, move || {
         if !session::make_dir(&mut r, &p, user).map_err(engine_error)? {
             return Err(BackendError::AlreadyExists(format!("{p} exists already")));
         }
@@ -118,7 +191,7 @@ pub(super) async fn rename(
 ) -> BackendResult<EntryInfo> {
     let (mut r, user) = (r.clone(), user_of(scope)?);
     let (from, to) = (absolute(scope, from), absolute(scope, to));
-    blocking(move || {
+    gated(scope, move || {
         session::rename(&mut r, &from, &to, user)
             .map(entry)
             .map_err(engine_error)
@@ -128,7 +201,10 @@ pub(super) async fn rename(
 
 pub(super) async fn remove(r: &Remote, scope: &SandboxScope, path: &str) -> BackendResult<()> {
     let (mut r, p, user) = (r.clone(), absolute(scope, path), user_of(scope)?);
-    blocking(move || session::remove_path(&mut r, &p, user).map_err(engine_error)).await
+    gated(scope, move || {
+        session::remove_path(&mut r, &p, user).map_err(engine_error)
+    })
+    .await
 }
 
 pub(super) async fn read_file(
@@ -137,16 +213,19 @@ pub(super) async fn read_file(
     path: &str,
 ) -> BackendResult<FileDownload> {
     let (mut r, p) = (r.clone(), absolute(scope, path));
-    let data = blocking(move || {
-        let st = session::stat(&mut r, &p).map_err(engine_error)?;
-        if st.kind == EntryKind::Dir {
-            return Err(BackendError::InvalidArgument(format!("{p} is a directory")));
-        }
-        session::get_file(&mut r, &p).map_err(engine_error)
-    })
-    .await?;
+    let slots = op_permit(scope).await?;
+    let (mut r2, p2) = (r.clone(), p.clone());
+    let st = blocking(move || session::stat(&mut r2, &p2).map_err(engine_error)).await?;
+    if st.kind == EntryKind::Dir {
+        return Err(BackendError::InvalidArgument(format!("{p} is a directory")));
+    }
+    // Held until the content is sent (the body stream owns it).
+    let held = buffer_permit(st.size).await?;
+    let data = blocking(move || session::get_file(&mut r, &p).map_err(engine_error)).await?;
+    drop(slots);
     let size = data.len() as u64;
     let body: ByteStream = Box::pin(futures_util::stream::once(async move {
+        let _held = held;
         Ok::<_, std::io::Error>(Bytes::from(data))
     }));
     Ok(FileDownload {
@@ -163,6 +242,8 @@ pub(super) async fn write_file(
 ) -> BackendResult<EntryInfo> {
     let (mut r, p, user) = (r.clone(), absolute(scope, path), user_of(scope)?);
     let mut data = Vec::new();
+    // The upload is held in memory whole: MiB by MiB, within the budget.
+    let mut held = vec![buffer_permit(1).await?];
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| BackendError::InvalidArgument(format!("upload: {e}")))?;
         if (data.len() + chunk.len()) as u64 > session::MAX_COPY {
@@ -172,8 +253,12 @@ pub(super) async fn write_file(
             )));
         }
         data.extend_from_slice(&chunk);
+        let want = (data.len() as u64).div_ceil(1 << 20) as usize;
+        while held.len() < want {
+            held.push(buffer_permit(1).await?);
+        }
     }
-    blocking(move || {
+    gated(scope, move || {
         session::put_file(&mut r, &p, data, user).map_err(engine_error)?;
         session::stat(&mut r, &p).map(entry).map_err(engine_error)
     })
