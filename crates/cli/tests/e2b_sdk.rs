@@ -398,6 +398,18 @@ fn quotas_refuse_with_429_and_say_which() {
         Some(r#"{"timeout":3600}"#),
     );
     assert_eq!(code, 429, "extending past the lifetime: {body}");
+    // Each refusal is counted in /metrics by its quota.
+    let (code, metrics) = d.curl("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    for q in ["sandboxes", "lifetime"] {
+        let line = format!("nanoclaw_quota_refusals_total{{quota=\"{q}\"}} ");
+        let n: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 1.0, "{q} refusals not counted: {metrics}");
+    }
     for (key, id) in [(&carol, &ids[1]), (&d.keys.1, &bob_id)] {
         let (code, _) = d.curl_as(key, "DELETE", &format!("/sandboxes/{id}"), None);
         assert_eq!(code, 204);

@@ -514,7 +514,10 @@ impl KeeperBackend {
         if let Some((t, started)) = who {
             // The longest lifetime counts from the creation, not from now.
             let age = Duration::from_millis(ms(SystemTime::now()).saturating_sub(started));
-            self.quota.check_lifetime(&t, age + timeout).await?;
+            self.quota
+                .check_lifetime(&t, age + timeout)
+                .await
+                .inspect_err(|e| self.count_refusal(e))?;
         }
         let end = SystemTime::now() + timeout;
         self.ask(
@@ -533,6 +536,13 @@ impl KeeperBackend {
         };
         save_record(&e.remote.dir, &rec);
         Ok(())
+    }
+
+    /// Counts a quota refusal in `/metrics`.
+    fn count_refusal(&self, e: &BackendError) {
+        if let (Some(m), Some(q)) = (self.metrics.get(), quota::refusal_kind(e)) {
+            m.quota_refused(q);
+        }
     }
 
     /// Starts a keeper for `req` with `spec` and records the sandbox.
@@ -808,7 +818,8 @@ impl Backend for KeeperBackend {
                 want,
                 req.timeout,
             )
-            .await?;
+            .await
+            .inspect_err(|e| self.count_refusal(e))?;
         let r = self.start_sandbox(&req, spec).await;
         drop(held);
         if let Ok(info) = &r {
@@ -852,7 +863,8 @@ impl Backend for KeeperBackend {
         let _held = self
             .quota
             .reserve(tenant, || self.live_share(tenant), want, timeout)
-            .await?;
+            .await
+            .inspect_err(|e| self.count_refusal(e))?;
         self.run_reserved(spec, req.stdin).await
     }
 

@@ -60,6 +60,23 @@ pub(crate) struct Quota {
     pending: Mutex<HashMap<String, Share>>,
 }
 
+/// The counted quota a refusal of [`refused`] names.
+pub(crate) fn refusal_kind(e: &BackendError) -> Option<crate::metrics::Quota> {
+    use crate::metrics::Quota as Q;
+    let BackendError::QuotaExceeded { which, .. } = e else {
+        return None;
+    };
+    [
+        ("concurrent sandboxes", Q::Sandboxes),
+        ("total memory", Q::Memory),
+        ("total cpus", Q::Cpus),
+        ("max lifetime", Q::Lifetime),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| which.starts_with(prefix))
+    .map(|(_, q)| q)
+}
+
 fn refused(which: &str, detail: String) -> BackendError {
     BackendError::QuotaExceeded {
         which: format!("{which} ({detail})"),
