@@ -547,9 +547,10 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
         if let Some(ws) = &r.workspace {
             // SAFETY: geteuid cannot fail.
             if r.workspace_is_default() && unsafe { libc::geteuid() } == 0 {
-                // A rootful sandbox writes as its own unprivileged host uid;
-                // nanoclaw's own default workspaces belong to that uid, so
-                // no id mapping (and no write as the host's root) is needed.
+                // nanoclaw's own default workspaces belong to the sandbox
+                // user's id in the storage range, which every rootful
+                // sandbox sees as its own (shifted onto its id slot), so
+                // the sandbox never writes there as the host's root.
                 let base = nanoclaw_sandbox::native::ROOTFUL_ID_BASE;
                 std::os::unix::fs::chown(
                     ws,

@@ -46,7 +46,7 @@ fn checks() -> Vec<Check> {
             format!("rootless (uid {euid})")
         },
         effect: if rootful {
-            "sandbox ids map to an unprivileged host range; cgroups available".into()
+            "sandbox ids map to an unprivileged host range of their own; cgroups available".into()
         } else {
             "the sandbox user maps to your own uid; cgroup limits need delegation".into()
         },
@@ -73,6 +73,32 @@ fn checks() -> Vec<Check> {
         },
         data: None,
     });
+
+    if rootful {
+        use nanoclaw_sandbox::native::{idslot, ROOTFUL_ID_COUNT};
+        let r = idslot::report();
+        let (first, last) = (
+            idslot::slot_base(idslot::SLOTS.start),
+            idslot::slot_base(idslot::SLOTS.end - 1) + (ROOTFUL_ID_COUNT - 1),
+        );
+        v.push(Check {
+            name: "host ids",
+            ok: r.in_use < r.usable,
+            detail: format!(
+                "{} id slots of {ROOTFUL_ID_COUNT} in host ids {first}-{last} (clear of /etc/subuid and /etc/subgid), {} in use (locks under {})",
+                r.usable, r.in_use, r.dir
+            ),
+            effect: format!(
+                "each rootful sandbox runs as host ids of its own, in a user namespace owned by them, so per-user kernel limits (inotify, pipes, epoll, namespaces) are per sandbox{}",
+                if r.image_layers_shifted {
+                    ""
+                } else {
+                    "; image sandboxes keep the shared storage range as ids (overlayfs on idmapped layers needs Linux 5.19), with a namespace owner of their own"
+                }
+            ),
+            data: serde_json::to_value(&r).ok(),
+        });
+    }
 
     let cg = nanoclaw_sandbox::native::cgroup::probe();
     let per_controller: Vec<String> = cg

@@ -138,6 +138,113 @@ fn inotify_exhaustion_is_contained() {
     }
 }
 
+/// Opens inotify instances until refused, prints how many and `READY`,
+/// and holds them.
+const INOTIFY_HOLDER: &str = r#"
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while len(fds) < 100000:
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        break
+    fds.append(fd)
+print("instances", len(fds), os.strerror(ctypes.get_errno()), flush=True)
+print("READY", flush=True)
+time.sleep(60)
+"#;
+
+/// Issue 10: every rootful sandbox's user namespace was owned by root, so
+/// above its own level each was charged to host root's per-user pool
+/// (`fs.inotify.max_user_instances`, 128): four sandboxes at their
+/// 32-instance cap left no instance for a fifth sandbox, nor for the host's
+/// root. With a host id slot (and namespace owner) per sandbox, enough
+/// attackers to fill root's pool several times over starve nobody.
+#[test]
+fn inotify_exhaustion_by_many_sandboxes_starves_no_other() {
+    if !is_root() {
+        eprintln!("SKIPPED inotify_exhaustion_by_many_sandboxes_starves_no_other: rootful only (rootless sandboxes share their user's pool by design)");
+        return;
+    }
+    let pool: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .expect("max_user_instances")
+        .trim()
+        .parse()
+        .expect("a number");
+    // Enough sandboxes at their 32-instance cap to take all of a shared
+    // pool, and one more.
+    let attackers = pool.div_ceil(32) + 1;
+    assert!(
+        attackers <= 17,
+        "fs.inotify.max_user_instances={pool} is raised on this host: the attack needs {attackers} sandboxes; run this test where it is 128"
+    );
+    let m = modes("inotify_exhaustion_by_many_sandboxes_starves_no_other")[0];
+    let mut held = Vec::new();
+    for _ in 0..attackers {
+        let mut ch = nc(
+            m,
+            &[
+                "run",
+                "--timeout",
+                "90s",
+                "--",
+                "python3",
+                "-c",
+                INOTIFY_HOLDER,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nanoclaw");
+        let mut lines = BufReader::new(ch.stdout.take().expect("stdout")).lines();
+        let mut report = Vec::new();
+        for l in lines.by_ref() {
+            let l = l.expect("read");
+            if l == "READY" {
+                break;
+            }
+            report.push(l);
+        }
+        held.push((ch, report, lines));
+    }
+    let got: Vec<String> = held.iter().map(|(_, r, _)| r.join(" ")).collect();
+    eprintln!("attackers got: {got:?}");
+    // While every attacker holds all it could get:
+    let host_ok = inotify_instance_ok();
+    let victim = run(
+        m,
+        &[
+            "run",
+            "--",
+            "python3",
+            "-c",
+            "import ctypes, os; l = ctypes.CDLL(None, use_errno=True); fd = l.inotify_init1(0); \
+             print(fd >= 0, os.strerror(ctypes.get_errno()))",
+        ],
+    );
+    for (ch, _, _) in &mut held {
+        let _ = ch.kill();
+        let _ = ch.wait();
+    }
+    assert!(
+        text(&victim.stdout).starts_with("True"),
+        "another sandbox cannot use inotify while {attackers} sandboxes hold theirs: {} / {}",
+        text(&victim.stdout),
+        text(&victim.stderr)
+    );
+    assert!(
+        host_ok,
+        "host root cannot create an inotify instance while {attackers} sandboxes hold theirs"
+    );
+    for r in &got {
+        assert!(
+            r.starts_with("instances 32 "),
+            "each attacker reaches its own namespace's cap of 32, no fewer: {got:?}"
+        );
+    }
+}
+
 /// Writes 1 GiB into a memfd (pages no rlimit counts), then reports.
 const MEMFD_BOMB: &str = r#"
 import os, ctypes

@@ -1921,6 +1921,19 @@ fn doctor_reports_the_host_and_json_parses() {
             "rootful"
         };
         assert!(mode.starts_with(want), "[{}] mode: {mode}", m.name);
+        // Rootful: the host id slots (one per running sandbox) and how many
+        // are free; rootless sandboxes run as the caller and have none.
+        let ids = checks.iter().find(|c| c["name"] == "host ids");
+        if want == "rootful" {
+            let ids = ids.unwrap_or_else(|| panic!("no host ids check: {out}"));
+            assert_eq!(ids["ok"], true, "{ids}");
+            assert!(
+                ids["data"]["usable"].as_u64().is_some_and(|n| n > 1000),
+                "{ids}"
+            );
+        } else {
+            assert!(ids.is_none(), "[{}] host ids: {out}", m.name);
+        }
         // What every test here relies on: user namespaces and seccomp.
         assert_eq!(get("user namespaces")["ok"], true, "[{}]", m.name);
         assert_eq!(get("seccomp")["ok"], true, "[{}]", m.name);

@@ -92,6 +92,9 @@ pub enum Error {
     /// Landlock failed.
     #[error(transparent)]
     Landlock(#[from] crate::native::landlock::LandlockError),
+    /// A rootful sandbox could not get host ids of its own.
+    #[error(transparent)]
+    IdSlot(#[from] crate::native::idslot::IdSlotError),
 }
 
 impl Error {

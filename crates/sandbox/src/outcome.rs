@@ -29,6 +29,10 @@ pub struct Layers {
     pub namespaces: Vec<String>,
     /// The uid map written for the sandbox ("inside host count" lines).
     pub uid_map: String,
+    /// Rootful: the sandbox's host id slot, its host ids and the owner of
+    /// its user namespace (see `native::idslot`); empty rootless.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_ids: String,
     /// Cgroup version per controller, e.g. `memory: v1`; empty when none.
     pub cgroup: Vec<String>,
     /// Limits that could not be enforced by a cgroup (and what replaced them).

@@ -6,24 +6,33 @@
 //! idmapped copy of the mount: files owned by the directory's host owner
 //! appear owned by the sandbox user, and files the sandbox creates land on
 //! the host owned by that same host owner.
+//!
+//! Files in the storage range (image layers, persistent upper layers,
+//! nanoclaw's own workspaces: see [`super::idslot`]) are attached through
+//! an idmapping of the whole range onto the sandbox's own slot, so they are
+//! the sandbox's own inside and stay in the storage range on the host.
 
 use std::fs::Metadata;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{sys, ROOTFUL_ID_BASE};
+use super::idslot::HostIds;
+use super::sys;
 use crate::Error;
 
 /// `OPEN_TREE_CLONE`.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 
 /// Returns a detached, idmapped clone of the mount at `src_fd` (an `O_PATH`
-/// descriptor). The sandbox attaches it with `move_mount`.
+/// descriptor) on which the source's owner is the sandbox user `uid`:`gid`
+/// (host ids `ids.map_base() + uid`). The sandbox attaches it with
+/// `move_mount`.
 pub(crate) fn idmapped_clone(
     src_fd: RawFd,
     md: &Metadata,
+    ids: &HostIds,
     uid: u32,
     gid: u32,
 ) -> Result<RawFd, Error> {
@@ -37,30 +46,43 @@ pub(crate) fn idmapped_clone(
     } else {
         md.gid()
     };
-    let uid_map = format!("{} {} 1\n", md.uid(), ROOTFUL_ID_BASE + uid);
-    let gid_map = format!("{} {} 1\n", group, ROOTFUL_ID_BASE + gid);
-    let userns = userns_fd(&uid_map, &gid_map)?;
+    let uid_map = format!("{} {} 1\n", md.uid(), ids.map_base() + uid);
+    let gid_map = format!("{} {} 1\n", group, ids.map_base() + gid);
+    let userns = userns_fd(&uid_map, &gid_map, ids)?;
+    idmapped_tree(
+        src_fd,
+        userns.as_raw_fd(),
+        0,
+        "a read-write mount in a rootful sandbox",
+    )
+}
+
+/// A detached clone of the mount at `src_fd`, idmapped through the user
+/// namespace `userns`, with the mount attributes `attrs` set as well.
+/// `what` names the mount for the error.
+pub(crate) fn idmapped_tree(
+    src_fd: RawFd,
+    userns: RawFd,
+    attrs: u64,
+    what: &str,
+) -> Result<RawFd, Error> {
     let flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
-    let tree = sys::open_tree(src_fd, c"", flags).map_err(|e| {
-        sys::close(userns);
-        Error::Sys {
-            call: "open_tree(OPEN_TREE_CLONE) of a mount source".into(),
-            source: e,
-        }
+    let tree = sys::open_tree(src_fd, c"", flags).map_err(|e| Error::Sys {
+        call: "open_tree(OPEN_TREE_CLONE) of a mount source".into(),
+        source: e,
     })?;
     let r = sys::mount_setattr(
         tree,
         c"",
         libc::AT_EMPTY_PATH as libc::c_uint,
-        sys::MOUNT_ATTR_IDMAP,
+        sys::MOUNT_ATTR_IDMAP | attrs,
         Some(userns),
     );
-    sys::close(userns);
     if let Err(e) = r {
         sys::close(tree);
         return Err(Error::Unsupported {
-            what: "a read-write mount in a rootful sandbox".into(),
+            what: what.into(),
             why: format!("the host filesystem does not support idmapped mounts ({e})"),
             fix: "put the directory on ext4, xfs, btrfs or tmpfs, or run nanoclaw as an ordinary user (rootless)".into(),
         });
@@ -68,13 +90,14 @@ pub(crate) fn idmapped_clone(
     Ok(tree)
 }
 
-/// A user namespace fd with the given maps, made by a short-lived child.
-fn userns_fd(uid_map: &str, gid_map: &str) -> Result<RawFd, Error> {
+/// A user namespace fd with the given maps, made by a short-lived child,
+/// owned (like the sandbox's own) by the sandbox's host uid.
+pub(crate) fn userns_fd(uid_map: &str, gid_map: &str, ids: &HostIds) -> Result<OwnedFd, Error> {
     let (r, w) = sys::pipe().map_err(|e| Error::Sys {
         call: "pipe2".into(),
         source: e,
     })?;
-    let pid = match sys::clone_fork(libc::CLONE_NEWUSER as libc::c_ulong) {
+    let pid = match ids.clone_fork(libc::CLONE_NEWUSER as libc::c_ulong) {
         Ok(0) => {
             // The child only waits until the runner has taken its namespace.
             sys::close(w);
@@ -104,7 +127,11 @@ fn userns_fd(uid_map: &str, gid_map: &str) -> Result<RawFd, Error> {
     let mut status = 0;
     // SAFETY: reaping our own child; `status` is a valid out pointer.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    res.map_err(|e| Error::Sys {
+    res.map(|fd| {
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .map_err(|e| Error::Sys {
         call: "setting up the id mapping of an idmapped mount".into(),
         source: e,
     })

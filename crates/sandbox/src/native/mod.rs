@@ -13,6 +13,7 @@
 pub mod caps;
 pub mod cgroup;
 mod child;
+pub mod idslot;
 pub mod landlock;
 mod pause;
 mod plan;
@@ -39,10 +40,14 @@ pub use supervise::{kill, wait, KillHandle};
 use child::{ChildPlan, StdinFd};
 use plan::UserMount;
 
-/// The first host uid (and gid) of the range a rootful sandbox's ids map to:
-/// root inside is this unprivileged uid outside.
+/// The first host uid (and gid) of the storage range: image layers, persistent
+/// upper layers and nanoclaw's own workspaces on the host are owned by
+/// `ROOTFUL_ID_BASE + n` for a sandbox's id `n`. No sandbox runs in it: each
+/// rootful sandbox maps its ids to a slot of its own above it
+/// ([`idslot::slot_base`]) and sees storage-range files shifted onto that
+/// slot through idmapped mounts (see [`idslot`]).
 pub const ROOTFUL_ID_BASE: u32 = 0x4000_0000;
-/// How many ids a rootful sandbox maps.
+/// How many ids a rootful sandbox maps (and the size of each id slot).
 pub const ROOTFUL_ID_COUNT: u32 = 65536;
 
 /// How long the sandbox's setup (namespaces, root, cgroup, network) may
@@ -99,6 +104,8 @@ pub struct Sandbox {
     /// Frozen by [`session::pause`] (or being frozen): killing it must
     /// thaw it too.
     pub(crate) paused: bool,
+    /// Rootful: the host id slot, held until the sandbox is reaped.
+    pub(crate) id_slot: Option<idslot::IdSlot>,
 }
 
 impl Sandbox {
@@ -253,9 +260,10 @@ fn getegid() -> u32 {
 /// Opens and checks the workspace and user mounts.
 fn resolve_mounts(
     spec: &SandboxSpec,
-    rootful: bool,
+    ids: &idslot::HostIds,
     caps: &[caps::Cap],
 ) -> Result<Vec<UserMount>, Error> {
+    let rootful = ids.rootful();
     let mut out: Vec<UserMount> = Vec::new();
     for m in &spec.mounts {
         let target = plan::normalize_target(&m.target)?;
@@ -287,13 +295,23 @@ fn resolve_mounts(
             None
         };
         let idmapped_fd = match rw {
-            None | Some(RwOwnership::Direct) => {
+            None => {
                 // Read-only mounts are plain binds: host files keep their
                 // owners and permissions (they show as `nobody` inside).
                 None
             }
+            Some(RwOwnership::Storage) if !ids.shifts_storage() => None,
+            Some(RwOwnership::Storage) => {
+                match ids.shifted_tree(fd, 0, "a read-write mount in a rootful sandbox") {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        sys::close(fd);
+                        return Err(e);
+                    }
+                }
+            }
             Some(RwOwnership::Idmap | RwOwnership::IdmapRoot) => {
-                match idmap::idmapped_clone(fd, &md, spec.user.uid, spec.user.gid) {
+                match idmap::idmapped_clone(fd, &md, ids, spec.user.uid, spec.user.gid) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         sys::close(fd);
@@ -322,8 +340,12 @@ mod idmap;
 
 /// How a rootful read-write mount is made writable for the sandbox user.
 enum RwOwnership {
-    /// The source already belongs to the sandbox user's host uid.
-    Direct,
+    /// The source belongs to the sandbox user's id in the storage range
+    /// (nanoclaw's own workspaces are chowned there): attached with the
+    /// whole storage range shifted onto the sandbox's slot, so what the
+    /// sandbox writes lands in the storage range (a plain bind when the
+    /// sandbox runs in that range itself).
+    Storage,
     /// An idmapped mount maps the source's (unprivileged) owner to the
     /// sandbox user: the sandbox writes with exactly that owner's authority.
     Idmap,
@@ -349,7 +371,7 @@ fn rw_ownership(
     md: &std::fs::Metadata,
 ) -> Result<RwOwnership, Error> {
     if md.uid() == ROOTFUL_ID_BASE + spec.user.uid {
-        return Ok(RwOwnership::Direct);
+        return Ok(RwOwnership::Storage);
     }
     if md.uid() != 0 {
         return Ok(RwOwnership::Idmap);
@@ -434,7 +456,7 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     } else {
         None
     };
-    let pid = launch.clone_init()?;
+    let pid = launch.clone_init(&prep.ids)?;
 
     let mut sb = Sandbox {
         id,
@@ -468,6 +490,7 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
             next_id: 1,
         }),
         paused: false,
+        id_slot: prep.ids.take_slot(),
     };
 
     // Setup has a deadline of its own: a child that never reports (a bug,
@@ -516,6 +539,8 @@ struct Prepared {
     workdir: PathBuf,
     /// The proxy's environment variables for the command.
     proxy_env: Vec<(String, String)>,
+    /// Rootful: the sandbox's host id slot and namespace owner.
+    ids: idslot::HostIds,
 }
 
 /// The parts of [`ChildPlan`] that need no pipe.
@@ -549,7 +574,8 @@ impl Prepared {
         layers.capabilities = keep_caps.iter().map(|c| c.name().to_string()).collect();
         let net_policy = network_policy(&spec.network)?;
         let kernel_rules = kernel_rules(&spec.network, rootful)?;
-        let mounts = resolve_mounts(spec, rootful, &keep_caps)?;
+        let ids = idslot::HostIds::acquire(spec, rootful, layers)?;
+        let mounts = resolve_mounts(spec, &ids, &keep_caps)?;
         let mut guard = FdGuard(
             mounts
                 .iter()
@@ -557,8 +583,8 @@ impl Prepared {
                 .collect(),
         );
         let (seccomp, seccomp_no_cgroup_memory) = seccomp_filters(spec, rootful, &mounts, layers)?;
-        let image_layers = open_layers(spec, &mut guard)?;
-        let upper = open_upper(spec, rootful, &mut guard)?;
+        let image_layers = open_layers(spec, &ids, &mut guard)?;
+        let upper = open_upper(spec, &ids, &mut guard)?;
         let host = plan::HostLayout::probe();
         let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
         let landlock = landlock_policy(spec, &fs, &mounts, layers)?;
@@ -589,6 +615,7 @@ impl Prepared {
             kernel_rules,
             workdir,
             proxy_env,
+            ids,
         })
     }
 }
@@ -791,7 +818,7 @@ impl Launch {
 
     /// Clones the sandbox's init, which runs [`child::setup_and_init`] on
     /// the plan and never returns; then closes the child's ends here.
-    fn clone_init(&self) -> Result<libc::pid_t, Error> {
+    fn clone_init(&self, ids: &idslot::HostIds) -> Result<libc::pid_t, Error> {
         // The user and pid namespaces must exist at clone (the runner writes
         // the child's id maps; init must be pid 1). The child makes the others
         // itself (ChildPlan::unshare) while the runner writes those maps.
@@ -803,7 +830,8 @@ impl Launch {
         // the caller's handlers (on its copy of the caller's memory) before it
         // sets its own mask; the caller's mask comes back right after.
         let saved_mask = sys::block_all_signals();
-        let cloned = sys::clone_fork(flags);
+        // Rootful, as the slot's first id: the namespace is the sandbox's own.
+        let cloned = ids.clone_fork(flags);
         if let Ok(0) = cloned {
             child::setup_and_init(&self.plan);
         }
@@ -870,7 +898,7 @@ fn runner_setup(
     deadline: Instant,
 ) -> Result<(), Error> {
     let (rootful, sync_w) = (launch.plan.rootful, launch.pipes.sync.1);
-    let (map_uid, map_gid) = id_maps(rootful, spec.user.uid, spec.user.gid);
+    let (map_uid, map_gid) = id_maps(&prep.ids, spec.user.uid, spec.user.gid);
     sb.layers.uid_map = map_uid.trim().to_string();
     write_id_maps(sb.pid, rootful, &map_uid, &map_gid)?;
     // The child makes its namespaces and builds its root while we make
@@ -1157,7 +1185,11 @@ pub(crate) fn exec_failure(r: &child::Report, name: &str) -> (i32, String) {
 }
 
 /// Opens the image layer directories of `spec.root` (if it is an image).
-fn open_layers(spec: &SandboxSpec, guard: &mut FdGuard) -> Result<Vec<plan::LayerFd>, Error> {
+fn open_layers(
+    spec: &SandboxSpec,
+    ids: &idslot::HostIds,
+    guard: &mut FdGuard,
+) -> Result<Vec<plan::LayerFd>, Error> {
     let crate::spec::Root::Layers(paths) = &spec.root else {
         return Ok(Vec::new());
     };
@@ -1180,10 +1212,13 @@ fn open_layers(spec: &SandboxSpec, guard: &mut FdGuard) -> Result<Vec<plan::Laye
             call: format!("stat of image layer {}", p.display()),
             source: e,
         })?;
+        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        let (fd, attached) = shift_storage(ids, guard, fd, ro, "an image layer")?;
         out.push(plan::LayerFd {
             fd,
             path: p.clone(),
             dev_ino: (md.dev(), md.ino()),
+            attached,
         });
     }
     Ok(out)
@@ -1193,7 +1228,7 @@ fn open_layers(spec: &SandboxSpec, guard: &mut FdGuard) -> Result<Vec<plan::Laye
 /// `DIR/upper` and `DIR/work`, owned by the sandbox's root.
 fn open_upper(
     spec: &SandboxSpec,
-    rootful: bool,
+    ids: &idslot::HostIds,
     guard: &mut FdGuard,
 ) -> Result<Option<plan::LayerFd>, Error> {
     let Some(dir) = &spec.root_upper else {
@@ -1209,8 +1244,8 @@ fn open_upper(
             call: format!("creating {}", d.display()),
             source: e,
         })?;
-        if rootful {
-            // The sandbox's root is this unprivileged host id.
+        if ids.rootful() {
+            // Root of the storage range: the sandbox's root, once shifted.
             std::os::unix::fs::chown(&d, Some(ROOTFUL_ID_BASE), Some(ROOTFUL_ID_BASE)).map_err(
                 |e| Error::Sys {
                     call: format!("chown of {}", d.display()),
@@ -1229,11 +1264,36 @@ fn open_upper(
         call: format!("stat of {}", dir.display()),
         source: e,
     })?;
+    let attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    let (fd, attached) = shift_storage(ids, guard, fd, attrs, "an image's persistent upper layer")?;
     Ok(Some(plan::LayerFd {
         fd,
         path: dir.clone(),
         dev_ino: (md.dev(), md.ino()),
+        attached,
     }))
+}
+
+/// Rootful, swaps the `O_PATH` descriptor `fd` (held by `guard`) of an
+/// image layer or upper layer for a detached copy of its mount on which
+/// storage-range owners are the sandbox's own ids (with mount attributes
+/// `attrs`), for the child to attach. Returns the descriptor to use and
+/// whether it is such a copy.
+fn shift_storage(
+    ids: &idslot::HostIds,
+    guard: &mut FdGuard,
+    fd: RawFd,
+    attrs: u64,
+    what: &str,
+) -> Result<(RawFd, bool), Error> {
+    if !ids.shifts_storage() {
+        return Ok((fd, false));
+    }
+    let t = ids.shifted_tree(fd, attrs, &format!("{what} in a rootful sandbox"))?;
+    guard.0.retain(|&x| x != fd);
+    sys::close(fd);
+    guard.0.push(t);
+    Ok((t, true))
 }
 
 /// Closes descriptors when dropped.
@@ -1364,9 +1424,9 @@ fn base_env(spec: &SandboxSpec, extra_env: &[(String, String)]) -> Vec<(String, 
 }
 
 /// The uid_map and gid_map contents for the sandbox.
-fn id_maps(rootful: bool, uid: u32, gid: u32) -> (String, String) {
-    if rootful {
-        let line = format!("0 {ROOTFUL_ID_BASE} {ROOTFUL_ID_COUNT}\n");
+fn id_maps(ids: &idslot::HostIds, uid: u32, gid: u32) -> (String, String) {
+    if ids.rootful() {
+        let line = ids.map_line();
         (line.clone(), line)
     } else {
         (

@@ -305,6 +305,10 @@ pub(crate) struct LayerFd {
     pub path: PathBuf,
     /// Device and inode, to detect a swap.
     pub dev_ino: (u64, u64),
+    /// `fd` is a detached (idmapped) copy of the layer's mount, made by the
+    /// runner, that the child attaches under [`BASE`] instead of re-opening
+    /// `path`.
+    pub attached: bool,
 }
 
 /// The uid and gid of `nobody` / `nogroup`, which keep their own names.
@@ -431,7 +435,7 @@ fn reopen_sources(
     layers: &[LayerFd],
     upper: Option<&LayerFd>,
 ) -> Result<(), Error> {
-    for l in layers.iter().chain(upper) {
+    for l in layers.iter().chain(upper).filter(|l| !l.attached) {
         ops.push(Op::Reopen {
             path: cpath(&l.path)?,
             fd: l.fd,
@@ -530,21 +534,40 @@ fn image_overlay(ops: &mut Ops, layers: &[LayerFd], upper: Option<&LayerFd>) -> 
             mode: 0o755,
         });
     }
+    // Layers by descriptor (re-opened above, before /tmp was covered), or
+    // attached here (the runner's idmapped copies, which overlayfs takes
+    // only from the mount namespace it is mounted in); gone with the old
+    // root at pivot_root.
+    let mut place = |l: &LayerFd, name: String| -> Result<String, Error> {
+        if !l.attached {
+            return Ok(format!("/proc/self/fd/{}", l.fd));
+        }
+        let at = format!("{BASE}/{name}");
+        ops.push(Op::Mkdir {
+            path: cpath(&at)?,
+            mode: 0o700,
+        });
+        ops.push(Op::Attach {
+            fd: l.fd,
+            target: cpath(&at)?,
+        });
+        Ok(at)
+    };
     let (upperdir, workdir) = match upper {
-        Some(u) => (
-            format!("/proc/self/fd/{}/upper", u.fd),
-            format!("/proc/self/fd/{}/work", u.fd),
-        ),
+        Some(u) => {
+            let at = place(u, "persistent".into())?;
+            (format!("{at}/upper"), format!("{at}/work"))
+        }
         None => (format!("{BASE}/upper"), format!("{BASE}/work")),
     };
-    // Layers by descriptor (re-opened above, before /tmp was
-    // covered), topmost first; `userxattr` because the overlay is
-    // mounted inside the sandbox's user namespace.
+    // Topmost first; `userxattr` because the overlay is mounted inside the
+    // sandbox's user namespace.
     let lower: Vec<String> = layers
         .iter()
+        .enumerate()
         .rev()
-        .map(|l| format!("/proc/self/fd/{}", l.fd))
-        .collect();
+        .map(|(i, l)| place(l, format!("layer{i}")))
+        .collect::<Result<_, _>>()?;
     ops.push(Op::Fs {
         fstype: c"overlay",
         target: cpath(&ops.root)?,
@@ -948,11 +971,13 @@ mod tests {
                 fd: 7,
                 path: "/l1".into(),
                 dev_ino: (1, 2),
+                attached: false,
             },
             LayerFd {
                 fd: 8,
                 path: "/l2".into(),
                 dev_ino: (1, 3),
+                attached: false,
             },
         ];
         let plan = build(&spec, &host(), &[], &layers, None).unwrap();
@@ -983,6 +1008,50 @@ mod tests {
         );
         // The layers are re-opened before /tmp is covered.
         assert!(matches!(plan.ops[0], Op::Reopen { fd: 7, .. }));
+    }
+
+    #[test]
+    fn idmapped_layers_are_attached_under_the_base_before_the_overlay() {
+        let mut spec = SandboxSpec::new(["true"]);
+        spec.root = Root::Layers(vec!["/l1".into(), "/l2".into()]);
+        spec.root_upper = Some("/up".into());
+        let l = |fd, path: &str| LayerFd {
+            fd,
+            path: path.into(),
+            dev_ino: (1, fd as u64),
+            attached: true,
+        };
+        let (layers, upper) = (vec![l(7, "/l1"), l(8, "/l2")], l(9, "/up"));
+        let plan = build(&spec, &host(), &[], &layers, Some(&upper)).unwrap();
+        assert!(
+            !plan.ops.iter().any(|o| matches!(o, Op::Reopen { .. })),
+            "attached layers are not re-opened by path"
+        );
+        let pos = |want: &dyn Fn(&Op) -> bool| plan.ops.iter().position(want).unwrap();
+        let overlay =
+            pos(&|o| matches!(o, Op::Fs { fstype, .. } if fstype.to_bytes() == b"overlay"));
+        let tmpfs = pos(&|o| matches!(o, Op::Fs { fstype, .. } if fstype.to_bytes() == b"tmpfs"));
+        for (fd, at) in [
+            (7, "/tmp/layer0"),
+            (8, "/tmp/layer1"),
+            (9, "/tmp/persistent"),
+        ] {
+            let a = pos(
+                &|o| matches!(o, Op::Attach { fd: f, target } if *f == fd && target.to_bytes() == at.as_bytes()),
+            );
+            assert!(
+                tmpfs < a && a < overlay,
+                "{at} attached between the tmpfs and the overlay"
+            );
+        }
+        let Op::Fs { data, .. } = &plan.ops[overlay] else {
+            unreachable!()
+        };
+        assert_eq!(
+            data.to_str().unwrap(),
+            "lowerdir=/tmp/layer1:/tmp/layer0,upperdir=/tmp/persistent/upper,\
+             workdir=/tmp/persistent/work,userxattr"
+        );
     }
 
     #[test]

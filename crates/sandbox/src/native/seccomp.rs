@@ -247,7 +247,7 @@ pub fn compile_docker_profile(json: &str, caps: &[String]) -> Result<Filter, Pro
 }
 
 /// The running kernel's (major, minor, patch), from uname(2).
-fn running_kernel() -> Option<(u32, u32, u32)> {
+pub(crate) fn running_kernel() -> Option<(u32, u32, u32)> {
     // SAFETY: utsname is plain old data; all-zero is a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: `uts` is a valid, writable utsname.

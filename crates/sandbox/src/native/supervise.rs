@@ -233,6 +233,8 @@ fn release(sb: &mut Sandbox) {
     if let Some(k) = sb.kernel_egress.take() {
         let _ = k.teardown();
     }
+    // Last, once nothing of the sandbox runs: its host ids are free again.
+    drop(sb.id_slot.take());
 }
 
 /// What the proxy saw, for the outcome.

@@ -68,6 +68,56 @@ pub fn setresgid_raw(gid: libc::gid_t) -> io::Result<()> {
     check(ret).map(drop)
 }
 
+/// Sets the calling thread's effective uid and gid (gid first, so that it
+/// is done while the thread is still privileged; real and saved ids are
+/// kept), as raw system calls acting on this thread only (see
+/// [`setgroups_raw`]). With root's real and saved uid, setting the
+/// effective uid back to 0 restores the effective capabilities.
+pub fn set_effective_ids_raw(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    let keep = libc::uid_t::MAX; // -1: leave unchanged
+                                 // Going back to root: the uid first, to regain CAP_SETGID.
+    let uid_first = uid == 0;
+    let set_uid = || {
+        // SAFETY: integer-only system call.
+        check(unsafe { libc::syscall(libc::SYS_setresuid, keep, uid, keep) }).map(drop)
+    };
+    let set_gid = || {
+        // SAFETY: integer-only system call.
+        check(unsafe { libc::syscall(libc::SYS_setresgid, keep, gid, keep) }).map(drop)
+    };
+    if uid_first {
+        set_uid()?;
+        set_gid()
+    } else {
+        set_gid()?;
+        set_uid()
+    }
+}
+
+/// `prctl(option)` for a `PR_GET_*` option that returns its value.
+pub fn prctl_get(option: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: the PR_GET_* options used here take no pointer arguments.
+    let ret = unsafe { libc::prctl(option, 0 as libc::c_ulong, 0 as libc::c_ulong, 0, 0) };
+    check(ret.into()).map(|v| v as libc::c_int)
+}
+
+/// The calling thread's parent-death signal (`PR_GET_PDEATHSIG`).
+pub fn get_pdeathsig() -> io::Result<libc::c_int> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which
+    // points to `sig`.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_GET_PDEATHSIG,
+            &mut sig as *mut libc::c_int,
+            0,
+            0,
+            0,
+        )
+    };
+    check(ret.into()).map(|_| sig)
+}
+
 /// Blocks every signal in the calling thread and returns the previous mask.
 ///
 /// Around a `clone` from a multithreaded runner: the child must not run a

@@ -447,10 +447,11 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
 
 /// Per-user-namespace limits written for every sandbox: the kernel charges
 /// inotify instances and watches (and fanotify groups and marks) at every
-/// level up to the host, where all of one user's sandboxes share one pool
-/// (rootful: host root's, `fs.inotify.max_user_instances` = 128 by
-/// default), so without a limit of its own one sandbox takes the whole
-/// pool from the host and its neighbours. Nested user namespaces are
+/// level up to the host, there to the namespace's owner (rootful: the
+/// sandbox's own slot uid, see [`super::idslot`]; rootless: the caller,
+/// whose sandboxes share one pool, `fs.inotify.max_user_instances` = 128 by
+/// default), so without a limit of its own one sandbox takes that whole
+/// pool. Nested user namespaces are
 /// refused here too (seccomp refuses them as well).
 pub(crate) const NS_LIMITS: [(&CStr, &[u8]); 5] = [
     (c"/proc/sys/user/max_inotify_instances", b"32"),
