@@ -23,6 +23,11 @@ pub struct ServeArgs {
     /// create (repeatable; e.g. --pool base=8).
     #[arg(long = "pool", value_name = "TEMPLATE=N")]
     pools: Vec<String>,
+    /// Keep audit records this long (e.g. 90d): older ones are pruned at
+    /// start and then regularly, the chain staying verifiable (`audit
+    /// verify`). Default: keep everything (`nanoclaw audit prune` by hand).
+    #[arg(long, value_name = "DURATION")]
+    audit_retention: Option<String>,
     /// The envdVersion to report to E2B clients.
     #[arg(long, value_name = "VERSION", hide = true)]
     envd_version: Option<String>,
@@ -55,7 +60,22 @@ pub fn run(a: ServeArgs) -> Result<u8> {
         };
         pools.insert(t.to_string(), n);
     }
+    let audit_retention = a
+        .audit_retention
+        .as_deref()
+        .map(|d| {
+            nanoclaw_server::db::parse_duration(d)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--audit-retention {d:?}: give a duration such as 90d, 12h or 30m"
+                    )
+                })
+        })
+        .transpose()?;
     let cfg = DaemonConfig {
+        audit_retention,
         pools,
         listen,
         data: a.data,

@@ -771,3 +771,40 @@ fn a_removed_tenants_sandboxes_end_and_its_name_is_retired() {
     let (code, _) = d.curl_as(&key, "GET", "/v2/sandboxes", None);
     assert_eq!(code, 401, "the removed tenant's key still works");
 }
+
+/// `serve --audit-retention`: records older than the retention are pruned
+/// while the daemon runs, newer ones kept, and the chain still verifies.
+#[test]
+fn audit_retention_prunes_old_records_and_the_chain_verifies() {
+    let _g = serial();
+    let m = modes("audit_retention_prunes_old_records_and_the_chain_verifies")[0];
+    let d = Daemon::with(m, "retention", &["--audit-retention", "3s"]);
+    let (code, _) = d.curl("GET", "/v2/sandboxes?probe=old-record", None);
+    assert_eq!(code, 200);
+    assert!(d
+        .audit(&["ls", "--limit", "1000", "--json"])
+        .contains("old-record"));
+    // Retention runs every 1.5 s: the old record is gone within ~5 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut recs = String::new();
+    while Instant::now() < deadline {
+        let (code, _) = d.curl("GET", "/v2/sandboxes?probe=new-record", None);
+        assert_eq!(code, 200);
+        recs = d.audit(&["ls", "--limit", "1000", "--json"]);
+        if !recs.contains("old-record") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!recs.contains("old-record"), "not pruned: {recs}");
+    assert!(
+        recs.contains("new-record"),
+        "a new record was pruned: {recs}"
+    );
+    let verify = d.audit(&["verify"]);
+    assert!(verify.starts_with("ok"), "{verify}");
+    let o = nc(m, &["serve", "--audit-retention", "soon"])
+        .output()
+        .expect("serve");
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+}

@@ -28,6 +28,31 @@ pub struct DaemonConfig {
     pub envd_version: Option<String>,
     /// Warm pool size per template.
     pub pools: std::collections::HashMap<String, usize>,
+    /// Audit records older than this are pruned (at start, then every
+    /// [`retention_every`] of it); `None`: kept until `audit prune`.
+    pub audit_retention: Option<Duration>,
+}
+
+/// How often retention runs: half the retention, between 1 s and 1 h.
+pub fn retention_every(keep: Duration) -> Duration {
+    (keep / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// Prunes `audit` of records older than `keep` now and then every
+/// [`retention_every`], until the runtime ends. A failure is reported and
+/// retried at the next round (pruning never loses a record it should keep).
+fn spawn_retention(audit: Audit, keep: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let a = audit.clone();
+            match tokio::task::spawn_blocking(move || a.prune(keep)).await {
+                Ok(Err(e)) => eprintln!("nanoclaw serve: audit retention: {e}"),
+                Err(e) => eprintln!("nanoclaw serve: audit retention: {e}"),
+                Ok(Ok(_)) => {}
+            }
+            tokio::time::sleep(retention_every(keep)).await;
+        }
+    });
 }
 
 /// Why the daemon could not start or stopped.
@@ -198,6 +223,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         );
     }
     backend.spawn_reaper();
+    if let Some(keep) = cfg.audit_retention {
+        spawn_retention(audit.clone(), keep);
+    }
     backend.spawn_pools();
     let mut listen = cfg.listen.clone();
     if listen.is_empty() {
