@@ -712,26 +712,6 @@ fn commit_group(conn: &mut Connection, group: &[Batch]) -> Result<Vec<Vec<Append
     Ok(all)
 }
 
-/// Records handed to the writer ([`Audit::begin_append_all`]): on disk
-/// once [`Pending::wait`] resolves.
-#[derive(Debug)]
-pub struct Pending(Option<tokio::sync::oneshot::Receiver<Result<Vec<Appended>, String>>>);
-
-impl Pending {
-    /// Waits until the records are on disk.
-    pub async fn wait(self) -> Result<Vec<Appended>, AuditError> {
-        match self.0 {
-            None => Ok(Vec::new()),
-            Some(rx) => rx
-                .await
-                .map_err(|_| {
-                    AuditError::Writer("it stopped before the records were written".into())
-                })?
-                .map_err(AuditError::Writer),
-        }
-    }
-}
-
 /// Records to be written with the answer of the request being served
 /// (see [`collect`]). Records still here when it is dropped (the request
 /// was cancelled) are handed to their logs all the same, without waiting.
@@ -869,23 +849,18 @@ impl Audit {
     /// appends are waiting (group commit; see the [module docs](self)):
     /// they are on disk when this resolves. Needs no blocking thread.
     pub async fn append_all(&self, records: Vec<Record>) -> Result<Vec<Appended>, AuditError> {
-        self.begin_append_all(records)?.wait().await
-    }
-
-    /// [`Audit::append_all`] in two steps: hands the records to the writer
-    /// now (they will be written whether or not anyone waits), and returns
-    /// what to await for them to be on disk.
-    pub fn begin_append_all(&self, records: Vec<Record>) -> Result<Pending, AuditError> {
         let records = records
             .into_iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
         if records.is_empty() {
-            return Ok(Pending(None));
+            return Ok(Vec::new());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(records, Some(tx))?;
-        Ok(Pending(Some(rx)))
+        rx.await
+            .map_err(|_| AuditError::Writer("it stopped before the records were written".into()))?
+            .map_err(AuditError::Writer)
     }
 
     /// Appends one record ([`Audit::append_all`]): on disk when this

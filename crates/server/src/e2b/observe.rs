@@ -67,65 +67,6 @@ struct Note {
     outcome: Outcome,
     detail: Option<String>,
     input: Option<Captured>,
-    /// What the middleware knows of the request, for [`record_now`].
-    request: Option<Seen>,
-    /// The request's record, handed to the log early ([`record_now`]):
-    /// its status, and what to wait for before the answer leaves.
-    early: Option<(u16, crate::audit::Pending)>,
-}
-
-/// The request as the middleware saw it.
-#[derive(Debug)]
-struct Seen {
-    audit: crate::audit::Audit,
-    method: String,
-    path: String,
-    sandbox: Option<String>,
-    started: Instant,
-}
-
-/// The request's record from what is known of it.
-fn record_of(note: &Note, seen: &Seen, status: u16) -> Record {
-    Record {
-        kind: match note.outcome {
-            Outcome::Request => kind::REQUEST,
-            Outcome::AuthFailure => kind::AUTH_FAILURE,
-            Outcome::QuotaRefusal => kind::QUOTA_REFUSAL,
-        }
-        .to_owned(),
-        tenant: note.tenant.as_ref().map(|t| t.0.clone()),
-        sandbox: seen.sandbox.clone().or_else(|| note.sandbox.clone()),
-        method: Some(seen.method.clone()),
-        path: Some(seen.path.clone()),
-        status: Some(status),
-        duration_ms: Some(millis(seen.started.elapsed())),
-        detail: note.detail.clone(),
-        input: note.input.clone(),
-        ..Record::default()
-    }
-}
-
-/// The handler knows its answer's status from here on (a Connect stream:
-/// 200, whatever follows, errors included, goes in the stream): the
-/// request's record is handed to the audit log now, so that its commit
-/// runs while the handler works (starting a process); the answer still
-/// leaves only once the record is on disk. Its duration is the time until
-/// this call. Does nothing outside an audited request.
-pub fn record_now(status: StatusCode) {
-    with_note(|n| {
-        let Some(seen) = n.request.take() else {
-            return;
-        };
-        if n.early.is_some() {
-            return;
-        }
-        let record = record_of(n, &seen, status.as_u16());
-        match seen.audit.begin_append_all(vec![record]) {
-            Ok(pending) => n.early = Some((status.as_u16(), pending)),
-            // Not taken: the middleware writes it the usual way.
-            Err(_) => n.request = Some(seen),
-        }
-    });
 }
 
 tokio::task_local! {
@@ -216,21 +157,8 @@ pub async fn observe<B: Send + Sync + 'static, A: Send + Sync + 'static>(
     let method = request.method().as_str().to_owned();
     let path = audit_path(request.uri());
     let sandbox = sandbox_of(matched.as_deref(), request.uri(), request.headers());
-    let first = Note {
-        request: match (&state.audit, probe) {
-            (Some(audit), false) => Some(Seen {
-                audit: audit.clone(),
-                method: method.clone(),
-                path: path.clone(),
-                sandbox: sandbox.clone(),
-                started,
-            }),
-            _ => None,
-        },
-        ..Note::default()
-    };
-    let ((response, mut note), mut deferred) =
-        crate::audit::collect(NOTE.scope(RefCell::new(first), async move {
+    let ((response, note), mut deferred) =
+        crate::audit::collect(NOTE.scope(RefCell::new(Note::default()), async move {
             let response = next.run(request).await;
             let note = NOTE.with(RefCell::take);
             (response, note)
@@ -250,31 +178,26 @@ pub async fn observe<B: Send + Sync + 'static, A: Send + Sync + 'static>(
             }
         }
     }
-    let response = match (&state.audit, probe, note.early.take()) {
-        // Recorded early (the answer's status was settled before the
-        // handler finished): wait for that record, and for the backend's.
-        (Some(audit), false, Some((status, pending))) if status == response.status().as_u16() => {
-            let backend = audit.append_all(batch).await;
-            match (pending.wait().await, backend) {
-                (Ok(_), Ok(_)) => response,
-                (Err(e), _) | (_, Err(e)) => audit_failed(&state, &e.to_string()),
-            }
-        }
-        (Some(audit), false, early) => {
-            if let Some((status, pending)) = early {
-                // The early record's status turned out wrong (a handler
-                // bug): it stands, and a second record tells the truth.
-                let _ = pending.wait().await;
-                note.detail = Some(format!("recorded early with status {status}"));
-            }
-            let seen = Seen {
-                audit: audit.clone(),
-                method,
-                path,
-                sandbox,
-                started,
+    let response = match (&state.audit, probe) {
+        (Some(audit), false) => {
+            let record = Record {
+                kind: match note.outcome {
+                    Outcome::Request => kind::REQUEST,
+                    Outcome::AuthFailure => kind::AUTH_FAILURE,
+                    Outcome::QuotaRefusal => kind::QUOTA_REFUSAL,
+                }
+                .to_owned(),
+                tenant: note.tenant.map(|t| t.0),
+                sandbox: sandbox.or(note.sandbox),
+                method: Some(method),
+                path: Some(path),
+                status: Some(response.status().as_u16()),
+                duration_ms: Some(millis(started.elapsed())),
+                detail: note.detail,
+                input: note.input,
+                ..Record::default()
             };
-            batch.push(record_of(&note, &seen, response.status().as_u16()));
+            batch.push(record);
             match audit.append_all(batch).await {
                 Ok(_) => response,
                 Err(e) => audit_failed(&state, &e.to_string()),

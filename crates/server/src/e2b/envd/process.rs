@@ -83,10 +83,6 @@ async fn start<B: Backend, A: Authenticator>(
             "{bad:?} contains a NUL byte"
         )));
     }
-    // From here the answer is a 200 stream whatever happens: the request's
-    // record is written while the process starts (the head still waits
-    // for it), so a short command's exec record does not queue behind it.
-    crate::e2b::observe::record_now(axum::http::StatusCode::OK);
     let req = StartProcess {
         config: process.into(),
         tag: call.message.tag,
