@@ -580,6 +580,7 @@ class Daemon:
         return {
             "vmrss": kb_field(st, "VmRSS"),
             "vmhwm": kb_field(st, "VmHWM"),
+            "daemon_pss": pss(self.pid),
             "threads": int(st.get("Threads", "0") or 0),
             "fds": fd_count(self.pid),
         }
@@ -606,15 +607,33 @@ class Daemon:
     def sandbox_pids(self, sid):
         """The keeper's and the sandbox init's pids, from the keeper's state
         file (seen through the daemon's /proc/PID/root: its mount namespace)."""
-        for root in ("run/nanoclaw/serve/sandboxes",):
-            path = f"/proc/{self.pid}/root/{root}/{sid}/state.json"
+        for d in self.state_dirs():
+            if os.path.basename(d) != sid:
+                continue
             try:
-                with open(path) as f:
+                with open(os.path.join(d, "state.json")) as f:
                     st = json.load(f)
                 return [p for p in (st.get("keeper_pid"), st.get("init_pid")) if p]
             except (OSError, ValueError):
                 continue
         return None
+
+    def state_dirs(self):
+        """The keepers' state directories of this daemon (its data folder's
+        root, `/run/nanoclaw/serve/<hash>/<id>`, seen through its
+        /proc/PID/root: its mount namespace)."""
+        base = f"/proc/{self.pid}/root/run/nanoclaw/serve"
+        out = []
+        try:
+            roots = [os.path.join(base, h) for h in os.listdir(base)]
+        except OSError:
+            return out
+        for r in roots:
+            try:
+                out += [os.path.join(r, x) for x in os.listdir(r) if os.path.isdir(os.path.join(r, x))]
+            except OSError:
+                continue
+        return out
 
     def keepers_left(self):
         return self.keeper_pss()[0]
@@ -1352,6 +1371,17 @@ class Bench:
         out["nanoclaw_gone_all_s"] = time.perf_counter() - t
         time.sleep(2)
         out["nanoclaw_after_kill"] = d.memory()
+        # Nothing left: no keeper, no state directory, no cgroup of any
+        # sandbox this section made.
+        ids = {s.sandbox_id for s in sbxs}
+        cg = [os.path.join(root, ctl, "nanoclaw", i) for root in ("/sys/fs/cgroup",)
+              for ctl in (os.listdir(root) if os.path.isdir(root) else []) for i in ids]
+        cg += [os.path.join("/sys/fs/cgroup/nanoclaw", i) for i in ids]
+        out["nanoclaw_left"] = {
+            "keepers": d.keepers_left(),
+            "state_dirs": len([x for x in d.state_dirs() if os.path.basename(x) in ids]),
+            "cgroups": len([x for x in cg if os.path.isdir(x)]),
+        }
         out["nanoclaw_cpu"] = win.close()
 
         if self.docker and a.docker_idle > 0:
@@ -1633,20 +1663,20 @@ def markdown(r):
         s = secs_["e"]
         L += ["", "#### (e) Memory with idle sandboxes", "",
               "Sandboxes made with the e2b SDK (" + str(a.idle_parallel) + " threads) and left idle; measured 2 s "
-              "after the last one. Daemon = `nanoclaw serve`'s own /proc/PID/status. Keepers + sandboxes = summed "
+              "after the last one. Daemon = `nanoclaw serve`'s own /proc/PID/status (PSS: smaps_rollup). Keepers + sandboxes = summed "
               "PSS (smaps_rollup) of every keeper and its descendants. Kernel = Slab + KernelStack + PageTables "
               "(/proc/meminfo) since the 0 row: namespaces, cgroups, page tables. MemAvailable delta = since the "
               "0 row, system-wide: other work on the machine (builds) moves it by tens of MiB, so read it per "
               "sandbox only at the largest count.", "",
               "*One more create* = " + str(a.probe_creates) + " sequential creates (raw HTTP, unix socket) with that "
               "many sandboxes up, each killed before the next: median (min).", "",
-              "| idle | daemon VmRSS | VmHWM | threads | fds | keepers · processes | keepers + sandboxes PSS (per sandbox) | kernel (per sandbox) | MemAvailable delta (per sandbox) | one more create |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| idle | daemon VmRSS | VmHWM | daemon PSS | threads | fds | keepers · processes | keepers + sandboxes PSS (per sandbox) | kernel (per sandbox) | MemAvailable delta (per sandbox) | one more create |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for x in s["nanoclaw"]:
             c = x["count"]
             per_pss = mib(x["pss"] / c) if c else "—"
             per_av = mib(x["mem_used_delta"] / c) if c else "—"
-            L.append(f"| {c} | {mib(x['vmrss'])} | {mib(x['vmhwm'])} | {x['threads']} | {x['fds']} | "
+            L.append(f"| {c} | {mib(x['vmrss'])} | {mib(x['vmhwm'])} | {mib(x.get('daemon_pss'))} | {x['threads']} | {x['fds']} | "
                      f"{x['keepers']} · {x['procs']} | {mib(x['pss'])} ({per_pss}) | {mib(x['kmem_delta'])} "
                      f"({mib(x['kmem_delta'] / c) if c else '—'}) | {mib(x['mem_used_delta'])} ({per_av}) | "
                      f"{ms((x.get('create_probe') or {}).get('median'))} ({ms((x.get('create_probe') or {}).get('min'))}) |")
@@ -1654,7 +1684,11 @@ def markdown(r):
         if ak:
             L.append(f"\nAfter killing all {s['counts'][-1]} (calls returned in {s['nanoclaw_kill_all_s']:.1f} s with 8 threads, "
                      f"every keeper gone after {s.get('nanoclaw_gone_all_s', 0):.1f} s): daemon VmRSS "
-                     f"{mib(ak['vmrss'])}, threads {ak['threads']}, fds {ak['fds']}.")
+                     f"{mib(ak['vmrss'])} (PSS {mib(ak.get('daemon_pss'))}), threads {ak['threads']}, fds {ak['fds']}.")
+            left = s.get("nanoclaw_left")
+            if left:
+                L.append(f"Left behind: {left['keepers']} keepers, {left['state_dirs']} state directories, "
+                         f"{left['cgroups']} cgroups (of the sandboxes made here).")
         if s.get("docker"):
             L += ["", "Docker, same procedure (containers `sh -c 'read _'`, `--network none`):", "",
                   "| idle | dockerd VmRSS | containerd VmRSS | shims · processes | shims + containers PSS (per container) | kernel (per container) | MemAvailable delta (per container) | one more create + start |",

@@ -41,15 +41,29 @@
 //! - a rewrite of the whole chain from some point on, hashes recomputed:
 //!   the hash is not keyed. Only an externally kept head catches that.
 //!
-//! # From async code
+//! # From async code: group commit
 //!
 //! [`Audit`] is a cheap handle (`Clone + Send + Sync`: one connection behind
-//! an `Arc<Mutex<_>>`). Its calls block on disk I/O (an append waits for an
-//! fsync), so from tokio call them inside `tokio::task::spawn_blocking` with
-//! a clone of the handle.
+//! an `Arc<Mutex<_>>`). Its blocking calls wait on disk I/O (an append
+//! waits for an fsync). From tokio, append with [`Audit::append_async`] /
+//! [`Audit::append_all`]: the records go to the log's writer thread, which
+//! takes every append waiting at that moment, writes them in one
+//! transaction — each record its own seq and hash, in the order they were
+//! handed over — and commits them with one fsync, then wakes their
+//! waiters. A record is on disk when its future resolves, as with
+//! [`Audit::append`]; appends that arrive together share an fsync, and no
+//! append takes a thread of tokio's blocking pool.
+//!
+//! Within an HTTP request, records that must be durable before its answer
+//! (a create, a kill, a file operation) can be handed to the request's own
+//! record instead ([`Audit::append_with_answer`] inside [`collect`]): they
+//! are then written in the same commit as the request's record, before the
+//! answer leaves — one fsync per request instead of two.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -119,6 +133,10 @@ pub enum AuditError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The log's writer thread could not take the records (it could not
+    /// be started, or it is gone).
+    #[error("the audit log's writer: {0}")]
+    Writer(String),
 }
 
 impl From<rusqlite::Error> for AuditError {
@@ -624,6 +642,114 @@ fn append_in(tx: &Transaction<'_>, r: &Record) -> Result<Appended, AuditError> {
 pub struct Audit {
     conn: Arc<Mutex<Connection>>,
     capture_limit: usize,
+    /// The group-commit writer, started by the first async append and
+    /// shared by every clone; it ends when the last clone is dropped.
+    writer: Arc<OnceLock<Result<Mutex<mpsc::Sender<Batch>>, String>>>,
+}
+
+/// Records handed to the writer together (written in this order), and
+/// whom to tell once they are durable (`None`: nobody waits).
+struct Batch {
+    records: Vec<Record>,
+    done: Option<tokio::sync::oneshot::Sender<Result<Vec<Appended>, String>>>,
+}
+
+/// Most batches the writer commits at once.
+const MAX_GROUP: usize = 512;
+
+/// The writer thread: takes every batch waiting, writes them in one
+/// transaction, commits (one fsync), then answers each. Should the group
+/// fail, each batch is retried alone, so one batch's failure is its own.
+fn writer_loop(conn: Arc<Mutex<Connection>>, rx: mpsc::Receiver<Batch>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+        match commit_group(&mut c, &group) {
+            Ok(all) => {
+                for (b, appended) in group.into_iter().zip(all) {
+                    if let Some(done) = b.done {
+                        let _ = done.send(Ok(appended));
+                    }
+                }
+            }
+            Err(e) if group.len() == 1 => {
+                if let Some(done) = group.pop().and_then(|b| b.done) {
+                    let _ = done.send(Err(e.to_string()));
+                }
+            }
+            Err(_) => {
+                for b in group {
+                    let r = commit_group(&mut c, std::slice::from_ref(&b))
+                        .map(|mut v| v.pop().unwrap_or_default())
+                        .map_err(|e| e.to_string());
+                    if let Some(done) = b.done {
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends the batches' records in one transaction.
+fn commit_group(conn: &mut Connection, group: &[Batch]) -> Result<Vec<Vec<Appended>>, AuditError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut all = Vec::with_capacity(group.len());
+    for b in group {
+        let mut appended = Vec::with_capacity(b.records.len());
+        for r in &b.records {
+            appended.push(append_in(&tx, r)?);
+        }
+        all.push(appended);
+    }
+    tx.commit()?;
+    Ok(all)
+}
+
+/// Records to be written with the answer of the request being served
+/// (see [`collect`]). Records still here when it is dropped (the request
+/// was cancelled) are handed to their logs all the same, without waiting.
+#[derive(Default)]
+pub struct Deferred(Vec<(Audit, Record)>);
+
+impl Deferred {
+    /// Takes the records out.
+    pub fn take(&mut self) -> Vec<(Audit, Record)> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        for (audit, record) in self.0.drain(..) {
+            if let Err(e) = audit.submit(vec![record], None) {
+                eprintln!("nanoclaw serve: the audit log could not be written: {e}");
+            }
+        }
+    }
+}
+
+tokio::task_local! {
+    static DEFERRED: RefCell<Deferred>;
+}
+
+/// Runs `f` (a request's handler), collecting the records appended inside
+/// it with [`Audit::append_with_answer`]: the caller must make them durable
+/// before it answers (see `e2b::observe`).
+pub async fn collect<F: Future>(f: F) -> (F::Output, Deferred) {
+    DEFERRED
+        .scope(RefCell::new(Deferred::default()), async move {
+            let out = f.await;
+            let deferred = DEFERRED.with(|d| Deferred(d.borrow_mut().take()));
+            (out, deferred)
+        })
+        .await
 }
 
 impl std::fmt::Debug for Audit {
@@ -646,7 +772,13 @@ impl Audit {
         Audit {
             conn: Arc::new(Mutex::new(conn)),
             capture_limit: DEFAULT_CAPTURE_BYTES,
+            writer: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Whether `other` is a handle of the same log (the same connection).
+    pub fn same_log(&self, other: &Audit) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn)
     }
 
     /// Keeps at most `bytes` of each input and output (default
@@ -663,8 +795,8 @@ impl Audit {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends a record; it is on disk when this returns.
-    pub fn append(&self, mut record: Record) -> Result<Appended, AuditError> {
+    /// Checks a record and bounds what it keeps.
+    fn prepare(&self, mut record: Record) -> Result<Record, AuditError> {
         validate_kind(&record.kind)?;
         for c in [&mut record.input, &mut record.output]
             .into_iter()
@@ -675,11 +807,87 @@ impl Audit {
         record.duration_ms = clamp_u64(record.duration_ms);
         record.cpu_ms = clamp_u64(record.cpu_ms);
         record.peak_memory_bytes = clamp_u64(record.peak_memory_bytes);
+        Ok(record)
+    }
+
+    /// Appends a record; it is on disk when this returns.
+    pub fn append(&self, record: Record) -> Result<Appended, AuditError> {
+        let record = self.prepare(record)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let appended = append_in(&tx, &record)?;
         tx.commit()?;
         Ok(appended)
+    }
+
+    /// Hands prepared records to the writer thread (started on first
+    /// use); `Err` when it cannot take them.
+    fn submit(
+        &self,
+        records: Vec<Record>,
+        done: Option<tokio::sync::oneshot::Sender<Result<Vec<Appended>, String>>>,
+    ) -> Result<(), AuditError> {
+        let writer = self.writer.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            let conn = self.conn.clone();
+            std::thread::Builder::new()
+                .name("nanoclaw-audit".into())
+                .spawn(move || writer_loop(conn, rx))
+                .map(|_| Mutex::new(tx))
+                .map_err(|e| format!("cannot start its thread: {e}"))
+        });
+        let sender = match writer {
+            Ok(s) => s.lock().unwrap_or_else(|e| e.into_inner()),
+            Err(e) => return Err(AuditError::Writer(e.clone())),
+        };
+        sender
+            .send(Batch { records, done })
+            .map_err(|_| AuditError::Writer("it has stopped".into()))
+    }
+
+    /// Appends `records` in this order, in one commit with whatever other
+    /// appends are waiting (group commit; see the [module docs](self)):
+    /// they are on disk when this resolves. Needs no blocking thread.
+    pub async fn append_all(&self, records: Vec<Record>) -> Result<Vec<Appended>, AuditError> {
+        let records = records
+            .into_iter()
+            .map(|r| self.prepare(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(records, Some(tx))?;
+        rx.await
+            .map_err(|_| AuditError::Writer("it stopped before the records were written".into()))?
+            .map_err(AuditError::Writer)
+    }
+
+    /// Appends one record ([`Audit::append_all`]): on disk when this
+    /// resolves.
+    pub async fn append_async(&self, record: Record) -> Result<Appended, AuditError> {
+        let mut v = self.append_all(vec![record]).await?;
+        v.pop()
+            .ok_or_else(|| AuditError::Writer("no record was written".into()))
+    }
+
+    /// Appends `record` so that it is on disk before the answer of the
+    /// request being served: inside [`collect`] (every HTTP request of
+    /// the daemon) it joins the request's own record and is written in
+    /// the same commit, before the answer leaves; elsewhere it is appended
+    /// now ([`Audit::append_async`]) and is on disk when this returns.
+    pub async fn append_with_answer(&self, record: Record) -> Result<(), AuditError> {
+        let record = self.prepare(record)?;
+        let mut record = Some(record);
+        let _ = DEFERRED.try_with(|d| {
+            if let Some(r) = record.take() {
+                d.borrow_mut().0.push((self.clone(), r));
+            }
+        });
+        match record {
+            None => Ok(()),
+            Some(r) => self.append_async(r).await.map(|_| ()),
+        }
     }
 
     /// One record, if it exists.

@@ -451,3 +451,135 @@ fn the_handle_is_send_sync_and_usable_from_other_threads() {
     assert_eq!(seqs, [1, 2, 3]);
     assert_ok(&audit, 3);
 }
+
+/// Polls `audit` (another connection) until it holds `n` records.
+fn wait_for_count(audit: &Audit, n: u64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if audit.verify().expect("verify").count == n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_appends_share_commits_and_keep_one_chain() {
+    let dir = TempDir::new("audit-group");
+    let audit = Audit::open(&dir.db()).expect("open");
+    let reader = Audit::open(&dir.db()).expect("second connection");
+    // Many appends at once, from tasks, while a thread appends through
+    // the same handle the blocking way and another connection appends too.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let a = audit.clone();
+            tokio::spawn(async move { a.append_async(exec_record(i, "task")).await })
+        })
+        .collect();
+    let a = audit.clone();
+    let db = dir.db();
+    let thread = std::thread::spawn(move || {
+        let other = Audit::open(&db).expect("third connection");
+        for i in 0..20 {
+            a.append(exec_record(i, "sync")).expect("sync append");
+            other.append(exec_record(i, "other")).expect("other append");
+        }
+    });
+    let mut seqs = Vec::new();
+    for t in tasks {
+        let appended = t.await.expect("task").expect("async append");
+        // On disk (committed) when it returns: another connection sees it.
+        let seen = reader.get(appended.seq).expect("get").expect("committed");
+        assert_eq!(seen.hash, appended.hash);
+        seqs.push(appended.seq);
+    }
+    thread.join().expect("thread");
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 200, "every append got its own seq");
+    assert_ok(&reader, 240);
+    let all = reader.query(&Filter::default()).expect("query");
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=240).collect::<Vec<_>>()
+    );
+
+    // A batch is written in order, each record its own link.
+    let batch = (0..5).map(|i| exec_record(i, "batch")).collect();
+    let appended = audit.append_all(batch).await.expect("batch");
+    let seqs: Vec<i64> = appended.iter().map(|a| a.seq).collect();
+    assert_eq!(seqs, (241..=245).collect::<Vec<_>>());
+    assert_ok(&reader, 245);
+    // A bad kind is refused before anything is written.
+    let bad = vec![exec_record(0, "ok"), Record::new("Bad!")];
+    assert!(audit.append_all(bad).await.is_err());
+    assert_ok(&reader, 245);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_for_an_answer_wait_for_it_and_survive_its_cancellation() {
+    use nanoclaw_server::audit::collect;
+    let dir = TempDir::new("audit-answer");
+    let audit = Audit::open(&dir.db()).expect("open");
+    let reader = Audit::open(&dir.db()).expect("second connection");
+
+    // Outside a request: appended (and durable) at once.
+    audit
+        .append_with_answer(exec_record(0, "alone"))
+        .await
+        .expect("append");
+    assert_ok(&reader, 1);
+
+    // Inside one: held for the answer, which writes them with its own.
+    let a = audit.clone();
+    let ((), mut deferred) = collect(async move {
+        a.append_with_answer(exec_record(1, "create"))
+            .await
+            .expect("deferred");
+    })
+    .await;
+    assert_ok(&reader, 1);
+    let mut batch: Vec<Record> = deferred.take().into_iter().map(|(_, r)| r).collect();
+    assert_eq!(batch.len(), 1);
+    batch.push(Record::new(kind::REQUEST));
+    let appended = audit.append_all(batch).await.expect("answer");
+    assert_eq!(appended.iter().map(|a| a.seq).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(
+        reader
+            .get(2)
+            .expect("get")
+            .expect("there")
+            .record
+            .detail
+            .as_deref(),
+        Some("create:1")
+    );
+
+    // A request dropped before it answered (its client left): its
+    // records are written all the same.
+    let a = audit.clone();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        collect(async move {
+            a.append_with_answer(exec_record(2, "kill"))
+                .await
+                .expect("deferred");
+            std::future::pending::<()>().await;
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    assert!(wait_for_count(&reader, 4), "the cancelled request's record");
+    assert_eq!(
+        reader
+            .get(4)
+            .expect("get")
+            .expect("there")
+            .record
+            .detail
+            .as_deref(),
+        Some("kill:2")
+    );
+    assert_ok(&reader, 4);
+}

@@ -1,7 +1,7 @@
 //! Talking to keepers: starting one, asking it, running commands through it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -209,10 +209,25 @@ impl Remote {
             stdin: with_stdin,
         };
         self.send(&mut conn, &req)?;
+        let spawned = self
+            .read_spawned(conn.as_raw_fd())?
+            .ok_or_else(|| KeeperError::Busy(self.id.clone()))?;
+        let _ = conn.set_read_timeout(None);
+        Ok(RemoteSpawn { conn, spawned })
+    }
+
+    /// The keeper's answer to a `Spawn` request sent on `conn`: the second
+    /// half of [`Remote::spawn`], for clients that do their own I/O (the
+    /// daemon, on its event loop). `Ok(None)`: it has not arrived yet (a
+    /// non-blocking socket, or the socket's read timeout passed).
+    pub fn read_spawned(&self, conn: RawFd) -> Result<Option<Spawned>, KeeperError> {
         let mut frame = [0u8; FRAME];
         let mut fds = [-1; sys::MAX_FDS];
-        let (n, nfds) = sys::recv_with_fds(conn.as_raw_fd(), &mut frame, &mut fds)
-            .map_err(|e| self.io_error(e))?;
+        let (n, nfds) = match sys::recv_with_fds(conn, &mut frame, &mut fds) {
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(self.io_error(e)),
+        };
         // SAFETY: each received descriptor is new and ours alone.
         let mut owned: Vec<OwnedFd> = fds[..nfds]
             .iter()
@@ -230,21 +245,18 @@ impl Remote {
                 let report = owned.remove(2);
                 let stderr = owned.remove(1);
                 let stdout = owned.remove(0);
-                let _ = conn.set_read_timeout(None);
-                Ok(RemoteSpawn {
-                    conn,
-                    spawned: Spawned {
-                        id: h.id,
-                        stdout,
-                        stderr,
-                        report,
-                        stdin,
-                    },
-                })
+                Ok(Some(Spawned {
+                    id: h.id,
+                    stdout,
+                    stderr,
+                    report,
+                    stdin,
+                }))
             }
             frames::SPAWN_FAILED if h.len as usize <= 64 * 1024 => {
+                // The message follows the frame in the keeper's one write.
                 let mut msg = vec![0u8; h.len as usize];
-                let got = sys::read_full(conn.as_raw_fd(), &mut msg).unwrap_or(0);
+                let got = sys::read_full(conn, &mut msg).unwrap_or(0);
                 msg.truncate(got);
                 Err(KeeperError::Invalid(
                     String::from_utf8_lossy(&msg).into_owned(),

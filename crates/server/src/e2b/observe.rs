@@ -6,11 +6,15 @@
 //! The [`observe`] middleware wraps every route (and the fallback). It
 //! runs the request, then — before handing the response (for a stream:
 //! its head) back to hyper — appends one record to the audit log and
-//! waits until it is on disk ([`crate::audit::Audit::append`] on the
-//! blocking pool, awaited). A client therefore never sees an answer whose
-//! record is not written. If the append fails, the answer is replaced by
-//! a 503 (`nanoclaw_audit_failures_total` counts these); whatever the
-//! request did has happened, but nothing goes out unrecorded.
+//! waits until it is on disk ([`crate::audit::Audit::append_all`]: the
+//! log's writer thread, group commit). A client therefore never sees an
+//! answer whose record is not written. Records the backend wrote for the
+//! same request with [`crate::audit::Audit::append_with_answer`] (a
+//! create, a kill, a file operation) go in the same commit, before the
+//! request's own record: one fsync per request. If the append fails, the
+//! answer is replaced by a 503 (`nanoclaw_audit_failures_total` counts
+//! these); whatever the request did has happened, but nothing goes out
+//! unrecorded.
 //!
 //! The record is `request` (tenant, sandbox, method, path, status,
 //! duration), `auth_failure` when the caller could not be authenticated
@@ -25,6 +29,7 @@
 //! which run in the middleware's task.
 
 use std::cell::RefCell;
+use std::ops::Not;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -152,13 +157,27 @@ pub async fn observe<B: Send + Sync + 'static, A: Send + Sync + 'static>(
     let method = request.method().as_str().to_owned();
     let path = audit_path(request.uri());
     let sandbox = sandbox_of(matched.as_deref(), request.uri(), request.headers());
-    let (response, note) = NOTE
-        .scope(RefCell::new(Note::default()), async move {
+    let ((response, note), mut deferred) =
+        crate::audit::collect(NOTE.scope(RefCell::new(Note::default()), async move {
             let response = next.run(request).await;
             let note = NOTE.with(RefCell::take);
             (response, note)
-        })
+        }))
         .await;
+    // The backend's records about this request: in the request's own
+    // commit when they go to the same log, else appended first.
+    let mut batch = Vec::new();
+    for (log, record) in deferred.take() {
+        match &state.audit {
+            Some(audit) if probe.not() && audit.same_log(&log) => batch.push(record),
+            _ => {
+                if let Err(e) = log.append_async(record).await {
+                    state.metrics.audit_failed();
+                    eprintln!("nanoclaw serve: the audit log could not be written: {e}");
+                }
+            }
+        }
+    }
     let response = match (&state.audit, probe) {
         (Some(audit), false) => {
             let record = Record {
@@ -178,10 +197,9 @@ pub async fn observe<B: Send + Sync + 'static, A: Send + Sync + 'static>(
                 input: note.input,
                 ..Record::default()
             };
-            let audit = audit.clone();
-            match tokio::task::spawn_blocking(move || audit.append(record)).await {
-                Ok(Ok(_)) => response,
-                Ok(Err(e)) => audit_failed(&state, &e.to_string()),
+            batch.push(record);
+            match audit.append_all(batch).await {
+                Ok(_) => response,
                 Err(e) => audit_failed(&state, &e.to_string()),
             }
         }

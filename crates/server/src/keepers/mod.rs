@@ -1,9 +1,10 @@
 //! The real [`Backend`]: every sandbox is held by a keeper (a small
 //! single-threaded `nanoclaw __keeper` process, see
 //! `nanoclaw_sandbox::keeper`); the daemon never clones one itself. What
-//! blocks (starting a keeper, asking it, file operations, which run as
-//! commands inside the sandbox) runs on tokio's blocking pool; a running
-//! process's pipes are read on the event loop.
+//! blocks (starting a keeper, file operations, which run as commands
+//! inside the sandbox) runs on tokio's blocking pool; requests to a keeper
+//! and a running process's pipes are served on the event loop
+//! ([`ipc`]).
 //!
 //! Each sandbox's E2B record (tenant, template, metadata, token, end) is
 //! kept beside its keeper's state (`e2b.json`), so a restarted daemon
@@ -12,6 +13,7 @@
 //! were the old daemon's, and their keeper killed them when it hung up.
 
 mod files;
+mod ipc;
 mod pool;
 mod process;
 mod quota;
@@ -393,12 +395,7 @@ impl KeeperBackend {
     async fn end(&self, id: &str) {
         let e = self.sandboxes.lock().ok().and_then(|mut m| m.remove(id));
         if let Some(e) = e {
-            let r = e.remote.clone();
-            let _ = blocking(move || {
-                let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
-                Ok(())
-            })
-            .await;
+            let _ = ipc::ask(&e.remote, &Request::Stop, Duration::from_secs(2)).await;
         }
     }
 
@@ -473,8 +470,10 @@ impl KeeperBackend {
     }
 
     async fn ask(&self, e: &Arc<Entry>, req: Request) -> BackendResult<Live> {
-        let r = e.remote.clone();
-        match blocking(move || r.ask(&req).map_err(keeper_error)).await? {
+        match ipc::ask(&e.remote, &req, ipc::ANSWER)
+            .await
+            .map_err(keeper_error)?
+        {
             Reply::Live(l) => Ok(*l),
             Reply::Error(m) => Err(BackendError::Conflict(m)),
             Reply::Stopping => Err(BackendError::NotFound("the sandbox is ending".into())),
@@ -561,7 +560,7 @@ impl KeeperBackend {
                         }
                         return Ok(info);
                     }
-                    let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+                    let _ = ipc::ask(&r, &Request::Stop, Duration::from_secs(2)).await;
                 }
                 None if self.pool.target.get(&req.template).is_some_and(|n| *n > 0) => {
                     if let Some(m) = metrics {
@@ -598,13 +597,10 @@ impl KeeperBackend {
         spec: &SandboxSpec,
         r: Remote,
     ) -> BackendResult<SandboxInfo> {
-        let rr = r.clone();
         let seconds = (req.timeout + KEEPER_GRACE).as_secs();
-        blocking(move || {
-            rr.ask(&Request::SetLifetime { seconds })
-                .map_err(keeper_error)
-        })
-        .await?;
+        ipc::ask(&r, &Request::SetLifetime { seconds }, ipc::ANSWER)
+            .await
+            .map_err(keeper_error)?;
         let mut record = Record::for_request(req, spec);
         record.metadata.insert("launch".into(), "warm".into());
         self.record_sandbox(r, record)
@@ -686,7 +682,8 @@ impl KeeperBackend {
     }
 
     /// Appends a `file` record (operation and paths) for a filesystem call,
-    /// whatever its result (durable on return).
+    /// whatever its result (on disk before the request's answer: see
+    /// [`crate::audit::Audit::append_with_answer`]).
     async fn audit_file<T>(
         &self,
         scope: &SandboxScope,
@@ -704,15 +701,16 @@ impl KeeperBackend {
                 Ok(_) => scope.user.as_ref().map(|u| format!("user {u}")),
                 Err(e) => Some(format!("failed: {e}")),
             };
-            let w = tokio::task::spawn_blocking(move || a.append(rec)).await;
-            if !matches!(w, Ok(Ok(_))) {
+            if a.append_with_answer(rec).await.is_err() {
                 eprintln!("nanoclaw serve: could not write a file operation's audit record");
             }
         }
         r
     }
 
-    /// Appends an audit record about a sandbox (durable on return).
+    /// Appends an audit record about a sandbox (on disk before the
+    /// request's answer, in the same commit as the request's own record:
+    /// see [`crate::audit::Audit::append_with_answer`]).
     async fn audit(&self, kind: &str, tenant: &TenantId, sandbox: &str, detail: Option<String>) {
         let Some(a) = self.cfg.audit.clone() else {
             return;
@@ -721,8 +719,7 @@ impl KeeperBackend {
         rec.tenant = Some(tenant.0.clone());
         rec.sandbox = Some(sandbox.to_string());
         rec.detail = detail;
-        let r = tokio::task::spawn_blocking(move || a.append(rec)).await;
-        if !matches!(r, Ok(Ok(_))) {
+        if a.append_with_answer(rec).await.is_err() {
             eprintln!("nanoclaw serve: could not write an audit record ({kind} {sandbox})");
         }
     }
@@ -1038,9 +1035,9 @@ impl Backend for KeeperBackend {
             spec.env.push(("HOME".into(), "/root".into()));
         }
         spec.workdir = req.config.cwd.as_ref().map(PathBuf::from);
-        let remote = e.remote.clone();
-        let stdin = req.stdin;
-        let rs = blocking(move || remote.spawn(&spec, stdin).map_err(keeper_error)).await?;
+        let (conn, spawned) = ipc::spawn(&e.remote, &spec, req.stdin)
+            .await
+            .map_err(keeper_error)?;
         let weak = Arc::downgrade(&e);
         let hook = self.cfg.audit.clone().map(|a| {
             let mut rec = crate::audit::Record::new(crate::audit::kind::EXEC);
@@ -1056,16 +1053,24 @@ impl Backend for KeeperBackend {
         });
         let metrics = self.metrics.get().cloned();
         let started = Instant::now();
-        let (proc, handle) = Proc::start(rs, req.config, req.tag, req.timeout, hook, move |pid| {
-            if let Some(m) = &metrics {
-                m.exec_finished(started.elapsed());
-            }
-            if let Some(e) = weak.upgrade() {
-                if let Ok(mut p) = e.procs.lock() {
-                    p.remove(&pid);
+        let (proc, handle) = Proc::start(
+            conn,
+            spawned,
+            req.config,
+            req.tag,
+            req.timeout,
+            hook,
+            move |pid| {
+                if let Some(m) = &metrics {
+                    m.exec_finished(started.elapsed());
                 }
-            }
-        })
+                if let Some(e) = weak.upgrade() {
+                    if let Ok(mut p) = e.procs.lock() {
+                        p.remove(&pid);
+                    }
+                }
+            },
+        )
         .await?;
         if let Some(m) = self.metrics.get() {
             m.exec_started();

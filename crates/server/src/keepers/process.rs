@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nanoclaw_sandbox::keeper::RemoteSpawn;
 use nanoclaw_sandbox::native::proto::{self, EXITED, FRAME, REFUSED, STARTED};
-use nanoclaw_sandbox::native::session;
+use nanoclaw_sandbox::native::session::{self, Spawned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -58,19 +57,19 @@ fn internal(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl Proc {
-    /// Takes over a spawned command: waits for its start, then pumps it
+    /// Takes over a spawned command (its keeper connection and pipes, see
+    /// `ipc::spawn`): waits for its start, then pumps it
     /// until it ends (`timeout`: kill it after that long). `on_end` runs
     /// once it has ended and every listener was told.
     pub(crate) async fn start(
-        rs: RemoteSpawn,
+        conn: tokio::net::UnixStream,
+        sp: Spawned,
         config: ProcessConfig,
         tag: Option<String>,
         timeout: Option<Duration>,
         audit: AuditHook,
         on_end: impl FnOnce(u32) + Send + 'static,
     ) -> BackendResult<(Arc<Proc>, ProcessHandle)> {
-        rs.conn.set_nonblocking(true).map_err(internal)?;
-        let conn = tokio::net::UnixStream::from_std(rs.conn).map_err(internal)?;
         let (mut rd, wr) = conn.into_split();
         let mut frame = [0u8; FRAME];
         tokio::time::timeout(START_WAIT, rd.read_exact(&mut frame))
@@ -88,7 +87,6 @@ impl Proc {
             }
             _ => return Err(BackendError::Internal(format!("unexpected frame {kind}"))),
         }
-        let sp = rs.spawned;
         let stdin = match sp.stdin {
             Some(fd) => Some(pipe::Sender::from_owned_fd(fd).map_err(internal)?),
             None => None,
@@ -308,8 +306,7 @@ impl Pump {
             .map(|mut c| std::mem::replace(&mut *c, Capture::new(0)).finish())
             .ok();
         rec.input = input;
-        let r = tokio::task::spawn_blocking(move || audit.append(rec)).await;
-        if !matches!(r, Ok(Ok(_))) {
+        if audit.append_async(rec).await.is_err() {
             eprintln!("nanoclaw serve: could not write an exec's audit record");
         }
     }
