@@ -22,6 +22,12 @@ use super::{blocking, keeper_error, KeeperBackend};
 pub(super) const POOLED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Most pooled sandboxes per template.
 pub const MAX_POOL: usize = 256;
+/// How long the refiller waits after a hand-out before starting a new
+/// keeper: starting one (a process, namespaces, a cgroup) takes the cores
+/// for milliseconds, which would land on the create's answer and its first
+/// commands on a small machine. A burst of creates still drains the pool;
+/// it refills once they pause.
+const REFILL_AFTER_TAKE: Duration = Duration::from_millis(100);
 
 /// The ready sandboxes.
 #[derive(Default)]
@@ -111,7 +117,10 @@ pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
                     let refill = b.pool.refill.clone();
                     drop(b);
                     tokio::select! {
-                        _ = refill.notified() => {}
+                        _ = refill.notified() => {
+                            // Let the hand-out and its first commands run.
+                            tokio::time::sleep(REFILL_AFTER_TAKE).await;
+                        }
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     }
                 }
