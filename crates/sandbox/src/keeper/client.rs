@@ -137,6 +137,12 @@ impl Remote {
         }
     }
 
+    /// Whether the keeper's socket is there (a keeper removes it, with its
+    /// state directory, when it ends).
+    pub fn is_up(&self) -> bool {
+        self.dir.join("sock").exists()
+    }
+
     fn connect(&self, wait: Duration) -> Result<UnixStream, KeeperError> {
         let s = UnixStream::connect(self.dir.join("sock")).map_err(|e| {
             if matches!(

@@ -47,7 +47,7 @@ pub fn keeper_main() -> u8 {
     crate::native::cgroup::skip_stale_sweep();
     // Before any thread exists (the egress proxy runs on threads), so that
     // every thread has these blocked and only the signalfd sees them.
-    let signals = block_end_signals();
+    let signals = crate::native::block_runner_signals().unwrap_or(-1);
     let mut input = Vec::new();
     let cfg = std::io::stdin()
         .read_to_end(&mut input)
@@ -84,20 +84,6 @@ fn detach_stdio() {
             // SAFETY: dup2 of a descriptor we hold onto a standard descriptor.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
-    }
-}
-
-/// SIGTERM, SIGINT and SIGHUP blocked and reported through a signalfd.
-fn block_end_signals() -> i32 {
-    // SAFETY: `set` is initialised by sigemptyset before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
     }
 }
 

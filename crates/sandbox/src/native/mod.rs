@@ -35,6 +35,7 @@ use crate::outcome::Layers;
 use crate::spec::{Access, Network, SandboxSpec, Seccomp, Stdin};
 use crate::Error;
 
+pub(crate) use supervise::block_runner_signals;
 pub use supervise::{kill, wait, KillHandle};
 
 use child::{ChildPlan, StdinFd};

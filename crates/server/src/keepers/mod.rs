@@ -433,7 +433,7 @@ impl KeeperBackend {
                 Err(_) => continue,
             };
             let paused = e.paused.lock().is_ok_and(|p| *p);
-            let gone = !e.remote.dir.join("sock").exists();
+            let gone = !e.remote.is_up();
             if gone {
                 if let Ok(mut m) = self.sandboxes.lock() {
                     m.remove(&e.remote.id);

@@ -54,7 +54,7 @@ impl Pool {
             let v = ready.get_mut(template)?;
             let mut got = None;
             while let Some(r) = v.pop() {
-                if r.dir.join("sock").exists() {
+                if r.is_up() {
                     got = Some(r);
                     break;
                 }
@@ -68,9 +68,9 @@ impl Pool {
     fn missing(&self) -> Option<String> {
         let ready = self.ready.lock().ok()?;
         self.target.iter().find_map(|(t, n)| {
-            let have = ready.get(t).map_or(0, |v| {
-                v.iter().filter(|r| r.dir.join("sock").exists()).count()
-            });
+            let have = ready
+                .get(t)
+                .map_or(0, |v| v.iter().filter(|r| r.is_up()).count());
             (have < *n).then(|| t.clone())
         })
     }
@@ -78,7 +78,7 @@ impl Pool {
     fn put(&self, template: &str, r: Remote) {
         if let Ok(mut ready) = self.ready.lock() {
             let v = ready.entry(template.to_string()).or_default();
-            v.retain(|r| r.dir.join("sock").exists());
+            v.retain(|r| r.is_up());
             v.push(r);
         }
     }
