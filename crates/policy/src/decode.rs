@@ -891,11 +891,32 @@ impl<'a> Decoder<'a> {
         let Some(f) = self.fields(
             node,
             path,
-            &["provider", "api_key", "model", "base_url"],
+            &[
+                "provider",
+                "api_key",
+                "model",
+                "base_url",
+                "max_tokens",
+                "prices",
+            ],
             &[],
         ) else {
             return l;
         };
+        if let Some((v, p)) = f.get("max_tokens") {
+            match self.integer(v, &p, "a number of tokens") {
+                Some(n) if (1..=1_000_000).contains(&n) => l.max_tokens = u32::try_from(n).ok(),
+                Some(n) => self.err(
+                    &p,
+                    v.pos,
+                    format!("max_tokens {n} is out of range; use 1 to 1000000"),
+                ),
+                None => {}
+            }
+        }
+        if let Some((v, p)) = f.get("prices") {
+            l.prices = self.prices(v, &p);
+        }
         if let Some((v, p)) = f.get("provider") {
             if let Some(t) = self.nonempty(v, &p, "a provider name") {
                 if !KNOWN_PROVIDERS.contains(&t.as_str()) {
@@ -938,9 +959,17 @@ impl<'a> Decoder<'a> {
 
     fn tools(&mut self, node: &Node, path: &str, global: bool) -> ToolsSection {
         let mut t = ToolsSection::default();
-        let Some(f) = self.fields(node, path, &["allow", "deny", "elevated"], &[]) else {
+        let Some(f) = self.fields(
+            node,
+            path,
+            &[
+                "allow", "deny", "elevated", "ask", "approved", "http", "paths",
+            ],
+            &[],
+        ) else {
             return t;
         };
+        self.tool_rules(&f, &mut t);
         for name in ["allow", "deny"] {
             let Some((v, p)) = f.get(name) else { continue };
             let Some(items) = self.string_list(v, &p, "tool names or group:* shorthands") else {
@@ -988,6 +1017,165 @@ impl<'a> Decoder<'a> {
             t.elevated = Some(e);
         }
         t
+    }
+
+    fn prices(&mut self, v: &Node, path: &str) -> Option<Prices> {
+        let f = self.fields(v, path, &["input", "output"], &[])?;
+        let mut pr = Prices::default();
+        for (name, slot) in [("input", &mut pr.input), ("output", &mut pr.output)] {
+            match f.get(name) {
+                Some((v, p)) => match self.number(v, &p, "a price per million tokens") {
+                    Some(x) if x.is_finite() && x >= 0.0 => *slot = x,
+                    Some(_) => self.err(&p, v.pos, "a price must be a number 0 or more"),
+                    None => {}
+                },
+                None => self.err(
+                    path,
+                    v.pos,
+                    format!("prices needs `{name}` (per million tokens)"),
+                ),
+            }
+        }
+        Some(pr)
+    }
+
+    fn budget(&mut self, node: &Node, path: &str) -> Budget {
+        let mut b = Budget::default();
+        let Some(f) = self.fields(
+            node,
+            path,
+            &["turns", "tokens", "wallTime", "dailyTokens", "dailySpend"],
+            &[],
+        ) else {
+            return b;
+        };
+        if let Some((v, p)) = f.get("turns") {
+            match self.integer(v, &p, "a number of model calls") {
+                Some(n) if (1..=10_000).contains(&n) => b.turns = u32::try_from(n).ok(),
+                Some(n) => self.err(
+                    &p,
+                    v.pos,
+                    format!("turns {n} is out of range; use 1 to 10000"),
+                ),
+                None => {}
+            }
+        }
+        for (name, slot) in [
+            ("tokens", &mut b.tokens),
+            ("dailyTokens", &mut b.daily_tokens),
+        ] {
+            if let Some((v, p)) = f.get(name) {
+                match self.integer(v, &p, "a number of tokens") {
+                    Some(0) => self.err(&p, v.pos, format!("{name} must be at least 1")),
+                    Some(n) => *slot = Some(n),
+                    None => {}
+                }
+            }
+        }
+        if let Some((v, p)) = f.get("wallTime") {
+            b.wall_time = self.duration(v, &p);
+        }
+        if let Some((v, p)) = f.get("dailySpend") {
+            match self.number(v, &p, "an amount of money") {
+                Some(x) if x.is_finite() && x >= 0.0 => b.daily_spend = Some(x),
+                Some(_) => self.err(&p, v.pos, "dailySpend must be a number 0 or more"),
+                None => {}
+            }
+        }
+        b
+    }
+
+    fn tool_rules(&mut self, f: &Fields<'_>, t: &mut ToolsSection) {
+        if let Some((v, p)) = f.get("ask") {
+            t.ask = self.ask(v, &p);
+        }
+        if let Some((v, p)) = f.get("approved") {
+            if let Some(items) = self.string_list(v, &p, "exact command lines") {
+                t.approved = Some(items.into_iter().map(|(s, _, _)| s).collect());
+            }
+        }
+        if let Some((v, p)) = f.get("http") {
+            if let Some(items) =
+                self.string_list(v, &p, "rules like `GET api.github.com/repos/acme/*`")
+            {
+                let mut out = Vec::new();
+                for (s, pos, ip) in items {
+                    match tools::HttpRule::parse(&s) {
+                        Ok(_) => out.push(s),
+                        Err(e) => self.err(&ip, pos, e),
+                    }
+                }
+                t.http = Some(out);
+            }
+        }
+        if let Some((v, p)) = f.get("paths") {
+            if let Some(pf) = self.fields(v, &p, &["read", "write"], &[]) {
+                let mut rules = PathRules::default();
+                for name in ["read", "write"] {
+                    let Some((v, p)) = pf.get(name) else { continue };
+                    let Some(items) = self.string_list(v, &p, "absolute paths inside the sandbox")
+                    else {
+                        continue;
+                    };
+                    let mut out = Vec::new();
+                    for (s, pos, ip) in items {
+                        if !s.starts_with('/') || s.split('/').any(|c| c == "..") {
+                            self.err(&ip, pos, format!("{s:?} must be an absolute path inside the sandbox, without `..`"));
+                        } else {
+                            out.push(s);
+                        }
+                    }
+                    if name == "read" {
+                        rules.read = Some(out);
+                    } else {
+                        rules.write = Some(out);
+                    }
+                }
+                t.paths = Some(rules);
+            }
+        }
+    }
+
+    fn ask(&mut self, v: &Node, path: &str) -> Option<BTreeMap<String, AskMode>> {
+        let Value::Map(entries) = &v.value else {
+            self.err(
+                path,
+                v.pos,
+                "expected a map of tool name (or *) to off, on-miss or always",
+            );
+            return None;
+        };
+        let mut out = BTreeMap::new();
+        for (k, val) in entries {
+            let Some(tool) = k.as_scalar() else {
+                self.err(path, k.pos, "tool names must be plain names");
+                continue;
+            };
+            let p = join(path, tool);
+            let Some(s) = self.nonempty(val, &p, "off, on-miss or always") else {
+                continue;
+            };
+            let mode = match s.as_str() {
+                "off" | "false" => AskMode::Off,
+                "on-miss" | "on_miss" | "onMiss" => AskMode::OnMiss,
+                "always" | "true" => AskMode::Always,
+                other => {
+                    self.err(
+                        &p,
+                        val.pos,
+                        format!("ask mode {other:?} is not off, on-miss or always"),
+                    );
+                    continue;
+                }
+            };
+            let name = if tool == "*" || tool == "elevated" {
+                tool.to_string()
+            } else {
+                tools::normalize(tool)
+            };
+            out.insert(name, mode);
+        }
+        Some(out)
     }
 
     fn allow_from(&mut self, v: &Node, path: &str) -> Option<AllowFrom> {
@@ -1049,9 +1237,12 @@ impl<'a> Decoder<'a> {
             let p = join(path, key);
             match key {
                 "defaults" => {
-                    if let Some(f) = self.fields(v, &p, &["sandbox", "tools"], &[]) {
+                    if let Some(f) = self.fields(v, &p, &["sandbox", "tools", "budget"], &[]) {
                         if let Some((v, sp)) = f.get("sandbox") {
                             a.defaults.sandbox = self.sandbox(v, &sp);
+                        }
+                        if let Some((v, bp)) = f.get("budget") {
+                            a.defaults.budget = self.budget(v, &bp);
                         }
                         if let Some((v, tp)) = f.get("tools") {
                             a.defaults.tools = self.tools(v, &tp, false);
@@ -1105,7 +1296,18 @@ impl<'a> Decoder<'a> {
     }
 
     fn agent(&mut self, node: &Node, path: &str, keyed: Option<(&str, Pos)>) -> Option<AgentEntry> {
-        let names: &[&'static str] = &["id", "name", "default", "workspace", "sandbox", "tools"];
+        let names: &[&'static str] = &[
+            "id",
+            "name",
+            "default",
+            "workspace",
+            "sandbox",
+            "tools",
+            "llm",
+            "system",
+            "budget",
+            "team",
+        ];
         let f = self.fields(node, path, names, &[])?;
         let mut e = AgentEntry {
             key: path.to_string(),
@@ -1167,6 +1369,18 @@ impl<'a> Decoder<'a> {
         }
         if let Some((v, p)) = f.get("tools") {
             e.tools = self.tools(v, &p, false);
+        }
+        if let Some((v, p)) = f.get("llm") {
+            e.llm = Some(self.llm(v, &p));
+        }
+        if let Some((v, p)) = f.get("system") {
+            e.system = self.nonempty(v, &p, "a system prompt");
+        }
+        if let Some((v, p)) = f.get("budget") {
+            e.budget = self.budget(v, &p);
+        }
+        if let Some((v, p)) = f.get("team") {
+            e.team = self.nonempty(v, &p, "a team name");
         }
         Some(e)
     }

@@ -207,6 +207,40 @@ pub struct ElevatedSection {
     pub allow_from: Option<AllowFrom>,
 }
 
+/// When a tool call needs a person's approval (`tools.ask`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AskMode {
+    /// Never asked.
+    Off,
+    /// Asked unless the exact call was approved before ("allow always",
+    /// or listed in `tools.approved`).
+    OnMiss,
+    /// Asked every time.
+    Always,
+}
+
+impl AskMode {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AskMode::Off => "off",
+            AskMode::OnMiss => "on-miss",
+            AskMode::Always => "always",
+        }
+    }
+}
+
+/// `tools.paths`: path prefixes (inside the sandbox) the file tools may
+/// read and write. Absent: no restriction beyond the sandbox's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PathRules {
+    /// `read` (also what `list_files` may list).
+    pub read: Option<Vec<String>>,
+    /// `write` (`write_file`, `edit_file`).
+    pub write: Option<Vec<String>>,
+}
+
 /// `tools` (top level, `agents.defaults.tools` or one agent's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ToolsSection {
@@ -216,6 +250,42 @@ pub struct ToolsSection {
     pub deny: Option<Vec<String>>,
     /// `elevated`.
     pub elevated: Option<ElevatedSection>,
+    /// `ask`: tool name (or `*`) → when to ask a person.
+    pub ask: Option<BTreeMap<String, AskMode>>,
+    /// `approved`: exact `exec` command lines approved in advance.
+    pub approved: Option<Vec<String>>,
+    /// `http`: `http_request` rules, `METHOD host[/path]` (`*` and
+    /// `*.domain` wildcards, a trailing `*` in the path); when set, a
+    /// request must match one.
+    pub http: Option<Vec<String>>,
+    /// `paths`: prefixes the file tools may read and write.
+    pub paths: Option<PathRules>,
+}
+
+/// What an agent's runs may spend (`budget`); absent fields: no limit
+/// beyond the built-in ones of the agent runtime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Budget {
+    /// `turns`: model calls per run.
+    pub turns: Option<u32>,
+    /// `tokens`: tokens (in + out) per run.
+    pub tokens: Option<u64>,
+    /// `wallTime`: wall-clock time per run.
+    pub wall_time: Option<Duration>,
+    /// `dailyTokens`: tokens per agent per UTC day.
+    pub daily_tokens: Option<u64>,
+    /// `dailySpend`: money per agent per UTC day (in the unit of
+    /// `llm.prices`, e.g. USD).
+    pub daily_spend: Option<f64>,
+}
+
+/// `llm.prices`: cost per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Prices {
+    /// `input`: per million prompt tokens.
+    pub input: f64,
+    /// `output`: per million answer tokens.
+    pub output: f64,
 }
 
 /// One agent (`agents.list[]` entry, or `agents.<id>` as in seed 003).
@@ -233,6 +303,14 @@ pub struct AgentEntry {
     pub sandbox: SandboxSection,
     /// `tools`.
     pub tools: ToolsSection,
+    /// `llm`: overrides of the top-level `llm` for this agent.
+    pub llm: Option<Llm>,
+    /// `system`: the agent's system prompt.
+    pub system: Option<String>,
+    /// `budget`.
+    pub budget: Budget,
+    /// `team`.
+    pub team: Option<String>,
     /// Key path of the entry in the file (`agents.list[0]` or `agents.scraper`).
     pub key: String,
 }
@@ -244,6 +322,8 @@ pub struct AgentDefaults {
     pub sandbox: SandboxSection,
     /// `tools`.
     pub tools: ToolsSection,
+    /// `budget`.
+    pub budget: Budget,
 }
 
 /// `agents`.
@@ -349,6 +429,24 @@ pub struct Llm {
     pub model: Option<String>,
     /// `base_url`.
     pub base_url: Option<String>,
+    /// `max_tokens`: bound on each answer.
+    pub max_tokens: Option<u32>,
+    /// `prices`: for spend accounting and `budget.dailySpend`.
+    pub prices: Option<Prices>,
+}
+
+impl Llm {
+    /// `self` with every field `over` sets replaced by it.
+    pub fn overridden_by(&self, over: &Llm) -> Llm {
+        Llm {
+            provider: over.provider.clone().or_else(|| self.provider.clone()),
+            api_key: over.api_key.clone().or_else(|| self.api_key.clone()),
+            model: over.model.clone().or_else(|| self.model.clone()),
+            base_url: over.base_url.clone().or_else(|| self.base_url.clone()),
+            max_tokens: over.max_tokens.or(self.max_tokens),
+            prices: over.prices.or(self.prices),
+        }
+    }
 }
 
 /// `session`.

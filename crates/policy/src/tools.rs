@@ -11,8 +11,20 @@ use crate::resolve::Source;
 /// The tool groups, as OpenClaw defines them (`group:openclaw` includes
 /// `group:fs` and `group:runtime`, as fixed upstream in openclaw#23582).
 pub const GROUPS: &[(&str, &[&str])] = &[
-    ("group:runtime", &["exec", "process"]),
-    ("group:fs", &["read", "write", "edit", "apply_patch"]),
+    ("group:runtime", &["exec", "process", "run_code"]),
+    (
+        "group:fs",
+        &[
+            "read",
+            "write",
+            "edit",
+            "apply_patch",
+            "read_file",
+            "write_file",
+            "edit_file",
+            "list_files",
+        ],
+    ),
     (
         "group:sessions",
         &[
@@ -22,10 +34,11 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "sessions_spawn",
             "subagents",
             "session_status",
+            "create_agent",
         ],
     ),
-    ("group:memory", &["memory_search", "memory_get"]),
-    ("group:web", &["web_search", "web_fetch"]),
+    ("group:memory", &["memory_search", "memory_get", "memory"]),
+    ("group:web", &["web_search", "web_fetch", "http_request"]),
     ("group:ui", &["browser", "canvas"]),
     ("group:automation", &["cron", "gateway"]),
     ("group:messaging", &["message"]),
@@ -205,6 +218,105 @@ impl ToolPolicy {
     }
 }
 
+/// One `tools.http` rule: `METHOD host[/path]`. `METHOD` is a method or
+/// `*`; `host` is a name, `*.domain` (any subdomain) or `*`, with an
+/// optional `:port`; `path` is a prefix ending in `*`, or exact (no path:
+/// any path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRule {
+    method: String,
+    host: String,
+    port: Option<u16>,
+    path: Option<String>,
+}
+
+impl HttpRule {
+    /// Parses a rule.
+    pub fn parse(s: &str) -> Result<HttpRule, String> {
+        let usage = "write http rules as `METHOD host[/path]`, e.g. `GET api.github.com/repos/acme/*` or `* *.example.com`";
+        let mut words = s.split_whitespace();
+        let (Some(method), Some(target), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("http rule {s:?}: {usage}"));
+        };
+        let method = method.to_ascii_uppercase();
+        if method != "*" && !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!(
+                "http rule {s:?}: {method:?} is not an HTTP method or *"
+            ));
+        }
+        if target.contains("://") {
+            return Err(format!("http rule {s:?}: leave the scheme out; {usage}"));
+        }
+        let (hostport, path) = match target.find('/') {
+            Some(i) => (&target[..i], Some(target[i..].to_string())),
+            None => (target, None),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| format!("http rule {s:?}: bad port {p:?}"))?,
+                ),
+            ),
+            None => (hostport, None),
+        };
+        let host = host.to_ascii_lowercase();
+        let host_ok = host == "*"
+            || (!host.is_empty()
+                && host
+                    .trim_start_matches("*.")
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+        if !host_ok {
+            return Err(format!(
+                "http rule {s:?}: {host:?} is not a host name, *.domain or *"
+            ));
+        }
+        if path
+            .as_deref()
+            .is_some_and(|p| p.contains("..") || p[..p.len().saturating_sub(1)].contains('*'))
+        {
+            return Err(format!(
+                "http rule {s:?}: a path may only end in * and may not contain .."
+            ));
+        }
+        Ok(HttpRule {
+            method,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// Does a request match?
+    pub fn matches(&self, method: &str, host: &str, port: u16, path: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let method_ok = self.method == "*" || self.method.eq_ignore_ascii_case(method);
+        let host_ok = match self.host.strip_prefix("*.") {
+            _ if self.host == "*" => true,
+            Some(domain) => {
+                host.len() > domain.len() + 1
+                    && host.ends_with(domain)
+                    && host[..host.len() - domain.len()].ends_with('.')
+            }
+            None => host == self.host,
+        };
+        let port_ok = match self.port {
+            Some(p) => p == port,
+            None => true,
+        };
+        let path_ok = match &self.path {
+            None => true,
+            Some(p) => match p.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => path == p,
+            },
+        };
+        method_ok && host_ok && port_ok && path_ok
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +339,30 @@ mod tests {
         assert!(!entry_matches("group:openclaw", "http-request"));
         assert!(entry_matches("group:*", "http-request"));
         assert!(!entry_matches("group:fs", "exec"));
+    }
+
+    #[test]
+    fn http_rules_match_method_host_and_path() {
+        let r = HttpRule::parse("GET api.github.com/repos/acme/*").expect("rule");
+        assert!(r.matches("GET", "api.github.com", 443, "/repos/acme/x"));
+        assert!(!r.matches("POST", "api.github.com", 443, "/repos/acme/x"));
+        assert!(!r.matches("GET", "api.github.com", 443, "/repos/other/x"));
+        assert!(!r.matches("GET", "evil.api.github.com", 443, "/repos/acme/x"));
+        let w = HttpRule::parse("* *.example.com:8080").expect("rule");
+        assert!(w.matches("DELETE", "a.example.com", 8080, "/"));
+        assert!(!w.matches("DELETE", "example.com", 8080, "/"));
+        assert!(!w.matches("DELETE", "a.example.com", 80, "/"));
+        assert!(!w.matches("GET", "xexample.com", 8080, "/"));
+        for bad in [
+            "GET",
+            "GET https://x/",
+            "G3T x",
+            "GET x/a*b",
+            "GET x/../y",
+            "GET ho$t",
+        ] {
+            assert!(HttpRule::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn tools_section() -> impl Strategy<Value = ToolsSection> {
                 enabled: Some(e),
                 allow_from: None,
             }),
+            ..ToolsSection::default()
         })
 }
 
