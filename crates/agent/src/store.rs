@@ -71,6 +71,7 @@ CREATE TABLE agent_approved (
 );
 CREATE TABLE approvals (
     id          TEXT PRIMARY KEY,
+    tenant      TEXT,                -- the daemon's tenant that ran the agent (NULL: a local user)
     agent       TEXT NOT NULL,
     tool        TEXT NOT NULL,
     summary     TEXT NOT NULL,
@@ -525,12 +526,18 @@ impl Store {
         Ok(())
     }
 
-    /// Files a pending request.
-    pub fn file_approval(&self, req: &ApprovalRequest, wait: Duration) -> Result<(), StoreError> {
+    /// Files a pending request (`tenant`: whose it is; only that tenant
+    /// sees and answers it through the daemon).
+    pub fn file_approval(
+        &self,
+        req: &ApprovalRequest,
+        tenant: Option<&str>,
+        wait: Duration,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         self.db().execute(
-            "INSERT INTO approvals (id, agent, tool, summary, reason, binding, created_ms, expires_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
+            "INSERT INTO approvals (id, tenant, agent, tool, summary, reason, binding, created_ms, expires_ms, state)
+             VALUES (?1, ?9, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
             params![
                 req.id,
                 req.agent,
@@ -539,25 +546,27 @@ impl Store {
                 req.reason,
                 req.binding,
                 now,
-                now + wait.as_millis() as i64
+                now + wait.as_millis() as i64,
+                tenant
             ],
         )?;
         Ok(())
     }
 
-    /// Requests, newest first (`pending_only`: those still waiting and
-    /// not expired).
-    pub fn approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRow>, StoreError> {
+    /// Requests of `tenant` (`None`: the local user's, filed without a
+    /// tenant), newest first (`pending_only`: those still waiting and not
+    /// expired).
+    pub fn approvals(
+        &self,
+        tenant: Option<&str>,
+        pending_only: bool,
+    ) -> Result<Vec<ApprovalRow>, StoreError> {
         let db = self.db();
-        let sql = if pending_only {
-            "SELECT id, agent, tool, summary, reason, binding, created_ms, expires_ms, state FROM approvals
-             WHERE state = 'pending' AND expires_ms > ?1 ORDER BY created_ms DESC LIMIT 1000"
-        } else {
-            "SELECT id, agent, tool, summary, reason, binding, created_ms, expires_ms, state FROM approvals
-             WHERE ?1 = ?1 ORDER BY created_ms DESC LIMIT 1000"
-        };
+        let sql = "SELECT id, agent, tool, summary, reason, binding, created_ms, expires_ms, state FROM approvals
+             WHERE tenant IS ?2 AND (?3 = 0 OR (state = 'pending' AND expires_ms > ?1))
+             ORDER BY created_ms DESC LIMIT 1000";
         let mut st = db.prepare(sql)?;
-        let rows = st.query_map([now_ms()], |r| {
+        let rows = st.query_map(params![now_ms(), tenant, pending_only as i64], |r| {
             Ok(ApprovalRow {
                 request: ApprovalRequest {
                     id: r.get(0)?,
@@ -575,12 +584,24 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// A person answers a pending request. `Ok(false)`: no such pending,
-    /// unexpired request.
-    pub fn answer_approval(&self, id: &str, answer: Answer) -> Result<bool, StoreError> {
+    /// A person answers a pending request of `tenant`. `Ok(false)`: no
+    /// such pending, unexpired request of that tenant.
+    pub fn answer_approval(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        answer: Answer,
+    ) -> Result<bool, StoreError> {
+        if !matches!(
+            answer,
+            Answer::AllowOnce | Answer::AllowAlways | Answer::Deny
+        ) {
+            return Ok(false);
+        }
         let n = self.db().execute(
-            "UPDATE approvals SET state = ?2, decided_ms = ?3 WHERE id = ?1 AND state = 'pending' AND expires_ms > ?3",
-            params![id, answer.as_str(), now_ms()],
+            "UPDATE approvals SET state = ?2, decided_ms = ?3
+             WHERE id = ?1 AND tenant IS ?4 AND state = 'pending' AND expires_ms > ?3",
+            params![id, answer.as_str(), now_ms(), tenant],
         )?;
         Ok(n == 1)
     }
@@ -608,6 +629,8 @@ impl Store {
 /// answer before the expiry: [`Answer::Expired`].
 pub struct QueueApprover {
     store: Store,
+    /// Whose requests these are.
+    pub tenant: Option<String>,
     /// How often the answer is looked for.
     pub poll: Duration,
 }
@@ -617,6 +640,7 @@ impl QueueApprover {
     pub fn new(store: Store) -> QueueApprover {
         QueueApprover {
             store,
+            tenant: None,
             poll: Duration::from_millis(100),
         }
     }
@@ -624,7 +648,11 @@ impl QueueApprover {
 
 impl Approver for QueueApprover {
     fn ask(&self, req: &ApprovalRequest, wait: Duration) -> Answer {
-        if self.store.file_approval(req, wait).is_err() {
+        if self
+            .store
+            .file_approval(req, self.tenant.as_deref(), wait)
+            .is_err()
+        {
             return Answer::Unavailable;
         }
         let until = Instant::now() + wait;
@@ -699,16 +727,27 @@ mod tests {
         };
         let q = QueueApprover {
             store: s.clone(),
+            tenant: Some("t1".into()),
             poll: Duration::from_millis(5),
         };
         assert_eq!(q.ask(&req, Duration::from_millis(30)), Answer::Expired);
         assert!(!s
-            .answer_approval("apr_1", Answer::AllowOnce)
+            .answer_approval(Some("t1"), "apr_1", Answer::AllowOnce)
             .expect("late answer"));
         let s2 = s.clone();
         let t = std::thread::spawn(move || {
             for _ in 0..200 {
-                if s2.answer_approval("apr_2", Answer::Deny).unwrap_or(false) {
+                // Another tenant (or the local user) cannot answer it.
+                assert!(!s2
+                    .answer_approval(Some("t2"), "apr_2", Answer::AllowAlways)
+                    .unwrap_or(true));
+                assert!(!s2
+                    .answer_approval(None, "apr_2", Answer::AllowAlways)
+                    .unwrap_or(true));
+                if s2
+                    .answer_approval(Some("t1"), "apr_2", Answer::Deny)
+                    .unwrap_or(false)
+                {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));

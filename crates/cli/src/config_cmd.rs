@@ -491,17 +491,31 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
             list.join(" | ")
         );
     }
-    let mut warnings: Vec<String> = loaded
+    let warnings: Vec<String> = loaded
         .warnings()
         .map(|d| format!("{}:{d}", path.display()))
         .collect();
-    let r = resolve_for(
+    plan_config(
         &loaded.config,
         policy.agent.as_deref(),
         policy.session.as_deref(),
-        None,
         cli,
-    )?;
+        command,
+        warnings,
+    )
+}
+
+/// [`plan_run`] for a config already loaded (and perhaps extended: the
+/// agent runtime adds persistent agents to it).
+pub fn plan_config(
+    config: &Config,
+    agent: Option<&str>,
+    session: Option<&str>,
+    cli: CliOverrides,
+    command: Vec<String>,
+    mut warnings: Vec<String>,
+) -> Result<RunPlan> {
+    let r = resolve_for(config, agent, session, None, cli)?;
     warnings.extend(r.warnings.iter().cloned());
     let execution = if r.sandboxed {
         if let Some(ws) = &r.workspace {

@@ -6,6 +6,7 @@
 //! timeout, 125 when nanoclaw itself failed, 126 not executable, 127 not
 //! found.
 
+mod agent_cmd;
 mod audit_cmd;
 mod build_cmd;
 mod config_cmd;
@@ -60,6 +61,9 @@ enum Command {
     Tenant(tenant_cmd::TenantArgs),
     /// The audit log: ls, show, export, verify, prune.
     Audit(audit_cmd::AuditArgs),
+    /// Agents: create, ls, show, rm, run, execute; approvals.
+    #[command(subcommand)]
+    Agent(agent_cmd::AgentCommand),
     /// (internal) One run from a JSON spec on stdin (the daemon's /v1/run).
     #[command(name = "__run", hide = true)]
     RunSpec,
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve_cmd::run(a),
         Command::Tenant(a) => tenant_cmd::run_tenant(a),
         Command::Audit(a) => audit_cmd::run_audit(a),
+        Command::Agent(c) => agent_cmd::run_agent(c),
         Command::RunSpec => sandbox_cmd::run_spec(),
         Command::Keeper => sandbox_cmd::keeper(),
     };

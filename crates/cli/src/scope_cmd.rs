@@ -182,8 +182,18 @@ pub fn scoped_for_exec(
     policy: &crate::config_cmd::PolicyArgs,
 ) -> Result<(Remote, State, ExecSpec)> {
     let (spec, r) = policy_only_spec(policy)?;
-    let scoped = Scoped::new(&r, &config_path(policy)?);
-    let (remote, st) = acquire(&spec, &scoped)?;
+    scoped_for_spec(&spec, &r, &config_path(policy)?)
+}
+
+/// The scope's sandbox for a spec already built from `r` (the agent
+/// runtime's), and what its commands get by default.
+pub fn scoped_for_spec(
+    spec: &SandboxSpec,
+    r: &Resolved,
+    config: &Path,
+) -> Result<(Remote, State, ExecSpec)> {
+    let scoped = Scoped::new(r, config);
+    let (remote, st) = acquire(spec, &scoped)?;
     let mut base = ExecSpec::new(Vec::<String>::new());
     base.env = spec.env.clone();
     base.workdir = spec.workdir.clone();

@@ -148,6 +148,8 @@ CREATE TABLE retired_tenants (
     removed_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // 3: persistent agents (memory, runs, history, usage, approvals).
+    nanoclaw_agent::store::SCHEMA,
 ];
 
 /// An error opening or using the database.
