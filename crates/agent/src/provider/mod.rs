@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod anthropic;
+mod http;
 pub mod openai;
 pub mod sse;
+
+pub use http::MAX_BACKOFF;
 
 /// Who said it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
