@@ -635,8 +635,8 @@ fn write_answer(w: &mut TcpStream, answer: wire::Answer, close: bool) -> io::Res
     Ok(!close)
 }
 
-/// Writes the record file, if any (a failure is itself a violation-free
-/// no-op: the test reading it will notice).
+/// Writes the record file, if any (a failure is reported on stderr; the
+/// suite reading the file sees it stale or missing).
 fn write_record(shared: &Shared, st: &State) {
     let Some(path) = &shared.record else { return };
     let doc = json!({

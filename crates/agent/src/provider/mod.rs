@@ -276,7 +276,9 @@ impl ProviderError {
 pub trait Provider: Send + Sync {
     /// Sends one request and reads its whole (streamed) answer, calling
     /// `on_text` with each text delta as it arrives. Retries retryable
-    /// failures with backoff, never past `deadline`.
+    /// failures with backoff, never past `deadline`; a failure that comes
+    /// after text already reached `on_text` is returned, not retried (the
+    /// text would be repeated).
     fn complete(
         &self,
         req: &Request<'_>,
