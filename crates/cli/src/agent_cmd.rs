@@ -642,6 +642,14 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
     if let Some(e) = agent_entry(&config, &record)? {
         config.agents.list.push(e);
     }
+    if let Some(d) = &c.data.data {
+        // Agents' default workspaces live in the data folder they use.
+        let ws = &mut config.agents.defaults.sandbox.workspace_root;
+        if ws.is_none() {
+            let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+            *ws = Some(d.join("workspaces"));
+        }
+    }
     let plan = crate::config_cmd::plan_config(
         &config,
         Some(name),
