@@ -254,15 +254,7 @@ fn load_config(flag: Option<&Path>) -> Result<(PathBuf, Config)> {
     let Some((path, _, loaded)) = crate::config_cmd::find_and_load(flag)? else {
         bail!("an agent needs a config file with an llm section: give --config FILE, set NANOCLAW_CONFIG, or create ./nanoclaw.yaml");
     };
-    if loaded.has_errors() {
-        let list: Vec<String> = loaded.errors().map(|d| d.to_string()).collect();
-        bail!(
-            "{} has {} error(s): {}",
-            path.display(),
-            list.len(),
-            list.join(" | ")
-        );
-    }
+    crate::config_cmd::require_no_errors(&path, &loaded)?;
     let path = std::fs::canonicalize(&path).unwrap_or(path);
     Ok((path, loaded.config))
 }

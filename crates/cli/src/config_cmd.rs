@@ -316,6 +316,20 @@ fn print_diagnostics(path: &Path, loaded: &Loaded) {
     }
 }
 
+/// An error listing every error of the config, if it has any.
+pub fn require_no_errors(path: &Path, loaded: &Loaded) -> Result<()> {
+    if loaded.has_errors() {
+        let list: Vec<String> = loaded.errors().map(|d| d.to_string()).collect();
+        bail!(
+            "{} has {} error(s): {}",
+            path.display(),
+            list.len(),
+            list.join(" | ")
+        );
+    }
+    Ok(())
+}
+
 /// Runs `nanoclaw config ...`.
 pub fn run_config(cmd: ConfigCommand) -> Result<u8> {
     match cmd {
@@ -482,15 +496,7 @@ pub fn plan_run(policy: &PolicyArgs, cli: CliOverrides, command: Vec<String>) ->
     let Some((path, _, loaded)) = find_and_load(policy.config.as_deref())? else {
         bail!("--agent/--session need a config file: give --config FILE or set NANOCLAW_CONFIG");
     };
-    if loaded.has_errors() {
-        let list: Vec<String> = loaded.errors().map(|d| d.to_string()).collect();
-        bail!(
-            "{} has {} error(s): {}",
-            path.display(),
-            list.len(),
-            list.join(" | ")
-        );
-    }
+    require_no_errors(&path, &loaded)?;
     let warnings: Vec<String> = loaded
         .warnings()
         .map(|d| format!("{}:{d}", path.display()))

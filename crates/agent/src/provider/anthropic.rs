@@ -58,16 +58,7 @@ impl Anthropic {
     /// The JSON body of `req` (the model and `max_tokens` of the config
     /// when the request leaves them empty).
     pub fn request_body(&self, req: &Request<'_>) -> Value {
-        let model = if req.model.is_empty() {
-            self.cfg.model.as_str()
-        } else {
-            req.model
-        };
-        let max_tokens = if req.max_tokens == 0 {
-            self.cfg.max_tokens
-        } else {
-            req.max_tokens
-        };
+        let (model, max_tokens) = self.cfg.model_and_max_tokens(req);
         request_body(model, max_tokens, req)
     }
 }

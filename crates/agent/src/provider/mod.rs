@@ -219,6 +219,24 @@ impl fmt::Debug for ProviderConfig {
     }
 }
 
+impl ProviderConfig {
+    /// The model and `max_tokens` of `req`, or this config's when the
+    /// request leaves them empty.
+    pub fn model_and_max_tokens<'r>(&'r self, req: &Request<'r>) -> (&'r str, u32) {
+        let model = if req.model.is_empty() {
+            self.model.as_str()
+        } else {
+            req.model
+        };
+        let max_tokens = if req.max_tokens == 0 {
+            self.max_tokens
+        } else {
+            req.max_tokens
+        };
+        (model, max_tokens)
+    }
+}
+
 /// Defaults for [`ProviderConfig`].
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// Default bound on one HTTP attempt.
