@@ -634,14 +634,7 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
     if let Some(e) = agent_entry(&config, &record)? {
         config.agents.list.push(e);
     }
-    if let Some(d) = &c.data.data {
-        // Agents' default workspaces live in the data folder they use.
-        let ws = &mut config.agents.defaults.sandbox.workspace_root;
-        if ws.is_none() {
-            let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
-            *ws = Some(d.join("workspaces"));
-        }
-    }
+
     let plan = crate::config_cmd::plan_config(
         &config,
         Some(name),
@@ -661,6 +654,12 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
 }
 
 fn run(name: &str, prompt: &str, c: &RunCommon, execute: Option<(&str, Duration)>) -> Result<u8> {
+    if let Some(d) = &c.data.data {
+        // Agents' workspaces and team spaces live in the data folder they
+        // use. Set before any thread exists (the loop's come later).
+        let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        std::env::set_var("NANOCLAW_DATA", d);
+    }
     let (store, audit) = open(&c.data)?;
     let p = prepare(name, c, &store, &audit)?;
     for w in &p.plan.warnings {

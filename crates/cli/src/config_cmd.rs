@@ -284,6 +284,12 @@ pub fn parse_cli_mounts(mounts: &[String]) -> Result<Vec<nanoclaw_policy::model:
 /// Where default workspaces live: `/var/lib/nanoclaw` as root,
 /// `$XDG_DATA_HOME/nanoclaw` (or `~/.local/share/nanoclaw`) otherwise.
 pub fn data_dir() -> PathBuf {
+    // The variables the daemon's data folder follows (one moves everything).
+    for var in ["NANOCLAW_DATA", "NANOCLAW_DATA_DIR"] {
+        if let Some(x) = std::env::var_os(var).filter(|x| !x.is_empty()) {
+            return PathBuf::from(x);
+        }
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
@@ -314,6 +320,34 @@ fn print_diagnostics(path: &Path, loaded: &Loaded) {
     for d in &loaded.diagnostics {
         eprintln!("{}:{d}", path.display());
     }
+}
+
+/// Creates the team spaces the resolution mounts (under the data folder),
+/// handed to the sandbox user as default workspaces are.
+fn make_team_spaces(r: &Resolved, user: nanoclaw_sandbox::spec::User) -> Result<()> {
+    for m in &r.mounts {
+        if !m.from.key.ends_with(".team") && !m.from.key.starts_with("teams.") {
+            continue;
+        }
+        let dir = &m.mount.host;
+        if dir.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the team space {}", dir.display()))?;
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let base = nanoclaw_sandbox::native::ROOTFUL_ID_BASE;
+            std::os::unix::fs::chown(dir, Some(base + user.uid), Some(base + user.gid))
+                .with_context(|| {
+                    format!(
+                        "cannot hand the team space {} to the sandbox user",
+                        dir.display()
+                    )
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// An error listing every error of the config, if it has any.
@@ -564,6 +598,7 @@ pub fn plan_config(
             let img = store.resolve(&reference).map_err(|e| e.to_string())?;
             Ok(nanoclaw_sandbox::spec::Root::Layers(img.layers))
         })?;
+        make_team_spaces(&r, spec.user)?;
         if let Some(ws) = &r.workspace {
             // SAFETY: geteuid cannot fail.
             if r.workspace_is_default() && unsafe { libc::geteuid() } == 0 {

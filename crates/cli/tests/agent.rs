@@ -651,3 +651,64 @@ fn seed_000_execute_returns_code_output_usage_and_audit_id() {
         .expect("execute");
     assert_eq!(code(&o), 125);
 }
+
+#[test]
+fn teams_share_a_space_and_see_other_teams_only_by_grant() {
+    for m in modes("teams_share_a_space_and_see_other_teams_only_by_grant") {
+        let fake = FakeLlm::start(Kind::Anthropic, vec![], expect()).expect("fake");
+        let rules = "teams:\n  red: {}\n  blue: {}\n  audit:\n    grants: [{team: red, access: ro}]\nagents:\n  list:\n    - {id: r1, team: red}\n    - {id: r2, team: red}\n    - {id: b1, team: blue}\n    - {id: a1, team: audit}\n";
+        let mut s = Setup::new("teams", m, &fake, rules);
+        s.agents.extend(["r1", "r2", "b1", "a1"].map(String::from));
+        let (config, data) = (s.config(), s.data());
+        let sh = |s: &mut Setup, agent: &str, script: &str| -> Output {
+            let mut c = s.nanoclaw(&[
+                "run", "--config", &config, "--agent", agent, "--", "sh", "-c", script,
+            ]);
+            c.env("NANOCLAW_DATA", &data);
+            c.output().expect("run")
+        };
+        let o = sh(&mut s, "r1", "echo the-plan > /team/plan.txt");
+        assert_eq!(code(&o), 0, "[{}] {}", m.name, text(&o.stderr));
+        let o = sh(&mut s, "r2", "cat /team/plan.txt");
+        assert_eq!(
+            text(&o.stdout),
+            "the-plan\n",
+            "a teammate sees the team's space: {}",
+            text(&o.stderr)
+        );
+        // Another team: its own (empty) space, nothing of red's anywhere.
+        let o = sh(&mut s, "b1", "cat /team/plan.txt; ls /teams; grep -rs the-plan / --include=plan.txt -l 2>/dev/null; true");
+        assert!(
+            !text(&o.stdout).contains("the-plan") && !text(&o.stdout).contains("plan.txt"),
+            "{}",
+            text(&o.stdout)
+        );
+        // A granted team reads red's space, read-only.
+        let o = sh(
+            &mut s,
+            "a1",
+            "cat /teams/red/plan.txt && echo tampered > /teams/red/plan.txt",
+        );
+        assert_eq!(text(&o.stdout), "the-plan\n");
+        assert_ne!(code(&o), 0, "the grant is read-only");
+        assert_eq!(
+            fs::read_to_string(s.dir.join("data/teams/red/plan.txt")).expect("red's file"),
+            "the-plan\n"
+        );
+        let mut c = s.nanoclaw(&["sandbox", "explain", "--config", &config, "--agent", "a1"]);
+        c.env("NANOCLAW_DATA", &data);
+        let explained = text(&c.output().expect("explain").stdout);
+        assert!(
+            explained.contains("team:") && explained.contains("/teams/red"),
+            "{explained}"
+        );
+        // A team no one defined is a config error.
+        s.repoint(&fake, "agents:\n  list:\n    - {id: x, team: nowhere}\n");
+        let o = s
+            .nanoclaw(&["config", "validate", "--config", &config])
+            .output()
+            .expect("validate");
+        assert_ne!(code(&o), 0);
+        assert!(text(&o.stdout).contains("nowhere") || text(&o.stderr).contains("nowhere"));
+    }
+}

@@ -26,6 +26,14 @@ pub struct DecodeEnv<'a> {
     pub home: Option<PathBuf>,
 }
 
+/// A team name: like an agent id.
+fn team_name_ok(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 /// LLM providers nanoclaw knows.
 pub const KNOWN_PROVIDERS: &[&str] = &[
     "anthropic",
@@ -620,11 +628,22 @@ impl<'a> Decoder<'a> {
         let Some(f) = self.fields(
             root,
             "",
-            &["security", "execution", "llm", "agents", "tools", "session"],
+            &[
+                "security",
+                "execution",
+                "llm",
+                "agents",
+                "tools",
+                "session",
+                "teams",
+            ],
             &[],
         ) else {
             return c;
         };
+        if let Some((v, p)) = f.get("teams") {
+            c.teams = self.teams(v, &p);
+        }
         if let Some((v, p)) = f.get("security") {
             c.security = self.security(v, &p);
         }
@@ -639,6 +658,7 @@ impl<'a> Decoder<'a> {
         }
         if let Some((v, p)) = f.get("agents") {
             c.agents = self.agents(v, &p);
+            self.check_teams(&c, v, &p);
         }
         if let Some((v, p)) = f.get("session") {
             if let Some(sf) = self.fields(v, &p, &["mainKey"], &[]) {
@@ -1176,6 +1196,102 @@ impl<'a> Decoder<'a> {
             out.insert(name, mode);
         }
         Some(out)
+    }
+
+    fn teams(&mut self, node: &Node, path: &str) -> BTreeMap<String, Team> {
+        let mut out = BTreeMap::new();
+        let Value::Map(entries) = &node.value else {
+            if !node.is_null() {
+                self.err(
+                    path,
+                    node.pos,
+                    "expected a map of team name to its settings",
+                );
+            }
+            return out;
+        };
+        for (k, v) in entries {
+            let Some(name) = k.as_scalar() else {
+                self.err(path, k.pos, "team names must be plain names");
+                continue;
+            };
+            let p = join(path, name);
+            if !team_name_ok(name) {
+                self.err(&p, k.pos, format!("team name {name:?} must be 1-64 letters, digits, _, . or - and start with a letter or digit"));
+                continue;
+            }
+            let mut t = Team::default();
+            if let Some(f) = self.fields(v, &p, &["grants"], &[]) {
+                if let Some((gv, gp)) = f.get("grants") {
+                    for (g, ip) in self.list(gv, &gp, "grants").unwrap_or_default() {
+                        let Some(gf) = self.fields(g, &ip, &["team", "access"], &[]) else {
+                            continue;
+                        };
+                        let Some((tv, tp)) = gf.get("team") else {
+                            self.err(
+                                &ip,
+                                g.pos,
+                                "a grant needs `team`: the team whose space is shared",
+                            );
+                            continue;
+                        };
+                        let Some(team) = self.nonempty(tv, &tp, "a team name") else {
+                            continue;
+                        };
+                        let access = match gf.get("access") {
+                            None => Access::Ro,
+                            Some((av, ap)) => match self.nonempty(av, &ap, "ro or rw").as_deref() {
+                                Some("ro") => Access::Ro,
+                                Some("rw") => Access::Rw,
+                                Some(other) => {
+                                    self.err(
+                                        &ap,
+                                        av.pos,
+                                        format!("access {other:?} is not ro or rw"),
+                                    );
+                                    continue;
+                                }
+                                None => continue,
+                            },
+                        };
+                        t.grants.push(TeamGrant { team, access });
+                    }
+                }
+            }
+            out.insert(name.to_string(), t);
+        }
+        let known: Vec<String> = out.keys().cloned().collect();
+        for (name, t) in &out {
+            for g in &t.grants {
+                if !known.contains(&g.team) {
+                    self.err(
+                        &join(path, name),
+                        node.pos,
+                        format!(
+                            "team {name} is granted team {:?}, which is not defined under teams",
+                            g.team
+                        ),
+                    );
+                } else if &g.team == name {
+                    self.err(
+                        &join(path, name),
+                        node.pos,
+                        format!("team {name} grants itself; its members see /team already"),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn check_teams(&mut self, c: &Config, node: &Node, path: &str) {
+        for a in &c.agents.list {
+            if let Some(t) = &a.team {
+                if !c.teams.contains_key(t) {
+                    self.err(&format!("{}.team", a.key), node.pos, format!("agent {} is in team {t:?}, which is not defined under teams (path {path})", a.id));
+                }
+            }
+        }
     }
 
     fn allow_from(&mut self, v: &Node, path: &str) -> Option<AllowFrom> {

@@ -228,6 +228,12 @@ pub fn explain_text(r: &Resolved, config: Option<&Path>) -> String {
             r.workspace_access.as_str(),
             src("workspace_access")
         );
+        if let Some(t) = &r.team {
+            let _ = writeln!(
+                o,
+                "team:             {t:<14} (its space at /team; other teams' only where granted, at /teams/<name>)"
+            );
+        }
         let _ = writeln!(o, "mounts:");
         if r.mounts.is_empty() {
             let _ = writeln!(o, "  (none)");
@@ -397,6 +403,7 @@ pub fn explain_json(r: &Resolved, config: Option<&Path>) -> serde_json::Value {
             "sandbox_key": r.sandbox_key,
             "workspace_access": r.workspace_access,
             "workspace": r.workspace,
+            "team": r.team,
             "mounts": r.mounts,
             "limits": r.limits,
             "network": r.network,

@@ -456,6 +456,25 @@ pub struct SessionSection {
     pub main_key: Option<String>,
 }
 
+/// What one team grants another: the other's shared space, mounted at
+/// `/teams/<team>` in this team's members' sandboxes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TeamGrant {
+    /// The team whose space is shared.
+    pub team: String,
+    /// `ro` or `rw`.
+    pub access: Access,
+}
+
+/// `teams.<name>`: a team's shared space (`<data>/teams/<name>`, mounted
+/// read-write at `/team` for its members) and the spaces of other teams it
+/// may see (explicit grants only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Team {
+    /// `grants`: other teams' spaces this team's members see.
+    pub grants: Vec<TeamGrant>,
+}
+
 /// A whole `nanoclaw.yaml`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Config {
@@ -471,4 +490,6 @@ pub struct Config {
     pub tools: ToolsSection,
     /// `session`.
     pub session: SessionSection,
+    /// `teams`.
+    pub teams: BTreeMap<String, Team>,
 }

@@ -242,6 +242,8 @@ pub struct Resolved {
     pub scope: Scope,
     /// Identity of the sandbox under this scope.
     pub sandbox_key: String,
+    /// The agent's team (its space at `/team`, granted teams' at `/teams/<name>`).
+    pub team: Option<String>,
     /// `workspaceAccess`.
     pub workspace_access: WorkspaceAccess,
     /// The host workspace folder mounted at `/workspace` (if access is not none).
@@ -619,6 +621,14 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
             },
         );
     }
+    let team = team_mounts(
+        config,
+        agent,
+        scope,
+        &req.data_dir,
+        &mut mounts,
+        &mut warnings,
+    );
 
     // Limits.
     let memory = p.pick(
@@ -924,6 +934,7 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
 
     Ok(Resolved {
         agent: agent.map(|a| a.id.clone()),
+        team,
         session: req.session.clone(),
         main_session,
         sandboxed,
@@ -945,6 +956,64 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         sources,
         warnings,
     })
+}
+
+/// Where teams' shared spaces live on the host.
+pub fn teams_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("teams")
+}
+
+/// The team's space at `/team` and each granted team's at `/teams/<name>`
+/// (not in shared scope: one sandbox for every agent would carry them to
+/// agents of other teams). Returns the team.
+fn team_mounts(
+    config: &Config,
+    agent: Option<&AgentEntry>,
+    scope: Scope,
+    data_dir: &std::path::Path,
+    mounts: &mut Vec<ResolvedMount>,
+    warnings: &mut Vec<String>,
+) -> Option<String> {
+    let a = agent?;
+    let team = a.team.clone()?;
+    if scope == Scope::Shared {
+        warnings.push(format!(
+            "{}.team: the team's space is not mounted, because scope is shared (one sandbox for every agent); use scope agent or session",
+            a.key
+        ));
+        return Some(team);
+    }
+    let root = teams_dir(data_dir);
+    mounts.push(ResolvedMount {
+        mount: BindMount {
+            host: root.join(&team),
+            container: PathBuf::from("/team"),
+            access: Access::Rw,
+        },
+        from: Provenance {
+            source: Source::Agent(a.id.clone()),
+            key: format!("{}.team", a.key),
+        },
+    });
+    let grants = config
+        .teams
+        .get(&team)
+        .map(|t| t.grants.as_slice())
+        .unwrap_or_default();
+    for (i, g) in grants.iter().enumerate() {
+        mounts.push(ResolvedMount {
+            mount: BindMount {
+                host: root.join(&g.team),
+                container: PathBuf::from("/teams").join(&g.team),
+                access: g.access,
+            },
+            from: Provenance {
+                source: Source::Global,
+                key: format!("teams.{team}.grants[{i}]"),
+            },
+        });
+    }
+    Some(team)
 }
 
 impl Resolved {
