@@ -347,3 +347,22 @@ async fn run_checks_its_body_and_answers_the_backends_json() {
     assert_eq!(code.json()["stdout"], "y\n");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_routes_need_a_key_and_an_agent_store() {
+    let s = start().await;
+    let key = [("x-api-key", KEY_A), ("content-type", "application/json")];
+    for (verb, path, body) in [
+        ("POST", "/v1/execute", r#"{"prompt":"fib"}"#),
+        ("GET", "/v1/approvals", ""),
+        ("POST", "/v1/approvals/apr_1", r#"{"decision":"deny"}"#),
+    ] {
+        let r = send(&s, verb, path, &[], body).await;
+        assert_eq!(r.status, 401, "{verb} {path}");
+        // This server was built without agents: it says so, in JSON.
+        let r = send(&s, verb, path, &key, body).await;
+        assert_eq!(r.status, 501, "{verb} {path}");
+        assert_eq!(r.json()["code"], 501);
+    }
+    s.stop().await;
+}
