@@ -359,6 +359,17 @@ fn execute_writes_code_runs_it_in_a_sandbox_and_reports() {
         .any(|e| e["seq"] == seq && e["kind"] == "agent_run"));
     let other = d.call(1, "GET", "/v1/audit?kind=tool_call", None).json();
     assert_eq!(other, json!([]));
+
+    // The model API refusing: 502 with its message. An unknown agent: 404.
+    fake.push(Turn::status(400, "model test-model does not exist"));
+    let r = d.execute(0, json!({"prompt": "again"}));
+    assert_eq!(r.status, 502, "{r:?}");
+    let msg = r.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("model test-model does not exist"), "{msg}");
+    let r = d.execute(0, json!({"prompt": "x", "agent": "nobody"}));
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.json()["message"].as_str().unwrap().contains("nobody"));
+    assert_eq!(fake.violations(), Vec::<String>::new());
 }
 
 /// A config whose `exec` calls always need a person.

@@ -537,6 +537,11 @@ pub fn interpret(done: Finished, wall: Duration) -> Result<Value, ExecuteError> 
         (_, Some(r)) if r["stop"] == "model_error" => Err(ExecuteError::Model(
             r["stop_detail"].as_str().unwrap_or("no detail").to_owned(),
         )),
+        (_, Some(r)) if r["stop"].is_string() => Err(ExecuteError::Failed(format!(
+            "the run stopped: {} ({})",
+            r["stop"].as_str().unwrap_or_default(),
+            r["stop_detail"].as_str().unwrap_or("no detail")
+        ))),
         (Some(_), _) => {
             let line = error_line(&done.stderr);
             if line.starts_with("no agent ") {
@@ -674,6 +679,17 @@ mod tests {
             w,
         );
         assert!(matches!(e, Err(ExecuteError::Model(d)) if d == "HTTP 500"));
+        let e = interpret(
+            finished(
+                125,
+                r#"{"stop":"audit_failed","stop_detail":"disk full"}"#,
+                "",
+            ),
+            w,
+        );
+        assert!(
+            matches!(e, Err(ExecuteError::Failed(m)) if m.contains("audit_failed (disk full)"))
+        );
         let e = interpret(
             finished(125, "", "[tool] a\nnanoclaw: no agent \"zz\": name one\n"),
             w,
