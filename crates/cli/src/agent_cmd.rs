@@ -621,13 +621,21 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
                 config: Some(config_path.to_string_lossy().into_owned()),
                 ..AgentRecord::default()
             };
-            store.create(&r)?;
-            let mut rec = Record::new(nanoclaw_agent::audit::kind::AGENT_CREATE);
-            rec.agent = Some(name.to_string());
-            rec.tenant = c.tenant.clone();
-            rec.detail = Some("created at its first run from the config".into());
-            audit.append(rec)?;
-            r
+            match store.create(&r) {
+                Ok(()) => {
+                    let mut rec = Record::new(nanoclaw_agent::audit::kind::AGENT_CREATE);
+                    rec.agent = Some(name.to_string());
+                    rec.tenant = c.tenant.clone();
+                    rec.detail = Some("created at its first run from the config".into());
+                    audit.append(rec)?;
+                    r
+                }
+                // A run started at the same moment made it first.
+                Err(store::StoreError::Exists(_)) => store
+                    .get(name)?
+                    .ok_or_else(|| anyhow!("agent {name} vanished while it was made"))?,
+                Err(e) => return Err(e.into()),
+            }
         }
         None => bail!("no agent {name:?}: name one of the config's agents or make it with `nanoclaw agent create {name}`"),
     };

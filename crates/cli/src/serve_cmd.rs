@@ -1,6 +1,6 @@
 //! `nanoclaw serve`: the daemon (E2B's API over keepers).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -28,9 +28,35 @@ pub struct ServeArgs {
     /// verify`). Default: keep everything (`nanoclaw audit prune` by hand).
     #[arg(long, value_name = "DURATION")]
     audit_retention: Option<String>,
+    /// The config file agents run with (`POST /v1/execute`): its llm
+    /// section, agents and policy. Without it agent runs are refused.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How long an agent's approval request waits for an answer through
+    /// /v1/approvals (then: denied).
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    approval_timeout: String,
     /// The envdVersion to report to E2B clients.
     #[arg(long, value_name = "VERSION", hide = true)]
     envd_version: Option<String>,
+}
+
+/// The agents' config file, absolute, once it loads without errors (the
+/// runs load it again: an edit takes effect at the next run).
+fn check_config(path: &Path) -> Result<PathBuf> {
+    let Some((path, _, loaded)) = crate::config_cmd::find_and_load(Some(path))? else {
+        anyhow::bail!("--config {}: no such file", path.display());
+    };
+    if loaded.has_errors() {
+        let list: Vec<String> = loaded.errors().map(|d| d.to_string()).collect();
+        anyhow::bail!(
+            "--config {}: {} error(s): {}",
+            path.display(),
+            list.len(),
+            list.join(" | ")
+        );
+    }
+    std::fs::canonicalize(&path).with_context(|| format!("--config {}", path.display()))
 }
 
 /// `nanoclaw serve`.
@@ -74,7 +100,19 @@ pub fn run(a: ServeArgs) -> Result<u8> {
                 })
         })
         .transpose()?;
+    let approval_timeout = nanoclaw_server::db::parse_duration(&a.approval_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--approval-timeout {:?}: give a duration such as 5m, 30s or 1h",
+                a.approval_timeout
+            )
+        })?;
+    let config = a.config.as_deref().map(check_config).transpose()?;
     let cfg = DaemonConfig {
+        config,
+        approval_timeout,
         audit_retention,
         pools,
         listen,

@@ -1,12 +1,14 @@
 //! The daemon as `nanoclaw serve` runs it: the data folder (tenants and
-//! their keys, the audit log), the keeper backend (re-adopting what a
-//! previous daemon left alive), and the listeners.
+//! their keys, the audit log, agents and their approvals), the keeper
+//! backend (re-adopting what a previous daemon left alive), agent runs
+//! (child processes, [`crate::agents`]), and the listeners.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::agents::{Agents, AgentsConfig, RunLimits};
 use crate::audit::Audit;
 use crate::auth::{AuthError, Authenticator, TenantId, TenantLimits};
 use crate::keepers::{self, KeeperBackend, KeeperBackendConfig};
@@ -31,6 +33,11 @@ pub struct DaemonConfig {
     /// Audit records older than this are pruned (at start, then every
     /// [`retention_every`] of it); `None`: kept until `audit prune`.
     pub audit_retention: Option<Duration>,
+    /// The config file agents run with (`POST /v1/execute`); `None`:
+    /// agent runs are refused.
+    pub config: Option<PathBuf>,
+    /// How long an agent's approval request waits for an answer.
+    pub approval_timeout: Duration,
 }
 
 /// How often retention runs: half the retention, between 1 s and 1 h.
@@ -241,6 +248,17 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     }
     opts.audit = Some(audit);
     opts.metrics = metrics;
+    let store = nanoclaw_agent::store::Store::new(crate::db::open_again(&db)?);
+    opts.agents = Some(Arc::new(Agents::new(
+        AgentsConfig {
+            exe: cfg.exe.clone(),
+            data: data.clone(),
+            config: cfg.config.clone(),
+            approval_timeout: cfg.approval_timeout,
+            limits: RunLimits::default(),
+        },
+        store,
+    )));
     let auth = Arc::new(TenantKeys::new(tenants));
     let r = serve(listen, backend.clone(), auth, opts).await;
     let b = backend.clone();

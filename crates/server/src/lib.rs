@@ -7,6 +7,7 @@
 //! the daemon never clones a sandbox itself: every sandbox is created and
 //! held by a keeper (a single-threaded `nanoclaw __keeper` process).
 
+pub mod agents;
 pub mod audit;
 pub mod auth;
 pub mod backend;

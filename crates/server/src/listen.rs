@@ -89,6 +89,9 @@ pub struct ServeOptions {
     /// The counters served as `GET /metrics` (share them with the
     /// backend so it can count execs, pool hits, …).
     pub metrics: Arc<Metrics>,
+    /// Agent runs and approvals (`/v1/execute`, `/v1/approvals`); `None`:
+    /// those routes answer 501.
+    pub agents: Option<Arc<crate::agents::Agents>>,
 }
 
 impl ServeOptions {
@@ -110,6 +113,7 @@ impl Default for ServeOptions {
             shutdown: None,
             audit: None,
             metrics: Arc::default(),
+            agents: None,
         }
     }
 }
@@ -284,6 +288,7 @@ pub async fn serve_bound<B: Backend, A: Authenticator>(
     state.envd_version = opts.envd_version.clone();
     state.audit = opts.audit.clone();
     state.metrics = Arc::clone(&opts.metrics);
+    state.agents = opts.agents.clone();
     let router = e2b::router(Arc::new(state));
     let (stop_tx, stop_rx) = watch::channel(false);
     let conn = ConnOptions {

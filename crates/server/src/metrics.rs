@@ -34,16 +34,19 @@ pub enum Quota {
     Cpus,
     /// The longest lifetime of one sandbox.
     Lifetime,
+    /// Agent runs at once (`POST /v1/execute`), per tenant or in total.
+    AgentRuns,
 }
 
 impl Quota {
     /// Every quota, in label order.
-    pub const ALL: [Quota; 5] = [
+    pub const ALL: [Quota; 6] = [
         Quota::Rate,
         Quota::Sandboxes,
         Quota::Memory,
         Quota::Cpus,
         Quota::Lifetime,
+        Quota::AgentRuns,
     ];
 
     /// The label value.
@@ -54,6 +57,7 @@ impl Quota {
             Quota::Memory => "memory",
             Quota::Cpus => "cpus",
             Quota::Lifetime => "lifetime",
+            Quota::AgentRuns => "agent_runs",
         }
     }
 
@@ -64,6 +68,7 @@ impl Quota {
             Quota::Memory => 2,
             Quota::Cpus => 3,
             Quota::Lifetime => 4,
+            Quota::AgentRuns => 5,
         }
     }
 }

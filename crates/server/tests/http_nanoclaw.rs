@@ -98,6 +98,9 @@ async fn openapi_lists_exactly_what_is_served() {
         "/metrics",
         "/v1/run",
         "/v1/audit",
+        "/v1/execute",
+        "/v1/approvals",
+        "/v1/approvals/{approval_id}",
         "/health",
         "/v2/sandboxes",
         "/sandboxes/{id}",
@@ -342,5 +345,24 @@ async fn run_checks_its_body_and_answers_the_backends_json() {
     .await;
     assert_eq!(code.json()["exit_code"], 3);
     assert_eq!(code.json()["stdout"], "y\n");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_routes_need_a_key_and_an_agent_store() {
+    let s = start().await;
+    let key = [("x-api-key", KEY_A), ("content-type", "application/json")];
+    for (verb, path, body) in [
+        ("POST", "/v1/execute", r#"{"prompt":"fib"}"#),
+        ("GET", "/v1/approvals", ""),
+        ("POST", "/v1/approvals/apr_1", r#"{"decision":"deny"}"#),
+    ] {
+        let r = send(&s, verb, path, &[], body).await;
+        assert_eq!(r.status, 401, "{verb} {path}");
+        // This server was built without agents: it says so, in JSON.
+        let r = send(&s, verb, path, &key, body).await;
+        assert_eq!(r.status, 501, "{verb} {path}");
+        assert_eq!(r.json()["code"], 501);
+    }
     s.stop().await;
 }

@@ -9,6 +9,7 @@
 //! (`E2b-Sandbox-Id`) and the sandbox's access token (`X-Access-Token`)
 //! that `POST /sandboxes` returned.
 
+pub mod agents;
 pub mod body;
 pub mod control;
 pub mod envd;
@@ -142,6 +143,9 @@ pub struct E2bState<B, A> {
     pub rate: RateLimiter,
     /// `GET /openapi.json`, made at its first request.
     pub openapi: OnceLock<String>,
+    /// Agent runs and approvals (`/v1/execute`, `/v1/approvals`); `None`:
+    /// those routes answer 501.
+    pub agents: Option<Arc<crate::agents::Agents>>,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -158,6 +162,7 @@ impl<B, A> E2bState<B, A> {
             metrics: Arc::default(),
             rate: RateLimiter::new(),
             openapi: OnceLock::new(),
+            agents: None,
         }
     }
 }

@@ -20,7 +20,7 @@
 //! duration), `auth_failure` when the caller could not be authenticated
 //! (a missing or unknown API key, a missing or wrong access token; the
 //! key or token itself is never recorded) or `quota_refusal` when the
-//! tenant's rate limit refused it. Liveness probes (`GET /healthz`, and
+//! tenant's rate limit (or its agent runs at once) refused it. Liveness probes (`GET /healthz`, and
 //! `GET /health` without a sandbox) are counted but not recorded.
 //!
 //! Handlers tell the middleware who the caller turned out to be through a
@@ -105,6 +105,15 @@ pub fn note_sandbox(sandbox: &str) {
 /// The request's input, kept (bounded) in its record.
 pub fn note_input(input: Captured) {
     with_note(|n| n.input = Some(input));
+}
+
+/// A quota refused the request (`detail` names it): it is recorded as a
+/// `quota_refusal`.
+pub fn note_quota_refusal(detail: &str) {
+    with_note(|n| {
+        n.outcome = Outcome::QuotaRefusal;
+        n.detail = Some(detail.to_owned());
+    });
 }
 
 /// Charges one request to `tenant`'s rate limit (its limits come from

@@ -261,6 +261,53 @@ fn components() -> Value {
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
                     "timeout_ms": {"type": "integer", "minimum": 1, "description": "Default: 30000."},
                     "stdin": {"type": "string"}}},
+            "ExecuteRequest": {"type": "object", "additionalProperties": false,
+                "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1,
+                        "maxLength": crate::agents::MAX_PROMPT},
+                    "language": {"enum": nanoclaw_agent::tools::LANGUAGES,
+                        "description": "Default: python."},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0,
+                        "maximum": crate::agents::MAX_TIMEOUT_S,
+                        "description": "Longest a piece of code may run, seconds. Default: 30."},
+                    "agent": {"type": "string",
+                        "description": "Default: the config's default agent."}}},
+            "ExecuteReport": {"type": "object",
+                "description": "`nanoclaw agent execute --json`'s report.",
+                "properties": {
+                    "run_id": {"type": "string"}, "agent": {"type": "string"},
+                    "answer": {"type": "string"},
+                    "stop": {"enum": ["answer", "max_tokens", "turns", "tokens", "wall_time",
+                        "daily_tokens", "daily_spend"]},
+                    "stop_detail": nullable("string"), "turns": {"type": "integer"},
+                    "usage": {"type": "object", "properties": {
+                        "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"}}},
+                    "cost": {"type": "number"},
+                    "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "string"}, "name": {"type": "string"},
+                        "input": {"type": "object"},
+                        "decision": {"enum": ["allowed", "denied", "approved", "refused"]},
+                        "reason": nullable("string"), "ok": {"type": "boolean"},
+                        "exit_code": nullable("integer"), "code": nullable("string"),
+                        "language": nullable("string"), "stdout": nullable("string"),
+                        "stderr": nullable("string"), "result": {"type": "string"},
+                        "audit_seq": nullable("integer")}}},
+                    "files": {"type": "array", "items": {"type": "string"}},
+                    "sandbox": {"type": "string"}, "audit_seq": nullable("integer"),
+                    "code": nullable("string"), "language": nullable("string"),
+                    "stdout": nullable("string"), "stderr": nullable("string"),
+                    "exit_code": nullable("integer")}},
+            "Approval": {"type": "object", "properties": {
+                "id": {"type": "string"}, "agent": {"type": "string"}, "tool": {"type": "string"},
+                "summary": {"type": "string"}, "reason": {"type": "string"},
+                "binding": {"type": "string"}, "created_ms": {"type": "integer"},
+                "expires_ms": {"type": "integer"},
+                "state": {"type": "string", "description":
+                    "pending, or the answer: allow-once, allow-always, deny, expired."}}},
+            "ApprovalDecision": {"type": "object", "additionalProperties": false,
+                "required": ["decision"], "properties": {
+                    "decision": {"enum": ["allow-once", "allow-always", "deny"]}}},
             "AuditEntry": {"type": "object", "properties": {
                 "seq": {"type": "integer"}, "time_ms": {"type": "integer"}, "time": {"type": "string"},
                 "kind": {"type": "string"}, "tenant": nullable("string"), "agent": nullable("string"),
@@ -343,6 +390,67 @@ mod tests {
             .collect();
         fields.sort();
         assert_eq!(fields, names, "{err}");
+    }
+
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn agent_schemas_match_what_is_served() {
+        use nanoclaw_agent::approval::ApprovalRequest;
+        use nanoclaw_agent::run::{Report, Stop, ToolRecord};
+        use nanoclaw_agent::store::ApprovalRow;
+        let d = doc();
+        let report = Report {
+            run_id: String::new(),
+            agent: String::new(),
+            answer: String::new(),
+            stop: Stop::Answer,
+            stop_detail: None,
+            turns: 0,
+            usage: Default::default(),
+            cost: 0.0,
+            tool_calls: vec![ToolRecord::default()],
+            files: Vec::new(),
+            sandbox: String::new(),
+            audit_seq: None,
+            messages: Vec::new(),
+        };
+        let mut v = serde_json::to_value(&report).unwrap();
+        // `agent execute` adds the last code's.
+        for k in ["code", "language", "stdout", "stderr", "exit_code"] {
+            v[k] = Value::Null;
+        }
+        assert_eq!(props(&d, "ExecuteReport"), keys(&v));
+        let tool = &d["components"]["schemas"]["ExecuteReport"]["properties"]["tool_calls"];
+        assert_eq!(
+            keys(&tool["items"]["properties"]),
+            keys(&serde_json::to_value(ToolRecord::default()).unwrap())
+        );
+        let row = ApprovalRow {
+            request: ApprovalRequest {
+                id: String::new(),
+                agent: String::new(),
+                tool: String::new(),
+                summary: String::new(),
+                reason: String::new(),
+                binding: String::new(),
+            },
+            created_ms: 0,
+            expires_ms: 0,
+            state: String::new(),
+        };
+        assert_eq!(
+            props(&d, "Approval"),
+            keys(&serde_json::to_value(row).unwrap())
+        );
+        // Every documented field of the request is accepted.
+        let all = json!({"prompt": "p", "language": "python", "timeout": 1, "agent": "a"});
+        assert_eq!(props(&d, "ExecuteRequest"), keys(&all));
+        assert!(serde_json::from_value::<crate::agents::ExecuteRequest>(all).is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::{json, Value};
 
-use super::{control, envd, nanoclaw, AppState};
+use super::{agents, control, envd, nanoclaw, AppState};
 use crate::auth::Authenticator;
 use crate::backend::Backend;
 
@@ -263,7 +263,7 @@ pub fn docs<B: Backend, A: Authenticator>() -> Vec<RouteDoc> {
 fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
     use Access::*;
     use Verb::*;
-    vec![
+    let mut routes = vec![
         Route::new("/healthz").op(
             nanoclaw::healthz,
             Op::new(Get, NANOCLAW, Public, "The daemon is up.").json(200, "Up.", schema("Health")),
@@ -338,6 +338,98 @@ fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
             )
             .json(400, "A bad parameter.", schema("Error"))
             .json(501, "The server keeps no audit log.", schema("Error")),
+        ),
+    ];
+    routes.extend(agent_routes());
+    routes
+}
+
+fn agent_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
+    use Access::*;
+    use Verb::*;
+    vec![
+        Route::new("/v1/execute").op(
+            agents::execute::<B, A>,
+            Op::new(
+                Post,
+                NANOCLAW,
+                ApiKey,
+                "Seed 000's execute(prompt, language, timeout): the agent writes code, runs it \
+                 in its sandbox and answers. Runs in a child process; approvals wait in \
+                 /v1/approvals.",
+            )
+            .json_body(schema("ExecuteRequest"))
+            .json(
+                200,
+                "The run ended with an answer, or a limit stopped it (see stop).",
+                schema("ExecuteReport"),
+            )
+            .json(400, "Not a valid ExecuteRequest.", schema("Error"))
+            .json(404, "No such agent.", schema("Error"))
+            .json(
+                409,
+                "The daemon was started without --config.",
+                schema("Error"),
+            )
+            .json(
+                429,
+                "Over the tenant's rate limit, or too many agent runs at once \
+                 (per tenant or in total; Retry-After: seconds).",
+                schema("Error"),
+            )
+            .json(
+                500,
+                "The run failed (nanoclaw's error line).",
+                schema("Error"),
+            )
+            .json(501, "The server runs no agents.", schema("Error"))
+            .json(502, "The model API failed.", schema("Error"))
+            .json(
+                504,
+                "The run outlived its wall time and was killed.",
+                schema("Error"),
+            ),
+        ),
+        Route::new("/v1/approvals").op(
+            agents::approvals::<B, A>,
+            Op::new(
+                Get,
+                NANOCLAW,
+                ApiKey,
+                "The caller's tenant's approval requests waiting for a person, newest first.",
+            )
+            .query("all", "`true`: answered and expired ones too.")
+            .json(
+                200,
+                "A JSON array of requests.",
+                json!({"type": "array", "items": schema("Approval")}),
+            )
+            .json(400, "A bad parameter.", schema("Error"))
+            .json(501, "The server runs no agents.", schema("Error")),
+        ),
+        Route::new("/v1/approvals/{approval_id}").op(
+            agents::answer::<B, A>,
+            Op::new(
+                Post,
+                NANOCLAW,
+                ApiKey,
+                "Answers one of the caller's tenant's pending approval requests.",
+            )
+            .json_body(schema("ApprovalDecision"))
+            .json(
+                200,
+                "Answered.",
+                json!({"type": "object", "required": ["id", "decision"], "properties": {
+                    "id": {"type": "string"}, "decision": {"type": "string"}}}),
+            )
+            .json(400, "Not a valid decision.", schema("Error"))
+            .json(
+                404,
+                "No such pending request of this tenant (unknown, another tenant's, \
+                 answered or expired).",
+                schema("Error"),
+            )
+            .json(501, "The server runs no agents.", schema("Error")),
         ),
     ]
 }
