@@ -198,6 +198,9 @@ pub struct Agent<'a> {
     pub record: Option<AgentRecord>,
     /// Where elevated commands start on the host.
     pub host_cwd: PathBuf,
+    /// The daemon's tenant the run is for (agents it creates are that
+    /// tenant's).
+    pub tenant: Option<String>,
 }
 
 /// State of one run.

@@ -206,17 +206,40 @@ pub fn day_of(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Checks an agent id.
-pub fn check_id(id: &str) -> Result<(), StoreError> {
-    let ok = (1..=64).contains(&id.len())
+fn plain_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
         && id.starts_with(|c: char| c.is_ascii_alphanumeric())
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// Checks an agent id: a plain id, or a tenant's agent `id@tenant` (see
+/// [`tenant_id`]).
+pub fn check_id(id: &str) -> Result<(), StoreError> {
+    let ok = match id.split_once('@') {
+        Some((name, tenant)) => plain_id(name) && plain_id(tenant),
+        None => plain_id(id),
+    };
     if ok {
         Ok(())
     } else {
         Err(StoreError::BadId(id.to_string()))
+    }
+}
+
+/// The stored id of agent `name` as run for `tenant` (the daemon's): each
+/// tenant's agents are its own — memory, history, usage, "allow always"
+/// answers, workspace and sandbox — even when tenants name the same
+/// configured agent. `name` itself must be a plain id.
+pub fn tenant_id(name: &str, tenant: Option<&str>) -> Result<String, StoreError> {
+    if !plain_id(name) {
+        return Err(StoreError::BadId(name.to_string()));
+    }
+    match tenant {
+        Some(t) if plain_id(t) => Ok(format!("{name}@{t}")),
+        Some(t) => Err(StoreError::BadId(format!("{name}@{t}"))),
+        None => Ok(name.to_string()),
     }
 }
 

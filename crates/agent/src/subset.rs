@@ -32,7 +32,7 @@ pub fn child_record(
     hosts: Option<Vec<String>>,
     daily_tokens: Option<u64>,
 ) -> Result<AgentRecord, String> {
-    store::check_id(id).map_err(|e| e.to_string())?;
+    let id = &store::tenant_id(id, creator.tenant.as_deref()).map_err(|e| e.to_string())?;
     let mine: Vec<String> = offered_tools(creator)
         .iter()
         .map(|s| s.to_string())

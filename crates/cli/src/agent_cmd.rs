@@ -602,7 +602,9 @@ struct Prepared {
 }
 
 fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Prepared> {
-    store::check_id(name)?;
+    // A tenant's agents are its own (`coder@acme`); a local user's are plain.
+    let bare = name;
+    let name = &store::tenant_id(bare, c.tenant.as_deref())?;
     let stored = store.get(name)?;
     let flag = c.config.clone().or_else(|| {
         stored
@@ -613,11 +615,11 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
     let (config_path, mut config) = load_config(flag.as_deref())?;
     let record = match stored {
         Some(r) => r,
-        None if config.agents.get(name).is_some() || name == "default" => {
+        None if config.agents.get(bare).is_some() || bare == "default" => {
             let r = AgentRecord {
                 id: name.to_string(),
                 created_ms: store::now_ms(),
-                base: config.agents.get(name).map(|_| name.to_string()),
+                base: config.agents.get(bare).map(|_| bare.to_string()),
                 config: Some(config_path.to_string_lossy().into_owned()),
                 ..AgentRecord::default()
             };
@@ -637,7 +639,7 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
                 Err(e) => return Err(e.into()),
             }
         }
-        None => bail!("no agent {name:?}: name one of the config's agents or make it with `nanoclaw agent create {name}`"),
+        None => bail!("no agent {bare:?}: name one of the config's agents or make it with `nanoclaw agent create {bare}`"),
     };
     if let Some(e) = agent_entry(&config, &record)? {
         config.agents.list.push(e);
@@ -665,7 +667,13 @@ fn run(name: &str, prompt: &str, c: &RunCommon, execute: Option<(&str, Duration)
     if let Some(d) = &c.data.data {
         // Agents' workspaces and team spaces live in the data folder they
         // use. Set before any thread exists (the loop's come later).
-        let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        // A tenant's are in its own part of it: no team space is shared
+        // across tenants.
+        let mut d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+        if let Some(t) = &c.tenant {
+            store::tenant_id("x", Some(t))?;
+            d = d.join("tenants").join(t);
+        }
         std::env::set_var("NANOCLAW_DATA", d);
     }
     let (store, audit) = open(&c.data)?;
@@ -730,11 +738,12 @@ fn run(name: &str, prompt: &str, c: &RunCommon, execute: Option<(&str, Duration)
         store: Some(&store),
         record: Some(p.record.clone()),
         host_cwd: r.workspace.clone().unwrap_or_else(|| PathBuf::from("/")),
+        tenant: c.tenant.clone(),
     };
     let earlier = if c.new {
         Vec::new()
     } else {
-        history(&store, name)?
+        history(&store, &p.record.id)?
     };
     let json = c.json;
     let mut progress = |ev: Progress<'_>| show_progress(ev, json);

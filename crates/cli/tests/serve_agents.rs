@@ -77,6 +77,7 @@ struct Daemon {
     port: u16,
     child: Option<Child>,
     tenants: [(String, String); 2],
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -127,7 +128,21 @@ impl Daemon {
         if llm_port.is_some() {
             args.extend(["--config", &c]);
         }
-        let child = nc(me(), &args)
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = Daemon::spawn(&args, port);
+        Daemon {
+            dir,
+            config,
+            port,
+            child: Some(child),
+            tenants,
+            args,
+        }
+    }
+
+    fn spawn(args: &[String], port: u16) -> Child {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = nc(me(), &a)
             .env("FAKE_KEY", FAKE_KEY)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -138,13 +153,16 @@ impl Daemon {
             assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Daemon {
-            dir,
-            config,
-            port,
-            child: Some(child),
-            tenants,
+        child
+    }
+
+    /// SIGKILL, then the same daemon again on the same data folder.
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        self.child = Some(Daemon::spawn(&self.args, self.port));
     }
 
     fn key(&self, who: usize) -> &str {
@@ -705,4 +723,135 @@ fn a_client_that_goes_away_ends_its_run() {
     );
     // It was ended, not left to finish: no second model call.
     assert_eq!(fake.served(), 1);
+}
+
+/// Two tenants run the same configured agent: each has its own memory,
+/// workspace and "allow always" answers. Tenant A's agent remembers a
+/// secret and leaves a file; tenant B's run of the same agent sees
+/// neither. Before agents were per tenant, B's system prompt carried A's
+/// memory and B read A's file.
+#[test]
+fn tenants_running_the_same_agent_share_nothing() {
+    if !root_or_skip("tenants_running_the_same_agent_share_nothing") {
+        return;
+    }
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![
+            reply(
+                vec![
+                    ToolCall::new(
+                        "memory",
+                        json!({"action": "append", "text": "TENANT-A-MEMORY"}),
+                    ),
+                    ToolCall::new(
+                        "write_file",
+                        json!({"path": "/tmp/../workspace/a.txt", "content": "TENANT-A-FILE"}),
+                    ),
+                ],
+                10,
+                10,
+            ),
+            Turn::text("A done"),
+            reply(
+                vec![ToolCall::new(
+                    "run_code",
+                    json!({"language": "sh", "code": "cat /workspace/a.txt; ls -la /workspace"}),
+                )],
+                10,
+                10,
+            ),
+            Turn::text("B done"),
+        ],
+        expect(),
+    )
+    .unwrap();
+    let cfg = "agents:\n  defaults:\n    sandbox: {workspaceAccess: rw}\n  list:\n    - id: shared\n      tools: {allow: [group:fs, run_code, memory]}\n";
+    let d = Daemon::start("tenants", Some(fake.addr().port()), cfg, "5m");
+    let a = d.execute(0, json!({"prompt": "remember", "agent": "shared"}));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.json()["tool_calls"][1]["ok"], true, "{}", a.json());
+    let b = d.execute(1, json!({"prompt": "look", "agent": "shared"}));
+    assert_eq!(b.status, 200, "{b:?}");
+    let v = b.json();
+    let seen = v["tool_calls"][0]["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(!seen.contains("TENANT-A-FILE"), "B read A's file: {seen}");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 4);
+    for r in &reqs[2..] {
+        let body = r.body.to_string();
+        assert!(
+            !body.contains("TENANT-A-MEMORY"),
+            "A's memory reached B's model: {body}"
+        );
+        assert!(
+            !body.contains("TENANT-A-FILE"),
+            "A's file reached B's model"
+        );
+    }
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+/// Persistent agents outlive the daemon: run, SIGKILL the daemon, start it
+/// again on the same data folder, run again — the agent's memory is in the
+/// system prompt and its earlier exchange in the history.
+#[test]
+fn an_agent_remembers_across_a_daemon_restart() {
+    if !root_or_skip("an_agent_remembers_across_a_daemon_restart") {
+        return;
+    }
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![
+            reply(
+                vec![ToolCall::new(
+                    "memory",
+                    json!({"action": "append", "text": "Project codename: BLUEBIRD."}),
+                )],
+                10,
+                10,
+            ),
+            Turn::text("Noted the codename."),
+        ],
+        expect(),
+    )
+    .unwrap();
+    let cfg = "agents:\n  list:\n    - id: keeper\n      tools: {allow: [memory, run_code]}\n";
+    let mut d = Daemon::start("restart", Some(fake.addr().port()), cfg, "5m");
+    let r = d.execute(
+        0,
+        json!({"prompt": "The codename is BLUEBIRD; remember it.", "agent": "keeper"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    d.restart();
+    let fake2 = FakeLlm::start(
+        Kind::Anthropic,
+        vec![Turn::text("BLUEBIRD")],
+        Expect {
+            system_must_contain: vec!["Project codename: BLUEBIRD.".into()],
+            ..expect()
+        },
+    )
+    .unwrap();
+    // The config points at the first fake's port: reuse it for the second.
+    let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
+        &fake.addr().port().to_string(),
+        &fake2.addr().port().to_string(),
+    );
+    std::fs::write(&d.config, yaml).unwrap();
+    let r = d.execute(
+        0,
+        json!({"prompt": "What is the codename?", "agent": "keeper"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["answer"], "BLUEBIRD");
+    assert!(fake2.violations().is_empty(), "{:?}", fake2.violations());
+    let body = fake2.requests()[0].body.to_string();
+    assert!(
+        body.contains("The codename is BLUEBIRD; remember it."),
+        "no history: {body}"
+    );
 }

@@ -6,7 +6,7 @@
 //! binary:
 //!
 //! ```text
-//! nanoclaw agent execute --json --new --approve queue --approval-timeout T
+//! nanoclaw agent execute --json --approve queue --approval-timeout T
 //!     --tenant TENANT --session serve-TENANT-HASH --data DATA --config FILE
 //!     [--agent A] --language L --timeout Ns -- PROMPT
 //! ```
@@ -309,7 +309,7 @@ impl Agents {
     /// The child's arguments (after the binary).
     pub fn argv(&self, tenant: &TenantId, req: &Execute) -> Result<Vec<OsString>, ExecuteError> {
         let config = self.cfg.config.as_ref().ok_or(ExecuteError::NoConfig)?;
-        let mut a: Vec<OsString> = ["agent", "execute", "--json", "--new", "--approve", "queue"]
+        let mut a: Vec<OsString> = ["agent", "execute", "--json", "--approve", "queue"]
             .iter()
             .map(OsString::from)
             .collect();
@@ -623,7 +623,7 @@ mod tests {
         let s = argv.join(" ");
         let session = a.session(&TenantId::from("acme"));
         assert!(session.starts_with("serve-acme-") && session.len() == "serve-acme-".len() + 8);
-        assert!(s.starts_with(&format!("agent execute --json --new --approve queue --approval-timeout 1000ms --tenant acme --session {session} --data /d --config /c.yaml --agent bot --language python --timeout 1500ms -- ")), "{s}");
+        assert!(s.starts_with(&format!("agent execute --json --approve queue --approval-timeout 1000ms --tenant acme --session {session} --data /d --config /c.yaml --agent bot --language python --timeout 1500ms -- ")), "{s}");
         assert_eq!(argv.last().unwrap(), "--config /etc/x");
         let mut none = agents(RunLimits::default());
         none.cfg.config = None;
