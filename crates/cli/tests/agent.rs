@@ -712,3 +712,124 @@ fn teams_share_a_space_and_see_other_teams_only_by_grant() {
         assert!(text(&o.stdout).contains("nowhere") || text(&o.stderr).contains("nowhere"));
     }
 }
+
+/// `exec` with `elevated: true` leaves the sandbox only when the global and
+/// the agent's `tools.elevated.enabled` are set, and only after a person
+/// approves that exact call; it then runs on the host with an empty
+/// environment (the model key is not handed to it: the fake checks its
+/// output for the key).
+#[test]
+fn elevated_exec_needs_both_gates_and_a_person() {
+    let m = modes("elevated_exec_needs_both_gates_and_a_person")[0];
+    let marker = std::env::temp_dir().join(format!("nanoclaw-elevated-{}", std::process::id()));
+    let _ = fs::remove_file(&marker);
+    let cmd = format!("env; echo on-the-host > {}", marker.display());
+    let elevated = || {
+        reply(
+            None,
+            vec![ToolCall::new(
+                "exec",
+                json!({"command": cmd.clone(), "elevated": true}),
+            )],
+        )
+    };
+    let rules = "tools:\n  elevated: {enabled: true}\nagents:\n  list:\n    - id: admin\n      tools:\n        elevated: {enabled: true}\n    - id: plain\n";
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![elevated(), reply(Some("no"), vec![])],
+        expect(),
+    )
+    .expect("fake");
+    let mut s = Setup::new("elevated", m, &fake, rules);
+    // The agent's own gate is closed: denied outright.
+    let (c, r, _) = s.run("plain", "go", &["--approve", "deny"]);
+    assert_eq!(c, 0);
+    assert_eq!(calls(&r)[0]["decision"], "denied", "{r}");
+    assert!(
+        calls(&r)[0]["result"]
+            .as_str()
+            .unwrap_or("")
+            .contains("elevated"),
+        "{r}"
+    );
+    // Gates open, nobody to ask: refused.
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![elevated(), reply(Some("no"), vec![])],
+        expect(),
+    )
+    .expect("fake");
+    s.repoint(&fake, rules);
+    let (_, r, _) = s.run("admin", "go", &["--approve", "deny"]);
+    assert_eq!(calls(&r)[0]["decision"], "refused", "{r}");
+    assert!(!marker.exists(), "an unapproved elevated exec ran");
+    // A person approves once: it runs on the host.
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![elevated(), reply(Some("done"), vec![])],
+        expect(),
+    )
+    .expect("fake");
+    s.repoint(&fake, rules);
+    let (config, data) = (s.config(), s.data());
+    let child = s
+        .nanoclaw(&[
+            "agent",
+            "run",
+            "admin",
+            "go",
+            "--json",
+            "--config",
+            &config,
+            "--data",
+            &data,
+            "--approve",
+            "queue",
+            "--approval-timeout",
+            "60s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let until = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let v: Value =
+            serde_json::from_str(&s.ok(&["agent", "approvals", "--json", "--data", &data]))
+                .expect("json");
+        if let Some(id) = v[0]["id"].as_str() {
+            assert!(
+                v[0]["summary"].as_str().unwrap_or("").contains("ELEVATED"),
+                "{v}"
+            );
+            break id.to_string();
+        }
+        assert!(Instant::now() < until, "no approval request showed up");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.ok(&["agent", "approve", &id, "allow-always", "--data", &data]);
+    let o = child.wait_with_output().expect("run");
+    let r: Value = serde_json::from_slice(&o.stdout).expect("report");
+    assert_eq!(calls(&r)[0]["decision"], "approved", "{r}");
+    assert_eq!(
+        fs::read_to_string(&marker).unwrap_or_default(),
+        "on-the-host\n",
+        "{r}"
+    );
+    assert!(
+        fake.violations().is_empty(),
+        "the key reached the model: {:?}",
+        fake.violations()
+    );
+    let _ = fs::remove_file(&marker);
+    // "Allow always" does not cover elevated exec: asked again (and refused).
+    let fake = FakeLlm::start(
+        Kind::Anthropic,
+        vec![elevated(), reply(Some("no"), vec![])],
+        expect(),
+    )
+    .expect("fake");
+    s.repoint(&fake, rules);
+    let (_, r, _) = s.run("admin", "go", &["--approve", "deny"]);
+    assert_eq!(calls(&r)[0]["decision"], "refused", "{r}");
+    assert!(!marker.exists());
+}
