@@ -390,6 +390,18 @@ fn a_prompt_injected_model_is_refused_by_policy_and_audited() {
         kinds.iter().filter(|k| *k == "decision").count() >= 4,
         "{kinds:?}"
     );
+    // `sandbox explain` says what the agent can see and do.
+    let config = s.config();
+    let explained = s.ok(&[
+        "sandbox", "explain", "--config", &config, "--agent", "intruder",
+    ]);
+    for want in [
+        "http_request only: GET 127.0.0.1/allowed/*",
+        "file tools write only under: /workspace",
+        "/workspace",
+    ] {
+        assert!(explained.contains(want), "{want:?} not in:\n{explained}");
+    }
 }
 
 #[test]

@@ -355,6 +355,9 @@ pub fn explain_text(r: &Resolved, config: Option<&Path>) -> String {
         "ON THE HOST"
     };
     let _ = writeln!(o, "  allowed tools run {where_}");
+    for t in &r.tool_rules {
+        let _ = writeln!(o, "  {} ({})", t.rule, t.key);
+    }
     if r.elevated.allowed {
         let _ = writeln!(
             o,
@@ -425,7 +428,7 @@ pub fn explain_json(r: &Resolved, config: Option<&Path>) -> serde_json::Value {
         "runs_on": if r.sandboxed { "sandbox" } else { "host" },
         "mode": r.mode,
         "sandbox": sandbox,
-        "tools": { "layers": r.tools.layers, "decisions": tools },
+        "tools": { "layers": r.tools.layers, "decisions": tools, "rules": r.tool_rules },
         "elevated": r.elevated,
         "sources": r.sources,
         "warnings": r.warnings,

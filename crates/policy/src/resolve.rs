@@ -266,6 +266,8 @@ pub struct Resolved {
     pub seccomp: SeccompSetting,
     /// Tool policy.
     pub tools: ToolPolicy,
+    /// Argument rules and approval settings of the tools, per layer.
+    pub tool_rules: Vec<ToolRule>,
     /// Elevated mode.
     pub elevated: ElevatedStatus,
     /// Source of every value, by name (`mode`, `limits.memory`, ...).
@@ -848,7 +850,9 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
             source: prov.source,
             key: format!("{}=ro", prov.key),
             allow: Vec::new(),
-            deny: vec!["write".into(), "edit".into(), "apply_patch".into()],
+            deny: ["write", "edit", "apply_patch", "write_file", "edit_file"]
+                .map(String::from)
+                .to_vec(),
         });
     }
     if !cli.deny_tools.is_empty() {
@@ -864,6 +868,7 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         });
     }
     let tools = ToolPolicy { layers };
+    let tool_rules = tool_rules(config, agent);
 
     // Elevated: only exec; global and agent gates; never overrides deny.
     let g = config.tools.elevated.clone().unwrap_or_default();
@@ -952,10 +957,75 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         cap_add,
         seccomp,
         tools,
+        tool_rules,
         elevated,
         sources,
         warnings,
     })
+}
+
+/// One argument rule or approval setting of a tool-policy layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ToolRule {
+    /// The config key (`agents.list[0].tools.http`).
+    pub key: String,
+    /// What it says, in words.
+    pub rule: String,
+}
+
+/// The argument rules and approval settings of every layer, in order.
+fn tool_rules(config: &Config, agent: Option<&AgentEntry>) -> Vec<ToolRule> {
+    let mut layers = vec![
+        ("tools".to_string(), &config.tools),
+        (
+            "agents.defaults.tools".to_string(),
+            &config.agents.defaults.tools,
+        ),
+    ];
+    if let Some(a) = agent {
+        layers.push((format!("{}.tools", a.key), &a.tools));
+    }
+    let mut out = Vec::new();
+    let mut push = |key: String, rule: String| out.push(ToolRule { key, rule });
+    for (key, t) in layers {
+        if let Some(ask) = &t.ask {
+            let list: Vec<String> = ask
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str()))
+                .collect();
+            push(
+                format!("{key}.ask"),
+                format!("ask a person: {}", list.join(", ")),
+            );
+        }
+        if let Some(a) = &t.approved {
+            push(
+                format!("{key}.approved"),
+                format!("exec lines approved in advance: {}", a.join(" | ")),
+            );
+        }
+        if let Some(h) = &t.http {
+            push(
+                format!("{key}.http"),
+                format!("http_request only: {}", h.join(", ")),
+            );
+        }
+        if let Some(p) = &t.paths {
+            if let Some(r) = &p.read {
+                push(
+                    format!("{key}.paths.read"),
+                    format!("file tools read only under: {}", r.join(", ")),
+                );
+            }
+            if let Some(w) = &p.write {
+                push(
+                    format!("{key}.paths.write"),
+                    format!("file tools write only under: {}", w.join(", ")),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Where teams' shared spaces live on the host.
