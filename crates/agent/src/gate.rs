@@ -199,6 +199,39 @@ impl AgentPolicy {
         }
     }
 
+    /// Do path rules govern this call (a file tool with rules for its
+    /// direction)? Then the path is resolved in the sandbox (symlinks
+    /// followed) and checked again with [`AgentPolicy::resolved_path_allowed`].
+    pub fn path_rules_apply(&self, action: &Action) -> bool {
+        action.path().is_some()
+            && !(if action.writes() {
+                &self.write_paths
+            } else {
+                &self.read_paths
+            })
+            .is_empty()
+    }
+
+    /// Checks the path a file tool's path resolves to in the sandbox: a
+    /// symlink under an allowed prefix must not lead outside it.
+    pub fn resolved_path_allowed(&self, action: &Action, resolved: &str) -> Result<(), String> {
+        let layers = if action.writes() {
+            &self.write_paths
+        } else {
+            &self.read_paths
+        };
+        for l in layers {
+            if !l.rules.iter().any(|prefix| under(resolved, prefix)) {
+                return Err(format!(
+                    "the path resolves (through a symlink) to {resolved}, outside the paths {} allows ({})",
+                    l.key,
+                    l.rules.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn arguments_allowed(&self, action: &Action, workdir: &str) -> Result<(), String> {
         match action {
             Action::HttpRequest { method, url, .. } => self.http_allowed(method, url),

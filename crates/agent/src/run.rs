@@ -538,6 +538,16 @@ impl Run<'_, '_> {
                 rec.decision = "approved".into();
             }
         }
+        let action = match self.resolve_path(action) {
+            Ok(a) => a,
+            Err(reason) => {
+                rec.decision = "denied".into();
+                rec.result = format!("refused by policy: {reason}");
+                rec.reason = Some(reason);
+                rec.audit_seq = self.audit_decision(&rec);
+                return rec;
+            }
+        };
         let started = Instant::now();
         self.execute(&action, &mut rec);
         let argv = match &action {
@@ -567,6 +577,53 @@ impl Run<'_, '_> {
             })
             .ok();
         rec
+    }
+
+    /// Under path rules, a file tool works on the path as the sandbox
+    /// resolves it (symlinks followed), checked again: a link planted under
+    /// an allowed prefix cannot lead the tool outside it. (A link swapped in
+    /// between this check and the operation can; the mounts are the wall.)
+    fn resolve_path(&mut self, action: Action) -> Result<Action, String> {
+        if !self.agent.policy.path_rules_apply(&action) {
+            return Ok(action);
+        }
+        let Some(p) = action.path() else {
+            return Ok(action);
+        };
+        let abs = absolute(self.host.workdir(), p);
+        let o = self.host.exec(Command {
+            argv: ["realpath", "-m", "--", &abs].map(String::from).to_vec(),
+            ..Command::default()
+        })?;
+        let resolved = String::from_utf8_lossy(&o.stdout)
+            .trim_end_matches('\n')
+            .to_string();
+        if o.exit_code != Some(0) || !resolved.starts_with('/') {
+            return Err(format!("cannot resolve {abs} in the sandbox"));
+        }
+        self.agent
+            .policy
+            .resolved_path_allowed(&action, &resolved)?;
+        Ok(match action {
+            Action::ReadFile { .. } => Action::ReadFile { path: resolved },
+            Action::ListFiles { .. } => Action::ListFiles { path: resolved },
+            Action::WriteFile { content, .. } => Action::WriteFile {
+                path: resolved,
+                content,
+            },
+            Action::EditFile {
+                old,
+                new,
+                replace_all,
+                ..
+            } => Action::EditFile {
+                path: resolved,
+                old,
+                new,
+                replace_all,
+            },
+            other => other,
+        })
     }
 
     fn audit_decision(&mut self, rec: &ToolRecord) -> Option<i64> {

@@ -332,6 +332,10 @@ fn a_prompt_injected_model_is_refused_by_policy_and_audited() {
                     ToolCall::new("create_agent", json!({"id": "bigger", "tools": ["exec"]})),
                     ToolCall::new("create_agent", json!({"id": "wider", "hosts": ["evil.example.com"]})),
                     ToolCall::new("write_file", json!({"path": "notes.txt", "content": "fine"})),
+                    // A symlink planted under /workspace does not lead the
+                    // file tools out of it.
+                    ToolCall::new("run_code", json!({"language": "sh", "code": "ln -s /tmp /workspace/escape"})),
+                    ToolCall::new("write_file", json!({"path": "escape/pwned", "content": "x"})),
                 ],
             ),
             reply(Some("I could not do most of that."), vec![]),
@@ -347,9 +351,17 @@ fn a_prompt_injected_model_is_refused_by_policy_and_audited() {
     );
     assert_eq!(c, 0, "{}", text(&o.stderr));
     let t = calls(&r);
-    assert_eq!(t.len(), 9, "{r}");
+    assert_eq!(t.len(), 11, "{r}");
     let decision = |i: usize| t[i]["decision"].as_str().unwrap_or("").to_string();
     let result = |i: usize| t[i]["result"].as_str().unwrap_or("").to_string();
+    assert_eq!(t[9]["ok"], true, "{}", t[9]);
+    assert_eq!(
+        decision(10),
+        "denied",
+        "a write through a symlink: {}",
+        t[10]
+    );
+    assert!(result(10).contains("/tmp/pwned"), "{}", result(10));
     assert_eq!(decision(0), "denied", "exec is denied: {}", t[0]);
     assert!(result(0).contains("deny list"), "{}", result(0));
     assert_eq!(decision(1), "denied", "write outside /workspace: {}", t[1]);
