@@ -177,6 +177,33 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The tenant of unix-socket callers that send no API key: [`LOCAL_TENANT`],
+/// made (with default quotas and a key nobody is shown) when missing. The
+/// socket's mode (0660, group `nanoclaw`, or a private directory) is what
+/// admits them, as with Docker's socket. `None` (keyless callers refused)
+/// when the name was retired by `tenant rm local` or the table fails.
+fn local_tenant(tenants: &Tenants) -> Option<TenantId> {
+    let ok = match tenants.get(LOCAL_TENANT) {
+        Ok(_) => true,
+        Err(TenantError::NotFound(_)) => match tenants.add(LOCAL_TENANT, Quotas::default()) {
+            Ok(_) => true,
+            Err(TenantError::Duplicate(_)) => true,
+            Err(e) => {
+                eprintln!("nanoclaw serve: unix-socket callers need an API key: {e}");
+                false
+            }
+        },
+        Err(e) => {
+            eprintln!("nanoclaw serve: unix-socket callers need an API key: {e}");
+            false
+        }
+    };
+    ok.then(|| TenantId::from(LOCAL_TENANT))
+}
+
+/// The tenant unix-socket callers without an API key act as.
+pub const LOCAL_TENANT: &str = "local";
+
 /// One daemon per data folder: an exclusive lock on `DATA/serve.lock`,
 /// held while the returned file is open.
 fn lock_data(data: &std::path::Path) -> Result<std::fs::File, DaemonError> {
@@ -243,6 +270,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         listen.push(ListenAddr::Unix(sock));
     }
     let mut opts = ServeOptions::default();
+    if listen.iter().any(|l| matches!(l, ListenAddr::Unix(_))) {
+        opts.unix_tenant = local_tenant(&tenants);
+    }
     if let Some(v) = cfg.envd_version {
         opts.envd_version = v;
     }
