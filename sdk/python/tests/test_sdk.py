@@ -225,5 +225,60 @@ def test_run_audit_approvals_and_an_existing_daemon(fake, tmp_path: Path, monkey
             assert not other.embedded
             assert other.run("true").exit_code == 0
         assert agent.health()
+        assert isinstance(agent.images(), list)
     # The audit log stays where audit_path said.
     assert (audit_dir / "nanoclaw.db").exists()
+
+
+def test_url_api_key_and_quota_exceeded(tmp_path: Path) -> None:
+    """A daemon on TCP (started here, no config): the client with a URL and
+    a tenant's key; a wrong key is a 401, a run without --config a 409, the
+    tenant's rate limit a QuotaExceeded with Retry-After."""
+    import socket
+
+    from nanoclaw import NanoClaw, NanoClawError, QuotaExceeded
+
+    nc = os.environ["NANOCLAW_BIN"]
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    key = subprocess.run(
+        [nc, "tenant", "add", "acme", "--data", str(data), "--rate", "1"],
+        capture_output=True, check=True, text=True,
+    ).stdout.strip()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = subprocess.Popen(
+        [nc, "serve", "--data", str(data), "--listen", f"tcp:127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nanoclaw serve did not listen"
+                time.sleep(0.05)
+        time.sleep(2.1)  # a full bucket
+        with NanoClaw(url=f"http://127.0.0.1:{port}", api_key=key) as agent:
+            assert not agent.embedded
+            assert agent.run(["echo", "tcp"]).stdout == "tcp\n"
+            with pytest.raises(NanoClawError) as e:
+                agent.execute(prompt="x")
+            assert e.value.status == 409, e.value
+            with pytest.raises(QuotaExceeded) as q:
+                for _ in range(10):
+                    agent.audit(limit=1)
+            assert q.value.status == 429
+            assert q.value.retry_after is not None and q.value.retry_after >= 1
+            assert "rate limit" in q.value.message and "acme" in q.value.message
+        with NanoClaw(url=f"http://127.0.0.1:{port}", api_key="e2b_" + "0" * 40) as bad:
+            with pytest.raises(NanoClawError) as e:
+                bad.audit()
+            assert e.value.status == 401
+            assert "Invalid API key" in e.value.message
+    finally:
+        daemon.terminate()
+        daemon.wait()

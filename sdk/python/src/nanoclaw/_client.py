@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import warnings
 import weakref
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import httpx
 
-from ._daemon import EmbeddedDaemon, default_socket, socket_answers
+from ._daemon import EmbeddedDaemon, default_socket, find_binary, socket_answers
 from ._errors import DaemonUnavailable, NanoClawError, QuotaExceeded
 from ._types import ExecutionResult, RunResult
 
@@ -327,6 +329,25 @@ class NanoClaw:
         if after is not None:
             params["after"] = after
         return list(self._request("GET", "/v1/audit", params=params))
+
+    def images(self) -> List[Dict[str, Any]]:
+        """The images in this machine's store (``nanoclaw image ls
+        --json``, with the binary of ``$NANOCLAW_BIN`` or PATH): local
+        only, whichever daemon the client talks to."""
+        binary = self._embedded.binary if self._embedded is not None else find_binary()
+        try:
+            out = subprocess.run(
+                [binary, "image", "ls", "--json"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NanoClawError(0, "image_ls", f"nanoclaw image ls: {e}") from e
+        if out.returncode != 0:
+            msg = out.stderr.decode(errors="replace").strip()
+            raise NanoClawError(0, "image_ls", msg or f"nanoclaw image ls exited {out.returncode}")
+        return list(json.loads(out.stdout or b"[]"))
 
     def health(self) -> bool:
         """Whether the daemon answers ``/healthz``."""
