@@ -302,6 +302,24 @@ mod tests {
     use super::*;
     use crate::tenants::{Change, QuotaChanges};
 
+    #[test]
+    fn unix_socket_callers_are_the_local_tenant_unless_its_name_was_retired() {
+        let dir =
+            std::env::temp_dir().join(format!("nanoclaw-daemon-local-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenants = Tenants::open(&dir.join("nanoclaw.db")).unwrap();
+        let local = Some(TenantId::from(LOCAL_TENANT));
+        assert_eq!(local_tenant(&tenants), local);
+        // Made once, then found.
+        assert_eq!(local_tenant(&tenants), local);
+        assert_eq!(tenants.list().unwrap().len(), 1);
+        // `tenant rm local`: keyless callers are refused again.
+        tenants.remove(LOCAL_TENANT).unwrap();
+        assert_eq!(local_tenant(&tenants), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn tenant_limits_come_from_the_table_and_are_kept_for_a_while() {
         let dir = std::env::temp_dir().join(format!("nanoclaw-daemon-keys-{}", std::process::id()));
