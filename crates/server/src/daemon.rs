@@ -177,6 +177,33 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The tenant of unix-socket callers that send no API key: [`LOCAL_TENANT`],
+/// made (with default quotas and a key nobody is shown) when missing. The
+/// socket's mode (0660, group `nanoclaw`, or a private directory) is what
+/// admits them, as with Docker's socket. `None` (keyless callers refused)
+/// when the name was retired by `tenant rm local` or the table fails.
+fn local_tenant(tenants: &Tenants) -> Option<TenantId> {
+    let ok = match tenants.get(LOCAL_TENANT) {
+        Ok(_) => true,
+        Err(TenantError::NotFound(_)) => match tenants.add(LOCAL_TENANT, Quotas::default()) {
+            Ok(_) => true,
+            Err(TenantError::Duplicate(_)) => true,
+            Err(e) => {
+                eprintln!("nanoclaw serve: unix-socket callers need an API key: {e}");
+                false
+            }
+        },
+        Err(e) => {
+            eprintln!("nanoclaw serve: unix-socket callers need an API key: {e}");
+            false
+        }
+    };
+    ok.then(|| TenantId::from(LOCAL_TENANT))
+}
+
+/// The tenant unix-socket callers without an API key act as.
+pub const LOCAL_TENANT: &str = "local";
+
 /// One daemon per data folder: an exclusive lock on `DATA/serve.lock`,
 /// held while the returned file is open.
 fn lock_data(data: &std::path::Path) -> Result<std::fs::File, DaemonError> {
@@ -243,6 +270,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         listen.push(ListenAddr::Unix(sock));
     }
     let mut opts = ServeOptions::default();
+    if listen.iter().any(|l| matches!(l, ListenAddr::Unix(_))) {
+        opts.unix_tenant = local_tenant(&tenants);
+    }
     if let Some(v) = cfg.envd_version {
         opts.envd_version = v;
     }
@@ -271,6 +301,24 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
 mod tests {
     use super::*;
     use crate::tenants::{Change, QuotaChanges};
+
+    #[test]
+    fn unix_socket_callers_are_the_local_tenant_unless_its_name_was_retired() {
+        let dir =
+            std::env::temp_dir().join(format!("nanoclaw-daemon-local-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenants = Tenants::open(&dir.join("nanoclaw.db")).unwrap();
+        let local = Some(TenantId::from(LOCAL_TENANT));
+        assert_eq!(local_tenant(&tenants), local);
+        // Made once, then found.
+        assert_eq!(local_tenant(&tenants), local);
+        assert_eq!(tenants.list().unwrap().len(), 1);
+        // `tenant rm local`: keyless callers are refused again.
+        tenants.remove(LOCAL_TENANT).unwrap();
+        assert_eq!(local_tenant(&tenants), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn tenant_limits_come_from_the_table_and_are_kept_for_a_while() {

@@ -1,0 +1,102 @@
+//! The Python SDK (`sdk/python`, seed 000's `NanoClaw`) against the real
+//! binary: its pytest suite (`sdk/python/tests`), run from the venv
+//! `.ci/python-venv.sh` makes (`NANOCLAW_VENV`), with the package taken
+//! from the source tree (`PYTHONPATH=sdk/python/src`: nothing is
+//! installed). The suite starts embedded daemons itself (`NANOCLAW_BIN`)
+//! and the fake model server binary (`NANOCLAW_FAKELLM`: `nanoclaw-fakellm`
+//! beside `nanoclaw` in the target folder, built by `cargo test
+//! --workspace` for the fakellm crate's own tests).
+//!
+//! Skipped (passing) without the venv or the fake's binary, unless
+//! `NANOCLAW_REQUIRE_E2B=1`; skipped when not root (the agents' sandboxes
+//! need root; CI runs these as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::is_root;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn required() -> bool {
+    std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1")
+}
+
+/// Says why the test cannot run: a failure when required, else SKIP.
+fn missing(what: String) -> Option<PathBuf> {
+    assert!(!required(), "NANOCLAW_REQUIRE_E2B=1 but {what}");
+    eprintln!("SKIPPED python_sdk: {what}");
+    None
+}
+
+/// The venv with pytest and httpx (the pinned requirements).
+fn venv() -> Option<PathBuf> {
+    let v = std::env::var_os("NANOCLAW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo().join("target"))
+                .join("venv")
+        });
+    if v.join("bin/python").exists() {
+        return Some(v);
+    }
+    missing(format!(
+        "there is no Python venv at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
+        v.display()
+    ))
+}
+
+/// `nanoclaw-fakellm`: `$NANOCLAW_FAKELLM`, else beside `nanoclaw`.
+fn fakellm() -> Option<PathBuf> {
+    let p = std::env::var_os("NANOCLAW_FAKELLM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_BIN_EXE_nanoclaw")).with_file_name("nanoclaw-fakellm")
+        });
+    if p.is_file() {
+        return Some(p);
+    }
+    missing(format!(
+        "the fake model server {} is not built (cargo build --release -p nanoclaw-fakellm, \
+         or cargo test --workspace; or set NANOCLAW_FAKELLM)",
+        p.display()
+    ))
+}
+
+#[test]
+fn python_sdk_pytest_suite() {
+    if !is_root() {
+        eprintln!("SKIPPED python_sdk: the agents' sandboxes need root (CI runs these as root)");
+        return;
+    }
+    let (Some(venv), Some(fake)) = (venv(), fakellm()) else {
+        return;
+    };
+    let sdk = repo().join("sdk/python");
+    let o = Command::new(venv.join("bin/python"))
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+        .current_dir(&sdk)
+        .env("PYTHONPATH", sdk.join("src"))
+        .env("NANOCLAW_BIN", env!("CARGO_BIN_EXE_nanoclaw"))
+        .env("NANOCLAW_FAKELLM", &fake)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("run pytest");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{out}\n{err}");
+    assert!(o.status.success(), "pytest sdk/python/tests failed");
+    // Every test ran (none skipped: NANOCLAW_BIN and the fake were given).
+    assert!(
+        !out.contains("skipped"),
+        "pytest skipped tests it should have run"
+    );
+}

@@ -1,0 +1,357 @@
+"""The client: seed 000's ``NanoClaw`` over a daemon's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import httpx
+
+from ._daemon import EmbeddedDaemon, default_socket, find_binary, socket_answers
+from ._errors import DaemonUnavailable, NanoClawError, QuotaExceeded
+from ._types import ExecutionResult, RunResult
+
+#: Timeout of requests other than ``execute`` (seconds).
+REQUEST_TIMEOUT_S = 60.0
+#: Approval decisions ``approve`` accepts.
+DECISIONS = ("allow-once", "allow-always", "deny")
+
+
+def _error(r: httpx.Response) -> NanoClawError:
+    """The daemon's error answer as an exception."""
+    code: object = r.status_code
+    message = r.text.strip() or r.reason_phrase
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        message = str(body.get("message") or message)
+        code = body.get("code", code)
+    if r.status_code == 429:
+        retry: Optional[float]
+        try:
+            retry = float(r.headers.get("retry-after", ""))
+        except ValueError:
+            retry = None
+        return QuotaExceeded(r.status_code, code, message, retry)
+    return NanoClawError(r.status_code, code, message)
+
+
+def _json(r: httpx.Response) -> Any:
+    if r.status_code >= 400:
+        raise _error(r)
+    try:
+        return r.json()
+    except ValueError as e:
+        raise NanoClawError(r.status_code, "bad_answer", f"not JSON: {r.text[:200]!r}") from e
+
+
+def _transport_error(e: Exception, where: str) -> NanoClawError:
+    return DaemonUnavailable(f"cannot reach the nanoclaw daemon at {where}: {e}")
+
+
+class NanoClaw:
+    """A client of a nanoclaw daemon (seed 000's API).
+
+    Which daemon: ``url`` (``http://127.0.0.1:PORT``, with ``api_key`` or
+    ``$NANOCLAW_API_KEY``), else the daemon's unix socket
+    (:func:`nanoclaw.default_socket`; no key needed there: its callers act
+    as the daemon's ``local`` tenant). When no daemon answers there and
+    ``config_path`` is given, an embedded ``nanoclaw serve --config
+    config_path`` is started for the life of this object (data folder:
+    ``data_dir``, else ``audit_path``, else a temporary one) and stopped
+    by :meth:`close`, ``with`` or garbage collection.
+
+    The daemon records every request and run in its audit log whatever
+    ``audit_log`` says (it cannot be turned off); ``audit_path`` is where
+    an embedded daemon keeps it.
+    """
+
+    def __init__(
+        self,
+        config_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        audit_log: bool = True,
+        audit_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        data_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        socket_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    ) -> None:
+        if not audit_log:
+            warnings.warn(
+                "nanoclaw: the daemon audits every request and run; audit_log=False is ignored",
+                stacklevel=2,
+            )
+        self._embedded: Optional[EmbeddedDaemon] = None
+        self._headers: Dict[str, str] = {}
+        key = api_key or os.environ.get("NANOCLAW_API_KEY")
+        if key:
+            self._headers["X-API-Key"] = key
+        self._url: Optional[str] = None
+        self._socket: Optional[Path] = None
+        if url is not None:
+            self._url = url.rstrip("/")
+        else:
+            sock = Path(socket_path) if socket_path is not None else default_socket()
+            if socket_answers(sock):
+                self._socket = sock
+            elif config_path is not None:
+                data = data_dir if data_dir is not None else audit_path
+                self._embedded = EmbeddedDaemon(
+                    os.fspath(config_path), os.fspath(data) if data is not None else None
+                )
+                self._socket = self._embedded.socket
+                # Stopped even if close() is never called.
+                self._finalizer = weakref.finalize(self, self._embedded.stop)
+            else:
+                raise DaemonUnavailable(
+                    f"no nanoclaw daemon answers on {sock} (start one with `nanoclaw serve`, "
+                    "give url=, or give config_path= to start an embedded one)"
+                )
+        self._client = httpx.Client(**self._client_args(sync=True))
+
+    # -- plumbing ---------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """The daemon's URL or ``unix:SOCKET``."""
+        return self._url if self._url is not None else f"unix:{self._socket}"
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this object started (and owns) its daemon."""
+        return self._embedded is not None
+
+    @property
+    def daemon_pid(self) -> Optional[int]:
+        """The embedded daemon's pid (None when it is not ours or stopped)."""
+        e = self._embedded
+        return e.proc.pid if e is not None and e.proc is not None else None
+
+    def _client_args(self, sync: bool) -> Dict[str, Any]:
+        args: Dict[str, Any] = {
+            "headers": self._headers,
+            "timeout": REQUEST_TIMEOUT_S,
+        }
+        if self._url is not None:
+            args["base_url"] = self._url
+        else:
+            uds = str(self._socket)
+            args["base_url"] = "http://nanoclaw"
+            args["transport"] = (
+                httpx.HTTPTransport(uds=uds) if sync else httpx.AsyncHTTPTransport(uds=uds)
+            )
+        return args
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self._client.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.where) from e
+        return _json(r)
+
+    async def _request_async(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            async with httpx.AsyncClient(**self._client_args(sync=False)) as c:
+                r = await c.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.where) from e
+        return _json(r)
+
+    def close(self) -> None:
+        """Closes the connection; stops an embedded daemon (no process, no
+        socket left behind)."""
+        self._client.close()
+        if self._embedded is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "NanoClaw":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "NanoClaw":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- agents -----------------------------------------------------------
+
+    @staticmethod
+    def _execute_body(
+        prompt: str, language: str, timeout: float, agent: Optional[str]
+    ) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"prompt": prompt, "language": language, "timeout": timeout}
+        if agent is not None:
+            body["agent"] = agent
+        return body
+
+    def execute(
+        self,
+        prompt: str,
+        language: str = "python",
+        timeout: float = 30,
+        agent: Optional[str] = None,
+    ) -> ExecutionResult:
+        """Runs the agent on ``prompt``: it writes code in ``language``, runs
+        it in its sandbox (each piece at most ``timeout`` seconds) and
+        answers. Raises :class:`NanoClawError` with the daemon's message
+        (404 unknown agent, 502 the model API failed, 429 too many runs)."""
+        body = self._execute_body(prompt, language, timeout, agent)
+        # The daemon bounds the run's wall time; the client waits for it.
+        v = self._request("POST", "/v1/execute", json=body, timeout=httpx.Timeout(None, connect=10))
+        return ExecutionResult.from_json(v)
+
+    async def execute_async(
+        self,
+        prompt: str,
+        language: str = "python",
+        timeout: float = 30,
+        agent: Optional[str] = None,
+    ) -> ExecutionResult:
+        """:meth:`execute` for asyncio: ``asyncio.gather`` of several runs
+        them in parallel (up to the daemon's 4 runs per tenant)."""
+        body = self._execute_body(prompt, language, timeout, agent)
+        v = await self._request_async(
+            "POST", "/v1/execute", json=body, timeout=httpx.Timeout(None, connect=10)
+        )
+        return ExecutionResult.from_json(v)
+
+    def approvals(self, all: bool = False) -> List[Dict[str, Any]]:
+        """Pending approval requests of the caller's tenant (``all``: the
+        answered and expired ones too), newest first."""
+        params = {"all": "true"} if all else None
+        return list(self._request("GET", "/v1/approvals", params=params))
+
+    def approve(self, id: str, decision: str = "allow-once") -> Dict[str, Any]:
+        """Answers an approval request: ``allow-once``, ``allow-always`` or
+        ``deny``."""
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+        return dict(self._request("POST", f"/v1/approvals/{id}", json={"decision": decision}))
+
+    # -- sandboxes and audit ----------------------------------------------
+
+    @staticmethod
+    def _run_body(
+        cmd: Optional[Union[str, Sequence[str]]],
+        timeout: float,
+        code: Optional[str],
+        language: Optional[str],
+        env: Optional[Mapping[str, str]],
+        stdin: Optional[str],
+        template: Optional[str],
+    ) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"timeout_ms": int(timeout * 1000)}
+        if cmd is not None and code is not None:
+            raise ValueError("give cmd or code, not both")
+        if isinstance(cmd, str):
+            body["command"] = ["sh", "-c", cmd]
+        elif cmd is not None:
+            body["command"] = list(cmd)
+        elif code is not None:
+            body["lang"] = language or "python"
+            body["code"] = code
+        else:
+            raise ValueError("give cmd (a shell string or an argv list) or code")
+        if env:
+            body["env"] = dict(env)
+        if stdin is not None:
+            body["stdin"] = stdin
+        if template is not None:
+            body["template"] = template
+        return body
+
+    def run(
+        self,
+        cmd: Optional[Union[str, Sequence[str]]] = None,
+        timeout: float = 30,
+        *,
+        code: Optional[str] = None,
+        language: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        stdin: Optional[str] = None,
+        template: Optional[str] = None,
+    ) -> RunResult:
+        """Runs one command (a shell string or an argv list), or ``code`` in
+        ``language``, in a fresh sandbox that ends with it."""
+        body = self._run_body(cmd, timeout, code, language, env, stdin, template)
+        v = self._request(
+            "POST", "/v1/run", json=body, timeout=httpx.Timeout(timeout + 60, connect=10)
+        )
+        return RunResult.from_json(v)
+
+    async def run_async(
+        self,
+        cmd: Optional[Union[str, Sequence[str]]] = None,
+        timeout: float = 30,
+        *,
+        code: Optional[str] = None,
+        language: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        stdin: Optional[str] = None,
+        template: Optional[str] = None,
+    ) -> RunResult:
+        """:meth:`run` for asyncio."""
+        body = self._run_body(cmd, timeout, code, language, env, stdin, template)
+        v = await self._request_async(
+            "POST", "/v1/run", json=body, timeout=httpx.Timeout(timeout + 60, connect=10)
+        )
+        return RunResult.from_json(v)
+
+    def audit(
+        self,
+        since: Optional[str] = None,
+        kind: Optional[str] = None,
+        limit: int = 100,
+        sandbox: Optional[str] = None,
+        after: Optional[int] = None,
+    ) -> List[Dict[str, Any]]:
+        """The caller's tenant's audit records, oldest first: ``since`` (RFC
+        3339 or an age like ``1h``), ``kind`` (``request``, ``agent_run``,
+        ``tool_call``, ``model_call``, ``exec``, …), ``limit`` (1–1000),
+        ``after`` (a seq, to page on)."""
+        params: Dict[str, Any] = {"limit": limit}
+        if since is not None:
+            params["since"] = since
+        if kind is not None:
+            params["kind"] = kind
+        if sandbox is not None:
+            params["sandbox"] = sandbox
+        if after is not None:
+            params["after"] = after
+        return list(self._request("GET", "/v1/audit", params=params))
+
+    def images(self) -> List[Dict[str, Any]]:
+        """The images in this machine's store (``nanoclaw image ls
+        --json``, with the binary of ``$NANOCLAW_BIN`` or PATH): local
+        only, whichever daemon the client talks to."""
+        binary = self._embedded.binary if self._embedded is not None else find_binary()
+        try:
+            out = subprocess.run(
+                [binary, "image", "ls", "--json"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NanoClawError(0, "image_ls", f"nanoclaw image ls: {e}") from e
+        if out.returncode != 0:
+            msg = out.stderr.decode(errors="replace").strip()
+            raise NanoClawError(0, "image_ls", msg or f"nanoclaw image ls exited {out.returncode}")
+        return list(json.loads(out.stdout or b"[]"))
+
+    def health(self) -> bool:
+        """Whether the daemon answers ``/healthz``."""
+        try:
+            return self._client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
