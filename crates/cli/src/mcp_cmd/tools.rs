@@ -379,6 +379,7 @@ fn outcome(o: &Outcome, max: Duration) -> Value {
             "stdout_truncated": o.stdout_truncated,
             "stderr_truncated": o.stderr_truncated,
             "duration_ms": o.duration.as_millis() as u64,
+            "sandbox_id": o.sandbox_id,
         },
         "isError": !ok,
     })
