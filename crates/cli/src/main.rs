@@ -12,6 +12,7 @@ mod build_cmd;
 mod config_cmd;
 mod doctor;
 mod image_cmd;
+mod mcp_cmd;
 mod run_cmd;
 mod sandbox_cmd;
 mod scope_cmd;
@@ -64,6 +65,8 @@ enum Command {
     /// Agents: create, ls, show, rm, run, execute; approvals.
     #[command(subcommand)]
     Agent(agent_cmd::AgentCommand),
+    /// An MCP server over stdio: a sandbox's tools for any MCP host (Claude Code, Codex, Cursor).
+    Mcp(mcp_cmd::McpArgs),
     /// (internal) One run from a JSON spec on stdin (the daemon's /v1/run).
     #[command(name = "__run", hide = true)]
     RunSpec,
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
         Command::Tenant(a) => tenant_cmd::run_tenant(a),
         Command::Audit(a) => audit_cmd::run_audit(a),
         Command::Agent(c) => agent_cmd::run_agent(c),
+        Command::Mcp(a) => mcp_cmd::run(a),
         Command::RunSpec => sandbox_cmd::run_spec(),
         Command::Keeper => sandbox_cmd::keeper(),
     };

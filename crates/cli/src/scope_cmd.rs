@@ -133,7 +133,7 @@ pub fn config_hash(spec: &SandboxSpec) -> Result<String> {
 }
 
 /// The config file named by `--config` (or discovered), absolute.
-fn config_path(policy: &crate::config_cmd::PolicyArgs) -> Result<PathBuf> {
+pub(crate) fn config_path(policy: &crate::config_cmd::PolicyArgs) -> Result<PathBuf> {
     let Some((path, _, _)) = crate::config_cmd::find_and_load(policy.config.as_deref())? else {
         bail!("--agent/--session need a config file: give --config FILE or set NANOCLAW_CONFIG");
     };
@@ -204,7 +204,9 @@ pub fn scoped_for_spec(
 }
 
 /// The spec and resolution of `policy` alone.
-fn policy_only_spec(policy: &crate::config_cmd::PolicyArgs) -> Result<(SandboxSpec, Resolved)> {
+pub(crate) fn policy_only_spec(
+    policy: &crate::config_cmd::PolicyArgs,
+) -> Result<(SandboxSpec, Resolved)> {
     let mut words: Vec<String> = vec!["nanoclaw".into()];
     for (flag, v) in [
         (
