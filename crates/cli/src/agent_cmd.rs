@@ -156,7 +156,7 @@ pub struct RunCommon {
 pub struct RunArgs {
     /// The agent's id.
     pub name: String,
-    /// The prompt.
+    /// The prompt (`-`: read it from stdin).
     pub prompt: String,
     #[command(flatten)]
     pub common: RunCommon,
@@ -165,7 +165,7 @@ pub struct RunArgs {
 /// `agent execute`.
 #[derive(Debug, Args)]
 pub struct ExecuteArgs {
-    /// The prompt.
+    /// The prompt (`-`: read it from stdin).
     pub prompt: String,
     /// The agent (default: the config's default agent, else `default`).
     #[arg(long, value_name = "ID")]
@@ -663,7 +663,29 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
     })
 }
 
+/// Longest prompt read from stdin.
+const MAX_STDIN_PROMPT: u64 = 1 << 20;
+
+/// The prompt, or stdin's when it is `-` (how the daemon passes it: argv
+/// is readable by every local user in /proc/PID/cmdline).
+fn prompt_text(p: &str) -> Result<String> {
+    if p != "-" {
+        return Ok(p.to_string());
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::io::stdin(), MAX_STDIN_PROMPT + 1),
+        &mut s,
+    )
+    .map_err(|e| anyhow!("reading the prompt from stdin: {e}"))?;
+    if s.len() as u64 > MAX_STDIN_PROMPT || s.trim().is_empty() {
+        bail!("the prompt on stdin must be 1 byte to 1 MiB of text");
+    }
+    Ok(s)
+}
+
 fn run(name: &str, prompt: &str, c: &RunCommon, execute: Option<(&str, Duration)>) -> Result<u8> {
+    let prompt = &prompt_text(prompt)?;
     if let Some(d) = &c.data.data {
         // Agents' workspaces and team spaces live in the data folder they
         // use. Set before any thread exists (the loop's come later).

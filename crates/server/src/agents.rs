@@ -8,12 +8,12 @@
 //! ```text
 //! nanoclaw agent execute --json --approve queue --approval-timeout T
 //!     --tenant TENANT --session serve-TENANT-HASH --data DATA --config FILE
-//!     [--agent A] --language L --timeout Ns -- PROMPT
+//!     [--agent A] --language L --timeout Ns -- -   (the prompt on stdin)
 //! ```
 //!
 //! in a process group of its own, with the daemon's environment (the
 //! config's `${VAR}`s, e.g. the model's API key, are read from it) and
-//! nothing from the request but argv after `--`. Its stdout (the JSON
+//! nothing from the request but the prompt, written to its stdin. Its stdout (the JSON
 //! report) is captured up to [`MAX_REPORT`]; its process group is killed
 //! when the run outlives its wall time ([`Agents::wall_time`]) or when the
 //! client goes away (the request's future is dropped). The child writes
@@ -52,7 +52,7 @@ pub const BUSY_RETRY: Duration = Duration::from_secs(2);
 pub const MAX_REPORT: usize = 8 << 20;
 /// The end of a run's stderr kept (its last line is the error).
 pub const MAX_STDERR: usize = 16 << 10;
-/// Longest prompt (it travels as one argv string: Linux takes 128 KiB).
+/// Longest prompt (it travels on the child's stdin).
 pub const MAX_PROMPT: usize = 100_000;
 /// Default code timeout, seconds.
 pub const DEFAULT_TIMEOUT_S: f64 = 30.0;
@@ -332,8 +332,10 @@ impl Agents {
         a.push(req.language.clone().into());
         a.push("--timeout".into());
         a.push(ms(req.timeout).into());
+        // The prompt goes on stdin ("-"): argv is readable by every local
+        // user in /proc/PID/cmdline.
         a.push("--".into());
-        a.push(req.prompt.clone().into());
+        a.push("-".into());
         Ok(a)
     }
 
@@ -343,7 +345,7 @@ impl Agents {
     pub async fn execute(&self, tenant: &TenantId, req: &Execute) -> Result<Value, ExecuteError> {
         let argv = self.argv(tenant, req)?;
         let wall = self.wall_time(req.timeout);
-        let done = run_child(&self.cfg.exe, &argv, wall)
+        let done = run_child(&self.cfg.exe, &argv, Some(req.prompt.as_bytes()), wall)
             .await
             .map_err(ExecuteError::Spawn)?;
         interpret(done, wall)
@@ -447,18 +449,32 @@ fn take(c: &Arc<Mutex<Capture>>) -> Capture {
 pub async fn run_child(
     exe: &std::path::Path,
     argv: &[OsString],
+    stdin: Option<&[u8]>,
     wall: Duration,
 ) -> std::io::Result<Finished> {
     let mut child = tokio::process::Command::new(exe)
         .args(argv)
         .current_dir("/")
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true)
         .spawn()?;
     let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    if let (Some(mut pipe), Some(data)) = (child.stdin.take(), stdin) {
+        use tokio::io::AsyncWriteExt;
+        let data = data.to_vec();
+        // Written beside the wait: a child that does not read cannot stall
+        // the daemon (the pipe closes when the write ends or fails).
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&data).await;
+        });
+    }
     let (out, err) = (Arc::default(), Arc::default());
     let readers = [
         child
@@ -624,7 +640,11 @@ mod tests {
         let session = a.session(&TenantId::from("acme"));
         assert!(session.starts_with("serve-acme-") && session.len() == "serve-acme-".len() + 8);
         assert!(s.starts_with(&format!("agent execute --json --approve queue --approval-timeout 1000ms --tenant acme --session {session} --data /d --config /c.yaml --agent bot --language python --timeout 1500ms -- ")), "{s}");
-        assert_eq!(argv.last().unwrap(), "--config /etc/x");
+        assert_eq!(
+            argv.last().unwrap(),
+            "-",
+            "the prompt goes on stdin, not in argv"
+        );
         let mut none = agents(RunLimits::default());
         none.cfg.config = None;
         assert!(matches!(
@@ -719,7 +739,7 @@ mod tests {
             .map(OsString::from)
             .collect();
         let t = std::time::Instant::now();
-        let f = run_child("/bin/sh".as_ref(), &argv, Duration::from_millis(500))
+        let f = run_child("/bin/sh".as_ref(), &argv, None, Duration::from_millis(500))
             .await
             .unwrap();
         assert!(f.status.is_none());
