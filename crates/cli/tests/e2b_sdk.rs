@@ -8,47 +8,17 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{modes, nc, text, Mode};
+use common::{modes, nc, repo, text, venv, Mode};
 
 /// The tests count keeper processes: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The venv with the pinned SDK, or `None` (skip, unless required).
-fn venv() -> Option<PathBuf> {
-    let v = std::env::var_os("NANOCLAW_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo().join("target"))
-                .join("venv")
-        });
-    if v.join("bin/python").exists() {
-        return Some(v);
-    }
-    let required = std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1");
-    assert!(
-        !required,
-        "NANOCLAW_REQUIRE_E2B=1 but there is no venv at {} (run .ci/python-venv.sh)",
-        v.display()
-    );
-    eprintln!(
-        "SKIPPED: no Python venv with the e2b SDK at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
-        v.display()
-    );
-    None
 }
 
 fn free_port() -> u16 {
@@ -217,7 +187,9 @@ fn wait_keepers(mode: Mode, want: usize) -> usize {
 #[test]
 fn the_e2b_sdk_runs_against_nanoclaw_serve() {
     let _g = serial();
-    let Some(venv) = venv() else { return };
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
     for m in modes("the_e2b_sdk_runs_against_nanoclaw_serve") {
         let before = keepers(m);
         let d = Daemon::new(m, "sdk");

@@ -9,41 +9,10 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use common::{bin_for, modes, nc, text, Mode};
+use common::{bin_for, modes, nc, repo, text, venv, Mode};
 use serde_json::{json, Value};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The venv with the pinned SDKs, or `None` (skip, unless required).
-fn venv() -> Option<PathBuf> {
-    let v = std::env::var_os("NANOCLAW_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo().join("target"))
-                .join("venv")
-        });
-    if v.join("bin/python").exists() {
-        return Some(v);
-    }
-    let required = std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1");
-    assert!(
-        !required,
-        "NANOCLAW_REQUIRE_E2B=1 but there is no venv at {} (run .ci/python-venv.sh)",
-        v.display()
-    );
-    eprintln!(
-        "SKIPPED: no Python venv with the mcp SDK at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
-        v.display()
-    );
-    None
-}
 
 /// A running `nanoclaw mcp`, spoken to line by line.
 struct Server {
@@ -280,7 +249,9 @@ fn an_agents_policy_decides_which_tools_are_offered() {
 
 #[test]
 fn the_official_mcp_sdk_uses_nanoclaw_mcp() {
-    let Some(venv) = venv() else { return };
+    let Some(venv) = venv("the mcp SDK") else {
+        return;
+    };
     for m in modes("the_official_mcp_sdk_uses_nanoclaw_mcp") {
         let mut cmd: Vec<String> = Vec::new();
         if let Some((uid, gid)) = m.user {

@@ -18,11 +18,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::is_root;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{is_root, repo, venv};
 
 fn required() -> bool {
     std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1")
@@ -33,25 +29,6 @@ fn missing(what: String) -> Option<PathBuf> {
     assert!(!required(), "NANOCLAW_REQUIRE_E2B=1 but {what}");
     eprintln!("SKIPPED python_sdk: {what}");
     None
-}
-
-/// The venv with pytest and httpx (the pinned requirements).
-fn venv() -> Option<PathBuf> {
-    let v = std::env::var_os("NANOCLAW_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo().join("target"))
-                .join("venv")
-        });
-    if v.join("bin/python").exists() {
-        return Some(v);
-    }
-    missing(format!(
-        "there is no Python venv at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
-        v.display()
-    ))
 }
 
 /// `nanoclaw-fakellm`: `$NANOCLAW_FAKELLM`, else beside `nanoclaw`.
@@ -77,7 +54,7 @@ fn python_sdk_pytest_suite() {
         eprintln!("SKIPPED python_sdk: the agents' sandboxes need root (CI runs these as root)");
         return;
     }
-    let (Some(venv), Some(fake)) = (venv(), fakellm()) else {
+    let (Some(venv), Some(fake)) = (venv("pytest and httpx"), fakellm()) else {
         return;
     };
     let sdk = repo().join("sdk/python");

@@ -133,3 +133,37 @@ pub fn code(o: &Output) -> i32 {
         .code()
         .unwrap_or_else(|| panic!("nanoclaw itself died of a signal: {:?}", o.status))
 }
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv with the pinned Python packages (tests/python/requirements.txt,
+/// made by .ci/python-venv.sh): `$NANOCLAW_VENV`, else `venv` in the target
+/// dir. `None` after a SKIP line naming `what` the suite needs from it; a
+/// failure instead when `NANOCLAW_REQUIRE_E2B=1` (CI).
+pub fn venv(what: &str) -> Option<PathBuf> {
+    let v = std::env::var_os("NANOCLAW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo().join("target"))
+                .join("venv")
+        });
+    if v.join("bin/python").exists() {
+        return Some(v);
+    }
+    let required = std::env::var("NANOCLAW_REQUIRE_E2B").is_ok_and(|x| x == "1");
+    assert!(
+        !required,
+        "NANOCLAW_REQUIRE_E2B=1 but there is no venv at {} (run .ci/python-venv.sh)",
+        v.display()
+    );
+    eprintln!(
+        "SKIPPED: no Python venv with {what} at {} (run .ci/python-venv.sh, or set NANOCLAW_VENV)",
+        v.display()
+    );
+    None
+}
