@@ -57,6 +57,20 @@ pub struct TestBackend {
     sandboxes: Mutex<HashMap<String, Sbx>>,
 }
 
+/// Sandboxes a test did not kill leave nothing behind either: their
+/// processes and folders go with the backend.
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        let map = std::mem::take(&mut *self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, s) in map {
+            for pid in s.procs.lock().unwrap_or_else(|e| e.into_inner()).keys() {
+                kill_group(*pid, libc::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(&s.root);
+        }
+    }
+}
+
 fn not_found(id: &str) -> BackendError {
     BackendError::NotFound(format!("sandbox {id} not found"))
 }
