@@ -23,6 +23,7 @@ fn saved_image() -> Option<&'static Path> {
     static TAR: OnceLock<Option<PathBuf>> = OnceLock::new();
     TAR.get_or_init(|| {
         let required = std::env::var("NANOCLAW_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+        remove_stale("nanoclaw-image-test-");
         let dir = std::env::temp_dir().join(format!("nanoclaw-image-test-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -30,6 +30,19 @@ fn is_root() -> bool {
 fn bench_tar() -> Option<&'static Path> {
     static TAR: OnceLock<Option<PathBuf>> = OnceLock::new();
     TAR.get_or_init(|| {
+        // Earlier test processes' folders (they cannot remove their own).
+        for e in fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("nanoclaw-build-test-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("nanoclaw-build-test-{}", std::process::id()));
         fs::create_dir_all(&dir).ok()?;
         let tar = dir.join("bench.tar");

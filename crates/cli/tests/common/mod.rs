@@ -59,23 +59,31 @@ pub fn modes(test: &str) -> Vec<Mode> {
     v
 }
 
+/// Removes `$TMPDIR/<prefix><pid>` folders of test processes that are gone
+/// (a per-process folder cannot be removed by the process at exit).
+pub fn remove_stale(prefix: &str) {
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(prefix) {
+            if pid.bytes().all(|b| b.is_ascii_digit())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// A world-readable copy of the binary for the rootless user.
 pub fn staged_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         // Earlier runs' copies (their test process is gone) are removed here.
-        for e in fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("nanoclaw-cli-test-") {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        remove_stale("nanoclaw-cli-test-");
         let dir = std::env::temp_dir().join(format!("nanoclaw-cli-test-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("stage dir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod stage dir");
