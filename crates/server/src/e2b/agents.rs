@@ -14,7 +14,6 @@ use nanoclaw_agent::approval::Answer;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::body::read_limited;
 use super::observe::{note_input, note_quota_refusal};
 use super::{authenticate, AppState, E2bState, Peer};
 use crate::agents::{Agents, ExecuteError, ExecuteRequest, BUSY_RETRY};
@@ -67,15 +66,7 @@ async fn json_body<B, A>(
     body: Body,
     what: &str,
 ) -> Result<bytes::Bytes, ApiError> {
-    let limits = &state.limits;
-    let bytes = read_limited(
-        headers,
-        body,
-        limits.control_body,
-        limits.body_idle,
-        limits.pace(),
-    )
-    .await?;
+    let bytes = state.limits.read_control_body(headers, body).await?;
     note_input(Captured::of(&bytes));
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(format!(

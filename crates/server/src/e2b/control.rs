@@ -12,7 +12,7 @@ use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use super::body::{parse_form, percent_decode, read_limited};
+use super::body::{parse_form, percent_decode};
 use super::models::{self, NewSandbox, PauseBody, RefreshBody, TimeoutBody, DEFAULT_TIMEOUT_SECS};
 use super::time::parse_rfc3339;
 use super::{authenticate, random_token, AppState, Peer};
@@ -38,15 +38,7 @@ async fn read_json<T: DeserializeOwned + Default, B, A>(
     body: Body,
     required: bool,
 ) -> Result<T, ApiError> {
-    let limits = &state.limits;
-    let bytes = read_limited(
-        headers,
-        body,
-        limits.control_body,
-        limits.body_idle,
-        limits.pace(),
-    )
-    .await?;
+    let bytes = state.limits.read_control_body(headers, body).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         if required {
             return Err(ApiError::bad_request("request body is required (JSON)"));

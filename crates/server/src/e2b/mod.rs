@@ -93,6 +93,22 @@ impl Limits {
     pub fn pace(&self) -> body::Pace {
         body::Pace::with(self.body_grace, self.body_min_rate)
     }
+
+    /// A control-plane request body (small JSON), read under these limits.
+    pub async fn read_control_body(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<bytes::Bytes, body::BodyError> {
+        body::read_limited(
+            headers,
+            body,
+            self.control_body,
+            self.body_idle,
+            self.pace(),
+        )
+        .await
+    }
 }
 
 impl Default for Limits {
