@@ -70,11 +70,8 @@ impl Provider for Anthropic {
         deadline: Instant,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Response, ProviderError> {
-        let body = serde_json::to_vec(&self.request_body(req))
-            .map_err(|e| ProviderError::Protocol(format!("cannot encode the request: {e}")))?;
-        let (mut resp, attempts) = self.endpoint.post(&body, deadline, on_text, parse_body)?;
-        resp.attempts = attempts;
-        Ok(resp)
+        self.endpoint
+            .complete(&self.request_body(req), deadline, on_text, parse_body)
     }
 
     fn config(&self) -> &ProviderConfig {

@@ -114,6 +114,22 @@ impl Endpoint {
         &self.url
     }
 
+    /// Sends a request body (JSON) and parses the answer into a
+    /// [`Response`](super::Response), with the attempts it took.
+    pub fn complete(
+        &self,
+        body: &Value,
+        deadline: Instant,
+        on_text: &mut dyn FnMut(&str),
+        parse: impl Fn(Body, &mut dyn FnMut(&str)) -> Result<super::Response, StreamError>,
+    ) -> Result<super::Response, ProviderError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| ProviderError::Protocol(format!("cannot encode the request: {e}")))?;
+        let (mut resp, attempts) = self.post(&body, deadline, on_text, parse)?;
+        resp.attempts = attempts;
+        Ok(resp)
+    }
+
     /// POSTs `body` and hands the answer to `parse`, retrying retryable
     /// failures (unless text of the failed attempt already reached
     /// `on_text`) with exponential backoff and jitter, or after the server's
