@@ -159,6 +159,23 @@ fn audit_kinds(s: &mut Setup) -> Vec<String> {
         .collect()
 }
 
+/// The id of the first pending approval request (within 30 s), whose
+/// summary must name `what`.
+fn pending_approval(s: &mut Setup, what: &str) -> String {
+    let data = s.data();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = s.ok(&["agent", "approvals", "--json", "--data", &data]);
+        let v: Value = serde_json::from_str(&out).expect("approvals json");
+        if let Some(id) = v[0]["id"].as_str() {
+            assert!(v[0]["summary"].as_str().unwrap_or("").contains(what), "{v}");
+            return id.to_string();
+        }
+        assert!(Instant::now() < until, "no approval request showed up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 const FIB: &str = "a, b = 0, 1\nfor _ in range(10):\n    print(a)\n    a, b = b, a + b\n";
 
 #[test]
@@ -486,23 +503,7 @@ fn approvals_fail_closed_and_allow_always_is_remembered() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn run");
-    let until = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let out = s.ok(&["agent", "approvals", "--json", "--data", &data]);
-        let v: Value = serde_json::from_str(&out).expect("approvals json");
-        if let Some(id) = v[0]["id"].as_str() {
-            assert!(
-                v[0]["summary"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("echo approved-once"),
-                "{v}"
-            );
-            break id.to_string();
-        }
-        assert!(Instant::now() < until, "no approval request showed up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = pending_approval(&mut s, "echo approved-once");
     assert!(s
         .nanoclaw(&[
             "agent",
@@ -815,21 +816,7 @@ fn elevated_exec_needs_both_gates_and_a_person() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn run");
-    let until = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let v: Value =
-            serde_json::from_str(&s.ok(&["agent", "approvals", "--json", "--data", &data]))
-                .expect("json");
-        if let Some(id) = v[0]["id"].as_str() {
-            assert!(
-                v[0]["summary"].as_str().unwrap_or("").contains("ELEVATED"),
-                "{v}"
-            );
-            break id.to_string();
-        }
-        assert!(Instant::now() < until, "no approval request showed up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = pending_approval(&mut s, "ELEVATED");
     s.ok(&["agent", "approve", &id, "allow-always", "--data", &data]);
     let o = child.wait_with_output().expect("run");
     let r: Value = serde_json::from_slice(&o.stdout).expect("report");
