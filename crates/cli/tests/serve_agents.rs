@@ -469,9 +469,24 @@ fn approvals_round_trip_through_the_api_and_stay_within_the_tenant() {
     assert_eq!(r.status, 401);
     assert_eq!(d.answer(0, "apr_0000000000000000", "deny").status, 404);
 
-    let r = d.answer(0, &id, "allow-once");
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.json(), json!({"id": id, "decision": "allow-once"}));
+    // The person answers with curl (a client nanoclaw did not write).
+    let o = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "-X", "POST", "-H"])
+        .arg(format!("X-API-Key: {}", d.key(0)))
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"decision":"allow-once"}"#,
+        ])
+        .arg(format!("http://127.0.0.1:{}/v1/approvals/{id}", d.port))
+        .output()
+        .expect("curl (apt-get install curl)");
+    let out = text(&o.stdout);
+    let (body, status) = out.rsplit_once('\n').unwrap_or((&out, ""));
+    assert_eq!(status, "200", "curl: {out} {}", text(&o.stderr));
+    let answered: Value = serde_json::from_str(body).expect("json");
+    assert_eq!(answered, json!({"id": id, "decision": "allow-once"}));
     // Answered: not again.
     assert_eq!(d.answer(0, &id, "deny").status, 404);
 
