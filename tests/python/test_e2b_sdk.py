@@ -255,6 +255,47 @@ def test_get_metrics_returns_numbers(sandbox):
     assert 0 <= m.mem_used <= m.mem_total
 
 
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_egress_denial_is_counted_and_audited(sandbox, e2b_target):
+    """A connection the egress policy refuses (a private address, through
+    the sandbox's proxy) shows in /metrics and as an egress_denial audit
+    record of this sandbox, with its destination and reason."""
+    import httpx
+
+    headers = {"X-API-Key": e2b_target.key_a}
+    before = _metric(httpx.get(e2b_target.api_url + "/metrics", headers=headers).text,
+                     "nanoclaw_egress_denials_total")
+    # 10.255.255.1 is private: the proxy refuses it before connecting
+    # (nothing leaves the machine). curl honours the sandbox's proxy
+    # variables; -f turns the proxy's 403 into a failure.
+    with pytest.raises(CommandExitException):
+        sandbox.commands.run("curl -fsS -m 5 http://10.255.255.1:81/ -o /dev/null")
+    after = _metric(httpx.get(e2b_target.api_url + "/metrics", headers=headers).text,
+                    "nanoclaw_egress_denials_total")
+    assert after >= before + 1, (before, after)
+    recs = httpx.get(
+        e2b_target.api_url + "/v1/audit",
+        params={"sandbox": sandbox.sandbox_id, "kind": "egress_denial"},
+        headers=headers,
+    ).json()
+    assert recs, "no egress_denial record for the sandbox"
+    assert any("10.255.255.1:81" in (r.get("detail") or "") for r in recs), recs
+    # Recorded once, not again with the next command's end.
+    sandbox.commands.run("true")
+    again = httpx.get(
+        e2b_target.api_url + "/v1/audit",
+        params={"sandbox": sandbox.sandbox_id, "kind": "egress_denial"},
+        headers=headers,
+    ).json()
+    assert len(again) == len(recs), again
+
+
 def test_twenty_concurrent_sandboxes(e2b_target, registry):
     def one(i):
         sbx = Sandbox.create(template=e2b_target.template, timeout=120,

@@ -229,10 +229,20 @@ struct Registry {
     child: std::process::Child,
     port: u16,
     dir: PathBuf,
+    /// The tag pushed to this registry: removed from Docker with it, so
+    /// runs do not pile up `127.0.0.1:PORT/...` tags in `docker images`.
+    tag: Option<String>,
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
+        if let Some(tag) = &self.tag {
+            let _ = Command::new("docker")
+                .args(["rmi", tag])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
@@ -271,13 +281,19 @@ fn registry_with_image() -> Option<(Registry, String)> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start registry");
-    let reg = Registry { child, port, dir };
+    let mut reg = Registry {
+        child,
+        port,
+        dir,
+        tag: None,
+    };
     let t = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(t.elapsed().as_secs() < 10, "registry did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let target = format!("127.0.0.1:{port}/bench/nb:1");
+    reg.tag = Some(target.clone());
     for args in [vec!["tag", IMAGE, &target], vec!["push", &target]] {
         let ok = Command::new("docker")
             .args(&args)

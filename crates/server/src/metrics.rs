@@ -185,9 +185,9 @@ impl Metrics {
         self.quota_refusals[quota.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The egress policy refused a connection.
-    pub fn egress_denied(&self) {
-        self.egress_denials.fetch_add(1, Ordering::Relaxed);
+    /// The egress policy refused `n` connections.
+    pub fn egress_denied(&self, n: u64) {
+        self.egress_denials.fetch_add(n, Ordering::Relaxed);
     }
 
     /// An audit record could not be written (the request was answered
@@ -345,7 +345,7 @@ mod tests {
         m.pool_miss();
         m.pool_miss();
         m.quota_refused(Quota::Rate);
-        m.egress_denied();
+        m.egress_denied(1);
         m.http_request(200);
         m.http_request(200);
         m.http_request(429);

@@ -169,6 +169,10 @@ pub struct Live {
     /// runs in it but init; every process descends from init).
     #[serde(default)]
     pub processes: u64,
+    /// What its egress proxy did so far (allowlist and open modes): counts
+    /// and the refusals (the first ones kept, see the proxy's cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::outcome::NetworkReport>,
 }
 
 /// Frame kinds a keeper adds to init's (see [`crate::native::proto`]).

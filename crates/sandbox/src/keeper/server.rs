@@ -118,6 +118,8 @@ struct Keeper {
     execs: HashMap<u32, Exec>,
     next_token: u64,
     stopping: bool,
+    /// Egress refusals already reported in an `EGRESS_DENIED` frame.
+    denied_reported: u64,
 }
 
 impl Keeper {
@@ -168,6 +170,7 @@ impl Keeper {
             execs: HashMap::new(),
             next_token: 1,
             stopping: false,
+            denied_reported: 0,
         })
     }
 
@@ -276,6 +279,7 @@ impl Keeper {
             if let Some(reason) = self.cgroup_kill_reason(h.id) {
                 self.send_frame(conn, &proto::frame(proto::KILLED_BY, h.id, reason));
             }
+            self.report_denials(conn, h.id);
         }
         self.send_frame(conn, &buf);
         if ended {
@@ -286,6 +290,20 @@ impl Keeper {
             self.touch();
         }
         true
+    }
+
+    /// Tells the client of exec `id` how many connections the egress
+    /// policy refused since the last report (nothing when none were, or
+    /// when nobody listens: the next exec's client hears of them).
+    fn report_denials(&mut self, conn: Option<u64>, id: u32) {
+        let total = session::denied_count(&self.sandbox);
+        let new = total.saturating_sub(self.denied_reported);
+        if new == 0 || conn.is_none() {
+            return;
+        }
+        self.denied_reported = total;
+        let n = i32::try_from(new).unwrap_or(i32::MAX);
+        self.send_frame(conn, &proto::frame(proto::EGRESS_DENIED, id, n));
     }
 
     /// Whether the sandbox's cgroup saw an OOM kill or a pids-limit hit
@@ -534,6 +552,7 @@ impl Keeper {
             can_pause: st.can_pause,
             execs: self.execs.len() as u64,
             processes: session::children_of_init(self.sandbox.pid()),
+            network: session::network_report(&self.sandbox),
         }
     }
 

@@ -32,7 +32,12 @@ pub const EXITED: u32 = 102;
 pub const REFUSED: u32 = 103;
 /// Why a command was killed (a keeper's frame, before `EXITED`): the
 /// value is a [`reason_code`].
-pub(crate) const KILLED_BY: u32 = 104;
+pub const KILLED_BY: u32 = 104;
+/// Egress refusals (a keeper's frame, before `EXITED`): the value is how
+/// many connections the sandbox's egress policy refused since the keeper's
+/// previous such frame — sandbox-wide, not only this command's. Sent only
+/// when there were some; the details are in `Inspect`'s `network`.
+pub const EGRESS_DENIED: u32 = 105;
 /// Size of a reply frame: a header and one i32 value.
 pub const FRAME: usize = HEADER + 4;
 /// Largest request body.
@@ -101,7 +106,7 @@ pub(crate) fn reason_code(r: crate::KillReason) -> i32 {
 }
 
 /// The kill reason of a `KILLED_BY` code.
-pub(crate) fn kill_reason(code: i32) -> Option<crate::KillReason> {
+pub fn kill_reason(code: i32) -> Option<crate::KillReason> {
     use crate::KillReason as K;
     [K::Timeout, K::OutputLimit, K::Oom, K::Pids, K::Killed]
         .into_iter()

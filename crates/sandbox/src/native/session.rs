@@ -192,6 +192,17 @@ pub(crate) fn wait_spawned(
     Ok(outcome)
 }
 
+/// How many connections `sb`'s egress policy refused so far.
+pub(crate) fn denied_count(sb: &Sandbox) -> u64 {
+    supervise::denied_count(sb)
+}
+
+/// What `sb`'s egress proxy did so far; `None` without a proxy (network
+/// `none`).
+pub(crate) fn network_report(sb: &Sandbox) -> Option<crate::outcome::NetworkReport> {
+    sb.proxy.as_ref().map(|_| supervise::network_report(sb))
+}
+
 /// Starts one command in `sb` and returns at once with its pipes (with a
 /// stdin pipe when `with_stdin`). Init's replies about it (`STARTED`,
 /// `EXITED`, `REFUSED`) arrive on the sandbox's lifeline.
@@ -601,6 +612,9 @@ impl Waiter {
                 }
                 Ok(())
             }
+            // A keeper's note for the daemon's audit; the CLI reads the
+            // network report itself.
+            proto::EGRESS_DENIED => Ok(()),
             proto::REFUSED => Err(Error::Sys {
                 call: format!("starting the command in sandbox {sandbox_id}"),
                 source: std::io::Error::from_raw_os_error(value),

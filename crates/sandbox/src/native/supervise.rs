@@ -237,6 +237,12 @@ fn release(sb: &mut Sandbox) {
     drop(sb.id_slot.take());
 }
 
+/// How many connections the sandbox's egress proxy refused so far (0
+/// without a proxy).
+pub(crate) fn denied_count(sb: &Sandbox) -> u64 {
+    sb.proxy.as_ref().map_or(0, |p| p.stats().denied)
+}
+
 /// What the proxy saw, for the outcome.
 pub(crate) fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
     let mut r = crate::outcome::NetworkReport {

@@ -12,6 +12,7 @@
 //! Processes started before a restart are not re-attached: their pipes
 //! were the old daemon's, and their keeper killed them when it hung up.
 
+mod egress;
 mod files;
 mod ipc;
 mod pool;
@@ -136,6 +137,8 @@ struct Entry {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     /// (when, cpu ms) of the last metrics sample.
     last_cpu: Mutex<Option<(SystemTime, f64)>>,
+    /// Egress refusals of the keeper's list already audited.
+    denials_seen: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Sandboxes held by keepers.
@@ -360,6 +363,7 @@ impl KeeperBackend {
             paused: Mutex::new(paused),
             procs: Mutex::new(HashMap::new()),
             last_cpu: Mutex::new(None),
+            denials_seen: Arc::default(),
         });
         if let Ok(mut m) = self.sandboxes.lock() {
             m.insert(e.remote.id.clone(), e.clone());
@@ -1052,6 +1056,14 @@ impl Backend for KeeperBackend {
             (a, rec)
         });
         let metrics = self.metrics.get().cloned();
+        let egress = egress::EgressHook {
+            remote: e.remote.clone(),
+            tenant: scope.tenant.0.clone(),
+            sandbox: scope.sandbox_id.clone(),
+            audit: self.cfg.audit.clone(),
+            metrics: metrics.clone(),
+            seen: e.denials_seen.clone(),
+        };
         let started = Instant::now();
         let (proc, handle) = Proc::start(
             conn,
@@ -1059,7 +1071,10 @@ impl Backend for KeeperBackend {
             req.config,
             req.tag,
             req.timeout,
-            hook,
+            process::EndHooks {
+                audit: hook,
+                egress: Some(egress),
+            },
             move |pid| {
                 if let Some(m) = &metrics {
                     m.exec_finished(started.elapsed());

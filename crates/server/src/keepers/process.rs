@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nanoclaw_sandbox::native::proto::{self, EXITED, FRAME, REFUSED, STARTED};
+use nanoclaw_sandbox::native::proto::{
+    self, EGRESS_DENIED, EXITED, FRAME, KILLED_BY, REFUSED, STARTED,
+};
 use nanoclaw_sandbox::native::session::{self, Spawned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+use super::egress::EgressHook;
 use crate::audit::{Audit, Capture, Record};
 use crate::backend::{
     BackendError, BackendResult, ProcessConfig, ProcessEnd, ProcessEvent, ProcessHandle,
@@ -46,6 +49,14 @@ pub(crate) struct Proc {
 /// (kind, tenant, sandbox, argv).
 pub(crate) type AuditHook = Option<(Audit, Record)>;
 
+/// What happens when a process ends besides telling its listeners.
+pub(crate) struct EndHooks {
+    /// Its exec record.
+    pub audit: AuditHook,
+    /// Where the egress refusals reported with its end go.
+    pub egress: Option<EgressHook>,
+}
+
 /// (kind, exec id, value) of a frame.
 fn decode(frame: &[u8; FRAME]) -> (u32, u32, i32) {
     let (h, value) = proto::decode_frame(frame);
@@ -67,7 +78,7 @@ impl Proc {
         config: ProcessConfig,
         tag: Option<String>,
         timeout: Option<Duration>,
-        audit: AuditHook,
+        hooks: EndHooks,
         on_end: impl FnOnce(u32) + Send + 'static,
     ) -> BackendResult<(Arc<Proc>, ProcessHandle)> {
         let (mut rd, wr) = conn.into_split();
@@ -112,7 +123,10 @@ impl Proc {
             report: sp.report,
             killed_by_timeout: false,
             output: Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES),
-            audit,
+            audit: hooks.audit,
+            egress: hooks.egress,
+            egress_denied: 0,
+            killed_by: None,
             started: std::time::Instant::now(),
         };
         tokio::spawn(async move {
@@ -216,6 +230,13 @@ struct Pump {
     /// Both output streams as they came (for the audit record).
     output: Capture,
     audit: AuditHook,
+    /// Where egress refusals reported with the end go.
+    egress: Option<EgressHook>,
+    /// Refusals the keeper reported (`EGRESS_DENIED`).
+    egress_denied: u64,
+    /// Why the keeper says the command died (`KILLED_BY`: the sandbox's
+    /// memory or pids limit), for the audit record.
+    killed_by: Option<nanoclaw_sandbox::KillReason>,
     started: std::time::Instant,
 }
 
@@ -257,8 +278,11 @@ impl Pump {
                     if got == FRAME {
                         got = 0;
                         let (kind, _, value) = decode(&frame);
-                        if kind == EXITED {
-                            break value;
+                        match kind {
+                            EXITED => break value,
+                            EGRESS_DENIED => self.egress_denied += u64::try_from(value).unwrap_or(0),
+                            KILLED_BY => self.killed_by = proto::kill_reason(value),
+                            _ => {}
                         }
                     }
                 }
@@ -279,6 +303,9 @@ impl Pump {
             end = ProcessEnd::exited(msg.0);
         }
         self.proc.close_stdin().await;
+        if let (Some(hook), n @ 1..) = (&self.egress, self.egress_denied) {
+            hook.refused(n).await;
+        }
         // The record is on disk before anyone hears of the end.
         self.record(status, &end).await;
         self.proc.broadcast(ProcessEvent::End(end)).await;
@@ -295,7 +322,13 @@ impl Pump {
         };
         rec.exit_code = end.exited.then_some(end.exit_code);
         rec.signal = (!libc::WIFEXITED(status)).then(|| libc::WTERMSIG(status));
-        rec.killed_by = self.killed_by_timeout.then(|| "timeout".to_string());
+        rec.killed_by = if self.killed_by_timeout {
+            Some("timeout".to_string())
+        } else {
+            self.killed_by
+                .and_then(|r| serde_json::to_value(r).ok())
+                .and_then(|v| v.as_str().map(str::to_owned))
+        };
         rec.duration_ms = Some(self.started.elapsed().as_millis() as u64);
         let output = std::mem::replace(&mut self.output, Capture::new(0));
         rec.output = Some(output.finish());
