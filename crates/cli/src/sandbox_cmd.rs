@@ -13,9 +13,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use nanoclaw_sandbox::keeper::{
     self, all_sandboxes, find, keeper_alive, kill_keeper, now_s, state_root, KeeperConfig, Remote,
-    Request, State,
+    Reply, Request, State,
 };
 use nanoclaw_sandbox::native::session::{self, ExecSpec};
+use nanoclaw_sandbox::outcome::NetworkReport;
 use nanoclaw_sandbox::spec::{Stdin, User};
 use nanoclaw_sandbox::units::{parse_duration, parse_size};
 use nanoclaw_sandbox::KillReason;
@@ -452,8 +453,21 @@ pub(crate) fn report_exec(
     why: &dyn Fn(KillReason) -> String,
 ) -> Result<u8> {
     let echo = (!json).then_some((1, 2));
+    // The proxy lives in the keeper: what it did during this command is
+    // the difference of its reports before and after.
+    let before = json.then(|| network_now(r)).flatten();
     let mut outcome = r.exec_echo(spec, echo)?;
     outcome.layers = st.layers.clone();
+    if let Some(after) = json.then(|| network_now(r)).flatten() {
+        outcome.network = match (after, before.flatten()) {
+            (Some(after), Some(before)) => after.since(&before),
+            (Some(after), None) => after,
+            (None, _) => NetworkReport {
+                mode: "none".into(),
+                ..NetworkReport::default()
+            },
+        };
+    }
     if json {
         println!("{}", serde_json::to_string(&outcome)?);
     } else if let Some(k) = outcome.killed_by {
@@ -467,6 +481,15 @@ pub(crate) fn report_exec(
         std::io::stderr().write_all(&outcome.stderr)?;
     }
     Ok(u8::try_from(outcome.cli_exit_code().clamp(0, 255)).unwrap_or(125))
+}
+
+/// The keeper's report of its sandbox's egress proxy: `Some(None)`
+/// without a proxy (network `none`), `None` when the keeper cannot say.
+fn network_now(r: &Remote) -> Option<Option<NetworkReport>> {
+    match r.ask(&Request::Inspect) {
+        Ok(Reply::Live(l)) => Some(l.network),
+        _ => None,
+    }
 }
 
 /// Options of `nanoclaw cp`.

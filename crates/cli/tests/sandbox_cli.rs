@@ -986,3 +986,54 @@ fn exec_runs_snippets_with_lang() {
         ok(m, &["sandbox", "rm", &id]);
     }
 }
+
+/// `exec --json` reports what the sandbox's egress proxy (in its keeper)
+/// did during that command: its refusals, not the earlier commands'.
+#[test]
+fn exec_json_reports_the_commands_egress_refusals() {
+    let _g = shared();
+    for m in modes("exec_json_reports_the_commands_egress_refusals") {
+        let id = ok(
+            m,
+            &[
+                "sandbox",
+                "create",
+                "--network",
+                "allowlist",
+                "--allow-host",
+                "example.com",
+            ],
+        )
+        .trim()
+        .to_string();
+        let exec_json = |args: &[&str]| -> serde_json::Value {
+            let mut all = vec!["exec", "--json", id.as_str(), "--"];
+            all.extend_from_slice(args);
+            let o = run(m, &all);
+            serde_json::from_slice(&o.stdout).expect("exec --json")
+        };
+        // Private addresses are refused by the proxy before it connects:
+        // nothing leaves the machine.
+        for last in ["1", "2"] {
+            let url = format!("http://10.255.255.{last}:81/");
+            let v = exec_json(&["curl", "-fsS", "-m", "5", &url]);
+            let net = &v["network"];
+            assert_eq!(net["mode"], "allowlist", "[{}] {v}", m.name);
+            assert_eq!(net["denied"], 1, "[{}] {v}", m.name);
+            let d = net["denials"].as_array().expect("denials");
+            assert_eq!(d.len(), 1, "[{}] {v}", m.name);
+            assert_eq!(d[0]["destination"], format!("10.255.255.{last}"));
+            assert_eq!(d[0]["port"], 81);
+        }
+        let v = exec_json(&["true"]);
+        assert_eq!(v["network"]["denied"], 0, "[{}] {v}", m.name);
+        assert_eq!(v["network"]["denials"], serde_json::json!([]));
+        ok(m, &["sandbox", "rm", &id]);
+        // Without a network, the report says so.
+        let id = ok(m, &["sandbox", "create"]).trim().to_string();
+        let o = run(m, &["exec", "--json", &id, "--", "true"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("exec --json");
+        assert_eq!(v["network"]["mode"], "none", "[{}] {v}", m.name);
+        ok(m, &["sandbox", "rm", &id]);
+    }
+}

@@ -81,6 +81,28 @@ pub struct NetworkReport {
     pub denials: Vec<NetDenial>,
 }
 
+impl NetworkReport {
+    /// What happened between `before` and `self`, two reports of the same
+    /// long-lived sandbox (its proxy's counters only grow): the counts'
+    /// differences and the refusals added since (the proxy keeps the
+    /// first ones, so those past its cap are counted, not listed).
+    pub fn since(&self, before: &NetworkReport) -> NetworkReport {
+        NetworkReport {
+            mode: self.mode.clone(),
+            proxy: self.proxy.clone(),
+            allowed: self.allowed.saturating_sub(before.allowed),
+            denied: self.denied.saturating_sub(before.denied),
+            bytes_up: self.bytes_up.saturating_sub(before.bytes_up),
+            bytes_down: self.bytes_down.saturating_sub(before.bytes_down),
+            denials: self
+                .denials
+                .get(before.denials.len()..)
+                .unwrap_or_default()
+                .to_vec(),
+        }
+    }
+}
+
 /// The result of one sandboxed run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Outcome {
