@@ -9,7 +9,10 @@
 //!
 //! Skipped (passing) without the venv or the fake's binary, unless
 //! `NANOCLAW_REQUIRE_E2B=1`; skipped when not root (the agents' sandboxes
-//! need root; CI runs these as root).
+//! need root; CI runs these as root). The register_image tests need
+//! docker's `nanoclaw-bench:latest` (imported into a private image store
+//! as the Dockerfiles' FROM image): they alone may skip, and only when
+//! `NANOCLAW_REQUIRE_DOCKER` is not 1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -59,7 +62,15 @@ fn python_sdk_pytest_suite() {
     };
     let sdk = repo().join("sdk/python");
     let o = Command::new(venv.join("bin/python"))
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+        ])
         .current_dir(&sdk)
         .env("PYTHONPATH", sdk.join("src"))
         .env("NANOCLAW_BIN", env!("CARGO_BIN_EXE_nanoclaw"))
@@ -71,9 +82,13 @@ fn python_sdk_pytest_suite() {
     let err = String::from_utf8_lossy(&o.stderr);
     eprintln!("{out}\n{err}");
     assert!(o.status.success(), "pytest sdk/python/tests failed");
-    // Every test ran (none skipped: NANOCLAW_BIN and the fake were given).
-    assert!(
-        !out.contains("skipped"),
-        "pytest skipped tests it should have run"
-    );
+    // Every test ran (NANOCLAW_BIN and the fake were given), but those
+    // needing the bench image when docker lacks it and is not required.
+    let docker_required = std::env::var("NANOCLAW_REQUIRE_DOCKER").is_ok_and(|x| x == "1");
+    for line in out.lines().filter(|l| l.starts_with("SKIPPED")) {
+        assert!(
+            !docker_required && line.contains("nanoclaw-bench"),
+            "pytest skipped a test it should have run: {line}"
+        );
+    }
 }

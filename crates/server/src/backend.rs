@@ -524,6 +524,23 @@ pub struct RunRequest {
     pub stdin: Option<String>,
 }
 
+/// An image registered as a template for one tenant (`POST /v1/images`):
+/// sandboxes made from it have the image's layers as their root (the
+/// sandbox's writes on a per-sandbox layer above them) and its
+/// environment, with everything else of `base` (user 1000, `/home/user`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageTemplate {
+    /// The image's reference in the store.
+    pub reference: String,
+    /// Its layer directories, lowest first.
+    pub layers: Vec<std::path::PathBuf>,
+    /// Its `ENV`, as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The languages it was registered for: `lang` runs in another are
+    /// refused.
+    pub languages: Vec<String>,
+}
+
 /// Everything the E2B layer asks of sandboxes. See the module docs.
 ///
 /// Methods return `Send` futures (write them as `async fn` in the impl;
@@ -645,6 +662,20 @@ pub trait Backend: Send + Sync + 'static {
                 "one-shot runs are not supported here".into(),
             ))
         }
+    }
+
+    /// Makes `image` a template named `name` for `tenant` (replacing the
+    /// tenant's template of that name). By default: not supported.
+    fn register_image(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        image: ImageTemplate,
+    ) -> BackendResult<()> {
+        let _ = (tenant, name, image);
+        Err(BackendError::Unimplemented(
+            "this backend cannot use images as templates".into(),
+        ))
     }
 
     /// Brings what the backend reports in `GET /metrics` up to date just

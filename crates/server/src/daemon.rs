@@ -225,6 +225,31 @@ fn lock_data(data: &std::path::Path) -> Result<std::fs::File, DaemonError> {
     Ok(f)
 }
 
+/// The registered images, each made a template of its tenant again (one
+/// whose image left the store is reported and skipped).
+fn restore_images(
+    exe: &std::path::Path,
+    data: &std::path::Path,
+    backend: &KeeperBackend,
+) -> Arc<crate::images::Images> {
+    use crate::backend::Backend;
+    let images = crate::images::Images::open(exe.to_path_buf(), data.to_path_buf());
+    for (tenant, entry) in images.all() {
+        let r = crate::images::Images::template_of(&entry).and_then(|t| {
+            backend
+                .register_image(&tenant, &entry.name, t)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r {
+            eprintln!(
+                "nanoclaw serve: image {} of tenant {tenant} is not usable: {e}",
+                entry.name
+            );
+        }
+    }
+    Arc::new(images)
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let data = crate::db::data_dir(cfg.data.as_deref())?;
@@ -289,6 +314,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         },
         store,
     )));
+    opts.images = Some(restore_images(&cfg.exe, &data, &backend));
     let auth = Arc::new(TenantKeys::new(tenants));
     let r = serve(listen, backend.clone(), auth, opts).await;
     let b = backend.clone();

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod db;
 pub mod e2b;
 pub mod error;
+pub mod images;
 pub mod keepers;
 pub mod listen;
 pub mod metrics;

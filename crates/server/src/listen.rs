@@ -92,6 +92,9 @@ pub struct ServeOptions {
     /// Agent runs and approvals (`/v1/execute`, `/v1/approvals`); `None`:
     /// those routes answer 501.
     pub agents: Option<Arc<crate::agents::Agents>>,
+    /// Image builds and registered images (`/v1/images`); `None`: those
+    /// routes answer 501.
+    pub images: Option<Arc<crate::images::Images>>,
 }
 
 impl ServeOptions {
@@ -114,6 +117,7 @@ impl Default for ServeOptions {
             audit: None,
             metrics: Arc::default(),
             agents: None,
+            images: None,
         }
     }
 }
@@ -289,6 +293,7 @@ pub async fn serve_bound<B: Backend, A: Authenticator>(
     state.audit = opts.audit.clone();
     state.metrics = Arc::clone(&opts.metrics);
     state.agents = opts.agents.clone();
+    state.images = opts.images.clone();
     let router = e2b::router(Arc::new(state));
     let (stop_tx, stop_rx) = watch::channel(false);
     let conn = ConnOptions {

@@ -101,6 +101,7 @@ async fn openapi_lists_exactly_what_is_served() {
         "/v1/execute",
         "/v1/approvals",
         "/v1/approvals/{approval_id}",
+        "/v1/images",
         "/health",
         "/v2/sandboxes",
         "/sandboxes/{id}",

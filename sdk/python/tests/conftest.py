@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,48 @@ def _binary(var: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private image store (`$NANOCLAW_DATA_DIR`, which the embedded
+    daemons and their `nanoclaw image build` children inherit) holding the
+    local bench image (`nanoclaw-bench:latest`: python3 and its stdlib, no
+    pip; built by .ci/build-bench-image.sh) under the name
+    `python:3.11-slim`, so that seed 000's `FROM python:3.11-slim` resolves
+    with no network. Never the machine's own store."""
+    data = tmp_path_factory.mktemp("image-data")
+    if os.geteuid() != 0:
+        return data  # every test skips
+    tar = data / "bench.tar"
+    saved = subprocess.run(
+        ["docker", "save", "-o", str(tar), "nanoclaw-bench:latest"], capture_output=True
+    ) if shutil.which("docker") else None
+    if saved is None or saved.returncode != 0:
+        why = "docker with the image nanoclaw-bench:latest (.ci/build-bench-image.sh)"
+        if os.environ.get("NANOCLAW_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"NANOCLAW_REQUIRE_DOCKER=1 but there is no {why}")
+        return data  # the image tests skip (see `base_image`)
+    env = dict(os.environ, NANOCLAW_DATA_DIR=str(data))
+    subprocess.run(
+        [_binary("NANOCLAW_BIN"), "image", "import", str(tar), "--tag", "python:3.11-slim"],
+        env=env, check=True, capture_output=True,
+    )
+    tar.unlink()
+    return data
+
+
+@pytest.fixture
+def base_image(image_store: Path) -> str:
+    """`python:3.11-slim` in the test store, or a skip saying why not."""
+    if not (image_store / "images").is_dir():
+        pytest.skip("SKIP: no docker image nanoclaw-bench:latest to import as the FROM image")
+    return "python:3.11-slim"
+
+
 @pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, image_store: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the agents' sandboxes need root (CI runs these as root)")
+    monkeypatch.setenv("NANOCLAW_DATA_DIR", str(image_store))
     monkeypatch.setenv("NANOCLAW_BIN", _binary("NANOCLAW_BIN"))
     # Never a daemon that happens to run on this machine: the tests start
     # their own (embedded) one.

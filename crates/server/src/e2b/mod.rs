@@ -13,6 +13,7 @@ pub mod agents;
 pub mod body;
 pub mod control;
 pub mod envd;
+pub mod images;
 pub mod models;
 pub mod multipart;
 pub mod nanoclaw;
@@ -162,6 +163,9 @@ pub struct E2bState<B, A> {
     /// Agent runs and approvals (`/v1/execute`, `/v1/approvals`); `None`:
     /// those routes answer 501.
     pub agents: Option<Arc<crate::agents::Agents>>,
+    /// Image builds and registered images (`/v1/images`); `None`: those
+    /// routes answer 501.
+    pub images: Option<Arc<crate::images::Images>>,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -179,6 +183,7 @@ impl<B, A> E2bState<B, A> {
             rate: RateLimiter::new(),
             openapi: OnceLock::new(),
             agents: None,
+            images: None,
         }
     }
 }

@@ -60,7 +60,7 @@ pub fn document_of(docs: &[RouteDoc], envd_version: &str) -> Value {
             {"name": "E2B envd", "description": "A sandbox's data plane, as E2B's envd (by E2b-Sandbox-Id)."},
         ],
         "paths": paths,
-        "components": components(),
+        "components": with_image_schemas(components()),
     })
 }
 
@@ -227,6 +227,44 @@ fn rpc_operation(path: &str, kind: RpcKind, summary: &str) -> Value {
 
 fn nullable(t: &str) -> Value {
     json!({"type": [t, "null"]})
+}
+
+/// `components` with the image routes' schemas (a separate `json!`: one
+/// literal that large exceeds the macro's recursion limit).
+fn with_image_schemas(mut c: Value) -> Value {
+    let extra = json!({
+            "RegisterImage": {"type": "object", "additionalProperties": false,
+                "required": ["name", "dockerfile", "languages"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[a-z0-9]+([._-][a-z0-9]+)*$",
+                        "maxLength": 64, "description": "The template's name (not base)."},
+                    "dockerfile": {"type": "string", "minLength": 1,
+                        "maxLength": crate::images::MAX_DOCKERFILE,
+                        "description": "The Dockerfile's text; its context is empty (no COPY \
+                            or ADD of local files); RUN steps have no network."},
+                    "languages": {"type": "array", "minItems": 1,
+                        "items": {"enum": crate::images::LANGUAGES},
+                        "description": "The interpreters the image is for: /v1/run snippets \
+                            in other languages are refused in it."},
+                    "allow_hosts": {"type": "array", "maxItems": crate::images::MAX_ALLOW_HOSTS,
+                        "items": {"type": "string"},
+                        "description": "HOST[:PORT]s the RUN steps may reach through the egress \
+                            proxy (e.g. pypi.org, files.pythonhosted.org). Default: no network."}}},
+            "Image": {"type": "object",
+                "description": "A template the tenant can use.",
+                "properties": {
+                    "name": {"type": "string"}, "reference": nullable("string"),
+                    "id": {"type": "string"},
+                    "languages": {"type": "array", "items": {"type": "string"}},
+                    "created_ms": {"type": "integer"}, "build_ms": {"type": "integer"},
+                    "builtin": {"type": "boolean"}}}
+    });
+    if let (Some(schemas), Some(extra)) = (c["schemas"].as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            schemas.insert(k.clone(), v.clone());
+        }
+    }
+    c
 }
 
 fn components() -> Value {

@@ -10,7 +10,7 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::{json, Value};
 
-use super::{agents, control, envd, nanoclaw, AppState};
+use super::{agents, control, envd, images, nanoclaw, AppState};
 use crate::auth::Authenticator;
 use crate::backend::Backend;
 
@@ -341,7 +341,58 @@ fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
         ),
     ];
     routes.extend(agent_routes());
+    routes.extend(image_routes());
     routes
+}
+
+fn image_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
+    use Access::*;
+    use Verb::*;
+    vec![Route::new("/v1/images")
+        .op(
+            images::register::<B, A>,
+            Op::new(
+                Post,
+                NANOCLAW,
+                ApiKey,
+                "Seed 000's register_image(name, dockerfile, languages): builds the Dockerfile \
+                 in a child `nanoclaw image build` (RUN steps in sandboxes, no network) and \
+                 makes the image a template of the caller's tenant.",
+            )
+            .json_body(schema("RegisterImage"))
+            .json(201, "Built and registered.", schema("Image"))
+            .json(400, "Not a valid RegisterImage.", schema("Error"))
+            .json(409, "The tenant has too many images.", schema("Error"))
+            .json(
+                422,
+                "The Dockerfile did not build (the build's error line).",
+                schema("Error"),
+            )
+            .json(
+                429,
+                "Over the tenant's rate limit, or too many builds at once (Retry-After).",
+                schema("Error"),
+            )
+            .json(
+                504,
+                "The build outlived its wall time and was killed.",
+                schema("Error"),
+            ),
+        )
+        .op(
+            images::list::<B, A>,
+            Op::new(
+                Get,
+                NANOCLAW,
+                ApiKey,
+                "The templates the caller's tenant can use: base and its registered images.",
+            )
+            .json(
+                200,
+                "A JSON array.",
+                json!({"type": "array", "items": schema("Image")}),
+            ),
+        )]
 }
 
 fn agent_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {

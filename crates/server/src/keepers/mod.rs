@@ -57,6 +57,9 @@ pub const E2B_HOME: &str = "/home/user";
 pub struct Template {
     /// The sandbox (its command is ignored).
     pub spec: SandboxSpec,
+    /// The languages `run_once`'s `lang` may name (`None`: any; an
+    /// image registered for some languages has only their interpreters).
+    pub languages: Option<Vec<String>>,
 }
 
 impl Template {
@@ -67,7 +70,25 @@ impl Template {
         spec.user = E2B_USER;
         spec.home = Some(E2B_HOME.into());
         spec.hostname = "e2b".into();
-        Template { spec }
+        Template {
+            spec,
+            languages: None,
+        }
+    }
+
+    /// `base` over an image's root: its layers (writes on a per-sandbox
+    /// layer above them), its environment under the request's.
+    pub fn of_image(image: &ImageTemplate) -> Template {
+        let mut t = Template::base();
+        t.spec.root = nanoclaw_sandbox::spec::Root::Layers(image.layers.clone());
+        t.spec.env = image
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        t.languages = Some(image.languages.clone());
+        t
     }
 }
 
@@ -147,6 +168,9 @@ pub struct KeeperBackend {
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     quota: Quota,
     pool: pool::Pool,
+    /// Images registered as templates, by (tenant, name): only their
+    /// tenant sees them.
+    images: Mutex<HashMap<(String, String), Template>>,
     /// The daemon's counters, once [`KeeperBackend::set_metrics`] gave
     /// them.
     metrics: OnceLock<Arc<Metrics>>,
@@ -320,6 +344,7 @@ impl KeeperBackend {
             sandboxes: Mutex::new(HashMap::new()),
             quota,
             pool,
+            images: Mutex::new(HashMap::new()),
             metrics: OnceLock::new(),
         })
     }
@@ -329,6 +354,20 @@ impl KeeperBackend {
     /// first call has an effect.
     pub fn set_metrics(&self, metrics: Arc<Metrics>) {
         let _ = self.metrics.set(metrics);
+    }
+
+    /// The template `name` as `tenant` sees it: one of its registered
+    /// images, else a configured template.
+    fn template(&self, tenant: &TenantId, name: &str) -> BackendResult<Template> {
+        let key = (tenant.0.clone(), name.to_string());
+        if let Some(t) = self.images.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(t);
+        }
+        self.cfg
+            .templates
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(format!("template '{name}' not found")))
     }
 
     /// Takes over the sandboxes a previous daemon left alive (their
@@ -801,10 +840,8 @@ fn save_record(dir: &Path, rec: &Record) {
 
 impl Backend for KeeperBackend {
     async fn create(&self, req: CreateSandbox) -> BackendResult<SandboxInfo> {
-        let tpl = self.cfg.templates.get(&req.template).ok_or_else(|| {
-            BackendError::NotFound(format!("template '{}' not found", req.template))
-        })?;
-        let mut spec = tpl.spec.clone();
+        let tpl = self.template(&req.tenant, &req.template)?;
+        let mut spec = tpl.spec;
         spec.network = network_of(&req)?;
         for (k, v) in &req.env_vars {
             spec.env.push((k.clone(), v.clone()));
@@ -847,12 +884,16 @@ impl Backend for KeeperBackend {
         req: RunRequest,
     ) -> BackendResult<serde_json::Value> {
         let name = req.template.clone().unwrap_or_else(|| "base".into());
-        let tpl = self
-            .cfg
-            .templates
-            .get(&name)
-            .ok_or_else(|| BackendError::NotFound(format!("template '{name}' not found")))?;
-        let mut spec = tpl.spec.clone();
+        let tpl = self.template(tenant, &name)?;
+        if let (Some(lang), Some(langs)) = (&req.lang, &tpl.languages) {
+            if !langs.contains(lang) {
+                return Err(BackendError::InvalidArgument(format!(
+                    "template '{name}' was registered for {}, not {lang}",
+                    langs.join(", ")
+                )));
+            }
+        }
+        let mut spec = tpl.spec;
         spec.command = run_argv(&req)?;
         spec.env
             .extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -867,6 +908,27 @@ impl Backend for KeeperBackend {
             .await
             .inspect_err(|e| self.count_refusal(e))?;
         self.run_reserved(spec, req.stdin).await
+    }
+
+    fn register_image(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        image: ImageTemplate,
+    ) -> BackendResult<()> {
+        if self.cfg.templates.contains_key(name) {
+            return Err(BackendError::AlreadyExists(format!(
+                "template '{name}' is one of the daemon's own: give the image another name"
+            )));
+        }
+        self.images
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?
+            .insert(
+                (tenant.0.clone(), name.to_string()),
+                Template::of_image(&image),
+            );
+        Ok(())
     }
 
     async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {

@@ -10,11 +10,27 @@ print(result.stdout)
 
 from ._client import NanoClaw
 from ._daemon import default_socket
-from ._errors import DaemonUnavailable, NanoClawError, QuotaExceeded
-from ._types import ExecutionResult, RunResult, Usage
+from ._errors import CommandExitError, DaemonUnavailable, NanoClawError, QuotaExceeded
+from ._sandbox import AsyncSandbox, Sandbox
+from ._types import (
+    CommandResult,
+    EntryInfo,
+    ExecutionResult,
+    ImageInfo,
+    RunResult,
+    SandboxInfo,
+    Usage,
+)
 
 __all__ = [
     "NanoClaw",
+    "Sandbox",
+    "AsyncSandbox",
+    "CommandResult",
+    "EntryInfo",
+    "SandboxInfo",
+    "ImageInfo",
+    "CommandExitError",
     "ExecutionResult",
     "RunResult",
     "Usage",

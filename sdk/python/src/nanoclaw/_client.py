@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import httpx
 
-from ._daemon import EmbeddedDaemon, default_socket, find_binary, socket_answers
+from ._daemon import EmbeddedDaemon, default_socket, socket_answers
 from ._errors import DaemonUnavailable, NanoClawError, QuotaExceeded
-from ._types import ExecutionResult, RunResult
+from ._types import ExecutionResult, ImageInfo, RunResult
+
+if TYPE_CHECKING:
+    from ._sandbox import Sandbox
 
 #: Timeout of requests other than ``execute`` (seconds).
 REQUEST_TIMEOUT_S = 60.0
+#: How long ``register_image`` waits for the daemon's build (seconds; the
+#: daemon kills a build after 15 minutes).
+BUILD_TIMEOUT_S = 16 * 60.0
 #: Approval decisions ``approve`` accepts.
 DECISIONS = ("allow-once", "allow-always", "deny")
 
@@ -68,9 +71,16 @@ class NanoClaw:
     ``data_dir``, else ``audit_path``, else a temporary one) and stopped
     by :meth:`close`, ``with`` or garbage collection.
 
-    The daemon records every request and run in its audit log whatever
-    ``audit_log`` says (it cannot be turned off); ``audit_path`` is where
-    an embedded daemon keeps it.
+    Auditing (seed 000's ``audit_log=True, audit_path=…``): the daemon
+    records every request, sandbox, command, model call, tool call and
+    approval in its hash-chained SQLite audit log; it cannot be turned
+    off, so ``audit_log=False`` is refused (``ValueError``) rather than
+    silently ignored. ``audit_path`` is a folder where the log must be
+    kept: only a daemon this object starts can promise that, so it needs
+    ``config_path`` and always starts an embedded daemon whose data folder
+    it is (the log is ``audit_path/nanoclaw.db``, kept after
+    :meth:`close`; ``nanoclaw audit verify --data audit_path`` checks its
+    chain). :meth:`audit` reads the records back.
     """
 
     def __init__(
@@ -84,10 +94,24 @@ class NanoClaw:
         socket_path: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None:
         if not audit_log:
-            warnings.warn(
-                "nanoclaw: the daemon audits every request and run; audit_log=False is ignored",
-                stacklevel=2,
+            raise ValueError(
+                "audit_log=False: nanoclaw's daemon records every request and run in its "
+                "audit log and cannot be told not to; leave audit_log=True"
             )
+        if audit_path is not None:
+            if config_path is None or url is not None:
+                raise ValueError(
+                    "audit_path= names where the audit log is kept, which only a daemon this "
+                    "client starts can promise: give config_path= (and no url=)"
+                )
+            if data_dir is not None and os.path.abspath(data_dir) != os.path.abspath(audit_path):
+                raise ValueError(
+                    "give data_dir= or audit_path=, not both: the embedded daemon keeps its "
+                    "audit log in its data folder"
+                )
+        self.audit_path: Optional[Path] = (
+            Path(audit_path).absolute() if audit_path is not None else None
+        )
         self._embedded: Optional[EmbeddedDaemon] = None
         self._headers: Dict[str, str] = {}
         key = api_key or os.environ.get("NANOCLAW_API_KEY")
@@ -99,7 +123,7 @@ class NanoClaw:
             self._url = url.rstrip("/")
         else:
             sock = Path(socket_path) if socket_path is not None else default_socket()
-            if socket_answers(sock):
+            if audit_path is None and socket_answers(sock):
                 self._socket = sock
             elif config_path is not None:
                 data = data_dir if data_dir is not None else audit_path
@@ -330,24 +354,54 @@ class NanoClaw:
             params["after"] = after
         return list(self._request("GET", "/v1/audit", params=params))
 
-    def images(self) -> List[Dict[str, Any]]:
-        """The images in this machine's store (``nanoclaw image ls
-        --json``, with the binary of ``$NANOCLAW_BIN`` or PATH): local
-        only, whichever daemon the client talks to."""
-        binary = self._embedded.binary if self._embedded is not None else find_binary()
-        try:
-            out = subprocess.run(
-                [binary, "image", "ls", "--json"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError) as e:
-            raise NanoClawError(0, "image_ls", f"nanoclaw image ls: {e}") from e
-        if out.returncode != 0:
-            msg = out.stderr.decode(errors="replace").strip()
-            raise NanoClawError(0, "image_ls", msg or f"nanoclaw image ls exited {out.returncode}")
-        return list(json.loads(out.stdout or b"[]"))
+    def images(self) -> List[ImageInfo]:
+        """The templates this client's tenant can use: ``base`` (the
+        host's root, every language) and the images it registered, each
+        with its languages."""
+        return [ImageInfo.from_json(v) for v in self._request("GET", "/v1/images")]
+
+    def register_image(
+        self,
+        name: str,
+        dockerfile: str,
+        languages: Sequence[str],
+        allow_hosts: Optional[Sequence[str]] = None,
+    ) -> ImageInfo:
+        """Builds ``dockerfile`` into an image (the daemon runs ``nanoclaw
+        image build``: every RUN step in a sandbox, with no network unless
+        ``allow_hosts`` names ``HOST[:PORT]``s it may reach through
+        nanoclaw's egress proxy, e.g. ``["pypi.org",
+        "files.pythonhosted.org"]`` for ``pip install``; the build context
+        is empty, so no COPY/ADD of local files) and makes
+        it a template named ``name`` for this client's tenant, for
+        ``languages`` (of python, node, bash, sh).
+
+        Then ``run(code=..., language=L, template=name)`` and
+        ``Sandbox.create(template=name)`` run in its root; a snippet in a
+        language it was not registered for is refused. The FROM image must
+        be in the daemon's image store (``nanoclaw image pull``/``import``)
+        or reachable from it. Raises :class:`NanoClawError`: 400 a bad
+        name/Dockerfile/language, 422 the build failed (the build's own
+        error line), 429 a build of this tenant is running."""
+        if isinstance(languages, str):
+            languages = [languages]
+        body: Dict[str, Any] = {
+            "name": name,
+            "dockerfile": dockerfile,
+            "languages": list(languages),
+        }
+        if allow_hosts:
+            body["allow_hosts"] = list(allow_hosts)
+        v = self._request(
+            "POST", "/v1/images", json=body, timeout=httpx.Timeout(BUILD_TIMEOUT_S, connect=10)
+        )
+        return ImageInfo.from_json(v)
+
+    def sandbox(self, template: str = "base", **kw: Any) -> "Sandbox":
+        """``Sandbox.create(template, ..., client=self)``."""
+        from ._sandbox import Sandbox
+
+        return Sandbox.create(template, client=self, **kw)
 
     def health(self) -> bool:
         """Whether the daemon answers ``/healthz``."""

@@ -35,3 +35,15 @@ class DaemonUnavailable(NanoClawError):
 
     def __init__(self, message: str) -> None:
         super().__init__(0, "unavailable", message)
+
+
+class CommandExitError(NanoClawError):
+    """``Sandbox.run(..., check=True)`` of a command that did not exit 0;
+    ``result`` is its :class:`~nanoclaw.CommandResult`."""
+
+    def __init__(self, result: "object", cmd: "object") -> None:
+        code = getattr(result, "exit_code", None)
+        killed = getattr(result, "killed_by", None)
+        how = f"was killed ({killed})" if killed else f"exited {code}"
+        super().__init__(0, "exit", f"command {cmd!r} {how}")
+        self.result = result

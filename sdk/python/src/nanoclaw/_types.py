@@ -95,3 +95,111 @@ class RunResult:
             killed_by=v.get("killed_by"),
             raw=v,
         )
+
+
+@dataclass
+class CommandResult:
+    """How a command in a sandbox ended (:meth:`Sandbox.run`).
+
+    ``exit_code`` is its exit status (None when a signal or the timeout
+    ended it); ``killed_by`` is ``"timeout"`` (the run's ``timeout``
+    passed: the daemon killed it), ``"signal"`` (another signal), or None.
+    ``status`` is the daemon's wording (``exit status 3``, ``signal:
+    killed``). ``duration_ms`` is the wall time the client waited for it.
+    A non-zero exit is a result, not an exception (see ``check=``)."""
+
+    exit_code: Optional[int]
+    stdout: str
+    stderr: str
+    duration_ms: int
+    killed_by: Optional[str] = None
+    status: Optional[str] = None
+    pid: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        """Exited 0."""
+        return self.exit_code == 0
+
+
+@dataclass
+class EntryInfo:
+    """A file or directory in a sandbox."""
+
+    name: str
+    path: str
+    type: str
+    size: int
+    permissions: Optional[str] = None
+    owner: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, v: Dict[str, Any]) -> "EntryInfo":
+        kind = str(v.get("type") or "")
+        kind = {"FILE_TYPE_FILE": "file", "FILE_TYPE_DIRECTORY": "dir",
+                "FILE_TYPE_SYMLINK": "symlink"}.get(kind, kind.lower() or "unknown")
+        try:
+            size = int(v.get("size") or 0)
+        except (TypeError, ValueError):
+            size = 0
+        return cls(
+            name=str(v.get("name") or ""),
+            path=str(v.get("path") or ""),
+            type=kind,
+            size=size,
+            permissions=v.get("permissions"),
+            owner=v.get("owner"),
+            raw=v,
+        )
+
+
+@dataclass
+class SandboxInfo:
+    """A sandbox as the daemon lists it."""
+
+    sandbox_id: str
+    template: str
+    state: str
+    metadata: Dict[str, str]
+    started_at: Optional[str]
+    end_at: Optional[str]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, v: Dict[str, Any]) -> "SandboxInfo":
+        return cls(
+            sandbox_id=str(v.get("sandboxID") or ""),
+            template=str(v.get("alias") or v.get("templateID") or ""),
+            state=str(v.get("state") or "running"),
+            metadata=dict(v.get("metadata") or {}),
+            started_at=v.get("startedAt"),
+            end_at=v.get("endAt"),
+            raw=v,
+        )
+
+
+@dataclass
+class ImageInfo:
+    """A template the tenant can use: ``base`` (the host's root) or an
+    image it registered (:meth:`NanoClaw.register_image`)."""
+
+    name: str
+    languages: List[str]
+    reference: Optional[str] = None
+    id: Optional[str] = None
+    builtin: bool = False
+    build_ms: Optional[int] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, v: Dict[str, Any]) -> "ImageInfo":
+        return cls(
+            name=str(v.get("name") or ""),
+            languages=list(v.get("languages") or []),
+            reference=v.get("reference"),
+            id=v.get("id"),
+            builtin=bool(v.get("builtin", False)),
+            build_ms=v.get("build_ms"),
+            raw=v,
+        )

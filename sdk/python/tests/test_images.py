@@ -1,0 +1,131 @@
+"""register_image (seed 000) against the real daemon: the build runs in a
+child `nanoclaw image build`, the image becomes a template of the
+caller's tenant for its languages, `images()` lists it, it survives a
+restart of the daemon, and every build is in the audit log.
+
+No network reaches Docker Hub here: `python:3.11-slim` in the test's own
+image store is the local bench image (python3 and its stdlib, no pip) under
+that name (conftest.image_store). Seed 000's Dockerfile is therefore run
+verbatim and fails where it must (`pip` is not in that image, and RUN steps
+have no network); the same call with a RUN step the reachable base can do
+proves the shape works end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+
+MARKER_DOCKERFILE = """
+FROM python:3.11-slim
+RUN python3 -c "open('/built-by-register-image', 'w').write('numpy would be here')"
+ENV ANALYSIS=pandas
+"""
+
+
+def test_seed_000_register_image_verbatim(fake, tmp_path: Path, base_image: str, monkeypatch) -> None:
+    f = fake([])
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "config.yaml", f.port)
+    from nanoclaw import NanoClaw, NanoClawError
+
+    agent = NanoClaw(config_path="config.yaml")
+    try:
+        # Seed 000, verbatim: the build runs and fails on its RUN step, with
+        # the build's own message (pip is not in the local base; no network).
+        with pytest.raises(NanoClawError) as e:
+            # 注册自定义镜像
+            agent.register_image(
+                name="custom-python",
+                dockerfile="""
+FROM python:3.11-slim
+RUN pip install numpy pandas
+""",
+                languages=["python"]
+            )
+        assert e.value.status == 422, e.value
+        assert "RUN pip install numpy pandas" in e.value.message
+        assert "pip: not found" in e.value.message
+        assert [i.name for i in agent.images()] == ["base"], "a failed build registers nothing"
+
+        # The same call with a step the local base can run.
+        img = agent.register_image(
+            name="custom-python", dockerfile=MARKER_DOCKERFILE, languages=["python"]
+        )
+        assert img.name == "custom-python" and img.languages == ["python"]
+        assert img.reference == "localhost/local/custom-python:latest"
+        assert img.id and img.id.startswith("sha256:")
+        listed = {i.name: i for i in agent.images()}
+        assert listed["custom-python"].languages == ["python"]
+        assert listed["base"].builtin and not listed["custom-python"].builtin
+
+        # Its languages are real: python runs in its root, node is refused.
+        code = "import os; print(open('/built-by-register-image').read(), os.environ['ANALYSIS'])"
+        r = agent.run(code=code, language="python", template="custom-python")
+        assert (r.exit_code, r.stdout) == (0, "numpy would be here pandas\n"), r.raw
+        with pytest.raises(NanoClawError) as e:
+            agent.run(code="1", language="node", template="custom-python")
+        assert e.value.status == 400
+        assert "registered for python, not node" in e.value.message
+        # The host root (base) has no such file: the template is the image.
+        r = agent.run(code=code, language="python")
+        assert r.exit_code != 0 and "built-by-register-image" in r.stderr
+
+        # And a sandbox made from it.
+        from nanoclaw import Sandbox
+
+        with Sandbox.create(template="custom-python", client=agent) as sbx:
+            r = sbx.run(["python3", "-c", code])
+            assert r.stdout == "numpy would be here pandas\n", r
+
+        builds = agent.audit(kind="image_build")
+        assert len(builds) == 2, builds
+        assert builds[0]["detail"].startswith("failed: image build failed:")
+        assert builds[1]["detail"].startswith("localhost/local/custom-python:latest sha256:")
+        assert builds[1]["tenant"] == "local"
+    finally:
+        agent.close()
+
+
+def test_register_image_refusals_and_restart(fake, tmp_path: Path, base_image: str) -> None:
+    f = fake([])
+    config = write_config(tmp_path / "config.yaml", f.port)
+    data = tmp_path / "data"
+    from nanoclaw import NanoClaw, NanoClawError
+
+    with NanoClaw(config_path=str(config), data_dir=str(data)) as agent:
+        bad = [
+            (dict(name="../x", dockerfile="FROM python:3.11-slim", languages=["python"]), "invalid name"),
+            (dict(name="base", dockerfile="FROM python:3.11-slim", languages=["python"]), "default template"),
+            (dict(name="x", dockerfile="", languages=["python"]), "dockerfile must not be empty"),
+            (dict(name="x", dockerfile="FROM python:3.11-slim", languages=["cobol"]), "unknown language"),
+            (dict(name="x", dockerfile="FROM python:3.11-slim", languages=[]), "at least one"),
+            (dict(name="x", dockerfile="F" * 70000, languages=["sh"]), "at most 65536"),
+            (dict(name="x", dockerfile="FROM python:3.11-slim", languages=["sh"],
+                  allow_hosts=["--network=open"]), "invalid allow_hosts entry"),
+        ]
+        for kw, words in bad:
+            with pytest.raises(NanoClawError) as e:
+                agent.register_image(**kw)
+            assert e.value.status == 400 and words in e.value.message, (kw["name"], e.value)
+        # The build context is empty and private: COPY cannot reach out.
+        with pytest.raises(NanoClawError) as e:
+            agent.register_image(
+                name="escape", dockerfile="FROM python:3.11-slim\nCOPY ../../etc/shadow /x\n",
+                languages=["python"],
+            )
+        assert e.value.status == 422, e.value
+        # An image that is not in the store, and no network to pull it.
+        with pytest.raises(NanoClawError) as e:
+            agent.register_image(name="gone", dockerfile="FROM 127.0.0.1:9/nope:1\n", languages=["sh"])
+        assert e.value.status == 422
+        agent.register_image(name="marker", dockerfile=MARKER_DOCKERFILE, languages=["python", "sh"])
+        assert not list((data / "builds").iterdir()), "a build context was left behind"
+
+    # A restarted daemon on the same data folder still has the template.
+    with NanoClaw(config_path=str(config), data_dir=str(data)) as again:
+        assert {i.name: i.languages for i in again.images()}["marker"] == ["python", "sh"]
+        r = again.run(["python3", "-c", "print(open('/built-by-register-image').read())"], template="marker")
+        assert r.stdout == "numpy would be here\n", r.raw
