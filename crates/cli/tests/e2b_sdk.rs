@@ -622,6 +622,11 @@ fn red_team_findings_stay_fixed() {
         "10.0.0.0/8",
         "::1",
         "0.0.0.0/1",
+        // Host rules naming an address literally are explicit rules too.
+        "127.0.0.1:8080",
+        "169.254.169.254:80",
+        "[::1]",
+        "[::1]:443",
     ] {
         let body =
             format!(r#"{{"templateID":"base","timeout":30,"network":{{"allowOut":["{rule}"]}}}}"#);

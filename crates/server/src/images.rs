@@ -173,6 +173,9 @@ impl RegisterRequest {
                 "invalid allow_hosts entry {h:?}: give HOST or HOST:PORT (e.g. pypi.org, *.example.com:443)"
             ));
         }
+        for h in &self.allow_hosts {
+            crate::keepers::public_host_rule(h).map_err(|e| format!("allow_hosts {h:?}: {e}"))?;
+        }
         Ok(Register {
             name: self.name,
             dockerfile: self.dockerfile,
@@ -475,7 +478,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.languages, vec!["python"]);
-        let ok = req(r#"{"name":"p","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["pypi.org","*.x.com:443","10.0.0.1:80"]}"#).unwrap();
+        let ok = req(r#"{"name":"p","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["pypi.org","*.x.com:443","93.184.216.34:80"]}"#).unwrap();
         assert_eq!(ok.allow_hosts.len(), 3);
         for bad in [
             r#"{}"#,
@@ -494,6 +497,11 @@ mod tests {
             r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["a b"]}"#,
             r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["--network=open"]}"#,
             r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["a.org:0"]}"#,
+            // A literal non-public address would open the host's loopback
+            // or a private network to the build.
+            r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["127.0.0.1:8080"]}"#,
+            r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["10.0.0.1"]}"#,
+            r#"{"name":"x","dockerfile":"FROM a","languages":["sh"],"allow_hosts":["169.254.169.254:80"]}"#,
         ] {
             assert!(req(bad).is_err(), "{bad}");
         }

@@ -234,6 +234,9 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
                 check_public(a)?;
                 cidrs.push(a.clone());
             } else {
+                // `1.2.3.4:80` and `[::1]:443` are host rules naming an
+                // address literally: explicit rules too.
+                public_host_rule(a).map_err(BackendError::InvalidArgument)?;
                 hosts.push(a.clone());
             }
         }
@@ -252,6 +255,32 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
         ));
     }
     Ok(default_network())
+}
+
+/// The address a `HOST[:PORT]` rule names literally (`1.2.3.4`,
+/// `1.2.3.4:80`, `[::1]`, `[::1]:443`, `::1`), if it does.
+fn literal_ip(rule: &str) -> Option<std::net::IpAddr> {
+    if let Ok(ip) = rule.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = rule.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    rule.rsplit_once(':')?.0.parse().ok()
+}
+
+/// Refuses a `HOST[:PORT]` egress rule from an API caller (E2B's
+/// `allowOut`, `POST /v1/images`' `allow_hosts`) that names a
+/// non-public address literally: to the egress proxy a literal-IP host
+/// rule is an explicit allowance, which would open the host's loopback
+/// (the daemon itself), cloud metadata or private networks. Names are
+/// fine: what they resolve to is checked by the proxy, special ranges
+/// refused.
+pub(crate) fn public_host_rule(rule: &str) -> Result<(), String> {
+    match literal_ip(rule) {
+        Some(ip) => check_public(&ip.to_string()).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// Refuses an `allowOut` address or CIDR that reaches anything but the
