@@ -147,6 +147,10 @@ pub struct RunCommon {
     /// (daemon) The tenant the run is for.
     #[arg(long, hide = true)]
     pub tenant: Option<String>,
+    /// Run the agent's sandbox in this image's root (a reference in the
+    /// image store, e.g. one built with `nanoclaw image build`).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
     #[command(flatten)]
     pub data: DataArgs,
 }
@@ -649,7 +653,10 @@ fn prepare(name: &str, c: &RunCommon, store: &Store, audit: &Audit) -> Result<Pr
         &config,
         Some(name),
         c.session.as_deref(),
-        nanoclaw_policy::CliOverrides::default(),
+        nanoclaw_policy::CliOverrides {
+            image: c.image.clone(),
+            ..nanoclaw_policy::CliOverrides::default()
+        },
         vec!["true".into()],
         Vec::new(),
     )?;

@@ -110,6 +110,11 @@ pub struct ExecuteRequest {
     /// The agent (default: the config's default agent).
     #[serde(default)]
     pub agent: Option<String>,
+    /// A template the caller's tenant registered (`POST /v1/images`): the
+    /// agent's sandbox runs in that image's root (seed 000's
+    /// `execute(prompt, image="custom-python")`).
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// A checked [`ExecuteRequest`].
@@ -123,6 +128,11 @@ pub struct Execute {
     pub timeout: Duration,
     /// The agent.
     pub agent: Option<String>,
+    /// The registered image's name, as asked.
+    pub image: Option<String>,
+    /// Its store reference (set by the caller once it found the tenant's
+    /// image of that name): `--image` of the child.
+    pub image_ref: Option<String>,
 }
 
 impl ExecuteRequest {
@@ -157,11 +167,20 @@ impl ExecuteRequest {
         if let Some(a) = &self.agent {
             nanoclaw_agent::store::check_id(a).map_err(|e| e.to_string())?;
         }
+        if let Some(i) = &self.image {
+            if !crate::images::valid_name(i) {
+                return Err(format!(
+                    "invalid image {i:?}: give the name of an image registered with POST /v1/images"
+                ));
+            }
+        }
         Ok(Execute {
             prompt: self.prompt,
             language,
             timeout: Duration::from_secs_f64(secs),
             agent: self.agent,
+            image: self.image,
+            image_ref: None,
         })
     }
 }
@@ -327,6 +346,10 @@ impl Agents {
         if let Some(agent) = &req.agent {
             a.push("--agent".into());
             a.push(agent.into());
+        }
+        if let Some(image) = &req.image_ref {
+            a.push("--image".into());
+            a.push(image.into());
         }
         a.push("--language".into());
         a.push(req.language.clone().into());
@@ -619,6 +642,7 @@ mod tests {
             r#"{"prompt":"x","agent":"../etc"}"#,
             r#"{"prompt":"x","bogus":1}"#,
             r#"{"prompt":"a\u0000b"}"#,
+            r#"{"prompt":"x","image":"../etc"}"#,
         ] {
             assert!(req(bad).is_err(), "{bad}");
         }

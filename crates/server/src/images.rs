@@ -105,7 +105,7 @@ fn valid_host(h: &str) -> bool {
 
 /// Whether `name` is a template name: 1 to 64 of `a-z 0-9`, with single
 /// `.`, `_` or `-` between them (a path component of an image reference).
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let sep = |c: &u8| matches!(c, b'.' | b'_' | b'-');

@@ -25,8 +25,15 @@ ENV ANALYSIS=pandas
 """
 
 
+READ_MARKER = "print(open('/built-by-register-image').read())\n"
+
+
 def test_seed_000_register_image_verbatim(fake, tmp_path: Path, base_image: str, monkeypatch) -> None:
-    f = fake([])
+    f = fake([
+        {"reply": {"tool_calls": [{"name": "run_code", "input": {"language": "python", "code": READ_MARKER}}],
+                   "usage": {"input_tokens": 50, "output_tokens": 20}}},
+        {"reply": {"text": "The image has the marker.", "usage": {"input_tokens": 80, "output_tokens": 8}}},
+    ])
     monkeypatch.chdir(tmp_path)
     write_config(tmp_path / "config.yaml", f.port)
     from nanoclaw import NanoClaw, NanoClawError
@@ -80,6 +87,22 @@ RUN pip install numpy pandas
             r = sbx.run(["python3", "-c", code])
             assert r.stdout == "numpy would be here pandas\n", r
 
+        # The agent's sandbox in that image — seed 000, verbatim:
+        # 使用自定义镜像
+        result = agent.execute(
+            prompt="使用 pandas 分析数据",
+            image="custom-python"
+        )
+        assert result.stop == "answer", result.raw
+        assert result.exit_code == 0 and result.stdout == "numpy would be here\n", result.raw
+        assert f.record()["remaining"] == 0
+        with pytest.raises(NanoClawError) as e:
+            agent.execute(prompt="x", image="not-registered")
+        assert e.value.status == 404 and "not-registered" in e.value.message
+        with pytest.raises(NanoClawError) as e:
+            agent.execute(prompt="x", image="custom-python", language="node")
+        assert e.value.status == 400 and "registered for python, not node" in e.value.message
+
         builds = agent.audit(kind="image_build")
         assert len(builds) == 2, builds
         assert builds[0]["detail"].startswith("failed: image build failed:")
@@ -129,3 +152,74 @@ def test_register_image_refusals_and_restart(fake, tmp_path: Path, base_image: s
         assert {i.name: i.languages for i in again.images()}["marker"] == ["python", "sh"]
         r = again.run(["python3", "-c", "print(open('/built-by-register-image').read())"], template="marker")
         assert r.stdout == "numpy would be here\n", r.raw
+
+
+def test_a_tenants_image_is_its_own(base_image: str, tmp_path: Path) -> None:
+    """Attack: tenant `evil` tries to use, list and overwrite tenant
+    `acme`'s registered image through the same daemon (TCP, each with its
+    own key). Templates are keyed by (tenant, name): evil sees none of
+    acme's, and its own image of the same name is its own."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from nanoclaw import NanoClaw, NanoClawError, Sandbox
+
+    nc = os.environ["NANOCLAW_BIN"]
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    keys = {
+        t: subprocess.run(
+            [nc, "tenant", "add", t, "--data", str(data)], capture_output=True, check=True, text=True
+        ).stdout.strip()
+        for t in ("acme", "evil")
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = subprocess.Popen(
+        [nc, "serve", "--data", str(data), "--listen", f"tcp:127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nanoclaw serve did not listen"
+                time.sleep(0.05)
+        read = ["python3", "-c", "print(open('/owner').read())"]
+        with NanoClaw(url=url, api_key=keys["acme"]) as acme, NanoClaw(url=url, api_key=keys["evil"]) as evil:
+            img = acme.register_image(
+                name="secret",
+                dockerfile="FROM python:3.11-slim\nRUN python3 -c \"open('/owner','w').write('acme')\"\n",
+                languages=["python"],
+            )
+            assert img.reference == "localhost/acme/secret:latest"
+            assert acme.run(read, template="secret").stdout == "acme\n"
+
+            assert [i.name for i in evil.images()] == ["base"]
+            with pytest.raises(NanoClawError) as e:
+                evil.run(read, template="secret")
+            assert e.value.status == 404 and "template 'secret' not found" in e.value.message
+            with pytest.raises(NanoClawError) as e:
+                Sandbox.create(template="secret", client=evil)
+            assert e.value.status == 404
+
+            # evil's own "secret" is evil's; acme's stays acme's.
+            evil.register_image(
+                name="secret",
+                dockerfile="FROM python:3.11-slim\nRUN python3 -c \"open('/owner','w').write('evil')\"\n",
+                languages=["python"],
+            )
+            assert evil.run(read, template="secret").stdout == "evil\n"
+            assert acme.run(read, template="secret").stdout == "acme\n"
+            builds = evil.audit(kind="image_build")
+            assert len(builds) == 1 and builds[0]["tenant"] == "evil"
+    finally:
+        daemon.terminate()
+        daemon.wait()

@@ -89,7 +89,10 @@ pub async fn execute<B: Backend, A: Authenticator>(
     let bytes = json_body(&state, &headers, body, "ExecuteRequest").await?;
     let req: ExecuteRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid ExecuteRequest: {e}")))?;
-    let req = req.check().map_err(ApiError::bad_request)?;
+    let mut req = req.check().map_err(ApiError::bad_request)?;
+    if let Some(name) = &req.image {
+        req.image_ref = Some(registered_image(&state, &tenant, name, &req.language)?);
+    }
     let _slot = agents.admit(&tenant).map_err(|e| {
         if matches!(e, ExecuteError::Busy(..)) {
             state.metrics.quota_refused(Quota::AgentRuns);
@@ -99,6 +102,32 @@ pub async fn execute<B: Backend, A: Authenticator>(
     })?;
     let report = agents.execute(&tenant, &req).await.map_err(execute_error)?;
     Ok((StatusCode::OK, Json(report)).into_response())
+}
+
+/// The store reference of `tenant`'s registered image `name`, which must
+/// be registered for `language`.
+fn registered_image<B, A>(
+    state: &E2bState<B, A>,
+    tenant: &crate::auth::TenantId,
+    name: &str,
+    language: &str,
+) -> Result<String, ApiError> {
+    let found = state
+        .images
+        .as_deref()
+        .and_then(|i| i.list(tenant).into_iter().find(|r| r.name == name));
+    let Some(image) = found else {
+        return Err(ApiError::not_found(format!(
+            "no image {name:?} registered for tenant {tenant} (register it with POST /v1/images)"
+        )));
+    };
+    if !image.languages.iter().any(|l| l == language) {
+        return Err(ApiError::bad_request(format!(
+            "image {name:?} was registered for {}, not {language}",
+            image.languages.join(", ")
+        )));
+    }
+    Ok(image.reference)
 }
 
 /// `GET /v1/approvals`: the caller's tenant's pending approval requests

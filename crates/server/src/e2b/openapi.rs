@@ -310,7 +310,10 @@ fn components() -> Value {
                         "maximum": crate::agents::MAX_TIMEOUT_S,
                         "description": "Longest a piece of code may run, seconds. Default: 30."},
                     "agent": {"type": "string",
-                        "description": "Default: the config's default agent."}}},
+                        "description": "Default: the config's default agent."},
+                    "image": {"type": "string",
+                        "description": "A template the tenant registered (POST /v1/images): \
+                            the agent's sandbox runs in its root."}}},
             "ExecuteReport": {"type": "object",
                 "description": "`nanoclaw agent execute --json`'s report.",
                 "properties": {
@@ -486,7 +489,8 @@ mod tests {
             keys(&serde_json::to_value(row).unwrap())
         );
         // Every documented field of the request is accepted.
-        let all = json!({"prompt": "p", "language": "python", "timeout": 1, "agent": "a"});
+        let all = json!({"prompt": "p", "language": "python", "timeout": 1, "agent": "a",
+            "image": "custom-python"});
         assert_eq!(props(&d, "ExecuteRequest"), keys(&all));
         assert!(serde_json::from_value::<crate::agents::ExecuteRequest>(all).is_ok());
     }

@@ -211,11 +211,13 @@ class NanoClaw:
 
     @staticmethod
     def _execute_body(
-        prompt: str, language: str, timeout: float, agent: Optional[str]
+        prompt: str, language: str, timeout: float, agent: Optional[str], image: Optional[str]
     ) -> Dict[str, Any]:
         body: Dict[str, Any] = {"prompt": prompt, "language": language, "timeout": timeout}
         if agent is not None:
             body["agent"] = agent
+        if image is not None:
+            body["image"] = image
         return body
 
     def execute(
@@ -224,12 +226,16 @@ class NanoClaw:
         language: str = "python",
         timeout: float = 30,
         agent: Optional[str] = None,
+        image: Optional[str] = None,
     ) -> ExecutionResult:
         """Runs the agent on ``prompt``: it writes code in ``language``, runs
         it in its sandbox (each piece at most ``timeout`` seconds) and
-        answers. Raises :class:`NanoClawError` with the daemon's message
-        (404 unknown agent, 502 the model API failed, 429 too many runs)."""
-        body = self._execute_body(prompt, language, timeout, agent)
+        answers. ``image``: an image registered with
+        :meth:`register_image` (for ``language``) whose root the agent's
+        sandbox uses. Raises :class:`NanoClawError` with the daemon's
+        message (404 unknown agent or image, 502 the model API failed, 429
+        too many runs)."""
+        body = self._execute_body(prompt, language, timeout, agent, image)
         # The daemon bounds the run's wall time; the client waits for it.
         v = self._request("POST", "/v1/execute", json=body, timeout=httpx.Timeout(None, connect=10))
         return ExecutionResult.from_json(v)
@@ -240,10 +246,11 @@ class NanoClaw:
         language: str = "python",
         timeout: float = 30,
         agent: Optional[str] = None,
+        image: Optional[str] = None,
     ) -> ExecutionResult:
         """:meth:`execute` for asyncio: ``asyncio.gather`` of several runs
         them in parallel (up to the daemon's 4 runs per tenant)."""
-        body = self._execute_body(prompt, language, timeout, agent)
+        body = self._execute_body(prompt, language, timeout, agent, image)
         v = await self._request_async(
             "POST", "/v1/execute", json=body, timeout=httpx.Timeout(None, connect=10)
         )
