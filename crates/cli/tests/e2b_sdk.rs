@@ -251,6 +251,60 @@ fn the_e2b_sdk_runs_against_nanoclaw_serve() {
     }
 }
 
+/// The unmodified `e2b-code-interpreter` SDK: stateful python, javascript
+/// and bash contexts, rich results, timeouts, crashes, restarts and hostile
+/// input (tests/python/test_code_interpreter.py); no keeper (and so no
+/// interpreter) outlives the daemon.
+#[test]
+fn the_code_interpreter_sdk_runs_against_nanoclaw_serve() {
+    let _g = serial();
+    let Some(venv) = venv("the e2b-code-interpreter SDK") else {
+        return;
+    };
+    for m in modes("the_code_interpreter_sdk_runs_against_nanoclaw_serve") {
+        let before = keepers(m);
+        let d = Daemon::new(m, "ci");
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/python/test_code_interpreter.py",
+            ])
+            .current_dir(repo())
+            .env("NANOCLAW_E2B_API_URL", d.url())
+            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
+            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
+            .env("NANOCLAW_REQUIRE_E2B", "1")
+            .output()
+            .expect("run pytest");
+        let out = text(&o.stdout);
+        assert!(
+            o.status.success(),
+            "[{}] the code-interpreter suite failed:\n{out}\n{}",
+            m.name,
+            text(&o.stderr)
+        );
+        eprintln!("[{}] {}", m.name, out.lines().last().unwrap_or(""));
+        // The interpreters ran as audited processes of their sandboxes.
+        let execs = d.audit(&["ls", "--kind", "exec", "--limit", "1000", "--json"]);
+        assert!(
+            execs.contains("python3") && execs.contains("node"),
+            "[{}] no interpreter exec records: {execs}",
+            m.name
+        );
+        drop(d);
+        assert_eq!(
+            wait_keepers(m, before),
+            before,
+            "[{}] keepers left behind",
+            m.name
+        );
+    }
+}
+
 #[test]
 fn a_killed_daemon_readopts_its_sandboxes() {
     let _g = serial();

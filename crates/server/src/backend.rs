@@ -381,13 +381,16 @@ pub enum ProcessInput {
     Pty(Bytes),
 }
 
-/// The signals E2B can send.
+/// The signals E2B can send, and SIGINT (code contexts interrupt a cell
+/// with it, as Jupyter does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
     /// SIGTERM.
     Term,
     /// SIGKILL.
     Kill,
+    /// SIGINT.
+    Interrupt,
 }
 
 /// The kind of a filesystem entry.

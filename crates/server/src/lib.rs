@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod connect;
+pub mod contexts;
 pub mod daemon;
 pub mod db;
 pub mod e2b;

@@ -288,20 +288,27 @@ async fn tokens_and_tenants_on_the_data_plane() {
     }
     let health = send(&s, "GET", "/health", &envd(&id, &token), "").await;
     assert_eq!(health.status, 204);
-    // Other ports of the sandbox are not served.
-    let r = send(
-        &s,
-        "POST",
-        "/execute",
-        &[
-            ("e2b-sandbox-id", id.as_str()),
-            ("e2b-sandbox-port", "49999"),
-            ("x-access-token", token.as_str()),
-        ],
-        "{}",
-    )
-    .await;
-    assert_eq!(r.status, 502);
+    // Other ports of the sandbox are not served; the code interpreter's
+    // (49999) serves its own routes only.
+    let port = |p: &'static str| {
+        [
+            ("e2b-sandbox-id", id.clone()),
+            ("e2b-sandbox-port", p.to_owned()),
+            ("x-access-token", token.clone()),
+        ]
+    };
+    let headers = |h: &[(&'static str, String); 3]| -> Vec<(&'static str, String)> { h.to_vec() };
+    for (p, method, path, want) in [
+        ("8080", "POST", "/execute", 502),
+        ("49999", "GET", "/files?path=%2Fetc%2Fhostname", 502),
+        ("49999", "POST", "/execute", 400),
+        ("49983", "POST", "/execute", 502),
+    ] {
+        let h = headers(&port(p));
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = send(&s, method, path, &h, "{}").await;
+        assert_eq!(r.status, want, "port {p} {method} {path}");
+    }
     // After a kill the data plane answers 502 "was not found".
     send(
         &s,

@@ -14,6 +14,7 @@ pub mod body;
 pub mod control;
 pub mod envd;
 pub mod images;
+pub mod interpreter;
 pub mod models;
 pub mod multipart;
 pub mod nanoclaw;
@@ -166,6 +167,9 @@ pub struct E2bState<B, A> {
     /// Image builds and registered images (`/v1/images`); `None`: those
     /// routes answer 501.
     pub images: Option<Arc<crate::images::Images>>,
+    /// Stateful code contexts (the code interpreter's `/execute` and
+    /// `/contexts`, and the MCP `run_code` tool).
+    pub contexts: crate::contexts::Contexts,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -184,6 +188,7 @@ impl<B, A> E2bState<B, A> {
             openapi: OnceLock::new(),
             agents: None,
             images: None,
+            contexts: crate::contexts::Contexts::new(),
         }
     }
 }
@@ -262,16 +267,20 @@ pub fn router<B: Backend, A: Authenticator>(state: AppState<B, A>) -> Router {
 const ENVD_PORT: &str = "49983";
 
 /// Data-plane requests for another port of the sandbox (the SDK sends
-/// `E2b-Sandbox-Port`; e.g. 49999 for the code interpreter) are answered
-/// as E2B's proxy answers a port nothing listens on: 502 "port is not
-/// open".
+/// `E2b-Sandbox-Port`) are answered as E2B's proxy answers a port nothing
+/// listens on: 502 "port is not open". The code interpreter's port
+/// (49999) reaches its own routes ([`interpreter`]) and no others.
 async fn only_envd_port(request: Request, next: axum::middleware::Next) -> Response<Body> {
     let port = request
         .headers()
         .get("e2b-sandbox-port")
         .map(|v| v.to_str().unwrap_or("").trim().to_owned());
+    let path = request.uri().path();
+    let interpreter_path =
+        path == "/execute" || path == "/contexts" || path.starts_with("/contexts/");
     match port {
-        Some(port) if port != ENVD_PORT => ApiError::new(
+        Some(port) if port == interpreter::PORT && interpreter_path => next.run(request).await,
+        Some(port) if port != ENVD_PORT || interpreter_path => ApiError::new(
             axum::http::StatusCode::BAD_GATEWAY,
             format!("The sandbox is running but port {port} is not open"),
         )

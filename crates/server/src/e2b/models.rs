@@ -176,7 +176,10 @@ pub fn sandbox(info: &SandboxInfo, envd_version: &str) -> Value {
         "clientID": CLIENT_ID,
         "envdVersion": envd_version,
         "envdAccessToken": info.envd_access_token,
-        "trafficAccessToken": null,
+        // The same token: the code-interpreter SDK sends it (as
+        // E2B-Traffic-Access-Token) on its /contexts calls, which carry no
+        // X-Access-Token.
+        "trafficAccessToken": info.envd_access_token,
         "domain": null,
     });
     if let (Some(alias), Some(obj)) = (&info.alias, v.as_object_mut()) {

@@ -10,7 +10,7 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter};
 use serde_json::{json, Value};
 
-use super::{agents, control, envd, images, nanoclaw, AppState};
+use super::{agents, control, envd, images, interpreter, nanoclaw, AppState};
 use crate::auth::Authenticator;
 use crate::backend::Backend;
 
@@ -245,6 +245,7 @@ pub fn schema(name: &str) -> Value {
 const NANOCLAW: &str = "nanoclaw";
 const CONTROL: &str = "E2B control plane";
 const ENVD: &str = "E2B envd";
+const INTERPRETER: &str = "E2B code interpreter";
 
 /// Every route, in the order they are documented.
 pub fn table<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
@@ -252,6 +253,7 @@ pub fn table<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
     all.extend(control_routes());
     all.extend(unsupported_routes());
     all.extend(envd_routes());
+    all.extend(interpreter_routes());
     all
 }
 
@@ -784,5 +786,68 @@ fn envd_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
                     .body("multipart/form-data", json!({"type": "object"}))
                     .json(200, "The entries written.", json!({"type": "array", "items": {"type": "object"}})),
             ),
+    ]
+}
+
+fn interpreter_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
+    use Access::*;
+    use Verb::*;
+    let op = |verb, summary| {
+        Op::new(verb, INTERPRETER, AccessToken, summary).json(
+            404,
+            "No such context, or no such sandbox (unknown, another tenant's, wrong token).",
+            schema("Error"),
+        )
+    };
+    let context = json!({"type": "object", "required": ["id", "language", "cwd"], "properties": {
+        "id": {"type": "string"}, "language": {"type": "string"}, "cwd": {"type": "string"}}});
+    vec![
+        Route::new("/execute").op(
+            interpreter::execute::<B, A>,
+            op(
+                Post,
+                "Runs code in a stateful context (E2b-Sandbox-Port: 49999): the language's \
+                 default context, or context_id's.",
+            )
+            .json_body(json!({"type": "object", "required": ["code"], "properties": {
+                "code": {"type": "string"}, "context_id": {"type": ["string", "null"]},
+                "language": {"type": ["string", "null"], "description": "python, javascript (js) or bash."},
+                "env_vars": {"type": ["object", "null"], "additionalProperties": {"type": "string"}}}}))
+            .answer(
+                200,
+                "One JSON object per line, as they happen: number_of_executions, stdout, \
+                 stderr, result, error, keepalive; then end_of_execution.",
+                Some(("application/x-ndjson", json!({"type": "string"}))),
+            )
+            .json(400, "A bad body, language, or both context_id and language.", schema("Error"))
+            .json(413, "The code is over 1 MiB.", schema("Error"))
+            .json(429, "The sandbox has 16 contexts already.", schema("Error")),
+        ),
+        Route::new("/contexts")
+            .op(
+                interpreter::create::<B, A>,
+                op(Post, "Creates a context.")
+                    .json_body(json!({"type": "object", "properties": {
+                        "language": {"type": "string"}, "cwd": {"type": "string"}}}))
+                    .json(200, "The context.", context.clone())
+                    .json(400, "A bad language or cwd.", schema("Error"))
+                    .json(429, "The sandbox has 16 contexts already.", schema("Error")),
+            )
+            .op(
+                interpreter::list::<B, A>,
+                op(Get, "The sandbox's contexts.").json(
+                    200,
+                    "The contexts.",
+                    json!({"type": "array", "items": context}),
+                ),
+            ),
+        Route::new("/contexts/{context_id}").op(
+            interpreter::remove::<B, A>,
+            op(Delete, "Removes a context (its interpreter is killed).").empty(204, "Removed."),
+        ),
+        Route::new("/contexts/{context_id}/restart").op(
+            interpreter::restart::<B, A>,
+            op(Post, "Replaces a context's interpreter with a fresh one.").empty(204, "Restarted."),
+        ),
     ]
 }

@@ -1254,6 +1254,7 @@ impl Backend for KeeperBackend {
         let sig = match signal {
             Signal::Term => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
+            Signal::Interrupt => libc::SIGINT,
         };
         Self::proc_of(&e, selector)?.signal(sig).await
     }

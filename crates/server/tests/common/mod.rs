@@ -564,10 +564,10 @@ impl Backend for TestBackend {
         let pid = select(&procs.lock().unwrap(), sel)?;
         kill_group(
             pid,
-            if signal == Signal::Kill {
-                libc::SIGKILL
-            } else {
-                libc::SIGTERM
+            match signal {
+                Signal::Kill => libc::SIGKILL,
+                Signal::Term => libc::SIGTERM,
+                Signal::Interrupt => libc::SIGINT,
             },
         );
         Ok(())
