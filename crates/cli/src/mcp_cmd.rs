@@ -1,273 +1,418 @@
-//! `nanoclaw mcp`: a Model Context Protocol server over stdio, so that any
-//! MCP host (Claude Code, Codex, Cursor, ...) can use a nanoclaw sandbox as
-//! tools.
+//! `nanoclaw mcp`: the Model Context Protocol over stdio, so that any MCP
+//! host (Claude Code, Codex, Cursor, …) can use nanoclaw's sandboxes as
+//! tools. It is a transport, not a second server: each JSON-RPC line read
+//! from stdin is POSTed to the daemon's `/mcp` (see
+//! `nanoclaw_server::mcp`, which has the one implementation of the
+//! protocol and the tools) and each answer is written to stdout as one
+//! line; logs go to stderr.
 //!
-//! Transport: newline-delimited JSON-RPC 2.0 on stdin/stdout (logs go to
-//! stderr). Lifecycle of revision 2025-11-25: `initialize` negotiates the
-//! protocol version (the client's when we speak it, else our latest),
-//! `notifications/initialized`, `ping`; then `tools/list` and
-//! `tools/call`. Malformed input gets JSON-RPC errors (-32700 parse error,
-//! -32600 invalid request, -32601 unknown method, -32602 bad params or an
-//! unknown tool); a tool that fails (bad arguments, a refused call, a
-//! command that exits non-zero) answers a result with `isError: true`.
+//! The daemon is the one `--url` names, else the one serving `--data`,
+//! else the one on the default socket, else an embedded `nanoclaw serve`
+//! started for this process's life on a private socket (with `--config`,
+//! whose agents are its templates). The relay adds what the HTTP
+//! transport needs and stdio has not: `Mcp-Session-Id` (kept from the
+//! `initialize` answer), `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`.
+//! A `notifications/cancelled` abandons the request it names (its HTTP
+//! connection is closed, which stops the call in the daemon).
 //!
-//! Every tool runs in ONE long-lived sandbox for the life of the server,
-//! created at the first call by a keeper (this process never clones): with
-//! `--config/--agent` the agent's scoped sandbox under its policy (kept,
-//! like `nanoclaw run --agent`'s), else a sandbox made as `nanoclaw sandbox
-//! create` makes one, removed when the server ends (stdin closed, SIGTERM,
-//! SIGINT or SIGHUP).
+//! When stdin closes, or at SIGTERM, SIGINT or SIGHUP, the session is
+//! ended (`DELETE /mcp`: its default sandbox is removed) and an embedded
+//! daemon is stopped with every sandbox it made; nothing is left behind.
 
-mod tools;
+mod client;
+mod daemon;
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use base64::Engine;
 use clap::Args;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use tools::Tools;
-
-/// Protocol revisions this server speaks, newest first.
-pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
-
-/// JSON-RPC: the input is not JSON.
-const PARSE_ERROR: i64 = -32700;
-/// JSON-RPC: not a valid request object.
-const INVALID_REQUEST: i64 = -32600;
-/// JSON-RPC: no such method.
-const METHOD_NOT_FOUND: i64 = -32601;
-/// JSON-RPC: invalid method parameters (and an unknown tool).
-pub(crate) const INVALID_PARAMS: i64 = -32602;
+use client::{send, Conn, Endpoint};
+use daemon::Embedded;
 
 /// Options of `nanoclaw mcp`.
 #[derive(Debug, Args)]
 pub struct McpArgs {
-    /// With --config/--agent/--session: the tools run in that agent's
-    /// scoped sandbox under its policy (only the tools it allows are
-    /// offered). Without: in a sandbox made like `nanoclaw sandbox
-    /// create`'s, removed when the server ends.
-    #[command(flatten)]
-    policy: crate::config_cmd::PolicyArgs,
+    /// The daemon to use: unix:PATH or http://HOST:PORT[/mcp]. Default: the
+    /// daemon serving --data, else the default socket's, else an embedded
+    /// one started for this server's life.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// The API key for the daemon (default: $NANOCLAW_API_KEY). Unix-socket
+    /// callers without a key are the daemon's `local` tenant.
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// A data folder: the daemon serving it, else an embedded daemon on it.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The template of the session's own sandbox (the one used when a tool
+    /// is called without sandbox_id). Default: base.
+    #[arg(long, value_name = "NAME")]
+    template: Option<String>,
+    /// The config file (agents and their policy) for an embedded daemon
+    /// (`nanoclaw serve --config`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
-/// A JSON-RPC error answer.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RpcError {
-    code: i64,
-    message: String,
+/// What every relayed request shares.
+struct Relay {
+    endpoint: Endpoint,
+    path: String,
+    api_key: Option<String>,
+    /// `Mcp-Session-Id` and the negotiated version, once initialized.
+    session: Mutex<Option<(String, String)>>,
+    /// Connections of requests in flight, by JSON-RPC id.
+    inflight: Mutex<HashMap<String, Conn>>,
+    out: Mutex<std::io::Stdout>,
 }
 
-impl RpcError {
-    pub(crate) fn new(code: i64, message: impl Into<String>) -> RpcError {
-        RpcError {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-/// `nanoclaw mcp`: serves stdin until it closes, then removes the sandbox
-/// it made.
+/// `nanoclaw mcp`: relays stdin to the daemon until stdin closes.
 pub fn run(a: McpArgs) -> Result<u8> {
-    let tools = Tools::new(&a.policy)?;
-    tools.cleanup_on_signals()?;
-    let mut server = Server {
-        initialized: false,
-        tools,
+    let api_key = a
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("NANOCLAW_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let mut embedded = None;
+    let endpoint = match (&a.url, &a.data) {
+        (Some(u), _) => Endpoint::parse(u)?,
+        (None, Some(d)) => match daemon::serving(d) {
+            Some(e) => e,
+            None => {
+                let e = Embedded::start(Some(d), a.config.as_deref())?;
+                let ep = e.endpoint.clone();
+                embedded = Some(e);
+                ep
+            }
+        },
+        (None, None) => {
+            let default = Endpoint::Unix(nanoclaw_server::daemon::default_socket());
+            if a.config.is_none() && daemon::answers(&default) {
+                default
+            } else {
+                let e = Embedded::start(None, a.config.as_deref())?;
+                let ep = e.endpoint.clone();
+                embedded = Some(e);
+                ep
+            }
+        }
     };
-    let result = serve(&mut server);
-    server.tools.cleanup();
-    result.map(|()| 0)
+    let template = a.template.clone();
+    let mut path = endpoint.mcp_path().to_owned();
+    if let Some(t) = &template {
+        path.push_str(if path.contains('?') { "&" } else { "?" });
+        path.push_str("template=");
+        path.push_str(&percent_encode(t));
+    }
+    let relay = Arc::new(Relay {
+        endpoint,
+        path,
+        api_key,
+        session: Mutex::new(None),
+        inflight: Mutex::new(HashMap::new()),
+        out: Mutex::new(std::io::stdout()),
+    });
+    let embedded = Arc::new(Mutex::new(embedded));
+    on_signals(relay.clone(), embedded.clone())?;
+    let r = pump(&relay);
+    shutdown(&relay, &embedded);
+    r.map(|()| 0)
 }
 
-/// Reads messages from stdin and writes the answers to stdout, one line
-/// each.
-fn serve(server: &mut Server) -> Result<()> {
-    let mut stdin = std::io::stdin().lock();
-    let mut out = std::io::stdout();
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Reads stdin line by line; each message is relayed on its own thread
+/// (a long tool call does not hold up a ping or a cancellation), except
+/// `initialize`, whose session the next messages need.
+fn pump(relay: &Arc<Relay>) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock();
     let mut line = Vec::new();
+    let mut workers = Vec::new();
     loop {
         line.clear();
-        if stdin.read_until(b'\n', &mut line)? == 0 {
-            return Ok(());
+        if lines.read_until(b'\n', &mut line)? == 0 {
+            break;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if let Some(answer) = server.handle_line(&line) {
-            let mut bytes = serde_json::to_vec(&answer)?;
-            bytes.push(b'\n');
-            out.write_all(&bytes)?;
-            out.flush()?;
+        let msg = std::mem::take(&mut line);
+        if is_initialize(&msg) {
+            // What follows needs its session: answered before reading on.
+            relay.one(&msg);
+            continue;
         }
+        let relay = relay.clone();
+        workers.retain(|w: &std::thread::JoinHandle<()>| !w.is_finished());
+        workers.push(std::thread::spawn(move || relay.one(&msg)));
+    }
+    // Stdin closed: answers still owed are no longer wanted.
+    for (_, c) in relay
+        .inflight
+        .lock()
+        .map(|mut m| std::mem::take(&mut *m))
+        .unwrap_or_default()
+    {
+        c.shutdown();
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(())
+}
+
+fn is_initialize(line: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(line).is_ok_and(|v| v["method"] == "initialize")
+}
+
+/// A header value as the specification wants it: plain when it is
+/// printable ASCII without surrounding spaces, else `=?base64?…?=`.
+fn header_value(v: &str) -> String {
+    let plain = v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && v.trim() == v
+        && !(v.starts_with("=?base64?") && v.ends_with("?="));
+    if plain {
+        v.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(v)
+        )
     }
 }
 
-/// The protocol state of one stdio session.
-struct Server {
-    initialized: bool,
-    tools: Tools,
-}
+impl Relay {
+    fn write(&self, v: &Value) {
+        if let Ok(mut out) = self.out.lock() {
+            let mut b = v.to_string().into_bytes();
+            b.push(b'\n');
+            let _ = out.write_all(&b);
+            let _ = out.flush();
+        }
+    }
 
-impl Server {
-    /// The answer to one line of input (none for a notification or a
-    /// client's response).
-    fn handle_line(&mut self, line: &[u8]) -> Option<Value> {
-        let msg: Value = match serde_json::from_slice(line) {
-            Ok(v) => v,
+    /// Relays one message and writes its answer(s).
+    fn one(&self, line: &[u8]) {
+        let parsed: Option<Value> = serde_json::from_slice(line).ok();
+        let id = parsed
+            .as_ref()
+            .and_then(|v| v.get("id"))
+            .filter(|i| i.is_string() || i.is_number())
+            .cloned();
+        let method = parsed
+            .as_ref()
+            .and_then(|v| v.get("method"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if method.as_deref() == Some("notifications/cancelled") {
+            let target = parsed
+                .as_ref()
+                .and_then(|v| v["params"].get("requestId"))
+                .map(Value::to_string);
+            if let Some(c) = target.and_then(|t| self.inflight.lock().ok()?.remove(&t)) {
+                c.shutdown();
+            }
+        }
+        let headers = self.headers(parsed.as_ref(), method.as_deref());
+        let key = id.as_ref().map(Value::to_string);
+        let answer = self.endpoint.connect().and_then(|mut conn| {
+            if let Some(k) = &key {
+                if let (Ok(clone), Ok(mut m)) = (conn.try_clone(), self.inflight.lock()) {
+                    m.insert(k.clone(), clone);
+                }
+            }
+            let r = send(&mut conn, "POST", &self.path, &headers, line);
+            if let (Some(k), Ok(mut m)) = (&key, self.inflight.lock()) {
+                m.remove(k);
+            }
+            r
+        });
+        let answer = match answer {
+            Ok(a) => a,
             Err(e) => {
-                return Some(error(
-                    Value::Null,
-                    RpcError::new(PARSE_ERROR, format!("Parse error: {e}")),
-                ))
+                if let Some(id) = id {
+                    self.write(&json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32603, "message": format!("nanoclaw daemon: {e:#}")}}));
+                }
+                return;
             }
         };
-        self.handle(msg)
-    }
-
-    /// The answer to one message.
-    fn handle(&mut self, msg: Value) -> Option<Value> {
-        let m = match msg {
-            Value::Object(m) => m,
-            Value::Array(_) => {
-                return Some(error(
-                    Value::Null,
-                    RpcError::new(
-                        INVALID_REQUEST,
-                        "Invalid Request: batches are not supported",
-                    ),
-                ))
-            }
-            _ => {
-                return Some(error(
-                    Value::Null,
-                    RpcError::new(INVALID_REQUEST, "Invalid Request: not a JSON object"),
-                ))
-            }
-        };
-        let id = match m.get("id") {
-            None => None,
-            Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.clone()),
-            Some(_) => {
-                return Some(error(
-                    Value::Null,
-                    RpcError::new(
-                        INVALID_REQUEST,
-                        "Invalid Request: id must be a string or a number",
-                    ),
-                ))
-            }
-        };
-        if m.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Some(error(
-                id.unwrap_or(Value::Null),
-                RpcError::new(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\""),
-            ));
+        if method.as_deref() == Some("initialize") && answer.status == 200 {
+            self.remember_session(&answer);
         }
-        let method = match m.get("method") {
-            Some(Value::String(s)) => s.clone(),
-            // A client's answer to a request of ours (we send none).
-            None if id.is_some() && (m.contains_key("result") || m.contains_key("error")) => {
-                return None
-            }
-            _ => {
-                return Some(error(
-                    id.unwrap_or(Value::Null),
-                    RpcError::new(INVALID_REQUEST, "Invalid Request: method must be a string"),
-                ))
-            }
-        };
-        let Some(id) = id else {
-            self.notification(&method);
-            return None;
-        };
-        Some(match self.request(&method, m.get("params")) {
-            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-            Err(e) => error(id, e),
-        })
+        let notification = id.is_none()
+            && parsed
+                .as_ref()
+                .is_some_and(|v| v.get("id").is_none() && v["method"].is_string());
+        self.deliver(&answer, id, notification);
     }
 
-    fn notification(&mut self, method: &str) {
-        // Others (cancelled, progress, roots/list_changed) need nothing:
-        // calls run one at a time, to completion.
-        if method == "notifications/initialized" {
-            self.initialized = true;
+    /// Headers the HTTP transport requires of this message.
+    fn headers(&self, msg: Option<&Value>, method: Option<&str>) -> Vec<(String, String)> {
+        let mut h = vec![
+            ("Content-Type".to_owned(), "application/json".to_owned()),
+            (
+                "Accept".to_owned(),
+                "application/json, text/event-stream".to_owned(),
+            ),
+        ];
+        if let Some(k) = &self.api_key {
+            h.push(("X-API-Key".into(), k.clone()));
+        }
+        let modern = msg
+            .and_then(|m| m["params"]["_meta"].get(nanoclaw_server::mcp::META_VERSION))
+            .and_then(Value::as_str);
+        if let Some(v) = modern {
+            h.push(("MCP-Protocol-Version".into(), header_value(v)));
+        } else if let Ok(Some((sid, version))) = self.session.lock().map(|s| s.clone()) {
+            if method != Some("initialize") {
+                h.push(("Mcp-Session-Id".into(), sid));
+                h.push(("MCP-Protocol-Version".into(), version));
+            }
+        }
+        if let Some(m) = method {
+            h.push(("Mcp-Method".into(), header_value(m)));
+            let name = msg
+                .and_then(|v| v["params"].get("name"))
+                .and_then(Value::as_str);
+            if let (true, Some(n)) = (m == "tools/call", name) {
+                h.push(("Mcp-Name".into(), header_value(n)));
+            }
+        }
+        h
+    }
+
+    fn remember_session(&self, a: &client::Answer) {
+        let version = serde_json::from_slice::<Value>(&a.body)
+            .ok()
+            .and_then(|v| v["result"]["protocolVersion"].as_str().map(str::to_owned));
+        if let (Some(sid), Some(v)) = (a.header("mcp-session-id"), version) {
+            let old = self
+                .session
+                .lock()
+                .ok()
+                .and_then(|mut s| s.replace((sid.to_owned(), v)));
+            // A second initialize: the first session is not used any more.
+            if let Some((old, _)) = old {
+                self.end_session(&old);
+            }
         }
     }
 
-    fn request(&mut self, method: &str, params: Option<&Value>) -> Result<Value, RpcError> {
-        let params = match params {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(p)) => p.clone(),
-            Some(_) => {
-                return Err(RpcError::new(
-                    INVALID_PARAMS,
-                    "Invalid params: params must be an object",
-                ))
+    /// Writes the daemon's answer as JSON-RPC lines. HTTP errors without a
+    /// JSON-RPC body (401, 429, …) become a JSON-RPC error for `id`.
+    fn deliver(&self, a: &client::Answer, id: Option<Value>, notification: bool) {
+        let sse = a
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let mut messages: Vec<Value> = Vec::new();
+        if sse {
+            let text = String::from_utf8_lossy(&a.body);
+            for event in text.split("\n\n") {
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                if let Ok(v) = serde_json::from_str(&data.join("\n")) {
+                    messages.push(v);
+                }
             }
-        };
-        match method {
-            "initialize" => {
-                let result = initialize(&params)?;
-                self.initialized = true;
-                Ok(result)
+        } else if !a.body.is_empty() {
+            match serde_json::from_slice::<Value>(&a.body) {
+                Ok(v) if v.get("jsonrpc").is_some() => messages.push(v),
+                Ok(v) => {
+                    let why = v["message"].as_str().unwrap_or("error").to_owned();
+                    if let Some(id) = &id {
+                        messages.push(json!({"jsonrpc": "2.0", "id": id, "error":
+                            {"code": -32603, "message": format!("nanoclaw daemon: HTTP {}: {why}", a.status)}}));
+                    }
+                }
+                Err(_) => {}
             }
-            "ping" => Ok(json!({})),
-            "tools/list" | "tools/call" if !self.initialized => Err(RpcError::new(
-                INVALID_REQUEST,
-                format!("Invalid Request: {method} before initialize; send initialize first"),
-            )),
-            "tools/list" => Ok(json!({"tools": self.tools.list()})),
-            "tools/call" => {
-                let name = params.get("name").and_then(Value::as_str).ok_or_else(|| {
-                    RpcError::new(INVALID_PARAMS, "Invalid params: name must be a string")
-                })?;
-                let args = params.get("arguments").cloned().unwrap_or(json!({}));
-                self.tools.call(name, &args)
+        }
+        for mut m in messages {
+            // An error the daemon could not tie to a request (no session,
+            // …) is the answer to this one; a notification gets none.
+            if m.get("id").is_none_or(Value::is_null) {
+                match &id {
+                    Some(i) => m["id"] = i.clone(),
+                    None if notification => continue,
+                    None => m["id"] = Value::Null,
+                }
             }
-            other => Err(RpcError::new(
-                METHOD_NOT_FOUND,
-                format!("Method not found: {other}"),
-            )),
+            self.write(&m);
+        }
+    }
+
+    /// `DELETE /mcp` for a session.
+    fn end_session(&self, sid: &str) {
+        let mut h = vec![("Mcp-Session-Id".to_owned(), sid.to_owned())];
+        if let Some(k) = &self.api_key {
+            h.push(("X-API-Key".into(), k.clone()));
+        }
+        if let Ok(mut c) = self.endpoint.connect() {
+            let _ = send(&mut c, "DELETE", self.endpoint.mcp_path(), &h, b"");
         }
     }
 }
 
-/// The answer to `initialize`: the version negotiated, our capabilities.
-fn initialize(params: &Map<String, Value>) -> Result<Value, RpcError> {
-    let asked = params
-        .get("protocolVersion")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            RpcError::new(
-                INVALID_PARAMS,
-                "Invalid params: protocolVersion must be a string",
-            )
+/// Ends the session and stops an embedded daemon (once).
+fn shutdown(relay: &Relay, embedded: &Mutex<Option<Embedded>>) {
+    let session = relay.session.lock().ok().and_then(|mut s| s.take());
+    if let Some((sid, _)) = session {
+        relay.end_session(&sid);
+    }
+    if let Some(mut e) = embedded.lock().ok().and_then(|mut e| e.take()) {
+        e.stop();
+    }
+}
+
+/// At SIGTERM, SIGINT or SIGHUP: cleans up as at the end of stdin, then
+/// exits with 128 + the signal.
+fn on_signals(relay: Arc<Relay>, embedded: Arc<Mutex<Option<Embedded>>>) -> Result<()> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before
+    // use; blocking the signals in this thread (before any other exists)
+    // makes every later thread inherit the mask, so only sigwait below
+    // receives them. Children get an empty mask (std resets it when it
+    // spawns).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block signals for the MCP server");
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on a valid set and a valid out pointer.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            shutdown(&relay, &embedded);
+            std::process::exit(128 + sig);
         })?;
-    Ok(json!({
-        "protocolVersion": negotiate(asked),
-        "capabilities": {"tools": {"listChanged": false}},
-        "serverInfo": {
-            "name": "nanoclaw",
-            "title": "nanoclaw sandbox",
-            "version": env!("CARGO_PKG_VERSION"),
-        },
-        "instructions": "Tools run in one nanoclaw sandbox kept for this session: files written and programs installed stay between calls. The sandbox has no access to the host's files and, unless its policy allows it, no network.",
-    }))
-}
-
-/// The client's protocol version when we speak it, else our latest.
-fn negotiate(asked: &str) -> &'static str {
-    PROTOCOL_VERSIONS
-        .iter()
-        .find(|v| **v == asked)
-        .copied()
-        .unwrap_or(PROTOCOL_VERSIONS[0])
-}
-
-fn error(id: Value, e: RpcError) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
+    Ok(())
 }
 
 #[cfg(test)]
@@ -275,11 +420,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_are_negotiated() {
-        assert_eq!(negotiate("2025-06-18"), "2025-06-18");
-        assert_eq!(negotiate("2025-11-25"), "2025-11-25");
-        assert_eq!(negotiate("1999-01-01"), "2025-11-25");
-        let r = initialize(&Map::new());
-        assert_eq!(r.map_err(|e| e.code), Err(INVALID_PARAMS));
+    fn header_values_are_encoded_when_not_plain() {
+        assert_eq!(header_value("sandbox_exec"), "sandbox_exec");
+        assert_eq!(
+            header_value("Hello, 世界"),
+            "=?base64?SGVsbG8sIOS4lueVjA==?="
+        );
+        assert_eq!(header_value(" padded "), "=?base64?IHBhZGRlZCA=?=");
+        assert_eq!(percent_encode("agent:a b"), "agent:a%20b");
     }
 }

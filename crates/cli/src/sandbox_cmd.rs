@@ -199,44 +199,6 @@ pub fn create(a: CreateArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// A sandbox as `nanoclaw sandbox create` makes it with no option, with
-/// `labels` and living at most `lifetime`; and what its commands get by
-/// default (env, workdir, user, timeout, output limit) as an exec spec
-/// with no command.
-pub(crate) fn create_default(
-    labels: Vec<(String, String)>,
-    lifetime: Duration,
-) -> Result<(Remote, State, ExecSpec)> {
-    #[derive(Debug, clap::Parser)]
-    struct Words {
-        #[command(flatten)]
-        run: RunArgs,
-    }
-    let w = <Words as clap::Parser>::try_parse_from(["nanoclaw"]).map_err(|e| anyhow!("{e}"))?;
-    let (mut spec, exec_timeout) = crate::run_cmd::create_spec(&w.run)?;
-    let mut base = ExecSpec::new(Vec::<String>::new());
-    base.env = spec.env.clone();
-    base.workdir = spec.workdir.clone();
-    base.user = Some(spec.user);
-    base.timeout = exec_timeout;
-    base.output_limit = spec.limits.output_limit;
-    spec.limits.timeout = lifetime;
-    let root = state_root()?;
-    let cfg = KeeperConfig {
-        spec,
-        name: None,
-        labels,
-        lifetime_ms: lifetime.as_millis() as u64,
-        idle_timeout_ms: None,
-        exec_timeout_ms: exec_timeout.as_millis() as u64,
-        root: root.clone(),
-    };
-    let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
-    let id = keeper::start_keeper(&exe, &cfg)?;
-    let (dir, st) = find(&root, &id)?;
-    Ok((Remote::new(&st.id, &dir), st, base))
-}
-
 /// `nanoclaw sandbox ls`.
 pub fn ls(a: LsArgs) -> Result<u8> {
     let root = state_root()?;

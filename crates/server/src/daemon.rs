@@ -316,7 +316,22 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     )));
     opts.images = Some(restore_images(&cfg.exe, &data, &backend));
     let auth = Arc::new(TenantKeys::new(tenants));
+    // Where this daemon listens, for clients given only the data folder
+    // (`nanoclaw mcp --data DIR`); removed when it stops.
+    let listed = data.join("serve.listen");
+    let lines: Vec<String> = listen
+        .iter()
+        .map(|l| match l {
+            ListenAddr::Unix(p) => {
+                let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                format!("unix:{}", p.display())
+            }
+            ListenAddr::Tcp(a) => format!("tcp:{a}"),
+        })
+        .collect();
+    let _ = std::fs::write(&listed, lines.join("\n") + "\n");
     let r = serve(listen, backend.clone(), auth, opts).await;
+    let _ = std::fs::remove_file(&listed);
     let b = backend.clone();
     let _ = tokio::task::spawn_blocking(move || b.drain_pools()).await;
     r?;

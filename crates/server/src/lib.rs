@@ -20,6 +20,7 @@ pub mod error;
 pub mod images;
 pub mod keepers;
 pub mod listen;
+pub mod mcp;
 pub mod metrics;
 pub mod ratelimit;
 pub mod tenants;

@@ -170,6 +170,8 @@ pub struct E2bState<B, A> {
     /// Stateful code contexts (the code interpreter's `/execute` and
     /// `/contexts`, and the MCP `run_code` tool).
     pub contexts: crate::contexts::Contexts,
+    /// The MCP server's sessions and exec sessions (`/mcp`).
+    pub mcp: crate::mcp::McpState,
 }
 
 impl<B, A> E2bState<B, A> {
@@ -189,6 +191,7 @@ impl<B, A> E2bState<B, A> {
             agents: None,
             images: None,
             contexts: crate::contexts::Contexts::new(),
+            mcp: crate::mcp::McpState::default(),
         }
     }
 }

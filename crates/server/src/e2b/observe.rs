@@ -102,6 +102,12 @@ pub fn note_sandbox(sandbox: &str) {
     with_note(|n| n.sandbox = Some(sandbox.to_owned()));
 }
 
+/// What the request did, in the words of its handler (e.g. `mcp
+/// tools/call sandbox_exec`), kept in its record.
+pub fn note_detail(detail: &str) {
+    with_note(|n| n.detail = Some(detail.to_owned()));
+}
+
 /// The request's input, kept (bounded) in its record.
 pub fn note_input(input: Captured) {
     with_note(|n| n.input = Some(input));

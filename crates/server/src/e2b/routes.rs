@@ -203,7 +203,7 @@ pub struct Route<B, A> {
 }
 
 impl<B: Backend, A: Authenticator> Route<B, A> {
-    fn new(path: &'static str) -> Self {
+    pub(crate) fn new(path: &'static str) -> Self {
         Route {
             doc: RouteDoc {
                 path,
@@ -215,7 +215,7 @@ impl<B: Backend, A: Authenticator> Route<B, A> {
     }
 
     /// Serves `doc.verb` with `handler`.
-    fn op<H, T>(mut self, handler: H, doc: Op) -> Self
+    pub(crate) fn op<H, T>(mut self, handler: H, doc: Op) -> Self
     where
         H: Handler<T, AppState<B, A>>,
         T: 'static,
@@ -242,7 +242,7 @@ pub fn schema(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
-const NANOCLAW: &str = "nanoclaw";
+pub(crate) const NANOCLAW: &str = "nanoclaw";
 const CONTROL: &str = "E2B control plane";
 const ENVD: &str = "E2B envd";
 const INTERPRETER: &str = "E2B code interpreter";
@@ -344,6 +344,7 @@ fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
     ];
     routes.extend(agent_routes());
     routes.extend(image_routes());
+    routes.push(crate::mcp::http::route());
     routes
 }
 
