@@ -128,6 +128,7 @@ fn options(a: &BuildArgs) -> Result<BuildOptions> {
             hosts: a.allow_host.clone(),
             cidrs: a.allow_cidr.clone(),
             limits: NetLimits::default(),
+            add_hosts: Vec::new(),
         },
         (Some(BuildNetwork::Open), true) => {
             bail!("--network open allows every public destination; --allow-host/--allow-cidr only make sense with --network allowlist")

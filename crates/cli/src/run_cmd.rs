@@ -105,6 +105,11 @@ pub struct RunArgs {
     /// Allow CIDR[:PORT] (repeatable; needed for private or loopback addresses).
     #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
     allow_cidr: Vec<String>,
+    /// Resolve NAME to IP in nanoclaw's proxy and the sandbox's DNS
+    /// (repeatable; like Docker's --add-host). It does not allow anything:
+    /// NAME still needs --allow-host, a private IP also --allow-cidr.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_host: Vec<String>,
     /// Policy from a config file: --config FILE --agent ID [--session KEY].
     /// With --agent the command runs in the agent's long-lived sandbox for
     /// its scope (`sandbox.scope`: one per session, per agent, or shared),
@@ -562,6 +567,9 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
     spec.hardening.exec_allow = a.exec_allow.clone();
     spec.hardening.tmp_noexec = a.tmp_noexec;
     let allows = !a.allow_host.is_empty() || !a.allow_cidr.is_empty();
+    if !a.add_host.is_empty() && !matches!(a.network, None | Some(NetworkMode::Allowlist)) {
+        bail!("--add-host only works with --network allowlist (the proxy and the sandbox's DNS resolve it)")
+    }
     spec.network = match (a.network, allows) {
         (None, false) | (Some(NetworkMode::None), false) => Network::None,
         (Some(NetworkMode::None), true) => {
@@ -571,6 +579,7 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
             hosts: a.allow_host.clone(),
             cidrs: a.allow_cidr.clone(),
             limits: NetLimits::default(),
+            add_hosts: a.add_host.clone(),
         },
         (Some(NetworkMode::Open), true) => {
             bail!("--network open allows every public destination; --allow-host/--allow-cidr only make sense with --network allowlist")

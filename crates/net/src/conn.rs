@@ -32,6 +32,42 @@ pub(crate) struct Shared {
     pub(crate) clients: Arc<Semaphore>,
     /// Established upstream connections.
     pub(crate) tunnels: Arc<Semaphore>,
+    /// Address → names the sandbox's DNS answered with it (the names it
+    /// vouches for), for transparent connections.
+    pub(crate) names: std::sync::Mutex<std::collections::HashMap<IpAddr, Vec<String>>>,
+}
+
+/// Most addresses remembered from DNS answers (beyond it a transparent
+/// connection without SNI/`Host` to a new address is matched by CIDR rules
+/// only; with a name, the name is resolved again).
+const MAX_REMEMBERED: usize = 65_536;
+
+impl Shared {
+    /// Records that the sandbox's DNS answered `name` with `addrs`.
+    pub(crate) fn remember(&self, name: &str, addrs: &[IpAddr]) {
+        let mut map = match self.names.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        for a in addrs {
+            if map.len() >= MAX_REMEMBERED && !map.contains_key(a) {
+                return;
+            }
+            let names = map.entry(*a).or_default();
+            if !names.iter().any(|n| n == name) && names.len() < 64 {
+                names.push(name.to_string());
+            }
+        }
+    }
+
+    /// The names the sandbox's DNS answered with `addr`.
+    pub(crate) fn names_for(&self, addr: IpAddr) -> Vec<String> {
+        let map = match self.names.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.get(&addr).cloned().unwrap_or_default()
+    }
 }
 
 impl Shared {
@@ -53,14 +89,15 @@ impl Shared {
             resolver,
             connector,
             rec: Recorder::default(),
+            names: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
 
-struct ActiveGuard<'a>(&'a Recorder);
+pub(crate) struct ActiveGuard<'a>(&'a Recorder);
 
 impl<'a> ActiveGuard<'a> {
-    fn new(rec: &'a Recorder) -> Self {
+    pub(crate) fn new(rec: &'a Recorder) -> Self {
         let now = rec.active.fetch_add(1, Ordering::Relaxed) + 1;
         rec.peak_active.fetch_max(now, Ordering::Relaxed);
         ActiveGuard(rec)
@@ -74,7 +111,7 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// Why a relay ended early.
-enum End {
+pub(crate) enum End {
     Io,
     Deny(DenyReason),
 }
@@ -214,7 +251,7 @@ fn http_status(reason: &DenyReason) -> u16 {
     }
 }
 
-async fn read_http_head<S: AsyncRead + Unpin>(client: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) async fn read_http_head<S: AsyncRead + Unpin>(client: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
     loop {
         {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -404,7 +441,7 @@ where
 }
 
 /// Counts `n` bytes against the cap; returns how many may pass.
-fn grant(sh: &Shared, n: usize, up: bool) -> usize {
+pub(crate) fn grant(sh: &Shared, n: usize, up: bool) -> usize {
     let g = sh.rec.reserve_bytes(n as u64, sh.limits.max_bytes);
     let counter = if up {
         &sh.rec.bytes_up
@@ -416,7 +453,7 @@ fn grant(sh: &Shared, n: usize, up: bool) -> usize {
 }
 
 /// Writes `data` within the byte cap.
-async fn send<W: AsyncWrite + Unpin>(
+pub(crate) async fn send<W: AsyncWrite + Unpin>(
     sh: &Shared,
     w: &mut W,
     data: &[u8],

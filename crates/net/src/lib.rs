@@ -57,6 +57,7 @@
 
 pub mod addr;
 mod conn;
+mod dns;
 mod http;
 pub mod kernel;
 pub mod policy;
@@ -64,6 +65,7 @@ mod proxy;
 mod record;
 mod resolve;
 mod sni;
+mod transparent;
 
 pub use addr::{AddrClass, Special};
 pub use policy::{
@@ -71,8 +73,10 @@ pub use policy::{
     DEFAULT_HOST_PORTS,
 };
 pub use proxy::{BlockingProxy, Listen, ListenAddr, Proxy, ProxyBuilder, ProxyError, ProxyHandle};
-pub use record::{Denial, DenyReason, Limits, Protocol, Stats, MAX_RECORDED_DENIALS};
-pub use resolve::{BoxFuture, Connect, Resolve, StaticResolver, SystemResolver, TcpConnector};
+pub use record::{ConnRecord, Denial, DenyReason, DnsRecord, Limits, Protocol, Stats, MAX_RECORDED_DENIALS};
+pub use resolve::{
+    BoxFuture, Connect, HostsResolver, Resolve, StaticResolver, SystemResolver, TcpConnector,
+};
 
 /// The environment variables that point programs inside the sandbox at the
 /// proxy bridged to `127.0.0.1:port`: `HTTP_PROXY`, `HTTPS_PROXY` (HTTP

@@ -716,6 +716,51 @@ impl NetworkPolicy {
         }
     }
 
+    /// The ports the policy allows for `name` (through any host rule that
+    /// matches it), or `Err(HostNotAllowed)`. In `open` mode every port.
+    /// The sandbox's DNS answers only names for which this is `Ok`.
+    pub fn name_ports(&self, name: &str) -> Result<Vec<u16>, DenyReason> {
+        match self.mode {
+            NetworkMode::None => Err(DenyReason::NetworkDisabled),
+            NetworkMode::Open => Ok(Vec::new()),
+            NetworkMode::Allowlist => {
+                let mut ports = Vec::new();
+                for rule in self.hosts.iter().filter(|r| r.pattern.matches_name(name)) {
+                    match rule.port {
+                        Some(p) => ports.push(p),
+                        None => ports.extend_from_slice(&DEFAULT_HOST_PORTS),
+                    }
+                }
+                if ports.is_empty() {
+                    return Err(DenyReason::HostNotAllowed);
+                }
+                ports.sort_unstable();
+                ports.dedup();
+                Ok(ports)
+            }
+        }
+    }
+
+    /// Whether `addr` may be reached on at least one of `ports` (any port
+    /// when `ports` is empty: checked as a public address would be), i.e.
+    /// whether the sandbox's DNS may hand it out for a name with those
+    /// ports.
+    pub fn check_address_any(&self, addr: IpAddr, ports: &[u16]) -> Result<(), DenyReason> {
+        if ports.is_empty() {
+            return self.check_address(addr, 0);
+        }
+        let mut first = None;
+        for &p in ports {
+            match self.check_address(addr, p) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(first.unwrap_or(DenyReason::AddressNotAllowed))
+    }
+
     /// Stage two: may the proxy connect to `addr:port` (an address `host`
     /// resolved to, or `host` itself)? Special-purpose addresses need an
     /// explicit rule (see the module documentation).

@@ -13,7 +13,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::conn::{serve, Shared};
 use crate::policy::NetworkPolicy;
-use crate::record::{Denial, Limits, Stats};
+use crate::record::{ConnRecord, Denial, DnsRecord, Limits, Stats};
 use crate::resolve::{Connect, Resolve, SystemResolver, TcpConnector};
 
 /// Where the proxy listens.
@@ -31,6 +31,17 @@ pub enum Listen {
     /// created inside the sandbox's network namespace, so the proxy accepts
     /// connections from the sandbox's loopback without any bridge process.
     Fd(std::os::fd::RawFd),
+    /// An already listening TCP socket (descriptor handed over) that
+    /// receives the sandbox's redirected connections
+    /// ([`crate::kernel::RedirectRules`]): each connection's original
+    /// destination is read from the socket and checked (see the
+    /// `transparent` module).
+    Transparent(std::os::fd::RawFd),
+    /// A bound UDP socket (descriptor handed over): the sandbox's DNS.
+    DnsUdp(std::os::fd::RawFd),
+    /// A listening TCP socket (descriptor handed over): the sandbox's DNS
+    /// over TCP.
+    DnsTcp(std::os::fd::RawFd),
 }
 
 /// Where the proxy actually listens (ports resolved).
@@ -130,6 +141,25 @@ impl std::fmt::Debug for ProxyBuilder {
 enum Bound {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    Transparent(TcpListener),
+    DnsUdp(tokio::net::UdpSocket),
+    DnsTcp(TcpListener),
+}
+
+/// Wraps an inherited listening TCP descriptor.
+fn tcp_from_fd(fd: std::os::fd::RawFd) -> Result<TcpListener, ProxyError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller hands over ownership of an open, listening TCP
+    // socket (documented on the `Listen` variants); it is wrapped exactly
+    // once, here.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let what = format!("inherited socket fd {fd}");
+    std.set_nonblocking(true)
+        .map_err(|source| ProxyError::Bind {
+            what: what.clone(),
+            source,
+        })?;
+    TcpListener::from_std(std).map_err(|source| ProxyError::Bind { what, source })
 }
 
 impl ProxyBuilder {
@@ -175,21 +205,23 @@ impl ProxyBuilder {
                     })?;
                     bound.push(Bound::Tcp(l));
                 }
-                Listen::Fd(fd) => {
+                Listen::Fd(fd) => bound.push(Bound::Tcp(tcp_from_fd(*fd)?)),
+                Listen::Transparent(fd) => bound.push(Bound::Transparent(tcp_from_fd(*fd)?)),
+                Listen::DnsTcp(fd) => bound.push(Bound::DnsTcp(tcp_from_fd(*fd)?)),
+                Listen::DnsUdp(fd) => {
                     use std::os::fd::FromRawFd;
-                    // SAFETY: the caller hands over ownership of an open,
-                    // listening TCP socket (documented on `Listen::Fd`); it
-                    // is wrapped exactly once, here.
-                    let std = unsafe { std::net::TcpListener::from_raw_fd(*fd) };
-                    let what = format!("inherited socket fd {fd}");
+                    // SAFETY: the caller hands over ownership of a bound UDP
+                    // socket (documented on `Listen::DnsUdp`); wrapped once.
+                    let std = unsafe { std::net::UdpSocket::from_raw_fd(*fd) };
+                    let what = format!("inherited UDP socket fd {fd}");
                     std.set_nonblocking(true)
                         .map_err(|source| ProxyError::Bind {
                             what: what.clone(),
                             source,
                         })?;
-                    let l = TcpListener::from_std(std)
+                    let s = tokio::net::UdpSocket::from_std(std)
                         .map_err(|source| ProxyError::Bind { what, source })?;
-                    bound.push(Bound::Tcp(l));
+                    bound.push(Bound::DnsUdp(s));
                 }
                 Listen::Unix(path) => {
                     if path.symlink_metadata().is_ok() {
@@ -226,11 +258,12 @@ impl ProxyBuilder {
         let mut tasks = Vec::with_capacity(bound.len());
         for b in bound {
             match &b {
-                Bound::Tcp(l) => {
+                Bound::Tcp(l) | Bound::Transparent(l) | Bound::DnsTcp(l) => {
                     if let Ok(a) = l.local_addr() {
                         addrs.push(ListenAddr::Tcp(a));
                     }
                 }
+                Bound::DnsUdp(_) => {}
                 Bound::Unix(_, p) => addrs.push(ListenAddr::Unix(p.clone())),
             }
             tasks.push(tokio::spawn(accept_loop(
@@ -303,6 +336,23 @@ impl ProxyBuilder {
 }
 
 async fn accept_loop(listener: Bound, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let listener = match listener {
+        Bound::DnsUdp(sock) => {
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = crate::dns::serve_udp(shared, sock) => {}
+            }
+            return;
+        }
+        Bound::DnsTcp(l) => {
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = crate::dns::serve_tcp(shared, l) => {}
+            }
+            return;
+        }
+        other => other,
+    };
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -315,6 +365,10 @@ async fn accept_loop(listener: Bound, shared: Arc<Shared>, mut stop: watch::Rece
             Ok(Accepted::Tcp(s)) => {
                 let _ = s.set_nodelay(true);
                 conns.spawn(serve(shared.clone(), s));
+            }
+            Ok(Accepted::Transparent(s)) => {
+                let _ = s.set_nodelay(true);
+                conns.spawn(crate::transparent::serve(shared.clone(), s));
             }
             Ok(Accepted::Unix(s)) => {
                 conns.spawn(serve(shared.clone(), s));
@@ -332,6 +386,7 @@ async fn accept_loop(listener: Bound, shared: Arc<Shared>, mut stop: watch::Rece
 
 enum Accepted {
     Tcp(tokio::net::TcpStream),
+    Transparent(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
@@ -339,6 +394,9 @@ async fn accept(l: &Bound) -> io::Result<Accepted> {
     match l {
         Bound::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
         Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        Bound::Transparent(l) => l.accept().await.map(|(s, _)| Accepted::Transparent(s)),
+        // Served by their own loops (see accept_loop).
+        Bound::DnsUdp(_) | Bound::DnsTcp(_) => std::future::pending().await,
     }
 }
 
@@ -370,6 +428,17 @@ impl ProxyHandle {
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.shared.rec.stats()
+    }
+
+    /// Every transparent connection decided so far (allowed and refused),
+    /// with live byte counts, oldest first.
+    pub fn connections(&self) -> Vec<ConnRecord> {
+        self.shared.rec.connections()
+    }
+
+    /// Every DNS query the sandbox's resolver answered, oldest first.
+    pub fn dns_queries(&self) -> Vec<DnsRecord> {
+        self.shared.rec.dns_queries()
     }
 
     /// Where the proxy listens.
@@ -419,6 +488,17 @@ impl BlockingProxy {
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.shared.rec.stats()
+    }
+
+    /// Every transparent connection decided so far (allowed and refused),
+    /// with live byte counts, oldest first.
+    pub fn connections(&self) -> Vec<ConnRecord> {
+        self.shared.rec.connections()
+    }
+
+    /// Every DNS query the sandbox's resolver answered, oldest first.
+    pub fn dns_queries(&self) -> Vec<DnsRecord> {
+        self.shared.rec.dns_queries()
     }
 
     /// Where the proxy listens.

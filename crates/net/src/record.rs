@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
@@ -63,6 +63,15 @@ pub enum DenyReason {
     /// The tunnel started with a TLS handshake record that is not a
     /// parseable ClientHello (refused: the SNI check cannot be done).
     MalformedTlsHello,
+    /// A transparent connection whose TLS SNI or HTTP `Host` names a host
+    /// that the connection's address is not an address of (as the
+    /// sandbox's DNS answered it, or as the proxy resolves it now).
+    NameAddressMismatch {
+        /// The name the connection presented.
+        name: String,
+        /// The address it was made to.
+        address: IpAddr,
+    },
     /// A plain-HTTP request whose `Host` header names another host than its
     /// absolute URI.
     HostHeaderMismatch {
@@ -104,6 +113,7 @@ impl DenyReason {
             DenyReason::SniMismatch { .. } => "sni_mismatch",
             DenyReason::MalformedTlsHello => "malformed_tls_hello",
             DenyReason::HostHeaderMismatch { .. } => "host_header_mismatch",
+            DenyReason::NameAddressMismatch { .. } => "name_address_mismatch",
             DenyReason::Unsupported { .. } => "unsupported",
             DenyReason::ConnectionLimit { .. } => "connection_limit",
             DenyReason::ByteLimit { .. } => "byte_limit",
@@ -145,6 +155,10 @@ impl fmt::Display for DenyReason {
             DenyReason::HostHeaderMismatch { host } => {
                 write!(f, "Host header `{host}` does not match the request URI")
             }
+            DenyReason::NameAddressMismatch { name, address } => write!(
+                f,
+                "`{name}` (the TLS SNI or HTTP Host) does not resolve to {address}, the address connected to"
+            ),
             DenyReason::Unsupported { what } => write!(f, "unsupported: {what}"),
             DenyReason::ConnectionLimit { max } => {
                 write!(f, "too many concurrent connections (cap {max})")
@@ -164,8 +178,70 @@ pub enum Protocol {
     HttpForward,
     /// SOCKS5.
     Socks5,
+    /// A connection redirected transparently inside the sandbox (no proxy
+    /// variables): the destination is the address the program connected
+    /// to, the name is the TLS SNI, the HTTP `Host` or the name the
+    /// sandbox's DNS answered with that address.
+    Transparent,
     /// Not known yet (e.g. refused before the request was read).
     Unknown,
+}
+
+/// One connection the proxy decided on (allowed or refused), for the
+/// outcome: kept for transparent connections, whose bytes are counted per
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnRecord {
+    /// The address the program connected to.
+    pub address: IpAddr,
+    /// The port.
+    pub port: u16,
+    /// The name the decision used (SNI, `Host`, or the DNS answer's name),
+    /// if any.
+    pub name: Option<String>,
+    /// Where the name came from: `sni`, `http_host`, `dns` or `none`.
+    pub name_source: &'static str,
+    /// Whether the connection was let through.
+    pub allowed: bool,
+    /// Why it was refused (or cut), if it was.
+    pub reason: Option<DenyReason>,
+    /// Bytes from the sandbox to the destination.
+    pub bytes_up: u64,
+    /// Bytes from the destination to the sandbox.
+    pub bytes_down: u64,
+    /// When the decision was made (milliseconds since the Unix epoch).
+    #[serde(serialize_with = "ser_millis")]
+    pub at: SystemTime,
+}
+
+/// Live byte counters of one recorded connection.
+#[derive(Debug, Default)]
+pub(crate) struct ConnBytes {
+    pub(crate) up: AtomicU64,
+    pub(crate) down: AtomicU64,
+}
+
+/// One DNS query the sandbox's resolver answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsRecord {
+    /// The name asked for (lower-case, as received, possibly invalid).
+    pub name: String,
+    /// The query type (`A`, `AAAA`, `TXT`, ... or the number).
+    pub qtype: String,
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+    /// Whether the name is allowed (answered with its addresses).
+    pub allowed: bool,
+    /// The addresses returned.
+    pub answers: Vec<IpAddr>,
+    /// The response code sent: `NOERROR`, `NXDOMAIN`, `REFUSED`, `SERVFAIL`,
+    /// `FORMERR`.
+    pub rcode: &'static str,
+    /// Why the name was refused or has no answer, if so.
+    pub reason: Option<DenyReason>,
+    /// When (milliseconds since the Unix epoch).
+    #[serde(serialize_with = "ser_millis")]
+    pub at: SystemTime,
 }
 
 /// One refusal.
@@ -267,6 +343,29 @@ pub(crate) struct Recorder {
     pub(crate) bytes_total: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
     denials_dropped: AtomicU64,
+    conns: Mutex<Vec<(ConnRecord, Arc<ConnBytes>)>>,
+    dns: Mutex<Vec<DnsRecord>>,
+    /// Connection and DNS records not kept (over [`MAX_RECORDED_DENIALS`]).
+    pub(crate) records_dropped: AtomicU64,
+}
+
+fn push_bounded<T>(list: &Mutex<Vec<T>>, item: T, dropped: &AtomicU64) {
+    let mut list = match list.lock() {
+        Ok(l) => l,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if list.len() >= MAX_RECORDED_DENIALS {
+        dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    list.push(item);
+}
+
+fn snapshot<T: Clone>(list: &Mutex<Vec<T>>) -> Vec<T> {
+    match list.lock() {
+        Ok(l) => l.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
 }
 
 impl Recorder {
@@ -293,6 +392,58 @@ impl Recorder {
             protocol,
             at: SystemTime::now(),
         });
+    }
+
+    /// Records a decision; returns the live byte counters of the
+    /// connection (read whenever the records are) and its index for
+    /// [`Recorder::cut`].
+    pub(crate) fn connection(&self, c: ConnRecord) -> (Arc<ConnBytes>, Option<usize>) {
+        let bytes = Arc::new(ConnBytes::default());
+        let mut list = match self.conns.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if list.len() >= MAX_RECORDED_DENIALS {
+            self.records_dropped.fetch_add(1, Ordering::Relaxed);
+            return (bytes, None);
+        }
+        list.push((c, bytes.clone()));
+        (bytes, Some(list.len() - 1))
+    }
+
+    /// Marks connection `i` as cut for `reason` (the byte cap, an SNI
+    /// refused after the connection was let through).
+    pub(crate) fn cut(&self, i: Option<usize>, reason: DenyReason) {
+        let Some(i) = i else { return };
+        let mut list = match self.conns.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((c, _)) = list.get_mut(i) {
+            c.reason = Some(reason);
+        }
+    }
+
+    pub(crate) fn dns_query(&self, d: DnsRecord) {
+        push_bounded(&self.dns, d, &self.records_dropped);
+    }
+
+    pub(crate) fn connections(&self) -> Vec<ConnRecord> {
+        let list = match self.conns.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        list.iter()
+            .map(|(c, b)| ConnRecord {
+                bytes_up: b.up.load(Ordering::Relaxed),
+                bytes_down: b.down.load(Ordering::Relaxed),
+                ..c.clone()
+            })
+            .collect()
+    }
+
+    pub(crate) fn dns_queries(&self) -> Vec<DnsRecord> {
+        snapshot(&self.dns)
     }
 
     pub(crate) fn denials(&self) -> Vec<Denial> {

@@ -91,3 +91,33 @@ impl Connect for TcpConnector {
         })
     }
 }
+
+/// Fixed entries first (`--add-host NAME:IP`, like Docker's), then the
+/// system resolver. The entries only say where a name points: the policy
+/// still decides whether the name and the address may be reached.
+#[derive(Debug, Clone, Default)]
+pub struct HostsResolver {
+    table: StaticResolver,
+}
+
+impl HostsResolver {
+    /// Entries `name` → `addrs` in front of the system resolver.
+    pub fn new(entries: &[(String, Vec<IpAddr>)]) -> Self {
+        let mut table = StaticResolver::new();
+        for (name, addrs) in entries {
+            table = table.with(name, addrs);
+        }
+        HostsResolver { table }
+    }
+}
+
+impl Resolve for HostsResolver {
+    fn resolve<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Vec<IpAddr>>> {
+        Box::pin(async move {
+            match self.table.table.get(name) {
+                Some(a) => Ok(a.clone()),
+                None => SystemResolver.resolve(name).await,
+            }
+        })
+    }
+}

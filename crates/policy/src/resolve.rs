@@ -1133,6 +1133,7 @@ impl Resolved {
                     hosts,
                     cidrs,
                     limits: spec::NetLimits::default(),
+                    add_hosts: Vec::new(),
                 }
             }
             NetworkMode::Open => spec::Network::Open {

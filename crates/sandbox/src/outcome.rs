@@ -79,6 +79,58 @@ pub struct NetworkReport {
     pub bytes_down: u64,
     /// Every refusal (destination, port, reason), oldest first.
     pub denials: Vec<NetDenial>,
+    /// Every connection redirected transparently (allowed and refused:
+    /// address, name, port, bytes, reason), oldest first.
+    #[serde(default)]
+    pub connections: Vec<NetConnection>,
+    /// Every query to the sandbox's DNS (name, type, answers, rcode,
+    /// reason), oldest first.
+    #[serde(default)]
+    pub dns: Vec<NetDnsQuery>,
+}
+
+/// One transparent connection, for the outcome.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetConnection {
+    /// The address connected to.
+    pub address: String,
+    /// The port.
+    pub port: u16,
+    /// The name the decision used (TLS SNI, HTTP Host, or DNS answer).
+    pub name: Option<String>,
+    /// `sni`, `http_host`, `dns` or `none`.
+    pub name_source: String,
+    /// Let through?
+    pub allowed: bool,
+    /// Machine-readable reason when refused or cut.
+    pub reason: Option<String>,
+    /// The reason in words.
+    pub detail: Option<String>,
+    /// Bytes from the sandbox.
+    pub bytes_up: u64,
+    /// Bytes to the sandbox.
+    pub bytes_down: u64,
+}
+
+/// One query to the sandbox's DNS, for the outcome.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetDnsQuery {
+    /// The name asked for.
+    pub name: String,
+    /// `A`, `AAAA`, `TXT`, ...
+    pub qtype: String,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// Answered with the name's addresses?
+    pub allowed: bool,
+    /// The addresses returned.
+    pub answers: Vec<String>,
+    /// `NOERROR`, `NXDOMAIN`, ...
+    pub rcode: String,
+    /// Machine-readable reason when refused or empty.
+    pub reason: Option<String>,
+    /// The reason in words.
+    pub detail: Option<String>,
 }
 
 impl NetworkReport {

@@ -278,6 +278,13 @@ pub enum Network {
         /// Caps on connections and bytes.
         #[serde(default)]
         limits: NetLimits,
+        /// `NAME:IP` entries the proxy (and the sandbox's DNS) resolve
+        /// `NAME` to, before the system resolver (Docker's `--add-host`).
+        /// They say where a name points, not whether it may be reached:
+        /// the rules still decide, and a private `IP` still needs an
+        /// `--allow-cidr` rule.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        add_hosts: Vec<String>,
     },
     /// Rootful only: a veth into the sandbox and nftables rules in the
     /// kernel allowing exactly these `CIDR[:PORT]` destinations (TCP), for
@@ -293,6 +300,27 @@ pub enum Network {
         #[serde(default)]
         limits: NetLimits,
     },
+}
+
+/// Parses `--add-host NAME:IP` entries (IPv6 addresses may be bracketed:
+/// `NAME:[::1]`) into name → addresses, names normalised; one clear message
+/// for the first bad entry.
+pub fn parse_add_hosts(
+    entries: &[String],
+) -> Result<Vec<(String, Vec<std::net::IpAddr>)>, String> {
+    let mut out: Vec<(String, Vec<std::net::IpAddr>)> = Vec::new();
+    for e in entries {
+        let bad = |why: &str| format!("--add-host {e:?}: {why}; expected NAME:IP, e.g. db.internal:10.0.0.7 or db.internal:[fd00::7]");
+        let (name, ip) = e.split_once(':').ok_or_else(|| bad("no `:`"))?;
+        let ip = ip.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("not an IP address after the `:`"))?;
+        let name = nanoclaw_net::policy::normalize_name(name).map_err(|w| bad(w))?;
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, addrs)) => addrs.push(ip),
+            None => out.push((name, vec![ip])),
+        }
+    }
+    Ok(out)
 }
 
 /// Per-sandbox caps on proxied traffic (in JSON a missing field takes its
@@ -454,6 +482,7 @@ mod tests {
                     max_connections: DEFAULT_NET_MAX_CONNECTIONS,
                     max_bytes: 5
                 },
+                add_hosts: vec![],
             }
         );
         let s = spec(r#"{"command": ["true"], "network": {"open": {}}}"#).expect("parses");
@@ -477,6 +506,7 @@ mod tests {
             hosts: vec!["*.example.com:8443".into()],
             cidrs: vec!["10.0.0.0/8".into()],
             limits: NetLimits::default(),
+            add_hosts: vec!["db.internal:10.0.0.7".into()],
         };
         s.stdin = Stdin::Bytes(vec![0, 255, 10]);
         let json = serde_json::to_string(&s).expect("serializes");

@@ -45,6 +45,7 @@ fn spec_for(n: usize) -> (SandboxSpec, bool) {
             hosts: vec!["example.invalid".into()],
             cidrs: Vec::new(),
             limits: Default::default(),
+            add_hosts: Vec::new(),
         };
     }
     (spec, kill)

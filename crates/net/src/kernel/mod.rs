@@ -135,7 +135,9 @@
 
 mod netlink;
 mod nft;
+mod redirect;
 mod rtnl;
+pub use redirect::RedirectRules;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};

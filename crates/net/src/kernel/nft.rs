@@ -11,28 +11,28 @@ use super::netlink::{
 use super::Proto;
 
 // <linux/netfilter/nfnetlink.h>, <linux/netfilter/nf_tables.h>
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFPROTO_INET: u8 = 1;
-const NFPROTO_IPV4: u8 = 2;
+pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFPROTO_INET: u8 = 1;
+pub(crate) const NFPROTO_IPV4: u8 = 2;
 
-const NFT_MSG_NEWTABLE: u16 = 0;
+pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_NEWRULE: u16 = 6;
+pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
+pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
 
-const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_POLICY: u16 = 5;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(crate) const NFTA_TABLE_NAME: u16 = 1;
+pub(crate) const NFTA_CHAIN_TABLE: u16 = 1;
+pub(crate) const NFTA_CHAIN_NAME: u16 = 3;
+pub(crate) const NFTA_CHAIN_HOOK: u16 = 4;
+pub(crate) const NFTA_CHAIN_POLICY: u16 = 5;
+pub(crate) const NFTA_CHAIN_TYPE: u16 = 7;
+pub(crate) const NFTA_HOOK_HOOKNUM: u16 = 1;
+pub(crate) const NFTA_HOOK_PRIORITY: u16 = 2;
+pub(crate) const NFTA_RULE_TABLE: u16 = 1;
+pub(crate) const NFTA_RULE_CHAIN: u16 = 2;
+pub(crate) const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -41,21 +41,21 @@ const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const NFT_META_IIFNAME: u32 = 6;
 const NFT_META_OIFNAME: u32 = 7;
-const NFT_META_NFPROTO: u32 = 15;
-const NFT_META_L4PROTO: u32 = 16;
+pub(crate) const NFT_META_NFPROTO: u32 = 15;
+pub(crate) const NFT_META_L4PROTO: u32 = 16;
 
 const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
-const NFT_CMP_EQ: u32 = 0;
+pub(crate) const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 
 const NFTA_PAYLOAD_DREG: u16 = 1;
 const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;
 const NFTA_PAYLOAD_LEN: u16 = 4;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub(crate) const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub(crate) const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 
 const NFTA_BITWISE_SREG: u16 = 1;
 const NFTA_BITWISE_DREG: u16 = 2;
@@ -71,13 +71,13 @@ const IP_CT_DIR_REPLY: u8 = 1;
 /// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED) | NF_CT_STATE_BIT(IP_CT_RELATED)`.
 const CT_ESTABLISHED_RELATED: u32 = (1 << 1) | (1 << 2);
 
-const NFTA_IMMEDIATE_DREG: u16 = 1;
-const NFTA_IMMEDIATE_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NF_DROP: u32 = 0;
-const NF_ACCEPT: u32 = 1;
+pub(crate) const NFTA_IMMEDIATE_DREG: u16 = 1;
+pub(crate) const NFTA_IMMEDIATE_DATA: u16 = 2;
+pub(crate) const NFTA_DATA_VALUE: u16 = 1;
+pub(crate) const NFTA_DATA_VERDICT: u16 = 2;
+pub(crate) const NFTA_VERDICT_CODE: u16 = 1;
+pub(crate) const NF_DROP: u32 = 0;
+pub(crate) const NF_ACCEPT: u32 = 1;
 
 const NFTA_REJECT_TYPE: u16 = 1;
 const NFTA_REJECT_ICMP_CODE: u16 = 2;
@@ -87,15 +87,15 @@ const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
 /// the kernel picks the matching ICMPv6 code for IPv6).
 const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
 
-const NFT_REG_VERDICT: u32 = 0;
-const NFT_REG_1: u32 = 1;
+pub(crate) const NFT_REG_VERDICT: u32 = 0;
+pub(crate) const NFT_REG_1: u32 = 1;
 
 const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_POST_ROUTING: u32 = 4;
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
 
 /// IPv4 special-purpose blocks dropped from the sandbox unless a rule lies
 /// entirely inside one (the same blocks as [`crate::addr`]'s table, which a
@@ -394,18 +394,18 @@ pub(crate) fn ruleset(
     out
 }
 
-fn nfgen(m: &mut MsgBuf, family: u8, res_id: u16) {
+pub(crate) fn nfgen(m: &mut MsgBuf, family: u8, res_id: u16) {
     let mut h = [0u8; 4];
     h[0] = family;
     h[2..4].copy_from_slice(&res_id.to_be_bytes());
     m.raw(&h);
 }
 
-fn ty(msg: u16) -> u16 {
+pub(crate) fn ty(msg: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | msg
 }
 
-fn expr(m: &mut MsgBuf, name: &str, data: impl FnOnce(&mut MsgBuf)) {
+pub(crate) fn expr(m: &mut MsgBuf, name: &str, data: impl FnOnce(&mut MsgBuf)) {
     m.nest(NFTA_LIST_ELEM);
     m.attr_str(NFTA_EXPR_NAME, name);
     m.nest(NFTA_EXPR_DATA);
@@ -414,20 +414,20 @@ fn expr(m: &mut MsgBuf, name: &str, data: impl FnOnce(&mut MsgBuf)) {
     m.nest_end();
 }
 
-fn data_value(m: &mut MsgBuf, attr: u16, v: &[u8]) {
+pub(crate) fn data_value(m: &mut MsgBuf, attr: u16, v: &[u8]) {
     m.nest(attr);
     m.attr(NFTA_DATA_VALUE, v);
     m.nest_end();
 }
 
-fn meta(m: &mut MsgBuf, key: u32) {
+pub(crate) fn meta(m: &mut MsgBuf, key: u32) {
     expr(m, "meta", |m| {
         m.attr_be32(NFTA_META_KEY, key);
         m.attr_be32(NFTA_META_DREG, NFT_REG_1);
     });
 }
 
-fn cmp(m: &mut MsgBuf, op: u32, v: &[u8]) {
+pub(crate) fn cmp(m: &mut MsgBuf, op: u32, v: &[u8]) {
     expr(m, "cmp", |m| {
         m.attr_be32(NFTA_CMP_SREG, NFT_REG_1);
         m.attr_be32(NFTA_CMP_OP, op);
@@ -435,7 +435,7 @@ fn cmp(m: &mut MsgBuf, op: u32, v: &[u8]) {
     });
 }
 
-fn payload(m: &mut MsgBuf, base: u32, offset: u32, len: u32) {
+pub(crate) fn payload(m: &mut MsgBuf, base: u32, offset: u32, len: u32) {
     expr(m, "payload", |m| {
         m.attr_be32(NFTA_PAYLOAD_DREG, NFT_REG_1);
         m.attr_be32(NFTA_PAYLOAD_BASE, base);
@@ -444,7 +444,7 @@ fn payload(m: &mut MsgBuf, base: u32, offset: u32, len: u32) {
     });
 }
 
-fn bitwise(m: &mut MsgBuf, mask: &[u8]) {
+pub(crate) fn bitwise(m: &mut MsgBuf, mask: &[u8]) {
     expr(m, "bitwise", |m| {
         m.attr_be32(NFTA_BITWISE_SREG, NFT_REG_1);
         m.attr_be32(NFTA_BITWISE_DREG, NFT_REG_1);

@@ -534,6 +534,9 @@ struct Prepared {
     guard: FdGuard,
     /// The egress proxy's policy (allowlist and open modes).
     net_policy: Option<nanoclaw_net::NetworkPolicy>,
+    /// Transparent egress rules for the child to install (allowlist and
+    /// open modes).
+    redirect: Option<nanoclaw_net::kernel::RedirectRules>,
     /// The kernel allowlist (`--network kernel`).
     kernel_rules: Option<Vec<nanoclaw_net::kernel::CidrPortRule>>,
     /// The command's working directory.
@@ -595,6 +598,9 @@ impl Prepared {
         } else {
             Vec::new()
         };
+        let redirect = net_policy.as_ref().map(|_| {
+            nanoclaw_net::kernel::RedirectRules::new(child::TRANSPARENT_PORT, child::DNS_PORT)
+        });
         let (argv, exec_candidates, envp) = command_line(spec, &proxy_env)?;
         let hostname = cstr(&spec.hostname, "hostname")?;
         let workdir_c = cstr(workdir.as_os_str().as_bytes(), "workdir")?;
@@ -613,6 +619,7 @@ impl Prepared {
             },
             guard,
             net_policy,
+            redirect,
             kernel_rules,
             workdir,
             proxy_env,
@@ -808,6 +815,7 @@ impl Launch {
             argv_ptrs,
             envp_ptrs,
             net_sock: net_pair.map(|(_, child_end)| child_end),
+            redirect: prep.redirect.take(),
         };
         Ok(Launch {
             pipes,
@@ -999,12 +1007,50 @@ fn serve_proxy(
         Ok(false) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
         Err(e) => Err(e),
     };
-    sys::close(runner_end);
-    let listener = listener.map_err(|e| Error::Sys {
-        call: "receiving the sandbox's proxy socket".into(),
-        source: e,
+    let listener = listener.map_err(|e| {
+        sys::close(runner_end);
+        Error::Sys {
+            call: "receiving the sandbox's proxy socket".into(),
+            source: e,
+        }
     })?;
-    start_proxy(policy, network, listener)
+    let transparent = recv_transparent(runner_end, deadline);
+    sys::close(runner_end);
+    let transparent = match transparent {
+        Ok(fds) => fds,
+        Err(e) => {
+            sys::close(listener);
+            return Err(Error::Sys {
+                call: "receiving the sandbox's transparent-egress sockets".into(),
+                source: e,
+            });
+        }
+    };
+    start_proxy(policy, network, listener, &transparent)
+}
+
+/// Receives the transparent listener and DNS sockets the child made in the
+/// sandbox's network namespace (see `child::TRANSPARENT_SOCKETS`).
+fn recv_transparent(
+    runner_end: RawFd,
+    deadline: Instant,
+) -> std::io::Result<[RawFd; child::TRANSPARENT_SOCKETS.len()]> {
+    if !sys::wait_readable(runner_end, deadline)? {
+        return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+    }
+    let mut byte = [0u8; 1];
+    let mut fds = [-1; sys::MAX_FDS];
+    let (n, got) = sys::recv_with_fds(runner_end, &mut byte, &mut fds)?;
+    let want = child::TRANSPARENT_SOCKETS.len();
+    if n != 1 || got != want {
+        for fd in &fds[..got] {
+            sys::close(*fd);
+        }
+        return Err(std::io::Error::from_raw_os_error(libc::EPROTO));
+    }
+    let mut out = [-1; child::TRANSPARENT_SOCKETS.len()];
+    out.copy_from_slice(&fds[..want]);
+    Ok(out)
 }
 
 /// Wires a veth with nftables rules `allow` into sandbox `id`'s network
@@ -1500,7 +1546,13 @@ fn userns_error(e: std::io::Error) -> Error {
 fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolicy>, Error> {
     match network {
         Network::None => Ok(None),
-        Network::Allowlist { hosts, cidrs, .. } => {
+        Network::Allowlist {
+            hosts,
+            cidrs,
+            add_hosts,
+            ..
+        } => {
+            crate::spec::parse_add_hosts(add_hosts).map_err(Error::InvalidSpec)?;
             if hosts.is_empty() && cidrs.is_empty() {
                 return Err(Error::InvalidSpec(
                     "--network allowlist needs at least one --allow-host HOST[:PORT] or --allow-cidr CIDR[:PORT]".into(),
@@ -1518,11 +1570,13 @@ fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolic
     }
 }
 
-/// Serves the sandbox's proxy socket on a runner thread.
+/// Serves the sandbox's proxy socket, and the transparent listener and DNS
+/// sockets, on a runner thread (it owns the descriptors from here on).
 fn start_proxy(
     policy: nanoclaw_net::NetworkPolicy,
     network: &Network,
     listener: RawFd,
+    transparent: &[RawFd],
 ) -> Result<nanoclaw_net::BlockingProxy, Error> {
     let l = match network {
         Network::Allowlist { limits, .. } | Network::Open { limits } => *limits,
@@ -1533,10 +1587,25 @@ fn start_proxy(
         max_bytes: l.max_bytes,
         ..nanoclaw_net::Limits::default()
     };
-    nanoclaw_net::Proxy::builder(policy)
+    let add_hosts = match network {
+        Network::Allowlist { add_hosts, .. } => add_hosts.as_slice(),
+        _ => &[],
+    };
+    let entries = crate::spec::parse_add_hosts(add_hosts).map_err(Error::InvalidSpec)?;
+    let mut b = nanoclaw_net::Proxy::builder(policy)
         .limits(limits)
-        .listen(nanoclaw_net::Listen::Fd(listener))
-        .start_blocking()
+        .resolver(std::sync::Arc::new(nanoclaw_net::HostsResolver::new(
+            &entries,
+        )))
+        .listen(nanoclaw_net::Listen::Fd(listener));
+    for (fd, &(_, stream, port)) in transparent.iter().zip(child::TRANSPARENT_SOCKETS.iter()) {
+        b = b.listen(match (stream, port) {
+            (true, child::TRANSPARENT_PORT) => nanoclaw_net::Listen::Transparent(*fd),
+            (true, _) => nanoclaw_net::Listen::DnsTcp(*fd),
+            (false, _) => nanoclaw_net::Listen::DnsUdp(*fd),
+        });
+    }
+    b.start_blocking()
         .map_err(|e| Error::Unsupported {
             what: "the network proxy".into(),
             why: e.to_string(),

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::spec::{Access, Root, SandboxSpec};
+use crate::spec::{Access, Network, Root, SandboxSpec};
 use crate::Error;
 
 /// The host directory the new root is assembled on (inside the sandbox's
@@ -284,10 +284,19 @@ impl HostLayout {
     }
 }
 
-/// The sandbox's `/etc/resolv.conf`: no resolver (names are resolved by
-/// nanoclaw's proxy when the network policy allows any).
-const RESOLV_CONF: &str =
-    "# nanoclaw: no DNS inside the sandbox; allowed names are resolved by the egress proxy\n";
+/// The sandbox's `/etc/resolv.conf`: with egress (allowlist, open), the
+/// sandbox's own resolver on its loopback, served by nanoclaw (allowed
+/// names only); without, no resolver at all.
+fn resolv_conf(spec: &SandboxSpec) -> String {
+    match spec.network {
+        Network::Allowlist { .. } | Network::Open { .. } => {
+            "# nanoclaw: the sandbox's resolver answers only names the network policy allows\nnameserver 127.0.0.1\n".to_string()
+        }
+        Network::None | Network::Kernel { .. } => {
+            "# nanoclaw: no DNS inside the sandbox (network none)\n".to_string()
+        }
+    }
+}
 
 /// The sandbox's `/etc/hosts`.
 fn hosts_file(hostname: &str) -> String {
@@ -591,7 +600,7 @@ fn image_etc(ops: &mut Ops, spec: &SandboxSpec) -> Result<(), Error> {
     for (name, data) in [
         ("hosts", hosts_file(&spec.hostname)),
         ("hostname", format!("{}\n", spec.hostname)),
-        ("resolv.conf", RESOLV_CONF.to_string()),
+        ("resolv.conf", resolv_conf(spec)),
     ] {
         ops.push(Op::File {
             path: ops.under(&format!("/etc/{name}"))?,
@@ -614,7 +623,7 @@ fn synthetic_etc(ops: &mut Ops, spec: &SandboxSpec, host: &HostLayout) -> Result
         ("group", group(spec.user.gid)),
         ("hosts", hosts_file(&spec.hostname)),
         ("hostname", format!("{}\n", spec.hostname)),
-        ("resolv.conf", RESOLV_CONF.to_string()),
+        ("resolv.conf", resolv_conf(spec)),
         (
             "nsswitch.conf",
             "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"

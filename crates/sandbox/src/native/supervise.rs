@@ -267,6 +267,35 @@ pub(crate) fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
                 protocol: format!("{:?}", d.protocol).to_ascii_lowercase(),
             })
             .collect();
+        r.connections = p
+            .connections()
+            .into_iter()
+            .map(|c| crate::outcome::NetConnection {
+                address: c.address.to_string(),
+                port: c.port,
+                name: c.name,
+                name_source: c.name_source.to_string(),
+                allowed: c.allowed,
+                reason: c.reason.as_ref().map(|r| r.kind().to_string()),
+                detail: c.reason.as_ref().map(|r| r.to_string()),
+                bytes_up: c.bytes_up,
+                bytes_down: c.bytes_down,
+            })
+            .collect();
+        r.dns = p
+            .dns_queries()
+            .into_iter()
+            .map(|d| crate::outcome::NetDnsQuery {
+                name: d.name,
+                qtype: d.qtype,
+                transport: d.transport.to_string(),
+                allowed: d.allowed,
+                answers: d.answers.iter().map(|a| a.to_string()).collect(),
+                rcode: d.rcode.to_string(),
+                reason: d.reason.as_ref().map(|r| r.kind().to_string()),
+                detail: d.reason.as_ref().map(|r| r.to_string()),
+            })
+            .collect();
     }
     r
 }

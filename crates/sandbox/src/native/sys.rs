@@ -625,6 +625,58 @@ pub fn listen_loopback(port: u16) -> io::Result<RawFd> {
     }
 }
 
+/// A socket bound to the loopback address (127.0.0.1, or ::1 with
+/// `IPV6_V6ONLY`) port `port` in the caller's network namespace: a
+/// listening TCP socket if `stream`, else a UDP socket. Does not allocate.
+pub fn bind_loopback(v6: bool, stream: bool, port: u16) -> io::Result<RawFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let ty = if stream {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: plain socket calls; the sockaddr passed is a valid, fully
+    // initialised sockaddr_in / sockaddr_in6 of the size given.
+    unsafe {
+        let fd = check(libc::socket(family, ty | libc::SOCK_CLOEXEC, 0).into())? as RawFd;
+        let one: libc::c_int = 1;
+        let r = if v6 {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+            addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            addr.sin6_port = port.to_be();
+            addr.sin6_addr.s6_addr = std::net::Ipv6Addr::LOCALHOST.octets();
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        } else {
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if r != 0 || (stream && libc::listen(fd, 1024) != 0) {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(fd)
+    }
+}
+
 /// `close_range(first, last, 0)`; falls back to closing one by one (up to
 /// 4096) on kernels without it.
 pub fn close_range(first: libc::c_uint, last: libc::c_uint) {

@@ -244,6 +244,7 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
             hosts,
             cidrs,
             limits: Default::default(),
+            add_hosts: Vec::new(),
         });
     }
     if req.allow_internet_access == Some(false) || denies_all {

@@ -61,12 +61,15 @@ pub(crate) enum Step {
     NsLimits,
     /// Moving into the sandbox's cgroup (v1 `tasks`).
     CgroupJoin,
+    /// Transparent egress: the redirect rules and the listeners behind
+    /// them in the sandbox's network namespace.
+    Egress,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 23] = [
+        const ALL: [Step; 24] = [
             Sync,
             BecomeRoot,
             CgroupNs,
@@ -90,6 +93,7 @@ impl Step {
             Unshare,
             NsLimits,
             CgroupJoin,
+            Egress,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -120,6 +124,7 @@ impl Step {
             Step::Unshare => "creating the mount, ipc, uts and network namespaces",
             Step::NsLimits => "setting the user namespace's limits (/proc/sys/user)",
             Step::CgroupJoin => "joining the sandbox's cgroup",
+            Step::Egress => "setting up transparent egress (nftables redirect and DNS in the sandbox's network namespace)",
         }
     }
 }
@@ -271,10 +276,22 @@ pub(crate) struct ChildPlan {
     /// The child's end of a socketpair: the sandbox's proxy listener (on its
     /// own 127.0.0.1) is created here and handed to the runner.
     pub net_sock: Option<RawFd>,
+    /// Transparent egress: the prebuilt rules to install in the sandbox's
+    /// network namespace before the listeners are made and sent.
+    pub redirect: Option<nanoclaw_net::kernel::RedirectRules>,
 }
 
 /// The port the egress proxy listens on inside the sandbox.
 pub(crate) const PROXY_PORT: u16 = 3128;
+
+/// The port every other TCP connection is redirected to (on 127.0.0.1 and
+/// ::1) in transparent mode. The sandbox cannot bind it (it is taken) and
+/// a connection made to it directly has no original destination and is
+/// refused.
+pub(crate) const TRANSPARENT_PORT: u16 = 3129;
+
+/// The sandbox's DNS port (UDP and TCP, 127.0.0.1 and ::1).
+pub(crate) const DNS_PORT: u16 = 53;
 
 fn fail(err_w: RawFd, step: Step, index: u32, errno: i32) -> ! {
     let r = Report {
@@ -543,12 +560,60 @@ fn network_setup(plan: &ChildPlan) {
             sys::close(l);
             r
         });
-        sys::close(sock);
         if let Err(e) = r {
+            sys::close(sock);
             fail(plan.err_w, Step::Loopback, 1, e.raw_os_error().unwrap_or(0));
         }
+        if let Some(rules) = &plan.redirect {
+            if let Err(e) = rules.install() {
+                sys::close(sock);
+                fail(plan.err_w, Step::Egress, 0, e.raw_os_error().unwrap_or(0));
+            }
+            if let Err((i, e)) = send_transparent_listeners(sock) {
+                sys::close(sock);
+                fail(plan.err_w, Step::Egress, i, e.raw_os_error().unwrap_or(0));
+            }
+        }
+        sys::close(sock);
     }
 }
+
+/// Makes the transparent listener and the DNS sockets (IPv4 and IPv6
+/// loopback each) and sends them to the runner in one message, in the
+/// order [`TRANSPARENT_SOCKETS`] lists. Does not allocate.
+fn send_transparent_listeners(sock: RawFd) -> Result<(), (u32, std::io::Error)> {
+    let mut fds = [-1; TRANSPARENT_SOCKETS.len()];
+    let mut result = Ok(());
+    for (i, &(v6, stream, port)) in TRANSPARENT_SOCKETS.iter().enumerate() {
+        match sys::bind_loopback(v6, stream, port) {
+            Ok(fd) => fds[i] = fd,
+            Err(e) => {
+                result = Err((1 + i as u32, e));
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        result = sys::send_with_fds(sock, b"t", &fds).map_err(|e| (10, e));
+    }
+    for fd in fds {
+        if fd >= 0 {
+            sys::close(fd);
+        }
+    }
+    result
+}
+
+/// The transparent-mode sockets: (IPv6, stream, port), in the order the
+/// runner receives them.
+pub(crate) const TRANSPARENT_SOCKETS: [(bool, bool, u16); 6] = [
+    (false, true, TRANSPARENT_PORT),
+    (true, true, TRANSPARENT_PORT),
+    (false, false, DNS_PORT),
+    (true, false, DNS_PORT),
+    (false, true, DNS_PORT),
+    (true, true, DNS_PORT),
+];
 
 /// A helper process sharing our descriptor table (CLONE_FILES) that makes
 /// the sandbox's network namespace (owned by the sandbox's user namespace,

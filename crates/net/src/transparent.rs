@@ -1,0 +1,387 @@
+//! Transparent connections: TCP connections the sandbox opened to any
+//! address, redirected by the sandbox's own nftables rules
+//! ([`crate::kernel::RedirectRules`]) to a listener on its loopback that
+//! the proxy serves.
+//!
+//! For each connection the proxy
+//! 1. reads the original destination (`SO_ORIGINAL_DST`,
+//!    `IP6T_SO_ORIGINAL_DST`); a connection made straight to the listener
+//!    has none and is refused;
+//! 2. reads the client's first bytes (waiting at most [`PEEK_WAIT`] — a
+//!    protocol where the server speaks first gets no name) and takes the
+//!    name from a TLS ClientHello's SNI or an HTTP request's `Host`;
+//! 3. decides with the same policy as the proxy: with a name, the name and
+//!    port must be allowed **and** the address must be one of the name's
+//!    (as the sandbox's DNS answered it, or as the proxy resolves it now),
+//!    so an allowed SNI on an unlisted address is refused
+//!    ([`DenyReason::NameAddressMismatch`]); without a name, the address
+//!    must have been answered by the sandbox's DNS for a name allowed on
+//!    this port, or be covered by a CIDR / literal-IP rule; special-purpose
+//!    addresses need an explicit rule in every case;
+//! 4. connects to exactly that address and port and relays, counting bytes
+//!    per connection and against the sandbox's cap.
+//!
+//! Only the first ClientHello / request head is inspected: later requests
+//! on a kept-alive HTTP connection go to the same, already checked address
+//! (as with a `CONNECT` tunnel).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::addr::canonical;
+use crate::conn::{send, ActiveGuard, End, Shared};
+use crate::http::{self, MAX_HEAD, MAX_HEADERS};
+use crate::policy::Host;
+use crate::record::{ConnRecord, DenyReason, Protocol};
+use crate::sni::{parse_client_hello, Hello, MAX_HELLO};
+
+/// How long the proxy waits for the client's first bytes before deciding
+/// on the address alone (server-speaks-first protocols: SMTP, MySQL, ...).
+pub(crate) const PEEK_WAIT: Duration = Duration::from_millis(250);
+
+const SO_ORIGINAL_DST: libc::c_int = 80;
+const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The destination the program connected to before the redirect.
+fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = s.as_raw_fd();
+    let v6 = s.local_addr()?.is_ipv6();
+    if v6 {
+        // SAFETY: sockaddr_in6 is plain data; the kernel writes at most `len`
+        // bytes into it.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        // SAFETY: `sa` and `len` are valid for writes of the sizes given.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                IP6T_SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in6).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
+            u16::from_be(sa.sin6_port),
+        ))
+    } else {
+        // SAFETY: as above, for sockaddr_in.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: `sa` and `len` are valid for writes of the sizes given.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))),
+            u16::from_be(sa.sin_port),
+        ))
+    }
+}
+
+/// A name learnt from the first bytes, and where from.
+type Sniffed = Option<(String, &'static str)>;
+
+/// Reads the client's first bytes into `initial` and finds the name in
+/// them (TLS SNI or HTTP `Host`).
+async fn sniff(
+    sh: &Shared,
+    client: &mut TcpStream,
+    initial: &mut Vec<u8>,
+    port: u16,
+) -> Result<Sniffed, DenyReason> {
+    initial.reserve(4096);
+    match timeout(PEEK_WAIT, client.read_buf(initial)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        // Nothing yet (or closed): decide on the address.
+        _ => return Ok(None),
+    }
+    if initial[0] == 0x16 {
+        loop {
+            match parse_client_hello(initial) {
+                Hello::NotTls => return Ok(None),
+                Hello::ClientHello(sni) => return Ok(sni.map(|s| (s, "sni"))),
+                Hello::Malformed => return Err(DenyReason::MalformedTlsHello),
+                Hello::NeedMore => {
+                    if initial.len() >= MAX_HELLO {
+                        return Err(DenyReason::MalformedTlsHello);
+                    }
+                    initial.reserve(4096);
+                    match timeout(sh.limits.handshake_timeout, client.read_buf(initial)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return Err(DenyReason::MalformedTlsHello),
+                    }
+                }
+            }
+        }
+    }
+    if !initial[0].is_ascii_alphabetic() {
+        return Ok(None);
+    }
+    // Perhaps an HTTP request: read its head (bounded), take the Host.
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(initial) {
+            Ok(httparse::Status::Complete(_)) => {
+                let hosts: Vec<&[u8]> = req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                    .map(|h| h.value)
+                    .collect();
+                return match hosts.as_slice() {
+                    [] => Ok(None),
+                    [h] => {
+                        let value = String::from_utf8_lossy(h).into_owned();
+                        match http::parse_authority(&value, Some(port)) {
+                            Ok((Host::Name(n), _)) => Ok(Some((n, "http_host"))),
+                            Ok((Host::Ip(_), _)) => Ok(None),
+                            Err(detail) => Err(DenyReason::InvalidDestination { detail }),
+                        }
+                    }
+                    _ => Err(DenyReason::InvalidDestination {
+                        detail: "more than one Host header".into(),
+                    }),
+                };
+            }
+            Ok(httparse::Status::Partial) if initial.len() < MAX_HEAD => {}
+            // Not HTTP (or a huge head): decide on the address.
+            _ => return Ok(None),
+        }
+        initial.reserve(4096);
+        match timeout(PEEK_WAIT * 4, client.read_buf(initial)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// The policy decision for a connection to `ip:port` presenting `name`.
+async fn decide(
+    sh: &Shared,
+    ip: IpAddr,
+    port: u16,
+    name: &Sniffed,
+) -> Result<Option<String>, DenyReason> {
+    if let Some((n, _)) = name {
+        sh.policy.check_destination(&Host::Name(n.clone()), port)?;
+        let mut vouched = sh.names_for(ip).iter().any(|x| x == n);
+        if !vouched {
+            // Not (or no longer) in the DNS answers: resolve it now.
+            if let Ok(Ok(addrs)) =
+                timeout(sh.limits.connect_timeout, sh.resolver.resolve(n)).await
+            {
+                let (ok, _) = crate::dns::vouch(&sh.policy, &addrs, &[port]);
+                sh.remember(n, &ok);
+                vouched = ok.contains(&ip);
+            }
+        }
+        if !vouched {
+            return Err(DenyReason::NameAddressMismatch {
+                name: n.clone(),
+                address: ip,
+            });
+        }
+        sh.policy.check_address(ip, port)?;
+        return Ok(Some(n.clone()));
+    }
+    let mut refusal = None;
+    for n in sh.names_for(ip) {
+        match sh.policy.check_destination(&Host::Name(n.clone()), port) {
+            Ok(()) => {
+                sh.policy.check_address(ip, port)?;
+                return Ok(Some(n));
+            }
+            Err(e) => {
+                refusal.get_or_insert(e);
+            }
+        }
+    }
+    match sh.policy.check_destination(&Host::Ip(ip), port) {
+        Ok(()) => {
+            sh.policy.check_address(ip, port)?;
+            Ok(None)
+        }
+        Err(e) => Err(match (refusal, e) {
+            // A name vouched for the address but not on this port.
+            (Some(r), _) => r,
+            // No name, and no rule for the bare address: is it special?
+            (None, DenyReason::AddressNotAllowed) => match sh.policy.check_address(ip, port) {
+                Err(special) => special,
+                Ok(()) => DenyReason::AddressNotAllowed,
+            },
+            (None, e) => e,
+        }),
+    }
+}
+
+/// Serves one redirected connection to completion.
+pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
+    sh.rec.accepted.fetch_add(1, Ordering::Relaxed);
+    let Ok(_client_permit) = sh.clients.clone().try_acquire_owned() else {
+        let reason = DenyReason::ConnectionLimit {
+            max: sh.limits.max_connections,
+        };
+        sh.rec
+            .deny(String::new(), 0, Protocol::Transparent, reason);
+        return;
+    };
+    let _active = ActiveGuard::new(&sh.rec);
+    let dst = match original_dst(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            sh.rec.deny(
+                String::new(),
+                0,
+                Protocol::Transparent,
+                DenyReason::InvalidDestination {
+                    detail: format!("no original destination ({e}): connected to the redirect port itself"),
+                },
+            );
+            return;
+        }
+    };
+    let (ip, port) = (canonical(dst.ip()), dst.port());
+    let mut initial = Vec::new();
+    let sniffed = sniff(&sh, &mut client, &mut initial, port).await;
+    let decision = match &sniffed {
+        Ok(name) => decide(&sh, ip, port, name).await,
+        Err(e) => Err(e.clone()),
+    };
+    let (name, source) = match &sniffed {
+        Ok(Some((n, s))) => (Some(n.clone()), *s),
+        _ => (None, "none"),
+    };
+    let mut record = ConnRecord {
+        address: ip,
+        port,
+        name: name.clone(),
+        name_source: source,
+        allowed: false,
+        reason: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        at: SystemTime::now(),
+    };
+    let upstream = match decision {
+        Ok(vouched) => {
+            if record.name.is_none() {
+                record.name = vouched;
+                if record.name.is_some() {
+                    record.name_source = "dns";
+                }
+            }
+            open(&sh, SocketAddr::new(ip, port)).await
+        }
+        Err(e) => Err(e),
+    };
+    let (upstream, _permit) = match upstream {
+        Ok(u) => u,
+        Err(reason) => {
+            let dest = record.name.clone().unwrap_or_else(|| ip.to_string());
+            record.reason = Some(reason.clone());
+            sh.rec.connection(record);
+            sh.rec.deny(dest, port, Protocol::Transparent, reason);
+            return;
+        }
+    };
+    record.allowed = true;
+    let (bytes, idx) = sh.rec.connection(record);
+    let _ = upstream.set_nodelay(true);
+    if let Err(End::Deny(reason)) = relay(&sh, client, upstream, &initial, &bytes).await {
+        let dest = name.unwrap_or_else(|| ip.to_string());
+        sh.rec.cut(idx, reason.clone());
+        sh.rec.deny(dest, port, Protocol::Transparent, reason);
+    }
+}
+
+/// Takes a connection slot and connects to the checked address.
+async fn open(
+    sh: &Shared,
+    sa: SocketAddr,
+) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), DenyReason> {
+    if sh.rec.bytes_exhausted(sh.limits.max_bytes) {
+        return Err(DenyReason::ByteLimit {
+            max: sh.limits.max_bytes,
+        });
+    }
+    let permit =
+        sh.tunnels
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| DenyReason::ConnectionLimit {
+                max: sh.limits.max_connections,
+            })?;
+    match timeout(sh.limits.connect_timeout, sh.connector.connect(sa)).await {
+        Ok(Ok(s)) => {
+            sh.rec.allowed.fetch_add(1, Ordering::Relaxed);
+            Ok((s, permit))
+        }
+        Ok(Err(e)) => Err(DenyReason::ConnectFailed {
+            address: sa.ip(),
+            detail: e.to_string(),
+        }),
+        Err(_) => Err(DenyReason::ConnectFailed {
+            address: sa.ip(),
+            detail: "timed out".into(),
+        }),
+    }
+}
+
+/// Copies `r` to `w` until EOF (then shuts `w` down), counting into `n`.
+async fn pump<R, W>(sh: &Shared, r: &mut R, w: &mut W, up: bool, n: &AtomicU64) -> Result<(), End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let got = r.read(&mut buf).await?;
+        if got == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        send(sh, w, &buf[..got], up).await?;
+        n.fetch_add(got as u64, Ordering::Relaxed);
+    }
+}
+
+async fn relay(
+    sh: &Shared,
+    client: TcpStream,
+    upstream: TcpStream,
+    initial: &[u8],
+    bytes: &crate::record::ConnBytes,
+) -> Result<(), End> {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let up = async {
+        send(sh, &mut uw, initial, true).await?;
+        bytes.up.fetch_add(initial.len() as u64, Ordering::Relaxed);
+        pump(sh, &mut cr, &mut uw, true, &bytes.up).await
+    };
+    let down = pump(sh, &mut ur, &mut cw, false, &bytes.down);
+    tokio::try_join!(up, down).map(|_| ())
+}
