@@ -264,6 +264,20 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
         }
     };
     let (ip, port) = (canonical(dst.ip()), dst.port());
+    if ip.is_loopback() {
+        // Not redirected (loopback is left alone): a program connected to
+        // the listener itself.
+        reset_on_close(&client);
+        sh.rec.deny(
+            ip.to_string(),
+            port,
+            Protocol::Transparent,
+            DenyReason::InvalidDestination {
+                detail: "connected to nanoclaw's redirect listener itself".into(),
+            },
+        );
+        return;
+    }
     let mut initial = Vec::new();
     let sniffed = sniff(&sh, &mut client, &mut initial, port).await;
     let decision = match &sniffed {
@@ -302,6 +316,9 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
         Err(reason) => {
             let dest = record.name.clone().unwrap_or_else(|| ip.to_string());
             record.reason = Some(reason.clone());
+            // A reset, so that the program fails at once (ECONNRESET)
+            // rather than reading an empty answer.
+            reset_on_close(&client);
             sh.rec.connection(record);
             sh.rec.deny(dest, port, Protocol::Transparent, reason);
             return;
@@ -314,6 +331,26 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
         let dest = name.unwrap_or_else(|| ip.to_string());
         sh.rec.cut(idx, reason.clone());
         sh.rec.deny(dest, port, Protocol::Transparent, reason);
+    }
+}
+
+/// Makes closing `s` send a reset (`SO_LINGER` with a zero timeout, which
+/// never blocks).
+fn reset_on_close(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `l` outlives the call and its size is passed; the descriptor
+    // is `s`'s own, open for the duration of the call.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
