@@ -132,7 +132,9 @@ impl TestHost {
     /// `None` (after a SKIP line) when not root.
     fn start(test: &str) -> Option<TestHost> {
         if !is_root() {
-            eprintln!("SKIP {test}: needs root (to make the test host's network namespace and veth)");
+            eprintln!(
+                "SKIP {test}: needs root (to make the test host's network namespace and veth)"
+            );
             return None;
         }
         let n = (std::process::id() * 7 + NEXT.fetch_add(1, Ordering::SeqCst)) % 250 + 1;
@@ -188,7 +190,10 @@ cd ../www/repo.git && git symbolic-ref HEAD refs/heads/main && git update-server
             .expect("start the test host's server");
         let t0 = Instant::now();
         while !dir.join("ready").exists() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "test host server did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "test host server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -353,7 +358,11 @@ git clone -q http://web.test/repo.git /tmp/repo 2>&1 | tail -2; echo \"git:$(cat
         assert_eq!(field(out, "https"), "hello from testhost", "[{m}] {v}");
         assert_eq!(field(out, "http6"), "hello from testhost", "[{m}] {v}");
         assert_eq!(field(out, "raw"), "raw-hello ping", "[{m}] {v}");
-        assert_eq!(field(out, "git"), "cloned over transparent egress", "[{m}] {v}");
+        assert_eq!(
+            field(out, "git"),
+            "cloned over transparent egress",
+            "[{m}] {v}"
+        );
         if node {
             assert_eq!(field(out, "node"), "hello from testhost", "[{m}] {v}");
             assert_eq!(field(out, "node-https"), "hello from testhost", "[{m}] {v}");
@@ -386,8 +395,9 @@ git clone -q http://web.test/repo.git /tmp/repo 2>&1 | tail -2; echo \"git:$(cat
             "[{m}] {v}"
         );
         assert!(
-            dns.iter()
-                .any(|q| q["name"] == "web.test" && q["qtype"] == "AAAA" && q["answers"][0] == host.v6.as_str()),
+            dns.iter().any(|q| q["name"] == "web.test"
+                && q["qtype"] == "AAAA"
+                && q["answers"][0] == host.v6.as_str()),
             "[{m}] {v}"
         );
     }
@@ -514,7 +524,9 @@ PY"#,
         let tunnel_refused = dns
             .iter()
             .filter(|q| {
-                q["name"].as_str().is_some_and(|n| n.ends_with(".exfil.test"))
+                q["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(".exfil.test"))
                     && q["qtype"] == "TXT"
                     && q["rcode"] == "NXDOMAIN"
                     && q["reason"] == "host_not_allowed"
@@ -569,9 +581,9 @@ for port in (3129, 53):
         s.bind(("127.0.0.1", port)); print("bind-%d:BOUND" % port)
     except OSError as e:
         print("bind-%d:%s" % (port, errno.errorcode.get(e.errno, str(e.errno))))
-s = socket.create_connection(("127.0.0.1", 3129), timeout=5)
-s.sendall(b"GET / HTTP/1.0\r\nHost: web.test\r\n\r\n")
 try:
+    s = socket.create_connection(("127.0.0.1", 3129), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\r\nHost: web.test\r\n\r\n")
     print("direct:" + (s.recv(100).decode() or "EOF"))
 except OSError as e:
     print("direct:" + errno.errorcode.get(e.errno, str(e.errno)))
@@ -594,12 +606,19 @@ echo "still-allowed:$(curl -s --max-time 10 http://web.test/)""#,
             "[{m}] {v}"
         );
         assert!(
-            matches!(field(out, "direct"), "EOF" | "ECONNRESET"),
+            matches!(field(out, "direct"), "EOF" | "ECONNRESET" | "EPIPE"),
             "[{m}] {v}"
         );
         assert_eq!(field(out, "after-kill"), "000", "[{m}] {v}");
-        assert_eq!(field(out, "still-allowed"), "hello from testhost", "[{m}] {v}");
-        let denials = v["network"]["denials"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            field(out, "still-allowed"),
+            "hello from testhost",
+            "[{m}] {v}"
+        );
+        let denials = v["network"]["denials"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
             denials
                 .iter()
@@ -630,10 +649,18 @@ fn long_lived_sandbox_uses_transparent_egress() {
         let rm = run(mode, &["sandbox", "rm", &id]);
         assert_eq!(code(&rm), 0, "[{}] {}", mode.name, text(&rm.stderr));
         let out = v["stdout"].as_str().unwrap_or("");
-        assert_eq!(field(out, "http"), "hello from testhost", "[{}] {v} {}", mode.name, text(&o.stderr));
+        assert_eq!(
+            field(out, "http"),
+            "hello from testhost",
+            "[{}] {v} {}",
+            mode.name,
+            text(&o.stderr)
+        );
         assert_eq!(field(out, "refused"), "000", "[{}] {v}", mode.name);
         assert!(
-            connections(&v).iter().any(|c| c["name"] == "web.test" && c["allowed"] == true),
+            connections(&v)
+                .iter()
+                .any(|c| c["name"] == "web.test" && c["allowed"] == true),
             "[{}] {v}",
             mode.name
         );
@@ -645,15 +672,39 @@ fn bad_add_host_is_one_clear_error() {
     for mode in modes("bad_add_host_is_one_clear_error") {
         for (args, needle) in [
             (
-                vec!["run", "--allow-host", "a.test", "--add-host", "a.test", "--", "true"],
+                vec![
+                    "run",
+                    "--allow-host",
+                    "a.test",
+                    "--add-host",
+                    "a.test",
+                    "--",
+                    "true",
+                ],
                 "expected NAME:IP",
             ),
             (
-                vec!["run", "--allow-host", "a.test", "--add-host", "a.test:nope", "--", "true"],
+                vec![
+                    "run",
+                    "--allow-host",
+                    "a.test",
+                    "--add-host",
+                    "a.test:nope",
+                    "--",
+                    "true",
+                ],
                 "not an IP address",
             ),
             (
-                vec!["run", "--network", "none", "--add-host", "a.test:10.0.0.1", "--", "true"],
+                vec![
+                    "run",
+                    "--network",
+                    "none",
+                    "--add-host",
+                    "a.test:10.0.0.1",
+                    "--",
+                    "true",
+                ],
                 "--add-host only works with --network allowlist",
             ),
         ] {

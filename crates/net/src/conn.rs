@@ -251,7 +251,10 @@ fn http_status(reason: &DenyReason) -> u16 {
     }
 }
 
-pub(crate) async fn read_http_head<S: AsyncRead + Unpin>(client: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) async fn read_http_head<S: AsyncRead + Unpin>(
+    client: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
     loop {
         {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];

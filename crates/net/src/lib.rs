@@ -73,7 +73,9 @@ pub use policy::{
     DEFAULT_HOST_PORTS,
 };
 pub use proxy::{BlockingProxy, Listen, ListenAddr, Proxy, ProxyBuilder, ProxyError, ProxyHandle};
-pub use record::{ConnRecord, Denial, DenyReason, DnsRecord, Limits, Protocol, Stats, MAX_RECORDED_DENIALS};
+pub use record::{
+    ConnRecord, Denial, DenyReason, DnsRecord, Limits, Protocol, Stats, MAX_RECORDED_DENIALS,
+};
 pub use resolve::{
     BoxFuture, Connect, HostsResolver, Resolve, StaticResolver, SystemResolver, TcpConnector,
 };

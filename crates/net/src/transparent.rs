@@ -112,6 +112,8 @@ async fn sniff(
     port: u16,
 ) -> Result<Sniffed, DenyReason> {
     initial.reserve(4096);
+    // `read_buf` returns what has arrived (one segment, usually the whole
+    // ClientHello or request head).
     match timeout(PEEK_WAIT, client.read_buf(initial)).await {
         Ok(Ok(n)) if n > 0 => {}
         // Nothing yet (or closed): decide on the address.
@@ -166,7 +168,7 @@ async fn sniff(
                     }),
                 };
             }
-            Ok(httparse::Status::Partial) if initial.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) if initial.len() < MAX_HEAD && http_prefix(initial) => {}
             // Not HTTP (or a huge head): decide on the address.
             _ => return Ok(None),
         }
@@ -176,6 +178,26 @@ async fn sniff(
             _ => return Ok(None),
         }
     }
+}
+
+/// HTTP request methods: only bytes that can begin one of these are waited
+/// on for a full request head (anything else is decided at once).
+const METHODS: [&[u8]; 9] = [
+    b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"PRI",
+];
+
+/// Whether `buf` can be the start of an HTTP request (a method, then a
+/// space).
+fn http_prefix(buf: &[u8]) -> bool {
+    let token = buf.split(|&b| b == b' ').next().unwrap_or(buf);
+    let complete = token.len() < buf.len();
+    METHODS.iter().any(|m| {
+        if complete {
+            *m == token
+        } else {
+            m.starts_with(token)
+        }
+    })
 }
 
 /// The policy decision for a connection to `ip:port` presenting `name`.
@@ -190,8 +212,7 @@ async fn decide(
         let mut vouched = sh.names_for(ip).iter().any(|x| x == n);
         if !vouched {
             // Not (or no longer) in the DNS answers: resolve it now.
-            if let Ok(Ok(addrs)) =
-                timeout(sh.limits.connect_timeout, sh.resolver.resolve(n)).await
+            if let Ok(Ok(addrs)) = timeout(sh.limits.connect_timeout, sh.resolver.resolve(n)).await
             {
                 let (ok, _) = crate::dns::vouch(&sh.policy, &addrs, &[port]);
                 sh.remember(n, &ok);
@@ -244,8 +265,7 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
         let reason = DenyReason::ConnectionLimit {
             max: sh.limits.max_connections,
         };
-        sh.rec
-            .deny(String::new(), 0, Protocol::Transparent, reason);
+        sh.rec.deny(String::new(), 0, Protocol::Transparent, reason);
         return;
     };
     let _active = ActiveGuard::new(&sh.rec);
@@ -257,7 +277,9 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
                 0,
                 Protocol::Transparent,
                 DenyReason::InvalidDestination {
-                    detail: format!("no original destination ({e}): connected to the redirect port itself"),
+                    detail: format!(
+                        "no original destination ({e}): connected to the redirect port itself"
+                    ),
                 },
             );
             return;
@@ -421,4 +443,19 @@ async fn relay(
     };
     let down = pump(sh, &mut ur, &mut cw, false, &bytes.down);
     tokio::try_join!(up, down).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::http_prefix;
+
+    #[test]
+    fn waits_only_for_what_can_be_an_http_request() {
+        assert!(http_prefix(b"GE"));
+        assert!(http_prefix(b"GET /x HTTP/1.1\r\nHo"));
+        assert!(http_prefix(b"PRI * HTTP/2.0"));
+        assert!(!http_prefix(b"x"));
+        assert!(!http_prefix(b"EHLO mail.example\r\n"));
+        assert!(!http_prefix(b"GETX / HTTP/1.1"));
+    }
 }

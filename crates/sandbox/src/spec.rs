@@ -305,16 +305,18 @@ pub enum Network {
 /// Parses `--add-host NAME:IP` entries (IPv6 addresses may be bracketed:
 /// `NAME:[::1]`) into name → addresses, names normalised; one clear message
 /// for the first bad entry.
-pub fn parse_add_hosts(
-    entries: &[String],
-) -> Result<Vec<(String, Vec<std::net::IpAddr>)>, String> {
+pub fn parse_add_hosts(entries: &[String]) -> Result<Vec<(String, Vec<std::net::IpAddr>)>, String> {
     let mut out: Vec<(String, Vec<std::net::IpAddr>)> = Vec::new();
     for e in entries {
-        let bad = |why: &str| format!("--add-host {e:?}: {why}; expected NAME:IP, e.g. db.internal:10.0.0.7 or db.internal:[fd00::7]");
+        let bad = |why: &str| {
+            format!("--add-host {e:?}: {why}; expected NAME:IP, e.g. db.internal:10.0.0.7 or db.internal:[fd00::7]")
+        };
         let (name, ip) = e.split_once(':').ok_or_else(|| bad("no `:`"))?;
         let ip = ip.trim_start_matches('[').trim_end_matches(']');
-        let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("not an IP address after the `:`"))?;
-        let name = nanoclaw_net::policy::normalize_name(name).map_err(|w| bad(w))?;
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| bad("not an IP address after the `:`"))?;
+        let name = nanoclaw_net::policy::normalize_name(name).map_err(bad)?;
         match out.iter_mut().find(|(n, _)| *n == name) {
             Some((_, addrs)) => addrs.push(ip),
             None => out.push((name, vec![ip])),

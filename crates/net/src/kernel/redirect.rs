@@ -84,10 +84,8 @@ impl RedirectRules {
     /// both on the sandbox's loopback (127.0.0.1 and ::1).
     pub fn new(tcp_port: u16, dns_port: u16) -> RedirectRules {
         let mut r = MsgBuf::new();
-        let mut seq = 1;
-        for v6 in [false, true] {
+        for (seq, v6) in (1..).zip([false, true]) {
             route(&mut r, v6, seq);
-            seq += 1;
         }
         RedirectRules {
             routes: r.as_bytes().to_vec(),
@@ -382,7 +380,10 @@ mod tests {
         // Table, two chains, eight rules.
         assert_eq!(r.nft_acks, 11);
         let text = r.ruleset_text();
-        assert!(text.contains("meta l4proto tcp redirect to :15001"), "{text}");
+        assert!(
+            text.contains("meta l4proto tcp redirect to :15001"),
+            "{text}"
+        );
         assert!(text.contains("th dport 53 redirect to :53"), "{text}");
     }
 }

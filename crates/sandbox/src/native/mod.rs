@@ -1605,12 +1605,11 @@ fn start_proxy(
             (false, _) => nanoclaw_net::Listen::DnsUdp(*fd),
         });
     }
-    b.start_blocking()
-        .map_err(|e| Error::Unsupported {
-            what: "the network proxy".into(),
-            why: e.to_string(),
-            fix: "use --network none, or report this as a nanoclaw bug".into(),
-        })
+    b.start_blocking().map_err(|e| Error::Unsupported {
+        what: "the network proxy".into(),
+        why: e.to_string(),
+        fix: "use --network none, or report this as a nanoclaw bug".into(),
+    })
 }
 
 /// The kernel allowlist for `--network kernel`, which needs root.
