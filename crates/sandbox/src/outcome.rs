@@ -136,8 +136,9 @@ pub struct NetDnsQuery {
 impl NetworkReport {
     /// What happened between `before` and `self`, two reports of the same
     /// long-lived sandbox (its proxy's counters only grow): the counts'
-    /// differences and the refusals added since (the proxy keeps the
-    /// first ones, so those past its cap are counted, not listed).
+    /// differences and the refusals, transparent connections and DNS
+    /// queries added since (the proxy keeps the first ones, so those past
+    /// its cap are counted, not listed).
     pub fn since(&self, before: &NetworkReport) -> NetworkReport {
         NetworkReport {
             mode: self.mode.clone(),
@@ -149,6 +150,16 @@ impl NetworkReport {
             denials: self
                 .denials
                 .get(before.denials.len()..)
+                .unwrap_or_default()
+                .to_vec(),
+            connections: self
+                .connections
+                .get(before.connections.len()..)
+                .unwrap_or_default()
+                .to_vec(),
+            dns: self
+                .dns
+                .get(before.dns.len()..)
                 .unwrap_or_default()
                 .to_vec(),
         }

@@ -988,12 +988,6 @@ pub fn rename<E: Execute + ?Sized>(
         .ok_or_else(|| Error::InvalidSpec(format!("moving {from}: unreadable answer")))
 }
 
-/// What `sb`'s network layer did so far (the same report an exec's outcome
-/// carries), for a keeper answering `inspect`.
-pub fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
-    supervise::network_report(sb)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
