@@ -837,46 +837,47 @@ const RESULT_KEYS: [&str; 14] = [
 async fn read_loop(interp: Arc<Interp>, mut events: mpsc::Receiver<ProcessEvent>, mark: Vec<u8>) {
     let mut out = Scanner::new(mark.clone(), MAX_RECORD);
     let mut err = Scanner::new(mark, MAX_RECORD);
-    let why =
-        loop {
-            let (pieces, stdout) = match events.recv().await {
-                Some(ProcessEvent::Data(ProcessOutput::Stdout(b))) => (out.push(&b), true),
-                Some(ProcessEvent::Data(ProcessOutput::Stderr(b))) => (err.push(&b), false),
-                Some(ProcessEvent::Data(ProcessOutput::Pty(_))) => continue,
-                Some(ProcessEvent::End(end)) => {
-                    break format!("its interpreter ended ({})", end.status)
-                }
-                None => break "its sandbox ended".to_owned(),
-            };
-            for piece in pieces {
-                match piece {
-                    Piece::Text(t) => {
-                        if !stdout {
-                            if let Ok(mut s) = interp.state.lock() {
-                                if s.ready.is_some() {
-                                    s.stderr_tail.push_str(&t);
-                                    let cut = s.stderr_tail.len().saturating_sub(2048);
-                                    let cut = (cut..s.stderr_tail.len())
-                                        .find(|&i| s.stderr_tail.is_char_boundary(i))
-                                        .unwrap_or(0);
-                                    s.stderr_tail.drain(..cut);
-                                }
+    let why = loop {
+        let (pieces, stdout) = match events.recv().await {
+            Some(ProcessEvent::Data(ProcessOutput::Stdout(b))) => (out.push(&b), true),
+            Some(ProcessEvent::Data(ProcessOutput::Stderr(b))) => (err.push(&b), false),
+            Some(ProcessEvent::Data(ProcessOutput::Pty(_))) => continue,
+            Some(ProcessEvent::End(end)) => {
+                break format!("its interpreter ended ({})", end.status)
+            }
+            None => break "its sandbox ended".to_owned(),
+        };
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => {
+                    if !stdout {
+                        if let Ok(mut s) = interp.state.lock() {
+                            if s.ready.is_some() {
+                                s.stderr_tail.push_str(&t);
+                                let cut = s.stderr_tail.len().saturating_sub(2048);
+                                let cut = (cut..s.stderr_tail.len())
+                                    .find(|&i| s.stderr_tail.is_char_boundary(i))
+                                    .unwrap_or(0);
+                                s.stderr_tail.drain(..cut);
                             }
                         }
-                        interp.deliver_text(t, stdout).await;
                     }
-                    Piece::Record(r) => interp.record(&r, stdout).await,
-                    Piece::Oversized => interp
+                    interp.deliver_text(t, stdout).await;
+                }
+                Piece::Record(r) => interp.record(&r, stdout).await,
+                Piece::Oversized => {
+                    interp
                         .deliver_text(
                             format!(
                                 "[nanoclaw: a result larger than {MAX_RECORD} bytes was dropped]\n"
                             ),
                             false,
                         )
-                        .await,
+                        .await
                 }
             }
-        };
+        }
+    };
     interp.mark_dead(&why);
 }
 

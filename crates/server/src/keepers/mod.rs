@@ -49,6 +49,8 @@ const E2B_USER: User = User {
     uid: 1000,
     gid: 1000,
 };
+/// The template `e2b_code_interpreter.Sandbox.create()` asks for.
+pub const CODE_INTERPRETER_TEMPLATE: &str = "code-interpreter-v1";
 /// E2B's home directory and default working directory.
 pub const E2B_HOME: &str = "/home/user";
 
@@ -366,6 +368,11 @@ impl KeeperBackend {
     pub fn new(mut cfg: KeeperBackendConfig) -> Arc<KeeperBackend> {
         cfg.templates
             .entry("base".into())
+            .or_insert_with(Template::base);
+        // e2b-code-interpreter's default template: the same host root,
+        // whose python3, node and bash serve its code contexts.
+        cfg.templates
+            .entry(CODE_INTERPRETER_TEMPLATE.into())
             .or_insert_with(Template::base);
         let quota = Quota::new(cfg.tenants.clone());
         let pool = pool::Pool::new(cfg.pools.clone());
