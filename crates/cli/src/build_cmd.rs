@@ -98,6 +98,11 @@ pub struct BuildArgs {
     /// Print a JSON report (steps, cached or built, layers, timings) at the end.
     #[arg(long)]
     pub json: bool,
+    /// FROM may name images under localhost/ only below this prefix, and
+    /// no image by id (the daemon's builds of a tenant's Dockerfile:
+    /// `localhost/TENANT/`).
+    #[arg(long = "from-scope", value_name = "PREFIX", hide = true)]
+    pub from_scope: Option<String>,
     /// The build context folder (COPY and ADD read from it).
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
@@ -156,6 +161,7 @@ fn options(a: &BuildArgs) -> Result<BuildOptions> {
     o.no_cache = a.no_cache;
     o.stream_output = !a.quiet && !a.json;
     o.handle_signals = true;
+    o.from_scope = a.from_scope.clone();
     Ok(o)
 }
 

@@ -866,6 +866,13 @@ pub struct BuildOptions {
     pub stream_output: bool,
     /// Let Ctrl-C / SIGTERM kill a running step cleanly (command-line use).
     pub handle_signals: bool,
+    /// The only part of `localhost/` a `FROM` may name (`localhost/TENANT/`,
+    /// for the daemon's builds of a tenant's Dockerfile); `None`: any image
+    /// of the store. With a scope, `FROM` must name its image by reference
+    /// (nor nanoclaw's own `nanoclaw.local/` images): the store holds every
+    /// tenant's images, and a tenant's Dockerfile must not read another's
+    /// (by name or by id). The build cache is the scope's own too.
+    pub from_scope: Option<String>,
 }
 
 impl BuildOptions {
@@ -882,8 +889,34 @@ impl BuildOptions {
             no_cache: false,
             stream_output: false,
             handle_signals: false,
+            from_scope: None,
         }
     }
+}
+
+/// Whether `FROM image` stays inside `scope` (see
+/// [`BuildOptions::from_scope`]): a reference (never an image id), and
+/// under `localhost/` only below `scope`. Else why not, and what to do.
+pub fn check_from_scope(image: &str, scope: &str) -> Result<(), String> {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    let by_id = hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    if by_id || image.starts_with("sha256:") {
+        return Err("name the base image by reference (e.g. python:3.11-slim), not by id".into());
+    }
+    let canonical = Reference::parse(image)
+        .map_err(|e| format!("{e}; name the base image by reference (e.g. python:3.11-slim)"))?
+        .to_string();
+    if canonical.starts_with("nanoclaw.local/") {
+        return Err(format!(
+            "{canonical} is one of nanoclaw's own images (setup layers): name a public base image"
+        ));
+    }
+    if canonical.starts_with("localhost/") && !canonical.starts_with(scope) {
+        return Err(format!(
+            "{canonical} is not one of your images: name one of yours ({scope}NAME) or a public base image"
+        ));
+    }
+    Ok(())
 }
 
 /// The default limits of a build step: roomier than a run (package installs).
@@ -1640,6 +1673,14 @@ impl Builder<'_> {
         Ok(out)
     }
 
+    /// Where the cache keys start: a scoped build's cache is its scope's
+    /// alone. Shared, a tenant learnt from a `CACHED` step (its build's
+    /// time) that another had built the same steps, and reused layers that
+    /// another's steps made with another network.
+    fn cache_scope(&self) -> &str {
+        self.opts.from_scope.as_deref().unwrap_or("")
+    }
+
     fn from(&mut self, i: &Instruction, global: &Vars) -> Result<Stage, BuildError> {
         if let Some(f) = i.flags.first() {
             return Err(BuildError::Unsupported {
@@ -1668,10 +1709,17 @@ impl Builder<'_> {
                 layers: Vec::new(),
                 dirs: Vec::new(),
                 config: ImageConfig::default(),
-                chain: chain("", &["FROM", "scratch"]),
+                chain: chain(self.cache_scope(), &["FROM", "scratch"]),
                 args: Vars::new(),
                 cmd_set: false,
             });
+        }
+        if let Some(scope) = &self.opts.from_scope {
+            check_from_scope(&image, scope).map_err(|hint| BuildError::Unsupported {
+                line: i.line,
+                instruction: format!("FROM {image}"),
+                hint,
+            })?;
         }
         let rec = self
             .store
@@ -1692,7 +1740,10 @@ impl Builder<'_> {
             layers: rec.layers.clone(),
             dirs: root.layers,
             config: rec.config.clone(),
-            chain: chain("", &["FROM", &rec.config_digest.to_string()]),
+            chain: chain(
+                self.cache_scope(),
+                &["FROM", &rec.config_digest.to_string()],
+            ),
             args: Vars::new(),
             cmd_set: false,
         })
@@ -2522,6 +2573,34 @@ mod tests {
         assert!(!r.is_ignored(Path::new("src/main.rs")));
         assert!(glob_match("[a-c]?", "bx"));
         assert!(!glob_match("[^a-c]?", "bx"));
+    }
+
+    #[test]
+    fn a_scoped_from_names_only_public_or_own_images() {
+        let scope = "localhost/bob/";
+        for ok in [
+            "python:3.11-slim",
+            "localhost/bob/x",
+            "localhost/bob/x:1",
+            "ghcr.io/o/r:t",
+        ] {
+            assert_eq!(check_from_scope(ok, scope), Ok(()), "{ok}");
+        }
+        let id = format!("sha256:{}", "a".repeat(64));
+        for bad in [
+            "localhost/alice/x",
+            "localhost/alice/x:latest",
+            "localhost/bobby/x",
+            "localhost/x",
+            "nanoclaw.local/setup:0123",
+            "a70a",
+            "a70a32227d1a",
+            id.as_str(),
+            "sha256:zz",
+            "Localhost/alice/x",
+        ] {
+            assert!(check_from_scope(bad, scope).is_err(), "{bad}");
+        }
     }
 
     #[test]

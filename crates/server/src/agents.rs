@@ -475,8 +475,8 @@ pub async fn run_child(
     stdin: Option<&[u8]>,
     wall: Duration,
 ) -> std::io::Result<Finished> {
-    let mut child = tokio::process::Command::new(exe)
-        .args(argv)
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(argv)
         .current_dir("/")
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -486,8 +486,27 @@ pub async fn run_child(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    let daemon = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the forked child before exec and calls only
+    // async-signal-safe syscalls (prctl, getppid). The child dies with the
+    // daemon, however the daemon ends (SIGKILL, a crash): else a build or
+    // an agent would run on unowned, past its wall time, with no slot
+    // counting it. PR_SET_PDEATHSIG fires when the forking thread exits: a
+    // runtime worker, which lives as long as the daemon (nothing here uses
+    // block_in_place); getppid catches a daemon that died before prctl.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != daemon {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
     let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     if let (Some(mut pipe), Some(data)) = (child.stdin.take(), stdin) {
         use tokio::io::AsyncWriteExt;

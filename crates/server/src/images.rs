@@ -274,7 +274,12 @@ impl Drop for Context {
 impl Images {
     /// Builds with `exe`; keeps its registry in `data/images.json` (read
     /// now: a missing or unreadable file is an empty registry, reported).
+    /// Removes `data/builds`: only a daemon holding the data folder's lock
+    /// may open it.
     pub fn open(exe: PathBuf, data: PathBuf) -> Images {
+        // Build contexts a killed daemon left (the caller holds the data
+        // folder's lock: no build of another daemon is running).
+        let _ = std::fs::remove_dir_all(data.join("builds"));
         let path = data.join("images.json");
         let registry = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -347,11 +352,16 @@ impl Images {
     }
 
     /// The child's arguments (after the binary): no network for the RUN
-    /// steps, or only to `allow_hosts`.
+    /// steps, or only to `allow_hosts`; its FROM never names another
+    /// tenant's image (`--from-scope`: the store is shared by all tenants).
     pub fn argv(reference: &str, ctx: &Path, allow_hosts: &[String]) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["image".into(), "build".into(), "-t".into()];
         a.push(reference.into());
         a.push("--json".into());
+        if let Some((scope, _)) = reference.rsplit_once('/') {
+            a.push("--from-scope".into());
+            a.push(format!("{scope}/").into());
+        }
         if allow_hosts.is_empty() {
             a.extend(["--network".into(), "none".into()]);
         } else {
@@ -542,11 +552,11 @@ mod tests {
         };
         assert_eq!(
             argv(&[]),
-            "image build -t localhost/acme/custom-python:latest --json --network none -f /d/builds/x/Dockerfile /d/builds/x"
+            "image build -t localhost/acme/custom-python:latest --json --from-scope localhost/acme/ --network none -f /d/builds/x/Dockerfile /d/builds/x"
         );
         assert_eq!(
             argv(&["pypi.org".into(), "files.pythonhosted.org:443".into()]),
-            "image build -t localhost/acme/custom-python:latest --json --network allowlist --allow-host pypi.org --allow-host files.pythonhosted.org:443 -f /d/builds/x/Dockerfile /d/builds/x"
+            "image build -t localhost/acme/custom-python:latest --json --from-scope localhost/acme/ --network allowlist --allow-host pypi.org --allow-host files.pythonhosted.org:443 -f /d/builds/x/Dockerfile /d/builds/x"
         );
     }
 }
