@@ -27,6 +27,9 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 REQS="$REPO/tests/python/requirements.txt"
+# The MCP SDK v2 is also the `mcp` package: it goes into VENV/mcp-v2
+# (pip install --target), put on PYTHONPATH by the v2 suite's runner only.
+REQS_V2="$REPO/tests/python/requirements-mcp-v2.txt"
 VENV="${NANOCLAW_VENV:-${CARGO_TARGET_DIR:-$REPO/target}/venv}"
 
 die() { echo "python-venv: $*" >&2; exit 1; }
@@ -46,11 +49,36 @@ fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
     || die "$PY is $("$PY" -V 2>&1); the pinned e2b SDK needs Python >= 3.11"
 
+# VENV/mcp-v2, installed (again) when its requirements changed.
+mcp_v2() {
+    local target="$VENV/mcp-v2" v2_hash
+    v2_hash="$( (cat "$REQS_V2"; "$PY" -V 2>&1) | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$target/.nanoclaw-requirements.sha256" \
+        && "$(cat "$target/.nanoclaw-requirements.sha256")" == "$v2_hash" ]]; then
+        return 0
+    fi
+    rm -rf "$target"
+    local attempt
+    for attempt in 1 2 3; do
+        if PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 "$VENV/bin/pip" install --quiet \
+            --retries 5 --timeout 60 --target "$target" -r "$REQS_V2"; then
+            PYTHONPATH="$target" "$VENV/bin/python" -c 'from mcp import Client' \
+                || die "VENV/mcp-v2 cannot import mcp.Client"
+            echo "$v2_hash" >"$target/.nanoclaw-requirements.sha256"
+            return 0
+        fi
+        rm -rf "$target"
+        sleep $((attempt * 5))
+    done
+    die "pip install --target $target -r $REQS_V2 failed 3 times"
+}
+
 want_hash="$( (cat "$REQS"; "$PY" -V 2>&1) | sha256sum | cut -d' ' -f1)"
 stamp="$VENV/.nanoclaw-requirements.sha256"
 
 if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want_hash" ]] \
     && "$VENV/bin/python" -c 'import e2b, e2b_code_interpreter, pytest' >/dev/null 2>&1; then
+    mcp_v2
     echo "python-venv: up to date at $VENV" >&2
     echo "$VENV"
     exit 0
@@ -88,5 +116,6 @@ done
 "$VENV/bin/python" -c 'import e2b, e2b_code_interpreter, pytest' \
     || die "installed venv cannot import e2b / e2b_code_interpreter / pytest"
 echo "$want_hash" >"$stamp"
+mcp_v2
 echo "python-venv: ready at $VENV ($("$VENV/bin/python" -c 'import importlib.metadata as m; print("e2b", m.version("e2b"), "e2b-code-interpreter", m.version("e2b-code-interpreter"))'))" >&2
 echo "$VENV"

@@ -495,3 +495,40 @@ def test_the_2026_era_with_raw_requests():
         hdr, body = modern("tools/call", {"name": "sandbox_list", "arguments": {}})
         r = h.post(url(), headers={**hdr, "Mcp-Name": "=?base64?c2FuZGJveF9saXN0?="}, json=body)
         assert r.status_code == 200, r.text
+
+
+def test_run_code_keeps_state_in_a_context():
+    """run_code with `context`: the daemon's stateful code contexts (the
+    code interpreter's), variables and the working directory kept."""
+    key = setting("NANOCLAW_MCP_KEY")
+
+    async def go():
+        async def run(s, _sid):
+            r = await s.call_tool("run_code", {"language": "python", "code": "x = 41", "context": "default"})
+            assert not r.isError, text_of(r)
+            ctx = r.structuredContent["context"]
+            r = await s.call_tool("run_code", {"language": "python", "code": "x + 1", "context": ctx})
+            assert not r.isError, text_of(r)
+            main = [x for x in r.structuredContent["results"] if x.get("is_main_result")]
+            assert main and main[0]["text"] == "42", r.structuredContent
+            assert "42" in text_of(r)
+            r = await s.call_tool("run_code", {"language": "python", "code": "1/0", "context": "default"})
+            assert r.isError and r.structuredContent["error"]["name"] == "ZeroDivisionError"
+            r = await s.call_tool("run_code", {"language": "bash", "code": "cd /tmp; Y=7", "context": "default"})
+            assert not r.isError, text_of(r)
+            r = await s.call_tool("run_code", {"language": "bash", "code": "echo $Y in $(pwd)", "context": "default"})
+            assert r.structuredContent["stdout"] == "7 in /tmp\n", text_of(r)
+            r = await s.call_tool("run_code", {"language": "python", "code": "import time; time.sleep(30)",
+                                               "context": "default", "timeout": 1})
+            assert r.isError and r.structuredContent["timed_out"] is True, text_of(r)
+            # The context survived its interrupted cell.
+            r = await s.call_tool("run_code", {"language": "python", "code": "x", "context": "default"})
+            assert "41" in text_of(r), text_of(r)
+            r = await s.call_tool("run_code", {"language": "node", "code": "1", "context": ctx})
+            assert r.isError and "runs python" in text_of(r)
+            r = await s.call_tool("run_code", {"language": "python", "code": "1", "context": "f" * 32})
+            assert r.isError and "no code context" in text_of(r)
+
+        await with_session(key, run)
+
+    asyncio.run(go())

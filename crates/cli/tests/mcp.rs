@@ -2,8 +2,9 @@
 //! (stdio, relaying to a daemon): JSON-RPC framing and errors through the
 //! relay, nothing left behind at the end of stdin or at SIGTERM, relaying
 //! to a running daemon (`--url`, `--data`), and the official `mcp` Python
-//! SDK as the client over both transports (tests/python/test_mcp.py, from
-//! the venv `.ci/python-venv.sh` makes), with the audit log checked after.
+//! SDK as the client, v1 and v2, over both transports and in both protocol
+//! eras (tests/python/test_mcp.py and test_mcp_v2.py, from the venv
+//! `.ci/python-venv.sh` makes), with the audit log checked after.
 
 mod common;
 
@@ -424,34 +425,43 @@ fn the_official_mcp_sdk_drives_both_transports() {
             );
         }
         cmd.push(bin_for(m).display().to_string());
-        let o = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/python/test_mcp.py",
-            ])
-            .current_dir(repo())
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", "/tmp")
-            .env("NANOCLAW_MCP_COMMAND", json!(cmd).to_string())
-            .env("NANOCLAW_MCP_URL", d.url())
-            .env("NANOCLAW_MCP_KEY", &d.keys.0)
-            .env("NANOCLAW_MCP_KEY_B", &d.keys.1)
-            .env("NANOCLAW_REQUIRE_E2B", "1")
-            .output()
-            .expect("run pytest");
-        let out = text(&o.stdout);
+        // The v1 SDK is the venv's own `mcp`; the v2 SDK is installed
+        // beside it in VENV/mcp-v2 (.ci/python-venv.sh) and put first on
+        // PYTHONPATH for its suite only.
+        let v2 = venv.join("mcp-v2");
         assert!(
-            o.status.success(),
-            "[{}] the mcp SDK suite failed:\n{out}\n{}",
-            m.name,
-            text(&o.stderr)
+            v2.join("mcp").is_dir(),
+            "{} is missing: run .ci/python-venv.sh",
+            v2.display()
         );
-        eprintln!("[{}] {}", m.name, out.lines().last().unwrap_or(""));
+        for (suite, pythonpath) in [
+            ("tests/python/test_mcp.py", None),
+            ("tests/python/test_mcp_v2.py", Some(&v2)),
+        ] {
+            let mut c = Command::new(venv.join("bin/python"));
+            c.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", suite])
+                .current_dir(repo())
+                .env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("HOME", "/tmp")
+                .env("NANOCLAW_MCP_COMMAND", json!(cmd).to_string())
+                .env("NANOCLAW_MCP_URL", d.url())
+                .env("NANOCLAW_MCP_KEY", &d.keys.0)
+                .env("NANOCLAW_MCP_KEY_B", &d.keys.1)
+                .env("NANOCLAW_REQUIRE_E2B", "1");
+            if let Some(p) = pythonpath {
+                c.env("PYTHONPATH", p);
+            }
+            let o = c.output().expect("run pytest");
+            let out = text(&o.stdout);
+            assert!(
+                o.status.success(),
+                "[{}] {suite} failed:\n{out}\n{}",
+                m.name,
+                text(&o.stderr)
+            );
+            eprintln!("[{}] {suite}: {}", m.name, out.lines().last().unwrap_or(""));
+        }
         // Every tool call is in the audit log, with the processes and file
         // operations it made, and the chain holds.
         let requests = d.audit(&["ls", "--kind", "request", "--limit", "1000", "--json"]);

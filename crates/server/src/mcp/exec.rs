@@ -68,7 +68,8 @@ pub struct Capture {
 }
 
 impl Capture {
-    fn push(&mut self, data: &[u8], cap: usize) {
+    /// Appends `data`, keeping at most `cap` bytes in all.
+    pub fn push(&mut self, data: &[u8], cap: usize) {
         let room = cap.saturating_sub(self.bytes.len());
         let take = room.min(data.len());
         self.bytes.extend_from_slice(&data[..take]);

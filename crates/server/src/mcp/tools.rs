@@ -121,6 +121,18 @@ fn finished_schema() -> Value {
     )
 }
 
+/// [`finished_schema`] and what a run in a context adds.
+fn run_code_schema() -> Value {
+    let mut s = finished_schema();
+    s["properties"]["context"] = json!({"type": "string", "description": "The context it ran in."});
+    s["properties"]["execution_count"] = json!({"type": "integer"});
+    s["properties"]["results"] = json!({"type": "array", "items": {"type": "object"},
+        "description": "Rich results: text, html, png (base64), …; is_main_result for the last expression."});
+    s["properties"]["error"] = json!({"type": ["object", "null"], "properties": {
+        "name": {"type": "string"}, "value": {"type": "string"}, "traceback": {"type": "string"}}});
+    s
+}
+
 fn sandbox_schema() -> Value {
     object(
         json!({
@@ -242,16 +254,18 @@ pub fn definitions() -> Vec<Value> {
         ),
         tool(
             "run_code",
-            "Runs a snippet of code in a sandbox (python, node, bash or sh) and returns its output.",
+            "Runs a snippet of code in a sandbox (python, node, bash or sh) and returns its output. With context, it runs in a long-lived interpreter whose variables, imports and working directory persist between calls, and returns the value of the last expression (and matplotlib figures as PNG images) too.",
             object(json!({
                 "sandbox_id": sandbox_id,
                 "language": {"type": "string", "enum": ["python", "node", "bash", "sh"]},
                 "code": {"type": "string"},
+                "context": {"type": "string", "minLength": 1, "description":
+                    "Run in a stateful code context: \"default\" (the language's default context of the sandbox, made at first use) or a context id (as the code interpreter's /contexts lists them). Omitted: a fresh process."},
                 "env": env_schema(),
                 "timeout": timeout_schema("the code"),
                 "max_output_bytes": output_cap_schema(),
             }), &["language", "code"]),
-            finished_schema(),
+            run_code_schema(),
             annotations("Run code", false, true, false, true),
         ),
         tool(
@@ -608,6 +622,7 @@ async fn sandbox_kill<B: Backend, A: Authenticator>(
     let a = args!(a);
     trace.sandbox = Some(a.sandbox_id.clone());
     state.backend.kill(&ctx.tenant, &a.sandbox_id).await?;
+    state.contexts.forget_sandbox(&ctx.tenant, &a.sandbox_id);
     if let Some(s) = &ctx.session {
         let mut own = s.default_sandbox.lock().await;
         if own.as_deref() == Some(a.sandbox_id.as_str()) {
@@ -769,6 +784,7 @@ struct RunCodeArgs {
     sandbox_id: Option<String>,
     language: String,
     code: String,
+    context: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     timeout: Option<f64>,
@@ -797,6 +813,17 @@ async fn run_code<B: Backend, A: Authenticator>(
     let timeout = timeout_of(a.timeout)?;
     let cap = cap_of(a.max_output_bytes)?;
     let sc = target(state, ctx, a.sandbox_id, trace).await?;
+    if let Some(context) = a.context {
+        let run = ContextRun {
+            language: &a.language,
+            context,
+            code: a.code,
+            env: a.env,
+            timeout,
+            cap,
+        };
+        return in_context(state, &sc, run).await;
+    }
     let cmd = Command {
         argv: vec![interp.into(), flag.into(), a.code],
         env: a.env,
@@ -804,6 +831,138 @@ async fn run_code<B: Backend, A: Authenticator>(
     };
     let f = exec::run_to_end(&*state.backend, &sc, &cmd, None, timeout, cap).await?;
     finished(&sc.sandbox_id, &f, timeout)
+}
+
+/// A `run_code` call with a context.
+struct ContextRun<'a> {
+    language: &'a str,
+    context: String,
+    code: String,
+    env: BTreeMap<String, String>,
+    timeout: Duration,
+    cap: usize,
+}
+
+/// Largest total size of the rich results one call returns.
+const MAX_RESULTS_BYTES: usize = 8 << 20;
+
+/// Runs a cell in a stateful context ([`crate::contexts`], the code
+/// interpreter's own path) and gathers its events.
+async fn in_context<B: Backend, A: Authenticator>(
+    state: &E2bState<B, A>,
+    sc: &SandboxScope,
+    run: ContextRun<'_>,
+) -> ToolResult {
+    use crate::contexts::{Event, Language, RunCode, Target};
+    let language = Language::parse(Some(run.language)).map_err(|e| e.to_string())?;
+    let target = if run.context == "default" {
+        Target::Default(language)
+    } else {
+        let known = state.contexts.list(sc);
+        let Some(c) = known.iter().find(|c| c.id == run.context) else {
+            return Err(format!(
+                "no code context {:?} in sandbox {} (use \"default\", or an id from its /contexts)",
+                run.context, sc.sandbox_id
+            )
+            .into());
+        };
+        if c.language != language {
+            return Err(format!(
+                "context {} runs {}, not {}",
+                c.id,
+                c.language.name(),
+                run.language
+            )
+            .into());
+        }
+        Target::Context(run.context.clone())
+    };
+    let started = std::time::Instant::now();
+    let req = RunCode {
+        code: run.code,
+        target,
+        env_vars: run.env,
+        timeout: Some(run.timeout),
+    };
+    let mut exe = state
+        .contexts
+        .execute(&state.backend, sc, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut out, mut err) = (Capture::default(), Capture::default());
+    let (mut results, mut results_bytes, mut count) = (Vec::new(), 0usize, None);
+    let mut error: Option<(String, String, String)> = None;
+    while let Some(ev) = exe.events.recv().await {
+        match ev {
+            Event::ExecutionCount(n) => count = Some(n),
+            Event::Stdout(t) => out.push(t.as_bytes(), run.cap),
+            Event::Stderr(t) => err.push(t.as_bytes(), run.cap),
+            Event::Result(m) => {
+                let size = Value::Object(m.clone()).to_string().len();
+                if results_bytes + size <= MAX_RESULTS_BYTES {
+                    results_bytes += size;
+                    results.push(Value::Object(m));
+                } else {
+                    err.push(b"[a result was dropped: too large]\n", run.cap);
+                }
+            }
+            Event::Error {
+                name,
+                value,
+                traceback,
+            } => error = Some((name, value, traceback)),
+        }
+    }
+    let timed_out = error.as_ref().is_some_and(|e| e.0 == "TimeoutError");
+    let structured = json!({
+        "sandbox_id": sc.sandbox_id,
+        "context": exe.context.id,
+        "execution_count": count,
+        "exit_code": null,
+        "signal": null,
+        "timed_out": timed_out,
+        "stdout": out.text(),
+        "stderr": err.text(),
+        "stdout_dropped_bytes": out.dropped,
+        "stderr_dropped_bytes": err.dropped,
+        "duration_ms": started.elapsed().as_millis() as u64,
+        "results": results,
+        "error": error.as_ref().map(|(n, v, t)| json!({"name": n, "value": v, "traceback": t})),
+    });
+    let mut text = out.text();
+    push_dropped(&mut text, "stdout", &out);
+    for r in &results {
+        if let Some(t) = r.get("text").and_then(Value::as_str) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(t);
+        }
+    }
+    if !err.bytes.is_empty() {
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str("[stderr]\n");
+        text.push_str(&err.text());
+    }
+    match error {
+        None => Ok((text, structured)),
+        Some((name, value, traceback)) => {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("[{name}: {value}]"));
+            if !traceback.is_empty() {
+                text.push('\n');
+                text.push_str(&traceback);
+            }
+            Err(ToolError {
+                message: text,
+                structured: Some(structured),
+            })
+        }
+    }
 }
 
 /// A path as the sandbox resolves it: absolute, `.` and `..` resolved
