@@ -22,11 +22,10 @@
 //! Runs are bounded per tenant and in total ([`RunLimits`]); over either
 //! the run is refused with [`ExecuteError::Busy`] (HTTP 429).
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nanoclaw_agent::approval::Answer;
@@ -36,6 +35,8 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::auth::TenantId;
+pub use crate::slots::Slot;
+use crate::slots::{Full, Slots};
 
 /// Agent runs one tenant may have at once.
 pub const RUNS_PER_TENANT: usize = 4;
@@ -234,41 +235,11 @@ fn busy_message(limit: Limit, tenant: &TenantId) -> String {
     }
 }
 
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_tenant: HashMap<String, usize>,
-}
-
-/// A run's place among the runs at once; given back when dropped.
-pub struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    tenant: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = lock(&self.counts);
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_tenant.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_tenant.remove(&self.tenant);
-            }
-        }
-    }
-}
-
-fn lock(m: &Mutex<Counts>) -> MutexGuard<'_, Counts> {
-    // Plain counters: a panic elsewhere cannot leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The daemon's agent runs and approval queue.
 pub struct Agents {
     cfg: AgentsConfig,
     store: Store,
-    counts: Arc<Mutex<Counts>>,
+    slots: Slots,
 }
 
 impl Agents {
@@ -278,7 +249,7 @@ impl Agents {
         Agents {
             cfg,
             store,
-            counts: Arc::default(),
+            slots: Slots::default(),
         }
     }
 
@@ -289,23 +260,15 @@ impl Agents {
             return Err(ExecuteError::NoConfig);
         }
         let l = self.cfg.limits;
-        let mut c = lock(&self.counts);
-        let mine = c.per_tenant.get(tenant.as_str()).copied().unwrap_or(0);
-        if mine >= l.per_tenant {
-            return Err(ExecuteError::Busy(
-                Limit::Tenant(l.per_tenant),
-                tenant.clone(),
-            ));
-        }
-        if c.total >= l.total {
-            return Err(ExecuteError::Busy(Limit::Total(l.total), tenant.clone()));
-        }
-        c.total += 1;
-        *c.per_tenant.entry(tenant.0.clone()).or_insert(0) += 1;
-        Ok(Slot {
-            counts: Arc::clone(&self.counts),
-            tenant: tenant.0.clone(),
-        })
+        self.slots
+            .take(tenant.as_str(), l.per_tenant, l.total)
+            .map_err(|full| {
+                let limit = match full {
+                    Full::Tenant(n) => Limit::Tenant(n),
+                    Full::Total(n) => Limit::Total(n),
+                };
+                ExecuteError::Busy(limit, tenant.clone())
+            })
     }
 
     /// The longest a run of code timeout `timeout` may take: the larger

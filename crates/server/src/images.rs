@@ -24,10 +24,10 @@
 //! `/v1/run` snippet in another language is refused. The registry is kept
 //! in `DATA/images.json` and restored when the daemon starts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,8 @@ use serde::{Deserialize, Serialize};
 use crate::agents::{error_line, run_child};
 use crate::auth::TenantId;
 use crate::backend::ImageTemplate;
+pub use crate::slots::Slot;
+use crate::slots::{Full, Slots};
 
 /// Largest Dockerfile a request may give.
 pub const MAX_DOCKERFILE: usize = 64 << 10;
@@ -222,31 +224,6 @@ pub enum ImageError {
     Internal(String),
 }
 
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_tenant: HashMap<String, usize>,
-}
-
-/// A build's place among the builds at once; given back when dropped.
-pub struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    tenant: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = lock(&self.counts);
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_tenant.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_tenant.remove(&self.tenant);
-            }
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data: a panic elsewhere cannot leave it inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -259,7 +236,7 @@ pub struct Images {
     exe: PathBuf,
     data: PathBuf,
     registry: Mutex<Registry>,
-    counts: Arc<Mutex<Counts>>,
+    slots: Slots,
 }
 
 /// A temporary build context, removed when dropped.
@@ -295,7 +272,7 @@ impl Images {
             exe,
             data,
             registry: Mutex::new(registry),
-            counts: Arc::default(),
+            slots: Slots::default(),
         }
     }
 
@@ -327,23 +304,18 @@ impl Images {
         if known >= MAX_PER_TENANT {
             return Err(ImageError::TooMany(tenant.0.clone()));
         }
-        let mut c = lock(&self.counts);
-        if c.per_tenant.get(tenant.as_str()).copied().unwrap_or(0) >= BUILDS_PER_TENANT {
-            return Err(ImageError::Busy(format!(
-                "image builds: at most {BUILDS_PER_TENANT} at once for tenant {tenant}; try again later"
-            )));
-        }
-        if c.total >= BUILDS_TOTAL {
-            return Err(ImageError::Busy(format!(
-                "image builds: at most {BUILDS_TOTAL} at once on this daemon; try again later"
-            )));
-        }
-        c.total += 1;
-        *c.per_tenant.entry(tenant.0.clone()).or_insert(0) += 1;
-        Ok(Slot {
-            counts: Arc::clone(&self.counts),
-            tenant: tenant.0.clone(),
-        })
+        self.slots
+            .take(tenant.as_str(), BUILDS_PER_TENANT, BUILDS_TOTAL)
+            .map_err(|full| {
+                ImageError::Busy(match full {
+                    Full::Tenant(n) => format!(
+                        "image builds: at most {n} at once for tenant {tenant}; try again later"
+                    ),
+                    Full::Total(n) => {
+                        format!("image builds: at most {n} at once on this daemon; try again later")
+                    }
+                })
+            })
     }
 
     /// The store reference of `tenant`'s image `name`.

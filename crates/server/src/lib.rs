@@ -23,6 +23,7 @@ pub mod listen;
 pub mod mcp;
 pub mod metrics;
 pub mod ratelimit;
+pub mod slots;
 pub mod tenants;
 
 pub use auth::{Authenticator, StaticKeys, TenantId, TenantLimits};
