@@ -452,6 +452,7 @@ fn a_warm_pool_hands_out_and_refills() {
     let _g = serial();
     let m = modes("a_warm_pool_hands_out_and_refills")[0];
     let before = keepers(m);
+    let roots_before = serve_roots();
     let d = Daemon::with(m, "pool", &["--pool", "base=2"]);
     assert_eq!(
         wait_keepers_up(m, before + 2),
@@ -492,9 +493,26 @@ fn a_warm_pool_hands_out_and_refills() {
         let (code, _) = d.curl("DELETE", &format!("/sandboxes/{id}"), None);
         assert_eq!(code, 204);
     }
-    // The pooled sandboxes end with the daemon.
+    // The pooled sandboxes end with the daemon, and its keepers' state
+    // folder with them.
     drop(d);
     assert_eq!(wait_keepers(m, before), before, "keepers left behind");
+    let left: Vec<_> = serve_roots().difference(&roots_before).cloned().collect();
+    assert!(
+        left.is_empty(),
+        "the daemon left its state folder: {left:?}"
+    );
+}
+
+/// The daemons' keeper state folders (root's: one per data folder).
+fn serve_roots() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/run/nanoclaw/serve")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn wait_keepers_up(mode: Mode, want: usize) -> usize {

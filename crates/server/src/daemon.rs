@@ -333,7 +333,11 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let r = serve(listen, backend.clone(), auth, opts).await;
     let _ = std::fs::remove_file(&listed);
     let b = backend.clone();
-    let _ = tokio::task::spawn_blocking(move || b.drain_pools()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        b.drain_pools();
+        b.remove_root_if_empty(std::time::Duration::from_secs(2));
+    })
+    .await;
     r?;
     Ok(())
 }

@@ -723,6 +723,23 @@ impl KeeperBackend {
         }
     }
 
+    /// At shutdown, after [`KeeperBackend::drain_pools`]: removes the
+    /// keepers' state folder once the pooled keepers have left it (up to
+    /// `wait`), unless sandboxes still live there — those stay for the
+    /// next daemon of this data folder to re-adopt.
+    pub fn remove_root_if_empty(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let empty = std::fs::read_dir(&self.cfg.root).map_or(true, |mut d| d.next().is_none());
+            if empty || Instant::now() >= deadline {
+                // Fails (and keeps it) when not empty.
+                let _ = std::fs::remove_dir(&self.cfg.root);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A one-shot run in a fresh `nanoclaw __run` process.
     async fn run_reserved(
         &self,
