@@ -168,6 +168,23 @@ where
     }
 }
 
+/// A connection slot, unless the sandbox's byte cap is spent or all its
+/// connection slots are taken (the caps every upstream connection counts
+/// against, proxied or transparent).
+pub(crate) fn take_slot(sh: &Shared) -> Result<OwnedSemaphorePermit, DenyReason> {
+    if sh.rec.bytes_exhausted(sh.limits.max_bytes) {
+        return Err(DenyReason::ByteLimit {
+            max: sh.limits.max_bytes,
+        });
+    }
+    sh.tunnels
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| DenyReason::ConnectionLimit {
+            max: sh.limits.max_connections,
+        })
+}
+
 /// Checks, resolves (once) and connects to a checked address.
 async fn open_upstream(
     sh: &Shared,
@@ -175,18 +192,7 @@ async fn open_upstream(
     port: u16,
 ) -> Result<(TcpStream, OwnedSemaphorePermit), DenyReason> {
     sh.policy.check_destination(host, port)?;
-    if sh.rec.bytes_exhausted(sh.limits.max_bytes) {
-        return Err(DenyReason::ByteLimit {
-            max: sh.limits.max_bytes,
-        });
-    }
-    let permit =
-        sh.tunnels
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| DenyReason::ConnectionLimit {
-                max: sh.limits.max_connections,
-            })?;
+    let permit = take_slot(sh)?;
     let candidates: Vec<IpAddr> = match host {
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {

@@ -381,18 +381,7 @@ async fn open(
     sh: &Shared,
     sa: SocketAddr,
 ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), DenyReason> {
-    if sh.rec.bytes_exhausted(sh.limits.max_bytes) {
-        return Err(DenyReason::ByteLimit {
-            max: sh.limits.max_bytes,
-        });
-    }
-    let permit =
-        sh.tunnels
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| DenyReason::ConnectionLimit {
-                max: sh.limits.max_connections,
-            })?;
+    let permit = crate::conn::take_slot(sh)?;
     match timeout(sh.limits.connect_timeout, sh.connector.connect(sa)).await {
         Ok(Ok(s)) => {
             sh.rec.allowed.fetch_add(1, Ordering::Relaxed);
