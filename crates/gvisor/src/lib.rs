@@ -1,0 +1,538 @@
+//! The `gvisor` backend: each sandbox is a gVisor container, run by
+//! `runsc` (Debian's `runsc` package) from an OCI bundle nanoclaw writes —
+//! no Docker. gVisor's sentry, a kernel in user space, serves the sandbox's
+//! system calls, so a kernel bug reachable from the sandbox is gVisor's, not
+//! the host's: seed 002's stronger wall for untrusted code.
+//!
+//! * **create**: a bundle in `<root>/<id>` (the host's `/usr`, `/bin`,
+//!   `/lib*` read-only, a synthetic `/etc`, a size-limited `/tmp`, the
+//!   configuration's mounts, its memory/cpu/pids limits in the cgroup
+//!   `/nanoclaw/<id>`), then `runsc run --detach`. The container's init
+//!   (`sh` waiting for `sleep <lifetime>`, as `nobody`) reaps orphans and
+//!   exits when the lifetime ends, and gVisor then ends the sandbox itself, so a sandbox outlives its handle (and the
+//!   process that made it) but never its lifetime.
+//! * **exec**: `runsc exec --process` per command, stdio on pipes;
+//!   nanoclaw enforces the timeout and output limit and kills the
+//!   command's whole process group when one fires.
+//! * **pause/resume**: `runsc pause`/`resume`; **files**: through exec
+//!   (the trait's default implementations).
+//! * **destroy**: `runsc delete --force` and the bundle removed. A sandbox
+//!   whose lifetime ended while nobody held it (nanoclaw killed) is swept
+//!   by the next [`Gvisor::new`] (and [`Gvisor::sweep`], `nanoclaw sandbox
+//!   prune`): no runsc state, process, cgroup or bundle stays.
+//!
+//! Rootless (`runsc --rootless --ignore-cgroups`) works without cgroups:
+//! explicit limits are refused there, defaulted ones reported as degraded.
+//! What gVisor cannot honour is refused by name ([`Gvisor::check`]).
+#![warn(missing_docs)]
+
+pub mod bundle;
+pub mod cgroup;
+pub mod exec;
+pub mod runsc;
+pub mod sandbox;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nanoclaw_sandbox::backend::{Backend, Capabilities, LiveSandbox, SandboxConfig};
+use nanoclaw_sandbox::spec::{Network, Root, Seccomp};
+use nanoclaw_sandbox::{Error, Layers};
+
+use runsc::backend_error;
+pub use runsc::Runsc;
+pub use sandbox::{GvisorSandbox, Record};
+use sandbox::{Shared, RECORD};
+
+/// The backend's name (`--backend gvisor`).
+pub const NAME: &str = "gvisor";
+
+/// Sandbox ids start with this (and name their bundle directory).
+pub const ID_PREFIX: &str = "gv-";
+
+/// How to install runsc (for errors and `nanoclaw doctor`).
+pub const INSTALL_HINT: &str =
+    "install gVisor's runsc: on Debian 12, add the bookworm-backports suite \
+     and run `apt-get install -t bookworm-backports runsc`";
+
+/// A bundle directory without a runsc container that is older than this
+/// was left by a process that died while creating it.
+const ORPHAN_AGE: Duration = Duration::from_secs(60);
+
+/// What the gvisor backend can honour.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    host_root: true,
+    image_root: false,
+    dir_root: false,
+    persistent_upper: false,
+    mounts: true,
+    memory_swap: false,
+    network_allowlist: false,
+    network_open: false,
+    network_kernel: false,
+    seccomp_profile: false,
+    seccomp_unconfined: false,
+    cap_add: true,
+    exec_allow: false,
+    tmp_noexec: true,
+    home: true,
+    idle_timeout: false,
+    pause: true,
+    concurrent_execs: true,
+    detached: true,
+};
+
+/// The gvisor backend (see the crate's documentation).
+#[derive(Debug, Clone)]
+pub struct Gvisor {
+    runsc: Runsc,
+    root: PathBuf,
+    host: bundle::HostLayout,
+}
+
+/// The refusal of `field` with its reason.
+fn refuse(field: &str, why: &str) -> Error {
+    Error::NotSupported {
+        backend: NAME.into(),
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+fn io(call: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Sys { call, source }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+impl Gvisor {
+    /// Its name.
+    pub const NAME: &'static str = NAME;
+
+    /// The backend with runsc found on `PATH` (or `$NANOCLAW_RUNSC`), its
+    /// state under [`Gvisor::default_root`]; sweeps what ended sandboxes
+    /// left.
+    pub fn new() -> Result<Gvisor, Error> {
+        let exe = Gvisor::find_runsc().ok_or_else(|| Error::Unsupported {
+            what: "--backend gvisor".into(),
+            why: "runsc was not found on PATH".into(),
+            fix: INSTALL_HINT.into(),
+        })?;
+        Gvisor::with(exe, Gvisor::default_root())
+    }
+
+    /// The backend with runsc `exe` and its state under `root` (created
+    /// 0700, owned by this user); sweeps what ended sandboxes left there.
+    pub fn with(exe: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Result<Gvisor, Error> {
+        let root = root.into();
+        nanoclaw_sandbox::keeper::own_dir(&root, euid()).map_err(|e| Error::Unsupported {
+            what: format!("the gvisor backend's state directory {}", root.display()),
+            why: e.to_string(),
+            fix: "use a directory of your own (0700)".into(),
+        })?;
+        let state = root.join("runsc");
+        std::fs::create_dir_all(&state).map_err(io(format!("mkdir {}", state.display())))?;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("chmod {}", state.display())))?;
+        let g = Gvisor {
+            runsc: Runsc {
+                exe: exe.into(),
+                state,
+                rootless: euid() != 0,
+            },
+            root,
+            host: bundle::HostLayout::probe(),
+        };
+        g.sweep()?;
+        Ok(g)
+    }
+
+    /// Where this user's gVisor sandboxes are kept: `/run/nanoclaw/gvisor`
+    /// for root, else `$XDG_RUNTIME_DIR/nanoclaw/gvisor` or
+    /// `/tmp/nanoclaw-<uid>/gvisor`.
+    pub fn default_root() -> PathBuf {
+        let uid = euid();
+        if uid == 0 {
+            return PathBuf::from("/run/nanoclaw/gvisor");
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+            Some(x) => PathBuf::from(x).join("nanoclaw/gvisor"),
+            None => PathBuf::from(format!("/tmp/nanoclaw-{uid}/gvisor")),
+        }
+    }
+
+    /// runsc: `$NANOCLAW_RUNSC`, else the first `runsc` on `PATH`.
+    pub fn find_runsc() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("NANOCLAW_RUNSC").filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(p));
+        }
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|d| d.join("runsc"))
+            .find(|p| p.is_file())
+    }
+
+    /// For `nanoclaw doctor`: runsc's path and version, or what to install.
+    pub fn availability() -> Result<String, String> {
+        let exe = Gvisor::find_runsc().ok_or_else(|| format!("runsc not found; {INSTALL_HINT}"))?;
+        let v = Runsc::version(&exe).map_err(|e| format!("{e}; {INSTALL_HINT}"))?;
+        let mode = if euid() == 0 {
+            "rootful"
+        } else {
+            "rootless (runsc --rootless --ignore-cgroups: no cgroup limits)"
+        };
+        Ok(format!("{} ({v}), {mode}", exe.display()))
+    }
+
+    /// How runsc is run.
+    pub fn runsc(&self) -> &Runsc {
+        &self.runsc
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Ids of the live sandboxes kept here.
+    pub fn list(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .runsc
+            .list()?
+            .into_iter()
+            .filter(|c| c.id.starts_with(ID_PREFIX) && c.status != "stopped")
+            .map(|c| c.id)
+            .collect())
+    }
+
+    /// Removes what ended sandboxes left: stopped containers (their
+    /// lifetime ended while no one held them), and bundles of creations
+    /// that never finished. Returns the ids removed.
+    pub fn sweep(&self) -> Result<Vec<String>, Error> {
+        let mut removed = Vec::new();
+        let listed = self.runsc.list()?;
+        let now = SystemTime::now();
+        for c in &listed {
+            if !c.id.starts_with(ID_PREFIX) {
+                continue;
+            }
+            // Past its lifetime a sandbox is ending (its init has exited)
+            // or should be: gone either way.
+            let ended = std::fs::read(self.root.join(&c.id).join(RECORD))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .is_some_and(|r| r.deadline() + Duration::from_secs(1) < now);
+            if c.status == "stopped" || ended {
+                sandbox::remove(&self.runsc, &c.id, &self.root.join(&c.id), &[])?;
+                removed.push(c.id.clone());
+            }
+        }
+        let entries =
+            std::fs::read_dir(&self.root).map_err(io(format!("read {}", self.root.display())))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(ID_PREFIX) || listed.iter().any(|c| c.id == name) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ORPHAN_AGE);
+            if old {
+                let _ = std::fs::remove_dir_all(e.path());
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The live sandbox `id`, made by this backend (in this or another
+    /// process).
+    pub fn open(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
+        let not_found = |what: &str| Error::NotFound {
+            id: id.to_string(),
+            what: what.to_string(),
+        };
+        if !id.starts_with(ID_PREFIX) || id.contains('/') {
+            return Err(not_found("not a gvisor sandbox id"));
+        }
+        let bundle = self.root.join(id);
+        let record: Record = std::fs::read(bundle.join(RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| not_found("no such gvisor sandbox"))?;
+        let state = self
+            .runsc
+            .state(id)
+            .filter(|s| s.status == "running" || s.status == "paused")
+            .ok_or_else(|| not_found("the sandbox has ended"))?;
+        Ok(self.handle(id, bundle, record, state.pid))
+    }
+
+    fn handle(&self, id: &str, bundle: PathBuf, record: Record, pid: i32) -> Box<dyn LiveSandbox> {
+        let mut host_pids = vec![pid];
+        host_pids.extend(self.runsc.gofer_pid(id));
+        Box::new(GvisorSandbox {
+            shared: Arc::new(Shared {
+                id: id.to_string(),
+                bundle,
+                runsc: self.runsc.clone(),
+                record,
+                host_pids,
+                next_exec: AtomicU32::new(1),
+                running: AtomicU64::new(0),
+                destroyed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// What protects a sandbox of `config`, as the outcome's `layers`.
+    fn layers(&self, config: &SandboxConfig) -> Layers {
+        let s = &config.spec;
+        let rootless = self.runsc.rootless;
+        let mut cgroup = Vec::new();
+        let mut degraded = Vec::new();
+        let v = if Path::new("/sys/fs/cgroup/memory").is_dir() {
+            "v1"
+        } else {
+            "v2"
+        };
+        if rootless {
+            for (asked, what) in [
+                (s.limits.memory.is_some(), "memory"),
+                (s.limits.cpus.is_some(), "cpu"),
+                (s.limits.pids.is_some(), "pids"),
+            ] {
+                if asked {
+                    degraded.push(format!(
+                        "{what}: not enforced (rootless runsc runs with --ignore-cgroups)"
+                    ));
+                }
+            }
+        } else {
+            if s.limits.memory.is_some() {
+                cgroup.push(format!(
+                    "memory: {v} (the whole gVisor sandbox; ends it when exceeded)"
+                ));
+            }
+            if s.limits.cpus.is_some() {
+                cgroup.push(format!("cpu: {v}"));
+            }
+            if let Some(p) = s.limits.pids {
+                cgroup.push(format!("pids: {v}"));
+                degraded.push(format!(
+                    "pids: gVisor's tasks are threads of its sentry on the host, so the host limit is {} \
+                     threads (2 per task + {}) and ends the sandbox when hit, instead of fork failing",
+                    bundle::host_pids_limit(p),
+                    bundle::PIDS_OVERHEAD
+                ));
+            }
+        }
+        Layers {
+            mode: if rootless { "rootless" } else { "rootful" }.into(),
+            namespaces: vec![
+                "gvisor (the sandbox's system calls are served by gVisor's user-space kernel)"
+                    .into(),
+                "pid".into(),
+                "net (loopback only)".into(),
+                "ipc".into(),
+                "uts".into(),
+                "mount".into(),
+            ],
+            uid_map: String::new(),
+            host_ids: String::new(),
+            cgroup,
+            degraded,
+            seccomp: "gvisor: the sentry and gofer run under gVisor's own host seccomp filters"
+                .into(),
+            landlock: "not used (gVisor's gofer mediates every file access)".into(),
+            capabilities: s.hardening.cap_add.clone(),
+            no_new_privs: true,
+        }
+    }
+
+    /// A fresh sandbox id.
+    fn new_id() -> Result<String, Error> {
+        let mut b = [0u8; 6];
+        // SAFETY: `b` is a valid, writable buffer of `b.len()` bytes.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n != b.len() as isize {
+            return Err(Error::Sys {
+                call: "getrandom".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(format!(
+            "{ID_PREFIX}{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ))
+    }
+}
+
+impl Backend for Gvisor {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn check(&self, config: &SandboxConfig) -> Result<(), Error> {
+        let s = &config.spec;
+        let no_egress = "a gVisor sandbox here has loopback only (runsc --network=none); nanoclaw's \
+                         egress proxy is not bridged into gVisor's network stack yet: use --backend native \
+                         for egress";
+        match s.network {
+            Network::None => {}
+            Network::Allowlist { .. } => return Err(refuse("--network allowlist", no_egress)),
+            Network::Open { .. } => return Err(refuse("--network open", no_egress)),
+            Network::Kernel { .. } => return Err(refuse("--network kernel", no_egress)),
+        }
+        let seccomp =
+            "gVisor serves the sandbox's system calls with its own kernel; nanoclaw's seccomp \
+                       profiles are not applied to it (drop --seccomp)";
+        match s.hardening.seccomp {
+            Seccomp::Default => {}
+            Seccomp::Profile(_) => return Err(refuse("--seccomp PROFILE", seccomp)),
+            Seccomp::Unconfined => return Err(refuse("--seccomp unconfined", seccomp)),
+        }
+        if !s.hardening.exec_allow.is_empty() {
+            return Err(refuse(
+                "--exec-allow",
+                "it needs Landlock, which gVisor's kernel does not have; use --backend native",
+            ));
+        }
+        if s.limits.memory_swap.is_some() {
+            return Err(refuse(
+                "--memory-swap",
+                "gVisor has no swap of its own; use --memory",
+            ));
+        }
+        if config.idle_timeout.is_some() {
+            return Err(refuse(
+                "--idle-timeout",
+                "nothing watches a gVisor sandbox between calls; its lifetime (--timeout) still ends it",
+            ));
+        }
+        if matches!(s.root, Root::Layers(_)) || s.root_upper.is_some() {
+            return Err(refuse(
+                "--image",
+                "the gvisor backend runs the host root only so far; use --backend native or docker for images",
+            ));
+        }
+        CAPABILITIES.check(NAME, config)?;
+        if self.runsc.rootless {
+            if s.user.uid != 0
+                && s.mounts
+                    .iter()
+                    .any(|m| m.access == nanoclaw_sandbox::spec::Access::Rw)
+            {
+                return Err(Error::Unsupported {
+                    what: "--backend gvisor: a writable --mount for a non-root sandbox user".into(),
+                    why: "rootless runsc maps only your own uid (to root inside), so files the sandbox \
+                          user creates there cannot be owned by anyone (EINVAL)"
+                        .into(),
+                    fix: "run the sandbox as --user 0 (your own uid on the host), or run nanoclaw as root"
+                        .into(),
+                });
+            }
+            let l = &s.limits.explicit;
+            if l.memory || l.cpus || l.pids {
+                return Err(Error::Unsupported {
+                    what: "--backend gvisor: an explicit --memory, --cpus or --pids limit".into(),
+                    why: "rootless runsc runs without cgroups (--ignore-cgroups), so nothing would enforce it"
+                        .into(),
+                    fix: "run nanoclaw as root for gVisor with limits, or use --backend native (rootless cgroups)"
+                        .into(),
+                });
+            }
+        }
+        bundle::oci_caps(&s.hardening.cap_add)?;
+        Ok(())
+    }
+
+    fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error> {
+        self.check(config)?;
+        let id = Gvisor::new_id()?;
+        let bundle = self.root.join(&id);
+        std::fs::create_dir(&bundle).map_err(io(format!("mkdir {}", bundle.display())))?;
+        let made = self.start(&id, &bundle, config);
+        match made {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                let _ = sandbox::remove(&self.runsc, &id, &bundle, &[]);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Gvisor {
+    /// Writes the bundle and record of sandbox `id` and starts it.
+    fn start(
+        &self,
+        id: &str,
+        bundle: &Path,
+        config: &SandboxConfig,
+    ) -> Result<Box<dyn LiveSandbox>, Error> {
+        let oci = bundle::config(id, bundle, config, &self.host, !self.runsc.rootless)?;
+        bundle::write(bundle, &oci, &config.spec, &self.host)?;
+        let deadline = SystemTime::now()
+            + Duration::from_secs(bundle::lifetime_secs(config.spec.limits.timeout));
+        let record = Record {
+            spec: config.spec.clone(),
+            labels: config.labels.clone(),
+            layers: self.layers(config),
+            deadline_ms: deadline
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+        };
+        let rec = bundle.join(RECORD);
+        let text = serde_json::to_vec(&record).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        std::fs::write(&rec, text).map_err(io(format!("write {}", rec.display())))?;
+        // The init's stdio stays open in the sandbox for its whole life: a
+        // log file in the bundle, not a pipe anyone waits on.
+        let log_path = bundle.join("runsc.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(io(format!("create {}", log_path.display())))?;
+        let status = self
+            .runsc
+            .command()
+            .arg("run")
+            .arg("--detach")
+            .arg(format!("--bundle={}", bundle.display()))
+            .arg(id)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .status()
+            .map_err(io(format!("running {} run", self.runsc.exe.display())))?;
+        if !status.success() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(backend_error(format!(
+                "runsc run could not start sandbox {id}: {}",
+                text.trim()
+            )));
+        }
+        let state = self
+            .runsc
+            .state(id)
+            .filter(|s| s.status == "running")
+            .ok_or_else(|| {
+                backend_error(format!(
+                    "sandbox {id}: runsc run returned but it does not run"
+                ))
+            })?;
+        Ok(self.handle(id, bundle.to_path_buf(), record, state.pid))
+    }
+}
