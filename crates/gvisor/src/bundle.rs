@@ -332,7 +332,8 @@ pub fn config(
     }))
 }
 
-/// The sandbox's init: `sh`, waiting for a `sleep` of the sandbox's
+/// The sandbox's init: `sh`, saying `ready` on its stdout (the sandbox
+/// takes commands now), then waiting for a `sleep` of the sandbox's
 /// lifetime. While it waits it reaps every orphan the sandbox's commands
 /// leave (a killed command's children are re-parented to it), and when the
 /// sleep ends it exits, and gVisor ends the sandbox.
@@ -340,7 +341,7 @@ pub fn init_args(lifetime_secs: u64) -> Vec<String> {
     [
         "sh",
         "-c",
-        "sleep \"$0\" & wait",
+        "echo ready; sleep \"$0\" & wait",
         &lifetime_secs.to_string(),
     ]
     .map(String::from)

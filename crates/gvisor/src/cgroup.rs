@@ -5,8 +5,51 @@
 //! kernel's counters say which one it was.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nanoclaw_sandbox::native::cgroup::{Cgroup, CreateOptions};
+use nanoclaw_sandbox::spec::Limits;
+use nanoclaw_sandbox::Error;
 
 const ROOT: &str = "/sys/fs/cgroup";
+
+/// Makes sandbox `id`'s cgroups with the engine's own cgroup code (the
+/// same places, `<hierarchy>/nanoclaw/<id>`, v1 or v2, and the same limit
+/// files as a native sandbox), before runsc starts the sandbox in them:
+/// runsc joins directories that exist and removes only those it made, the
+/// moment the sandbox ends; these stay until [`remove`], so the kernel's
+/// OOM and pids counters can still be read after a limit ended the
+/// sandbox. Returns the notes about defaulted limits this host cannot
+/// enforce.
+pub fn precreate(id: &str, limits: &Limits) -> Result<Vec<String>, Error> {
+    let opts = CreateOptions {
+        cpu_accounting: true,
+        freezer: false,
+    };
+    let (cg, notes) = Cgroup::create_with(id, limits, opts)?;
+    // The directories outlive this handle (and this process): `remove`
+    // takes them away when the sandbox is stopped or swept.
+    std::mem::forget(cg);
+    Ok(notes)
+}
+
+/// Removes sandbox `id`'s cgroup directories in every hierarchy, once its
+/// tasks are gone (waiting up to two seconds for the kernel).
+pub fn remove(id: &str) {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("nanoclaw").join(id))
+        .collect();
+    dirs.push(Path::new(ROOT).join("nanoclaw").join(id));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for d in dirs {
+        while d.is_dir() && std::fs::remove_dir(&d).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
 
 /// The first of `candidates` (controller directories, relative to the
 /// cgroup root) that holds `/nanoclaw/<id>/<file>`.

@@ -6,17 +6,21 @@
 //!
 //! * **create**: a bundle in `<root>/<id>` (the host's `/usr`, `/bin`,
 //!   `/lib*` read-only, a synthetic `/etc`, a size-limited `/tmp`, the
-//!   configuration's mounts, its memory/cpu/pids limits in the cgroup
-//!   `/nanoclaw/<id>`), then `runsc run --detach`. The container's init
-//!   (`sh` waiting for `sleep <lifetime>`, as `nobody`) reaps orphans and
-//!   exits when the lifetime ends, and gVisor then ends the sandbox itself, so a sandbox outlives its handle (and the
-//!   process that made it) but never its lifetime.
+//!   configuration's mounts), its cgroups made by the engine's cgroup code
+//!   (`<hierarchy>/nanoclaw/<id>`, limits written), then `runsc run` in
+//!   its own process group: it holds the sandbox and, when the sandbox
+//!   ends, removes runsc's state. The container's init (`sh` waiting for
+//!   `sleep <lifetime>`, as `nobody`) reaps orphans and exits when the
+//!   lifetime ends, and gVisor then ends the sandbox itself, so a sandbox
+//!   outlives its handle but never its lifetime; one not labelled
+//!   [`LABEL_DETACHED`] is swept once the process that made it is gone.
 //! * **exec**: `runsc exec --process` per command, stdio on pipes;
 //!   nanoclaw enforces the timeout and output limit and kills the
 //!   command's whole process group when one fires.
 //! * **pause/resume**: `runsc pause`/`resume`; **files**: through exec
 //!   (the trait's default implementations).
-//! * **destroy**: `runsc delete --force` and the bundle removed. A sandbox
+//! * **destroy**: its init killed (gVisor ends the sandbox, `runsc run`
+//!   removes runsc's state), then the cgroups and the bundle removed. A sandbox
 //!   whose lifetime ended while nobody held it (nanoclaw killed) is swept
 //!   by the next [`Gvisor::new`] (and [`Gvisor::sweep`], `nanoclaw sandbox
 //!   prune`): no runsc state, process, cgroup or bundle stays.
@@ -33,12 +37,18 @@ pub mod runsc;
 pub mod sandbox;
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanoclaw_sandbox::backend::{Backend, Capabilities, LiveSandbox, SandboxConfig};
+
+/// The label that makes a sandbox outlive the process that made it
+/// (`nanoclaw sandbox create`); without it a sandbox whose maker is gone is
+/// swept.
+pub const LABEL_DETACHED: &str = "nanoclaw.detached";
 use nanoclaw_sandbox::spec::{Network, Root, Seccomp};
 use nanoclaw_sandbox::{Error, Layers};
 
@@ -212,25 +222,28 @@ impl Gvisor {
             .collect())
     }
 
-    /// Removes what ended sandboxes left: stopped containers (their
-    /// lifetime ended while no one held them), and bundles of creations
-    /// that never finished. Returns the ids removed.
+    /// Removes what ended sandboxes left: sandboxes past their lifetime,
+    /// sandboxes whose maker is gone (unless made detached), stopped
+    /// containers, containers without a record, and bundles whose sandbox
+    /// ended (its `runsc run` removed runsc's part) or whose creation never
+    /// finished. Returns the ids removed.
     pub fn sweep(&self) -> Result<Vec<String>, Error> {
         let mut removed = Vec::new();
         let listed = self.runsc.list()?;
         let now = SystemTime::now();
-        for c in &listed {
-            if !c.id.starts_with(ID_PREFIX) {
-                continue;
-            }
-            // Past its lifetime a sandbox is ending (its init has exited)
-            // or should be: gone either way.
-            let ended = std::fs::read(self.root.join(&c.id).join(RECORD))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-                .is_some_and(|r| r.deadline() + Duration::from_secs(1) < now);
-            if c.status == "stopped" || ended {
-                sandbox::remove(&self.runsc, &c.id, &self.root.join(&c.id), &[])?;
+        for c in listed.iter().filter(|c| c.id.starts_with(ID_PREFIX)) {
+            let record = read_record(&self.root.join(&c.id));
+            let gone = match &record {
+                None => true,
+                Some(r) => {
+                    c.status == "stopped"
+                        || r.deadline() + Duration::from_secs(2) < now
+                        || (!r.detached && !owner_alive(r.owner))
+                }
+            };
+            if gone {
+                let pids = record.map(|r| vec![r.runner_pid]).unwrap_or_default();
+                sandbox::stop(&self.runsc, &c.id, &self.root.join(&c.id), None, &pids)?;
                 removed.push(c.id.clone());
             }
         }
@@ -241,13 +254,20 @@ impl Gvisor {
             if !name.starts_with(ID_PREFIX) || listed.iter().any(|c| c.id == name) {
                 continue;
             }
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > ORPHAN_AGE);
-            if old {
+            let ended = match read_record(&e.path()) {
+                // Its runner removed runsc's part when the sandbox ended.
+                Some(r) => !sandbox::running(r.runner_pid),
+                // A creation in progress writes its record within
+                // moments; one that died before leaves none.
+                None => e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > ORPHAN_AGE),
+            };
+            if ended {
+                cgroup::remove(&name);
                 let _ = std::fs::remove_dir_all(e.path());
                 removed.push(name);
             }
@@ -266,21 +286,22 @@ impl Gvisor {
             return Err(not_found("not a gvisor sandbox id"));
         }
         let bundle = self.root.join(id);
-        let record: Record = std::fs::read(bundle.join(RECORD))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| not_found("no such gvisor sandbox"))?;
-        let state = self
-            .runsc
-            .state(id)
-            .filter(|s| s.status == "running" || s.status == "paused")
-            .ok_or_else(|| not_found("the sandbox has ended"))?;
-        Ok(self.handle(id, bundle, record, state.pid))
+        let record = read_record(&bundle).ok_or_else(|| not_found("no such gvisor sandbox"))?;
+        if !sandbox::running(record.runner_pid) || !sandbox::has_state(&self.runsc, id) {
+            return Err(not_found("the sandbox has ended"));
+        }
+        Ok(self.handle(id, bundle, record, None))
     }
 
-    fn handle(&self, id: &str, bundle: PathBuf, record: Record, pid: i32) -> Box<dyn LiveSandbox> {
-        let mut host_pids = vec![pid];
-        host_pids.extend(self.runsc.gofer_pid(id));
+    fn handle(
+        &self,
+        id: &str,
+        bundle: PathBuf,
+        record: Record,
+        runner: Option<std::process::Child>,
+    ) -> Box<dyn LiveSandbox> {
+        let mut host_pids = vec![record.runner_pid];
+        host_pids.extend(sandbox::children(record.runner_pid));
         Box::new(GvisorSandbox {
             shared: Arc::new(Shared {
                 id: id.to_string(),
@@ -291,6 +312,7 @@ impl Gvisor {
                 next_exec: AtomicU32::new(1),
                 running: AtomicU64::new(0),
                 destroyed: AtomicBool::new(false),
+                runner: std::sync::Mutex::new(runner),
             }),
         })
     }
@@ -470,7 +492,7 @@ impl Backend for Gvisor {
         match made {
             Ok(sb) => Ok(sb),
             Err(e) => {
-                let _ = sandbox::remove(&self.runsc, &id, &bundle, &[]);
+                let _ = sandbox::stop(&self.runsc, &id, &bundle, None, &[]);
                 Err(e)
             }
         }
@@ -478,7 +500,10 @@ impl Backend for Gvisor {
 }
 
 impl Gvisor {
-    /// Writes the bundle and record of sandbox `id` and starts it.
+    /// Writes the bundle and record of sandbox `id` and starts it: `runsc
+    /// run` in its own process group (so a terminal's signals do not reach
+    /// it), which holds the sandbox until it ends and then removes runsc's
+    /// state and cgroups; ready when the init says so on its stdout.
     fn start(
         &self,
         id: &str,
@@ -487,52 +512,114 @@ impl Gvisor {
     ) -> Result<Box<dyn LiveSandbox>, Error> {
         let oci = bundle::config(id, bundle, config, &self.host, !self.runsc.rootless)?;
         bundle::write(bundle, &oci, &config.spec, &self.host)?;
-        let deadline = SystemTime::now()
-            + Duration::from_secs(bundle::lifetime_secs(config.spec.limits.timeout));
+        let mut record_layers = self.layers(config);
+        if !self.runsc.rootless {
+            // gVisor's tasks are threads of its sentry on the host: the host
+            // pids limit leaves room for them (see bundle::host_pids_limit).
+            let mut limits = config.spec.limits;
+            limits.pids = limits.pids.map(bundle::host_pids_limit);
+            record_layers
+                .degraded
+                .extend(cgroup::precreate(id, &limits)?);
+        }
+        let lifetime = bundle::lifetime_secs(config.spec.limits.timeout);
+        let deadline = SystemTime::now() + Duration::from_secs(lifetime);
+        // The runner's stderr (runsc's messages) goes to a file in the
+        // bundle: the sandbox keeps it open for its whole life.
+        let log_path = bundle.join("runsc.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(io(format!("create {}", log_path.display())))?;
+        let mut runner = self
+            .runsc
+            .command()
+            .arg("run")
+            .arg(format!("--bundle={}", bundle.display()))
+            .arg(id)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(io(format!("running {} run", self.runsc.exe.display())))?;
+        let me = std::process::id() as i32;
         let record = Record {
             spec: config.spec.clone(),
             labels: config.labels.clone(),
-            layers: self.layers(config),
+            layers: record_layers,
             deadline_ms: deadline
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
+            runner_pid: runner.id() as i32,
+            owner: (me, sandbox::start_time(me).unwrap_or_default()),
+            detached: config
+                .labels
+                .iter()
+                .any(|(k, v)| k == LABEL_DETACHED && v == "true"),
         };
-        let rec = bundle.join(RECORD);
-        let text = serde_json::to_vec(&record).map_err(|e| Error::InvalidSpec(e.to_string()))?;
-        std::fs::write(&rec, text).map_err(io(format!("write {}", rec.display())))?;
-        // The init's stdio stays open in the sandbox for its whole life: a
-        // log file in the bundle, not a pipe anyone waits on.
-        let log_path = bundle.join("runsc.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(io(format!("create {}", log_path.display())))?;
-        let status = self
-            .runsc
-            .command()
-            .arg("run")
-            .arg("--detach")
-            .arg(format!("--bundle={}", bundle.display()))
-            .arg(id)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .status()
-            .map_err(io(format!("running {} run", self.runsc.exe.display())))?;
-        if !status.success() {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(backend_error(format!(
-                "runsc run could not start sandbox {id}: {}",
-                text.trim()
-            )));
+        let written = serde_json::to_vec(&record)
+            .map_err(|e| Error::InvalidSpec(e.to_string()))
+            .and_then(|t| {
+                std::fs::write(bundle.join(RECORD), t).map_err(io(format!("write {RECORD}")))
+            });
+        let ready = written.and_then(|()| wait_ready(&mut runner, &log_path, id));
+        if let Err(e) = ready {
+            let _ = runner.kill();
+            let _ = runner.wait();
+            return Err(e);
         }
-        let state = self
-            .runsc
-            .state(id)
-            .filter(|s| s.status == "running")
-            .ok_or_else(|| {
-                backend_error(format!(
-                    "sandbox {id}: runsc run returned but it does not run"
-                ))
-            })?;
-        Ok(self.handle(id, bundle.to_path_buf(), record, state.pid))
+        Ok(self.handle(id, bundle.to_path_buf(), record, Some(runner)))
     }
+}
+
+/// How long a sandbox may take to start.
+const START_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits for the init of the sandbox `runner` runs to say `ready`; an
+/// error with runsc's log if the runner ends first.
+fn wait_ready(runner: &mut std::process::Child, log: &Path, id: &str) -> Result<(), Error> {
+    let failed = |why: &str| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        backend_error(format!(
+            "runsc could not start sandbox {id} ({why}): {}",
+            text.trim()
+        ))
+    };
+    let out = runner.stdout.take().ok_or_else(|| failed("no stdout"))?;
+    let fd = std::os::fd::OwnedFd::from(out);
+    let deadline = std::time::Instant::now() + START_PATIENCE;
+    let mut got = Vec::new();
+    while !got.ends_with(b"ready\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(failed("it did not start in time"));
+        }
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` is writable for its length; `fd` is open.
+        let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r <= 0 {
+            return Err(failed("its runsc run ended"));
+        }
+        got.extend_from_slice(&buf[..r as usize]);
+    }
+    Ok(())
+}
+
+/// The record in bundle directory `dir`.
+fn read_record(dir: &Path) -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Whether the process `(pid, start time)` still runs.
+fn owner_alive((pid, start): (i32, u64)) -> bool {
+    sandbox::running(pid) && sandbox::start_time(pid) == Some(start)
 }

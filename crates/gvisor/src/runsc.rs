@@ -135,14 +135,6 @@ impl Runsc {
         }
     }
 
-    /// The gofer's host pid of container `id`, from runsc's state file.
-    pub fn gofer_pid(&self, id: &str) -> Option<i32> {
-        let f = self.state.join(format!("{id}_sandbox:{id}.state"));
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).ok()?).ok()?;
-        let pid = v["GoferPid"].as_i64().or_else(|| v["goferPid"].as_i64())?;
-        i32::try_from(pid).ok().filter(|p| *p > 0)
-    }
-
     /// `runsc --version`'s first line.
     pub fn version(exe: &Path) -> Result<String, Error> {
         let out = Command::new(exe)

@@ -3,8 +3,9 @@
 //! and the [`LiveSandbox`] calls, each one or two runsc invocations.
 
 use std::path::PathBuf;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nanoclaw_sandbox::backend::{Execution, LiveSandbox, SandboxInfo, SandboxStats};
@@ -31,6 +32,15 @@ pub struct Record {
     /// When its lifetime ends (its init's `sleep` ends), in Unix
     /// milliseconds.
     pub deadline_ms: u64,
+    /// The host pid of its `runsc run`, which holds the sandbox and
+    /// removes it (state, cgroups runsc made) when it ends.
+    pub runner_pid: i32,
+    /// The process that made it (pid and start time): a sandbox not
+    /// [`Record::detached`] is removed once that process is gone.
+    pub owner: (i32, u64),
+    /// It outlives the process that made it (the `nanoclaw.detached=true`
+    /// label, `nanoclaw sandbox create`).
+    pub detached: bool,
 }
 
 impl Record {
@@ -58,6 +68,8 @@ pub struct Shared {
     pub running: AtomicU64,
     /// [`LiveSandbox::destroy`] was called.
     pub destroyed: AtomicBool,
+    /// Its `runsc run`, when this process started it (reaped here).
+    pub runner: Mutex<Option<Child>>,
 }
 
 impl Shared {
@@ -173,12 +185,37 @@ impl LiveSandbox for GvisorSandbox {
         if self.shared.destroyed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        remove(
+        let runner = self
+            .shared
+            .runner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        stop(
             &self.shared.runsc,
             &self.shared.id,
             &self.shared.bundle,
+            runner,
             &self.shared.host_pids,
         )
+    }
+}
+
+impl Drop for GvisorSandbox {
+    fn drop(&mut self) {
+        // The sandbox lives on without its handle; its `runsc run`, a child
+        // of this process, is reaped by a thread when the sandbox ends.
+        if let Some(mut c) = self
+            .shared
+            .runner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            std::thread::spawn(move || {
+                let _ = c.wait();
+            });
+        }
     }
 }
 
@@ -199,19 +236,59 @@ impl GvisorSandbox {
     }
 }
 
-/// Removes sandbox `id`: runsc's container (processes, cgroup, state),
-/// then its bundle; waits until the host processes `pids` are gone.
-pub fn remove(
+/// Whether runsc keeps state for container `id`.
+pub fn has_state(runsc: &Runsc, id: &str) -> bool {
+    let prefix = format!("{id}_sandbox:");
+    std::fs::read_dir(&runsc.state)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+}
+
+/// Ends sandbox `id` and removes everything of it: its init is killed
+/// (gVisor then ends the sandbox and its `runsc run` removes runsc's
+/// state and cgroups), the runner is waited for (`runner`, when this
+/// process holds it, else its pid among `pids`); whatever is still there
+/// then goes with `runsc delete --force`; then nanoclaw's own cgroup
+/// directories and the bundle. Waits until the host processes `pids` are
+/// gone.
+pub fn stop(
     runsc: &Runsc,
     id: &str,
     bundle: &std::path::Path,
+    runner: Option<Child>,
     pids: &[i32],
 ) -> Result<(), Error> {
-    let deleted = runsc.delete(id);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| running(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    if let Err(e) = runsc.run(&["kill", id, "KILL"]) {
+        if e.to_string().contains("paused") {
+            let _ = runsc.run(&["resume", id]);
+            let _ = runsc.run(&["kill", id, "KILL"]);
+        }
     }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    if let Some(mut c) = runner {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+    while pids.iter().any(|p| running(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deleted = if has_state(runsc, id) {
+        runsc.delete(id)
+    } else {
+        Ok(())
+    };
+    cgroup::remove(id);
     let removed = match std::fs::remove_dir_all(bundle) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Sys {
             call: format!("remove {}", bundle.display()),
@@ -223,10 +300,44 @@ pub fn remove(
     removed?;
     if let Some(p) = pids.iter().find(|p| running(**p)) {
         return Err(backend_error(format!(
-            "sandbox {id}: host process {p} still runs after runsc delete"
+            "sandbox {id}: host process {p} still runs after it was stopped"
         )));
     }
     Ok(())
+}
+
+/// The start time of process `pid` (clock ticks after boot), to tell it
+/// from a later process with the same pid.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Host pids whose parent is `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let want = pid.to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        if stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            == Some(want.as_str())
+        {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Whether host process `pid` runs (not a zombie).

@@ -30,7 +30,7 @@ const HOLD: &str = "--hold-sandbox";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == HOLD) {
-        return hold(Path::new(&args[i + 1]));
+        return hold(Path::new(&args[i + 1]), args[i + 2] == "detached");
     }
     if Gvisor::find_runsc().is_none() {
         if std::env::var(REQUIRE).as_deref() == Ok("1") {
@@ -401,13 +401,19 @@ fn pids_limit(g: &Gvisor, _: &str) -> Result<(), String> {
 }
 
 /// The child of [`killed_holder`]: makes a sandbox with a 2 s lifetime in
-/// the backend at `root`, prints its id, and waits to be killed.
-fn hold(root: &Path) -> ExitCode {
+/// the backend at `root` (`detached`: labelled to outlive its maker),
+/// prints its id, and waits to be killed.
+fn hold(root: &Path, detached: bool) -> ExitCode {
     let exe = Gvisor::find_runsc().expect("runsc");
     let g = Gvisor::with(exe, root).expect("backend");
     let mut s = SandboxSpec::new(Vec::<String>::new());
     s.limits.timeout = Duration::from_secs(2);
-    let sb = g.create(&SandboxConfig::new(s)).expect("create");
+    let mut c = SandboxConfig::new(s);
+    if detached {
+        c.labels
+            .push((nanoclaw_gvisor::LABEL_DETACHED.into(), "true".into()));
+    }
+    let sb = g.create(&c).expect("create");
     let x = sb.spawn(&ExecSpec::new(["sleep", "60"])).expect("spawn");
     println!("{}", sb.id());
     std::thread::sleep(Duration::from_secs(60));
@@ -415,9 +421,14 @@ fn hold(root: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn killed_holder(g: &Gvisor, _: &str) -> Result<(), String> {
+/// Starts a holder, returns the id it printed after killing it (SIGKILL).
+fn kill_holder(g: &Gvisor, detached: bool) -> Result<String, String> {
     let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-        .args([HOLD, &g.root().to_string_lossy()])
+        .args([
+            HOLD,
+            &g.root().to_string_lossy(),
+            if detached { "detached" } else { "attached" },
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -425,34 +436,49 @@ fn killed_holder(g: &Gvisor, _: &str) -> Result<(), String> {
     let stdout = child.stdout.take().ok_or("no stdout")?;
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
         .map_err(|e| e.to_string())?;
-    let id = line.trim().to_string();
-    if !id.starts_with(ID_PREFIX) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!("the holder printed {line:?}"));
-    }
     let _ = child.kill();
     let _ = child.wait();
-    // The sandbox outlives its holder until its lifetime ends; then the
-    // next backend made here sweeps what is left.
-    let st = g.runsc().state(&id).map(|s| s.status);
-    if st.as_deref() != Some("running") {
-        return Err(format!(
-            "right after the holder died, the sandbox is {st:?}"
-        ));
+    let id = line.trim().to_string();
+    if !id.starts_with(ID_PREFIX) {
+        return Err(format!("the holder printed {line:?}"));
     }
-    std::thread::sleep(Duration::from_secs(3));
+    Ok(id)
+}
+
+fn swept(g: &Gvisor, id: &str) -> Result<(), String> {
     let again = Gvisor::with(&g.runsc().exe, g.root()).map_err(|e| e.to_string())?;
-    if again.runsc().state(&id).is_some() || g.root().join(&id).exists() {
+    if again.runsc().state(id).is_some() || g.root().join(id).exists() {
         return Err(format!("{id} was not swept"));
     }
-    if !backend_scenario::cgroup_dirs(&id).is_empty() {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !backend_scenario::cgroup_dirs(id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !backend_scenario::cgroup_dirs(id).is_empty() {
         return Err(format!(
             "{id}'s cgroup is left: {:?}",
-            backend_scenario::cgroup_dirs(&id)
+            backend_scenario::cgroup_dirs(id)
         ));
     }
     Ok(())
+}
+
+fn killed_holder(g: &Gvisor, _: &str) -> Result<(), String> {
+    // Not detached: the next use of the backend removes it at once.
+    let id = kill_holder(g, false)?;
+    swept(g, &id)?;
+    // Detached: it outlives its maker until its lifetime ends; then the
+    // next use of the backend removes what is left.
+    let id = kill_holder(g, true)?;
+    let again = Gvisor::with(&g.runsc().exe, g.root()).map_err(|e| e.to_string())?;
+    let st = again.runsc().state(&id).map(|s| s.status);
+    if st.as_deref() != Some("running") {
+        return Err(format!(
+            "a detached sandbox right after its maker died: {st:?}"
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    swept(g, &id)
 }
 
 /// No runsc container, bundle, runsc process or cgroup of this backend.
