@@ -28,7 +28,7 @@ const KILL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What runsc prints when it could not start the command (before the
 /// command ran, so nothing else is on stderr).
-const START_FAILED: &str = "executing processes for container: ";
+const START_FAILED: [&str; 2] = ["executing processes for container: ", "running container: "];
 
 /// A started command.
 pub struct RunscExecution {
@@ -47,6 +47,9 @@ pub struct RunscExecution {
     process_file: PathBuf,
     cpu_before: Option<u64>,
     shared: Arc<Shared>,
+    /// The command is the sandbox's init (`runsc run`, a one-shot run):
+    /// killing it ends the sandbox.
+    one_shot: bool,
 }
 
 /// Starts `spec` in the sandbox `shared` describes.
@@ -120,7 +123,46 @@ pub fn spawn(shared: &Arc<Shared>, spec: &ExecSpec) -> Result<RunscExecution, Er
         process_file,
         cpu_before,
         shared: shared.clone(),
+        one_shot: false,
     })
+}
+
+/// The execution of a one-shot run: `runner` (`runsc run`) runs `spec` as
+/// the init of the sandbox `shared` describes.
+pub fn one_shot(
+    shared: &Arc<Shared>,
+    mut runner: Child,
+    spec: &ExecSpec,
+    started: Instant,
+) -> RunscExecution {
+    let stdin = match (&spec.stdin, runner.stdin.take()) {
+        (Stdin::Bytes(b), Some(mut w)) => {
+            let b = b.clone();
+            Some(std::thread::spawn(move || {
+                let _ = w.write_all(&b);
+            }))
+        }
+        _ => None,
+    };
+    let stdout = runner.stdout.take().map(OwnedFd::from);
+    let stderr = runner.stderr.take().map(OwnedFd::from);
+    shared.running.fetch_add(1, Ordering::SeqCst);
+    RunscExecution {
+        id: 1,
+        child: Some(runner),
+        stdout,
+        stderr,
+        stdin,
+        spec: spec.clone(),
+        uid: 0,
+        gid: 0,
+        started,
+        pid_file: shared.bundle.join("none.pid"),
+        process_file: shared.bundle.join("none.json"),
+        cpu_before: None,
+        shared: shared.clone(),
+        one_shot: true,
+    }
 }
 
 /// One output stream being read.
@@ -194,6 +236,11 @@ impl RunscExecution {
     /// sandbox: the group with the sandbox's own `kill` (run as the
     /// command's user), then its leader through runsc.
     fn kill_tree(&mut self) {
+        if self.one_shot {
+            // The command is the init: gVisor ends the sandbox with it.
+            let _ = self.shared.runsc.run(&["kill", &self.shared.id, "KILL"]);
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(2);
         let pid = loop {
             if let Some(p) = std::fs::read_to_string(&self.pid_file)
@@ -378,7 +425,7 @@ impl Execution for RunscExecution {
         let shared = self.shared.clone();
         if code == Some(128) && killed.is_none() && out.kept.is_empty() {
             let text = String::from_utf8_lossy(&err.kept).into_owned();
-            if let Some(why) = text.strip_prefix(START_FAILED) {
+            if let Some(why) = START_FAILED.iter().find_map(|p| text.strip_prefix(p)) {
                 return start_failure(&shared, &self.spec, why.trim(), duration);
             }
         }
@@ -390,6 +437,14 @@ impl Execution for RunscExecution {
             if let Some(at) = text.find("waiting on pid ") {
                 err.kept.truncate(at);
                 killed = Some(shared.death_reason());
+            }
+        }
+        // A one-shot run's sandbox ends with its command, whatever ended it.
+        if killed.is_none() && self.one_shot && code != Some(0) {
+            if cgroup::oom_kills(&shared.id) > 0 {
+                killed = Some(KillReason::Oom);
+            } else if cgroup::pids_refused(&shared.id) > 0 {
+                killed = Some(KillReason::Pids);
             }
         }
         let (exit_code, signal) = status_parts(code, killed);

@@ -43,7 +43,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nanoclaw_sandbox::backend::{Backend, Capabilities, LiveSandbox, SandboxConfig};
+use nanoclaw_sandbox::backend::{
+    Backend, Capabilities, Echo, Execution, LiveSandbox, SandboxConfig,
+};
+use nanoclaw_sandbox::native::session::ExecSpec;
+use nanoclaw_sandbox::spec::{SandboxSpec, Stdin};
+use nanoclaw_sandbox::Outcome;
 
 /// The label that makes a sandbox outlive the process that made it
 /// (`nanoclaw sandbox create`); without it a sandbox whose maker is gone is
@@ -568,6 +573,115 @@ impl Gvisor {
             return Err(e);
         }
         Ok(self.handle(id, bundle.to_path_buf(), record, Some(runner)))
+    }
+}
+
+impl Gvisor {
+    /// Runs `spec.command` once in a new sandbox of `spec`, its output
+    /// copied to `echo` as it comes (or kept in the outcome), and removes
+    /// the sandbox: the command is the sandbox's init, under one `runsc
+    /// run` — as `runsc do` works, one runsc invocation instead of the
+    /// three of create, exec and destroy. How `nanoclaw run --backend
+    /// gvisor` runs.
+    pub fn run_once(&self, spec: &SandboxSpec, echo: Option<Echo<'_>>) -> Result<Outcome, Error> {
+        if spec.command.is_empty() {
+            return Err(Error::InvalidSpec("the command is empty".into()));
+        }
+        let mut config = SandboxConfig::new(spec.clone());
+        // Past this a sweep may remove it (its own timeout fires first).
+        config.spec.limits.timeout = spec.limits.timeout + Duration::from_secs(10);
+        self.check(&config)?;
+        let id = Gvisor::new_id()?;
+        let bundle = self.root.join(&id);
+        std::fs::create_dir(&bundle).map_err(io(format!("mkdir {}", bundle.display())))?;
+        let r = self.run_in(&id, &bundle, &config, spec, echo);
+        let deleted = if sandbox::has_state(&self.runsc, &id) {
+            self.runsc.delete(&id)
+        } else {
+            Ok(())
+        };
+        cgroup::remove(&id);
+        let _ = std::fs::remove_dir_all(&bundle);
+        let o = r?;
+        deleted?;
+        Ok(o)
+    }
+
+    fn run_in(
+        &self,
+        id: &str,
+        bundle: &Path,
+        config: &SandboxConfig,
+        spec: &SandboxSpec,
+        echo: Option<Echo<'_>>,
+    ) -> Result<Outcome, Error> {
+        let s = &config.spec;
+        let mut oci = bundle::config(id, bundle, config, &self.host, !self.runsc.rootless)?;
+        oci["process"] = bundle::process(
+            &spec.command,
+            bundle::environment(s, s.user.uid, &[]),
+            &bundle::default_workdir(s),
+            s.user.uid,
+            s.user.gid,
+            &bundle::oci_caps(&s.hardening.cap_add)?,
+        );
+        bundle::write(bundle, &oci, s, &self.host)?;
+        let mut layers = self.layers(config);
+        if !self.runsc.rootless {
+            let mut limits = s.limits;
+            limits.pids = limits.pids.map(bundle::host_pids_limit);
+            layers.degraded.extend(cgroup::precreate(id, &limits)?);
+        }
+        let started = std::time::Instant::now();
+        let runner = self
+            .runsc
+            .command()
+            .arg("run")
+            .arg(format!("--bundle={}", bundle.display()))
+            .arg(id)
+            .stdin(match spec.stdin {
+                Stdin::Null => std::process::Stdio::null(),
+                Stdin::Inherit => std::process::Stdio::inherit(),
+                Stdin::Bytes(_) => std::process::Stdio::piped(),
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(io(format!("running {} run", self.runsc.exe.display())))?;
+        let me = std::process::id() as i32;
+        let deadline = SystemTime::now() + config.spec.limits.timeout;
+        let record = Record {
+            spec: s.clone(),
+            labels: Vec::new(),
+            layers,
+            deadline_ms: deadline
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            runner_pid: runner.id() as i32,
+            owner: (me, sandbox::start_time(me).unwrap_or_default()),
+            detached: false,
+        };
+        if let Ok(t) = serde_json::to_vec(&record) {
+            let _ = std::fs::write(bundle.join(RECORD), t);
+        }
+        let shared = Arc::new(Shared {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            runsc: self.runsc.clone(),
+            record,
+            host_pids: Vec::new(),
+            next_exec: AtomicU32::new(2),
+            running: AtomicU64::new(0),
+            destroyed: AtomicBool::new(false),
+            runner: std::sync::Mutex::new(None),
+        });
+        let mut x = ExecSpec::new(spec.command.iter().cloned());
+        x.stdin = spec.stdin.clone();
+        x.timeout = spec.limits.timeout;
+        x.output_limit = spec.limits.output_limit;
+        Box::new(exec::one_shot(&shared, runner, &x, started)).wait(echo)
     }
 }
 

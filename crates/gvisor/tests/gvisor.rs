@@ -84,6 +84,10 @@ fn scenarios(mode: &str) -> ExitCode {
             root_and_mounts,
         ),
         ("fields gVisor cannot honour are refused by name", refusals),
+        (
+            "one-shot runs (run_once): exit codes, timeout, output limit",
+            one_shot,
+        ),
     ];
     if rootful {
         checks.push(("the memory limit fires and is reported", memory_limit));
@@ -198,6 +202,60 @@ fn exit_codes(g: &Gvisor, _: &str) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+fn one_shot(g: &Gvisor, mode: &str) -> Result<(), String> {
+    let run = |argv: &[&str], f: &dyn Fn(&mut SandboxSpec)| {
+        let mut s = SandboxSpec::new(argv.iter().copied());
+        f(&mut s);
+        g.run_once(&s, None).map_err(|e| format!("{argv:?}: {e}"))
+    };
+    let o = run(
+        &["sh", "-c", "echo out; echo err >&2; id -u; exit 3"],
+        &|_| {},
+    )?;
+    if o.exit_code != Some(3) || text(&o.stdout) != "out\n1000\n" || text(&o.stderr) != "err\n" {
+        return Err(format!("exit 3: {o:?}"));
+    }
+    let o = run(&["no-such-command"], &|_| {})?;
+    if o.exit_code != Some(127) || !text(&o.stderr).contains("not found") {
+        return Err(format!("not found: {o:?}"));
+    }
+    let t0 = Instant::now();
+    let o = run(&["sh", "-c", "echo started; sleep 29"], &|s| {
+        s.limits.timeout = Duration::from_millis(500)
+    })?;
+    if o.killed_by != Some(KillReason::Timeout)
+        || o.cli_exit_code() != 124
+        || text(&o.stdout) != "started\n"
+        || t0.elapsed() > Duration::from_secs(5)
+    {
+        return Err(format!("timeout after {:?}: {o:?}", t0.elapsed()));
+    }
+    let o = run(&["yes"], &|s| s.limits.output_limit = 100)?;
+    if o.killed_by != Some(KillReason::OutputLimit) || o.stdout.len() != 100 || !o.stdout_truncated
+    {
+        return Err(format!(
+            "output limit: {:?} {}",
+            o.killed_by,
+            o.stdout.len()
+        ));
+    }
+    let o = run(&["cat"], &|s| {
+        s.stdin = nanoclaw_sandbox::spec::Stdin::Bytes(b"in".to_vec())
+    })?;
+    if o.stdout != b"in" {
+        return Err(format!("stdin: {o:?}"));
+    }
+    if mode == "root" {
+        let o = run(&["python3", "-c", "b = bytearray(400 << 20)"], &|s| {
+            s.limits.memory = Some(128 << 20)
+        })?;
+        if o.killed_by != Some(KillReason::Oom) {
+            return Err(format!("400 MiB under --memory 128m: {o:?}"));
+        }
+    }
+    Ok(())
 }
 
 fn output_limit(g: &Gvisor, _: &str) -> Result<(), String> {
