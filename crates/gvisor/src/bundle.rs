@@ -51,8 +51,9 @@ pub struct HostLayout {
     /// symlink, e.g. merged-usr `/bin -> usr/bin`, is recreated in the
     /// rootfs rather than bound).
     pub root_entries: Vec<(String, Option<PathBuf>)>,
-    /// Each of [`HOST_ETC_ENTRIES`] present: name and symlink target.
-    pub etc_entries: Vec<(String, Option<PathBuf>)>,
+    /// Each of [`HOST_ETC_ENTRIES`] present: name, symlink target, and
+    /// whether it is a directory (bound) rather than a file (copied).
+    pub etc_entries: Vec<(String, Option<PathBuf>, bool)>,
 }
 
 impl HostLayout {
@@ -73,7 +74,12 @@ impl HostLayout {
                 .collect(),
             etc_entries: HOST_ETC_ENTRIES
                 .iter()
-                .filter_map(|e| Some((e.to_string(), entry(&Path::new("/etc").join(e))?)))
+                .filter_map(|e| {
+                    let p = Path::new("/etc").join(e);
+                    let link = entry(&p)?;
+                    let dir = link.is_none() && p.is_dir();
+                    Some((e.to_string(), link, dir))
+                })
                 .collect(),
         }
     }
@@ -241,15 +247,12 @@ pub fn config(
             mounts.push(bind(&Path::new("/").join(name), &format!("/{name}"), false));
         }
     }
-    for (name, _) in etc_files(spec) {
-        mounts.push(bind(
-            &bundle.join("etc").join(name),
-            &format!("/etc/{name}"),
-            false,
-        ));
-    }
-    for (name, link) in &host.etc_entries {
-        if link.is_none() {
+    // One read-only /etc from the bundle (the synthetic files, copies of
+    // the host's small files, its symlinks), the host's directories bound
+    // over it: few mounts, as each costs gVisor's gofer a connection.
+    mounts.push(bind(&bundle.join("etc"), "/etc", false));
+    for (name, _, dir) in &host.etc_entries {
+        if *dir {
             mounts.push(bind(
                 &Path::new("/etc").join(name),
                 &format!("/etc/{name}"),
@@ -384,10 +387,17 @@ pub fn write(
             None => std::fs::create_dir_all(&p).map_err(io("mkdir", &p))?,
         }
     }
-    for (name, link) in &host.etc_entries {
-        if let Some(t) = link {
-            let p = rootfs.join("etc").join(name);
-            std::os::unix::fs::symlink(t, &p).map_err(io("symlink", &p))?;
+    for (name, link, dir) in &host.etc_entries {
+        let p = etc.join(name);
+        let src = Path::new("/etc").join(name);
+        match link {
+            Some(t) => std::os::unix::fs::symlink(t, &p).map_err(io("symlink", &p))?,
+            None if *dir => std::fs::create_dir_all(&p).map_err(io("mkdir", &p))?,
+            None => {
+                // A file the host cannot read is left out (never shadow:
+                // it is not on the list).
+                let _ = std::fs::copy(&src, &p);
+            }
         }
     }
     for (name, data) in etc_files(spec) {
@@ -410,8 +420,13 @@ mod tests {
         HostLayout {
             root_entries: vec![("usr".into(), None), ("bin".into(), Some("usr/bin".into()))],
             etc_entries: vec![
-                ("ssl".into(), None),
-                ("localtime".into(), Some("/usr/share/zoneinfo/UTC".into())),
+                ("ssl".into(), None, true),
+                ("services".into(), None, false),
+                (
+                    "localtime".into(),
+                    Some("/usr/share/zoneinfo/UTC".into()),
+                    false,
+                ),
             ],
         }
     }
@@ -437,11 +452,19 @@ mod tests {
             !d.contains(&"/bin".to_string()),
             "a symlink is recreated, not bound"
         );
-        assert!(d.contains(&"/etc/passwd".to_string()));
-        assert!(d.contains(&"/etc/ssl".to_string()));
+        assert!(d.contains(&"/etc/ssl".to_string()), "a directory is bound");
+        assert!(
+            !d.contains(&"/etc/services".to_string()),
+            "a file is copied"
+        );
+        let etc = c["mounts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["destination"] == "/etc"))
+            .expect("/etc");
+        assert_eq!(etc["source"], json!("/b/etc"), "the bundle's own /etc");
         assert!(!d
             .iter()
-            .any(|x| x == "/etc" || x == "/etc/shadow" || x == "/home" || x == "/root"));
+            .any(|x| x == "/etc/shadow" || x == "/home" || x == "/root" || x == "/var"));
         for m in c["mounts"].as_array().expect("mounts") {
             if m["type"] == "bind" {
                 assert!(

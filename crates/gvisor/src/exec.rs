@@ -28,7 +28,11 @@ const KILL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What runsc prints when it could not start the command (before the
 /// command ran, so nothing else is on stderr).
-const START_FAILED: [&str; 2] = ["executing processes for container: ", "running container: "];
+const START_FAILED: [&str; 3] = [
+    "executing processes for container: ",
+    "running container: ",
+    "loading sandbox: ",
+];
 
 /// A started command.
 pub struct RunscExecution {
@@ -494,7 +498,10 @@ fn start_failure(
         return Err(Error::Paused {
             id: shared.id.clone(),
         });
-    } else if why.contains("in state stopped") || why.contains("connection refused") {
+    } else if why.contains("in state stopped")
+        || why.contains("connection refused")
+        || why.contains(".state: no such file")
+    {
         return Err(Error::NotFound {
             id: shared.id.clone(),
             what: format!("the sandbox has ended ({})", shared.death_reason_text()),

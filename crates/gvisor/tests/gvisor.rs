@@ -223,12 +223,12 @@ fn one_shot(g: &Gvisor, mode: &str) -> Result<(), String> {
     }
     let t0 = Instant::now();
     let o = run(&["sh", "-c", "echo started; sleep 29"], &|s| {
-        s.limits.timeout = Duration::from_millis(500)
+        s.limits.timeout = Duration::from_millis(2500)
     })?;
     if o.killed_by != Some(KillReason::Timeout)
         || o.cli_exit_code() != 124
         || text(&o.stdout) != "started\n"
-        || t0.elapsed() > Duration::from_secs(5)
+        || t0.elapsed() > Duration::from_secs(8)
     {
         return Err(format!("timeout after {:?}: {o:?}", t0.elapsed()));
     }
