@@ -211,6 +211,46 @@ pub fn host_pids_limit(pids: u64) -> u64 {
     pids.saturating_mul(2).saturating_add(PIDS_OVERHEAD)
 }
 
+/// nanoclaw's default seccomp profile (Docker's JSON format, the engine's
+/// `seccomp/default.json`).
+const DEFAULT_PROFILE: &str = include_str!("../../sandbox/seccomp/default.json");
+
+/// nanoclaw's default seccomp profile as an OCI `linux.seccomp`: the same
+/// rules, applied inside the sandbox by gVisor's kernel (runsc
+/// `--oci-seccomp`), so a call the native engine refuses is refused here
+/// too before gVisor's kernel implements it. Docker's format is the OCI
+/// one plus comments (dropped) and nanoclaw's extension (dropped: gVisor
+/// answers a system call it does not know with ENOSYS itself).
+pub fn seccomp() -> Result<Value, Error> {
+    let mut v: Value = serde_json::from_str(DEFAULT_PROFILE)
+        .map_err(|e| Error::InvalidSpec(format!("the built-in seccomp profile: {e}")))?;
+    let Some(o) = v.as_object_mut() else {
+        return Err(Error::InvalidSpec(
+            "the built-in seccomp profile is not an object".into(),
+        ));
+    };
+    o.remove("comment");
+    o.remove("nanoclaw");
+    if let Some(rules) = o.get_mut("syscalls").and_then(Value::as_array_mut) {
+        for r in rules.iter_mut().filter_map(Value::as_object_mut) {
+            r.remove("comment");
+        }
+        // gVisor lets an unprivileged process make device nodes (the native
+        // engine's nodev mounts make them useless there): refuse character
+        // and block devices; FIFOs and sockets stay allowed.
+        for (name, mode_arg) in [("mknod", 1), ("mknodat", 2)] {
+            for kind in [0o020000u64, 0o060000] {
+                rules.push(json!({
+                    "names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                    "args": [{"index": mode_arg, "value": 0o170000, "valueTwo": kind,
+                              "op": "SCMP_CMP_MASKED_EQ"}]
+                }));
+            }
+        }
+    }
+    Ok(v)
+}
+
 /// A bind mount in OCI form.
 fn bind(source: &Path, target: &str, writable: bool) -> Value {
     let mode = if writable { "rw" } else { "ro" };
@@ -317,6 +357,7 @@ pub fn config(
     if cgroups {
         linux["cgroupsPath"] = json!(format!("/nanoclaw/{id}"));
     }
+    linux["seccomp"] = seccomp()?;
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": process(

@@ -379,7 +379,8 @@ impl Gvisor {
             host_ids: String::new(),
             cgroup,
             degraded,
-            seccomp: "gvisor: the sentry and gofer run under gVisor's own host seccomp filters"
+            seccomp: "default (nanoclaw's profile, applied by gVisor's kernel inside the sandbox: \
+                      runsc --oci-seccomp; gVisor's own filters confine the sentry on the host)"
                 .into(),
             landlock: "not used (gVisor's gofer mediates every file access)".into(),
             capabilities: s.hardening.cap_add.clone(),
@@ -426,8 +427,8 @@ impl Backend for Gvisor {
             Network::Kernel { .. } => return Err(refuse("--network kernel", no_egress)),
         }
         let seccomp =
-            "gVisor serves the sandbox's system calls with its own kernel; nanoclaw's seccomp \
-                       profiles are not applied to it (drop --seccomp)";
+            "the gvisor backend applies nanoclaw's default profile inside gVisor's kernel; \
+             other profiles are not supported yet (drop --seccomp)";
         match s.hardening.seccomp {
             Seccomp::Default => {}
             Seccomp::Profile(_) => return Err(refuse("--seccomp PROFILE", seccomp)),

@@ -65,7 +65,8 @@ impl Runsc {
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.exe);
         c.arg(format!("--root={}", self.state.display()))
-            .arg("--network=none");
+            .arg("--network=none")
+            .arg("--oci-seccomp");
         if self.rootless {
             c.arg("--rootless").arg("--ignore-cgroups");
         }
