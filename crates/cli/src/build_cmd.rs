@@ -89,6 +89,11 @@ pub struct BuildArgs {
     /// Timeout of each RUN step (default 30m).
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
+    /// Fail the build when its new layers would hold more than SIZE (e.g.
+    /// 4g); a RUN step writing past it is stopped while it runs. Default:
+    /// no bound.
+    #[arg(long = "max-bytes", value_name = "SIZE")]
+    pub max_bytes: Option<String>,
     /// Do not use the build cache (new layers are still recorded in it).
     #[arg(long = "no-cache")]
     pub no_cache: bool,
@@ -162,6 +167,16 @@ fn options(a: &BuildArgs) -> Result<BuildOptions> {
     o.stream_output = !a.quiet && !a.json;
     o.handle_signals = true;
     o.from_scope = a.from_scope.clone();
+    o.max_bytes = a
+        .max_bytes
+        .as_deref()
+        .map(|m| {
+            nanoclaw_sandbox::units::parse_size(m)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| anyhow::anyhow!("--max-bytes {m:?}: give a size such as 4g or 500m"))
+        })
+        .transpose()?;
     Ok(o)
 }
 

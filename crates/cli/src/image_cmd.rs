@@ -77,7 +77,7 @@ pub enum ImageCommand {
     /// Remove layers and blobs no image uses, and leftovers of interrupted pulls.
     Prune,
     /// Build an image from a Dockerfile; every RUN runs in a nanoclaw sandbox.
-    Build(crate::build_cmd::BuildArgs),
+    Build(Box<crate::build_cmd::BuildArgs>),
     /// Pull ahead of time the images the config names: `execution.preload_images`
     /// (a list, or `true` for every image in `execution.languages`) and
     /// every agent's `sandbox.image`. Images already in the store are skipped.
@@ -114,7 +114,7 @@ fn human(bytes: u64) -> String {
 pub fn run_image(cmd: ImageCommand) -> anyhow::Result<u8> {
     let store = Store::open_default()?;
     match cmd {
-        ImageCommand::Build(a) => return crate::build_cmd::run_build(a),
+        ImageCommand::Build(a) => return crate::build_cmd::run_build(*a),
         ImageCommand::Preload { config, insecure } => {
             let refs = preload_list(config.as_deref())?;
             if refs.is_empty() {

@@ -36,6 +36,15 @@ pub struct ServeArgs {
     /// /v1/approvals (then: denied).
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     approval_timeout: String,
+    /// The most one tenant's image build (POST /v1/images) may add to the
+    /// image store (e.g. 4g): a RUN step writing past it is stopped and the
+    /// build fails with nothing kept.
+    #[arg(long, value_name = "SIZE", default_value = "4g")]
+    max_build_bytes: String,
+    /// The most all of one tenant's registered images may hold in the image
+    /// store (e.g. 16g); then its builds are refused (409).
+    #[arg(long, value_name = "SIZE", default_value = "16g")]
+    max_tenant_image_bytes: String,
     /// The envdVersion to report to E2B clients.
     #[arg(long, value_name = "VERSION", hide = true)]
     envd_version: Option<String>,
@@ -110,7 +119,18 @@ pub fn run(a: ServeArgs) -> Result<u8> {
             )
         })?;
     let config = a.config.as_deref().map(check_config).transpose()?;
+    let size = |flag: &str, v: &str| {
+        nanoclaw_sandbox::units::parse_size(v)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow::anyhow!("{flag} {v:?}: give a size such as 4g or 500m"))
+    };
+    let image_disk = nanoclaw_server::images::DiskBounds {
+        per_build: size("--max-build-bytes", &a.max_build_bytes)?,
+        per_tenant: size("--max-tenant-image-bytes", &a.max_tenant_image_bytes)?,
+    };
     let cfg = DaemonConfig {
+        image_disk,
         config,
         approval_timeout,
         audit_retention,

@@ -30,10 +30,17 @@ struct Daemon {
     child: Child,
     alice: String,
     bob: String,
+    /// Options `serve` is started with (kept for restarts).
+    extra: Vec<String>,
 }
 
 impl Daemon {
     fn start(test: &str) -> Option<Daemon> {
+        Self::start_with(test, &[])
+    }
+
+    /// [`Daemon::start`], `serve` given `extra` options.
+    fn start_with(test: &str, extra: &[&str]) -> Option<Daemon> {
         if !is_root() {
             eprintln!(
                 "SKIPPED serve_images: the daemon's builds run as root here (CI runs as root)"
@@ -82,21 +89,25 @@ impl Daemon {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let child = Self::serve(&data, port);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::serve(&data, port, &extra);
         Some(Daemon {
             data,
             port,
             child,
             alice,
             bob,
+            extra,
         })
     }
 
     /// `nanoclaw serve` on `data`, listening on `port`.
-    fn serve(data: &std::path::Path, port: u16) -> Child {
+    fn serve(data: &std::path::Path, port: u16, extra: &[String]) -> Child {
         let d = data.to_string_lossy().into_owned();
         let listen = format!("tcp:127.0.0.1:{port}");
-        let child = Self::nc(data, &["serve", "--data", &d, "--listen", &listen])
+        let mut args = vec!["serve", "--data", &d, "--listen", &listen];
+        args.extend(extra.iter().map(String::as_str));
+        let child = Self::nc(data, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -335,11 +346,114 @@ fn a_build_dies_with_its_daemon_and_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    d.child = Daemon::serve(&d.data, d.port);
+    d.child = Daemon::serve(&d.data, d.port, &d.extra);
     let left: Vec<_> = std::fs::read_dir(&builds)
         .map(|r| r.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "build contexts left behind: {left:?}");
     let (code, list) = d.curl(&d.bob, "GET", "/v1/images", None);
     assert!(code == 200 && !list.contains("sleeper"), "{code} {list}");
+}
+
+/// Bytes under `p` (apparent sizes), as `du -sb`.
+fn du(p: &std::path::Path) -> u64 {
+    let o = Command::new("du").arg("-sb").arg(p).output().expect("du");
+    text(&o.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A Dockerfile whose RUN writes `mib` MiB into the image (a step of its
+/// own: `tag` keeps it out of the build cache), then runs `then`.
+fn writer(mib: u64, tag: &str, then: &str) -> String {
+    format!(
+        "FROM python:3.11-slim\nRUN python3 -c \"f=open('/big','wb'); f.write(b'{tag}'); [f.write(bytes(1<<20)) for i in range({mib})]\"\n{then}"
+    )
+}
+
+/// Finding 4: nothing bounded the disk a build writes. One RUN wrote 2 GiB
+/// into the store (4 GiB on disk with the unpacked copy), a sparse file
+/// would have become a terabyte tar, and a failed build kept the layers of
+/// the steps that had succeeded. Now: a step writing past the build's
+/// bound is stopped while it runs (422 naming the bound), a layer past it
+/// is never written, a failed build of a tenant leaves none of its layers,
+/// and a tenant's images together stay under the tenant's bound.
+#[test]
+fn a_build_cannot_fill_the_disk() {
+    let Some(d) = Daemon::start_with(
+        "disk",
+        &[
+            "--max-build-bytes",
+            "64m",
+            "--max-tenant-image-bytes",
+            "100m",
+        ],
+    ) else {
+        return;
+    };
+    // Small findings (6): a body that is not an object says what it must
+    // be; a name of the daemon's own templates is refused before a build.
+    let (code, body) = d.curl(&d.bob, "POST", "/v1/images", Some("[]"));
+    assert!(code == 400 && body.contains("JSON object"), "{code} {body}");
+    let t0 = Instant::now();
+    let (code, v) = d.register(&d.bob, "code-interpreter-v1", &writer(1, "x", ""));
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "refused only after a build"
+    );
+    let before = du(&d.data);
+    let t0 = Instant::now();
+    let (code, v) = d.register(&d.bob, "filler", &writer(2048, "filler", ""));
+    assert_eq!(code, 422, "a 2 GiB RUN step was not stopped: {v}");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("disk bound"),
+        "the error names the bound: {msg}"
+    );
+    eprintln!("2 GiB writer stopped after {:?}: {msg}", t0.elapsed());
+    let grown = du(&d.data).saturating_sub(before);
+    assert!(
+        grown < 8 << 20,
+        "the stopped build left {grown} bytes behind"
+    );
+
+    // A sparse terabyte: free to write, a terabyte to tar.
+    let sparse = "FROM python:3.11-slim\nRUN python3 -c \"open('/sparse','wb').truncate(1<<40)\"\n";
+    let (code, v) = d.register(&d.bob, "sparse", sparse);
+    assert_eq!(code, 422, "a sparse 1 TiB file was taken into a layer: {v}");
+    assert!(du(&d.data).saturating_sub(before) < 8 << 20);
+
+    // A failed build keeps none of the layers its good steps made.
+    let (code, v) = d.register(&d.bob, "half", &writer(30, "half", "RUN exit 1\n"));
+    assert_eq!(code, 422, "{v}");
+    let grown = du(&d.data).saturating_sub(before);
+    assert!(
+        grown < 8 << 20,
+        "a failed build left {grown} bytes of layers"
+    );
+
+    // The tenant's bound: 40 + 40 MiB fit in 100, a third 40 does not
+    // (only 20 are left), and alice is not affected.
+    for name in ["one", "two"] {
+        let (code, v) = d.register(&d.bob, name, &writer(40, name, ""));
+        assert_eq!(code, 201, "{name}: {v}");
+    }
+    let (code, v) = d.register(&d.bob, "three", &writer(40, "three", ""));
+    assert_eq!(code, 422, "over the tenant's bound: {v}");
+    let (code, v) = d.register(&d.alice, "mine", &writer(40, "one", ""));
+    assert_eq!(code, 201, "another tenant builds: {v}");
+    let (_, list) = d.curl(&d.bob, "GET", "/v1/images", None);
+    let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    let held: u64 = list
+        .as_array()
+        .or_else(|| list["images"].as_array())
+        .map(|a| a.iter().filter_map(|i| i["bytes"].as_u64()).sum())
+        .unwrap_or(0);
+    assert!(
+        (80 << 20..100 << 20).contains(&held),
+        "bob's images hold {held} bytes: {list}"
+    );
 }

@@ -59,6 +59,7 @@ use nanoclaw_sandbox::spec::{Limits, Network, Root, User};
 use nanoclaw_sandbox::{KillReason, RunOptions, SandboxSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::bound::{human, layer_bytes, Watcher};
 use crate::unpack::{open_path, remove_tree};
 use crate::{Digest, ImageConfig, ImageError, LayerInfo, Reference, Store, UnpackMode};
 
@@ -873,6 +874,12 @@ pub struct BuildOptions {
     /// tenant's images, and a tenant's Dockerfile must not read another's
     /// (by name or by id). The build cache is the scope's own too.
     pub from_scope: Option<String>,
+    /// At most this many bytes in the layers the build adds (measured as
+    /// their tars will hold them, see [`crate::bound`]; the store keeps
+    /// each layer twice, as a blob and unpacked). A `RUN` step that writes
+    /// past it is stopped while it runs; a step whose result would pass it
+    /// fails the build. `None`: no bound (the command line's default).
+    pub max_bytes: Option<u64>,
 }
 
 impl BuildOptions {
@@ -890,6 +897,7 @@ impl BuildOptions {
             stream_output: false,
             handle_signals: false,
             from_scope: None,
+            max_bytes: None,
         }
     }
 }
@@ -979,6 +987,9 @@ pub struct BuildReport {
     /// Total wall time.
     #[serde(serialize_with = "ser_ms")]
     pub duration: Duration,
+    /// Bytes of the layers this build wrote (blobs; cached steps add
+    /// nothing): what it added to the store, about twice this on disk.
+    pub new_bytes: u64,
 }
 
 impl BuildReport {
@@ -1272,9 +1283,18 @@ pub fn build(
         ctx,
         build_args: opts.build_args.iter().cloned().collect(),
         used_args: BTreeSet::new(),
+        written: 0,
+        added: Vec::new(),
+        pending_cache: Vec::new(),
     };
     let mut steps = Vec::new();
-    let stage = b.run_all(&df.instructions, &mut steps)?;
+    let stage = match b.run_all(&df.instructions, &mut steps) {
+        Ok(s) => s,
+        Err(e) => {
+            b.discard();
+            return Err(e);
+        }
+    };
     let unused: Vec<&String> = b
         .build_args
         .keys()
@@ -1291,7 +1311,16 @@ pub fn build(
                 .join(", ")
         );
     }
-    let rec = store.commit_image(&reference, None, &stage.layers, &stage.config)?;
+    let rec = match store.commit_image(&reference, None, &stage.layers, &stage.config) {
+        Ok(r) => r,
+        Err(e) => {
+            b.discard();
+            return Err(e.into());
+        }
+    };
+    for (key, layer, text) in std::mem::take(&mut b.pending_cache) {
+        cache_put(store, &key, layer.as_ref(), &text)?;
+    }
     let _ = writeln!(b.out, "Successfully built {}", short(&rec.config_digest));
     let _ = writeln!(b.out, "Successfully tagged {}", rec.reference);
     Ok(BuildReport {
@@ -1300,6 +1329,7 @@ pub fn build(
         layers: stage.layers.iter().map(|l| l.diff_id.clone()).collect(),
         steps,
         duration: started.elapsed(),
+        new_bytes: b.written,
     })
 }
 
@@ -1317,6 +1347,12 @@ struct Builder<'a> {
     ctx: Context,
     build_args: BTreeMap<String, String>,
     used_args: BTreeSet<String>,
+    /// Blob bytes of the layers this build wrote so far.
+    written: u64,
+    /// Layers this build added to the store (not there before it).
+    added: Vec<LayerInfo>,
+    /// Cache entries a scoped build writes only once it succeeds.
+    pending_cache: Vec<(String, Option<LayerInfo>, String)>,
 }
 
 /// A source of COPY/ADD: a resolved path in the context.
@@ -1505,8 +1541,8 @@ impl Builder<'_> {
                                     })?;
                                     let w = UpperWriter::new(self.store.mode(), &upper, st, (0, 0), None);
                                     w.mkdir_p(&rel).map_err(|e| failed(e.to_string()))?;
-                                    let l = self.store.add_layer_from_dir(&upper)?;
-                                    cache_put(self.store, &key, Some(&l), &i.text())?;
+                                    let l = self.add_layer(&upper, &failed)?;
+                                    self.remember(key, Some(&l), i.text());
                                     (Some(l), StepStatus::Built)
                                 }
                             };
@@ -1531,7 +1567,7 @@ impl Builder<'_> {
                         Some(hit) => (hit, StepStatus::Cached),
                         None => {
                             let l = self.run_step(st, argv, arg_env, &failed)?;
-                            cache_put(self.store, &key, l.as_ref(), &i.text())?;
+                            self.remember(key, l.as_ref(), i.text());
                             (l, StepStatus::Built)
                         }
                     };
@@ -1582,6 +1618,77 @@ impl Builder<'_> {
             status,
             layer,
             duration: t0.elapsed(),
+        }
+    }
+
+    /// What is left of the build's disk bound (`None`: no bound).
+    fn left(&self) -> Option<u64> {
+        self.opts
+            .max_bytes
+            .map(|max| max.saturating_sub(self.written))
+    }
+
+    /// Turns a finished step's folder into a layer, unless that would pass
+    /// the build's disk bound; counts it.
+    fn add_layer(
+        &mut self,
+        upper: &Path,
+        failed: &dyn Fn(String) -> BuildError,
+    ) -> Result<LayerInfo, BuildError> {
+        if let Some(left) = self.left() {
+            let n = layer_bytes(upper).map_err(|e| {
+                failed(format!(
+                    "what it wrote cannot be measured ({e}); a build step must leave its files readable"
+                ))
+            })?;
+            if n > left {
+                return Err(failed(format!(
+                    "its layer would hold {}, over what is left of the build's disk bound ({} of {}); \
+                     write less into the image (use /tmp for scratch files) or ask for a larger bound; no image was tagged",
+                    human(n),
+                    human(left),
+                    human(self.opts.max_bytes.unwrap_or(0))
+                )));
+            }
+        }
+        // A layer the store had (the same files built before) costs
+        // nothing new and is not this build's to remove.
+        let before = self.store.layer_ids()?;
+        let l = self.store.add_layer_from_dir(upper)?;
+        if !before.contains(l.diff_id.hex()) {
+            self.written = self.written.saturating_add(l.blob_size);
+            self.added.push(l.clone());
+        }
+        Ok(l)
+    }
+
+    /// Records step `key`'s result in the build cache: at once, or for a
+    /// scoped build (a tenant's, through the daemon) only when the whole
+    /// build succeeds, so that a failed build leaves no layer behind.
+    fn remember(&mut self, key: String, layer: Option<&LayerInfo>, text: String) {
+        self.pending_cache.push((key, layer.cloned(), text));
+        if self.opts.from_scope.is_none() {
+            for (key, layer, text) in std::mem::take(&mut self.pending_cache) {
+                if let Err(e) = cache_put(self.store, &key, layer.as_ref(), &text) {
+                    self.say(format!("[Warning] the build cache was not updated: {e}"));
+                }
+            }
+        }
+    }
+
+    /// After a failed scoped build: removes the layers it added that no
+    /// image uses (a command-line build keeps them as cache, as Docker
+    /// does; a tenant's failed builds must not fill the disk).
+    fn discard(&mut self) {
+        if self.opts.from_scope.is_none() || self.added.is_empty() {
+            return;
+        }
+        let added = std::mem::take(&mut self.added);
+        match self.store.remove_unused_layers(&added) {
+            Ok(n) => self.say(format!("Removed {n} layer(s) of the failed build")),
+            Err(e) => self.say(format!(
+                "[Warning] layers of the failed build were not removed: {e}"
+            )),
         }
     }
 
@@ -1794,8 +1901,18 @@ impl Builder<'_> {
             },
         )
         .map_err(|e| failed(format!("the sandbox could not start: {e}")))?;
-        let o =
-            nanoclaw_sandbox::wait(sb).map_err(|e| failed(format!("the sandbox failed: {e}")))?;
+        let watcher = match self.left() {
+            Some(left) => Some(
+                Watcher::start(&dir.0.join("upper"), left, sb.kill_handle())
+                    .map_err(|e| ioe("starting the build's disk watcher", e))?,
+            ),
+            None => None,
+        };
+        let o = nanoclaw_sandbox::wait(sb);
+        if let Some(why) = watcher.and_then(Watcher::finish) {
+            return Err(failed(format!("stopped: {why}; no image was tagged")));
+        }
+        let o = o.map_err(|e| failed(format!("the sandbox failed: {e}")))?;
         if !self.opts.stream_output {
             let _ = self.out.write_all(&o.stdout);
             let _ = self.out.write_all(&o.stderr);
@@ -1836,7 +1953,7 @@ impl Builder<'_> {
         if empty {
             return Ok(None);
         }
-        Ok(Some(self.store.add_layer_from_dir(&upper)?))
+        Ok(Some(self.add_layer(&upper, failed)?))
     }
 
     /// Resolve the sources of COPY/ADD in the context.
@@ -2116,9 +2233,9 @@ impl Builder<'_> {
                     .map_err(|e| failed(e.to_string()))?;
             }
             self.say(format!(" ---> copied {n_files} file(s), {bytes} bytes"));
-            self.store.add_layer_from_dir(&upper)?
+            self.add_layer(&upper, &failed)?
         };
-        cache_put(self.store, &key, Some(&l), &i.text())?;
+        self.remember(key, Some(&l), i.text());
         Ok((Some(l), StepStatus::Built))
     }
 

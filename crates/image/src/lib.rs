@@ -60,6 +60,7 @@
 //! from a parent's layers plus new ones and a config.
 #![warn(missing_docs)]
 
+pub mod bound;
 pub mod build;
 mod digest;
 mod error;

@@ -476,6 +476,51 @@ impl Store {
         Ok(rep)
     }
 
+    /// The diff ids (hex) of the unpacked layers in the store.
+    pub fn layer_ids(&self) -> Result<HashSet<String>, ImageError> {
+        let dir = self.root.join("layers");
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        Ok(rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    }
+
+    /// Removes those of `layers` that no image uses (unpacked folder and
+    /// blob), under the store's lock; returns how many. For a failed build
+    /// that must not leave its layers behind: unlike [`Store::prune`] it
+    /// leaves alone the layers other builds are making meanwhile.
+    pub fn remove_unused_layers(&self, layers: &[LayerInfo]) -> Result<usize, ImageError> {
+        self.check_writable()?;
+        let _lock = lock(&self.root.join("lock"), true)?;
+        let mut used = HashSet::new();
+        for r in self.list()? {
+            for l in r.layers {
+                used.insert(l.diff_id.hex().to_string());
+            }
+        }
+        let ioe = |p: &Path, e: io::Error| ImageError::io(format!("removing {}", p.display()), e);
+        let mut n = 0;
+        for l in layers {
+            if used.contains(l.diff_id.hex()) {
+                continue;
+            }
+            let dir = self.layer_dir(&l.diff_id);
+            if dir.exists() {
+                remove_tree(&dir).map_err(|e| ioe(&dir, e))?;
+                n += 1;
+            }
+            let blob = self.blob_path(&l.blob);
+            match std::fs::remove_file(&blob) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ioe(&blob, e)),
+            }
+        }
+        Ok(n)
+    }
+
     /// Cache statistics (persisted in `stats.log`).
     pub fn stats(&self) -> Result<Stats, ImageError> {
         let mut s = Stats::default();

@@ -681,6 +681,14 @@ pub trait Backend: Send + Sync + 'static {
         ))
     }
 
+    /// Why `name` cannot be a tenant's image template (one of the
+    /// backend's own templates), checked before a build starts; `None`: it
+    /// can.
+    fn reserved_template(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
+
     /// Brings what the backend reports in `GET /metrics` up to date just
     /// before it is rendered (e.g. [`crate::metrics::Metrics::set_sandboxes`]).
     /// Counters are bumped as things happen instead. By default nothing.

@@ -38,6 +38,8 @@ pub struct DaemonConfig {
     pub config: Option<PathBuf>,
     /// How long an agent's approval request waits for an answer.
     pub approval_timeout: Duration,
+    /// How much of the image store tenants' builds may take.
+    pub image_disk: crate::images::DiskBounds,
 }
 
 /// How often retention runs: half the retention, between 1 s and 1 h.
@@ -231,9 +233,10 @@ fn restore_images(
     exe: &std::path::Path,
     data: &std::path::Path,
     backend: &KeeperBackend,
+    bounds: crate::images::DiskBounds,
 ) -> Arc<crate::images::Images> {
     use crate::backend::Backend;
-    let images = crate::images::Images::open(exe.to_path_buf(), data.to_path_buf());
+    let images = crate::images::Images::open(exe.to_path_buf(), data.to_path_buf(), bounds);
     for (tenant, entry) in images.all() {
         let r = crate::images::Images::template_of(&entry).and_then(|t| {
             backend
@@ -314,7 +317,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         },
         store,
     )));
-    opts.images = Some(restore_images(&cfg.exe, &data, &backend));
+    opts.images = Some(restore_images(&cfg.exe, &data, &backend, cfg.image_disk));
     let auth = Arc::new(TenantKeys::new(tenants));
     // Where this daemon listens, for clients given only the data folder
     // (`nanoclaw mcp --data DIR`); removed when it stops.

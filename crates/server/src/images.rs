@@ -202,7 +202,37 @@ pub struct Registered {
     pub created_ms: u64,
     /// How long the build took, ms.
     pub build_ms: u64,
+    /// Bytes of the layers its build added to the image store (the store
+    /// keeps about twice this: blobs and unpacked); counted against the
+    /// tenant's [`DiskBounds::per_tenant`].
+    #[serde(default)]
+    pub bytes: u64,
 }
+
+/// How much disk tenants' builds may take in the image store (the bytes
+/// of the layers they add, see [`nanoclaw_image::bound`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskBounds {
+    /// One build: a RUN step writing past it is stopped, the build fails
+    /// (422) and leaves no layer behind.
+    pub per_build: u64,
+    /// All of a tenant's registered images together: a build is refused
+    /// (409) when they hold it all, and may use only what is left.
+    pub per_tenant: u64,
+}
+
+impl Default for DiskBounds {
+    fn default() -> DiskBounds {
+        DiskBounds {
+            per_build: 4 << 30,
+            per_tenant: 16 << 30,
+        }
+    }
+}
+
+/// The least a build may be given: below it a tenant's bound counts as
+/// used up.
+const MIN_BUILD_BYTES: u64 = 1 << 20;
 
 /// Why a build gave no image.
 #[derive(Debug, thiserror::Error)]
@@ -211,8 +241,11 @@ pub enum ImageError {
     #[error("{0}")]
     Busy(String),
     /// The tenant has [`MAX_PER_TENANT`] images.
-    #[error("tenant {0} has {MAX_PER_TENANT} images already: remove one first")]
+    #[error("tenant {0} has {MAX_PER_TENANT} images already, the most a tenant may register")]
     TooMany(String),
+    /// The tenant's images hold its [`DiskBounds::per_tenant`].
+    #[error("{0}")]
+    DiskQuota(String),
     /// The Dockerfile did not build (nanoclaw's error line).
     #[error("image build failed: {0}")]
     Build(String),
@@ -237,6 +270,7 @@ pub struct Images {
     data: PathBuf,
     registry: Mutex<Registry>,
     slots: Slots,
+    bounds: DiskBounds,
 }
 
 /// A temporary build context, removed when dropped.
@@ -253,7 +287,7 @@ impl Images {
     /// now: a missing or unreadable file is an empty registry, reported).
     /// Removes `data/builds`: only a daemon holding the data folder's lock
     /// may open it.
-    pub fn open(exe: PathBuf, data: PathBuf) -> Images {
+    pub fn open(exe: PathBuf, data: PathBuf, bounds: DiskBounds) -> Images {
         // Build contexts a killed daemon left (the caller holds the data
         // folder's lock: no build of another daemon is running).
         let _ = std::fs::remove_dir_all(data.join("builds"));
@@ -273,6 +307,7 @@ impl Images {
             data,
             registry: Mutex::new(registry),
             slots: Slots::default(),
+            bounds,
         }
     }
 
@@ -295,6 +330,19 @@ impl Images {
             .unwrap_or_default()
     }
 
+    /// The bytes `tenant`'s registered images hold in the store.
+    pub fn used(&self, tenant: &TenantId) -> u64 {
+        lock(&self.registry)
+            .get(tenant.as_str())
+            .map_or(0, |m| m.values().map(|r| r.bytes).sum())
+    }
+
+    /// The most one more build of `tenant` may add to the store.
+    fn budget(&self, tenant: &TenantId) -> u64 {
+        let left = self.bounds.per_tenant.saturating_sub(self.used(tenant));
+        left.min(self.bounds.per_build)
+    }
+
     /// Takes a slot for one of `tenant`'s builds, or says which limit is
     /// reached.
     pub fn admit(&self, tenant: &TenantId) -> Result<Slot, ImageError> {
@@ -303,6 +351,14 @@ impl Images {
             .map_or(0, BTreeMap::len);
         if known >= MAX_PER_TENANT {
             return Err(ImageError::TooMany(tenant.0.clone()));
+        }
+        if self.budget(tenant) < MIN_BUILD_BYTES {
+            return Err(ImageError::DiskQuota(format!(
+                "tenant {tenant}'s images hold {} of the {} its images may take in the image store; \
+                 no build fits (the operator sets the bound: nanoclaw serve --max-tenant-image-bytes)",
+                nanoclaw_image::bound::human(self.used(tenant)),
+                nanoclaw_image::bound::human(self.bounds.per_tenant)
+            )));
         }
         self.slots
             .take(tenant.as_str(), BUILDS_PER_TENANT, BUILDS_TOTAL)
@@ -326,10 +382,17 @@ impl Images {
     /// The child's arguments (after the binary): no network for the RUN
     /// steps, or only to `allow_hosts`; its FROM never names another
     /// tenant's image (`--from-scope`: the store is shared by all tenants).
-    pub fn argv(reference: &str, ctx: &Path, allow_hosts: &[String]) -> Vec<OsString> {
+    pub fn argv(
+        reference: &str,
+        ctx: &Path,
+        allow_hosts: &[String],
+        max_bytes: u64,
+    ) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["image".into(), "build".into(), "-t".into()];
         a.push(reference.into());
         a.push("--json".into());
+        a.push("--max-bytes".into());
+        a.push(max_bytes.to_string().into());
         if let Some((scope, _)) = reference.rsplit_once('/') {
             a.push("--from-scope".into());
             a.push(format!("{scope}/").into());
@@ -374,9 +437,10 @@ impl Images {
             .map_err(|e| internal("writing the Dockerfile", e))?;
         let reference = Self::reference(tenant, &req.name);
         let t0 = Instant::now();
+        let budget = self.budget(tenant);
         let done = run_child(
             &self.exe,
-            &Self::argv(&reference, &ctx.0, &req.allow_hosts),
+            &Self::argv(&reference, &ctx.0, &req.allow_hosts, budget),
             None,
             BUILD_WALL,
         )
@@ -389,6 +453,12 @@ impl Images {
             Some(s) if !s.success() => return Err(ImageError::Build(error_line(&done.stderr))),
             Some(_) => {}
         }
+        // What the build added, from its report (`--json`); unreadable:
+        // all it was allowed (the bound errs on the safe side).
+        let bytes = serde_json::from_slice::<serde_json::Value>(&done.stdout)
+            .ok()
+            .and_then(|v| v.get("new_bytes")?.as_u64())
+            .unwrap_or(budget);
         let r = reference.clone();
         let root = tokio::task::spawn_blocking(move || {
             nanoclaw_image::Store::open_default().and_then(|s| s.resolve(&r))
@@ -403,6 +473,7 @@ impl Images {
             languages: req.languages.clone(),
             created_ms: crate::db::now_ms().max(0) as u64,
             build_ms,
+            bytes,
         };
         let template = ImageTemplate {
             reference: root.reference,
@@ -497,7 +568,7 @@ mod tests {
     #[test]
     fn builds_are_bounded_per_tenant_and_in_total() {
         let dir = std::env::temp_dir().join(format!("nanoclaw-images-{}", std::process::id()));
-        let i = Images::open("/bin/false".into(), dir);
+        let i = Images::open("/bin/false".into(), dir, DiskBounds::default());
         let (a, b, c) = (
             TenantId::from("a"),
             TenantId::from("b"),
@@ -512,11 +583,51 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_whose_images_hold_its_bound_gets_no_build() {
+        let dir = std::env::temp_dir().join(format!("nanoclaw-images-q-{}", std::process::id()));
+        let bounds = DiskBounds {
+            per_build: 100 << 20,
+            per_tenant: 150 << 20,
+        };
+        let i = Images::open("/bin/false".into(), dir, bounds);
+        let a = TenantId::from("a");
+        assert_eq!(i.budget(&a), 100 << 20);
+        let entry = |name: &str, bytes: u64| Registered {
+            name: name.into(),
+            reference: Images::reference(&a, name),
+            id: "sha256:00".into(),
+            languages: vec!["sh".into()],
+            created_ms: 0,
+            build_ms: 0,
+            bytes,
+        };
+        lock(&i.registry)
+            .entry("a".into())
+            .or_default()
+            .insert("one".into(), entry("one", 100 << 20));
+        assert_eq!(
+            i.budget(&a),
+            50 << 20,
+            "only what is left of the tenant's bound"
+        );
+        lock(&i.registry)
+            .entry("a".into())
+            .or_default()
+            .insert("two".into(), entry("two", 50 << 20));
+        let e = i.admit(&a).err().expect("refused");
+        assert!(
+            matches!(&e, ImageError::DiskQuota(m) if m.contains("--max-tenant-image-bytes")),
+            "{e}"
+        );
+        assert!(i.admit(&TenantId::from("b")).is_ok(), "other tenants build");
+    }
+
+    #[test]
     fn the_child_builds_the_tenants_reference_from_the_context() {
         let r = Images::reference(&TenantId::from("acme"), "custom-python");
         assert_eq!(r, "localhost/acme/custom-python:latest");
         let argv = |hosts: &[String]| -> String {
-            Images::argv(&r, Path::new("/d/builds/x"), hosts)
+            Images::argv(&r, Path::new("/d/builds/x"), hosts, 1 << 30)
                 .into_iter()
                 .map(|s| s.into_string().unwrap())
                 .collect::<Vec<_>>()
@@ -524,11 +635,11 @@ mod tests {
         };
         assert_eq!(
             argv(&[]),
-            "image build -t localhost/acme/custom-python:latest --json --from-scope localhost/acme/ --network none -f /d/builds/x/Dockerfile /d/builds/x"
+            "image build -t localhost/acme/custom-python:latest --json --max-bytes 1073741824 --from-scope localhost/acme/ --network none -f /d/builds/x/Dockerfile /d/builds/x"
         );
         assert_eq!(
             argv(&["pypi.org".into(), "files.pythonhosted.org:443".into()]),
-            "image build -t localhost/acme/custom-python:latest --json --from-scope localhost/acme/ --network allowlist --allow-host pypi.org --allow-host files.pythonhosted.org:443 -f /d/builds/x/Dockerfile /d/builds/x"
+            "image build -t localhost/acme/custom-python:latest --json --max-bytes 1073741824 --from-scope localhost/acme/ --network allowlist --allow-host pypi.org --allow-host files.pythonhosted.org:443 -f /d/builds/x/Dockerfile /d/builds/x"
         );
     }
 }

@@ -34,7 +34,7 @@ fn images_of<B, A>(state: &E2bState<B, A>) -> Result<&Images, ApiError> {
 fn image_error(e: ImageError) -> ApiError {
     let status = match &e {
         ImageError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-        ImageError::TooMany(_) => StatusCode::CONFLICT,
+        ImageError::TooMany(_) | ImageError::DiskQuota(_) => StatusCode::CONFLICT,
         ImageError::Build(_) => StatusCode::UNPROCESSABLE_ENTITY,
         ImageError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         ImageError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,9 +88,24 @@ pub async fn register<B: Backend, A: Authenticator>(
             "request body is required: a JSON RegisterImage (see /openapi.json)",
         ));
     }
+    if !matches!(
+        serde_json::from_slice(&bytes),
+        Ok(serde_json::Value::Object(_))
+    ) {
+        return Err(ApiError::bad_request(
+            "the body must be a JSON object: {\"name\", \"dockerfile\", \"languages\": [...], \"allow_hosts\": [...] (optional)}",
+        ));
+    }
     let req: RegisterRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid RegisterImage: {e}")))?;
     let req = req.check().map_err(ApiError::bad_request)?;
+    if let Some(why) = state.backend.reserved_template(&req.name) {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            retry_after: None,
+            message: why,
+        });
+    }
     let _slot = images.admit(&tenant).map_err(|e| {
         if matches!(e, ImageError::Busy(_)) {
             note_quota_refusal(&e.to_string());

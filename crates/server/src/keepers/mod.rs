@@ -964,16 +964,20 @@ impl Backend for KeeperBackend {
         self.run_reserved(spec, req.stdin).await
     }
 
+    fn reserved_template(&self, name: &str) -> Option<String> {
+        self.cfg.templates.contains_key(name).then(|| {
+            format!("template '{name}' is one of the daemon's own: give the image another name")
+        })
+    }
+
     fn register_image(
         &self,
         tenant: &TenantId,
         name: &str,
         image: ImageTemplate,
     ) -> BackendResult<()> {
-        if self.cfg.templates.contains_key(name) {
-            return Err(BackendError::AlreadyExists(format!(
-                "template '{name}' is one of the daemon's own: give the image another name"
-            )));
+        if let Some(why) = self.reserved_template(name) {
+            return Err(BackendError::AlreadyExists(why));
         }
         self.images
             .lock()
