@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanoclaw_sandbox::backend::{
-    Backend, Capabilities, Echo, Execution, LiveSandbox, SandboxConfig,
+    Backend, Capabilities, Echo, Execution, LiveSandbox, SandboxConfig, SandboxInfo,
 };
 use nanoclaw_sandbox::native::session::ExecSpec;
 use nanoclaw_sandbox::spec::{SandboxSpec, Stdin};
@@ -214,6 +214,27 @@ impl Gvisor {
     /// The state directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// What each live sandbox kept here is (id, layers, host pids,
+    /// labels), for `nanoclaw sandbox ls`.
+    pub fn infos(&self) -> Result<Vec<SandboxInfo>, Error> {
+        let mut out = Vec::new();
+        for id in self.list()? {
+            let Some(r) = read_record(&self.root.join(&id)) else {
+                continue;
+            };
+            let mut host_pids = vec![r.runner_pid];
+            host_pids.extend(sandbox::children(r.runner_pid));
+            out.push(SandboxInfo {
+                id,
+                backend: NAME.into(),
+                layers: r.layers,
+                host_pids,
+                labels: r.labels,
+            });
+        }
+        Ok(out)
     }
 
     /// Ids of the live sandboxes kept here.
