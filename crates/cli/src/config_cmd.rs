@@ -84,6 +84,10 @@ pub enum SandboxCommand {
     Rm(crate::sandbox_cmd::RmArgs),
     /// Remove sandboxes idle or older than a duration.
     Prune(crate::sandbox_cmd::PruneArgs),
+    /// Show or replace the egress policy of a running sandbox (new
+    /// connections and DNS follow it at once; open connections it no
+    /// longer allows are closed).
+    Network(crate::sandbox_cmd::NetworkArgs),
     /// Freeze every process of sandboxes until `sandbox resume`.
     Pause(crate::sandbox_cmd::PauseArgs),
     /// Let paused sandboxes run again.
@@ -418,6 +422,7 @@ pub fn run_sandbox(cmd: SandboxCommand) -> Result<u8> {
         SandboxCommand::Inspect(a) => crate::sandbox_cmd::inspect(a),
         SandboxCommand::Rm(a) => crate::sandbox_cmd::rm(a),
         SandboxCommand::Prune(a) => crate::sandbox_cmd::prune(a),
+        SandboxCommand::Network(a) => crate::sandbox_cmd::network(a),
         SandboxCommand::Pause(a) => crate::sandbox_cmd::pause(a),
         SandboxCommand::Resume(a) => crate::sandbox_cmd::resume(a),
         SandboxCommand::Stop(a) => crate::sandbox_cmd::stop(a),

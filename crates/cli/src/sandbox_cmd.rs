@@ -2,7 +2,7 @@
 //! one keeper per sandbox (nanoclaw's own binary re-executed, `__keeper`;
 //! see `nanoclaw_sandbox::keeper`), which holds the sandbox and serves it
 //! on a unix socket only its owner can open; `nanoclaw exec`, `cp`,
-//! `sandbox ls`, `inspect`, `pause`, `resume`, `rm` and `prune` find it
+//! `sandbox ls`, `inspect`, `network`, `pause`, `resume`, `rm` and `prune` find it
 //! through its state directory.
 
 use std::io::{Read, Write};
@@ -24,7 +24,9 @@ use nanoclaw_sandbox::KillReason;
 use crate::run_cmd::RunArgs;
 
 mod live;
+mod network;
 pub use live::{pause, resume, stop, PauseArgs, StopArgs};
+pub use network::{network, NetworkArgs};
 
 /// Default lifetime of a created sandbox.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);

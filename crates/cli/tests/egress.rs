@@ -716,3 +716,340 @@ fn bad_add_host_is_one_clear_error() {
         }
     }
 }
+
+// ---------------------------------------------------------------------
+// Live policy updates (issue 15, item 4): `nanoclaw sandbox network ID`
+// replaces the policy of a running sandbox.
+// ---------------------------------------------------------------------
+
+/// An echo service on the test host's port 7001 (every line sent back,
+/// until the client closes): the long-lived stream a policy update must
+/// cut. Killed on drop.
+struct EchoService(Child);
+
+impl EchoService {
+    fn start(host: &TestHost) -> EchoService {
+        let ready = host.dir.join("echo-ready");
+        let script = format!(
+            r#"
+import socket, threading
+l = socket.socket(socket.AF_INET6)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("::", 7001)); l.listen(16)
+open("{}", "w").close()
+def serve(c):
+    try:
+        while True:
+            d = c.recv(100)
+            if not d:
+                break
+            c.sendall(d)
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#,
+            ready.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &host.ns, "python3", "-c", &script])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the echo service");
+        let t0 = Instant::now();
+        while !ready.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "echo service did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EchoService(child)
+    }
+}
+
+impl Drop for EchoService {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A sandbox created for a test, removed on drop.
+struct LiveSandbox {
+    mode: Mode,
+    id: String,
+}
+
+impl Drop for LiveSandbox {
+    fn drop(&mut self) {
+        let _ = run(self.mode, &["sandbox", "rm", "--force", &self.id]);
+    }
+}
+
+/// The rules of the live tests: each `HOST[:PORT]` name rule, and a
+/// `/32` CIDR rule for the test host's private address on the same port.
+fn live_rules(host: &TestHost, rules: &[(&str, u16)]) -> Vec<String> {
+    let mut f = Vec::new();
+    for (name, port) in rules {
+        f.push("--allow-host".into());
+        f.push(format!("{name}:{port}"));
+        f.push("--allow-cidr".into());
+        f.push(format!("{}/32:{port}", host.v4));
+    }
+    f
+}
+
+/// `nanoclaw ARGS` as `mode`; stdout, after asserting exit 0.
+fn ok_as(mode: Mode, args: &[String]) -> String {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(mode, &a);
+    assert_eq!(
+        code(&o),
+        0,
+        "[{}] {args:?}: {}{}",
+        mode.name,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Runs `script` in the sandbox (without proxy variables); its stdout.
+fn live_exec(sb: &LiveSandbox, host: &TestHost, script: &str) -> String {
+    let script = no_proxy_script(host, script);
+    let o = run(sb.mode, &["exec", &sb.id, "--", "sh", "-c", &script]);
+    text(&o.stdout)
+}
+
+/// Probes from inside the sandbox: HTTP to web.test and late.test, a
+/// new connection to the echo port, and what the sandbox's DNS answers
+/// for late.test.
+const LIVE_PROBES: &str = r#"c() { curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@"; echo " exit=$?"; }
+echo "web:$(c http://web.test/)"
+echo "late:$(c http://late.test/)"
+echo "dns-late:$(python3 -c 'import socket; print(socket.gethostbyname("late.test"))' 2>/dev/null)"
+python3 -c '
+import socket
+try:
+    s = socket.create_connection(("web.test", 7001), timeout=5); s.sendall(b"x\n")
+    print("echo-new:" + (s.recv(10).decode().strip() or "EOF"))
+except OSError as e:
+    print("echo-new:ERR %s" % e.__class__.__name__)
+'"#;
+
+/// The long-lived stream: connects to web.test:7001 and sends a line
+/// every 100 ms, logging each echo; a reset or EOF ends it with a line.
+const STREAM_CLIENT: &str = r#"cat > /tmp/stream.py <<'PY'
+import socket, time, errno
+log = open("/tmp/stream.log", "a", buffering=1)
+s = socket.create_connection(("web.test", 7001), timeout=10)
+n = 0
+try:
+    while True:
+        s.sendall(b"tick %d\n" % n)
+        r = s.recv(100)
+        if not r:
+            log.write("end:EOF\n"); break
+        log.write("echo:" + r.decode().strip() + "\n")
+        n += 1
+        time.sleep(0.1)
+except OSError as e:
+    log.write("end:" + errno.errorcode.get(e.errno, str(e)) + "\n")
+PY
+python3 /tmp/stream.py </dev/null >/dev/null 2>&1 &
+echo started"#;
+
+fn stream_log(sb: &LiveSandbox, host: &TestHost) -> String {
+    live_exec(sb, host, "cat /tmp/stream.log 2>/dev/null")
+}
+
+/// Waits until the stream's log satisfies `done`.
+fn wait_stream(sb: &LiveSandbox, host: &TestHost, done: impl Fn(&str) -> bool) -> String {
+    let t0 = Instant::now();
+    loop {
+        let log = stream_log(sb, host);
+        if done(&log) || t0.elapsed() > Duration::from_secs(10) {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn live_update_opens_and_closes_access_without_restarting() {
+    let test = "live_update_opens_and_closes_access_without_restarting";
+    let Some(host) = TestHost::start(test) else {
+        return;
+    };
+    let _echo = EchoService::start(&host);
+    for mode in modes(test) {
+        let m = mode.name;
+        let mut a: Vec<String> = vec!["sandbox".into(), "create".into()];
+        a.extend(live_rules(&host, &[("web.test", 80), ("web.test", 7001)]));
+        for name in ["web.test", "late.test"] {
+            a.push("--add-host".into());
+            a.push(format!("{name}:{}", host.v4));
+        }
+        let sb = LiveSandbox {
+            mode,
+            id: ok_as(mode, &a).trim().to_string(),
+        };
+        let inspect = |sb: &LiveSandbox| -> Value {
+            serde_json::from_str(&ok_as(
+                sb.mode,
+                &["sandbox".into(), "inspect".into(), sb.id.clone()],
+            ))
+            .expect("inspect json")
+        };
+        let before = inspect(&sb);
+
+        // Before: late.test is neither answered nor reachable.
+        let out = live_exec(&sb, &host, LIVE_PROBES);
+        assert_eq!(field(&out, "web"), "200 exit=0", "[{m}] {out}");
+        assert!(field(&out, "late").starts_with("000 "), "[{m}] {out}");
+        assert_eq!(field(&out, "dns-late"), "", "[{m}] {out}");
+        assert_eq!(field(&out, "echo-new"), "x", "[{m}] {out}");
+
+        // The long-lived stream, open before any update.
+        assert!(live_exec(&sb, &host, STREAM_CLIENT).contains("started"));
+        let log = wait_stream(&sb, &host, |l| l.contains("echo:tick 3"));
+        assert!(
+            log.contains("echo:tick 3"),
+            "[{m}] stream did not start: {log}"
+        );
+
+        // Update 1 opens late.test (and keeps the rest): no restart.
+        let mut up: Vec<String> = vec!["sandbox".into(), "network".into(), sb.id.clone()];
+        up.extend(live_rules(
+            &host,
+            &[("web.test", 80), ("web.test", 7001), ("late.test", 80)],
+        ));
+        up.push("--json".into());
+        let st: Value = serde_json::from_str(&ok_as(mode, &up)).expect("network json");
+        assert_eq!(st["mode"], "allowlist", "[{m}] {st}");
+        assert_eq!(st["update"]["closed"], serde_json::json!([]), "[{m}] {st}");
+        let out = live_exec(&sb, &host, LIVE_PROBES);
+        assert_eq!(field(&out, "late"), "200 exit=0", "[{m}] {out}");
+        assert_eq!(field(&out, "dns-late"), host.v4, "[{m}] {out}");
+        let ticks = |l: &str| l.matches("echo:").count();
+        let seen = ticks(&stream_log(&sb, &host));
+        let log = wait_stream(&sb, &host, |l| ticks(l) >= seen + 3 || l.contains("end:"));
+        assert!(
+            !log.contains("end:") && ticks(&log) >= seen + 3,
+            "[{m}] the stream stopped after an update that kept its rule: {log}"
+        );
+
+        // Update 2 removes web.test:7001 and late.test: the open stream is
+        // cut, new connections and DNS answers follow.
+        let mut up: Vec<String> = vec!["sandbox".into(), "network".into(), sb.id.clone()];
+        up.extend(live_rules(&host, &[("web.test", 80)]));
+        up.push("--json".into());
+        let st: Value = serde_json::from_str(&ok_as(mode, &up)).expect("network json");
+        assert_eq!(
+            st["update"]["closed"],
+            serde_json::json!(["web.test:7001 (web.test:7001)"]),
+            "[{m}] {st}"
+        );
+        let log = wait_stream(&sb, &host, |l| l.contains("end:"));
+        assert!(
+            ["end:ECONNRESET", "end:EPIPE", "end:EOF"]
+                .iter()
+                .any(|e| log.contains(e)),
+            "[{m}] the open stream survived the removal of its rule: {log}"
+        );
+        let out = live_exec(&sb, &host, LIVE_PROBES);
+        assert_eq!(field(&out, "web"), "200 exit=0", "[{m}] {out}");
+        assert!(field(&out, "late").starts_with("000 "), "[{m}] {out}");
+        assert_eq!(field(&out, "dns-late"), "", "[{m}] {out}");
+        assert!(field(&out, "echo-new").starts_with("ERR"), "[{m}] {out}");
+
+        // Visible: the cut connection, with its rule, in the keeper's report.
+        let now = inspect(&sb);
+        let denials = now["network"]["denials"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            denials.iter().any(|d| d["reason"] == "rule_removed"
+                && d["port"] == 7001
+                && d["detail"].as_str().unwrap_or("").contains("web.test:7001")),
+            "[{m}] {now}"
+        );
+
+        // Update 3: none refuses everything; the policy shows it.
+        let o = ok_as(
+            mode,
+            &[
+                "sandbox".into(),
+                "network".into(),
+                sb.id.clone(),
+                "--network".into(),
+                "none".into(),
+            ],
+        );
+        assert!(o.starts_with("mode: none"), "[{m}] {o}");
+        let out = live_exec(&sb, &host, LIVE_PROBES);
+        assert!(field(&out, "web").starts_with("000 "), "[{m}] {out}");
+        let shown = ok_as(mode, &["sandbox".into(), "network".into(), sb.id.clone()]);
+        assert_eq!(shown.lines().next(), Some("mode: none"), "[{m}] {shown}");
+
+        // The same sandbox all along: keeper and init never restarted.
+        let after = inspect(&sb);
+        for k in ["id", "init_pid", "keeper_pid"] {
+            assert_eq!(before[k], after[k], "[{m}] {k} changed: {before} {after}");
+        }
+    }
+}
+
+#[test]
+fn live_update_refusals_are_one_clear_error() {
+    let test = "live_update_refusals_are_one_clear_error";
+    for mode in modes(test) {
+        let m = mode.name;
+        let create = |flags: &[&str]| -> LiveSandbox {
+            let mut a = vec!["sandbox", "create"];
+            a.extend(flags);
+            let o = run(mode, &a);
+            assert_eq!(code(&o), 0, "[{m}] {}", text(&o.stderr));
+            LiveSandbox {
+                mode,
+                id: text(&o.stdout).trim().to_string(),
+            }
+        };
+        let none = create(&[]);
+        let allow = create(&["--allow-host", "a.test"]);
+        for (sb, args, needle) in [
+            (
+                &none,
+                vec!["--allow-host", "a.test"],
+                "created with --network none",
+            ),
+            (&allow, vec!["--allow-host", "bad host!"], "bad host!"),
+            (
+                &allow,
+                vec!["--network", "none", "--allow-host", "a.test"],
+                "need --network allowlist",
+            ),
+            (
+                &allow,
+                vec!["--network", "open", "--allow-cidr", "10.0.0.0/8"],
+                "only make sense with --network allowlist",
+            ),
+        ] {
+            let mut a = vec!["sandbox", "network", sb.id.as_str()];
+            a.extend(args.iter().copied());
+            let o = run(mode, &a);
+            let err = text(&o.stderr);
+            assert_eq!(code(&o), 125, "[{m}] {a:?}: {err}");
+            assert!(err.contains(needle), "[{m}] {a:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "[{m}] {err}");
+        }
+        // The refused updates changed nothing.
+        let shown = text(&run(mode, &["sandbox", "network", &allow.id]).stdout);
+        assert_eq!(shown, "mode: allowlist\nallow-host: a.test\n", "[{m}]");
+    }
+}

@@ -14,6 +14,7 @@ use tokio::time::timeout;
 
 use crate::addr::canonical;
 use crate::http::{self, Target, MAX_HEAD, MAX_HEADERS};
+use crate::live::{Live, Ticket};
 use crate::policy::{Host, NetworkPolicy};
 use crate::record::{DenyReason, Limits, Protocol, Recorder};
 use crate::resolve::{Connect, Resolve};
@@ -23,7 +24,8 @@ const RELAY_BUF: usize = 64 * 1024;
 
 /// Everything the connection handlers share.
 pub(crate) struct Shared {
-    pub(crate) policy: NetworkPolicy,
+    /// The current policy and the open connections (live updates).
+    pub(crate) live: Live,
     pub(crate) limits: Limits,
     pub(crate) resolver: Arc<dyn Resolve>,
     pub(crate) connector: Arc<dyn Connect>,
@@ -84,7 +86,7 @@ impl Shared {
                     .saturating_add(Limits::HANDSHAKE_SLACK),
             )),
             tunnels: Arc::new(Semaphore::new(limits.max_connections)),
-            policy,
+            live: Live::new(policy),
             limits,
             resolver,
             connector,
@@ -185,13 +187,18 @@ pub(crate) fn take_slot(sh: &Shared) -> Result<OwnedSemaphorePermit, DenyReason>
         })
 }
 
+/// An upstream connection: the stream, its connection slot, and its place
+/// among the open connections (a policy update may cut it).
+type Upstream<'a> = (TcpStream, OwnedSemaphorePermit, Ticket<'a>);
+
 /// Checks, resolves (once) and connects to a checked address.
-async fn open_upstream(
-    sh: &Shared,
+async fn open_upstream<'a>(
+    sh: &'a Shared,
     host: &Host,
     port: u16,
-) -> Result<(TcpStream, OwnedSemaphorePermit), DenyReason> {
-    sh.policy.check_destination(host, port)?;
+) -> Result<Upstream<'a>, DenyReason> {
+    let policy = sh.live.policy();
+    policy.check_destination(host, port)?;
     let permit = take_slot(sh)?;
     let candidates: Vec<IpAddr> = match host {
         Host::Ip(ip) => vec![*ip],
@@ -215,7 +222,7 @@ async fn open_upstream(
     let mut first_refusal = None;
     for addr in candidates {
         let addr = canonical(addr);
-        match sh.policy.check_address(addr, port) {
+        match policy.check_address(addr, port) {
             Ok(()) => {
                 if !checked.contains(&addr) {
                     checked.push(addr);
@@ -236,8 +243,13 @@ async fn open_upstream(
         let sa = SocketAddr::new(addr, port);
         match timeout(sh.limits.connect_timeout, sh.connector.connect(sa)).await {
             Ok(Ok(stream)) => {
+                let name = match host {
+                    Host::Name(n) => Some(n.as_str()),
+                    Host::Ip(_) => None,
+                };
+                let ticket = sh.live.admit(name, addr, port)?;
                 sh.rec.allowed.fetch_add(1, Ordering::Relaxed);
-                return Ok((stream, permit));
+                return Ok((stream, permit, ticket));
             }
             Ok(Err(e)) => last = Some((addr, e.to_string())),
             Err(_) => last = Some((addr, "timed out".to_string())),
@@ -411,7 +423,7 @@ where
         }
     }
 
-    let (upstream, _permit) = match open_upstream(sh, &host, port).await {
+    let (upstream, _permit, ticket) = match open_upstream(sh, &host, port).await {
         Ok(u) => u,
         Err(reason) => {
             let resp = deny_with(dest, port, reason);
@@ -429,7 +441,12 @@ where
             {
                 return;
             }
-            tunnel(sh, client, upstream, &host, port, proto, leftover).await;
+            let to = To {
+                host: &host,
+                port,
+                proto,
+            };
+            tunnel(sh, client, upstream, to, ticket, leftover).await;
         }
         Some(path) => {
             let host_header = if authority.is_empty() {
@@ -444,7 +461,7 @@ where
                 leftover,
                 head_request,
             };
-            forward(sh, client, upstream, &host, port, req).await;
+            forward(sh, client, upstream, (&host, port), ticket, req).await;
         }
     }
 }
@@ -550,23 +567,30 @@ fn split<S: AsyncRead + AsyncWrite>(s: S) -> (ReadHalf<S>, WriteHalf<S>) {
     tokio::io::split(s)
 }
 
+/// Where a tunnel goes.
+struct To<'a> {
+    host: &'a Host,
+    port: u16,
+    proto: Protocol,
+}
+
 async fn tunnel<S>(
     sh: &Shared,
     client: S,
     upstream: TcpStream,
-    target: &Host,
-    port: u16,
-    proto: Protocol,
+    to: To<'_>,
+    mut ticket: Ticket<'_>,
     leftover: Vec<u8>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut cr, mut cw) = split(client);
     let (mut ur, mut uw) = upstream.into_split();
-    let up = pump_up_checked(sh, &mut cr, &mut uw, target, leftover);
+    let up = pump_up_checked(sh, &mut cr, &mut uw, to.host, leftover);
     let down = pump(sh, &mut ur, &mut cw, false);
-    if let Err(End::Deny(reason)) = tokio::try_join!(up, down) {
-        sh.rec.deny(target.to_string(), port, proto, reason);
+    let relay = async { tokio::try_join!(up, down).map(|_| ()) };
+    if let Err(End::Deny(reason)) = ticket.guard(relay, None).await {
+        sh.rec.deny(to.host.to_string(), to.port, to.proto, reason);
     }
 }
 
@@ -655,8 +679,8 @@ async fn forward<S>(
     sh: &Shared,
     client: S,
     upstream: TcpStream,
-    target: &Host,
-    port: u16,
+    (target, port): (&Host, u16),
+    mut ticket: Ticket<'_>,
     req: ForwardRequest,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -668,7 +692,7 @@ async fn forward<S>(
         send(sh, &mut uw, &req.leftover, true).await?;
         pump(sh, &mut cr, &mut uw, true).await
     };
-    let result = {
+    let relay = async {
         let down = pump_response(sh, &mut ur, &mut cw, req.head_request);
         tokio::pin!(up, down);
         tokio::select! {
@@ -679,6 +703,7 @@ async fn forward<S>(
             },
         }
     };
+    let result = ticket.guard(relay, None).await;
     if let Err(End::Deny(reason)) = result {
         sh.rec
             .deny(target.to_string(), port, Protocol::HttpForward, reason);
@@ -806,7 +831,7 @@ where
         return;
     }
     match open_upstream(sh, &host, port).await {
-        Ok((upstream, _permit)) => {
+        Ok((upstream, _permit, ticket)) => {
             let bound = upstream.local_addr().ok();
             if client
                 .write_all(&socks_reply(rep::OK, bound))
@@ -815,16 +840,12 @@ where
             {
                 return;
             }
-            tunnel(
-                sh,
-                client,
-                upstream,
-                &host,
+            let to = To {
+                host: &host,
                 port,
-                Protocol::Socks5,
-                Vec::new(),
-            )
-            .await;
+                proto: Protocol::Socks5,
+            };
+            tunnel(sh, client, upstream, to, ticket, Vec::new()).await;
         }
         Err(reason) => {
             let code = match &reason {

@@ -197,7 +197,8 @@ async fn decide(sh: &Shared, q: &Query) -> (u8, Vec<IpAddr>, Option<DenyReason>)
             )
         }
     };
-    let ports = match sh.policy.name_ports(&name) {
+    let policy = sh.live.policy();
+    let ports = match policy.name_ports(&name) {
         Ok(p) => p,
         Err(e) => return (RCODE_NXDOMAIN, Vec::new(), Some(e)),
     };
@@ -224,7 +225,7 @@ async fn decide(sh: &Shared, q: &Query) -> (u8, Vec<IpAddr>, Option<DenyReason>)
             )
         }
     };
-    let (accepted, refusal) = vouch(&sh.policy, &resolved, &ports);
+    let (accepted, refusal) = vouch(&policy, &resolved, &ports);
     sh.remember(&name, &accepted);
     let answers: Vec<IpAddr> = accepted
         .into_iter()

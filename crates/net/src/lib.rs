@@ -60,6 +60,7 @@ mod conn;
 mod dns;
 mod http;
 pub mod kernel;
+mod live;
 pub mod policy;
 mod proxy;
 mod record;
@@ -68,6 +69,7 @@ mod sni;
 mod transparent;
 
 pub use addr::{AddrClass, Special};
+pub use live::PolicyUpdate;
 pub use policy::{
     Cidr, CidrRule, Host, HostPattern, HostRule, NetworkMode, NetworkPolicy, PolicyError,
     DEFAULT_HOST_PORTS,

@@ -681,6 +681,55 @@ impl NetworkPolicy {
         Err(other_port)
     }
 
+    /// The rule that admits a connection to `addr:port` made for `name`
+    /// (the name the client asked for, or the one the sandbox's DNS vouched
+    /// for the address), as its text (`api.example.com:443`,
+    /// `10.0.0.0/8`, `open`), or why none does. The proxy keeps it with
+    /// every open connection: a policy update closes the connections whose
+    /// admission no rule of the new policy grants any more.
+    pub fn admitting_rule(
+        &self,
+        name: Option<&str>,
+        addr: IpAddr,
+        port: u16,
+    ) -> Result<String, DenyReason> {
+        let addr = canonical(addr);
+        let rule = match (self.mode, name) {
+            (NetworkMode::None, _) => return Err(DenyReason::NetworkDisabled),
+            (NetworkMode::Open, _) => "open".to_string(),
+            (NetworkMode::Allowlist, Some(n)) => {
+                self.check_destination(&Host::Name(n.to_string()), port)?;
+                self.hosts
+                    .iter()
+                    .find(|r| r.pattern.matches_name(n) && r.allows_port(port))
+                    .map(ToString::to_string)
+                    .ok_or(DenyReason::HostNotAllowed)?
+            }
+            (NetworkMode::Allowlist, None) => {
+                self.check_destination(&Host::Ip(addr), port)?;
+                self.ip_rule_text(addr, port)
+                    .ok_or(DenyReason::AddressNotAllowed)?
+            }
+        };
+        self.check_address(addr, port)?;
+        Ok(rule)
+    }
+
+    /// The text of the first literal-IP or CIDR rule allowing `addr:port`.
+    fn ip_rule_text(&self, addr: IpAddr, port: u16) -> Option<String> {
+        let host = self
+            .hosts
+            .iter()
+            .find(|r| r.pattern == HostPattern::Ip(addr) && r.allows_port(port))
+            .map(ToString::to_string);
+        host.or_else(|| {
+            self.cidrs
+                .iter()
+                .find(|r| r.cidr.contains(addr) && r.allows_port(port))
+                .map(ToString::to_string)
+        })
+    }
+
     /// Stage one: may the client ask for `host:port` at all? (Mode, host
     /// rules with their ports; for a literal address, the CIDR and literal-IP
     /// rules.) Resolution and [`check_address`](Self::check_address) follow.
@@ -794,6 +843,36 @@ mod tests {
     }
     fn name(s: &str) -> Host {
         Host::parse(s).unwrap()
+    }
+
+    #[test]
+    fn names_the_rule_that_admits_a_connection() {
+        let p = NetworkPolicy::allowlist(["*.example.com", "db.test:5432"], ["10.9.0.0/16:80"])
+            .unwrap();
+        let pub_ip: IpAddr = "93.184.216.34".parse().unwrap();
+        assert_eq!(
+            p.admitting_rule(Some("api.example.com"), pub_ip, 443),
+            Ok("*.example.com".into())
+        );
+        assert_eq!(
+            p.admitting_rule(Some("api.example.com"), pub_ip, 22),
+            Err(DenyReason::PortNotAllowed)
+        );
+        let private: IpAddr = "10.9.1.2".parse().unwrap();
+        assert_eq!(
+            p.admitting_rule(None, private, 80),
+            Ok("10.9.0.0/16:80".into())
+        );
+        // A name allowed, its address special and not covered: refused.
+        assert!(matches!(
+            p.admitting_rule(Some("db.test"), "127.0.0.1".parse().unwrap(), 5432),
+            Err(DenyReason::SpecialAddress { .. })
+        ));
+        let none = NetworkPolicy::default();
+        assert_eq!(
+            none.admitting_rule(None, pub_ip, 80),
+            Err(DenyReason::NetworkDisabled)
+        );
     }
 
     #[test]

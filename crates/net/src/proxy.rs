@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::conn::{serve, Shared};
+use crate::live::PolicyUpdate;
 use crate::policy::NetworkPolicy;
 use crate::record::{ConnRecord, Denial, DnsRecord, Limits, Stats};
 use crate::resolve::{Connect, Resolve, SystemResolver, TcpConnector};
@@ -413,13 +414,24 @@ pub struct ProxyHandle {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("policy", &self.policy)
+            .field("policy", &self.live.policy())
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
 impl ProxyHandle {
+    /// The policy now.
+    pub fn policy(&self) -> NetworkPolicy {
+        NetworkPolicy::clone(&self.shared.live.policy())
+    }
+
+    /// Replaces the policy: new connections and DNS answers follow it at
+    /// once, and open connections that no rule of it admits are closed.
+    pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
+        self.shared.live.replace(policy)
+    }
+
     /// Every refusal so far, oldest first.
     pub fn denials(&self) -> Vec<Denial> {
         self.shared.rec.denials()
@@ -480,6 +492,18 @@ pub struct BlockingProxy {
 }
 
 impl BlockingProxy {
+    /// The policy now.
+    pub fn policy(&self) -> NetworkPolicy {
+        NetworkPolicy::clone(&self.shared.live.policy())
+    }
+
+    /// Replaces the policy: new connections and DNS answers follow it at
+    /// once, and open connections that no rule of it admits are closed
+    /// (see [`ProxyHandle::set_policy`]).
+    pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
+        self.shared.live.replace(policy)
+    }
+
     /// Every refusal so far, oldest first.
     pub fn denials(&self) -> Vec<Denial> {
         self.shared.rec.denials()

@@ -95,6 +95,14 @@ pub enum DenyReason {
         /// The cap.
         max: u64,
     },
+    /// An open connection closed by a policy update: no rule of the new
+    /// policy admits it any more.
+    RuleRemoved {
+        /// The rule that had admitted it.
+        rule: String,
+        /// Why the new policy refuses it.
+        detail: String,
+    },
 }
 
 impl DenyReason {
@@ -117,6 +125,7 @@ impl DenyReason {
             DenyReason::Unsupported { .. } => "unsupported",
             DenyReason::ConnectionLimit { .. } => "connection_limit",
             DenyReason::ByteLimit { .. } => "byte_limit",
+            DenyReason::RuleRemoved { .. } => "rule_removed",
         }
     }
 
@@ -164,6 +173,10 @@ impl fmt::Display for DenyReason {
                 write!(f, "too many concurrent connections (cap {max})")
             }
             DenyReason::ByteLimit { max } => write!(f, "byte cap of {max} bytes reached"),
+            DenyReason::RuleRemoved { rule, detail } => write!(
+                f,
+                "closed by a policy update: its rule `{rule}` was removed ({detail})"
+            ),
         }
     }
 }

@@ -207,14 +207,15 @@ async fn decide(
     port: u16,
     name: &Sniffed,
 ) -> Result<Option<String>, DenyReason> {
+    let policy = sh.live.policy();
     if let Some((n, _)) = name {
-        sh.policy.check_destination(&Host::Name(n.clone()), port)?;
+        policy.check_destination(&Host::Name(n.clone()), port)?;
         let mut vouched = sh.names_for(ip).iter().any(|x| x == n);
         if !vouched {
             // Not (or no longer) in the DNS answers: resolve it now.
             if let Ok(Ok(addrs)) = timeout(sh.limits.connect_timeout, sh.resolver.resolve(n)).await
             {
-                let (ok, _) = crate::dns::vouch(&sh.policy, &addrs, &[port]);
+                let (ok, _) = crate::dns::vouch(&policy, &addrs, &[port]);
                 sh.remember(n, &ok);
                 vouched = ok.contains(&ip);
             }
@@ -225,14 +226,14 @@ async fn decide(
                 address: ip,
             });
         }
-        sh.policy.check_address(ip, port)?;
+        policy.check_address(ip, port)?;
         return Ok(Some(n.clone()));
     }
     let mut refusal = None;
     for n in sh.names_for(ip) {
-        match sh.policy.check_destination(&Host::Name(n.clone()), port) {
+        match policy.check_destination(&Host::Name(n.clone()), port) {
             Ok(()) => {
-                sh.policy.check_address(ip, port)?;
+                policy.check_address(ip, port)?;
                 return Ok(Some(n));
             }
             Err(e) => {
@@ -240,16 +241,16 @@ async fn decide(
             }
         }
     }
-    match sh.policy.check_destination(&Host::Ip(ip), port) {
+    match policy.check_destination(&Host::Ip(ip), port) {
         Ok(()) => {
-            sh.policy.check_address(ip, port)?;
+            policy.check_address(ip, port)?;
             Ok(None)
         }
         Err(e) => Err(match (refusal, e) {
             // A name vouched for the address but not on this port.
             (Some(r), _) => r,
             // No name, and no rule for the bare address: is it special?
-            (None, DenyReason::AddressNotAllowed) => match sh.policy.check_address(ip, port) {
+            (None, DenyReason::AddressNotAllowed) => match policy.check_address(ip, port) {
                 Err(special) => special,
                 Ok(()) => DenyReason::AddressNotAllowed,
             },
@@ -346,10 +347,27 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
             return;
         }
     };
+    // Registered before any byte passes: a policy update from here on
+    // closes it if no rule of the new policy admits it.
+    let mut ticket = match sh.live.admit(record.name.as_deref(), ip, port) {
+        Ok(t) => t,
+        Err(reason) => {
+            let dest = record.name.clone().unwrap_or_else(|| ip.to_string());
+            record.reason = Some(reason.clone());
+            reset_on_close(&client);
+            sh.rec.connection(record);
+            sh.rec.deny(dest, port, Protocol::Transparent, reason);
+            return;
+        }
+    };
     record.allowed = true;
     let (bytes, idx) = sh.rec.connection(record);
     let _ = upstream.set_nodelay(true);
-    if let Err(End::Deny(reason)) = relay(&sh, client, upstream, &initial, &bytes).await {
+    let fd = client.as_raw_fd();
+    let relayed = ticket
+        .guard(relay(&sh, client, upstream, &initial, &bytes), Some(fd))
+        .await;
+    if let Err(End::Deny(reason)) = relayed {
         let dest = name.unwrap_or_else(|| ip.to_string());
         sh.rec.cut(idx, reason.clone());
         sh.rec.deny(dest, port, Protocol::Transparent, reason);
@@ -359,15 +377,21 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
 /// Makes closing `s` send a reset (`SO_LINGER` with a zero timeout, which
 /// never blocks).
 fn reset_on_close(s: &TcpStream) {
+    reset_fd_on_close(s.as_raw_fd());
+}
+
+/// [`reset_on_close`] for a descriptor still open (owned elsewhere).
+pub(crate) fn reset_fd_on_close(fd: std::os::fd::RawFd) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `l` outlives the call and its size is passed; the descriptor
-    // is `s`'s own, open for the duration of the call.
+    // SAFETY: `l` outlives the call and its size is passed; the caller
+    // passes a descriptor that is open for the duration of the call (a
+    // wrong one gets at most an error back).
     unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&l as *const libc::linger).cast(),

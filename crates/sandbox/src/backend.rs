@@ -789,6 +789,10 @@ impl KeeperSandbox {
                 message: m,
             }),
             Ok(Reply::Stopping) => Err(destroyed(&self.info.id)),
+            Ok(Reply::Network(_)) => Err(Error::Backend {
+                backend: NativeKeeper::NAME.into(),
+                message: "the keeper answered a network state to another request".into(),
+            }),
             Err(e) => Err(keeper_error(e, Some(&self.info.id))),
         }
     }

@@ -37,6 +37,7 @@ fn toggle(a: &PauseArgs, req: &Request) -> Result<u8> {
             Reply::Live(_) => println!("{}", st.id),
             Reply::Error(e) => bail!("{e}"),
             Reply::Stopping => bail!("sandbox {} is ending", st.id),
+            Reply::Network(_) => bail!("sandbox {}: its keeper answered another request", st.id),
         }
     }
     Ok(0)
@@ -50,6 +51,7 @@ pub fn inspect(target: &str) -> Result<u8> {
         Reply::Live(l) => l,
         Reply::Error(e) => bail!("{e}"),
         Reply::Stopping => bail!("sandbox {} is ending", st.id),
+        Reply::Network(_) => bail!("sandbox {}: its keeper answered another request", st.id),
     };
     let map = v
         .as_object_mut()

@@ -293,6 +293,21 @@ impl Remote {
         self.exec_echo(spec, None)
     }
 
+    /// The sandbox's egress policy, after replacing it with `policy` if
+    /// given (see [`crate::native::session::set_network`]).
+    pub fn network(
+        &self,
+        policy: Option<nanoclaw_net::NetworkPolicy>,
+    ) -> Result<super::NetworkState, KeeperError> {
+        match self.ask(&Request::Network { policy })? {
+            Reply::Network(n) => Ok(*n),
+            Reply::Error(e) => Err(KeeperError::Invalid(e)),
+            other => Err(KeeperError::Protocol(format!(
+                "unexpected answer to a network request: {other:?}"
+            ))),
+        }
+    }
+
     /// Sends `signal` to every process of the sandbox but init; returns
     /// how many children init still has.
     pub fn signal_all(&self, signal: i32) -> Result<u64, KeeperError> {

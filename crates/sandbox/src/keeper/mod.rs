@@ -120,6 +120,13 @@ pub enum Request {
     },
     /// End the sandbox; the reply is `Stopping`.
     Stop,
+    /// Show (`policy: None`) or replace the sandbox's egress policy; the
+    /// reply is `Network`.
+    Network {
+        /// The new policy, or `None` to only read the current one.
+        #[serde(default)]
+        policy: Option<nanoclaw_net::NetworkPolicy>,
+    },
     /// Send `signal` to every process of the sandbox but its init (the
     /// first step of `sandbox stop`); the reply is `Live`, whose
     /// `processes` says how many are left.
@@ -135,6 +142,8 @@ pub enum Request {
 pub enum Reply {
     /// The sandbox now.
     Live(Box<Live>),
+    /// Its egress policy (after the update, if one was asked for).
+    Network(Box<NetworkState>),
     /// It is ending.
     Stopping,
     /// The request failed.
@@ -173,6 +182,19 @@ pub struct Live {
     /// and the refusals (the first ones kept, see the proxy's cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::outcome::NetworkReport>,
+}
+
+/// A sandbox's egress policy, as a keeper reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetworkState {
+    /// `none`, `allowlist`, `open` or `kernel`.
+    pub mode: String,
+    /// The policy its proxy applies (`None`: no proxy, nothing to update).
+    pub policy: Option<nanoclaw_net::NetworkPolicy>,
+    /// The update just made, if any: the open connections it closed and
+    /// how many it kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<nanoclaw_net::PolicyUpdate>,
 }
 
 /// Frame kinds a keeper adds to init's (see [`crate::native::proto`]).

@@ -406,6 +406,22 @@ impl Keeper {
         }
     }
 
+    /// Shows or replaces the sandbox's egress policy.
+    fn network(&mut self, policy: Option<nanoclaw_net::NetworkPolicy>) -> Reply {
+        let update = match policy {
+            None => None,
+            Some(p) => match session::set_network(&mut self.sandbox, p) {
+                Ok(u) => Some(u),
+                Err(e) => return Reply::Error(e.to_string()),
+            },
+        };
+        Reply::Network(Box::new(super::NetworkState {
+            mode: session::network_mode(&self.sandbox).to_string(),
+            policy: session::network_policy(&self.sandbox),
+            update,
+        }))
+    }
+
     /// Sends a JSON reply and closes the connection.
     fn reply(&mut self, t: u64, reply: &Reply) {
         if let Some(c) = self.conns.remove(&t) {
@@ -433,6 +449,10 @@ impl Keeper {
             Request::Inspect => {
                 let live = self.live();
                 self.reply(t, &Reply::Live(Box::new(live)));
+            }
+            Request::Network { policy } => {
+                let r = self.network(policy);
+                self.reply(t, &r);
             }
             Request::Pause | Request::Resume => {
                 let r = self.pause_or_resume(matches!(req, Request::Pause));

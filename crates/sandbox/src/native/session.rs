@@ -203,6 +203,46 @@ pub(crate) fn network_report(sb: &Sandbox) -> Option<crate::outcome::NetworkRepo
     sb.proxy.as_ref().map(|_| supervise::network_report(sb))
 }
 
+/// `none`, `allowlist`, `open` or `kernel`: the network mode of `sb` now.
+pub fn network_mode(sb: &Sandbox) -> &'static str {
+    sb.net_mode
+}
+
+/// The egress policy `sb`'s proxy applies now; `None` without a proxy
+/// (network `none` or `kernel`: nothing to update).
+pub fn network_policy(sb: &Sandbox) -> Option<nanoclaw_net::NetworkPolicy> {
+    sb.proxy.as_ref().map(|p| p.policy())
+}
+
+/// Replaces the egress policy of a running sandbox: new connections and
+/// its DNS answers follow `policy` at once, and open connections that no
+/// rule of `policy` admits are closed. Only a sandbox created with a proxy
+/// (network `allowlist` or `open`) has one to update; to `none` it goes by
+/// `policy.mode` (everything refused, the proxy kept for a later update).
+pub fn set_network(
+    sb: &mut Sandbox,
+    policy: nanoclaw_net::NetworkPolicy,
+) -> Result<nanoclaw_net::PolicyUpdate, Error> {
+    let Some(proxy) = sb.proxy.as_ref() else {
+        let why = match sb.net_mode {
+            "kernel" => "it was created with --network kernel, whose veth and host nftables rules are fixed at creation",
+            _ => "it was created with --network none: its network namespace has only loopback, with no redirect to nanoclaw's proxy and no DNS, and those are set up only when a sandbox is created (the keeper cannot enter the namespace to add them later)",
+        };
+        return Err(Error::Unsupported {
+            what: format!("changing the network policy of sandbox {}", sb.id),
+            why: why.into(),
+            fix: "create the sandbox with --network allowlist (or open): its policy can then be replaced live, including with --network none".into(),
+        });
+    };
+    let update = proxy.set_policy(policy.clone());
+    sb.net_mode = match policy.mode {
+        nanoclaw_net::NetworkMode::None => "none",
+        nanoclaw_net::NetworkMode::Allowlist => "allowlist",
+        nanoclaw_net::NetworkMode::Open => "open",
+    };
+    Ok(update)
+}
+
 /// Starts one command in `sb` and returns at once with its pipes (with a
 /// stdin pipe when `with_stdin`). Init's replies about it (`STARTED`,
 /// `EXITED`, `REFUSED`) arrive on the sandbox's lifeline.

@@ -557,6 +557,9 @@ impl KeeperBackend {
             Reply::Live(l) => Ok(*l),
             Reply::Error(m) => Err(BackendError::Conflict(m)),
             Reply::Stopping => Err(BackendError::NotFound("the sandbox is ending".into())),
+            Reply::Network(_) => Err(BackendError::Internal(
+                "the keeper answered a network state to another request".into(),
+            )),
         }
     }
 
