@@ -296,6 +296,99 @@ def test_egress_denial_is_counted_and_audited(sandbox, e2b_target):
     assert len(again) == len(recs), again
 
 
+_NET_PROBE = r"""
+c() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
+echo "a:$(c http://a.test/)"
+echo "b:$(c http://b.test/)"
+python3 - <<'PY'
+import socket, struct
+m = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x09localhost\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(m, ("127.0.0.1", 53))
+print("dns-localhost:%d" % (s.recv(512)[3] & 15))
+PY
+"""
+
+
+def _probe(sbx) -> dict:
+    out = sbx.commands.run(_NET_PROBE, timeout=60).stdout
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+def test_update_network_applies_live_and_is_audited(make_sandbox, e2b_target):
+    """Sandbox.update_network (PUT /sandboxes/{id}/network) replaces the
+    rules of the running sandbox: its proxy and its DNS follow at once, the
+    sandbox (and what runs in it) stays. The proxy's answers tell allowed
+    from refused without any traffic leaving the machine: a refused name
+    gets 403 from the proxy, an allowed one that does not resolve 502; the
+    sandbox's DNS answers NXDOMAIN (3) for a name it does not allow, and
+    NOERROR (0, with no address: loopback is never handed out) for an
+    allowed one."""
+    import httpx
+    from e2b import ALL_TRAFFIC
+
+    update_network = require_sdk(Sandbox, "update_network")
+    sbx = make_sandbox(network={"allow_out": ["a.test"], "deny_out": [ALL_TRAFFIC]})
+    sbx.commands.run("echo kept > /tmp/marker; sleep 600 >/dev/null 2>&1 &", timeout=10)
+    pid = sbx.commands.run("pgrep -x sleep", timeout=10).stdout.strip()
+    before = _probe(sbx)
+    assert (before["a"], before["b"], before["dns-localhost"]) == ("502", "403", "3"), before
+
+    sbx.update_network({"allow_out": ["b.test", "localhost"]})
+    after = _probe(sbx)
+    assert (after["a"], after["b"], after["dns-localhost"]) == ("403", "502", "0"), after
+
+    update_network(sbx.sandbox_id, {"allow_internet_access": False}, **e2b_target.a)
+    off = _probe(sbx)
+    assert (off["a"], off["b"], off["dns-localhost"]) == ("403", "403", "3"), off
+
+    # The same sandbox, files and processes included.
+    assert sbx.commands.run("cat /tmp/marker", timeout=10).stdout == "kept\n"
+    assert sbx.commands.run("pgrep -x sleep", timeout=10).stdout.strip() == pid
+    info = Sandbox.get_info(sbx.sandbox_id, **e2b_target.a)
+    assert info.sandbox_id == sbx.sandbox_id
+
+    recs = httpx.get(
+        e2b_target.api_url + "/v1/audit",
+        params={"sandbox": sbx.sandbox_id, "kind": "network_update"},
+        headers={"X-API-Key": e2b_target.key_a},
+    ).json()
+    assert len(recs) == 2, recs
+    assert any("b.test" in (r.get("detail") or "") for r in recs), recs
+
+
+def test_update_network_refusals_are_json_4xx(make_sandbox, e2b_target):
+    """Bad input gets one clear 4xx with a JSON body; another tenant's
+    sandbox does not exist; a sandbox made without internet access has no
+    proxy to update (409, saying why); nothing changes."""
+    import httpx
+
+    sbx = make_sandbox(network={"allow_out": ["a.test"], "deny_out": ["0.0.0.0/0"]})
+    offline = make_sandbox(allow_internet_access=False)
+    url = e2b_target.api_url + "/sandboxes/{}/network"
+    key_a = {"X-API-Key": e2b_target.key_a}
+    cases = [
+        (sbx.sandbox_id, key_a, {"allowOut": ["10.0.0.1"]}, 400, "only public addresses"),
+        (sbx.sandbox_id, key_a, {"allowOut": ["127.0.0.1:80"]}, 400, "only public addresses"),
+        (sbx.sandbox_id, key_a, {"allowOut": ["bad host!"]}, 400, "bad host!"),
+        (sbx.sandbox_id, key_a, {"egressProxy": {"address": "1.2.3.4:1080"}}, 400, "egressProxy"),
+        (sbx.sandbox_id, key_a, {"denyOut": ["1.2.3.4"]}, 400, "denyOut"),
+        (sbx.sandbox_id, {"X-API-Key": e2b_target.key_b}, {"allowOut": ["b.test"]}, 404, "not found"),
+        ("nosuchsandbox", key_a, {"allowOut": ["b.test"]}, 404, "not found"),
+        (offline.sandbox_id, key_a, {"allowOut": ["b.test"]}, 409, "created with no network"),
+    ]
+    for sid, headers, body, status, needle in cases:
+        r = httpx.put(url.format(sid), json=body, headers=headers)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        err = r.json()
+        assert err["code"] == status and needle in err["message"], (body, err)
+    r = httpx.put(url.format(sbx.sandbox_id), content=b"{nope", headers=key_a)
+    assert r.status_code == 400 and "invalid JSON" in r.json()["message"], r.text
+    # Nothing was applied: a.test is still the one allowed name.
+    still = _probe(sbx)
+    assert (still["a"], still["b"]) == ("502", "403"), still
+
+
 def test_twenty_concurrent_sandboxes(e2b_target, registry):
     def one(i):
         sbx = Sandbox.create(template=e2b_target.template, timeout=120,

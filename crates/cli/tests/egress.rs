@@ -1026,7 +1026,7 @@ fn live_update_refusals_are_one_clear_error() {
             (
                 &none,
                 vec!["--allow-host", "a.test"],
-                "created with --network none",
+                "created with no network (--network none",
             ),
             (&allow, vec!["--allow-host", "bad host!"], "bad host!"),
             (

@@ -97,6 +97,9 @@ pub mod kind {
     pub const KILL: &str = "kill";
     /// A sandbox was paused.
     pub const PAUSE: &str = "pause";
+    /// A running sandbox's egress policy was replaced (the new rules, and
+    /// the open connections the update closed, in `detail`).
+    pub const NETWORK_UPDATE: &str = "network_update";
     /// A sandbox was resumed.
     pub const RESUME: &str = "resume";
     /// A file was read or written in a sandbox (`path`, `method`).

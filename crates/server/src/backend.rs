@@ -136,6 +136,18 @@ pub struct CreateSandbox {
     pub envd_access_token: String,
 }
 
+/// E2B's `PUT /sandboxes/{id}/network`: the egress rules that replace a
+/// running sandbox's (a field left out is cleared, as in E2B).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkUpdate {
+    /// `allow_internet_access`: `Some(false)` denies everything.
+    pub allow_internet_access: Option<bool>,
+    /// `allowOut`: CIDRs, IPs or domain names (`*.x.com`).
+    pub allow_out: Vec<String>,
+    /// `denyOut`: CIDRs or IPs.
+    pub deny_out: Vec<String>,
+}
+
 /// What E2B's API says about a sandbox.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SandboxInfo {
@@ -596,6 +608,18 @@ pub trait Backend: Send + Sync + 'static {
         tenant: &TenantId,
         sandbox_id: &str,
         timeout: Duration,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
+
+    /// Replaces a running (or paused) sandbox's egress rules: new
+    /// connections and its DNS answers follow them at once, and open
+    /// connections they no longer allow are closed.
+    /// [`BackendError::Conflict`] when the sandbox has no egress proxy to
+    /// update (it was created without internet access).
+    fn update_network(
+        &self,
+        tenant: &TenantId,
+        sandbox_id: &str,
+        update: NetworkUpdate,
     ) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// Resource-usage samples, oldest first (at least the current one for a

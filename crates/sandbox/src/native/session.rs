@@ -226,7 +226,7 @@ pub fn set_network(
     let Some(proxy) = sb.proxy.as_ref() else {
         let why = match sb.net_mode {
             "kernel" => "it was created with --network kernel, whose veth and host nftables rules are fixed at creation",
-            _ => "it was created with --network none: its network namespace has only loopback, with no redirect to nanoclaw's proxy and no DNS, and those are set up only when a sandbox is created (the keeper cannot enter the namespace to add them later)",
+            _ => "it was created with no network (--network none, or E2B's allow_internet_access false): its network namespace has only loopback, with no redirect to nanoclaw's proxy and no DNS, and those are set up only when a sandbox is created (its keeper cannot enter the namespace to add them later)",
         };
         return Err(Error::Unsupported {
             what: format!("changing the network policy of sandbox {}", sb.id),

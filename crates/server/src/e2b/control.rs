@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::body::{parse_form, percent_decode};
-use super::models::{self, NewSandbox, PauseBody, RefreshBody, TimeoutBody, DEFAULT_TIMEOUT_SECS};
+use super::models::{
+    self, NetworkUpdateBody, NewSandbox, PauseBody, RefreshBody, TimeoutBody, DEFAULT_TIMEOUT_SECS,
+};
 use super::time::parse_rfc3339;
 use super::{authenticate, random_token, AppState, Peer};
 use crate::auth::{Authenticator, TenantId};
@@ -476,6 +478,26 @@ pub async fn set_timeout<B: Backend, A: Authenticator>(
     state
         .backend
         .set_timeout(&tenant, &id, timeout)
+        .await
+        .map_err(ApiError::control)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules
+/// while it runs (E2B's `SandboxNetworkUpdateConfig`). 204.
+pub async fn update_network<B: Backend, A: Authenticator>(
+    State(state): State<AppState<B, A>>,
+    conn: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let tenant = authenticate(&state, &headers, peer(conn)).await?;
+    let req: NetworkUpdateBody = read_json(&state, &headers, body, true).await?;
+    let update = req.into_update()?;
+    state
+        .backend
+        .update_network(&tenant, &id, update)
         .await
         .map_err(ApiError::control)?;
     Ok(StatusCode::NO_CONTENT.into_response())

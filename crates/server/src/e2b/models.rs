@@ -118,6 +118,57 @@ impl NewSandbox {
     }
 }
 
+/// `SandboxNetworkUpdateConfig`: the body of `PUT /sandboxes/{id}/network`.
+/// It replaces the sandbox's egress rules whole: a field left out is
+/// cleared (no `allowOut` and no `denyOut`: the internet, as at a create
+/// without a `network`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdateBody {
+    /// CIDRs, IPs or domains allowed out.
+    pub allow_out: Option<Vec<String>>,
+    /// CIDRs or IPs denied.
+    pub deny_out: Option<Vec<String>>,
+    /// `false`: deny everything (as `denyOut: ["0.0.0.0/0"]`).
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
+    pub allow_internet_access: Option<bool>,
+    /// SOCKS5 egress proxy (not supported).
+    pub egress_proxy: Option<Value>,
+    /// Per-domain transform rules (not supported here).
+    pub rules: Option<Value>,
+    /// DNS servers to allow (not supported: the sandbox's DNS is
+    /// nanoclaw's own resolver).
+    pub dns_servers: Option<Vec<String>>,
+}
+
+impl NetworkUpdateBody {
+    /// Refuses what nanoclaw does not do; the update otherwise.
+    pub fn into_update(self) -> Result<crate::backend::NetworkUpdate, ApiError> {
+        let refuse = |what: &str, why: &str| {
+            Err(ApiError::bad_request(format!(
+                "{what} is not supported by nanoclaw{why}"
+            )))
+        };
+        if self.egress_proxy.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("egressProxy", "");
+        }
+        if self.rules.as_ref().is_some_and(|v| !is_empty_value(v)) {
+            return refuse("rules", " in a network update");
+        }
+        if self.dns_servers.as_ref().is_some_and(|v| !v.is_empty()) {
+            return refuse(
+                "dnsServers",
+                ": the sandbox's DNS is nanoclaw's own resolver on its loopback, which answers the names allowOut allows",
+            );
+        }
+        Ok(crate::backend::NetworkUpdate {
+            allow_internet_access: self.allow_internet_access,
+            allow_out: self.allow_out.unwrap_or_default(),
+            deny_out: self.deny_out.unwrap_or_default(),
+        })
+    }
+}
+
 /// The longest timeout a request may ask for (30 days): time arithmetic
 /// on anything a client sends must never overflow.
 pub const MAX_TIMEOUT_SECS: i64 = 30 * 24 * 3600;

@@ -283,6 +283,16 @@ fn components() -> Value {
             "ConnectError": {"type": "object", "required": ["code"], "properties": {
                 "code": {"type": "string", "examples": ["resource_exhausted"]},
                 "message": {"type": "string"}}},
+            "SandboxNetworkUpdateConfig": {"type": "object",
+                "description": "Replaces the egress rules whole: a field left out is cleared.",
+                "properties": {
+                    "allowOut": {"type": "array", "items": {"type": "string"},
+                        "description": "CIDRs, IPs or domain names (*.x.com); public addresses only."},
+                    "denyOut": {"type": "array", "items": {"type": "string"},
+                        "description": "0.0.0.0/0 (with no allowOut: deny everything)."},
+                    "allow_internet_access": {"type": "boolean"},
+                    "egressProxy": {"type": "null", "description": "Not supported."},
+                    "rules": {"type": "object", "description": "Not supported (must be empty)."}}},
             "Health": {"type": "object", "required": ["status"], "properties": {
                 "status": {"const": "ok"}}},
             "Sandbox": {"type": "object", "description": "E2B's Sandbox / ListedSandbox.",

@@ -628,6 +628,18 @@ fn control_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
                 json!({"type": "object", "properties": {"timeout": {"type": "integer"}}}),
             ),
         ),
+        Route::new("/sandboxes/{id}/network").op(
+            control::update_network::<B, A>,
+            one(
+                Put,
+                "Replaces a running sandbox's egress rules (new connections and DNS answers follow at once; open connections no longer allowed are closed).",
+                204,
+                "Updated.",
+            )
+            .json_body(schema("SandboxNetworkUpdateConfig"))
+            .json(400, "Bad or unsupported rules.", schema("Error"))
+            .json(409, "The sandbox has no egress proxy to update (created without internet access).", schema("Error")),
+        ),
         Route::new("/sandboxes/{id}/refreshes").op(
             control::refresh::<B, A>,
             one(

@@ -222,6 +222,16 @@ async fn blocking<T: Send + 'static>(
 
 /// The E2B network request as a sandbox network policy.
 fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
+    network_from(&NetworkUpdate {
+        allow_internet_access: req.allow_internet_access,
+        allow_out: req.allow_out.clone(),
+        deny_out: req.deny_out.clone(),
+    })
+}
+
+/// E2B's network fields (of a create or a `PUT .../network`) as a sandbox
+/// network policy.
+fn network_from(req: &NetworkUpdate) -> BackendResult<Network> {
     let denies_all = req.deny_out.iter().any(|d| d == "0.0.0.0/0" || d == "::/0");
     if req.allow_out.iter().any(|a| a == "0.0.0.0/0") {
         // "Everything": the internet, special addresses still refused.
@@ -258,6 +268,24 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
         ));
     }
     Ok(default_network())
+}
+
+/// The proxy policy a running sandbox is switched to for `network`.
+fn live_policy(network: &Network) -> BackendResult<nanoclaw_net::NetworkPolicy> {
+    use nanoclaw_net::{NetworkMode, NetworkPolicy};
+    let bad = |e: nanoclaw_net::PolicyError| {
+        BackendError::InvalidArgument(format!("network.allowOut: {e}"))
+    };
+    Ok(match network {
+        Network::Allowlist { hosts, cidrs, .. } => {
+            NetworkPolicy::allowlist(hosts, cidrs).map_err(bad)?
+        }
+        Network::Open { .. } => NetworkPolicy {
+            mode: NetworkMode::Open,
+            ..NetworkPolicy::default()
+        },
+        Network::None | Network::Kernel { .. } => NetworkPolicy::default(),
+    })
 }
 
 /// The address a `HOST[:PORT]` rule names literally (`1.2.3.4`,
@@ -1062,6 +1090,53 @@ impl Backend for KeeperBackend {
     ) -> BackendResult<()> {
         let e = self.entry(tenant, sandbox_id)?;
         self.extend(&e, timeout).await
+    }
+
+    async fn update_network(
+        &self,
+        tenant: &TenantId,
+        sandbox_id: &str,
+        update: NetworkUpdate,
+    ) -> BackendResult<()> {
+        let e = self.entry(tenant, sandbox_id)?;
+        let policy = live_policy(&network_from(&update)?)?;
+        let req = Request::Network {
+            policy: Some(policy),
+        };
+        let state = match ipc::ask(&e.remote, &req, ipc::ANSWER)
+            .await
+            .map_err(keeper_error)?
+        {
+            Reply::Network(st) => *st,
+            Reply::Error(m) => return Err(BackendError::Conflict(m)),
+            Reply::Stopping => return Err(BackendError::NotFound("the sandbox is ending".into())),
+            Reply::Live(_) => {
+                return Err(BackendError::Internal(
+                    "the keeper answered a network update with its state".into(),
+                ))
+            }
+        };
+        if let Ok(mut r) = e.record.lock() {
+            r.allow_internet_access = update.allow_internet_access;
+            r.allow_out = update.allow_out.clone();
+            r.deny_out = update.deny_out.clone();
+        }
+        let closed = state.update.map(|u| u.closed).unwrap_or_default();
+        let detail = serde_json::json!({
+            "mode": state.mode,
+            "allowOut": update.allow_out,
+            "denyOut": update.deny_out,
+            "allow_internet_access": update.allow_internet_access,
+            "closed": closed,
+        });
+        self.audit(
+            crate::audit::kind::NETWORK_UPDATE,
+            tenant,
+            sandbox_id,
+            Some(detail.to_string()),
+        )
+        .await;
+        Ok(())
     }
 
     async fn metrics(

@@ -309,6 +309,20 @@ impl Backend for TestBackend {
         })
     }
 
+    async fn update_network(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        update: nanoclaw_server::backend::NetworkUpdate,
+    ) -> BackendResult<()> {
+        self.with(tenant, id, |s| {
+            s.info.allow_internet_access = update.allow_internet_access;
+            s.info.allow_out = update.allow_out.clone();
+            s.info.deny_out = update.deny_out.clone();
+            Ok(())
+        })
+    }
+
     async fn metrics(&self, tenant: &TenantId, id: &str) -> BackendResult<Vec<SandboxMetric>> {
         self.with(tenant, id, |_| {
             Ok(vec![SandboxMetric {
