@@ -76,6 +76,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // In a micro-VM, this binary is the guest's /init (--backend microvm).
+    if nanoclaw_microvm::guest::is_guest_init() {
+        nanoclaw_microvm::guest::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -181,8 +181,12 @@ fn exec_outcomes(sb: &dyn LiveSandbox) -> Result<(), String> {
     if o.exit_code != Some(127) || !text(&o.stderr).contains("not found") {
         return Err(format!("not found: {o:?}"));
     }
+    // A timeout well past what starting a command takes here (a VM under
+    // software emulation takes far longer than a native sandbox).
+    let t0 = Instant::now();
+    sb.exec(&sh("true")).map_err(|e| e.to_string())?;
     let mut e = sh("echo started; sleep 30");
-    e.timeout = Duration::from_millis(300);
+    e.timeout = Duration::from_millis(300).max(t0.elapsed() * 4);
     let o = sb.exec(&e).map_err(|e| e.to_string())?;
     if o.killed_by != Some(nanoclaw_sandbox::KillReason::Timeout) || text(&o.stdout) != "started\n"
     {
