@@ -281,6 +281,19 @@ fn policy_spec(
         spec.workdir = flags.workdir;
     }
     spec.stdin = flags.stdin;
+    // Network flags typed with --config replace the config's destinations
+    // (its credential rules stay: they only apply to allowed hosts).
+    if a.network.is_some()
+        || !a.allow_host.is_empty()
+        || !a.allow_cidr.is_empty()
+        || !a.add_host.is_empty()
+    {
+        spec.network = flags.network;
+        spec.egress = match spec.network {
+            Network::None | Network::Kernel { .. } => Default::default(),
+            _ => plan.resolved.network.egress.clone(),
+        };
+    }
     let h = flags.hardening;
     spec.hardening.exec_allow.extend(h.exec_allow);
     spec.hardening.tmp_noexec |= h.tmp_noexec;

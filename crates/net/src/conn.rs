@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     /// Address → names the sandbox's DNS answered with it (the names it
     /// vouches for), for transparent connections.
     pub(crate) names: std::sync::Mutex<std::collections::HashMap<IpAddr, Vec<String>>>,
+    /// Credential rules and the sandbox's CA, when the policy has rules.
+    pub(crate) intercept: Option<crate::intercept::Intercept>,
 }
 
 /// Most addresses remembered from DNS answers (beyond it a transparent
@@ -92,6 +94,7 @@ impl Shared {
             connector,
             rec: Recorder::default(),
             names: std::sync::Mutex::new(std::collections::HashMap::new()),
+            intercept: None,
         }
     }
 }
@@ -454,7 +457,13 @@ where
             } else {
                 authority
             };
-            let head = http::rewrite_request(&req, &method, &path, &host_header);
+            let mut head = http::rewrite_request(&req, &method, &path, &host_header);
+            if let (Some(ic), Host::Name(n)) = (&sh.intercept, &host) {
+                if let Some(h) = crate::intercept::rewrite_forward_head(ic, n, &head) {
+                    sh.rec.intercepted.fetch_add(1, Ordering::Relaxed);
+                    head = h;
+                }
+            }
             let head_request = method.eq_ignore_ascii_case("HEAD");
             let req = ForwardRequest {
                 head,
@@ -582,8 +591,14 @@ async fn tunnel<S>(
     mut ticket: Ticket<'_>,
     leftover: Vec<u8>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    if let (Some(ic), Host::Name(n)) = (&sh.intercept, target) {
+        if ic.wants(n) {
+            crate::intercept::tunnel(sh, ic, client, upstream, n, port, proto, leftover).await;
+            return;
+        }
+    }
     let (mut cr, mut cw) = split(client);
     let (mut ur, mut uw) = upstream.into_split();
     let up = pump_up_checked(sh, &mut cr, &mut uw, to.host, leftover);

@@ -227,6 +227,7 @@ pub(crate) fn error_response(status: u16, text: &str, reason_kind: Option<&str>)
     let phrase = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         502 => "Bad Gateway",

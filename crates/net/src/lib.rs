@@ -56,19 +56,24 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod ca;
 mod conn;
 mod dns;
 mod http;
+mod intercept;
 pub mod kernel;
 mod live;
 pub mod policy;
 mod proxy;
 mod record;
 mod resolve;
+pub mod rules;
 mod sni;
 mod transparent;
 
 pub use addr::{AddrClass, Special};
+pub use ca::{CaError, SandboxCa};
+pub use intercept::{Intercept, InterceptError};
 pub use live::PolicyUpdate;
 pub use policy::{
     Cidr, CidrRule, Host, HostPattern, HostRule, NetworkMode, NetworkPolicy, PolicyError,
@@ -81,6 +86,7 @@ pub use record::{
 pub use resolve::{
     BoxFuture, Connect, HostsResolver, Resolve, StaticResolver, SystemResolver, TcpConnector,
 };
+pub use rules::{HeaderRule, HeaderRules, RuleError};
 
 /// The environment variables that point programs inside the sandbox at the
 /// proxy bridged to `127.0.0.1:port`: `HTTP_PROXY`, `HTTPS_PROXY` (HTTP

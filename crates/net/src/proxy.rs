@@ -116,6 +116,7 @@ impl Proxy {
             resolver: Arc::new(SystemResolver),
             connector: Arc::new(TcpConnector),
             listens: Vec::new(),
+            intercept: None,
         }
     }
 }
@@ -127,6 +128,7 @@ pub struct ProxyBuilder {
     resolver: Arc<dyn Resolve>,
     connector: Arc<dyn Connect>,
     listens: Vec<Listen>,
+    intercept: Option<crate::intercept::Intercept>,
 }
 
 impl std::fmt::Debug for ProxyBuilder {
@@ -179,6 +181,13 @@ impl ProxyBuilder {
     /// The upstream connector (default: [`TcpConnector`]).
     pub fn connector(mut self, connector: Arc<dyn Connect>) -> Self {
         self.connector = connector;
+        self
+    }
+
+    /// Credential rules, applied by intercepting connections to the hosts
+    /// they name (see [`crate::Intercept`]).
+    pub fn intercept(mut self, intercept: crate::intercept::Intercept) -> Self {
+        self.intercept = Some(intercept);
         self
     }
 
@@ -248,12 +257,9 @@ impl ProxyBuilder {
             return Err(ProxyError::NoListener);
         }
         let bound = Self::bind(&self.listens)?;
-        let shared = Arc::new(Shared::new(
-            self.policy,
-            self.limits,
-            self.resolver,
-            self.connector,
-        ));
+        let mut shared = Shared::new(self.policy, self.limits, self.resolver, self.connector);
+        shared.intercept = self.intercept;
+        let shared = Arc::new(shared);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut addrs = Vec::with_capacity(bound.len());
         let mut tasks = Vec::with_capacity(bound.len());

@@ -103,6 +103,21 @@ pub enum DenyReason {
         /// Why the new policy refuses it.
         detail: String,
     },
+    /// A request on an intercepted connection (a host with credential
+    /// rules) names another host than the connection's (TLS SNI, or the
+    /// first request's `Host`): domain fronting.
+    DomainFronting {
+        /// The `Host` header or absolute URI the request named.
+        host: String,
+        /// The host the connection is for.
+        name: String,
+    },
+    /// Intercepting a connection to a host with credential rules failed
+    /// (a handshake, or the upstream's certificate).
+    Interception {
+        /// What failed.
+        detail: String,
+    },
 }
 
 impl DenyReason {
@@ -126,6 +141,8 @@ impl DenyReason {
             DenyReason::ConnectionLimit { .. } => "connection_limit",
             DenyReason::ByteLimit { .. } => "byte_limit",
             DenyReason::RuleRemoved { .. } => "rule_removed",
+            DenyReason::DomainFronting { .. } => "domain_fronting",
+            DenyReason::Interception { .. } => "interception",
         }
     }
 
@@ -177,6 +194,13 @@ impl fmt::Display for DenyReason {
                 f,
                 "closed by a policy update: its rule `{rule}` was removed ({detail})"
             ),
+            DenyReason::DomainFronting { host, name } => write!(
+                f,
+                "a request for `{host}` on a connection to {name} (domain fronting): each request must name the connection's host"
+            ),
+            DenyReason::Interception { detail } => {
+                write!(f, "credential-rule interception failed: {detail}")
+            }
         }
     }
 }
@@ -303,6 +327,9 @@ pub struct Stats {
     /// Denials counted but not kept because [`MAX_RECORDED_DENIALS`] was
     /// reached.
     pub denials_dropped: u64,
+    /// Requests that passed through credential-rule interception (their
+    /// headers set by a rule).
+    pub intercepted: u64,
 }
 
 /// Per-sandbox caps and timeouts.
@@ -355,6 +382,8 @@ pub(crate) struct Recorder {
     /// Bytes reserved against the cap (up + down).
     pub(crate) bytes_total: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    /// Requests rewritten by credential rules.
+    pub(crate) intercepted: AtomicU64,
     denials_dropped: AtomicU64,
     conns: Mutex<Vec<(ConnRecord, Arc<ConnBytes>)>>,
     dns: Mutex<Vec<DnsRecord>>,
@@ -478,6 +507,7 @@ impl Recorder {
             bytes_down: g(&self.bytes_down),
             protocol_errors: g(&self.protocol_errors),
             denials_dropped: g(&self.denials_dropped),
+            intercepted: g(&self.intercepted),
         }
     }
 

@@ -364,9 +364,24 @@ pub(crate) async fn serve(sh: Arc<Shared>, mut client: TcpStream) {
     let (bytes, idx) = sh.rec.connection(record);
     let _ = upstream.set_nodelay(true);
     let fd = client.as_raw_fd();
-    let relayed = ticket
-        .guard(relay(&sh, client, upstream, &initial, &bytes), Some(fd))
-        .await;
+    let ic = sh.intercept.as_ref();
+    let work = async {
+        match (&name, source, ic) {
+            // A host with credential rules, named by the SNI or the Host.
+            (Some(n), "sni", Some(ic)) if ic.wants(n) => {
+                let counters = Some((&bytes.up, &bytes.down));
+                crate::intercept::serve_tls(&sh, ic, client, upstream, n, port, initial, counters)
+                    .await
+            }
+            (Some(n), "http_host", Some(ic)) if ic.wants(n) => {
+                let counters = Some((&bytes.up, &bytes.down));
+                crate::intercept::serve_http(&sh, ic, client, upstream, n, port, initial, counters)
+                    .await
+            }
+            _ => relay(&sh, client, upstream, &initial, &bytes).await,
+        }
+    };
+    let relayed = ticket.guard(work, Some(fd)).await;
     if let Err(End::Deny(reason)) = relayed {
         let dest = name.unwrap_or_else(|| ip.to_string());
         sh.rec.cut(idx, reason.clone());

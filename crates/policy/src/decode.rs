@@ -622,6 +622,115 @@ impl<'a> Decoder<'a> {
 
     // ---- sections ----
 
+    /// Top-level `network`: `rules` (E2B's shape: a domain maps to a list
+    /// of `{transform: {headers}}`, or for short to `{headers}`) and
+    /// `upstream_ca`.
+    fn network_section(&mut self, node: &Node, path: &str) -> NetworkSection {
+        let mut n = NetworkSection::default();
+        let Some(f) = self.fields(node, path, &["rules", "upstream_ca"], &[]) else {
+            return n;
+        };
+        if let Some((v, p)) = f.get("upstream_ca") {
+            if let Some(t) = self.nonempty(v, &p, "a PEM file path") {
+                let path = PathBuf::from(&t);
+                if !path.is_absolute() {
+                    self.err(&p, v.pos, "upstream_ca must be an absolute path");
+                } else {
+                    n.upstream_ca = Some(path);
+                }
+            }
+        }
+        let Some((v, p)) = f.get("rules") else {
+            return n;
+        };
+        let Value::Map(entries) = &v.value else {
+            if !v.is_null() {
+                self.err(&p, v.pos, "expected a map of domain to header rules, e.g. api.github.com: {headers: {Authorization: \"Bearer ${GITHUB_TOKEN}\"}}");
+            }
+            return n;
+        };
+        for (k, val) in entries {
+            let Some(domain) = k.as_scalar() else {
+                self.err(&p, k.pos, "domains must be plain names");
+                continue;
+            };
+            let dp = join(&p, domain);
+            if let Err(e) = nanoclaw_sandbox::net::rules::parse_domain(domain) {
+                self.err(&dp, k.pos, e.to_string());
+                continue;
+            }
+            // E2B's list of rules, or one rule.
+            let items: Vec<(&Node, String)> = match &val.value {
+                Value::List(list) => list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n, format!("{dp}[{i}]")))
+                    .collect(),
+                _ => vec![(val, dp.clone())],
+            };
+            let mut headers: Vec<(String, Secret)> = Vec::new();
+            for (item, ip) in items {
+                let Some(rf) = self.fields(item, &ip, &["transform", "headers"], &[]) else {
+                    continue;
+                };
+                let node = match (rf.get("transform"), rf.get("headers")) {
+                    (Some((t, tp)), None) => self
+                        .fields(t, &tp, &["headers"], &[])
+                        .and_then(|tf| tf.get("headers")),
+                    (None, Some(h)) => Some(h),
+                    (Some(_), Some(_)) => {
+                        self.err(
+                            &ip,
+                            item.pos,
+                            "give either transform.headers (E2B's form) or headers, not both",
+                        );
+                        None
+                    }
+                    (None, None) => None,
+                };
+                let Some((h, hp)) = node else { continue };
+                let Value::Map(hs) = &h.value else {
+                    self.err(&hp, h.pos, "expected a map of header name to value");
+                    continue;
+                };
+                for (hk, hv) in hs {
+                    let Some(name) = hk.as_scalar() else {
+                        self.err(&hp, hk.pos, "header names must be plain names");
+                        continue;
+                    };
+                    let vp = join(&hp, name);
+                    if let Some(sv) =
+                        self.scalar(hv, &vp, "a header value (use ${ENV_VAR} for a secret)")
+                    {
+                        if !sv.interpolated && !sv.text.is_empty() {
+                            self.warn(&vp, hv.pos, "a credential written in the file: use ${VAR} (nanoclaw's environment) so the secret stays out of it");
+                        }
+                        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                        headers.push((name.to_string(), Secret::new(sv.text)));
+                    }
+                }
+            }
+            // The same checks the proxy makes (names, values, limits).
+            let check =
+                nanoclaw_sandbox::net::HeaderRules::new(vec![nanoclaw_sandbox::net::HeaderRule {
+                    domain: domain.to_string(),
+                    headers: headers
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.expose().to_string()))
+                        .collect(),
+                }]);
+            if let Err(e) = check {
+                self.err(&dp, k.pos, e.to_string());
+                continue;
+            }
+            n.rules.push(NetworkRule {
+                domain: domain.to_string(),
+                headers,
+            });
+        }
+        n
+    }
+
     /// Decodes a whole document.
     pub fn config(&mut self, root: &Node) -> Config {
         let mut c = Config::default();
@@ -636,11 +745,15 @@ impl<'a> Decoder<'a> {
                 "tools",
                 "session",
                 "teams",
+                "network",
             ],
             &[],
         ) else {
             return c;
         };
+        if let Some((v, p)) = f.get("network") {
+            c.network = self.network_section(v, &p);
+        }
         if let Some((v, p)) = f.get("teams") {
             c.teams = self.teams(v, &p);
         }

@@ -492,4 +492,26 @@ pub struct Config {
     pub session: SessionSection,
     /// `teams`.
     pub teams: BTreeMap<String, Team>,
+    /// Top-level `network`: credential rules applied at the egress proxy.
+    pub network: NetworkSection,
+}
+
+/// Top-level `network`: credentials added at the network boundary, so
+/// that secrets never enter a sandbox (E2B's `network.rules`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NetworkSection {
+    /// `rules`: per domain, the headers set on every request to it.
+    pub rules: Vec<NetworkRule>,
+    /// `upstream_ca`: a PEM file of extra CAs trusted when verifying an
+    /// intercepted host (besides the host's trust store).
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// One `network.rules` entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetworkRule {
+    /// The domain (`api.github.com`, `*.example.com`).
+    pub domain: String,
+    /// Header name → value (`${VAR}` expanded at load; never printed).
+    pub headers: Vec<(String, Secret)>,
 }

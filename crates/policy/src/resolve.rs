@@ -182,6 +182,12 @@ pub struct ResolvedNetwork {
     pub mode: NetworkMode,
     /// Allowed destinations (allowlist mode).
     pub allowed_hosts: Vec<String>,
+    /// Credential rules, shown as `domain: header names` (never values).
+    pub credential_rules: Vec<String>,
+    /// Credential rules for the spec (`network.rules`; not serialised: the
+    /// values are secrets).
+    #[serde(skip)]
+    pub egress: nanoclaw_sandbox::spec::Egress,
 }
 
 /// One gate of elevated mode.
@@ -758,6 +764,7 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         NetworkMode::Open => warnings.push(format!("network is open ({net_key}): sandboxed code can reach any host")),
         _ => {}
     }
+    let (egress, credential_rules) = egress_rules(&config.network, net_mode, &mut warnings);
     let network = ResolvedNetwork {
         mode: net_mode,
         allowed_hosts: if net_mode == NetworkMode::Allowlist {
@@ -765,6 +772,8 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         } else {
             Vec::new()
         },
+        credential_rules,
+        egress,
     };
 
     let image = p.pick(
@@ -1150,6 +1159,9 @@ impl Resolved {
         let mut s = SandboxSpec::new(command);
         s.root = root;
         s.network = network;
+        if !matches!(s.network, spec::Network::None) {
+            s.egress = self.network.egress.clone();
+        }
         s.mounts = self
             .mounts
             .iter()
@@ -1193,6 +1205,58 @@ impl Resolved {
             && self.sources.get("workspace").is_some_and(|p| {
                 p.source == Source::BuiltinDefault || p.key.ends_with("workspaceRoot")
             })
+    }
+}
+
+/// The config's `network.rules` as the engine's [`Egress`] (checked when
+/// the config was decoded), and their description (domains and header
+/// names only). With network `none` they are dropped, with a warning.
+fn egress_rules(
+    n: &crate::model::NetworkSection,
+    mode: NetworkMode,
+    warnings: &mut Vec<String>,
+) -> (nanoclaw_sandbox::spec::Egress, Vec<String>) {
+    use nanoclaw_sandbox::net::{HeaderRule, HeaderRules};
+    if n.rules.is_empty() {
+        return Default::default();
+    }
+    if mode == NetworkMode::None {
+        warnings.push(
+            "network.rules do nothing here: this sandbox has no network (mode none)".to_string(),
+        );
+    }
+    let describe = n
+        .rules
+        .iter()
+        .map(|r| {
+            let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+            format!("{}: {}", r.domain, names.join(", "))
+        })
+        .collect();
+    let rules = n
+        .rules
+        .iter()
+        .map(|r| HeaderRule {
+            domain: r.domain.clone(),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                .collect(),
+        })
+        .collect();
+    match HeaderRules::new(rules) {
+        Ok(rules) => (
+            nanoclaw_sandbox::spec::Egress {
+                rules,
+                upstream_ca: n.upstream_ca.clone(),
+            },
+            describe,
+        ),
+        Err(e) => {
+            warnings.push(format!("network.rules ignored: {e}"));
+            Default::default()
+        }
     }
 }
 

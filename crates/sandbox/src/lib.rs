@@ -19,6 +19,9 @@ pub mod native;
 pub mod outcome;
 pub mod spec;
 pub mod units;
+/// The egress crate (credential rules, policy types), for callers that
+/// build specs.
+pub use nanoclaw_net as net;
 
 pub use backend::{
     Backend, Capabilities, Echo, Execution, LiveSandbox, NativeInProcess, NativeKeeper,

@@ -77,6 +77,9 @@ pub struct NetworkReport {
     pub bytes_up: u64,
     /// Bytes from the outside to the sandbox.
     pub bytes_down: u64,
+    /// Requests that got headers from a credential rule (intercepted).
+    #[serde(default)]
+    pub intercepted: u64,
     /// Every refusal (destination, port, reason), oldest first.
     pub denials: Vec<NetDenial>,
     /// Every connection redirected transparently (allowed and refused:
@@ -147,6 +150,7 @@ impl NetworkReport {
             denied: self.denied.saturating_sub(before.denied),
             bytes_up: self.bytes_up.saturating_sub(before.bytes_up),
             bytes_down: self.bytes_down.saturating_sub(before.bytes_down),
+            intercepted: self.intercepted.saturating_sub(before.intercepted),
             denials: self
                 .denials
                 .get(before.denials.len()..)

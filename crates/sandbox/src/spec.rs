@@ -73,6 +73,36 @@ pub struct SandboxSpec {
     /// writable, its `HOME` and the default working directory.
     #[serde(default)]
     pub home: Option<PathBuf>,
+    /// Credential rules for the egress proxy (allowlist and open modes):
+    /// headers it sets on requests to the hosts they name, so secrets stay
+    /// outside the sandbox.
+    #[serde(default, skip_serializing_if = "Egress::is_empty")]
+    pub egress: Egress,
+}
+
+/// Credential rules applied at the network boundary (see
+/// [`nanoclaw_net::HeaderRules`]): connections to a host a rule names are
+/// intercepted by the sandbox's proxy (TLS with a CA made for the sandbox
+/// and trusted inside it only), and the rule's headers set on every
+/// request. `Debug` never prints the values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    /// The rules.
+    #[serde(default)]
+    pub rules: nanoclaw_net::HeaderRules,
+    /// A PEM file of extra CA certificates trusted when the proxy verifies
+    /// an intercepted host (besides the host's trust store): an internal
+    /// CA, or a test host's.
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl Egress {
+    /// True when there is nothing to apply.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.upstream_ca.is_none()
+    }
 }
 
 fn default_hostname() -> String {
@@ -100,6 +130,7 @@ impl SandboxSpec {
             hostname: default_hostname(),
             root_upper: None,
             home: None,
+            egress: Egress::default(),
         }
     }
 }

@@ -128,6 +128,10 @@ pub struct CreateSandbox {
     pub allow_out: Vec<String>,
     /// E2B's `network.denyOut`: CIDRs or IPs.
     pub deny_out: Vec<String>,
+    /// E2B's `network.rules`: headers the sandbox's egress proxy sets on
+    /// requests to the hosts they name (credentials kept out of the
+    /// sandbox). They allow nothing: `allowOut` (or the internet) must.
+    pub network_rules: nanoclaw_sandbox::net::HeaderRules,
     /// Pause instead of kill when the timeout runs out.
     pub auto_pause: bool,
     /// The secret every envd (data plane) request for this sandbox must

@@ -271,6 +271,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
         tenants: Some(tenants.clone()),
         pools: cfg.pools.clone(),
         audit: Some(audit.clone()),
+        upstream_ca: std::env::var_os("NANOCLAW_UPSTREAM_CA").map(PathBuf::from),
     });
     if let Some(t) = backend.unknown_pools().first() {
         return Err(DaemonError::Config(format!(

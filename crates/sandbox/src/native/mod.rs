@@ -24,7 +24,7 @@ mod stop;
 mod supervise;
 pub(crate) mod sys;
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -543,6 +543,9 @@ struct Prepared {
     workdir: PathBuf,
     /// The proxy's environment variables for the command.
     proxy_env: Vec<(String, String)>,
+    /// Credential rules: what the runner needs to make the sandbox's CA
+    /// after `clone` and hand the proxy its interception.
+    egress: Option<EgressPrep>,
     /// Rootful: the sandbox's host id slot and namespace owner.
     ids: idslot::HostIds,
 }
@@ -593,11 +596,16 @@ impl Prepared {
         let fs = plan::build(spec, &host, &mounts, &image_layers, upper.as_ref())?;
         let landlock = landlock_policy(spec, &fs, &mounts, layers)?;
         let workdir = default_workdir(spec, &mounts);
-        let proxy_env = if net_policy.is_some() {
+        let mut proxy_env = if net_policy.is_some() {
             nanoclaw_net::proxy_env(child::PROXY_PORT)
         } else {
             Vec::new()
         };
+        let mut fs = fs;
+        let egress = EgressPrep::new(spec, net_policy.is_some(), &mut guard, &mut fs)?;
+        if egress.is_some() {
+            proxy_env.extend(egress_ca_env());
+        }
         let redirect = net_policy.as_ref().map(|_| {
             nanoclaw_net::kernel::RedirectRules::new(child::TRANSPARENT_PORT, child::DNS_PORT)
         });
@@ -623,8 +631,141 @@ impl Prepared {
             kernel_rules,
             workdir,
             proxy_env,
+            egress,
             ids,
         })
+    }
+}
+
+/// The variables that make common TLS clients trust the sandbox's egress
+/// CA: OpenSSL (and Python's `ssl`, Go), requests, curl, git, Node.
+fn egress_ca_env() -> Vec<(String, String)> {
+    let bundle = plan::EGRESS_CA_BUNDLE.to_string();
+    vec![
+        ("SSL_CERT_FILE".into(), bundle.clone()),
+        ("REQUESTS_CA_BUNDLE".into(), bundle.clone()),
+        ("CURL_CA_BUNDLE".into(), bundle.clone()),
+        ("GIT_SSL_CAINFO".into(), bundle),
+        ("NODE_EXTRA_CA_CERTS".into(), plan::EGRESS_CA.to_string()),
+    ]
+}
+
+/// The host's CA bundle (the first that exists): what the sandbox's
+/// bundle starts from and what intercepted hosts are verified against.
+const HOST_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Credential rules, prepared before `clone`: the rules, the trust
+/// material (public), and two empty memfds the sandbox's CA files are
+/// written to after `clone` ([`EgressPrep::make_ca`]).
+struct EgressPrep {
+    rules: nanoclaw_net::HeaderRules,
+    host_bundle: Vec<u8>,
+    extra_ca: Option<Vec<u8>>,
+    ca_fd: RawFd,
+    bundle_fd: RawFd,
+    /// Made by [`EgressPrep::make_ca`].
+    intercept: Option<nanoclaw_net::Intercept>,
+}
+
+impl EgressPrep {
+    /// `None` without rules. The memfds are owned by `guard`.
+    fn new(
+        spec: &SandboxSpec,
+        proxied: bool,
+        guard: &mut FdGuard,
+        fs: &mut plan::FsPlan,
+    ) -> Result<Option<EgressPrep>, Error> {
+        let e = &spec.egress;
+        if e.rules.is_empty() {
+            return Ok(None);
+        }
+        if !proxied {
+            return Err(Error::InvalidSpec(
+                "network rules (credentials added at the boundary) need egress through nanoclaw's proxy: use --network allowlist (with the ruled hosts allowed) or open".into(),
+            ));
+        }
+        let host_bundle = HOST_BUNDLES
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .unwrap_or_default();
+        let extra_ca = match &e.upstream_ca {
+            Some(p) => Some(std::fs::read(p).map_err(|err| {
+                Error::InvalidSpec(format!(
+                    "network upstream CA {}: {err}; give a readable PEM file",
+                    p.display()
+                ))
+            })?),
+            None => None,
+        };
+        if host_bundle.is_empty() && extra_ca.is_none() {
+            return Err(Error::InvalidSpec(format!(
+                "network rules: no CA bundle on this host ({}) to verify intercepted hosts with; install ca-certificates or name one with network.upstream_ca",
+                HOST_BUNDLES.join(", ")
+            )));
+        }
+        let mut memfd = |name: &CStr| -> Result<RawFd, Error> {
+            // SAFETY: `name` is a valid C string; memfd_create returns a new
+            // descriptor or -1.
+            let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(Error::Sys {
+                    call: "memfd_create (the sandbox's CA files)".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            guard.0.push(fd);
+            Ok(fd)
+        };
+        let ca_fd = memfd(c"nanoclaw-egress-ca")?;
+        let bundle_fd = memfd(c"nanoclaw-egress-bundle")?;
+        plan::add_egress_ca(fs, ca_fd, bundle_fd)?;
+        Ok(Some(EgressPrep {
+            rules: e.rules.clone(),
+            host_bundle,
+            extra_ca,
+            ca_fd,
+            bundle_fd,
+            intercept: None,
+        }))
+    }
+
+    /// Makes the sandbox's CA (after `clone`: its key never exists in a
+    /// process the sandbox descends from), writes its certificate into the
+    /// memfds the child copies into the sandbox's `/etc/nanoclaw`, and
+    /// prepares the proxy's interception.
+    fn make_ca(&mut self, id: &str) -> Result<(), Error> {
+        let label: String = id.chars().take(12).collect();
+        let ca = nanoclaw_net::SandboxCa::new(&label, &self.rules.domains()).map_err(|e| {
+            Error::Unsupported {
+                what: "network rules".into(),
+                why: e.to_string(),
+                fix: "report this as a nanoclaw bug".into(),
+            }
+        })?;
+        let pem = ca.cert_pem().as_bytes();
+        let mut bundle = self.host_bundle.clone();
+        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(pem);
+        for (fd, data) in [(self.ca_fd, pem), (self.bundle_fd, &bundle[..])] {
+            sys::write_all(fd, data).map_err(|e| Error::Sys {
+                call: "writing the sandbox's CA certificate".into(),
+                source: e,
+            })?;
+        }
+        let mut roots: Vec<&[u8]> = vec![&self.host_bundle];
+        if let Some(x) = &self.extra_ca {
+            roots.push(x);
+        }
+        let ic = nanoclaw_net::Intercept::new(self.rules.clone(), std::sync::Arc::new(ca), &roots)
+            .map_err(|e| Error::InvalidSpec(format!("network rules: {e}")))?;
+        self.intercept = Some(ic);
+        Ok(())
     }
 }
 
@@ -910,6 +1051,11 @@ fn runner_setup(
     let (map_uid, map_gid) = id_maps(&prep.ids, spec.user.uid, spec.user.gid);
     sb.layers.uid_map = map_uid.trim().to_string();
     write_id_maps(sb.pid, rootful, &map_uid, &map_gid)?;
+    // Before the go-ahead: the child copies the CA's certificate into its
+    // root while it builds it.
+    if let Some(e) = prep.egress.as_mut() {
+        e.make_ca(&sb.id)?;
+    }
     // The child makes its namespaces and builds its root while we make
     // and fill its cgroup; it waits for the second message (which
     // carries the rlimits standing in for missing cgroup controllers)
@@ -921,7 +1067,14 @@ fn runner_setup(
     let memfd_refused = launch.plan.seccomp_no_cgroup_memory.is_some();
     let (rlimits, join_fds) = cgroup_setup(sb, &spec.limits, launch.plan.idle, memfd_refused)?;
     if let (Some(policy), Some((runner_end, _))) = (prep.net_policy.take(), launch.net_pair) {
-        sb.proxy = Some(serve_proxy(policy, &spec.network, runner_end, deadline)?);
+        let intercept = prep.egress.as_mut().and_then(|e| e.intercept.take());
+        sb.proxy = Some(serve_proxy(
+            policy,
+            &spec.network,
+            intercept,
+            runner_end,
+            deadline,
+        )?);
     }
     if let Some(allow) = prep.kernel_rules.take() {
         sb.kernel_egress = Some(kernel_egress(sb.pid, &sb.id, allow)?);
@@ -999,6 +1152,7 @@ fn cgroup_setup(
 fn serve_proxy(
     policy: nanoclaw_net::NetworkPolicy,
     network: &Network,
+    intercept: Option<nanoclaw_net::Intercept>,
     runner_end: RawFd,
     deadline: Instant,
 ) -> Result<nanoclaw_net::BlockingProxy, Error> {
@@ -1026,7 +1180,7 @@ fn serve_proxy(
             });
         }
     };
-    start_proxy(policy, network, listener, &transparent)
+    start_proxy(policy, network, intercept, listener, &transparent)
 }
 
 /// Receives the transparent listener and DNS sockets the child made in the
@@ -1575,6 +1729,7 @@ fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolic
 fn start_proxy(
     policy: nanoclaw_net::NetworkPolicy,
     network: &Network,
+    intercept: Option<nanoclaw_net::Intercept>,
     listener: RawFd,
     transparent: &[RawFd],
 ) -> Result<nanoclaw_net::BlockingProxy, Error> {
@@ -1598,6 +1753,9 @@ fn start_proxy(
             &entries,
         )))
         .listen(nanoclaw_net::Listen::Fd(listener));
+    if let Some(ic) = intercept {
+        b = b.intercept(ic);
+    }
     for (fd, &(_, stream, port)) in transparent.iter().zip(child::TRANSPARENT_SOCKETS.iter()) {
         b = b.listen(match (stream, port) {
             (true, child::TRANSPARENT_PORT) => nanoclaw_net::Listen::Transparent(*fd),

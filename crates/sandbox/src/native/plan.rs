@@ -93,6 +93,14 @@ pub(crate) enum Op {
         /// Skip silently when the source does not exist (masks).
         if_exists: bool,
     },
+    /// A file with the content of descriptor `fd` (a memfd the runner fills
+    /// after `clone`: the sandbox's CA certificate, made only then so that
+    /// no sandbox process is a copy of memory holding its key).
+    FileFromFd {
+        path: CString,
+        fd: i32,
+        mode: libc::mode_t,
+    },
     /// Attaches a detached mount prepared by the runner (an idmapped bind).
     Attach { fd: i32, target: CString },
     /// Sets attributes on an existing mount recursively.
@@ -125,7 +133,7 @@ impl Op {
         match self {
             Op::Mkdir { path, .. } => format!("mkdir {}", s(path)),
             Op::Symlink { target, link } => format!("symlink {} -> {}", s(link), s(target)),
-            Op::File { path, .. } => format!("write {}", s(path)),
+            Op::File { path, .. } | Op::FileFromFd { path, .. } => format!("write {}", s(path)),
             Op::Fs { fstype, target, .. } => {
                 format!("mount {} on {}", fstype.to_string_lossy(), s(target))
             }
@@ -665,6 +673,45 @@ fn synthetic_etc(ops: &mut Ops, spec: &SandboxSpec, host: &HostLayout) -> Result
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// Where the sandbox finds its egress CA (credential rules): the CA alone,
+/// and the host's bundle with it.
+pub(crate) const EGRESS_CA: &str = "/etc/nanoclaw/ca.crt";
+/// See [`EGRESS_CA`].
+pub(crate) const EGRESS_CA_BUNDLE: &str = "/etc/nanoclaw/ca-bundle.crt";
+/// The host bundle's path that programs use by default (Debian's; also
+/// the target of /etc/ssl/cert.pem elsewhere), covered with
+/// [`EGRESS_CA_BUNDLE`] in a host root.
+const DEFAULT_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Adds the sandbox's egress CA files to `plan` ([`EGRESS_CA`],
+/// [`EGRESS_CA_BUNDLE`], filled from the memfds `ca_fd` and `bundle_fd`);
+/// in a host root the bundle also covers the default bundle path, so
+/// programs that read no variable trust the CA too.
+pub(crate) fn add_egress_ca(plan: &mut FsPlan, ca_fd: i32, bundle_fd: i32) -> Result<(), Error> {
+    let root = plan.root.to_string_lossy().into_owned();
+    let under = |p: &str| cpath(format!("{root}{p}"));
+    plan.ops.push(Op::Mkdir {
+        path: under("/etc/nanoclaw")?,
+        mode: 0o755,
+    });
+    for (path, fd) in [(EGRESS_CA, ca_fd), (EGRESS_CA_BUNDLE, bundle_fd)] {
+        plan.ops.push(Op::FileFromFd {
+            path: under(path)?,
+            fd,
+            mode: 0o644,
+        });
+    }
+    if plan.root_readonly && Path::new(DEFAULT_BUNDLE).is_file() {
+        plan.ops.push(Op::Bind {
+            source: under(EGRESS_CA_BUNDLE)?,
+            target: under(DEFAULT_BUNDLE)?,
+            attrs: RO_ATTRS,
+            if_exists: true,
+        });
     }
     Ok(())
 }

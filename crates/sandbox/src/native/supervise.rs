@@ -256,6 +256,7 @@ pub(crate) fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
         r.denied = st.denied;
         r.bytes_up = st.bytes_up;
         r.bytes_down = st.bytes_down;
+        r.intercepted = st.intercepted;
         r.denials = p
             .denials()
             .into_iter()

@@ -271,6 +271,35 @@ pub fn write_file(path: &CStr, data: &[u8], mode: libc::mode_t) -> io::Result<()
     r
 }
 
+/// Writes the whole content of `src` (read with `pread` from offset 0, so
+/// a shared file offset does not matter) to a new file at `path`. Does not
+/// allocate (it runs in the child between `clone` and `execve`).
+pub fn copy_fd_to_file(src: RawFd, path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    let fd = openat2_no_symlinks(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, mode)?;
+    let mut buf = [0u8; 8192];
+    let mut off: libc::off_t = 0;
+    let r = loop {
+        // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes.
+        let n = unsafe { libc::pread(src, buf.as_mut_ptr().cast(), buf.len(), off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e);
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        if let Err(e) = write_all(fd, &buf[..n as usize]) {
+            break Err(e);
+        }
+        off += n as libc::off_t;
+    };
+    close(fd);
+    r
+}
+
 /// Writes all of `data` to `fd`, retrying on EINTR and short writes.
 pub fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {

@@ -81,6 +81,7 @@ pub async fn create<B: Backend, A: Authenticator>(
         )
     })?;
     let network = req.network.unwrap_or_default();
+    let network_rules = models::network_rules(network.rules.as_ref())?;
     let info = state
         .backend
         .create(CreateSandbox {
@@ -92,6 +93,7 @@ pub async fn create<B: Backend, A: Authenticator>(
             allow_internet_access: req.allow_internet_access,
             allow_out: network.allow_out.unwrap_or_default(),
             deny_out: network.deny_out.unwrap_or_default(),
+            network_rules,
             auto_pause: req.auto_pause.unwrap_or(false),
             envd_access_token: token,
         })

@@ -3,8 +3,8 @@
 //! Requests ignore fields they do not know, as E2B's API does (its Go
 //! decoder does): newer SDKs send fields older servers never heard of.
 //! Fields that ask for a feature nanoclaw does not have (MCP gateway,
-//! volumes, workload identity, egress proxy, transform rules,
-//! auto-resume) are refused with 400 rather than silently ignored.
+//! volumes, workload identity, egress proxy, auto-resume) are refused with
+//! 400 rather than silently ignored.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -70,8 +70,62 @@ pub struct NetworkConfig {
     pub mask_request_host: Option<String>,
     /// SOCKS5 egress proxy (not supported).
     pub egress_proxy: Option<Value>,
-    /// Per-domain transform rules (not supported).
+    /// Per-domain transform rules (`SandboxNetworkRule`): headers the
+    /// egress proxy sets on requests to the domain (see [`network_rules`]).
     pub rules: Option<Value>,
+}
+
+/// E2B's `network.rules` (`{domain: [{transform: {headers: {..}}}]}`) as
+/// the proxy's credential rules. Values are used as given (E2B resolves
+/// secrets client-side): `${VAR}` is not expanded from the daemon's
+/// environment, which would hand the daemon's secrets to any API caller.
+pub fn network_rules(
+    rules: Option<&Value>,
+) -> Result<nanoclaw_sandbox::net::HeaderRules, ApiError> {
+    use nanoclaw_sandbox::net::{HeaderRule, HeaderRules};
+    let bad = |what: String| ApiError::bad_request(format!("network.rules: {what}"));
+    let map = match rules {
+        None | Some(Value::Null) => return Ok(HeaderRules::default()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("expected an object of domain to a list of rules".into())),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (domain, list) in map {
+        let items: Vec<&Value> = match list {
+            Value::Array(a) => a.iter().collect(),
+            Value::Object(_) => vec![list],
+            _ => {
+                return Err(bad(format!(
+                    "{domain:?}: expected a list of {{transform: {{headers}}}}"
+                )))
+            }
+        };
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for item in items {
+            let Some(h) = item.get("transform").and_then(|t| t.get("headers")) else {
+                continue;
+            };
+            let Some(h) = h.as_object() else {
+                return Err(bad(format!(
+                    "{domain:?}: transform.headers must be an object of name to string"
+                )));
+            };
+            for (name, value) in h {
+                let Some(value) = value.as_str() else {
+                    return Err(bad(format!(
+                        "{domain:?}: the value of header {name:?} must be a string"
+                    )));
+                };
+                headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                headers.push((name.clone(), value.to_string()));
+            }
+        }
+        out.push(HeaderRule {
+            domain: domain.clone(),
+            headers,
+        });
+    }
+    HeaderRules::new(out).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 fn is_empty_value(v: &Value) -> bool {
@@ -109,9 +163,6 @@ impl NewSandbox {
         if let Some(net) = &self.network {
             if net.egress_proxy.as_ref().is_some_and(|v| !v.is_null()) {
                 return refuse("network.egressProxy");
-            }
-            if net.rules.as_ref().is_some_and(|v| !is_empty_value(v)) {
-                return refuse("network.rules");
             }
         }
         Ok(())
@@ -304,6 +355,30 @@ pub fn metric(m: &SandboxMetric) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_rules_take_e2b_shape_and_refuse_bad_ones() {
+        let v: Value = serde_json::from_str(
+            r#"{"api.test":[{"transform":{"headers":{"Authorization":"Bearer s"}}}],"*.x.test":[{}]}"#,
+        )
+        .unwrap();
+        let r = network_rules(Some(&v)).unwrap();
+        assert_eq!(
+            r.headers_for("api.test"),
+            vec![("Authorization", "Bearer s")]
+        );
+        for bad in [
+            r#"{"api.test":[{"transform":{"headers":{"Host":"evil.test"}}}]}"#,
+            r#"{"api.test":[{"transform":{"headers":{"X":"a\r\nB: c"}}}]}"#,
+            r#"{"*":[]}"#,
+            r#"{"api.test":[{"transform":{"headers":{"X":1}}}]}"#,
+            r#"["api.test"]"#,
+        ] {
+            let v: Value = serde_json::from_str(bad).unwrap();
+            assert!(network_rules(Some(&v)).is_err(), "{bad}");
+        }
+        assert!(network_rules(None).unwrap().is_empty());
+    }
 
     #[test]
     fn new_sandbox_ignores_unknown_and_refuses_unsupported() {

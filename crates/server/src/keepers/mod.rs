@@ -109,6 +109,10 @@ pub struct KeeperBackendConfig {
     pub pools: HashMap<String, usize>,
     /// The audit log (create, exec, kill, pause, resume, files).
     pub audit: Option<crate::audit::Audit>,
+    /// Extra CA certificates (PEM file) trusted when the egress proxy
+    /// verifies a host that `network.rules` intercept, besides the host's
+    /// trust store (`NANOCLAW_UPSTREAM_CA` for `nanoclaw serve`).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// What the daemon records of a sandbox, beside its keeper's state.
@@ -661,7 +665,7 @@ impl KeeperBackend {
         req: &CreateSandbox,
         spec: SandboxSpec,
     ) -> BackendResult<SandboxInfo> {
-        if spec.network == default_network() {
+        if spec.network == default_network() && spec.egress.is_empty() {
             let metrics = self.metrics.get();
             match self.pool.take(&req.template) {
                 Some(r) => {
@@ -928,6 +932,17 @@ impl Backend for KeeperBackend {
         let tpl = self.template(&req.tenant, &req.template)?;
         let mut spec = tpl.spec;
         spec.network = network_of(&req)?;
+        if !req.network_rules.is_empty() {
+            if matches!(spec.network, Network::None) {
+                return Err(BackendError::InvalidArgument(
+                    "network.rules only change requests the sandbox may make: this sandbox has no internet access; allow the ruled hosts in network.allowOut".into(),
+                ));
+            }
+            spec.egress = nanoclaw_sandbox::spec::Egress {
+                rules: req.network_rules.clone(),
+                upstream_ca: self.cfg.upstream_ca.clone(),
+            };
+        }
         for (k, v) in &req.env_vars {
             spec.env.push((k.clone(), v.clone()));
         }

@@ -528,6 +528,7 @@ async fn create<B: Backend, A: Authenticator>(
             allow_internet_access: None,
             allow_out: Vec::new(),
             deny_out: Vec::new(),
+            network_rules: Default::default(),
             auto_pause: false,
             envd_access_token: token,
         })

@@ -904,6 +904,7 @@ fn run_op(op: &Op, check: bool) -> std::io::Result<()> {
         Op::Symlink { target, link } => sys::symlink(target, link),
         Op::File { path, data, mode } if data.is_empty() => mount_point_file(path, *mode),
         Op::File { path, data, mode } => sys::write_file(path, data, *mode),
+        Op::FileFromFd { path, fd, mode } => sys::copy_fd_to_file(*fd, path, *mode),
         Op::Fs {
             fstype,
             target,
