@@ -593,9 +593,16 @@ async fn tunnel<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    if let (Some(ic), Host::Name(n)) = (&sh.intercept, target) {
+    if let (Some(ic), Host::Name(n)) = (&sh.intercept, to.host) {
         if ic.wants(n) {
-            crate::intercept::tunnel(sh, ic, client, upstream, n, port, proto, leftover).await;
+            let work = async {
+                crate::intercept::tunnel(sh, ic, client, upstream, n, to.port, to.proto, leftover)
+                    .await;
+                Ok(())
+            };
+            if let Err(End::Deny(reason)) = ticket.guard(work, None).await {
+                sh.rec.deny(to.host.to_string(), to.port, to.proto, reason);
+            }
             return;
         }
     }
