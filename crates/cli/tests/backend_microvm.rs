@@ -6,14 +6,16 @@
 //! the guest's own kernel, exit codes and signals, a pids limit firing
 //! inside the guest, the timeout, the output limit, binary-safe output and
 //! stdin, a read-only shared directory, nothing left
-//! behind, and
+//! behind — also when the process holding the VM is SIGKILLed — and
 //! fields it cannot honour refused by name.
 //!
 //! Needs root, QEMU, a virtiofsd and the pinned kernel
 //! (`.ci/microvm-kernel.sh`); skipped with a message otherwise, required
 //! with `NANOCLAW_REQUIRE_MICROVM=1` (CI).
 
-use std::path::Path;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nanoclaw_microvm::{MicroVm, MicroVmOptions};
@@ -24,6 +26,9 @@ use nanoclaw_sandbox::{Error, KillReason, SandboxSpec};
 
 #[path = "../../sandbox/tests/backend_scenario/mod.rs"]
 mod backend_scenario;
+
+/// Set in the child that holds a VM until it is killed.
+const HOLDER: &str = "NANOCLAW_MICROVM_HOLDER";
 
 fn options() -> MicroVmOptions {
     MicroVmOptions::new(env!("CARGO_BIN_EXE_nanoclaw")).expect("options")
@@ -306,4 +311,75 @@ fn usage(sb: &dyn LiveSandbox) {
     assert!(st.memory_bytes.is_some_and(|m| m > 0), "{st:?}");
     assert!(st.cpu.is_some_and(|c| c > Duration::ZERO), "{st:?}");
     assert!(st.tasks.is_some_and(|t| t > 0), "{st:?}");
+}
+
+/// The child of `killed_owner_leaves_nothing`: makes a VM, says where it
+/// is, waits to be killed.
+fn hold() {
+    let vm = MicroVm::new(options()).expect("backend in the holder");
+    let sb = vm
+        .create(&SandboxConfig::new(SandboxSpec::new(Vec::<String>::new())))
+        .expect("create");
+    let info = sb.info();
+    let pids: Vec<String> = info.host_pids.iter().map(|p| p.to_string()).collect();
+    println!("\nHOLDING {} {}", info.id, pids.join(","));
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// SIGKILL of the process holding a VM: its VMM and virtiofsd die with it,
+/// and the next backend sweeps its state directory.
+#[test]
+fn microvm_killed_owner_leaves_nothing() {
+    if std::env::var_os(HOLDER).is_some() {
+        return hold();
+    }
+    if backend("microvm_killed_owner_leaves_nothing").is_none() {
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "microvm_killed_owner_leaves_nothing",
+            "--nocapture",
+        ])
+        .env(HOLDER, "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let held = loop {
+        line.clear();
+        if out.read_line(&mut line).expect("holder output") == 0 {
+            let _ = child.wait();
+            panic!("the holder ended without a VM");
+        }
+        if let Some((_, rest)) = line.split_once("HOLDING ") {
+            break rest.to_string();
+        }
+    };
+    let mut f = held.split_whitespace();
+    let id = f.next().expect("id").to_string();
+    let pids: Vec<i32> = f
+        .next()
+        .expect("pids")
+        .split(',')
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    let dir = PathBuf::from("/run/nanoclaw/microvm").join(&id);
+    assert!(
+        pids.iter().all(|p| alive(*p)) && dir.is_dir(),
+        "{pids:?} {}",
+        dir.display()
+    );
+    child.kill().expect("SIGKILL the holder");
+    let _ = child.wait();
+    assert!(
+        all_gone(&pids, Duration::from_secs(10)),
+        "the VM outlived its owner: {pids:?}"
+    );
+    assert!(dir.is_dir(), "nothing removed it yet (the sweep does)");
+    let _again = MicroVm::new(options()).expect("backend");
+    assert!(!dir.exists(), "the next backend swept {}", dir.display());
+    println!("ok   a SIGKILLed owner's VM dies with it; its state is swept at the next start");
 }
