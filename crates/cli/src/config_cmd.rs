@@ -586,6 +586,13 @@ pub fn plan_config(
             })?
             .network;
         let spec = r.to_spec_with(command, &|reference| {
+            if crate::backends::store_images(&r.backend) {
+                // From the backend's own store (Docker's).
+                if let Some(cmd) = &setup {
+                    return Err(format!("setupCommand {cmd:?} with an image is not supported on backend {} yet; bake it into the image", r.backend));
+                }
+                return Ok(nanoclaw_sandbox::spec::Root::Image(reference.to_string()));
+            }
             let store = nanoclaw_image::Store::open_default().map_err(|e| e.to_string())?;
             let reference = match &setup {
                 Some(cmd) => nanoclaw_image::build::setup_layer(

@@ -220,11 +220,27 @@ fn checks() -> Vec<Check> {
     v
 }
 
-/// Runs `nanoclaw doctor`.
+/// Runs `nanoclaw doctor`: the host's checks, then one row per backend
+/// (`crate::backends`), whose absence does not fail the doctor.
 pub fn run(a: DoctorArgs) -> Result<u8> {
     let checks = checks();
+    let backends = crate::backends::availability();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        // One array: the host's checks, then a `backend:NAME` entry per
+        // backend (`data` says whether it is built and usable).
+        let mut v = serde_json::to_value(&checks)?;
+        if let Some(a) = v.as_array_mut() {
+            for b in &backends {
+                a.push(serde_json::json!({
+                    "name": format!("backend:{}", b.name),
+                    "ok": b.available,
+                    "detail": b.detail,
+                    "effect": if b.available { format!("--backend {} works here", b.name) } else { format!("to use it: {}", b.install) },
+                    "data": b,
+                }));
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for c in &checks {
             println!(
@@ -234,6 +250,18 @@ pub fn run(a: DoctorArgs) -> Result<u8> {
                 c.detail,
                 c.effect
             );
+        }
+        println!("\nbackends (--backend NAME, sandbox.backend):");
+        for b in &backends {
+            let state = match (b.built, b.available) {
+                (true, true) => "ok  ",
+                (true, false) => "n/a ",
+                (false, _) => "--  ",
+            };
+            println!("{state} {:<16} {}", b.name, b.detail);
+            if !b.install.is_empty() {
+                println!("    → to use it: {}", b.install);
+            }
         }
     }
     Ok(

@@ -8,6 +8,8 @@
 
 mod agent_cmd;
 mod audit_cmd;
+mod backend_cmd;
+mod backends;
 mod build_cmd;
 mod config_cmd;
 mod doctor;
@@ -73,6 +75,12 @@ enum Command {
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
+    /// (internal) The first process of a Docker sandbox (see nanoclaw_docker::init).
+    #[command(name = "__docker-init", hide = true)]
+    DockerInit {
+        /// Its arguments.
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,6 +143,9 @@ fn main() -> ExitCode {
         Command::Mcp(a) => mcp_cmd::run(a),
         Command::RunSpec => sandbox_cmd::run_spec(),
         Command::Keeper => sandbox_cmd::keeper(),
+        Command::DockerInit { args } => {
+            Ok(u8::try_from(nanoclaw_docker::init::init_main(&args)).unwrap_or(1))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

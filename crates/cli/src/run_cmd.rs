@@ -120,6 +120,12 @@ pub struct RunArgs {
     /// end, instead of the agent's scoped sandbox.
     #[arg(long)]
     pub(crate) fresh: bool,
+    /// What runs the sandbox: native (the default), docker, gvisor or
+    /// microvm (`nanoclaw doctor` says which this host has). Default: the
+    /// config's `sandbox.backend`, else native. With docker, --image names
+    /// an image in Docker's store.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) backend: Option<String>,
     /// The command and its arguments.
     #[arg(value_name = "COMMAND")]
     command: Vec<String>,
@@ -255,6 +261,7 @@ fn policy_spec(
             WorkspaceAccess::Rw => nanoclaw_policy::model::WorkspaceAccess::Rw,
         }),
         cap_add: a.cap_add.clone(),
+        backend: a.backend.clone(),
         ..CliOverrides::default()
     };
     o.mounts = crate::config_cmd::parse_cli_mounts(&a.mounts)?;
@@ -406,10 +413,15 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
         (Some(l), Some(cfg)) if a.image.is_none() => language_setting(cfg, l)?,
         _ => (None, None),
     };
+    let store_image = a
+        .backend
+        .as_deref()
+        .is_some_and(crate::backends::store_images);
     let image = a
         .image
         .as_deref()
         .or(lang_image.as_deref())
+        .filter(|_| !store_image)
         .map(image_root)
         .transpose()?;
     let mut command = a.command.clone();
@@ -495,6 +507,13 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
     spec.workdir = a.workdir.clone();
     if let Some(u) = &a.user {
         spec.user = parse_user(u)?;
+    }
+    if store_image {
+        // The backend takes it from its own store (Docker's), with the
+        // image's environment and working directory.
+        if let Some(r) = a.image.as_deref().or(lang_image.as_deref()) {
+            spec.root = nanoclaw_sandbox::spec::Root::Image(r.to_string());
+        }
     }
     if let Some(img) = &image {
         spec.root = nanoclaw_sandbox::spec::Root::Layers(img.layers.clone());
@@ -627,7 +646,7 @@ fn flag_spec(a: &RunArgs) -> Result<(SandboxSpec, Option<GoRun>)> {
 /// The sandbox configuration of `nanoclaw sandbox create`: every `run`
 /// option except the command, snippets and stdin (those belong to `exec`).
 /// Its `--timeout` becomes each exec's default timeout (returned).
-pub fn create_spec(a: &RunArgs) -> Result<(SandboxSpec, std::time::Duration)> {
+pub fn create_spec(a: &RunArgs) -> Result<(SandboxSpec, std::time::Duration, String)> {
     if !a.command.is_empty() {
         bail!(
             "`sandbox create` takes no command ({:?}); run it afterwards with `nanoclaw exec ID -- COMMAND`",
@@ -642,10 +661,15 @@ pub fn create_spec(a: &RunArgs) -> Result<(SandboxSpec, std::time::Duration)> {
     }
     let mut b = a.clone();
     b.command = vec!["true".into()];
-    let mut spec = build_spec(&b)?.spec;
+    let built = build_spec(&b)?;
+    let backend = crate::backends::chosen(
+        a.backend.as_deref(),
+        built.resolved.as_ref().map(|r| r.backend.as_str()),
+    )?;
+    let mut spec = built.spec;
     spec.command.clear();
     let exec_timeout = spec.limits.timeout;
-    Ok((spec, exec_timeout))
+    Ok((spec, exec_timeout, backend))
 }
 
 pub fn run(a: RunArgs) -> Result<u8> {
@@ -654,7 +678,14 @@ pub fn run(a: RunArgs) -> Result<u8> {
         go,
         resolved,
     } = build_spec(&a)?;
+    let backend = crate::backends::chosen(
+        a.backend.as_deref(),
+        resolved.as_ref().map(|r| r.backend.as_str()),
+    )?;
     if let Some(scope) = resolved.filter(|_| a.policy.agent.is_some() && !a.fresh) {
+        if backend != crate::backends::NATIVE {
+            bail!("--backend {backend}: an agent's scoped sandbox is native only so far; add --fresh for a sandbox of this command alone");
+        }
         return crate::scope_cmd::run_scoped(&a, spec, go, &scope);
     }
     if let Some(g) = go {
@@ -668,6 +699,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
     }
     if spec.hardening.seccomp == Seccomp::Unconfined {
         eprintln!("nanoclaw: WARNING: --seccomp unconfined: the sandboxed code can call every system call the kernel offers, including ones with a history of privilege-escalation bugs. Use it only to debug a profile.");
+    }
+    if backend != crate::backends::NATIVE {
+        return crate::backend_cmd::run(&backend, spec, a.json);
     }
     let opts = RunOptions {
         stream: !a.json,

@@ -164,7 +164,7 @@ fn remote(target: &str) -> Result<(Remote, State)> {
 
 /// `nanoclaw sandbox create`: starts a keeper and prints the sandbox's id.
 pub fn create(a: CreateArgs) -> Result<u8> {
-    let (mut spec, exec_timeout) = crate::run_cmd::create_spec(&a.run)?;
+    let (mut spec, exec_timeout, backend) = crate::run_cmd::create_spec(&a.run)?;
     let lifetime = match &a.lifetime {
         Some(d) => parse_duration(d).map_err(|e| anyhow!("--lifetime: {e}"))?,
         None => DEFAULT_LIFETIME,
@@ -175,11 +175,24 @@ pub fn create(a: CreateArgs) -> Result<u8> {
         .map(|d| parse_duration(d).map_err(|e| anyhow!("--idle-timeout: {e}")))
         .transpose()?;
     spec.limits.timeout = lifetime;
-    let root = state_root()?;
     if let Some(n) = &a.name {
         if n.is_empty() || n.contains('/') || n.len() > 64 {
             bail!("--name {n:?}: use 1-64 characters, no '/'");
         }
+    }
+    if backend != crate::backends::NATIVE {
+        return crate::backend_cmd::create(
+            &backend,
+            spec,
+            a.name.as_deref(),
+            parse_labels(&a.labels)?,
+            lifetime,
+            idle,
+            exec_timeout,
+        );
+    }
+    let root = state_root()?;
+    if let Some(n) = &a.name {
         if all_sandboxes(&root)
             .iter()
             .any(|(_, s)| s.name.as_deref() == Some(n))
@@ -209,6 +222,10 @@ pub fn ls(a: LsArgs) -> Result<u8> {
         .into_iter()
         .filter(|(_, s)| want.iter().all(|w| s.labels.contains(w)))
         .collect();
+    let others: Vec<_> = crate::backend_cmd::all()
+        .into_iter()
+        .filter(|s| want.iter().all(|w| s.labels.contains(w)))
+        .collect();
     if a.json {
         let mut out = Vec::with_capacity(all.len());
         for (dir, s) in &all {
@@ -221,6 +238,7 @@ pub fn ls(a: LsArgs) -> Result<u8> {
             }
             out.push(v);
         }
+        out.extend(others.iter().map(crate::backend_cmd::ls_json));
         println!("{}", serde_json::to_string(&out)?);
         return Ok(0);
     }
@@ -286,6 +304,24 @@ pub fn ls(a: LsArgs) -> Result<u8> {
             labels.join(",")
         );
     }
+    for s in &others {
+        let (id, name, created, expires, labels) = crate::backend_cmd::ls_row(s);
+        println!(
+            "{:<14} {:<16} {:<8} {:>7}s {:>7}s {:>9}s  {:<8} {:<12} {:<12} {:<14} {:<6} {}",
+            id,
+            name,
+            s.backend,
+            now.saturating_sub(created),
+            "-",
+            expires.saturating_sub(now),
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            labels
+        );
+    }
     Ok(0)
 }
 
@@ -310,7 +346,16 @@ pub(crate) fn remove(target: &str) -> Result<()> {
 /// Removes the sandbox `target`; `force` kills its keeper at once.
 /// Returns its id.
 fn remove_with(target: &str, force: bool) -> Result<String> {
-    let (r, st) = remote(target)?;
+    let (r, st) = match remote(target) {
+        Ok(x) => x,
+        Err(e) => match crate::backend_cmd::find(target)? {
+            Some((sb, info)) => {
+                sb.destroy()?;
+                return Ok(info.id);
+            }
+            None => return Err(e),
+        },
+    };
     // A keeper that does not answer is killed, which ends its sandbox
     // all the same (init's lifeline).
     let asked = !force && r.ask_within(&Request::Stop, STOP_PATIENCE).is_ok();
@@ -347,7 +392,13 @@ pub fn exec(a: ExecArgs) -> Result<u8> {
             "which sandbox? give its ID or NAME, or --config FILE --agent ID for the agent's scoped sandbox"
         ),
         (Some(t), false) => {
-            let (r, st) = remote(t)?;
+            let (r, st) = match remote(t) {
+                Ok(x) => x,
+                Err(e) => match crate::backend_cmd::find(t)? {
+                    Some((sb, info)) => return exec_other(&a, sb.as_ref(), &info),
+                    None => return Err(e),
+                },
+            };
             let mut base = ExecSpec::new(Vec::<String>::new());
             base.timeout = Duration::from_millis(st.exec_timeout_ms);
             (r, st, base)
@@ -403,6 +454,43 @@ pub fn exec(a: ExecArgs) -> Result<u8> {
         }
         .to_string()
     })
+}
+
+/// `nanoclaw exec` in a sandbox of another backend than native.
+fn exec_other(
+    a: &ExecArgs,
+    sb: &dyn nanoclaw_sandbox::backend::LiveSandbox,
+    info: &nanoclaw_sandbox::backend::SandboxInfo,
+) -> Result<u8> {
+    let (argv, mut env) = exec_argv(a)?;
+    let mut spec = ExecSpec::new(argv);
+    for e in &a.env {
+        let (k, v) = e
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| anyhow!("--env {e:?}: expected KEY=VALUE"))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    spec.env = env;
+    if let Some(u) = a.user.as_deref() {
+        let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+        let bad = || anyhow!("--user: expected UID[:GID] with numeric ids");
+        spec.user = Some(User {
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        });
+    }
+    spec.workdir = a.workdir.clone();
+    if a.stdin {
+        spec.stdin = Stdin::Inherit;
+    }
+    if let Some(t) = a.timeout.as_deref() {
+        spec.timeout = parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?;
+    }
+    if let Some(l) = a.output_limit.as_deref() {
+        spec.output_limit = parse_size(l).map_err(|e| anyhow!("--output-limit: {e}"))?;
+    }
+    crate::backend_cmd::exec(sb, info, spec, a.timeout.is_some(), a.json)
 }
 
 /// Runs `spec` in the keeper's sandbox: output streams to ours as it comes
@@ -598,6 +686,17 @@ pub fn prune(a: PruneArgs) -> Result<u8> {
                 || older.is_some_and(|o| now.saturating_sub(s.created) >= o)
         })
         .map(|(_, s)| s.id)
+        .chain(crate::backend_cmd::all().into_iter().filter_map(|s| {
+            let created = nanoclaw_sandbox::backend::label(
+                &s.labels,
+                nanoclaw_sandbox::backend::LABEL_CREATED,
+            )
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+            let age = now.saturating_sub(created);
+            (a.all || idle.is_some_and(|i| age >= i) || older.is_some_and(|o| age >= o))
+                .then_some(s.id)
+        }))
         .collect();
     if doomed.is_empty() {
         return Ok(0);

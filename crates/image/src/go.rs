@@ -216,6 +216,7 @@ fn cache_key(root: &Root, path: &str) -> String {
                 d.push_str(&format!("layer {}\n", l.display()));
             }
         }
+        Root::Image(r) => d.push_str(&format!("image {r}\n")),
     }
     Digest::of(d.as_bytes()).hex()[..24].to_string()
 }

@@ -1626,6 +1626,7 @@ impl<'a> Decoder<'a> {
             "allowedHosts",
             "setupCommand",
             "image",
+            "backend",
             "prune",
             "memory",
             "memorySwap",
@@ -1726,6 +1727,17 @@ impl<'a> Decoder<'a> {
         }
         if let Some((v, p)) = f.get("image") {
             s.image = self.nonempty(v, &p, "an image reference (or host)");
+        }
+        if let Some((v, p)) = f.get("backend") {
+            let what = "a backend: native, docker, gvisor or microvm";
+            s.backend = self.nonempty(v, &p, what).and_then(|b| {
+                if crate::model::BACKENDS.contains(&b.as_str()) {
+                    Some(b)
+                } else {
+                    self.err(&p, v.pos, format!("unknown backend `{b}`; expected {what}"));
+                    None
+                }
+            });
         }
         if let Some((v, p)) = f.get("prune") {
             if let Some(pf) = self.fields(v, &p, &["idleHours", "maxAgeDays"], &[]) {

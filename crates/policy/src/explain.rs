@@ -293,6 +293,7 @@ pub fn explain_text(r: &Resolved, config: Option<&Path>) -> String {
             r.image.as_deref().unwrap_or("host root"),
             src("image")
         );
+        let _ = writeln!(o, "backend:          {} {}", r.backend, src("backend"));
         if let Some(s) = &r.setup_command {
             let _ = writeln!(o, "setup command:    {s} {}", src("setup_command"));
         }
@@ -411,6 +412,7 @@ pub fn explain_json(r: &Resolved, config: Option<&Path>) -> serde_json::Value {
             "limits": r.limits,
             "network": r.network,
             "image": r.image,
+            "backend": r.backend,
             "setup_command": r.setup_command,
             "prune": r.prune,
             "cap_add": r.cap_add,

@@ -153,6 +153,10 @@ pub struct Prune {
     pub max_age_days: Option<f64>,
 }
 
+/// The backends `sandbox.backend` names (whether this build has each is
+/// the CLI's business: `nanoclaw doctor`).
+pub const BACKENDS: [&str; 4] = ["native", "docker", "gvisor", "microvm"];
+
 /// `sandbox` of `agents.defaults` or of one agent. `None` = not set here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SandboxSection {
@@ -174,6 +178,9 @@ pub struct SandboxSection {
     pub setup_command: Option<String>,
     /// `image`.
     pub image: Option<String>,
+    /// `backend`: what runs the sandbox (`native`, `docker`, `gvisor`,
+    /// `microvm`; [`BACKENDS`]).
+    pub backend: Option<String>,
     /// `prune`.
     pub prune: Option<Prune>,
     /// `memory`.

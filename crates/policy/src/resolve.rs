@@ -103,6 +103,8 @@ pub struct CliOverrides {
     pub mounts: Vec<BindMount>,
     /// `--image`.
     pub image: Option<String>,
+    /// `--backend`.
+    pub backend: Option<String>,
     /// `--cap-add`.
     pub cap_add: Vec<String>,
     /// `--deny-tool`: extra tools to deny (the CLI can only restrict).
@@ -262,6 +264,9 @@ pub struct Resolved {
     pub network: ResolvedNetwork,
     /// Image (`None`: the host root).
     pub image: Option<String>,
+    /// What runs the sandbox: `native` (the default), `docker`, `gvisor`,
+    /// `microvm`.
+    pub backend: String,
     /// One-time setup command.
     pub setup_command: Option<String>,
     /// Pruning.
@@ -785,6 +790,14 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         None,
     );
     let image = image.filter(|i| i != "host");
+    let backend = p.pick(
+        "backend",
+        None,
+        with(def.backend.clone(), "backend"),
+        with(ag.and_then(|s| s.backend.clone()), "backend"),
+        with(cli.backend.clone(), "--backend"),
+        "native".to_string(),
+    );
     let setup_command = p.pick(
         "setup_command",
         None,
@@ -961,6 +974,7 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         limits,
         network,
         image,
+        backend,
         setup_command,
         prune,
         cap_add,

@@ -100,6 +100,9 @@ pub struct Capabilities {
     pub image_root: bool,
     /// A host directory as the root ([`Root::Dir`]).
     pub dir_root: bool,
+    /// An image by reference from the backend's own store
+    /// ([`Root::Image`], e.g. Docker's).
+    pub store_image: bool,
     /// An image root's writes kept on the host (`root_upper`).
     pub persistent_upper: bool,
     /// Host paths bound into the sandbox (`--mount`, `--workspace`).
@@ -144,6 +147,7 @@ impl Capabilities {
         host_root: true,
         image_root: true,
         dir_root: false,
+        store_image: false,
         persistent_upper: true,
         mounts: true,
         memory_swap: true,
@@ -166,7 +170,7 @@ impl Capabilities {
     /// [`Error::NotSupported`] for backend `backend`.
     pub fn check(&self, backend: &str, config: &SandboxConfig) -> Result<(), Error> {
         let s = &config.spec;
-        let asked: [(bool, bool, &str); 16] = [
+        let asked: [(bool, bool, &str); 17] = [
             (
                 matches!(s.root, Root::Host),
                 self.host_root,
@@ -181,6 +185,11 @@ impl Capabilities {
                 matches!(s.root, Root::Dir(_)),
                 self.dir_root,
                 "a directory root",
+            ),
+            (
+                matches!(s.root, Root::Image(_)),
+                self.store_image,
+                "an image from the backend's own store",
             ),
             (
                 s.root_upper.is_some(),
@@ -316,6 +325,53 @@ pub trait Backend: Send + Sync {
     /// Creates a sandbox for `config`; it is ready for commands when this
     /// returns. A configuration that is refused leaves nothing behind.
     fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error>;
+
+    /// The sandboxes of this backend on this host that can be found again
+    /// ([`Backend::attach`]): how `nanoclaw sandbox ls` sees sandboxes that
+    /// outlived the process that made them. A backend keeps what it needs
+    /// with the sandbox itself (a container's labels, a state record); the
+    /// CLI's name, times and exec timeout travel as the `nanoclaw.*` labels
+    /// ([`LABEL_NAME`] and friends). The default: none (a backend whose
+    /// sandboxes end with their handle).
+    fn list(&self) -> Result<Vec<SandboxInfo>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// A handle on the sandbox `id` (its full id, from [`Backend::list`]),
+    /// made earlier by this or another process.
+    fn attach(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
+        Err(Error::NotFound {
+            id: id.to_string(),
+            what: format!(
+                "--backend {}: its sandboxes cannot be found again",
+                self.name()
+            ),
+        })
+    }
+}
+
+/// Label: the sandbox's name (`sandbox create --name`).
+pub const LABEL_NAME: &str = "nanoclaw.name";
+/// Label: when the sandbox was made, in seconds since the epoch.
+pub const LABEL_CREATED: &str = "nanoclaw.created";
+/// Label: when the sandbox's lifetime ends, in seconds since the epoch.
+pub const LABEL_EXPIRES: &str = "nanoclaw.expires";
+/// Label: the default timeout of each exec, in milliseconds.
+pub const LABEL_EXEC_TIMEOUT_MS: &str = "nanoclaw.exec-timeout-ms";
+/// Label `nanoclaw.detached=true`: the sandbox must outlive the process
+/// that made it (`nanoclaw sandbox create`). Without it, a backend whose
+/// sandboxes live outside its caller (a container) removes the sandbox
+/// once that process is gone — at the latest when the backend is next
+/// used (a `kill -9`ed `nanoclaw run` leaves nothing for long).
+pub const LABEL_DETACHED: &str = "nanoclaw.detached";
+
+/// The value of label `key` in `labels`.
+pub fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 /// One sandbox a [`Backend`] created.

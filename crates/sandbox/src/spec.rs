@@ -167,6 +167,10 @@ pub enum Root {
     /// Image layers stacked with overlayfs, lowest first; writes go to a
     /// per-sandbox upper directory on tmpfs.
     Layers(Vec<PathBuf>),
+    /// An image by reference, taken from the backend's own image store
+    /// (Docker's, for `--backend docker`). The native engine takes images
+    /// from nanoclaw's store as [`Root::Layers`] and refuses this one.
+    Image(String),
 }
 
 /// Read-only or read-write.

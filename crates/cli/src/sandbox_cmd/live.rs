@@ -32,7 +32,21 @@ pub fn resume(a: PauseArgs) -> Result<u8> {
 
 fn toggle(a: &PauseArgs, req: &Request) -> Result<u8> {
     for t in &a.targets {
-        let (r, st) = remote(t)?;
+        let (r, st) = match remote(t) {
+            Ok(x) => x,
+            Err(e) => match crate::backend_cmd::find(t)? {
+                Some((sb, info)) => {
+                    if matches!(req, Request::Pause) {
+                        sb.pause()?;
+                    } else {
+                        sb.resume()?;
+                    }
+                    println!("{}", info.id);
+                    continue;
+                }
+                None => return Err(e),
+            },
+        };
         match r.ask_within(req, ANSWER_WAIT)? {
             Reply::Live(_) => println!("{}", st.id),
             Reply::Error(e) => bail!("{e}"),
@@ -45,7 +59,13 @@ fn toggle(a: &PauseArgs, req: &Request) -> Result<u8> {
 
 /// `nanoclaw sandbox inspect`: state.json, and what the keeper says now.
 pub fn inspect(target: &str) -> Result<u8> {
-    let (r, st) = remote(target)?;
+    let (r, st) = match remote(target) {
+        Ok(x) => x,
+        Err(e) => match crate::backend_cmd::find(target)? {
+            Some((sb, info)) => return crate::backend_cmd::inspect(sb.as_ref(), &info),
+            None => return Err(e),
+        },
+    };
     let mut v = serde_json::to_value(&st)?;
     let live = match r.ask_within(&Request::Inspect, ANSWER_WAIT)? {
         Reply::Live(l) => l,

@@ -508,6 +508,12 @@ fn new_root(
             why: "not implemented; use the host root or an image".into(),
             fix: "run without it, or import the directory as an image".into(),
         }),
+        Root::Image(r) => Err(Error::Unsupported {
+            what: format!("image {r} by reference"),
+            why: "the native engine takes images from nanoclaw's store, as layers".into(),
+            fix: "resolve it with `nanoclaw image pull` (the CLI does), or use --backend docker"
+                .into(),
+        }),
     }
 }
 

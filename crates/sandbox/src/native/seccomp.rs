@@ -103,6 +103,11 @@ impl std::fmt::Debug for Filter {
     }
 }
 
+/// The built-in profile's source, in Docker's JSON format (with nanoclaw's
+/// comments and its `nanoclaw` extension): what a backend that takes
+/// Docker profiles (Docker itself) is given.
+pub const DEFAULT_PROFILE_JSON: &str = include_str!("../../seccomp/default.json");
+
 /// The built-in profile (`seccomp/default.json`), compiled at build time.
 pub fn default_filter() -> Filter {
     Filter {
@@ -169,11 +174,11 @@ pub fn default_filter_with(extras: DefaultExtras) -> Result<Filter, ProfileError
     if extras == DefaultExtras::default() {
         return Ok(default_filter());
     }
-    const DEFAULT: &str = include_str!("../../seccomp/default.json");
-    let mut v: serde_json::Value = serde_json::from_str(DEFAULT).map_err(|e| ProfileError {
-        field: String::new(),
-        message: format!("built-in profile: {e}"),
-    })?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(DEFAULT_PROFILE_JSON).map_err(|e| ProfileError {
+            field: String::new(),
+            message: format!("built-in profile: {e}"),
+        })?;
     let mut extra = Vec::new();
     if extras.no_memfd {
         extra.push(serde_json::json!({

@@ -30,15 +30,22 @@ type Check = fn(&dyn LiveSandbox) -> Result<(), String>;
 
 /// Runs every check against `backend`; `Err` says what went wrong.
 pub fn run(backend: &dyn Backend, mode: &str) -> Result<(), String> {
+    run_with(backend, mode, Root::Host)
+}
+
+/// [`run`] with sandboxes of root `root` (an image, for a backend that
+/// needs one: Docker). The image must have `sh`, `sleep`, `stat`, `tar`.
+pub fn run_with(backend: &dyn Backend, mode: &str, root: Root) -> Result<(), String> {
     let name = backend.name().to_string();
     let step = |what: &str, t0: Instant| {
         println!("backend {name} ({mode}): ok   {what} ({:?})", t0.elapsed())
     };
     let t0 = Instant::now();
-    refuses_by_name(backend)?;
+    refuses_by_name(backend, &root)?;
     step("a field it cannot honour is refused by name", t0);
 
     let mut spec = SandboxSpec::new(Vec::<String>::new());
+    spec.root = root;
     spec.limits.timeout = Duration::from_secs(120);
     spec.env.push(("FROM_CONFIG".into(), "yes".into()));
     let mut config = SandboxConfig::new(spec);
@@ -116,7 +123,7 @@ pub fn run(backend: &dyn Backend, mode: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn refuses_by_name(backend: &dyn Backend) -> Result<(), String> {
+fn refuses_by_name(backend: &dyn Backend, root: &Root) -> Result<(), String> {
     let name = backend.name();
     let mut spec = SandboxSpec::new(Vec::<String>::new());
     spec.root = Root::Dir("/nonexistent".into());
@@ -132,7 +139,9 @@ fn refuses_by_name(backend: &dyn Backend) -> Result<(), String> {
         }
     }
     if !backend.capabilities().idle_timeout {
-        let mut config = SandboxConfig::new(SandboxSpec::new(Vec::<String>::new()));
+        let mut spec = SandboxSpec::new(Vec::<String>::new());
+        spec.root = root.clone();
+        let mut config = SandboxConfig::new(spec);
         config.idle_timeout = Some(Duration::from_secs(1));
         let want = format!("--backend {name}: --idle-timeout is not supported: ");
         match backend.create(&config) {

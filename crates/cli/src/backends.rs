@@ -1,0 +1,128 @@
+//! The one place a backend is chosen by name (`--backend`, the config's
+//! `sandbox.backend`) and probed (`nanoclaw doctor`).
+//!
+//! Adding a backend is three arms, all in this file: one in
+//! [`backend_by_name`] (build it), one in [`probe`] (is it usable here, and
+//! what to install), and, if its images come from its own store rather
+//! than nanoclaw's, one in [`store_images`]. Everything else — `nanoclaw
+//! run --backend X` (create, exec, destroy), `sandbox create/exec/ls/rm/
+//! prune` and the config — goes through the engine's `Backend` trait and
+//! needs no change.
+//!
+//! How a sandbox that outlives the CLI is found again: `native` ones by
+//! their keeper's state directory (as before); every other backend keeps
+//! its own record with the sandbox ([`nanoclaw_sandbox::backend::Backend::
+//! list`]: Docker uses the container's labels) and is asked, in
+//! [`NAMES`] order, by `sandbox exec/ls/rm/prune` ([`findable`]).
+
+use anyhow::{anyhow, bail, Context, Result};
+use nanoclaw_sandbox::backend::Backend;
+use serde::Serialize;
+
+/// Every backend name `--backend` and `sandbox.backend` accept, the
+/// default first.
+pub const NAMES: [&str; 4] = nanoclaw_policy::model::BACKENDS;
+
+/// The default backend.
+pub const NATIVE: &str = "native";
+
+/// The backend `name`, ready to create sandboxes (for `native`: keepers,
+/// as `nanoclaw sandbox create` makes them). An unknown name, a backend
+/// this build lacks or one whose service does not answer is one clear
+/// error (exit 125).
+pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        NATIVE => {
+            let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
+            let root = nanoclaw_sandbox::keeper::state_root()?;
+            Ok(Box::new(nanoclaw_sandbox::NativeKeeper::new(exe, root)?))
+        }
+        "docker" => Ok(Box::new(nanoclaw_docker::Docker::connect()?)),
+        "gvisor" | "microvm" => bail!(
+            "--backend {name}: this nanoclaw was built without it (see `nanoclaw doctor`); use --backend native or docker"
+        ),
+        other => bail!(
+            "--backend {other}: no such backend; use one of {}",
+            NAMES.join(", ")
+        ),
+    }
+}
+
+/// Whether `--image REF` on backend `name` names an image in the
+/// backend's own store (passed on as `Root::Image`) rather than in
+/// nanoclaw's (resolved to layers here).
+pub fn store_images(name: &str) -> bool {
+    matches!(name, "docker")
+}
+
+/// The backend `--backend` (or, failing it, the config) chose: `flag`
+/// when given, else `configured`, else native. Checked against [`NAMES`].
+pub fn chosen(flag: Option<&str>, configured: Option<&str>) -> Result<String> {
+    let name = flag.or(configured).unwrap_or(NATIVE);
+    if !NAMES.contains(&name) {
+        return Err(anyhow!(
+            "--backend {name}: no such backend; use one of {}",
+            NAMES.join(", ")
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// One row of `nanoclaw doctor`'s backend table.
+#[derive(Debug, Serialize)]
+pub struct Availability {
+    /// The backend's name.
+    pub name: &'static str,
+    /// Built into this nanoclaw.
+    pub built: bool,
+    /// Usable on this host now.
+    pub available: bool,
+    /// What was found.
+    pub detail: String,
+    /// What to install or start to use it (empty when available).
+    pub install: String,
+}
+
+/// Every backend's availability here, in [`NAMES`] order.
+pub fn availability() -> Vec<Availability> {
+    NAMES.iter().map(|n| probe(n)).collect()
+}
+
+fn probe(name: &'static str) -> Availability {
+    match name {
+        NATIVE => Availability {
+            name,
+            built: true,
+            available: true,
+            detail: "namespaces, cgroups, seccomp, Landlock (see the checks above)".into(),
+            install: String::new(),
+        },
+        "docker" => {
+            let p = nanoclaw_docker::probe();
+            Availability {
+                name,
+                built: true,
+                available: p.available,
+                detail: p.detail,
+                install: p.install,
+            }
+        }
+        _ => Availability {
+            name,
+            built: false,
+            available: false,
+            detail: "not built into this nanoclaw".into(),
+            install: "a nanoclaw built with it (issue 16)".into(),
+        },
+    }
+}
+
+/// The non-native backends to ask for a sandbox by id or name: those
+/// built here whose service answers (others cannot hold one now).
+pub fn findable() -> Vec<Box<dyn Backend>> {
+    NAMES
+        .iter()
+        .filter(|n| **n != NATIVE && probe(n).available)
+        .filter_map(|n| backend_by_name(n).ok())
+        .collect()
+}
