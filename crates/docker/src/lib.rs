@@ -209,7 +209,7 @@ impl Docker {
     }
 
     /// The containers nanoclaw made (running or not), with their labels.
-    fn ours(&self) -> Result<Vec<(String, HashMap<String, String>, bool)>, Error> {
+    fn ours(&self) -> Result<Vec<Ours>, Error> {
         let mut filters = HashMap::new();
         filters.insert("label", vec![format!("{LABEL_BACKEND}={NAME}")]);
         let opts = ListContainersOptionsBuilder::new()
@@ -250,10 +250,8 @@ impl Docker {
                 .get(LABEL_DEADLINE)
                 .and_then(|d| d.parse::<u64>().ok())
                 .is_some_and(|d| d + 5 < now);
-            if orphan || expired || !running {
-                if self.remove(&id).is_ok() {
-                    gone.push(id);
-                }
+            if (orphan || expired || !running) && self.remove(&id).is_ok() {
+                gone.push(id);
             }
         }
         gone
@@ -307,6 +305,10 @@ impl Docker {
         }
     }
 }
+
+/// A container nanoclaw made: its sandbox id, its labels, and whether it
+/// runs (or is paused).
+type Ours = (String, HashMap<String, String>, bool);
 
 /// The container of sandbox `id`.
 pub fn container_name(id: &str) -> String {

@@ -82,6 +82,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     host_root: true,
     image_root: false,
     dir_root: false,
+    store_image: false,
     persistent_upper: false,
     mounts: true,
     memory_swap: false,
