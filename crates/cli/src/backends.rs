@@ -38,9 +38,12 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
             Ok(Box::new(nanoclaw_sandbox::NativeKeeper::new(exe, root)?))
         }
         "docker" => Ok(Box::new(nanoclaw_docker::Docker::connect()?)),
-        "gvisor" | "microvm" => bail!(
-            "--backend {name}: this nanoclaw was built without it (see `nanoclaw doctor`); use --backend native or docker"
-        ),
+        "gvisor" => Ok(Box::new(nanoclaw_gvisor::Gvisor::new()?)),
+        "microvm" => {
+            let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
+            let opts = nanoclaw_microvm::MicroVmOptions::new(exe)?;
+            Ok(Box::new(nanoclaw_microvm::MicroVm::new(opts)?))
+        }
         other => bail!(
             "--backend {other}: no such backend; use one of {}",
             NAMES.join(", ")
@@ -107,22 +110,59 @@ fn probe(name: &'static str) -> Availability {
                 install: p.install,
             }
         }
+        "gvisor" => {
+            let (available, detail, install) = match nanoclaw_gvisor::Gvisor::availability() {
+                Ok(d) => (true, d, String::new()),
+                Err(e) => (false, "runsc not usable".to_string(), e),
+            };
+            Availability {
+                name,
+                built: true,
+                available,
+                detail,
+                install,
+            }
+        }
+        "microvm" => {
+            let made = std::env::current_exe()
+                .map_err(|e| nanoclaw_sandbox::Error::Unsupported {
+                    what: "--backend microvm".into(),
+                    why: format!("nanoclaw's own binary: {e}"),
+                    fix: String::new(),
+                })
+                .and_then(nanoclaw_microvm::MicroVmOptions::new)
+                .and_then(nanoclaw_microvm::MicroVm::new);
+            let (available, detail, install) = match made {
+                Ok(vm) => (true, vm.describe(), String::new()),
+                Err(nanoclaw_sandbox::Error::Unsupported { why, fix, .. }) => (false, why, fix),
+                Err(e) => (false, e.to_string(), String::new()),
+            };
+            Availability {
+                name,
+                built: true,
+                available,
+                detail,
+                install,
+            }
+        }
         _ => Availability {
             name,
             built: false,
             available: false,
             detail: "not built into this nanoclaw".into(),
-            install: "a nanoclaw built with it (issue 16)".into(),
+            install: "a nanoclaw built with it".into(),
         },
     }
 }
 
 /// The non-native backends to ask for a sandbox by id or name: those
-/// built here whose service answers (others cannot hold one now).
+/// built here whose service answers (others cannot hold one now). A
+/// micro-VM ends with the process that made it (it cannot be detached),
+/// so it is never found again.
 pub fn findable() -> Vec<Box<dyn Backend>> {
     NAMES
         .iter()
-        .filter(|n| **n != NATIVE && probe(n).available)
+        .filter(|n| **n != NATIVE && **n != "microvm" && probe(n).available)
         .filter_map(|n| backend_by_name(n).ok())
         .collect()
 }

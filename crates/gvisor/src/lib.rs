@@ -433,6 +433,14 @@ impl Backend for Gvisor {
         NAME
     }
 
+    fn list(&self) -> Result<Vec<SandboxInfo>, Error> {
+        self.infos()
+    }
+
+    fn attach(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
+        self.open(id)
+    }
+
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
     }
