@@ -541,19 +541,8 @@ impl Drop for RunscExecution {
         if self.child.is_some() {
             // Never waited for: the command is killed, runsc reaped.
             self.kill_tree();
-            if let Some(mut c) = self.child.take() {
-                let deadline = Instant::now() + KILL_PATIENCE;
-                loop {
-                    match c.try_wait() {
-                        Ok(Some(_)) | Err(_) => break,
-                        Ok(None) if Instant::now() >= deadline => {
-                            let _ = c.kill();
-                            let _ = c.wait();
-                            break;
-                        }
-                        Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
+            if let Some(c) = self.child.take() {
+                crate::sandbox::reap_by(c, Instant::now() + KILL_PATIENCE);
             }
             if let Some(t) = self.stdin.take() {
                 let _ = t.join();

@@ -246,6 +246,22 @@ pub fn has_state(runsc: &Runsc, id: &str) -> bool {
         .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
 }
 
+/// Waits for `c` to exit until `deadline`, then kills it; either way it is
+/// reaped when this returns.
+pub(crate) fn reap_by(mut c: Child, deadline: Instant) {
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = c.kill();
+                let _ = c.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
 /// Ends sandbox `id` and removes everything of it: its init is killed
 /// (gVisor then ends the sandbox and its `runsc run` removes runsc's
 /// state and cgroups), the runner is waited for (`runner`, when this
@@ -267,18 +283,8 @@ pub fn stop(
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    if let Some(mut c) = runner {
-        loop {
-            match c.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
+    if let Some(c) = runner {
+        reap_by(c, deadline);
     }
     while pids.iter().any(|p| running(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
