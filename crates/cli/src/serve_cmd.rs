@@ -2,9 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use clap::Args;
 use nanoclaw_server::daemon::{self, DaemonConfig};
+use nanoclaw_server::keepers::{Engines, Template, CODE_INTERPRETER_TEMPLATE};
 use nanoclaw_server::ListenAddr;
 
 /// Options of `nanoclaw serve`.
@@ -23,6 +27,12 @@ pub struct ServeArgs {
     /// create (repeatable; e.g. --pool base=8).
     #[arg(long = "pool", value_name = "TEMPLATE=N")]
     pools: Vec<String>,
+    /// A template whose sandboxes run on another backend:
+    /// NAME=BACKEND[:IMAGE] (repeatable), e.g. `--template
+    /// untrusted=gvisor` or `--template py=docker:python:3.12-slim` (an
+    /// image in Docker's store). E2B clients pick it with its templateID.
+    #[arg(long = "template", value_name = "NAME=BACKEND[:IMAGE]")]
+    templates: Vec<String>,
     /// Keep audit records this long (e.g. 90d): older ones are pruned at
     /// start and then regularly, the chain staying verifiable (`audit
     /// verify`). Default: keep everything (`nanoclaw audit prune` by hand).
@@ -66,6 +76,73 @@ fn check_config(path: &Path) -> Result<PathBuf> {
         );
     }
     std::fs::canonicalize(&path).with_context(|| format!("--config {}", path.display()))
+}
+
+/// `--template NAME=BACKEND[:IMAGE]`: the template, E2B's `base` on that
+/// backend (user 1000, home `/home/user`) over the image for Docker.
+fn template_of(flag: &str) -> Result<(String, Template)> {
+    let usage = "use NAME=BACKEND[:IMAGE], e.g. untrusted=gvisor or py=docker:python:3.12-slim";
+    let Some((name, rest)) = flag.split_once('=') else {
+        anyhow::bail!("--template {flag:?}: {usage}");
+    };
+    let (backend, image) = match rest.split_once(':') {
+        Some((b, i)) => (b, Some(i)),
+        None => (rest, None),
+    };
+    let ok_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok_name {
+        anyhow::bail!(
+            "--template {flag:?}: the name {name:?} must be letters, digits, '-', '_' or '.'; {usage}"
+        );
+    }
+    if matches!(name, "base" | CODE_INTERPRETER_TEMPLATE) {
+        anyhow::bail!("--template {flag:?}: {name} is one of the daemon's own templates; give it another name");
+    }
+    let backend = crate::backends::chosen(Some(backend), None)
+        .map_err(|e| anyhow::anyhow!("--template {flag:?}: {e}"))?;
+    let mut t = Template::base();
+    match (backend.as_str(), image) {
+        ("docker", Some(i)) if !i.is_empty() => {
+            t.spec.root = nanoclaw_sandbox::spec::Root::Image(i.to_string());
+        }
+        ("docker", _) => anyhow::bail!(
+            "--template {flag:?}: the docker backend needs an image from Docker's store: {name}=docker:IMAGE"
+        ),
+        ("microvm", _) => anyhow::bail!(
+            "--template {flag:?}: backend microvm cannot serve the daemon: a micro-VM ends with the process that \
+             made it (it cannot be detached); use native, docker or gvisor"
+        ),
+        (b, Some(_)) => anyhow::bail!(
+            "--template {flag:?}: an image is for the docker backend only; the {b} backend runs the host root here"
+        ),
+        _ => {}
+    }
+    t.backend = (backend != crate::backends::NATIVE).then_some(backend);
+    Ok((name.to_string(), t))
+}
+
+/// The templates of `--template`, and the backends they name opened (which
+/// sweeps what a killed daemon left there).
+fn templates_of(flags: &[String]) -> Result<(HashMap<String, Template>, Engines)> {
+    let mut templates = HashMap::new();
+    let mut engines = Engines::default();
+    for f in flags {
+        let (name, t) = template_of(f)?;
+        if let Some(b) = &t.backend {
+            if !engines.0.contains_key(b) {
+                let opened = crate::backends::backend_by_name(b)
+                    .map_err(|e| anyhow::anyhow!("--template {f:?}: {e:#}"))?;
+                engines.0.insert(b.clone(), Arc::from(opened));
+            }
+        }
+        if templates.insert(name.clone(), t).is_some() {
+            anyhow::bail!("--template {name}=...: given twice");
+        }
+    }
+    Ok((templates, engines))
 }
 
 /// `nanoclaw serve`.
@@ -129,7 +206,10 @@ pub fn run(a: ServeArgs) -> Result<u8> {
         per_build: size("--max-build-bytes", &a.max_build_bytes)?,
         per_tenant: size("--max-tenant-image-bytes", &a.max_tenant_image_bytes)?,
     };
+    let (templates, engines) = templates_of(&a.templates)?;
     let cfg = DaemonConfig {
+        templates,
+        engines,
         image_disk,
         config,
         approval_timeout,

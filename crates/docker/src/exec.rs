@@ -4,13 +4,14 @@
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::container::LogOutput;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::ExecConfig;
 use futures_util::StreamExt;
-use nanoclaw_sandbox::backend::{Echo, Execution};
+use nanoclaw_sandbox::backend::{Echo, ExecControl, Execution};
 use nanoclaw_sandbox::native::session::ExecSpec;
 use nanoclaw_sandbox::outcome::NetworkReport;
 use nanoclaw_sandbox::spec::Stdin;
@@ -40,6 +41,9 @@ pub(crate) struct DockerExecution {
     spec: ExecSpec,
     output: Option<Output>,
     input: Option<Input>,
+    /// The command's stdin when started with [`Stdin::Open`], for its
+    /// control handle (`None` once closed).
+    open_input: Arc<tokio::sync::Mutex<Option<Input>>>,
     started: Instant,
     before: Counters,
 }
@@ -96,6 +100,12 @@ pub(crate) fn spawn(sb: &DockerSandbox, spec: &ExecSpec) -> Result<Box<dyn Execu
             ))
         }
     };
+    // An open stdin is fed through the control handle from the start.
+    let (input, open_input) = if matches!(spec.stdin, Stdin::Open) {
+        (None, Some(input))
+    } else {
+        (Some(input), None)
+    };
     Ok(Box::new(DockerExecution {
         id: NEXT_EXEC.fetch_add(1, Ordering::Relaxed),
         docker_id: made.id,
@@ -107,7 +117,8 @@ pub(crate) fn spawn(sb: &DockerSandbox, spec: &ExecSpec) -> Result<Box<dyn Execu
         },
         spec: spec.clone(),
         output: Some(output),
-        input: Some(input),
+        open_input: Arc::new(tokio::sync::Mutex::new(open_input)),
+        input,
         started,
         before,
     }))
@@ -202,11 +213,19 @@ impl Execution for DockerExecution {
         self.id
     }
 
+    fn control(&self) -> Option<Box<dyn ExecControl>> {
+        Some(Box::new(DockerControl {
+            docker: self.sandbox.docker.clone(),
+            docker_id: self.docker_id.clone(),
+            input: self.open_input.clone(),
+        }))
+    }
+
     fn wait(mut self: Box<Self>, echo: Option<Echo<'_>>) -> Result<Outcome, Error> {
         use std::os::fd::AsRawFd;
         let echo = echo.map(|e| (e.stdout.as_raw_fd(), e.stderr.as_raw_fd()));
         let stdin = match &self.spec.stdin {
-            Stdin::Null => None,
+            Stdin::Null | Stdin::Open => None,
             Stdin::Bytes(b) => Some(b.clone()),
             Stdin::Inherit => {
                 let mut b = Vec::new();
@@ -219,6 +238,7 @@ impl Execution for DockerExecution {
             .take()
             .ok_or_else(|| Error::InvalidSpec("this command was waited for already".into()))?;
         let input = self.input.take();
+        let open_input = self.open_input.clone();
         let limit = self.spec.output_limit;
         let deadline = tokio::time::Instant::from_std(self.started + self.spec.timeout);
         let me = &*self;
@@ -232,9 +252,27 @@ impl Execution for DockerExecution {
             }
             let mut s = Streams::default();
             let mut grace: Option<tokio::time::Instant> = None;
+            // With an open stdin Docker keeps the attached stream open after
+            // the command exits (until stdin closes): its end is watched
+            // for instead, and what is still in flight read for a moment.
+            let watch_end = matches!(me.spec.stdin, Stdin::Open);
+            let mut ended_at: Option<tokio::time::Instant> = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
-                let until = grace.unwrap_or(deadline);
+                let until = match (grace, ended_at) {
+                    (Some(g), _) => g,
+                    (None, Some(e)) => e + Duration::from_millis(200),
+                    (None, None) => deadline,
+                };
                 tokio::select! {
+                    _ = tick.tick(), if watch_end && ended_at.is_none() => {
+                        let running = me.sandbox.docker.api.inspect_exec(&me.docker_id).await
+                            .ok()
+                            .and_then(|i| i.running);
+                        if running == Some(false) {
+                            ended_at = Some(tokio::time::Instant::now());
+                        }
+                    }
                     item = output.next() => match item {
                         Some(Ok(LogOutput::StdOut { message })) | Some(Ok(LogOutput::Console { message })) => {
                             // Docker reports a command that could not start
@@ -257,7 +295,7 @@ impl Execution for DockerExecution {
                         Some(Err(_)) | None => break,
                     },
                     _ = tokio::time::sleep_until(until) => {
-                        if grace.is_some() {
+                        if grace.is_some() || ended_at.is_some() {
                             break;
                         }
                         s.killed_by = Some(KillReason::Timeout);
@@ -268,6 +306,8 @@ impl Execution for DockerExecution {
                     me.kill().await;
                 }
             }
+            // The command ended: nothing more to feed it.
+            open_input.lock().await.take();
             s
         });
         let duration = self.started.elapsed();
@@ -280,6 +320,84 @@ impl Execution for DockerExecution {
                 .and_then(|i| i.exit_code)
         };
         Ok(outcome(&self, streams, code, &after, duration))
+    }
+}
+
+/// A running Docker exec's stdin and signals ([`Execution::control`]).
+struct DockerControl {
+    docker: crate::Docker,
+    docker_id: String,
+    input: Arc<tokio::sync::Mutex<Option<Input>>>,
+}
+
+impl ExecControl for DockerControl {
+    fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        let input = self.input.clone();
+        self.docker.block(async move {
+            let mut g = input.lock().await;
+            let w = g.as_mut().ok_or_else(|| {
+                Error::InvalidSpec(
+                    "the command has no open stdin (it was closed, or never open)".into(),
+                )
+            })?;
+            w.write_all(data).await.map_err(|source| Error::Sys {
+                call: "writing to the command's stdin".into(),
+                source,
+            })?;
+            w.flush().await.map_err(|source| Error::Sys {
+                call: "writing to the command's stdin".into(),
+                source,
+            })
+        })
+    }
+
+    fn close_stdin(&self) {
+        let input = self.input.clone();
+        self.docker.block(async move {
+            if let Some(mut w) = input.lock().await.take() {
+                let _ = w.shutdown().await;
+            }
+        });
+    }
+
+    /// The exec's process is a host process (Docker without user
+    /// namespaces): signalled directly, its whole tree for `SIGKILL`.
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        // Just after its start Docker may not report the process yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let pid = loop {
+            let info = self
+                .docker
+                .block(self.docker.api.inspect_exec(&self.docker_id))
+                .map_err(|e| api_error("inspecting an exec", e))?;
+            let pid = info
+                .pid
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0);
+            match (info.running, pid) {
+                (Some(true), Some(pid)) => break pid,
+                // It ended already.
+                (Some(false), _) if info.exit_code.is_some() => return Ok(()),
+                _ if std::time::Instant::now() >= deadline => return Ok(()),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if signal == libc::SIGKILL {
+            if kill_tree(pid) {
+                return Ok(());
+            }
+        } else {
+            // SAFETY: kill(2) of the exec's own host process.
+            if unsafe { libc::kill(pid, signal) } == 0 {
+                return Ok(());
+            }
+        }
+        Err(Error::Backend {
+            backend: crate::NAME.into(),
+            message: format!(
+                "cannot signal the command (host pid {pid}): Docker runs it as another user than nanoclaw"
+            ),
+        })
     }
 }
 

@@ -103,11 +103,24 @@ pub fn probe() -> Probe {
     }
 }
 
+/// The client's runtime. Dropped without waiting for its threads: the last
+/// handle on a backend may go in an async context (a daemon's task), where
+/// a blocking shutdown panics.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The Docker backend (see the crate's documentation).
 #[derive(Clone)]
 pub struct Docker {
     api: bollard::Docker,
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Rt>,
     /// `runsc` when Docker has gVisor configured.
     runtime: Option<String>,
     /// nanoclaw's binary, the containers' first process.
@@ -194,7 +207,7 @@ impl Docker {
         };
         let d = Docker {
             api,
-            rt: Arc::new(rt),
+            rt: Arc::new(Rt(Some(rt))),
             runtime,
             init: init.unwrap_or_default(),
         };
@@ -205,7 +218,10 @@ impl Docker {
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+        match &self.rt.0 {
+            Some(rt) => rt.block_on(f),
+            None => unreachable!("the runtime is only taken when dropped"),
+        }
     }
 
     /// The containers nanoclaw made (running or not), with their labels.
@@ -340,9 +356,21 @@ fn owner_alive(owner: &str) -> bool {
         return true;
     };
     match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
+        (Ok(pid), Ok(start)) => start_time(pid) == Some(start) && !zombie(pid),
         _ => true,
     }
+}
+
+/// Whether `pid` has ended and waits to be reaped (a `kill -9`ed maker
+/// whose parent has not reaped it yet is gone all the same).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
 }
 
 /// A fresh sandbox id: 12 hex digits.

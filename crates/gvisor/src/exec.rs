@@ -6,13 +6,13 @@
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nanoclaw_sandbox::backend::{Echo, Execution};
+use nanoclaw_sandbox::backend::{Echo, ExecControl, Execution};
 use nanoclaw_sandbox::native::session::ExecSpec;
 use nanoclaw_sandbox::spec::Stdin;
 use nanoclaw_sandbox::{Error, KillReason, Outcome};
@@ -41,6 +41,11 @@ pub struct RunscExecution {
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     stdin: Option<std::thread::JoinHandle<()>>,
+    /// The command's stdin pipe when started with [`Stdin::Open`], for its
+    /// control handle.
+    open_stdin: Arc<Mutex<Option<ChildStdin>>>,
+    /// Set once the command was waited for (signals then do nothing).
+    ended: Arc<AtomicBool>,
     spec: ExecSpec,
     uid: u32,
     gid: u32,
@@ -90,7 +95,7 @@ pub fn spawn(shared: &Arc<Shared>, spec: &ExecSpec) -> Result<RunscExecution, Er
     cmd.stdin(match spec.stdin {
         Stdin::Null => Stdio::null(),
         Stdin::Inherit => Stdio::inherit(),
-        Stdin::Bytes(_) => Stdio::piped(),
+        Stdin::Bytes(_) | Stdin::Open => Stdio::piped(),
     });
     let cpu_before = cgroup::cpu_ns(&shared.id, shared.runsc.rootless);
     let started = Instant::now();
@@ -101,12 +106,17 @@ pub fn spawn(shared: &Arc<Shared>, spec: &ExecSpec) -> Result<RunscExecution, Er
             source,
         }
     })?;
+    let mut open_stdin = None;
     let stdin = match (&spec.stdin, child.stdin.take()) {
         (Stdin::Bytes(b), Some(mut w)) => {
             let b = b.clone();
             Some(std::thread::spawn(move || {
                 let _ = w.write_all(&b);
             }))
+        }
+        (Stdin::Open, w) => {
+            open_stdin = w;
+            None
         }
         _ => None,
     };
@@ -119,6 +129,8 @@ pub fn spawn(shared: &Arc<Shared>, spec: &ExecSpec) -> Result<RunscExecution, Er
         stdout,
         stderr,
         stdin,
+        open_stdin: Arc::new(Mutex::new(open_stdin)),
+        ended: Arc::new(AtomicBool::new(false)),
         spec: spec.clone(),
         uid: user.uid,
         gid: user.gid,
@@ -157,6 +169,8 @@ pub fn one_shot(
         stdout,
         stderr,
         stdin,
+        open_stdin: Arc::new(Mutex::new(None)),
+        ended: Arc::new(AtomicBool::new(false)),
         spec: spec.clone(),
         uid: 0,
         gid: 0,
@@ -263,29 +277,7 @@ impl RunscExecution {
             std::thread::sleep(Duration::from_millis(5));
         };
         if let Some(pid) = pid {
-            let sh = self
-                .shared
-                .runsc
-                .command()
-                .args([
-                    "exec",
-                    &format!("--user={}:{}", self.uid, self.gid),
-                    &self.shared.id,
-                ])
-                .args([
-                    "sh",
-                    "-c",
-                    "kill -s KILL -- -\"$0\" 2>/dev/null",
-                    &pid.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = sh;
-            let _ =
-                self.shared
-                    .runsc
-                    .run(&["kill", &format!("--pid={pid}"), &self.shared.id, "KILL"]);
+            signal_group(&self.shared, pid, (self.uid, self.gid), libc::SIGKILL);
         }
     }
 
@@ -407,9 +399,25 @@ impl Execution for RunscExecution {
         self.id
     }
 
+    fn control(&self) -> Option<Box<dyn ExecControl>> {
+        Some(Box::new(RunscControl {
+            shared: self.shared.clone(),
+            pid_file: self.pid_file.clone(),
+            owner: (self.uid, self.gid),
+            stdin: self.open_stdin.clone(),
+            ended: self.ended.clone(),
+            one_shot: self.one_shot,
+        }))
+    }
+
     fn wait(mut self: Box<Self>, echo: Option<Echo<'_>>) -> Result<Outcome, Error> {
         let (out, mut err, mut killed) = self.pump(echo);
         let status = self.child.take().map(|mut c| c.wait());
+        self.ended.store(true, Ordering::SeqCst);
+        self.open_stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(t) = self.stdin.take() {
             let _ = t.join();
         }
@@ -474,6 +482,111 @@ impl Execution for RunscExecution {
         };
         o.network.mode = "none".into();
         Ok(o)
+    }
+}
+
+/// Sends `signal` to the process group of `pid` (a pid inside the
+/// sandbox) with the sandbox's own `kill`, run as `owner` (the command's
+/// uid and gid), then to `pid` itself through runsc (which reaches it
+/// even when it left its group).
+fn signal_group(shared: &Shared, pid: i32, owner: (u32, u32), signal: i32) {
+    let sig = signal_name(signal);
+    let _ = shared
+        .runsc
+        .command()
+        .args([
+            "exec",
+            &format!("--user={}:{}", owner.0, owner.1),
+            &shared.id,
+        ])
+        .args([
+            "sh",
+            "-c",
+            "kill -s \"$1\" -- -\"$0\" 2>/dev/null",
+            &pid.to_string(),
+            &sig,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = shared
+        .runsc
+        .run(&["kill", &format!("--pid={pid}"), &shared.id, &sig]);
+}
+
+/// The name `kill -s` and `runsc kill` take for `signal`.
+fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGKILL => "KILL".into(),
+        libc::SIGTERM => "TERM".into(),
+        libc::SIGINT => "INT".into(),
+        libc::SIGHUP => "HUP".into(),
+        libc::SIGQUIT => "QUIT".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The pid runsc wrote to `pid_file` for a command, waiting up to 2 s
+/// for it (runsc writes it once the command started).
+fn command_pid(pid_file: &Path, ended: &AtomicBool) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(p) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            return Some(p);
+        }
+        if ended.load(Ordering::SeqCst) || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running command's stdin and signals ([`Execution::control`]).
+struct RunscControl {
+    shared: Arc<Shared>,
+    pid_file: PathBuf,
+    owner: (u32, u32),
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+    ended: Arc<AtomicBool>,
+    one_shot: bool,
+}
+
+impl ExecControl for RunscControl {
+    fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        let mut g = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+        let w = g.as_mut().ok_or_else(|| {
+            Error::InvalidSpec(
+                "the command has no open stdin (it was closed, or never open)".into(),
+            )
+        })?;
+        w.write_all(data).map_err(|source| Error::Sys {
+            call: "writing to the command's stdin".into(),
+            source,
+        })
+    }
+
+    fn close_stdin(&self) {
+        self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        if self.ended.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.one_shot {
+            let _ = self
+                .shared
+                .runsc
+                .run(&["kill", &self.shared.id, &signal_name(signal)]);
+            return Ok(());
+        }
+        if let Some(pid) = command_pid(&self.pid_file, &self.ended) {
+            signal_group(&self.shared, pid, self.owner, signal);
+        }
+        Ok(())
     }
 }
 

@@ -671,7 +671,8 @@ impl Gvisor {
             .arg(format!("--bundle={}", bundle.display()))
             .arg(id)
             .stdin(match spec.stdin {
-                Stdin::Null => std::process::Stdio::null(),
+                // A one-shot run has no control handle: no open stdin.
+                Stdin::Null | Stdin::Open => std::process::Stdio::null(),
                 Stdin::Inherit => std::process::Stdio::inherit(),
                 Stdin::Bytes(_) => std::process::Stdio::piped(),
             })

@@ -549,7 +549,8 @@ impl Drop for VmSandbox {
 /// `Inherit`: the guest takes stdin whole, before the command starts).
 fn stdin_bytes(spec: &ExecSpec) -> Result<Option<Vec<u8>>, Error> {
     match &spec.stdin {
-        Stdin::Null => Ok(None),
+        // No control handle here: an open stdin is an empty one.
+        Stdin::Null | Stdin::Open => Ok(None),
         Stdin::Bytes(b) => Ok(Some(b.clone())),
         Stdin::Inherit => {
             let mut b = Vec::new();

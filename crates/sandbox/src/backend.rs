@@ -457,6 +457,29 @@ pub trait Execution: Send {
     /// `echo`, its output is copied there as it arrives instead of being
     /// kept in the outcome.
     fn wait(self: Box<Self>, echo: Option<Echo<'_>>) -> Result<Outcome, Error>;
+
+    /// A handle on the running command that other threads may use while
+    /// one waits for it: its stdin (when started with [`Stdin::Open`]) and
+    /// signals. `None` when the backend has none (the keepers' protocol
+    /// serves these itself).
+    fn control(&self) -> Option<Box<dyn ExecControl>> {
+        None
+    }
+}
+
+/// Controls a running command from outside its waiter ([`Execution::control`]):
+/// how a daemon serves E2B's `SendInput`, `CloseStdin` and `SendSignal`
+/// for sandboxes of backends other than native.
+pub trait ExecControl: Send + Sync {
+    /// Writes `data` to the command's stdin (started with [`Stdin::Open`]).
+    fn write_stdin(&self, data: &[u8]) -> Result<(), Error>;
+
+    /// Closes the command's stdin (EOF). Closing twice does nothing.
+    fn close_stdin(&self);
+
+    /// Sends `signal` to the command; `SIGKILL` ends it and everything it
+    /// started. An ended command is not an error.
+    fn signal(&self, signal: i32) -> Result<(), Error>;
 }
 
 /// A live sandbox as [`session::Execute`], for the file operations.

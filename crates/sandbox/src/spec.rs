@@ -280,6 +280,11 @@ pub enum Stdin {
     Inherit,
     /// These bytes are written to the command's stdin, then it is closed.
     Bytes(Vec<u8>),
+    /// A pipe kept open for whoever holds the command's control handle
+    /// ([`crate::backend::Execution::control`]): a daemon feeding a
+    /// process's stdin as its client sends it. A backend without control
+    /// handles gives the command an empty stdin.
+    Open,
 }
 
 /// Default cap on concurrent proxied connections per sandbox.

@@ -40,6 +40,12 @@ pub struct DaemonConfig {
     pub approval_timeout: Duration,
     /// How much of the image store tenants' builds may take.
     pub image_disk: crate::images::DiskBounds,
+    /// Templates besides `base` and `code-interpreter-v1` (`--template`),
+    /// by name; one may name another backend.
+    pub templates: HashMap<String, keepers::Template>,
+    /// The other backends those templates name, opened (and swept) by the
+    /// caller.
+    pub engines: keepers::Engines,
 }
 
 /// How often retention runs: half the retention, between 1 s and 1 h.
@@ -264,10 +270,20 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let audit = Audit::from_connection(crate::db::open_again(&db)?);
     let metrics = Arc::new(Metrics::new());
     let root = keepers::default_root(&data)?;
+    for (name, t) in &cfg.templates {
+        keepers::check_template(name, t, &cfg.engines).map_err(DaemonError::Config)?;
+        if t.backend.as_deref().is_some_and(|b| b != "native") && cfg.pools.contains_key(name) {
+            return Err(DaemonError::Config(format!(
+                "--pool {name}=N: template {name} runs on the {} backend; warm pools hold native sandboxes only",
+                t.backend.as_deref().unwrap_or_default()
+            )));
+        }
+    }
     let backend = KeeperBackend::new(KeeperBackendConfig {
         exe: cfg.exe.clone(),
         root,
-        templates: Default::default(),
+        templates: cfg.templates.clone(),
+        engines: cfg.engines.clone(),
         tenants: Some(tenants.clone()),
         pools: cfg.pools.clone(),
         audit: Some(audit.clone()),
@@ -338,6 +354,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&listed);
     let b = backend.clone();
     let _ = tokio::task::spawn_blocking(move || {
+        b.end_engines();
         b.drain_pools();
         b.remove_root_if_empty(std::time::Duration::from_secs(2));
     })

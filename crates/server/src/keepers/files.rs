@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use nanoclaw_sandbox::keeper::Remote;
-use nanoclaw_sandbox::native::session::{self, EntryKind};
+use nanoclaw_sandbox::native::session::{self, EntryKind, ExecSpec};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::{blocking, engine_error, user_of, E2B_HOME};
@@ -17,6 +17,35 @@ use crate::backend::{
     BackendError, BackendResult, ByteStream, EntryInfo, FileDownload, FileType, FsEvent,
     FsEventType, SandboxScope, WatchSpec,
 };
+
+/// What runs a sandbox's file commands: its keeper, or (another
+/// backend's sandbox) the engine's handle on it.
+#[derive(Clone)]
+pub(super) enum Runner {
+    /// A native sandbox's keeper.
+    Keeper(Remote),
+    /// A sandbox of another backend.
+    Engine(super::engines::EngineExec),
+}
+
+impl session::Execute for Runner {
+    fn execute(
+        &mut self,
+        spec: &ExecSpec,
+    ) -> Result<nanoclaw_sandbox::Outcome, nanoclaw_sandbox::Error> {
+        match self {
+            Runner::Keeper(r) => r.execute(spec),
+            Runner::Engine(e) => e.execute(spec),
+        }
+    }
+
+    fn sandbox_id(&self) -> &str {
+        match self {
+            Runner::Keeper(r) => r.sandbox_id(),
+            Runner::Engine(e) => e.sandbox_id(),
+        }
+    }
+}
 
 /// How often a watched directory is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -145,7 +174,7 @@ fn entry(e: session::EntryInfo) -> EntryInfo {
     }
 }
 
-pub(super) async fn stat(r: &Remote, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
+pub(super) async fn stat(r: &Runner, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
     let (mut r, p) = (r.clone(), absolute(scope, path));
     gated(scope, move || {
         session::stat(&mut r, &p).map(entry).map_err(engine_error)
@@ -154,7 +183,7 @@ pub(super) async fn stat(r: &Remote, scope: &SandboxScope, path: &str) -> Backen
 }
 
 pub(super) async fn list_dir(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     path: &str,
     depth: u32,
@@ -169,7 +198,7 @@ pub(super) async fn list_dir(
 }
 
 pub(super) async fn make_dir(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     path: &str,
 ) -> BackendResult<EntryInfo> {
@@ -184,7 +213,7 @@ pub(super) async fn make_dir(
 }
 
 pub(super) async fn rename(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     from: &str,
     to: &str,
@@ -199,7 +228,7 @@ pub(super) async fn rename(
     .await
 }
 
-pub(super) async fn remove(r: &Remote, scope: &SandboxScope, path: &str) -> BackendResult<()> {
+pub(super) async fn remove(r: &Runner, scope: &SandboxScope, path: &str) -> BackendResult<()> {
     let (mut r, p, user) = (r.clone(), absolute(scope, path), user_of(scope)?);
     gated(scope, move || {
         session::remove_path(&mut r, &p, user).map_err(engine_error)
@@ -208,7 +237,7 @@ pub(super) async fn remove(r: &Remote, scope: &SandboxScope, path: &str) -> Back
 }
 
 pub(super) async fn read_file(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     path: &str,
 ) -> BackendResult<FileDownload> {
@@ -235,7 +264,7 @@ pub(super) async fn read_file(
 }
 
 pub(super) async fn write_file(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     path: &str,
     mut body: ByteStream,
@@ -268,7 +297,7 @@ pub(super) async fn write_file(
 /// What a watch remembers of each entry: (kind, size, mtime, mode).
 type Snapshot = HashMap<String, (FileType, i64, Option<SystemTime>, u32)>;
 
-async fn snapshot(r: &Remote, path: &str, depth: u32) -> BackendResult<Snapshot> {
+async fn snapshot(r: &Runner, path: &str, depth: u32) -> BackendResult<Snapshot> {
     let (mut r, p) = (r.clone(), path.to_string());
     let list = blocking(move || session::list_dir(&mut r, &p, depth).map_err(engine_error)).await?;
     Ok(list
@@ -288,7 +317,7 @@ async fn snapshot(r: &Remote, path: &str, depth: u32) -> BackendResult<Snapshot>
 /// removals, permission changes). Stops when the receiver is dropped or
 /// the directory can no longer be read.
 pub(super) async fn watch_dir(
-    r: &Remote,
+    r: &Runner,
     scope: &SandboxScope,
     spec: WatchSpec,
 ) -> BackendResult<mpsc::Receiver<FsEvent>> {

@@ -13,6 +13,7 @@
 //! were the old daemon's, and their keeper killed them when it hung up.
 
 mod egress;
+mod engines;
 mod files;
 mod ipc;
 mod pool;
@@ -35,6 +36,7 @@ use crate::metrics::Metrics;
 use process::Proc;
 use quota::{Quota, Share};
 
+pub use engines::{check_template, Engines};
 pub use pool::MAX_POOL;
 
 /// How much longer than its E2B end a keeper lives on its own (should the
@@ -62,6 +64,9 @@ pub struct Template {
     /// The languages `run_once`'s `lang` may name (`None`: any; an
     /// image registered for some languages has only their interpreters).
     pub languages: Option<Vec<String>>,
+    /// The engine backend its sandboxes run on (`docker`, `gvisor`);
+    /// `None`: native, held by keepers. See [`engines`].
+    pub backend: Option<String>,
 }
 
 impl Template {
@@ -75,6 +80,7 @@ impl Template {
         Template {
             spec,
             languages: None,
+            backend: None,
         }
     }
 
@@ -113,6 +119,9 @@ pub struct KeeperBackendConfig {
     /// verifies a host that `network.rules` intercept, besides the host's
     /// trust store (`NANOCLAW_UPSTREAM_CA` for `nanoclaw serve`).
     pub upstream_ca: Option<PathBuf>,
+    /// The other backends templates name (`docker`, `gvisor`), opened at
+    /// start (which swept what a killed daemon left there).
+    pub engines: Engines,
 }
 
 /// What the daemon records of a sandbox, beside its keeper's state.
@@ -172,6 +181,10 @@ struct Entry {
 pub struct KeeperBackend {
     cfg: KeeperBackendConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Sandboxes of the other backends ([`engines`]).
+    engines: Mutex<HashMap<String, Arc<engines::EngineEntry>>>,
+    /// Reaper rounds so far.
+    rounds: std::sync::atomic::AtomicU32,
     quota: Quota,
     pool: pool::Pool,
     /// Images registered as templates, by (tenant, name): only their
@@ -411,6 +424,8 @@ impl KeeperBackend {
         Arc::new(KeeperBackend {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            engines: Mutex::new(HashMap::new()),
+            rounds: std::sync::atomic::AtomicU32::new(0),
             quota,
             pool,
             images: Mutex::new(HashMap::new()),
@@ -491,6 +506,16 @@ impl KeeperBackend {
             .ok_or_else(|| BackendError::NotFound(format!("sandbox \"{id}\" not found")))
     }
 
+    /// What runs the file commands of the scope's running sandbox.
+    fn runner(&self, scope: &SandboxScope) -> BackendResult<files::Runner> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            return Ok(files::Runner::Engine(engines::EngineExec(
+                e.sandbox.clone(),
+            )));
+        }
+        Ok(files::Runner::Keeper(self.running(scope)?.remote.clone()))
+    }
+
     /// A running sandbox of the scope's tenant.
     fn running(&self, scope: &SandboxScope) -> BackendResult<Arc<Entry>> {
         let e = self.entry(&scope.tenant, &scope.sandbox_id)?;
@@ -531,7 +556,19 @@ impl KeeperBackend {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return,
         };
-        let orphaned = self.removed_tenants(&all).await;
+        let mut orphaned = self.removed_tenants(&all).await;
+        let engines = self.all_engines();
+        if !engines.is_empty() {
+            let tenants: Vec<String> = engines
+                .iter()
+                .filter_map(|e| e.record.lock().ok().map(|r| r.tenant.clone()))
+                .collect();
+            orphaned.extend(self.removed_tenant_names(tenants).await);
+        }
+        let round = self
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reap_engines(&orphaned, round).await;
         for e in all {
             let tenant = e.record.lock().map(|r| r.tenant.clone()).ok();
             if tenant.is_some_and(|t| orphaned.contains(&t)) {
@@ -562,13 +599,18 @@ impl KeeperBackend {
 
     /// The tenants of `all` that are no longer in the tenants table.
     async fn removed_tenants(&self, all: &[Arc<Entry>]) -> Vec<String> {
-        let Some(t) = self.cfg.tenants.clone() else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = all
+        let names: Vec<String> = all
             .iter()
             .filter_map(|e| e.record.lock().ok().map(|r| r.tenant.clone()))
             .collect();
+        self.removed_tenant_names(names).await
+    }
+
+    /// The tenants of `names` that are no longer in the tenants table.
+    async fn removed_tenant_names(&self, mut names: Vec<String>) -> Vec<String> {
+        let Some(t) = self.cfg.tenants.clone() else {
+            return Vec::new();
+        };
         names.sort();
         names.dedup();
         tokio::task::spawn_blocking(move || {
@@ -862,13 +904,22 @@ impl KeeperBackend {
             return Share::default();
         };
         let mut total = Share::default();
+        let mut count = |r: &Record| {
+            if r.tenant == tenant.0 {
+                total.sandboxes += 1;
+                total.memory_mb += u64::from(r.memory_mb);
+                total.cpus += f64::from(r.cpu_count);
+            }
+        };
         for e in m.values() {
             if let Ok(r) = e.record.lock() {
-                if r.tenant == tenant.0 {
-                    total.sandboxes += 1;
-                    total.memory_mb += u64::from(r.memory_mb);
-                    total.cpus += f64::from(r.cpu_count);
-                }
+                count(&r);
+            }
+        }
+        drop(m);
+        for e in self.all_engines() {
+            if let Ok(r) = e.record.lock() {
+                count(&r);
             }
         }
         total
@@ -930,9 +981,12 @@ fn save_record(dir: &Path, rec: &Record) {
 impl Backend for KeeperBackend {
     async fn create(&self, req: CreateSandbox) -> BackendResult<SandboxInfo> {
         let tpl = self.template(&req.tenant, &req.template)?;
+        let engine = tpl.backend.clone().filter(|b| b != "native");
         let mut spec = tpl.spec;
-        spec.network = network_of(&req)?;
-        if !req.network_rules.is_empty() {
+        if engine.is_none() {
+            spec.network = network_of(&req)?;
+        }
+        if engine.is_none() && !req.network_rules.is_empty() {
             if matches!(spec.network, Network::None) {
                 return Err(BackendError::InvalidArgument(
                     "network.rules only change requests the sandbox may make: this sandbox has no internet access; allow the ruled hosts in network.allowOut".into(),
@@ -958,13 +1012,17 @@ impl Backend for KeeperBackend {
             )
             .await
             .inspect_err(|e| self.count_refusal(e))?;
-        let r = self.start_sandbox(&req, spec).await;
+        let r = match &engine {
+            Some(b) => self.start_engine(&req, spec, b).await,
+            None => self.start_sandbox(&req, spec).await,
+        };
         drop(held);
         if let Ok(info) = &r {
             let launch = info.metadata.get("launch").cloned().unwrap_or_default();
             let detail = format!(
-                "template {}, launch {launch}, timeout {} s",
+                "template {}, backend {}, launch {launch}, timeout {} s",
                 req.template,
+                engine.as_deref().unwrap_or("native"),
                 req.timeout.as_secs()
             );
             self.audit(
@@ -1036,6 +1094,9 @@ impl Backend for KeeperBackend {
     }
 
     async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return engines::engine_info(&e);
+        }
         Self::info(&*self.entry(tenant, sandbox_id)?)
     }
 
@@ -1053,19 +1114,31 @@ impl Backend for KeeperBackend {
                 out.push(Self::info(&e)?);
             }
         }
+        for e in self.all_engines() {
+            if e.record.lock().is_ok_and(|r| r.tenant == tenant.0) {
+                out.push(engines::engine_info(&e)?);
+            }
+        }
         out.sort_by_key(|i| i.started_at);
         Ok(out)
     }
 
     async fn kill(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
-        self.entry(tenant, sandbox_id)?;
-        self.end(sandbox_id).await;
+        if self.engine(tenant, sandbox_id).is_some() {
+            self.end_engine(sandbox_id).await;
+        } else {
+            self.entry(tenant, sandbox_id)?;
+            self.end(sandbox_id).await;
+        }
         self.audit(crate::audit::kind::KILL, tenant, sandbox_id, None)
             .await;
         Ok(())
     }
 
     async fn pause(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return Err(Self::engine_cannot(&e, "pausing a sandbox"));
+        }
         let e = self.entry(tenant, sandbox_id)?;
         if e.paused.lock().is_ok_and(|p| *p) {
             return Err(BackendError::Conflict(format!(
@@ -1084,6 +1157,9 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         timeout: Duration,
     ) -> BackendResult<SandboxInfo> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return Err(Self::engine_cannot(&e, "resuming a sandbox"));
+        }
         let e = self.entry(tenant, sandbox_id)?;
         if !e.paused.lock().is_ok_and(|p| *p) {
             return Err(BackendError::Conflict(format!(
@@ -1103,6 +1179,9 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         timeout: Duration,
     ) -> BackendResult<()> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return self.extend_engine(&e, timeout).await;
+        }
         let e = self.entry(tenant, sandbox_id)?;
         self.extend(&e, timeout).await
     }
@@ -1113,6 +1192,9 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         update: NetworkUpdate,
     ) -> BackendResult<()> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return Err(Self::engine_cannot(&e, "updating a sandbox's network"));
+        }
         let e = self.entry(tenant, sandbox_id)?;
         let policy = live_policy(&network_from(&update)?)?;
         let req = Request::Network {
@@ -1159,6 +1241,9 @@ impl Backend for KeeperBackend {
         tenant: &TenantId,
         sandbox_id: &str,
     ) -> BackendResult<Vec<SandboxMetric>> {
+        if let Some(e) = self.engine(tenant, sandbox_id) {
+            return self.engine_metrics(&e).await;
+        }
         let e = self.entry(tenant, sandbox_id)?;
         let live = self.ask(&e, Request::Inspect).await?;
         let now = SystemTime::now();
@@ -1191,6 +1276,17 @@ impl Backend for KeeperBackend {
     }
 
     async fn envd_access(&self, sandbox_id: &str) -> BackendResult<EnvdAccess> {
+        if let Some(e) = self.engine_any(sandbox_id) {
+            let r = e
+                .record
+                .lock()
+                .map_err(|_| BackendError::Internal("lock".into()))?;
+            return Ok(EnvdAccess {
+                tenant: TenantId(r.tenant.clone()),
+                access_token: r.token.clone(),
+                state: SandboxState::Running,
+            });
+        }
         let e = self
             .sandboxes
             .lock()
@@ -1222,7 +1318,8 @@ impl Backend for KeeperBackend {
             .iter()
             .filter(|e| e.paused.lock().is_ok_and(|p| *p))
             .count() as u64;
-        metrics.set_sandboxes(all.len() as u64 - paused, paused);
+        let engines = self.all_engines().len() as u64;
+        metrics.set_sandboxes(all.len() as u64 - paused + engines, paused);
     }
 
     async fn start_process(
@@ -1230,6 +1327,9 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         req: StartProcess,
     ) -> BackendResult<ProcessHandle> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            return self.engine_start_process(&e, scope, req).await;
+        }
         if req.pty.is_some() {
             return Err(BackendError::Unimplemented(
                 "PTY sessions are not supported by nanoclaw yet".into(),
@@ -1314,6 +1414,13 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         selector: &ProcessSelector,
     ) -> BackendResult<ProcessHandle> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            let p = engines::engine_proc(&e, selector)?;
+            return Ok(ProcessHandle {
+                pid: p.pid,
+                events: p.listen(),
+            });
+        }
         let e = self.running(scope)?;
         let p = Self::proc_of(&e, selector)?;
         Ok(ProcessHandle {
@@ -1323,6 +1430,9 @@ impl Backend for KeeperBackend {
     }
 
     async fn list_processes(&self, scope: &SandboxScope) -> BackendResult<Vec<ProcessInfo>> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            return Ok(engines::engine_procs(&e));
+        }
         let e = self.running(scope)?;
         let procs = e
             .procs
@@ -1346,6 +1456,16 @@ impl Backend for KeeperBackend {
         selector: &ProcessSelector,
         input: ProcessInput,
     ) -> BackendResult<()> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            let p = engines::engine_proc(&e, selector)?;
+            return match input {
+                ProcessInput::Stdin(b) => p.write_stdin(b).await,
+                ProcessInput::Pty(_) => Err(BackendError::InvalidArgument(format!(
+                    "the {} backend: PTY input is not supported: nanoclaw has no PTYs yet",
+                    e.backend
+                ))),
+            };
+        }
         let e = self.running(scope)?;
         let p = Self::proc_of(&e, selector)?;
         match input {
@@ -1361,6 +1481,9 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         selector: &ProcessSelector,
     ) -> BackendResult<()> {
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            return engines::engine_proc(&e, selector)?.close_stdin().await;
+        }
         let e = self.running(scope)?;
         Self::proc_of(&e, selector)?.close_stdin().await;
         Ok(())
@@ -1372,20 +1495,23 @@ impl Backend for KeeperBackend {
         selector: &ProcessSelector,
         signal: Signal,
     ) -> BackendResult<()> {
-        let e = self.running(scope)?;
         let sig = match signal {
             Signal::Term => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
             Signal::Interrupt => libc::SIGINT,
         };
+        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+            return engines::engine_proc(&e, selector)?.signal(sig).await;
+        }
+        let e = self.running(scope)?;
         Self::proc_of(&e, selector)?.signal(sig).await
     }
 
     async fn stat(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::stat(&e.remote, scope, path).await;
-            self.audit_file(scope, "stat", &[path], r).await
+            let res = files::stat(&r, scope, path).await;
+            self.audit_file(scope, "stat", &[path], res).await
         }
     }
 
@@ -1395,18 +1521,18 @@ impl Backend for KeeperBackend {
         path: &str,
         depth: u32,
     ) -> BackendResult<Vec<EntryInfo>> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::list_dir(&e.remote, scope, path, depth).await;
-            self.audit_file(scope, "list", &[path], r).await
+            let res = files::list_dir(&r, scope, path, depth).await;
+            self.audit_file(scope, "list", &[path], res).await
         }
     }
 
     async fn make_dir(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::make_dir(&e.remote, scope, path).await;
-            self.audit_file(scope, "mkdir", &[path], r).await
+            let res = files::make_dir(&r, scope, path).await;
+            self.audit_file(scope, "mkdir", &[path], res).await
         }
     }
 
@@ -1416,27 +1542,27 @@ impl Backend for KeeperBackend {
         source: &str,
         destination: &str,
     ) -> BackendResult<EntryInfo> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::rename(&e.remote, scope, source, destination).await;
-            self.audit_file(scope, "move", &[source, destination], r)
+            let res = files::rename(&r, scope, source, destination).await;
+            self.audit_file(scope, "move", &[source, destination], res)
                 .await
         }
     }
 
     async fn remove(&self, scope: &SandboxScope, path: &str) -> BackendResult<()> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::remove(&e.remote, scope, path).await;
-            self.audit_file(scope, "remove", &[path], r).await
+            let res = files::remove(&r, scope, path).await;
+            self.audit_file(scope, "remove", &[path], res).await
         }
     }
 
     async fn read_file(&self, scope: &SandboxScope, path: &str) -> BackendResult<FileDownload> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         {
-            let r = files::read_file(&e.remote, scope, path).await;
-            self.audit_file(scope, "read", &[path], r).await
+            let res = files::read_file(&r, scope, path).await;
+            self.audit_file(scope, "read", &[path], res).await
         }
     }
 
@@ -1447,15 +1573,15 @@ impl Backend for KeeperBackend {
         metadata: &BTreeMap<String, String>,
         body: ByteStream,
     ) -> BackendResult<EntryInfo> {
-        let e = self.running(scope)?;
+        let r = self.runner(scope)?;
         if !metadata.is_empty() {
             return Err(BackendError::Unimplemented(
                 "file metadata (X-Metadata-*) is not supported by nanoclaw yet".into(),
             ));
         }
         {
-            let r = files::write_file(&e.remote, scope, path, body).await;
-            self.audit_file(scope, "write", &[path], r).await
+            let res = files::write_file(&r, scope, path, body).await;
+            self.audit_file(scope, "write", &[path], res).await
         }
     }
 
@@ -1464,8 +1590,8 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         spec: WatchSpec,
     ) -> BackendResult<tokio::sync::mpsc::Receiver<FsEvent>> {
-        let e = self.running(scope)?;
-        files::watch_dir(&e.remote, scope, spec).await
+        let r = self.runner(scope)?;
+        files::watch_dir(&r, scope, spec).await
     }
 }
 

@@ -1,0 +1,414 @@
+//! `nanoclaw serve` with templates on other backends (`--template
+//! NAME=docker:IMAGE`, `--template NAME=gvisor`): sandboxes of native,
+//! Docker and gVisor side by side, driven by the unmodified `e2b` SDK
+//! (tests/python/test_serve_backends.py: commands, files, processes,
+//! isolation, the backend each reports, refusals); then the daemon's own
+//! duties for them: audit records, quotas, the timeout that removes them,
+//! and the sweep at the next start after a `kill -9`. Nothing is left
+//! behind: no container, no runsc state, no bundle.
+//!
+//! Root only (Docker's socket, rootful runsc). Docker is required under
+//! NANOCLAW_REQUIRE_DOCKER=1, runsc under NANOCLAW_REQUIRE_GVISOR=1; each
+//! is skipped with a message otherwise.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{is_root, repo, text, venv};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
+/// The Docker image the E2B sandboxes run (.ci/build-docker-e2b-image.sh).
+const IMAGE: &str = "nanoclaw-e2b-docker:latest";
+/// Where rootful gVisor sandboxes keep their state (`Gvisor::default_root`).
+const GVISOR_ROOT: &str = "/run/nanoclaw/gvisor";
+
+/// One test at a time: they count containers and runsc sandboxes.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Docker answers and the image exists (built if missing); else a SKIPPED
+/// line, a failure under NANOCLAW_REQUIRE_DOCKER=1.
+fn docker_ready(test: &str) -> bool {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let r = READY.get_or_init(|| {
+        let info = Command::new("docker").arg("info").output();
+        if !info.as_ref().is_ok_and(|o| o.status.success()) {
+            return Err("no Docker daemon answers (`docker info` fails)".into());
+        }
+        let script = repo().join(".ci/build-docker-e2b-image.sh");
+        match Command::new(&script).arg(IMAGE).output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!("{} failed: {}", script.display(), text(&o.stderr))),
+            Err(e) => Err(format!("{}: {e}", script.display())),
+        }
+    });
+    match r {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("NANOCLAW_REQUIRE_DOCKER").as_deref() != Ok("1"),
+                "{test}: NANOCLAW_REQUIRE_DOCKER=1 but {why}"
+            );
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// runsc is installed; else a SKIPPED line, a failure under
+/// NANOCLAW_REQUIRE_GVISOR=1.
+fn gvisor_ready(test: &str) -> bool {
+    let found = Command::new("runsc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("NANOCLAW_REQUIRE_GVISOR").as_deref() != Ok("1"),
+            "{test}: NANOCLAW_REQUIRE_GVISOR=1 but runsc is not installed (apt-get install -t bookworm-backports runsc)"
+        );
+        eprintln!("SKIPPED {test} (gVisor part): runsc is not installed");
+    }
+    found
+}
+
+/// The common preconditions: root, Docker. `None` after a SKIP line.
+fn setup(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !is_root() {
+        eprintln!("SKIP {test}: root only (Docker's socket and rootful runsc)");
+        return None;
+    }
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    docker_ready(test).then_some(g)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `nanoclaw serve` with two tenants and the given templates.
+struct Daemon {
+    data: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    keys: (String, String),
+    templates: Vec<String>,
+}
+
+impl Daemon {
+    fn new(name: &str, templates: &[String]) -> Daemon {
+        let data = std::env::temp_dir().join(format!(
+            "nanoclaw-serve-backends-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let key = |t: &str, extra: &[&str]| {
+            let mut args = vec!["tenant", "add", t, "--data", data.to_str().expect("utf-8")];
+            args.extend_from_slice(extra);
+            let o = Command::new(BIN).args(&args).output().expect("tenant add");
+            assert!(o.status.success(), "tenant add: {}", text(&o.stderr));
+            text(&o.stdout).trim().to_string()
+        };
+        let keys = (key("alice", &[]), key("bob", &["--max-sandboxes", "1"]));
+        let mut d = Daemon {
+            data,
+            port: free_port(),
+            child: None,
+            keys,
+            templates: templates.to_vec(),
+        };
+        d.start();
+        d
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        let listen = format!("tcp:127.0.0.1:{}", self.port);
+        let mut c = Command::new(BIN);
+        c.args(["serve", "--data"])
+            .arg(&self.data)
+            .args(["--listen", &listen]);
+        for t in &self.templates {
+            c.args(["--template", t]);
+        }
+        self.child = Some(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("nanoclaw serve"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            assert!(!exited, "nanoclaw serve exited at start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+
+    /// curl against the control plane as `key`: (status, body).
+    fn curl(&self, key: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("-H")
+            .arg(format!("X-API-Key: {key}"))
+            .arg(format!("{}{path}", self.url()));
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "--data", b]);
+        }
+        let o = c.output().expect("curl");
+        let out = text(&o.stdout);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Creates a sandbox of `template` as alice: its id.
+    fn create(&self, template: &str, timeout: u32) -> String {
+        let body = format!(r#"{{"templateID":"{template}","timeout":{timeout}}}"#);
+        let (code, body) = self.curl(&self.keys.0, "POST", "/sandboxes", Some(&body));
+        assert_eq!(code, 201, "create {template}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["sandboxID"].as_str().expect("sandboxID").to_string()
+    }
+
+    fn audit(&self, args: &[&str]) -> String {
+        let o = Command::new(BIN)
+            .arg("audit")
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .output()
+            .expect("nanoclaw audit");
+        assert!(o.status.success(), "audit: {}", text(&o.stderr));
+        text(&o.stdout)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Whether anything of sandbox `id` is left on the host: its container,
+/// its runsc state or its bundle.
+fn leftover(id: &str) -> Option<String> {
+    if id.starts_with("gv-") {
+        let listed = Command::new("runsc")
+            .args(["--root", &format!("{GVISOR_ROOT}/runsc"), "list", "-quiet"])
+            .output()
+            .map(|o| text(&o.stdout))
+            .unwrap_or_default();
+        if listed.lines().any(|l| l.trim() == id) {
+            return Some(format!("runsc still lists {id}"));
+        }
+        let bundle = Path::new(GVISOR_ROOT).join(id);
+        return bundle
+            .exists()
+            .then(|| format!("{} is still there", bundle.display()));
+    }
+    let o = Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Status}}"])
+        .arg(format!("nanoclaw-{id}"))
+        .output()
+        .expect("docker inspect");
+    o.status.success().then(|| {
+        format!(
+            "container nanoclaw-{id} is still there ({})",
+            text(&o.stdout).trim()
+        )
+    })
+}
+
+/// Waits (up to a minute: the machine is loaded) until nothing of `id` is
+/// left; what is left otherwise.
+fn gone_within(id: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match leftover(id) {
+            None => return Ok(()),
+            Some(what) if Instant::now() >= deadline => return Err(what),
+            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The templates of this run: docker, and gvisor where runsc is here.
+fn templates(test: &str) -> (Vec<String>, String) {
+    let mut flags = vec![format!("dk=docker:{IMAGE}")];
+    let mut names = "native=base,docker=dk".to_string();
+    if gvisor_ready(test) {
+        flags.push("gv=gvisor".into());
+        names.push_str(",gvisor=gv");
+    }
+    (flags, names)
+}
+
+#[test]
+fn the_e2b_sdk_drives_native_docker_and_gvisor_sandboxes_side_by_side() {
+    let test = "the_e2b_sdk_drives_native_docker_and_gvisor_sandboxes_side_by_side";
+    let Some(_g) = setup(test) else { return };
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
+    let (flags, names) = templates(test);
+    let d = Daemon::new("sdk", &flags);
+    let ids_file = d.data.join("ids");
+    let o = Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/python/test_serve_backends.py",
+        ])
+        .current_dir(repo())
+        .env("NANOCLAW_E2B_API_URL", d.url())
+        .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
+        .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
+        .env("NANOCLAW_REQUIRE_E2B", "1")
+        .env("NANOCLAW_BACKEND_TEMPLATES", &names)
+        .env("NANOCLAW_BACKEND_IDS", &ids_file)
+        .output()
+        .expect("run pytest");
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the backends suite failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
+    let foreign: Vec<&str> = ids
+        .lines()
+        .filter(|i| i.starts_with("gv-") || i.len() == 12)
+        .collect();
+    assert!(foreign.len() >= 2, "no docker/gvisor sandboxes made: {ids}");
+    // Every command is audited with the backend it ran on.
+    let execs = d.audit(&["ls", "--kind", "exec", "--limit", "1000", "--json"]);
+    assert!(execs.contains("backend docker"), "{execs}");
+    if names.contains("gvisor") {
+        assert!(execs.contains("backend gvisor"), "{execs}");
+    }
+    let creates = d.audit(&["ls", "--kind", "create", "--limit", "100", "--json"]);
+    assert!(creates.contains("backend docker"), "{creates}");
+    assert!(d.audit(&["verify"]).starts_with("ok"));
+    // Killed through the API: nothing left of them.
+    for id in &foreign {
+        assert_eq!(leftover(id), None, "after the SDK's kill");
+    }
+    drop(d);
+}
+
+#[test]
+fn timeouts_quotas_and_a_killed_daemon_leave_nothing_behind() {
+    let test = "timeouts_quotas_and_a_killed_daemon_leave_nothing_behind";
+    let Some(_g) = setup(test) else { return };
+    let (flags, _) = templates(test);
+    let gvisor = flags.iter().any(|f| f.ends_with("=gvisor"));
+    let mut d = Daemon::new("reap", &flags);
+    // The timeout fires: the daemon removes the sandbox (the backend's own
+    // lifetime would only end it a grace period later).
+    let short = d.create("dk", 1);
+    gone_within(&short).expect("a docker sandbox past its timeout");
+    // Quotas count them: bob may have one sandbox at once.
+    let body = r#"{"templateID":"dk","timeout":60}"#;
+    let (code, first) = d.curl(&d.keys.1, "POST", "/sandboxes", Some(body));
+    assert_eq!(code, 201, "{first}");
+    let (code, second) = d.curl(&d.keys.1, "POST", "/sandboxes", Some(body));
+    assert_eq!(code, 429, "bob's second sandbox: {second}");
+    // Tenants: alice does not see bob's sandbox.
+    let bobs: serde_json::Value = serde_json::from_str(&first).expect("json");
+    let bobs = bobs["sandboxID"].as_str().expect("id").to_string();
+    let (code, _) = d.curl(&d.keys.0, "GET", &format!("/sandboxes/{bobs}"), None);
+    assert_eq!(code, 404, "another tenant's sandbox");
+    // What it cannot do is a 4xx JSON naming the backend.
+    let (code, body) = d.curl(&d.keys.1, "POST", &format!("/sandboxes/{bobs}/pause"), None);
+    assert_eq!(code, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(v["code"], 400);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the docker backend"),
+        "{body}"
+    );
+    // Killed with sandboxes alive: the next start sweeps them.
+    let mut alive = vec![bobs, d.create("dk", 120)];
+    if gvisor {
+        alive.push(d.create("gv", 120));
+    }
+    d.signal(libc::SIGKILL);
+    for id in &alive {
+        assert!(leftover(id).is_some(), "{id} should outlive a kill -9");
+    }
+    d.start();
+    for id in &alive {
+        gone_within(id).expect("swept at the next start");
+    }
+    // /metrics counts engine sandboxes too.
+    let live = d.create("dk", 60);
+    let (code, metrics) = d.curl(&d.keys.0, "GET", "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nanoclaw_sandboxes{state=\"running\"} ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // A clean stop ends them (a new daemon could not adopt them).
+    d.signal(libc::SIGTERM);
+    assert_eq!(leftover(&live), None, "after SIGTERM");
+}
+
+#[test]
+fn a_template_the_daemon_cannot_serve_is_a_config_error_at_start() {
+    for (flag, wanted) in [
+        ("x=nope", "no such backend"),
+        ("x=microvm", "cannot be detached"),
+        ("x=docker", "needs an image"),
+        ("x=gvisor:img", "docker backend only"),
+        ("base=native", "daemon's own templates"),
+        ("=docker:img", "must be letters"),
+    ] {
+        let o = Command::new(BIN)
+            .args(["serve", "--listen", "tcp:127.0.0.1:1", "--template", flag])
+            .arg("--data")
+            .arg(std::env::temp_dir().join("nanoclaw-serve-backends-bad"))
+            .output()
+            .expect("nanoclaw serve");
+        assert_eq!(o.status.code(), Some(125), "{flag}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains(wanted) && err.contains("--template"),
+            "{flag}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}

@@ -1,0 +1,742 @@
+//! Sandboxes of the engine's other backends (`docker`, `gvisor`) in the
+//! daemon: a template that names one ([`Template::backend`]) creates its
+//! sandboxes there, through the engine's `Backend` contract
+//! (`nanoclaw_sandbox::backend`), beside the keepers' native ones.
+//!
+//! How they are run, and why that keeps the process model: the daemon
+//! never clones a sandbox. Docker's are made by dockerd (bollard over its
+//! socket, in-process); gVisor's by `runsc`, exec'd as a program of its
+//! own exactly as keepers are started (`Command::spawn`: nothing of the
+//! daemon runs in the child after `exec`), and held by `runsc run`.
+//!
+//! What the daemon keeps of them is in memory only: they are not
+//! re-adopted by a restarted daemon. Each is labelled with its maker (the
+//! daemon's pid and start time), so the next daemon's start — or any
+//! nanoclaw that opens that backend — removes what a killed daemon left
+//! ([`nanoclaw_docker::Docker::sweep`], `Gvisor::sweep`); a clean stop
+//! ends them ([`KeeperBackend::end_engines`]). Their lifetime in the
+//! backend is fixed at creation (the E2B timeout plus a grace): the
+//! daemon's reaper ends them at their E2B end, a `set_timeout` may move
+//! that end up to the lifetime, not past it.
+//!
+//! Processes run as engine executions ([`LiveSandbox::spawn`]): their
+//! output is echoed into pipes this module reads, stdin and signals go
+//! through the execution's control handle ([`ExecControl`]). Files are
+//! the same commands run inside the sandbox as for native sandboxes
+//! (`files`, over [`EngineExec`]).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use nanoclaw_sandbox::backend::{Echo, ExecControl, LiveSandbox, SandboxConfig};
+use nanoclaw_sandbox::native::session::{self, ExecSpec};
+use nanoclaw_sandbox::spec::{Network, Stdin};
+use nanoclaw_sandbox::{Outcome, SandboxSpec};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{at, blocking, ms, user_of, KeeperBackend, Record, Template, E2B_HOME, KEEPER_GRACE};
+use crate::audit::Capture;
+use crate::backend::*;
+
+/// Events buffered per listener before the pump waits for it.
+const LISTENER_QUEUE: usize = 256;
+/// How long the pump waits for a slow listener before dropping it.
+const SLOW_LISTENER: Duration = Duration::from_secs(30);
+/// How often (in reaper rounds) the reaper asks a backend whether a
+/// sandbox still exists (an API call or a `runsc` run each).
+const ALIVE_EVERY: u32 = 10;
+
+/// Labels every engine sandbox of the daemon carries.
+const LABEL_SERVE: &str = "nanoclaw.serve";
+
+/// One sandbox of another backend.
+pub(super) struct EngineEntry {
+    pub id: String,
+    /// The backend's name (`docker`, `gvisor`).
+    pub backend: String,
+    pub sandbox: Arc<dyn LiveSandbox>,
+    pub record: Mutex<Record>,
+    /// When the backend itself ends the sandbox (its lifetime), ms.
+    pub lifetime_end_ms: u64,
+    pub procs: Mutex<HashMap<u32, Arc<EngineProc>>>,
+    /// (when, cpu ms) of the last metrics sample.
+    last_cpu: Mutex<Option<(SystemTime, f64)>>,
+}
+
+impl EngineEntry {
+    fn tenant(&self) -> Option<String> {
+        self.record.lock().ok().map(|r| r.tenant.clone())
+    }
+}
+
+/// A live engine sandbox as the file operations' command runner.
+#[derive(Clone)]
+pub(super) struct EngineExec(pub Arc<dyn LiveSandbox>);
+
+impl session::Execute for EngineExec {
+    fn execute(&mut self, spec: &ExecSpec) -> Result<Outcome, nanoclaw_sandbox::Error> {
+        self.0.exec(spec)
+    }
+
+    fn sandbox_id(&self) -> &str {
+        self.0.id()
+    }
+}
+
+/// The engine's error as the API's: refusals name the backend and are
+/// the caller's to fix (400), a sandbox that ended is gone (404).
+pub(super) fn engine_refusal(e: nanoclaw_sandbox::Error) -> BackendError {
+    use nanoclaw_sandbox::Error as E;
+    match e {
+        e @ (E::NotSupported { .. } | E::Unsupported { .. }) => {
+            BackendError::InvalidArgument(e.to_string())
+        }
+        other => super::engine_error(other),
+    }
+}
+
+/// What a backend cannot do for the daemon, as one clear 400.
+fn refused(backend: &str, what: &str, why: &str) -> BackendError {
+    BackendError::InvalidArgument(format!(
+        "the {backend} backend: {what} is not supported: {why}"
+    ))
+}
+
+/// The network of an E2B create for a template on `backend`: these
+/// backends have no egress here (no interface but loopback), so a
+/// request that asks for egress is refused rather than silently cut off.
+fn engine_network(req: &CreateSandbox, backend: &str) -> BackendResult<Network> {
+    let why =
+        "its sandboxes have loopback only (nanoclaw's egress proxy is not bridged into them yet); \
+               leave allow_internet_access unset or false, or use a native template";
+    if req.allow_internet_access == Some(true) {
+        return Err(refused(backend, "allow_internet_access=true", why));
+    }
+    if !req.allow_out.is_empty() {
+        return Err(refused(backend, "network.allowOut", why));
+    }
+    if !req.network_rules.is_empty() {
+        return Err(refused(backend, "network.rules", why));
+    }
+    if req.auto_pause {
+        return Err(refused(
+            backend,
+            "auto-pause",
+            "the daemon does not pause sandboxes of this backend; let the timeout kill it, or use a native template",
+        ));
+    }
+    Ok(Network::None)
+}
+
+impl KeeperBackend {
+    /// The tenant's engine sandbox `id` (`None`: no such engine sandbox
+    /// of this tenant — it may be a native one).
+    pub(super) fn engine(&self, tenant: &TenantId, id: &str) -> Option<Arc<EngineEntry>> {
+        self.engines
+            .lock()
+            .ok()?
+            .get(id)
+            .filter(|e| e.tenant().as_deref() == Some(tenant.0.as_str()))
+            .cloned()
+    }
+
+    /// The engine sandbox `id`, whoever owns it.
+    pub(super) fn engine_any(&self, id: &str) -> Option<Arc<EngineEntry>> {
+        self.engines.lock().ok()?.get(id).cloned()
+    }
+
+    /// The engine sandboxes now.
+    pub(super) fn all_engines(&self) -> Vec<Arc<EngineEntry>> {
+        self.engines
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates `req`'s sandbox from `tpl` on its backend `name`.
+    pub(super) async fn start_engine(
+        &self,
+        req: &CreateSandbox,
+        mut spec: SandboxSpec,
+        name: &str,
+    ) -> BackendResult<SandboxInfo> {
+        let backend = self.cfg.engines.get(name).cloned().ok_or_else(|| {
+            BackendError::Internal(format!("the {name} backend was not opened at start"))
+        })?;
+        spec.network = engine_network(req, name)?;
+        let lifetime = req.timeout + KEEPER_GRACE;
+        spec.limits.timeout = lifetime;
+        let mut config = SandboxConfig::new(spec.clone());
+        config.labels = vec![
+            (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
+            ("tenant".into(), req.tenant.0.clone()),
+        ];
+        backend.check(&config).map_err(engine_refusal)?;
+        let made = blocking(move || backend.create(&config).map_err(engine_refusal)).await?;
+        let sandbox: Arc<dyn LiveSandbox> = Arc::from(made);
+        let id = sandbox.id().to_string();
+        let mut record = Record::for_request(req, &spec);
+        record
+            .metadata
+            .entry("launch".into())
+            .or_insert_with(|| "cold".into());
+        let e = Arc::new(EngineEntry {
+            id: id.clone(),
+            backend: name.to_string(),
+            lifetime_end_ms: record.started_at_ms + lifetime.as_millis() as u64,
+            sandbox,
+            record: Mutex::new(record),
+            procs: Mutex::new(HashMap::new()),
+            last_cpu: Mutex::new(None),
+        });
+        if let Ok(mut m) = self.engines.lock() {
+            m.insert(id, e.clone());
+        }
+        engine_info(&e)
+    }
+
+    /// Forgets an engine sandbox and destroys it (waiting until nothing of
+    /// it is left: container, runsc state, cgroups, bundle).
+    pub(super) async fn end_engine(&self, id: &str) {
+        let e = self.engines.lock().ok().and_then(|mut m| m.remove(id));
+        if let Some(e) = e {
+            let sb = e.sandbox.clone();
+            let r = blocking(move || sb.destroy().map_err(super::engine_error)).await;
+            if let Err(err) = r {
+                eprintln!("nanoclaw serve: removing {} sandbox {id}: {err}", e.backend);
+            }
+        }
+    }
+
+    /// At a clean stop: the engine sandboxes end with the daemon (a new
+    /// daemon could not adopt them).
+    pub fn end_engines(&self) {
+        let all: Vec<Arc<EngineEntry>> = self
+            .engines
+            .lock()
+            .map(|mut m| m.drain().map(|(_, e)| e).collect())
+            .unwrap_or_default();
+        for e in all {
+            let _ = e.sandbox.destroy();
+        }
+    }
+
+    /// The reaper's round for engine sandboxes: past their end, their
+    /// tenant removed, or gone by themselves (checked every
+    /// [`ALIVE_EVERY`] rounds).
+    pub(super) async fn reap_engines(&self, orphaned: &[String], round: u32) {
+        let now = ms(SystemTime::now());
+        for e in self.all_engines() {
+            let tenant = e.tenant();
+            let end = e.record.lock().map(|r| r.end_at_ms).unwrap_or(0);
+            if tenant.is_some_and(|t| orphaned.contains(&t)) || now >= end {
+                self.end_engine(&e.id).await;
+                continue;
+            }
+            if round.is_multiple_of(ALIVE_EVERY) {
+                let sb = e.sandbox.clone();
+                let gone = tokio::task::spawn_blocking(move || {
+                    matches!(sb.stats(), Err(nanoclaw_sandbox::Error::NotFound { .. }))
+                })
+                .await
+                .unwrap_or(false);
+                if gone {
+                    self.end_engine(&e.id).await;
+                }
+            }
+        }
+    }
+
+    /// `set_timeout` for an engine sandbox: the end moves, within the
+    /// lifetime the backend was given at creation.
+    pub(super) async fn extend_engine(
+        &self,
+        e: &Arc<EngineEntry>,
+        timeout: Duration,
+    ) -> BackendResult<()> {
+        let end = ms(SystemTime::now() + timeout);
+        if end > e.lifetime_end_ms {
+            return Err(refused(
+                &e.backend,
+                "extending a sandbox's timeout past the lifetime it was created with",
+                &format!(
+                    "this one may live until {} s from now at most; create it with a longer timeout",
+                    e.lifetime_end_ms.saturating_sub(ms(SystemTime::now())) / 1000
+                ),
+            ));
+        }
+        if let Ok(mut r) = e.record.lock() {
+            r.end_at_ms = end;
+        }
+        Ok(())
+    }
+
+    /// Pause, resume, network updates: not done for engine sandboxes.
+    pub(super) fn engine_cannot(e: &EngineEntry, what: &str) -> BackendError {
+        refused(
+            &e.backend,
+            what,
+            "the daemon does this for native sandboxes only; use a native template for it",
+        )
+    }
+
+    /// `GET /sandboxes/{id}/metrics` of an engine sandbox.
+    pub(super) async fn engine_metrics(
+        &self,
+        e: &Arc<EngineEntry>,
+    ) -> BackendResult<Vec<SandboxMetric>> {
+        let sb = e.sandbox.clone();
+        let st = blocking(move || sb.stats().map_err(super::engine_error)).await?;
+        let now = SystemTime::now();
+        let (cpu_count, mem_total) = match e.record.lock() {
+            Ok(r) => (r.cpu_count, u64::from(r.memory_mb) << 20),
+            Err(_) => (1, 0),
+        };
+        let cpu_ms = st.cpu.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let pct = match e.last_cpu.lock() {
+            Ok(mut last) => {
+                let pct = last.and_then(|(t, c)| {
+                    let dt = now.duration_since(t).ok()?.as_secs_f64() * 1000.0;
+                    (dt > 0.0).then(|| ((cpu_ms - c) / dt * 100.0 / f64::from(cpu_count)) as f32)
+                });
+                *last = Some((now, cpu_ms));
+                pct.unwrap_or(0.0).max(0.0)
+            }
+            Err(_) => 0.0,
+        };
+        Ok(vec![SandboxMetric {
+            timestamp: now,
+            cpu_count,
+            cpu_used_pct: pct,
+            mem_used: st.memory_bytes.unwrap_or(0),
+            mem_total,
+            mem_cache: 0,
+            disk_used: 0,
+            disk_total: 0,
+        }])
+    }
+
+    /// `Process.Start` in an engine sandbox.
+    pub(super) async fn engine_start_process(
+        &self,
+        e: &Arc<EngineEntry>,
+        scope: &SandboxScope,
+        req: StartProcess,
+    ) -> BackendResult<ProcessHandle> {
+        if req.pty.is_some() {
+            return Err(refused(
+                &e.backend,
+                "PTY sessions",
+                "nanoclaw has no PTYs yet",
+            ));
+        }
+        let argv: Vec<String> = std::iter::once(req.config.cmd.clone())
+            .chain(req.config.args.iter().cloned())
+            .collect();
+        let mut spec = ExecSpec::new(argv.iter().cloned());
+        spec.env = e
+            .record
+            .lock()
+            .map(|r| r.env_vars.clone().into_iter().collect())
+            .unwrap_or_default();
+        spec.env
+            .extend(req.config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        spec.user = user_of(scope)?;
+        let root = spec.user.is_some_and(|u| u.uid == 0);
+        spec.env
+            .push(("HOME".into(), if root { "/root" } else { E2B_HOME }.into()));
+        // envd starts a command in the user's home unless told otherwise
+        // (root's home may not exist in an image: the backend's default).
+        spec.workdir = req
+            .config
+            .cwd
+            .as_ref()
+            .map(PathBuf::from)
+            .or_else(|| (!root).then(|| PathBuf::from(E2B_HOME)));
+        spec.stdin = if req.stdin { Stdin::Open } else { Stdin::Null };
+        spec.output_limit = u64::MAX;
+        let left = Duration::from_millis(e.lifetime_end_ms.saturating_sub(ms(SystemTime::now())));
+        spec.timeout = req.timeout.map_or(left, |t| t.min(left));
+        let audit = self.cfg.audit.clone().map(|a| {
+            let mut rec = crate::audit::Record::new(crate::audit::kind::EXEC);
+            rec.tenant = Some(scope.tenant.0.clone());
+            rec.sandbox = Some(scope.sandbox_id.clone());
+            rec.argv = Some(argv.clone());
+            rec.detail = Some(match &scope.user {
+                Some(u) => format!("backend {}, user {u}", e.backend),
+                None => format!("backend {}", e.backend),
+            });
+            (a, rec)
+        });
+        let metrics = self.metrics.get().cloned();
+        let weak = Arc::downgrade(e);
+        let started = Instant::now();
+        let (proc, handle) = EngineProc::start(
+            e.sandbox.clone(),
+            spec,
+            req.config,
+            req.tag,
+            audit,
+            move |pid| {
+                if let Some(m) = &metrics {
+                    m.exec_finished(started.elapsed());
+                }
+                if let Some(e) = weak.upgrade() {
+                    if let Ok(mut p) = e.procs.lock() {
+                        p.remove(&pid);
+                    }
+                }
+            },
+        )
+        .await?;
+        if let Some(m) = self.metrics.get() {
+            m.exec_started();
+        }
+        if let Ok(mut p) = e.procs.lock() {
+            p.insert(proc.pid, proc);
+        }
+        Ok(handle)
+    }
+}
+
+/// What E2B's API says about an engine sandbox.
+pub(super) fn engine_info(e: &EngineEntry) -> BackendResult<SandboxInfo> {
+    let r = e
+        .record
+        .lock()
+        .map_err(|_| BackendError::Internal("lock".into()))?;
+    let mut metadata = r.metadata.clone();
+    // Which backend runs it, as a client can read it back.
+    metadata.insert("backend".into(), e.backend.clone());
+    Ok(SandboxInfo {
+        sandbox_id: e.id.clone(),
+        template_id: r.template.clone(),
+        alias: Some(r.template.clone()),
+        started_at: at(r.started_at_ms),
+        end_at: at(r.end_at_ms),
+        state: SandboxState::Running,
+        metadata,
+        cpu_count: r.cpu_count,
+        memory_mb: r.memory_mb,
+        disk_size_mb: 0,
+        allow_internet_access: r.allow_internet_access,
+        allow_out: r.allow_out.clone(),
+        deny_out: r.deny_out.clone(),
+        auto_pause: false,
+        envd_access_token: r.token.clone(),
+    })
+}
+
+/// The process of an engine sandbox `sel` names.
+pub(super) fn engine_proc(
+    e: &EngineEntry,
+    sel: &ProcessSelector,
+) -> BackendResult<Arc<EngineProc>> {
+    let procs = e
+        .procs
+        .lock()
+        .map_err(|_| BackendError::Internal("lock".into()))?;
+    let found = match sel {
+        ProcessSelector::Pid(pid) => procs.get(pid).cloned(),
+        ProcessSelector::Tag(t) => procs
+            .values()
+            .find(|p| p.tag.as_deref() == Some(t.as_str()))
+            .cloned(),
+    };
+    found.ok_or_else(|| BackendError::NotFound(format!("process {sel:?} not found")))
+}
+
+/// The running processes of an engine sandbox.
+pub(super) fn engine_procs(e: &EngineEntry) -> Vec<ProcessInfo> {
+    let mut out: Vec<ProcessInfo> = e
+        .procs
+        .lock()
+        .map(|p| {
+            p.values()
+                .map(|p| ProcessInfo {
+                    pid: p.pid,
+                    tag: p.tag.clone(),
+                    config: p.config.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|p| p.pid);
+    out
+}
+
+/// A process of an engine sandbox: an engine execution waited for on a
+/// thread of its own, its output echoed into two pipes a task reads and
+/// fans out to every listener.
+pub(super) struct EngineProc {
+    pub pid: u32,
+    pub tag: Option<String>,
+    pub config: ProcessConfig,
+    listeners: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
+    control: Option<Arc<dyn ExecControl>>,
+    /// The last signal sent through [`EngineProc::signal`] (0: none): a
+    /// backend that reports a signalled command as exit code 128+N (as
+    /// `runsc exec` does) is then reported as killed by it, as envd does.
+    signalled: std::sync::atomic::AtomicI32,
+    /// What stdin received (for the audit record).
+    input: Mutex<Capture>,
+}
+
+/// What the waiting thread reports once the execution started.
+type Started = (u32, Option<Box<dyn ExecControl>>);
+
+impl EngineProc {
+    /// Starts `spec` in `sb`; `on_end(pid)` runs once it ended and every
+    /// listener was told.
+    async fn start(
+        sb: Arc<dyn LiveSandbox>,
+        spec: ExecSpec,
+        config: ProcessConfig,
+        tag: Option<String>,
+        audit: super::process::AuditHook,
+        on_end: impl FnOnce(u32) + Send + 'static,
+    ) -> BackendResult<(Arc<EngineProc>, ProcessHandle)> {
+        let internal = |e: std::io::Error| BackendError::Internal(format!("a pipe: {e}"));
+        let (out_r, out_w) = std::io::pipe().map_err(internal)?;
+        let (err_r, err_w) = std::io::pipe().map_err(internal)?;
+        let (started_tx, started_rx) = oneshot::channel::<BackendResult<Started>>();
+        let (done_tx, done_rx) = oneshot::channel::<BackendResult<Outcome>>();
+        // The execution is waited for on a thread of its own (it blocks for
+        // the command's whole life, which may be hours: not a thread of
+        // tokio's bounded blocking pool).
+        std::thread::Builder::new()
+            .name("nanoclaw-engine-exec".into())
+            .spawn(move || {
+                let exec = match sb.spawn(&spec) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(super::engine_error(e)));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok((exec.id(), exec.control())));
+                let echo = Echo {
+                    stdout: out_w.as_fd(),
+                    stderr: err_w.as_fd(),
+                };
+                let r = exec.wait(Some(echo)).map_err(super::engine_error);
+                drop((out_w, err_w));
+                let _ = done_tx.send(r);
+            })
+            .map_err(internal)?;
+        let (pid, control) = started_rx
+            .await
+            .map_err(|_| BackendError::Internal("the command's thread ended".into()))??;
+        let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
+        let proc = Arc::new(EngineProc {
+            pid,
+            tag,
+            config,
+            listeners: Mutex::new(vec![tx]),
+            control: control.map(Arc::from),
+            signalled: std::sync::atomic::AtomicI32::new(0),
+            input: Mutex::new(Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES)),
+        });
+        let recv = |fd: std::io::PipeReader| {
+            pipe::Receiver::from_owned_fd(OwnedFd::from(fd)).map_err(internal)
+        };
+        let (out, err) = (recv(out_r)?, recv(err_r)?);
+        let p = proc.clone();
+        tokio::spawn(async move {
+            p.pump(out, err, done_rx, audit).await;
+            on_end(p.pid);
+        });
+        Ok((
+            proc.clone(),
+            ProcessHandle {
+                pid: proc.pid,
+                events: rx,
+            },
+        ))
+    }
+
+    /// A new listener: the events from now on.
+    pub(super) fn listen(&self) -> mpsc::Receiver<ProcessEvent> {
+        let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(tx);
+        }
+        rx
+    }
+
+    fn control(&self) -> BackendResult<Arc<dyn ExecControl>> {
+        self.control.clone().ok_or_else(|| {
+            BackendError::Internal("this backend gives no control of a running command".into())
+        })
+    }
+
+    /// Writes to stdin.
+    pub(super) async fn write_stdin(&self, data: Bytes) -> BackendResult<()> {
+        let c = self.control()?;
+        if let Ok(mut cap) = self.input.lock() {
+            cap.update(&data);
+        }
+        blocking(move || {
+            c.write_stdin(&data)
+                .map_err(|e| BackendError::InvalidArgument(format!("stdin: {e}")))
+        })
+        .await
+    }
+
+    /// Closes stdin.
+    pub(super) async fn close_stdin(&self) -> BackendResult<()> {
+        let c = self.control()?;
+        blocking(move || {
+            c.close_stdin();
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends a signal (`SIGKILL`: to everything the command started).
+    pub(super) async fn signal(&self, sig: i32) -> BackendResult<()> {
+        let c = self.control()?;
+        self.signalled
+            .store(sig, std::sync::atomic::Ordering::SeqCst);
+        blocking(move || c.signal(sig).map_err(super::engine_error)).await
+    }
+
+    async fn broadcast(&self, ev: ProcessEvent) {
+        let listeners: Vec<_> = match self.listeners.lock() {
+            Ok(l) => l.clone(),
+            Err(_) => return,
+        };
+        for tx in &listeners {
+            let sent = match tx.try_send(ev.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    tokio::time::timeout(SLOW_LISTENER, tx.send(ev))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                }
+            };
+            if !sent {
+                if let Ok(mut l) = self.listeners.lock() {
+                    l.retain(|t| !t.same_channel(tx));
+                }
+            }
+        }
+    }
+
+    /// Reads the output until both pipes end (the execution was waited
+    /// for), then reports the end.
+    async fn pump(
+        &self,
+        mut out: pipe::Receiver,
+        mut err: pipe::Receiver,
+        done: oneshot::Receiver<BackendResult<Outcome>>,
+        audit: super::process::AuditHook,
+    ) {
+        let mut output = Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES);
+        let (mut out_open, mut err_open) = (true, true);
+        let (mut bo, mut be) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
+        while out_open || err_open {
+            tokio::select! {
+                r = out.read(&mut bo), if out_open => match r {
+                    Ok(n) if n > 0 => {
+                        output.update(&bo[..n]);
+                        let b = Bytes::copy_from_slice(&bo[..n]);
+                        self.broadcast(ProcessEvent::Data(ProcessOutput::Stdout(b))).await;
+                    }
+                    _ => out_open = false,
+                },
+                r = err.read(&mut be), if err_open => match r {
+                    Ok(n) if n > 0 => {
+                        output.update(&be[..n]);
+                        let b = Bytes::copy_from_slice(&be[..n]);
+                        self.broadcast(ProcessEvent::Data(ProcessOutput::Stderr(b))).await;
+                    }
+                    _ => err_open = false,
+                },
+            }
+        }
+        let outcome = done
+            .await
+            .unwrap_or_else(|_| Err(BackendError::Internal("the command's thread ended".into())));
+        let sent = self.signalled.load(std::sync::atomic::Ordering::SeqCst);
+        let end = match &outcome {
+            Ok(o) => match (o.exit_code, o.signal) {
+                (Some(c), _) if sent > 0 && c == 128 + sent => ProcessEnd::signaled(sent),
+                (Some(c), _) => ProcessEnd::exited(c),
+                (None, Some(s)) => ProcessEnd::signaled(s),
+                (None, None) => ProcessEnd::signaled(libc::SIGKILL),
+            },
+            Err(e) => {
+                let msg = format!("nanoclaw: {e}\n");
+                self.broadcast(ProcessEvent::Data(ProcessOutput::Stderr(Bytes::from(msg))))
+                    .await;
+                ProcessEnd::signaled(libc::SIGKILL)
+            }
+        };
+        if let Some((log, mut rec)) = audit {
+            rec.exit_code = end.exited.then_some(end.exit_code);
+            if let Ok(o) = &outcome {
+                rec.signal = o.signal;
+                rec.killed_by = o
+                    .killed_by
+                    .and_then(|r| serde_json::to_value(r).ok())
+                    .and_then(|v| v.as_str().map(str::to_owned));
+                rec.duration_ms = Some(o.duration.as_millis() as u64);
+            }
+            rec.output = Some(output.finish());
+            rec.input = self
+                .input
+                .lock()
+                .map(|mut c| std::mem::replace(&mut *c, Capture::new(0)).finish())
+                .ok();
+            if log.append_async(rec).await.is_err() {
+                eprintln!("nanoclaw serve: could not write an exec's audit record");
+            }
+        }
+        self.broadcast(ProcessEvent::End(end)).await;
+        if let Ok(mut l) = self.listeners.lock() {
+            l.clear();
+        }
+    }
+}
+
+/// The engine templates' backends a daemon opens at start, by name.
+#[derive(Clone, Default)]
+pub struct Engines(pub HashMap<String, Arc<dyn nanoclaw_sandbox::backend::Backend>>);
+
+impl std::ops::Deref for Engines {
+    type Target = HashMap<String, Arc<dyn nanoclaw_sandbox::backend::Backend>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+/// Checks a template's backend against the engines opened: what the
+/// daemon says at start about a template it cannot serve.
+pub fn check_template(name: &str, t: &Template, engines: &Engines) -> Result<(), String> {
+    match t.backend.as_deref() {
+        None | Some("native") => Ok(()),
+        Some("microvm") => Err(format!(
+            "template {name}: backend microvm cannot serve the daemon: a micro-VM ends with the process \
+             that made it (it cannot be detached); use native, docker or gvisor"
+        )),
+        Some(b) if engines.contains_key(b) => Ok(()),
+        Some(b) => Err(format!(
+            "template {name}: backend {b} was not opened (use native, docker or gvisor)"
+        )),
+    }
+}
