@@ -457,3 +457,99 @@ fn a_build_cannot_fill_the_disk() {
         "bob's images hold {held} bytes: {list}"
     );
 }
+
+/// `DELETE /v1/images/{name}` (docker rmi for a tenant's templates):
+/// refused while a sandbox uses the image (its layers are that sandbox's
+/// root), another tenant's image is a 404, and once removed the layers
+/// only it used are gone from the store, its bytes no longer count against
+/// the tenant's bound, and the image it was built from stays.
+#[test]
+fn removing_an_image_frees_its_layers_but_never_a_live_sandboxs_root() {
+    let Some(d) = Daemon::start_with("rm", &["--max-tenant-image-bytes", "60m"]) else {
+        return;
+    };
+    let (code, v) = d.register(&d.alice, "big", &writer(40, "big", ""));
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = d.register(&d.alice, "small", &writer(1, "small", ""));
+    assert_eq!(code, 201, "{v}");
+    // The tenant's bound (60 MiB) is held: another 40 does not fit.
+    let (code, v) = d.register(&d.alice, "next", &writer(40, "next", ""));
+    assert_eq!(code, 422, "{v}");
+    let layers = d.data.join("images").join("layers");
+    let before = du(&layers);
+
+    let (code, body) = d.curl(
+        &d.alice,
+        "POST",
+        "/sandboxes",
+        Some(r#"{"templateID":"big","timeout":120}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let sb: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let id = sb["sandboxID"].as_str().expect("sandboxID").to_string();
+
+    // Bad names, the daemon's own templates, another tenant's image.
+    let (code, body) = d.curl(&d.alice, "DELETE", "/v1/images/base", None);
+    assert!(
+        code == 400 && body.contains("daemon's own"),
+        "{code} {body}"
+    );
+    let (code, body) = d.curl(&d.alice, "DELETE", "/v1/images/Big..x", None);
+    assert!(
+        code == 400 && body.contains("invalid image name"),
+        "{code} {body}"
+    );
+    let (code, body) = d.curl(&d.bob, "DELETE", "/v1/images/big", None);
+    assert!(
+        code == 404 && !body.contains("localhost/alice"),
+        "{code} {body}"
+    );
+    // In use: refused, naming the sandbox; the sandbox still runs from it.
+    let (code, body) = d.curl(&d.alice, "DELETE", "/v1/images/big", None);
+    assert!(code == 409 && body.contains(&id), "{code} {body}");
+    assert_eq!(du(&layers), before, "a refused removal removed layers");
+
+    let (code, body) = d.curl(&d.alice, "DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = d.curl(&d.alice, "DELETE", "/v1/images/big", None);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["reference"], "localhost/alice/big:latest", "{v}");
+    assert!(v["layers_removed"].as_u64() >= Some(1), "{v}");
+    let freed = before.saturating_sub(du(&layers));
+    assert!(freed >= 40 << 20, "only {freed} bytes of layers freed");
+
+    // Gone for the tenant: not listed, not runnable, not removable twice.
+    let (_, list) = d.curl(&d.alice, "GET", "/v1/images", None);
+    assert!(
+        !list.contains("\"big\"") && list.contains("\"small\""),
+        "{list}"
+    );
+    let (code, out) = d.run(&d.alice, "big", "print(1)");
+    assert_eq!(code, 404, "{out}");
+    let (code, body) = d.curl(&d.alice, "DELETE", "/v1/images/big", None);
+    assert_eq!(code, 404, "{body}");
+    // What it was built from stays: another image of it runs.
+    let (code, out) = d.run(&d.alice, "small", "print(open('/big','rb').read(5))");
+    assert!(code == 200 && out.contains("small"), "{code} {out}");
+    // Its bytes no longer count: the build that did not fit now does.
+    let (code, v) = d.register(&d.alice, "next", &writer(40, "next", ""));
+    assert_eq!(code, 201, "{v}");
+    // Audited, as alice's.
+    let (_, audit) = d.curl(&d.alice, "GET", "/v1/audit?kind=image_remove", None);
+    assert!(
+        audit.contains("localhost/alice/big:latest") && audit.contains("layer(s) removed"),
+        "{audit}"
+    );
+    // And it stays removed when the daemon starts again.
+    let mut d = d;
+    // SAFETY: kill with a pid and a signal.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let _ = d.child.wait();
+    d.child = Daemon::serve(&d.data, d.port, &d.extra);
+    let (_, list) = d.curl(&d.alice, "GET", "/v1/images", None);
+    assert!(
+        !list.contains("\"big\"") && list.contains("\"next\""),
+        "{list}"
+    );
+}

@@ -709,6 +709,18 @@ pub trait Backend: Send + Sync + 'static {
         ))
     }
 
+    /// Stops `tenant`'s image template `name` from being used: refused
+    /// (`Conflict`) while a sandbox or one-shot run of the tenant uses it,
+    /// `NotFound` when the tenant has no such template. The image's layers
+    /// may be removed from the store once this returns `Ok`. By default:
+    /// not supported.
+    fn unregister_image(&self, tenant: &TenantId, name: &str) -> BackendResult<()> {
+        let _ = (tenant, name);
+        Err(BackendError::Unimplemented(
+            "this backend cannot use images as templates".into(),
+        ))
+    }
+
     /// Why `name` cannot be a tenant's image template (one of the
     /// backend's own templates), checked before a build starts; `None`: it
     /// can.

@@ -56,6 +56,8 @@ pub const LANGUAGES: [&str; 4] = ["python", "node", "bash", "sh"];
 pub const MAX_ALLOW_HOSTS: usize = 16;
 /// The audit record kind of a build (its outcome, reference and id).
 pub const AUDIT_KIND: &str = "image_build";
+/// The audit record kind of a removal (`DELETE /v1/images/{name}`).
+pub const REMOVE_AUDIT_KIND: &str = "image_remove";
 
 /// `POST /v1/images`'s body.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -490,13 +492,64 @@ impl Images {
         reg.entry(tenant.0.clone())
             .or_default()
             .insert(entry.name.clone(), entry);
+        self.save(&reg)
+    }
+
+    /// `tenant`'s image `name`, if registered.
+    pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Registered> {
+        lock(&self.registry)
+            .get(tenant.as_str())?
+            .get(name)
+            .cloned()
+    }
+
+    /// Unregisters `tenant`'s image `name` and saves the registry; its
+    /// entry, or `None` when it was not registered.
+    pub fn forget(&self, tenant: &TenantId, name: &str) -> Result<Option<Registered>, ImageError> {
+        let mut reg = lock(&self.registry);
+        let Some(images) = reg.get_mut(tenant.as_str()) else {
+            return Ok(None);
+        };
+        let gone = images.remove(name);
+        if images.is_empty() {
+            reg.remove(tenant.as_str());
+        }
+        self.save(&reg)?;
+        Ok(gone)
+    }
+
+    fn save(&self, reg: &Registry) -> Result<(), ImageError> {
         let bytes =
-            serde_json::to_vec_pretty(&*reg).map_err(|e| ImageError::Internal(e.to_string()))?;
+            serde_json::to_vec_pretty(reg).map_err(|e| ImageError::Internal(e.to_string()))?;
         let path = self.data.join("images.json");
         let tmp = self.data.join("images.json.tmp");
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| ImageError::Internal(format!("saving {}: {e}", path.display())))
+    }
+
+    /// Removes an unregistered image's reference from the store, and
+    /// those of its layers no other image uses (a base image's layers stay
+    /// while the base is stored); returns how many layers went. The
+    /// backend has refused the image to new sandboxes and seen none using
+    /// it ([`crate::backend::Backend::unregister_image`]).
+    pub fn remove_from_store(entry: &Registered) -> Result<usize, ImageError> {
+        let store = nanoclaw_image::Store::open_default()
+            .map_err(|e| ImageError::Internal(format!("opening the image store: {e}")))?;
+        let rec = match store.remove(&entry.reference) {
+            Ok(rec) => rec,
+            // Gone already (removed by hand): nothing of it to free.
+            Err(nanoclaw_image::ImageError::NotFound(_)) => return Ok(0),
+            Err(e) => {
+                return Err(ImageError::Internal(format!(
+                    "removing {} from the image store: {e}",
+                    entry.reference
+                )))
+            }
+        };
+        store.remove_unused_layers(&rec.layers).map_err(|e| {
+            ImageError::Internal(format!("removing the layers of {}: {e}", entry.reference))
+        })
     }
 
     /// The template of a registered image, read from the store again (at

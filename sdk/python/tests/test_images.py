@@ -112,11 +112,13 @@ RUN pip install numpy pandas
         agent.close()
 
 
-def test_register_image_refusals_and_restart(fake, tmp_path: Path, base_image: str) -> None:
+def test_register_image_refusals_and_restart(
+    fake, tmp_path: Path, base_image: str, image_store: Path
+) -> None:
     f = fake([])
     config = write_config(tmp_path / "config.yaml", f.port)
     data = tmp_path / "data"
-    from nanoclaw import NanoClaw, NanoClawError
+    from nanoclaw import NanoClaw, NanoClawError, Sandbox
 
     with NanoClaw(config_path=str(config), data_dir=str(data)) as agent:
         bad = [
@@ -152,6 +154,34 @@ def test_register_image_refusals_and_restart(fake, tmp_path: Path, base_image: s
         assert {i.name: i.languages for i in again.images()}["marker"] == ["python", "sh"]
         r = again.run(["python3", "-c", "print(open('/built-by-register-image').read())"], template="marker")
         assert r.stdout == "numpy would be here\n", r.raw
+        # Removed (docker rmi): no longer a template, its own layers gone
+        # (a layer another image shares stays: the build cache may have
+        # given marker the same RUN layer as another test's image).
+        import uuid
+
+        layers = image_store / "images" / "layers"
+        own = again.register_image(
+            name="only-mine",
+            dockerfile=f"FROM python:3.11-slim\nRUN python3 -c \"open('/u','w').write('{uuid.uuid4()}')\"\n",
+            languages=["python"],
+        )
+        before = {p.name for p in layers.iterdir()}
+        with Sandbox.create(template="only-mine", client=again):
+            with pytest.raises(NanoClawError) as e:
+                again.remove_image("only-mine")
+            assert e.value.status == 409 and "live sandbox" in e.value.message, e.value
+        gone = again.remove_image("only-mine")
+        assert gone["id"] == own.id and gone["layers_removed"] == 1, gone
+        assert len(before - {p.name for p in layers.iterdir()}) == 1
+        gone = again.remove_image("marker")
+        assert gone["reference"] == "localhost/local/marker:latest", gone
+        assert [i.name for i in again.images()] == ["base"]
+        with pytest.raises(NanoClawError) as e:
+            again.run(["true"], template="marker")
+        assert e.value.status == 404
+        with pytest.raises(NanoClawError) as e:
+            again.remove_image("marker")
+        assert e.value.status == 404
 
 
 def test_a_tenants_image_is_its_own(base_image: str, tmp_path: Path) -> None:

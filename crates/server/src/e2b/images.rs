@@ -1,11 +1,12 @@
 //! nanoclaw's image routes: `POST /v1/images` (seed 000's
-//! `register_image(name, dockerfile, languages)`) and `GET /v1/images`.
+//! `register_image(name, dockerfile, languages)`), `GET /v1/images` and
+//! `DELETE /v1/images/{name}`.
 //! They parse and check the request, hand the build to
 //! [`crate::images::Images`] (a child `nanoclaw image build`) and register
 //! the image as a template of the caller's tenant with the backend.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
@@ -17,7 +18,10 @@ use crate::audit::{Captured, Record};
 use crate::auth::{Authenticator, TenantId};
 use crate::backend::Backend;
 use crate::error::ApiError;
-use crate::images::{ImageError, Images, RegisterRequest, AUDIT_KIND, BUSY_RETRY, LANGUAGES};
+use crate::images::{
+    valid_name, ImageError, Images, RegisterRequest, AUDIT_KIND, BUSY_RETRY, LANGUAGES,
+    REMOVE_AUDIT_KIND,
+};
 
 type ApiResult = Result<Response<Body>, ApiError>;
 
@@ -158,4 +162,83 @@ pub async fn list<B: Backend, A: Authenticator>(
         out.push(v);
     }
     Ok((StatusCode::OK, Json(out)).into_response())
+}
+
+/// `DELETE /v1/images/{name}`: unregisters one of the caller's tenant's
+/// images and frees what only it held in the image store. Refused (409)
+/// while a sandbox or a run uses it; another tenant's image is a 404, as
+/// if it did not exist.
+pub async fn remove<B: Backend, A: Authenticator>(
+    State(state): State<AppState<B, A>>,
+    conn: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let tenant = authenticate(&state, &headers, conn.map(|Extension(p)| p)).await?;
+    let images = images_of(&state)?;
+    if name == "base" || state.backend.reserved_template(&name).is_some() {
+        return Err(ApiError::bad_request(format!(
+            "template '{name}' is one of the daemon's own, not a registered image: only images registered with POST /v1/images can be removed"
+        )));
+    }
+    if !valid_name(&name) {
+        return Err(ApiError::bad_request(format!(
+            "invalid image name {name:?}: names are 1 to 64 lowercase letters and digits with single '.', '_' or '-' between them"
+        )));
+    }
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no image '{name}' is registered for tenant {tenant} (GET /v1/images lists them)"
+        ))
+    };
+    if images.get(&tenant, &name).is_none() {
+        return Err(not_found());
+    }
+    state
+        .backend
+        .unregister_image(&tenant, &name)
+        .map_err(ApiError::control)?;
+    let Some(entry) = images.forget(&tenant, &name).map_err(image_error)? else {
+        // Another DELETE of the same image won the race.
+        return Err(not_found());
+    };
+    let e = entry.clone();
+    let freed = tokio::task::spawn_blocking(move || Images::remove_from_store(&e))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (layers, detail) = match &freed {
+        Ok(n) => (
+            Some(*n),
+            format!("{} {}, {n} layer(s) removed", entry.reference, entry.id),
+        ),
+        Err(e) => (
+            None,
+            format!("{} {} unregistered; {e}", entry.reference, entry.id),
+        ),
+    };
+    if let Some(log) = state.audit.clone() {
+        let mut rec = Record::new(REMOVE_AUDIT_KIND);
+        rec.tenant = Some(tenant.0.clone());
+        rec.path = Some(name.clone());
+        rec.detail = Some(detail);
+        if log.append_with_answer(rec).await.is_err() {
+            eprintln!("nanoclaw serve: could not write an image removal's audit record ({name})");
+        }
+    }
+    if let Err(e) = &freed {
+        eprintln!(
+            "nanoclaw serve: image {name} of tenant {tenant} unregistered, store not cleaned: {e}"
+        );
+    }
+    Ok((
+        StatusCode::OK,
+        Json(json!({
+            "name": entry.name,
+            "reference": entry.reference,
+            "id": entry.id,
+            "removed": true,
+            "layers_removed": layers,
+        })),
+    )
+        .into_response())
 }

@@ -351,7 +351,8 @@ fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
 fn image_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
     use Access::*;
     use Verb::*;
-    vec![Route::new("/v1/images")
+    vec![
+        Route::new("/v1/images")
         .op(
             images::register::<B, A>,
             Op::new(
@@ -395,7 +396,22 @@ fn image_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
                 "A JSON array.",
                 json!({"type": "array", "items": schema("Image")}),
             ),
-        )]
+        ),
+        Route::new("/v1/images/{name}").op(
+            images::remove::<B, A>,
+            Op::new(
+                Delete,
+                NANOCLAW,
+                ApiKey,
+                "Unregisters one of the caller's tenant's images and removes it and the layers \
+                 only it used from the image store (docker rmi).",
+            )
+            .json(200, "Removed.", json!({"type": "object"}))
+            .json(400, "Not a registered image's name (base, a configured template).", schema("Error"))
+            .json(404, "The tenant has no image of that name.", schema("Error"))
+            .json(409, "A sandbox or run of the tenant uses it: kill those first.", schema("Error")),
+        ),
+    ]
 }
 
 fn agent_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {

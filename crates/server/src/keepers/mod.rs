@@ -16,6 +16,7 @@ mod egress;
 mod engines;
 mod files;
 mod ipc;
+mod leases;
 mod pool;
 mod process;
 mod quota;
@@ -190,6 +191,8 @@ pub struct KeeperBackend {
     /// Images registered as templates, by (tenant, name): only their
     /// tenant sees them.
     images: Mutex<HashMap<(String, String), Template>>,
+    /// Templates in use by creates and one-shot runs still going.
+    leases: leases::Leases,
     /// The daemon's counters, once [`KeeperBackend::set_metrics`] gave
     /// them.
     metrics: OnceLock<Arc<Metrics>>,
@@ -429,6 +432,7 @@ impl KeeperBackend {
             quota,
             pool,
             images: Mutex::new(HashMap::new()),
+            leases: leases::Leases::default(),
             metrics: OnceLock::new(),
         })
     }
@@ -980,6 +984,8 @@ fn save_record(dir: &Path, rec: &Record) {
 
 impl Backend for KeeperBackend {
     async fn create(&self, req: CreateSandbox) -> BackendResult<SandboxInfo> {
+        // Held until the sandbox is recorded (then its record counts).
+        let _lease = self.leases.take(&req.tenant.0, &req.template);
         let tpl = self.template(&req.tenant, &req.template)?;
         let engine = tpl.backend.clone().filter(|b| b != "native");
         let mut spec = tpl.spec;
@@ -1042,6 +1048,7 @@ impl Backend for KeeperBackend {
         req: RunRequest,
     ) -> BackendResult<serde_json::Value> {
         let name = req.template.clone().unwrap_or_else(|| "base".into());
+        let _lease = self.leases.take(&tenant.0, &name);
         let tpl = self.template(tenant, &name)?;
         if let (Some(lang), Some(langs)) = (&req.lang, &tpl.languages) {
             if !langs.contains(lang) {
@@ -1090,6 +1097,43 @@ impl Backend for KeeperBackend {
                 (tenant.0.clone(), name.to_string()),
                 Template::of_image(&image),
             );
+        Ok(())
+    }
+
+    fn unregister_image(&self, tenant: &TenantId, name: &str) -> BackendResult<()> {
+        let mut images = self
+            .images
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?;
+        let key = (tenant.0.clone(), name.to_string());
+        if !images.contains_key(&key) {
+            return Err(BackendError::NotFound(format!(
+                "no image '{name}' is registered for tenant {tenant}"
+            )));
+        }
+        let mut live: Vec<String> = self
+            .sandboxes
+            .lock()
+            .map_err(|_| BackendError::Internal("lock".into()))?
+            .iter()
+            .filter(|(_, e)| {
+                e.record
+                    .lock()
+                    .is_ok_and(|r| r.tenant == tenant.0 && r.template == name)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        live.sort();
+        let starting = self.leases.held(&tenant.0, name);
+        if !live.is_empty() || starting > 0 {
+            return Err(BackendError::Conflict(format!(
+                "image '{name}' is the root of {} live sandbox(es){}{}: kill them (DELETE /sandboxes/ID) and remove the image again",
+                live.len(),
+                if live.is_empty() { String::new() } else { format!(" ({})", live.join(", ")) },
+                if starting > 0 { format!(" and {starting} starting") } else { String::new() },
+            )));
+        }
+        images.remove(&key);
         Ok(())
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import httpx
@@ -403,6 +404,16 @@ class NanoClaw:
             "POST", "/v1/images", json=body, timeout=httpx.Timeout(BUILD_TIMEOUT_S, connect=10)
         )
         return ImageInfo.from_json(v)
+
+    def remove_image(self, name: str) -> Dict[str, Any]:
+        """Removes this client's tenant's image ``name`` (``DELETE
+        /v1/images/NAME``, as ``docker rmi``): it is no longer a template,
+        and its layers that no other image uses leave the image store (its
+        bytes stop counting against the tenant's bound). Raises
+        :class:`NanoClawError`: 404 no such image of this tenant, 409 a
+        sandbox or run of the tenant still uses it (kill it first), 400
+        ``base`` or a template of the daemon's own configuration."""
+        return dict(self._request("DELETE", f"/v1/images/{quote(name, safe='')}"))
 
     def sandbox(self, template: str = "base", **kw: Any) -> "Sandbox":
         """``Sandbox.create(template, ..., client=self)``."""
