@@ -219,6 +219,17 @@ pub fn create_body(
     labels.insert(LABEL_ID.into(), plan.id.into());
     labels.insert(LABEL_OWNER.into(), plan.owner.into());
     let mut env: Vec<String> = plan.image_env.to_vec();
+    if crate::egress::proxied(&s.network) {
+        env.extend(
+            nanoclaw_sandbox::netns_egress::proxy_env()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}")),
+        );
+        layers.namespaces.retain(|n| n != "net");
+        layers
+            .namespaces
+            .push(crate::egress::NAMESPACE_LAYER.into());
+    }
     env.extend(s.env.iter().map(|(k, v)| format!("{k}={v}")));
     let lifetime = secs_ceil(l.timeout).max(1);
     let body = ContainerCreateBody {

@@ -114,6 +114,7 @@ pub(crate) fn spawn(sb: &DockerSandbox, spec: &ExecSpec) -> Result<Box<dyn Execu
             info: sb.info.clone(),
             cgroup: sb.cgroup.clone(),
             deadline: sb.deadline,
+            egress: sb.egress.clone(),
         },
         spec: spec.clone(),
         output: Some(output),
@@ -458,9 +459,12 @@ fn outcome(
         peak_memory_bytes: after.peak,
         sandbox_id: x.sandbox.info.id.clone(),
         layers: x.sandbox.info.layers.clone(),
-        network: NetworkReport {
-            mode: "none".into(),
-            ..NetworkReport::default()
+        network: match &x.sandbox.egress {
+            Some(e) => e.report(),
+            None => NetworkReport {
+                mode: "none".into(),
+                ..NetworkReport::default()
+            },
         },
     }
 }

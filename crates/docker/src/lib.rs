@@ -27,6 +27,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod egress;
 mod exec;
 pub mod init;
 pub mod seccomp;
@@ -44,6 +45,7 @@ use nanoclaw_sandbox::backend::{
     LABEL_DETACHED,
 };
 use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
+use nanoclaw_sandbox::netns_egress::NetnsEgress;
 use nanoclaw_sandbox::spec::Root;
 use nanoclaw_sandbox::{Error, Layers};
 
@@ -318,6 +320,7 @@ impl Docker {
             },
             cgroup: Cgroup::of_pid(pid),
             deadline,
+            egress: None,
         }
     }
 }
@@ -397,10 +400,10 @@ impl Backend for Docker {
             persistent_upper: false,
             mounts: true,
             memory_swap: true,
-            // Egress through nanoclaw's proxy needs a bridge inside the
-            // container; not built for Docker yet.
-            network_allowlist: false,
-            network_open: false,
+            // Through nanoclaw's proxy, wired into the container's own
+            // network namespace (see `egress`).
+            network_allowlist: true,
+            network_open: true,
             network_kernel: false,
             seccomp_profile: true,
             seccomp_unconfined: true,
@@ -422,7 +425,8 @@ impl Backend for Docker {
         if matches!(config.spec.root, Root::Host) {
             return Err(container::host_root_refused());
         }
-        self.capabilities().check(NAME, config)
+        self.capabilities().check(NAME, config)?;
+        egress::check(config)
     }
 
     fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error> {
@@ -476,14 +480,15 @@ impl Backend for Docker {
                 .map_err(|e| api_error(&format!("inspecting {name}"), e))
                 .map(|c| c.state.and_then(|s| s.pid).unwrap_or(0))
         });
-        match pid {
-            Ok(pid) => Ok(Box::new(self.handle(
-                &id,
-                layers,
-                config.labels.clone(),
-                pid,
-                deadline,
-            ))),
+        // Before any command of the sandbox's runs (only nanoclaw's init
+        // does yet): the redirect and listeners in its namespace.
+        let wired = pid.and_then(|pid| Ok((pid, egress::wire(pid, &config.spec)?)));
+        match wired {
+            Ok((pid, egress)) => {
+                let mut sb = self.handle(&id, layers, config.labels.clone(), pid, deadline);
+                sb.egress = egress.map(Arc::new);
+                Ok(Box::new(sb))
+            }
             Err(e) => {
                 let _ = self.remove(&id);
                 Err(e)
@@ -554,6 +559,9 @@ pub struct DockerSandbox {
     info: SandboxInfo,
     cgroup: Cgroup,
     deadline: u64,
+    /// Its egress (network allowlist or open), when this process made it:
+    /// the proxy serving the listeners in the container's namespace.
+    egress: Option<Arc<NetnsEgress>>,
 }
 
 impl LiveSandbox for DockerSandbox {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nanoclaw_sandbox::backend::SandboxConfig;
+use nanoclaw_sandbox::netns_egress::proxied;
 use nanoclaw_sandbox::spec::{Access, SandboxSpec};
 use nanoclaw_sandbox::Error;
 use serde_json::{json, Value};
@@ -115,7 +116,13 @@ pub fn etc_files(spec: &SandboxSpec) -> Vec<(&'static str, String)> {
         ("hostname", format!("{hostname}\n")),
         (
             "resolv.conf",
-            "# nanoclaw: no DNS inside the sandbox (network none)\n".to_string(),
+            if proxied(&spec.network) {
+                // nanoclaw's DNS on the sandbox's loopback (any other
+                // nameserver is redirected to it too).
+                "nameserver 127.0.0.1\noptions ndots:0\n".to_string()
+            } else {
+                "# nanoclaw: no DNS inside the sandbox (network none)\n".to_string()
+            },
         ),
         (
             "nsswitch.conf",
@@ -145,6 +152,9 @@ pub fn environment(spec: &SandboxSpec, uid: u32, extra: &[(String, String)]) -> 
         ("HOSTNAME".into(), spec.hostname.clone()),
         ("USER".into(), user.into()),
     ];
+    if proxied(&spec.network) {
+        env.extend(nanoclaw_sandbox::netns_egress::proxy_env());
+    }
     for (k, v) in spec.env.iter().chain(extra) {
         match env.iter_mut().find(|(ek, _)| ek == k) {
             Some(e) => e.1 = v.clone(),
@@ -152,6 +162,16 @@ pub fn environment(spec: &SandboxSpec, uid: u32, extra: &[(String, String)]) -> 
         }
     }
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Makes the sandbox use the network namespace at `path` (one nanoclaw
+/// made and wired to its proxy) instead of a new, empty one.
+pub fn join_network(oci: &mut Value, path: &str) {
+    if let Some(nss) = oci["linux"]["namespaces"].as_array_mut() {
+        for ns in nss.iter_mut().filter(|n| n["type"] == "network") {
+            ns["path"] = json!(path);
+        }
+    }
 }
 
 /// The working directory of a command when none is given: the home

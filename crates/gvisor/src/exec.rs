@@ -465,7 +465,7 @@ impl Execution for RunscExecution {
             (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
             _ => Duration::ZERO,
         };
-        let mut o = Outcome {
+        let o = Outcome {
             exit_code,
             signal,
             killed_by: killed,
@@ -478,9 +478,8 @@ impl Execution for RunscExecution {
             peak_memory_bytes: cgroup::peak_memory(&shared.id, shared.runsc.rootless),
             sandbox_id: shared.id.clone(),
             layers: shared.record.layers.clone(),
-            network: Default::default(),
+            network: shared.network_report(),
         };
-        o.network.mode = "none".into();
         Ok(o)
     }
 }
@@ -630,7 +629,7 @@ fn start_failure(
             shared.id
         )));
     };
-    let mut o = Outcome {
+    let o = Outcome {
         exit_code: Some(code),
         signal: None,
         killed_by: None,
@@ -643,9 +642,8 @@ fn start_failure(
         peak_memory_bytes: None,
         sandbox_id: shared.id.clone(),
         layers: shared.record.layers.clone(),
-        network: Default::default(),
+        network: shared.network_report(),
     };
-    o.network.mode = "none".into();
     Ok(o)
 }
 

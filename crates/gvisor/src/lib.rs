@@ -32,6 +32,7 @@
 
 pub mod bundle;
 pub mod cgroup;
+pub mod egress;
 pub mod exec;
 pub mod runsc;
 pub mod sandbox;
@@ -47,6 +48,7 @@ use nanoclaw_sandbox::backend::{
     Backend, Capabilities, Echo, Execution, LiveSandbox, SandboxConfig, SandboxInfo,
 };
 use nanoclaw_sandbox::native::session::ExecSpec;
+use nanoclaw_sandbox::netns_egress::NetnsEgress;
 use nanoclaw_sandbox::spec::{SandboxSpec, Stdin};
 use nanoclaw_sandbox::Outcome;
 
@@ -54,7 +56,7 @@ use nanoclaw_sandbox::Outcome;
 /// (`nanoclaw sandbox create`); without it a sandbox whose maker is gone is
 /// swept.
 pub const LABEL_DETACHED: &str = "nanoclaw.detached";
-use nanoclaw_sandbox::spec::{Network, Root, Seccomp};
+use nanoclaw_sandbox::spec::{Root, Seccomp};
 use nanoclaw_sandbox::{Error, Layers};
 
 use runsc::backend_error;
@@ -86,8 +88,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     persistent_upper: false,
     mounts: true,
     memory_swap: false,
-    network_allowlist: false,
-    network_open: false,
+    network_allowlist: true,
+    network_open: true,
     network_kernel: false,
     seccomp_profile: false,
     seccomp_unconfined: false,
@@ -161,6 +163,7 @@ impl Gvisor {
                 exe: exe.into(),
                 state,
                 rootless: euid() != 0,
+                host_network: false,
             },
             root,
             host: bundle::HostLayout::probe(),
@@ -317,7 +320,7 @@ impl Gvisor {
         if !sandbox::running(record.runner_pid) || !sandbox::has_state(&self.runsc, id) {
             return Err(not_found("the sandbox has ended"));
         }
-        Ok(self.handle(id, bundle, record, None))
+        Ok(self.handle(id, bundle, record, None, None))
     }
 
     fn handle(
@@ -326,20 +329,26 @@ impl Gvisor {
         bundle: PathBuf,
         record: Record,
         runner: Option<std::process::Child>,
+        egress: Option<NetnsEgress>,
     ) -> Box<dyn LiveSandbox> {
         let mut host_pids = vec![record.runner_pid];
         host_pids.extend(sandbox::children(record.runner_pid));
+        let runsc = Runsc {
+            host_network: record.host_network,
+            ..self.runsc.clone()
+        };
         Box::new(GvisorSandbox {
             shared: Arc::new(Shared {
                 id: id.to_string(),
                 bundle,
-                runsc: self.runsc.clone(),
+                runsc,
                 record,
                 host_pids,
                 next_exec: AtomicU32::new(1),
                 running: AtomicU64::new(0),
                 destroyed: AtomicBool::new(false),
                 runner: std::sync::Mutex::new(runner),
+                egress: std::sync::Mutex::new(egress),
             }),
         })
     }
@@ -392,7 +401,7 @@ impl Gvisor {
                 "gvisor (the sandbox's system calls are served by gVisor's user-space kernel)"
                     .into(),
                 "pid".into(),
-                "net (loopback only)".into(),
+                egress::namespace_layer(&s.network).into(),
                 "ipc".into(),
                 "uts".into(),
                 "mount".into(),
@@ -447,15 +456,7 @@ impl Backend for Gvisor {
 
     fn check(&self, config: &SandboxConfig) -> Result<(), Error> {
         let s = &config.spec;
-        let no_egress = "a gVisor sandbox here has loopback only (runsc --network=none); nanoclaw's \
-                         egress proxy is not bridged into gVisor's network stack yet: use --backend native \
-                         for egress";
-        match s.network {
-            Network::None => {}
-            Network::Allowlist { .. } => return Err(refuse("--network allowlist", no_egress)),
-            Network::Open { .. } => return Err(refuse("--network open", no_egress)),
-            Network::Kernel { .. } => return Err(refuse("--network kernel", no_egress)),
-        }
+        egress::check(config, self.runsc.rootless)?;
         let seccomp =
             "the gvisor backend applies nanoclaw's default profile inside gVisor's kernel; \
              other profiles are not supported yet (drop --seccomp)";
@@ -546,7 +547,9 @@ impl Gvisor {
         bundle: &Path,
         config: &SandboxConfig,
     ) -> Result<Box<dyn LiveSandbox>, Error> {
-        let oci = bundle::config(id, bundle, config, &self.host, !self.runsc.rootless)?;
+        let mut oci = bundle::config(id, bundle, config, &self.host, !self.runsc.rootless)?;
+        let egress = NetnsEgress::in_new_netns(&config.spec)?;
+        let runsc = egress::runsc_for(&self.runsc, egress.as_ref(), &mut oci);
         bundle::write(bundle, &oci, &config.spec, &self.host)?;
         let mut record_layers = self.layers(config);
         if !self.runsc.rootless {
@@ -565,8 +568,7 @@ impl Gvisor {
         let log_path = bundle.join("runsc.log");
         let log = std::fs::File::create(&log_path)
             .map_err(io(format!("create {}", log_path.display())))?;
-        let mut runner = self
-            .runsc
+        let mut runner = runsc
             .command()
             .arg("run")
             .arg(format!("--bundle={}", bundle.display()))
@@ -591,6 +593,7 @@ impl Gvisor {
                 .labels
                 .iter()
                 .any(|(k, v)| k == LABEL_DETACHED && v == "true"),
+            host_network: runsc.host_network,
         };
         let written = serde_json::to_vec(&record)
             .map_err(|e| Error::InvalidSpec(e.to_string()))
@@ -603,7 +606,7 @@ impl Gvisor {
             let _ = runner.wait();
             return Err(e);
         }
-        Ok(self.handle(id, bundle.to_path_buf(), record, Some(runner)))
+        Ok(self.handle(id, bundle.to_path_buf(), record, Some(runner), egress))
     }
 }
 
@@ -656,6 +659,8 @@ impl Gvisor {
             s.user.gid,
             &bundle::oci_caps(&s.hardening.cap_add)?,
         );
+        let egress = NetnsEgress::in_new_netns(s)?;
+        let runsc = egress::runsc_for(&self.runsc, egress.as_ref(), &mut oci);
         bundle::write(bundle, &oci, s, &self.host)?;
         let mut layers = self.layers(config);
         if !self.runsc.rootless {
@@ -664,8 +669,7 @@ impl Gvisor {
             layers.degraded.extend(cgroup::precreate(id, &limits)?);
         }
         let started = std::time::Instant::now();
-        let runner = self
-            .runsc
+        let runner = runsc
             .command()
             .arg("run")
             .arg(format!("--bundle={}", bundle.display()))
@@ -694,6 +698,7 @@ impl Gvisor {
             runner_pid: runner.id() as i32,
             owner: (me, sandbox::start_time(me).unwrap_or_default()),
             detached: false,
+            host_network: runsc.host_network,
         };
         if let Ok(t) = serde_json::to_vec(&record) {
             let _ = std::fs::write(bundle.join(RECORD), t);
@@ -701,13 +706,14 @@ impl Gvisor {
         let shared = Arc::new(Shared {
             id: id.to_string(),
             bundle: bundle.to_path_buf(),
-            runsc: self.runsc.clone(),
+            runsc,
             record,
             host_pids: Vec::new(),
             next_exec: AtomicU32::new(2),
             running: AtomicU64::new(0),
             destroyed: AtomicBool::new(false),
             runner: std::sync::Mutex::new(None),
+            egress: std::sync::Mutex::new(egress),
         });
         let mut x = ExecSpec::new(spec.command.iter().cloned());
         x.stdin = spec.stdin.clone();

@@ -1,6 +1,6 @@
 //! Running `runsc`, gVisor's OCI runtime: one command line per operation,
 //! with the global flags every call of one backend shares (its state
-//! directory, `--network=none`, rootless mode).
+//! directory, its network mode, rootless mode).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,6 +20,10 @@ pub struct Runsc {
     /// `--rootless --ignore-cgroups`: runsc run by an unprivileged user,
     /// without cgroups.
     pub rootless: bool,
+    /// `--network=host` instead of `--network=none`: gVisor's sockets are
+    /// host sockets in the network namespace the bundle names, one
+    /// nanoclaw made and wired to its proxy (see `crate::egress`).
+    pub host_network: bool,
 }
 
 /// A container as `runsc state` reports it.
@@ -65,7 +69,11 @@ impl Runsc {
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.exe);
         c.arg(format!("--root={}", self.state.display()))
-            .arg("--network=none")
+            .arg(if self.host_network {
+                "--network=host"
+            } else {
+                "--network=none"
+            })
             .arg("--oci-seccomp");
         if self.rootless {
             c.arg("--rootless").arg("--ignore-cgroups");

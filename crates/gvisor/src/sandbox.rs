@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nanoclaw_sandbox::backend::{Execution, LiveSandbox, SandboxInfo, SandboxStats};
 use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
+use nanoclaw_sandbox::netns_egress::NetnsEgress;
 use nanoclaw_sandbox::spec::SandboxSpec;
 use nanoclaw_sandbox::{Error, KillReason, Layers};
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,11 @@ pub struct Record {
     /// It outlives the process that made it (the `nanoclaw.detached=true`
     /// label, `nanoclaw sandbox create`).
     pub detached: bool,
+    /// Its egress goes through nanoclaw's proxy: runsc runs it with
+    /// `--network=host` in a network namespace nanoclaw wired (see
+    /// `crate::egress`).
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 impl Record {
@@ -70,6 +76,10 @@ pub struct Shared {
     pub destroyed: AtomicBool,
     /// Its `runsc run`, when this process started it (reaped here).
     pub runner: Mutex<Option<Child>>,
+    /// Its egress (network allowlist or open), when this process made it:
+    /// the proxy serving the listeners in the sandbox's network namespace.
+    /// Stopped when the sandbox is destroyed or the last handle goes.
+    pub egress: Mutex<Option<NetnsEgress>>,
 }
 
 impl Shared {
@@ -82,6 +92,28 @@ impl Shared {
             });
         }
         Ok(())
+    }
+
+    /// The network part of an outcome: what the proxy recorded so far, or
+    /// mode `none`.
+    pub fn network_report(&self) -> nanoclaw_sandbox::outcome::NetworkReport {
+        match self
+            .egress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(e) => e.report(),
+            None => nanoclaw_sandbox::outcome::NetworkReport {
+                mode: if self.record.host_network {
+                    "allowlist"
+                } else {
+                    "none"
+                }
+                .into(),
+                ..Default::default()
+            },
+        }
     }
 
     /// Time until the end of the sandbox's lifetime.
@@ -191,13 +223,22 @@ impl LiveSandbox for GvisorSandbox {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        stop(
+        let stopped = stop(
             &self.shared.runsc,
             &self.shared.id,
             &self.shared.bundle,
             runner,
             &self.shared.host_pids,
-        )
+        );
+        // The sandbox is gone: its listeners and namespace can go too.
+        drop(
+            self.shared
+                .egress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        stopped
     }
 }
 

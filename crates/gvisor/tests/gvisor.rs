@@ -373,15 +373,42 @@ fn expect_refused(g: &Gvisor, spec: SandboxSpec, field: &str) -> Result<(), Stri
     }
 }
 
-fn refusals(g: &Gvisor, _: &str) -> Result<(), String> {
-    let mut s = SandboxSpec::new(Vec::<String>::new());
-    s.network = Network::Allowlist {
+fn refusals(g: &Gvisor, mode: &str) -> Result<(), String> {
+    let allow = Network::Allowlist {
         hosts: vec!["example.com".into()],
         cidrs: vec![],
         limits: NetLimits::default(),
         add_hosts: vec![],
     };
-    expect_refused(g, s, "--network allowlist")?;
+    if mode == "rootless" {
+        // Rootless runsc cannot join the namespace nanoclaw wires.
+        let mut s = SandboxSpec::new(Vec::<String>::new());
+        s.network = allow.clone();
+        expect_refused(g, s, "--network allowlist")?;
+    } else {
+        // Egress works rootful (crates/cli/tests/egress_backends.rs), but
+        // not for a sandbox that outlives the process holding its proxy.
+        let mut s = SandboxSpec::new(Vec::<String>::new());
+        s.network = allow.clone();
+        let mut c = SandboxConfig::new(s);
+        c.labels
+            .push((nanoclaw_gvisor::LABEL_DETACHED.into(), "true".into()));
+        let want =
+            "--backend gvisor: --network allowlist for a detached sandbox is not supported: ";
+        match g.create(&c) {
+            Err(e @ Error::NotSupported { .. }) if e.to_string().starts_with(want) => {}
+            Err(e) => return Err(format!("detached allowlist: want {want:?}…, got {e}")),
+            Ok(sb) => {
+                let _ = sb.destroy();
+                return Err("a detached allowlist sandbox was accepted".into());
+            }
+        }
+    }
+    let mut s = SandboxSpec::new(Vec::<String>::new());
+    s.network = Network::Kernel {
+        cidrs: vec!["192.0.2.0/24".into()],
+    };
+    expect_refused(g, s, "--network kernel")?;
     let mut s = SandboxSpec::new(Vec::<String>::new());
     s.hardening.exec_allow.push("/usr".into());
     expect_refused(g, s, "--exec-allow")?;

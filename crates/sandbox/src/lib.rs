@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod error;
 pub mod native;
+pub mod netns_egress;
 pub mod outcome;
 pub mod spec;
 pub mod units;

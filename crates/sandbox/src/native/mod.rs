@@ -12,7 +12,7 @@
 
 pub mod caps;
 pub mod cgroup;
-mod child;
+pub(crate) mod child;
 pub mod idslot;
 pub mod landlock;
 mod pause;
@@ -36,6 +36,7 @@ use crate::spec::{Access, Network, SandboxSpec, Seccomp, Stdin};
 use crate::Error;
 
 pub(crate) use supervise::block_runner_signals;
+pub(crate) use supervise::report_of;
 pub use supervise::{kill, wait, KillHandle};
 
 use child::{ChildPlan, StdinFd};
@@ -515,7 +516,7 @@ fn initial_layers(rootful: bool) -> Layers {
 }
 
 /// `none`, `allowlist`, `open` or `kernel`.
-fn net_mode(network: &Network) -> &'static str {
+pub(crate) fn net_mode(network: &Network) -> &'static str {
     match network {
         Network::None => "none",
         Network::Allowlist { .. } => "allowlist",
@@ -1697,7 +1698,9 @@ fn userns_error(e: std::io::Error) -> Error {
 }
 
 /// The proxy policy for `network`, or `None` for a loopback-only sandbox.
-fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolicy>, Error> {
+pub(crate) fn network_policy(
+    network: &Network,
+) -> Result<Option<nanoclaw_net::NetworkPolicy>, Error> {
     match network {
         Network::None => Ok(None),
         Network::Allowlist {
@@ -1726,7 +1729,7 @@ fn network_policy(network: &Network) -> Result<Option<nanoclaw_net::NetworkPolic
 
 /// Serves the sandbox's proxy socket, and the transparent listener and DNS
 /// sockets, on a runner thread (it owns the descriptors from here on).
-fn start_proxy(
+pub(crate) fn start_proxy(
     policy: nanoclaw_net::NetworkPolicy,
     network: &Network,
     intercept: Option<nanoclaw_net::Intercept>,

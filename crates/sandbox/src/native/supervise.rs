@@ -245,11 +245,19 @@ pub(crate) fn denied_count(sb: &Sandbox) -> u64 {
 
 /// What the proxy saw, for the outcome.
 pub(crate) fn network_report(sb: &Sandbox) -> crate::outcome::NetworkReport {
+    report_of(sb.net_mode, sb.proxy.as_ref())
+}
+
+/// The network part of an outcome: mode `mode`, and what `proxy` recorded.
+pub(crate) fn report_of(
+    mode: &str,
+    proxy: Option<&nanoclaw_net::BlockingProxy>,
+) -> crate::outcome::NetworkReport {
     let mut r = crate::outcome::NetworkReport {
-        mode: sb.net_mode.to_string(),
+        mode: mode.to_string(),
         ..Default::default()
     };
-    if let Some(p) = &sb.proxy {
+    if let Some(p) = proxy {
         let st = p.stats();
         r.proxy = Some(format!("127.0.0.1:{}", super::child::PROXY_PORT));
         r.allowed = st.allowed;

@@ -720,7 +720,7 @@ fn stdio_to_dev_null(plan: &ChildPlan) {
 }
 
 /// Sets `lo` up in the sandbox's new network namespace (it starts down).
-fn loopback_up() -> std::io::Result<()> {
+pub(crate) fn loopback_up() -> std::io::Result<()> {
     // SAFETY: a datagram socket used only for interface ioctls; `ifr` is a
     // zeroed ifreq with a NUL-terminated name, valid for both ioctls.
     unsafe {
