@@ -222,8 +222,9 @@ fn fields_docker_cannot_honour_are_refused_by_name() {
             "nanoclaw: --backend docker: --exec-allow is not supported:",
         ),
         (
-            &["run", "--backend", "docker", "--image", IMAGE, "--allow-host", "example.com", "--", "true"],
-            "nanoclaw: --backend docker: --network allowlist is not supported:",
+            // Allowlist egress works (egress_backends.rs); the kernel mode does not.
+            &["run", "--backend", "docker", "--image", IMAGE, "--network", "kernel", "--allow-cidr", "192.0.2.0/24", "--", "true"],
+            "nanoclaw: --backend docker: --network kernel is not supported:",
         ),
         (
             &["run", "--backend", "docker", "--", "true"],

@@ -8,7 +8,7 @@
 //! processes, the container, a host nftables table).
 //!
 //! The test host is a network namespace this test makes (a veth from the
-//! host's namespace, where nanoclaw's proxy runs; 10.252.N.0/29), serving
+//! host's namespace, where nanoclaw's proxy runs; 10.253.N.0/29), serving
 //! a line service on ports 7000 and 8080 on two addresses; no traffic
 //! leaves the machine. Root only (making the test host needs it); the
 //! backends are required in CI (`NANOCLAW_REQUIRE_GVISOR=1`,
@@ -137,9 +137,9 @@ impl TestHost {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("mkdir");
         let (v4, other, host) = (
-            format!("10.252.{n}.2"),
-            format!("10.252.{n}.3"),
-            format!("10.252.{n}.1"),
+            format!("10.253.{n}.2"),
+            format!("10.253.{n}.3"),
+            format!("10.253.{n}.1"),
         );
         sh(&format!(
             "set -e

@@ -62,14 +62,21 @@ fn refuse(field: &str, why: &str) -> Error {
     }
 }
 
-/// What Docker's egress cannot honour, refused by name.
-pub fn check(config: &SandboxConfig) -> Result<(), Error> {
+/// What Docker's egress cannot honour, refused by name; `runtime` is
+/// Docker's OCI runtime for the sandbox (`None`: Docker's default).
+pub fn check(config: &SandboxConfig, runtime: Option<&str>) -> Result<(), Error> {
     let s = &config.spec;
     let field = match s.network {
         Network::Allowlist { .. } => "--network allowlist",
         Network::Open { .. } => "--network open",
         _ => return Ok(()),
     };
+    if runtime == Some("runsc") {
+        return Err(refuse(
+            &format!("{field} with Docker's runsc runtime"),
+            "gVisor's own network stack serves the container's sockets, so the rules nanoclaw              installs in the container's namespace never see them; use --backend gvisor (egress              through nanoclaw's proxy) or NANOCLAW_DOCKER_RUNTIME=runc",
+        ));
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(refuse(

@@ -426,7 +426,7 @@ impl Backend for Docker {
             return Err(container::host_root_refused());
         }
         self.capabilities().check(NAME, config)?;
-        egress::check(config)
+        egress::check(config, self.runtime.as_deref())
     }
 
     fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error> {
