@@ -63,6 +63,12 @@ def test_backends_side_by_side_run_commands_files_and_processes(e2b_target, regi
         info = Sandbox.get_info(sbx.sandbox_id, **e2b_target.a)
         if backend != "native":
             assert info.metadata.get("backend") == backend
+        # The timeout moves later (within the tenant's quota), and connect works.
+        sbx.set_timeout(600)
+        later = Sandbox.get_info(sbx.sandbox_id, **e2b_target.a)
+        assert later.end_at > info.end_at
+        again = Sandbox.connect(sbx.sandbox_id, **e2b_target.a)
+        assert again.commands.run("echo again").stdout == "again\n"
         r = sbx.commands.run("id -u; echo $HOME; pwd")
         assert r.exit_code == 0
         assert r.stdout.split() == ["1000", "/home/user", "/home/user"], r.stdout

@@ -13,11 +13,11 @@
 //! re-adopted by a restarted daemon. Each is labelled with its maker (the
 //! daemon's pid and start time), so the next daemon's start — or any
 //! nanoclaw that opens that backend — removes what a killed daemon left
-//! ([`nanoclaw_docker::Docker::sweep`], `Gvisor::sweep`); a clean stop
-//! ends them ([`KeeperBackend::end_engines`]). Their lifetime in the
-//! backend is fixed at creation (the E2B timeout plus a grace): the
-//! daemon's reaper ends them at their E2B end, a `set_timeout` may move
-//! that end up to the lifetime, not past it.
+//! (`Docker::sweep`, `Gvisor::sweep`); a clean stop ends them
+//! ([`KeeperBackend::end_engines`]). Their lifetime in the backend is fixed
+//! at creation, as the longest the tenant may keep a sandbox (plus a
+//! grace): the daemon's reaper ends them at their E2B end, which
+//! `set_timeout` moves within the tenant's quota as for native ones.
 //!
 //! Processes run as engine executions ([`LiveSandbox::spawn`]): their
 //! output is echoed into pipes this module reads, stdin and signals go
@@ -51,6 +51,10 @@ const SLOW_LISTENER: Duration = Duration::from_secs(30);
 /// How often (in reaper rounds) the reaper asks a backend whether a
 /// sandbox still exists (an API call or a `runsc` run each).
 const ALIVE_EVERY: u32 = 10;
+
+/// An engine sandbox's lifetime in its backend when there are no tenant
+/// quotas (the daemon's reaper ends it at its E2B end long before).
+const NO_QUOTA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Labels every engine sandbox of the daemon carries.
 const LABEL_SERVE: &str = "nanoclaw.serve";
@@ -170,7 +174,16 @@ impl KeeperBackend {
             BackendError::Internal(format!("the {name} backend was not opened at start"))
         })?;
         spec.network = engine_network(req, name)?;
-        let lifetime = req.timeout + KEEPER_GRACE;
+        // The backend's own lifetime cannot be moved later: it is the
+        // longest the tenant may keep a sandbox, so that `set_timeout` and
+        // `connect` can extend it as for native ones (the reaper ends it at
+        // its E2B end; a sweep, after a killed daemon).
+        let longest = self
+            .quota
+            .max_lifetime(&req.tenant)
+            .await?
+            .unwrap_or(NO_QUOTA_LIFETIME);
+        let lifetime = req.timeout.max(longest) + KEEPER_GRACE;
         spec.limits.timeout = lifetime;
         let mut config = SandboxConfig::new(spec.clone());
         config.labels = vec![
@@ -260,6 +273,15 @@ impl KeeperBackend {
         e: &Arc<EngineEntry>,
         timeout: Duration,
     ) -> BackendResult<()> {
+        let started = e.record.lock().map(|r| r.started_at_ms).unwrap_or(0);
+        if let Some(t) = e.tenant() {
+            // The longest lifetime counts from the creation, as for native.
+            let age = Duration::from_millis(ms(SystemTime::now()).saturating_sub(started));
+            self.quota
+                .check_lifetime(&TenantId(t), age + timeout)
+                .await
+                .inspect_err(|err| self.count_refusal(err))?;
+        }
         let end = ms(SystemTime::now() + timeout);
         if end > e.lifetime_end_ms {
             return Err(refused(

@@ -123,6 +123,14 @@ impl Quota {
         }
     }
 
+    /// The tenant's longest lifetime (`None`: no tenants table, no limit).
+    pub(crate) async fn max_lifetime(&self, tenant: &TenantId) -> BackendResult<Option<Duration>> {
+        Ok(self
+            .limits(tenant)
+            .await?
+            .map(|l| Duration::from_secs(l.max_lifetime_s)))
+    }
+
     /// Refuses a lifetime over the tenant's longest.
     pub(crate) async fn check_lifetime(&self, tenant: &TenantId, d: Duration) -> BackendResult<()> {
         match self.limits(tenant).await? {
