@@ -8,10 +8,11 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::testnet::{TestNet, CRED_SERVER};
 use common::{modes, nc, repo, text, venv, Mode};
 
 /// The tests count keeper processes: one at a time.
@@ -36,6 +37,9 @@ struct Daemon {
     child: Option<Child>,
     keys: (String, String),
     extra: Vec<String>,
+    /// Started in a private mount namespace with this file over /etc/hosts
+    /// (the names of a test host), and these variables.
+    hosts: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl Daemon {
@@ -45,6 +49,13 @@ impl Daemon {
 
     /// A daemon started with extra `serve` options.
     fn with(mode: Mode, name: &str, extra: &[&str]) -> Daemon {
+        let mut dm = Daemon::prepared(mode, name, extra);
+        dm.start();
+        dm
+    }
+
+    /// A data folder with two tenants; not started.
+    fn prepared(mode: Mode, name: &str, extra: &[&str]) -> Daemon {
         let data =
             std::env::temp_dir().join(format!("nanoclaw-serve-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
@@ -62,14 +73,28 @@ impl Daemon {
             text(&o.stdout).trim().to_string()
         };
         let keys = (key("alice"), key("bob"));
-        let mut dm = Daemon {
+        Daemon {
             mode,
             data,
             port: free_port(),
             child: None,
             keys,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+            hosts: None,
+        }
+    }
+
+    /// A daemon whose host resolver (and so its sandboxes' proxies) reads
+    /// `hosts` as /etc/hosts — bind-mounted in a mount namespace of its own,
+    /// the host's file untouched — with `env` added to its environment.
+    fn with_hosts(mode: Mode, name: &str, hosts: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut dm = Daemon::prepared(mode, name, &[]);
+        dm.hosts = Some((
+            hosts.to_path_buf(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
         dm.start();
         dm
     }
@@ -83,7 +108,26 @@ impl Daemon {
         let listen = format!("tcp:127.0.0.1:{}", self.port);
         let mut args = vec!["serve", "--data", &d, "--listen", &listen];
         args.extend(self.extra.iter().map(String::as_str));
-        let child = nc(self.mode, &args)
+        let mut cmd = nc(self.mode, &args);
+        if let Some((hosts, env)) = &self.hosts {
+            let mut wrapped = Command::new("unshare");
+            wrapped
+                .args(["-m", "--propagation", "private", "--", "sh", "-c"])
+                .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                .arg(hosts)
+                .arg(cmd.get_program())
+                .args(cmd.get_args())
+                .env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("HOME", "/tmp")
+                .current_dir("/")
+                .stdin(Stdio::null());
+            for (k, v) in env {
+                wrapped.env(k, v);
+            }
+            cmd = wrapped;
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -856,4 +900,108 @@ fn audit_retention_prunes_old_records_and_the_chain_verifies() {
         .output()
         .expect("serve");
     assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+}
+
+/// Credentials at the boundary through the daemon, driven by the
+/// unmodified `e2b` SDK (tests/python/test_e2b_network_rules.py): a sandbox
+/// created with `network.rules` (and `allowOut`) as the SDK sends them gets
+/// the header added on its requests to a test host, the rules replaced by
+/// `update_network`, and never sees a secret; root and rootless.
+///
+/// The test host is in a network namespace this test makes. Its address
+/// is public-class (11.251.N.2, routed to the test's veth only, for the
+/// test's duration: nothing leaves the machine), because the daemon's API
+/// refuses rules that would open private addresses to its callers; the
+/// daemon finds api.test through an /etc/hosts of its own (a private mount
+/// namespace) and trusts the test CA through NANOCLAW_UPSTREAM_CA.
+#[test]
+fn network_rules_from_the_e2b_sdk_reach_the_host_and_never_the_sandbox() {
+    let t = "network_rules_from_the_e2b_sdk_reach_the_host_and_never_the_sandbox";
+    let _g = serial();
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
+    let Some(mut net) = TestNet::new(t, "ncsd") else {
+        return;
+    };
+    let (h1, h2, h1b, h2b) = (
+        "nc-sdk-3c9e1a",
+        "77d0b5f2e4",
+        "nc-sdk-rot-8a21",
+        "c5e9f03b1d",
+    );
+    let (s1, s2) = (format!("{h1}{h2}"), format!("{h1b}{h2b}"));
+    let n = net.n;
+    let ip = format!("11.251.{n}.2");
+    net.host_addr(&format!("11.251.{n}.1/30"));
+    net.ns_addr(&format!("{ip}/30"));
+    net.make_certs("nanoclaw-sdk-test-ca", "DNS:api.test,DNS:web.test");
+    net.serve(CRED_SERVER, &[("SECRET", &s1), ("SECRET2", &s2)]);
+    let hosts = net.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n::1 localhost\n{ip} api.test web.test\n"),
+    )
+    .expect("write hosts");
+    std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let ca = net.dir.join("ca.pem").display().to_string();
+    for m in modes(t) {
+        let before = keepers(m);
+        let d = Daemon::with_hosts(m, "rules", &hosts, &[("NANOCLAW_UPSTREAM_CA", &ca)]);
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/python/test_e2b_network_rules.py",
+            ])
+            .current_dir(repo())
+            .env("NANOCLAW_E2B_API_URL", d.url())
+            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
+            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
+            .env("NANOCLAW_REQUIRE_E2B", "1")
+            .env("NANOCLAW_RULES_SECRET", &s1)
+            .env("NANOCLAW_RULES_SECRET2", &s2)
+            .env("NANOCLAW_RULES_HALVES", format!("{h1}:{h2}:{h1b}:{h2b}"))
+            .output()
+            .expect("run pytest");
+        let out = text(&o.stdout);
+        assert!(
+            o.status.success(),
+            "[{}] the network rules suite failed:\n{out}\n{}",
+            m.name,
+            text(&o.stderr)
+        );
+        assert!(
+            out.contains("2 passed"),
+            "[{}] the suite did not run both tests: {out}",
+            m.name
+        );
+        eprintln!("[{}] {}", m.name, out.lines().last().unwrap_or(""));
+        // The test host got the secret (rotated too); the daemon's audit log
+        // never holds it.
+        let seen = std::fs::read_to_string(net.dir.join("seen.log")).unwrap_or_default();
+        assert!(
+            seen.contains(" auth-ok ") && seen.contains(" auth-ok2 "),
+            "[{}] {seen}",
+            m.name
+        );
+        let all = d.audit(&["ls", "--limit", "1000", "--json"]);
+        assert!(
+            !all.contains(&s1) && !all.contains(&s2),
+            "[{}] the audit log holds a secret",
+            m.name
+        );
+        let _ = std::fs::remove_file(net.dir.join("seen.log"));
+        drop(d);
+        // At most as many as before (other runs' keepers may end meanwhile).
+        let after = wait_keepers(m, before);
+        assert!(
+            after <= before,
+            "[{}] keepers left behind: {after} > {before}",
+            m.name
+        );
+    }
 }

@@ -19,11 +19,10 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::testnet::{sh, TestNet};
 use common::*;
 use serde_json::Value;
 
@@ -64,11 +63,13 @@ https_srv = V6(("::", 443), H)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(os.path.join(d, "srv.pem"), os.path.join(d, "srv.key"))
 https_srv.socket = ctx.wrap_socket(https_srv.socket, server_side=True)
-def raw(port, greet):
+def listener(port):
     l = socket.socket(socket.AF_INET6)
     l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.bind(("::", port)); l.listen(64)
+    return l
+def raw(l, greet):
     while True:
         c, _ = l.accept()
         hit("tcp", unmap(c.getsockname()))
@@ -81,29 +82,26 @@ def raw(port, greet):
                 pass
             c.close()
         threading.Thread(target=serve, daemon=True).start()
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.bind(("::", 5353))
 def udp():
-    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    u.bind(("::", 5353))
     while True:
         _, a = u.recvfrom(100)
         hit("udp", ("?", 5353))
+# Every socket is bound and listening before `ready`.
+raw_l, unlisted_l = listener(7000), listener(8080)
 for t in [lambda: http_srv.serve_forever(), lambda: https_srv.serve_forever(),
-          lambda: raw(7000, b"raw-hello "), lambda: raw(8080, b"unlisted "), udp]:
+          lambda: raw(raw_l, b"raw-hello "), lambda: raw(unlisted_l, b"unlisted "), udp]:
     threading.Thread(target=t, daemon=True).start()
 open(os.path.join(d, "ready"), "w").close()
 threading.Event().wait()
 "#;
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A test host in its own network namespace, reachable from the host's
-/// namespace over a veth pair. Removed (namespace, veth, files, server) on
-/// drop.
+/// A test host ([`TestNet`]) with the server above. Removed (namespace,
+/// veth, files, server) on drop.
 struct TestHost {
-    ns: String,
-    dir: PathBuf,
-    server: Child,
+    net: TestNet,
     /// The test host's allowed address (IPv4), and a second one nothing
     /// allows.
     v4: String,
@@ -115,93 +113,39 @@ struct TestHost {
     ca_pem: String,
 }
 
-fn sh(cmd: &str) {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .expect("spawn sh");
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-}
-
 impl TestHost {
     /// `None` (after a SKIP line) when not root.
     fn start(test: &str) -> Option<TestHost> {
-        if !is_root() {
-            eprintln!(
-                "SKIP {test}: needs root (to make the test host's network namespace and veth)"
-            );
-            return None;
-        }
-        let n = (std::process::id() * 7 + NEXT.fetch_add(1, Ordering::SeqCst)) % 250 + 1;
-        let ns = format!("nceg{n}");
-        let (hv, tv) = (format!("ncegh{n}"), format!("ncegt{n}"));
-        // Leftovers of an earlier, killed run with the same number.
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        let _ = Command::new("ip").args(["link", "del", &hv]).output();
-        let dir = std::env::temp_dir().join(format!("nanoclaw-egress-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("www")).expect("mkdir");
+        let mut net = TestNet::new(test, "nceg")?;
+        let n = net.n;
         let (v4, v4_other, host_v4) = (
             format!("10.251.{n}.2"),
             format!("10.251.{n}.3"),
             format!("10.251.{n}.1"),
         );
         let v6 = format!("fd42:251:{n:x}::2");
+        net.host_addr(&format!("{host_v4}/29"));
+        net.host_addr(&format!("fd42:251:{n:x}::1/64"));
+        net.ns_addr(&format!("{v4}/29"));
+        net.ns_addr(&format!("{v4_other}/29"));
+        net.ns_addr(&format!("{v6}/64"));
+        net.make_certs(
+            "nanoclaw-egress-test-ca",
+            &format!("DNS:web.test,IP:{v4},IP:{v4_other}"),
+        );
+        let d = net.dir.display();
         sh(&format!(
-            "set -e
-ip netns add {ns}
-ip link add {hv} type veth peer name {tv}
-ip link set {tv} netns {ns}
-ip addr add {host_v4}/29 dev {hv}
-ip -6 addr add fd42:251:{n:x}::1/64 dev {hv} nodad
-ip link set {hv} up
-ip netns exec {ns} ip link set lo up
-ip netns exec {ns} ip addr add {v4}/29 dev {tv}
-ip netns exec {ns} ip addr add {v4_other}/29 dev {tv}
-ip netns exec {ns} ip -6 addr add {v6}/64 dev {tv} nodad
-ip netns exec {ns} ip link set {tv} up"
-        ));
-        let d = dir.display();
-        sh(&format!(
-            "set -e; cd {d}
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=nanoclaw-egress-test-ca 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=web.test 2>/dev/null
-printf 'subjectAltName=DNS:web.test,IP:{v4},IP:{v4_other}\\n' > ext
-openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null
+            "set -e; cd {d}; mkdir -p www
 echo 'hello from testhost' > www/index.html
 git init -q --bare www/repo.git
 git init -q src && cd src && echo 'cloned over transparent egress' > README && git add README
 git -c user.name=t -c user.email=t@t commit -qm init && git push -q ../www/repo.git HEAD:refs/heads/main
 cd ../www/repo.git && git symbolic-ref HEAD refs/heads/main && git update-server-info"
         ));
-        fs::write(dir.join("server.py"), SERVER).expect("write server");
-        let server = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3"])
-            .arg(dir.join("server.py"))
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the test host's server");
-        let t0 = Instant::now();
-        while !dir.join("ready").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "test host server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        let ca_pem = fs::read_to_string(dir.join("ca.pem")).expect("ca");
+        net.serve(SERVER, &[]);
+        let ca_pem = net.ca_pem();
         Some(TestHost {
-            ns,
-            dir,
-            server,
+            net,
             v4,
             v4_other,
             host_v4,
@@ -242,20 +186,11 @@ cd ../www/repo.git && git symbolic-ref HEAD refs/heads/main && git update-server
     /// Lines `proto local_ip local_port` of every connection the test host
     /// got.
     fn hits(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("hits.log"))
+        fs::read_to_string(self.net.dir.join("hits.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
             .collect()
-    }
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -729,7 +664,7 @@ struct EchoService(Child);
 
 impl EchoService {
     fn start(host: &TestHost) -> EchoService {
-        let ready = host.dir.join("echo-ready");
+        let ready = host.net.dir.join("echo-ready");
         let script = format!(
             r#"
 import socket, threading
@@ -755,7 +690,7 @@ while True:
             ready.display()
         );
         let child = Command::new("ip")
-            .args(["netns", "exec", &host.ns, "python3", "-c", &script])
+            .args(["netns", "exec", &host.net.ns, "python3", "-c", &script])
             .stdout(Stdio::null())
             .spawn()
             .expect("start the echo service");

@@ -20,70 +20,11 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::testnet::{TestNet, CRED_SERVER};
 use common::*;
 use serde_json::Value;
-
-/// The test host's server: `SECRET` in its environment (the host side,
-/// never the sandbox's).
-const SERVER: &str = r#"
-import http.server, socket, socketserver, ssl, sys, threading, os
-d = sys.argv[1]
-secret = os.environ["SECRET"]
-lock = threading.Lock()
-class V4(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def answer(self):
-        if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                body += self.rfile.read(size)
-                self.rfile.readline()
-        else:
-            n = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(n) if n else b""
-        auth = self.headers.get_all("Authorization") or []
-        if auth == ["Bearer " + secret]:
-            verdict = "auth-ok"
-        elif not auth:
-            verdict = "auth-missing"
-        else:
-            verdict = "auth-wrong"
-        with lock, open(os.path.join(d, "seen.log"), "a") as f:
-            f.write("%s %s %s %s %d\n" % (self.client_address[1], self.path,
-                    self.headers.get("Host"), verdict, len(body)))
-        out = (verdict + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = answer
-    do_POST = answer
-http_srv = V4(("0.0.0.0", 80), H)
-https_srv = V4(("0.0.0.0", 443), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(os.path.join(d, "srv.pem"), os.path.join(d, "srv.key"))
-https_srv.socket = ctx.wrap_socket(https_srv.socket, server_side=True)
-for s in (http_srv, https_srv):
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-open(os.path.join(d, "ready"), "w").close()
-threading.Event().wait()
-"#;
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The secret: two halves, so that a script can search for the whole
 /// without ever holding it in its command line or environment.
@@ -94,96 +35,38 @@ fn secret() -> String {
     format!("{HALF1}{HALF2}")
 }
 
-/// The test host (namespace, veth, server, files; removed on drop).
-struct TestHost {
-    ns: String,
-    dir: PathBuf,
-    server: Child,
-    v4: String,
+/// A rotated secret (a live update's).
+fn secret2() -> String {
+    format!("{HALF1}-rotated-{HALF2}")
 }
 
-fn sh(cmd: &str) {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .expect("spawn sh");
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+/// The test host ([`TestNet`] with the credential server: HTTPS for
+/// api.test and web.test, HTTP).
+struct TestHost {
+    net: TestNet,
+    v4: String,
 }
 
 impl TestHost {
     fn start(test: &str) -> Option<TestHost> {
-        if !is_root() {
-            eprintln!(
-                "SKIP {test}: needs root (to make the test host's network namespace and veth)"
-            );
-            return None;
-        }
-        let n = (std::process::id() * 11 + NEXT.fetch_add(1, Ordering::SeqCst)) % 250 + 1;
-        let ns = format!("nccr{n}");
-        let (hv, tv) = (format!("nccrh{n}"), format!("nccrt{n}"));
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        let _ = Command::new("ip").args(["link", "del", &hv]).output();
-        let dir = std::env::temp_dir().join(format!("nanoclaw-cred-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("mkdir");
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-        let (v4, host_v4) = (format!("10.252.{n}.2"), format!("10.252.{n}.1"));
-        sh(&format!(
-            "set -e
-ip netns add {ns}
-ip link add {hv} type veth peer name {tv}
-ip link set {tv} netns {ns}
-ip addr add {host_v4}/30 dev {hv}
-ip link set {hv} up
-ip netns exec {ns} ip link set lo up
-ip netns exec {ns} ip addr add {v4}/30 dev {tv}
-ip netns exec {ns} ip link set {tv} up"
-        ));
-        sh(&format!(
-            "set -e; cd {}
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=nanoclaw-cred-test-ca 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=api.test 2>/dev/null
-printf 'subjectAltName=DNS:api.test,DNS:web.test\\n' > ext
-openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null
-chmod 644 ca.pem",
-            dir.display()
-        ));
-        fs::write(dir.join("server.py"), SERVER).expect("write server");
-        let server = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3"])
-            .arg(dir.join("server.py"))
-            .arg(&dir)
-            .env("SECRET", secret())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the test host's server");
-        let t0 = Instant::now();
-        while !dir.join("ready").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{test}: the test host's server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(TestHost {
-            ns,
-            dir,
-            server,
-            v4,
-        })
+        let mut net = TestNet::new(test, "nccr")?;
+        let n = net.n;
+        let v4 = format!("10.252.{n}.2");
+        net.host_addr(&format!("10.252.{n}.1/30"));
+        net.ns_addr(&format!("{v4}/30"));
+        net.make_certs("nanoclaw-cred-test-ca", "DNS:api.test,DNS:web.test");
+        net.serve(
+            CRED_SERVER,
+            &[("SECRET", &secret()), ("SECRET2", &secret2())],
+        );
+        Some(TestHost { net, v4 })
     }
 
     /// A config with a credential rule for api.test (from `$NC_TEST_SECRET`)
     /// and, with `trust_test_ca`, the test CA as the upstream CA.
     fn config(&self, tag: &str, trust_test_ca: bool) -> PathBuf {
         let upstream = if trust_test_ca {
-            format!("  upstream_ca: {}\n", self.dir.join("ca.pem").display())
+            format!("  upstream_ca: {}\n", self.net.dir.join("ca.pem").display())
         } else {
             String::new()
         };
@@ -202,7 +85,7 @@ network:
             Authorization: \"Bearer ${{NC_TEST_SECRET}}\"
 "
         );
-        let path = self.dir.join(format!("{tag}.yaml"));
+        let path = self.net.dir.join(format!("{tag}.yaml"));
         fs::write(&path, yaml).expect("write config");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
         path
@@ -226,7 +109,7 @@ network:
 
     /// `peer_port path host verdict body_len` per request the host got.
     fn seen(&self) -> Vec<Vec<String>> {
-        fs::read_to_string(self.dir.join("seen.log"))
+        fs::read_to_string(self.net.dir.join("seen.log"))
             .unwrap_or_default()
             .lines()
             .map(|l| l.split(' ').map(str::to_string).collect())
@@ -234,20 +117,11 @@ network:
     }
 
     fn clear_seen(&self) {
-        let _ = fs::remove_file(self.dir.join("seen.log"));
+        let _ = fs::remove_file(self.net.dir.join("seen.log"));
     }
 
     fn test_ca(&self) -> String {
-        fs::read_to_string(self.dir.join("ca.pem")).expect("ca")
-    }
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-        let _ = fs::remove_dir_all(&self.dir);
+        self.net.ca_pem()
     }
 }
 
@@ -528,5 +402,226 @@ fn an_untrusted_upstream_gets_no_request() {
             "[{m}] {v}"
         );
         assert!(!all.contains(&secret()), "[{m}]");
+    }
+}
+
+/// A sandbox created for a test, removed on drop.
+struct LiveSandbox {
+    mode: Mode,
+    id: String,
+}
+
+impl Drop for LiveSandbox {
+    fn drop(&mut self) {
+        let _ = run(self.mode, &["sandbox", "rm", "--force", &self.id]);
+    }
+}
+
+/// `nanoclaw ARGS` as `mode` with both secrets in nanoclaw's environment:
+/// (exit code, stdout, stderr).
+fn nc_secret(mode: Mode, args: &[String]) -> (i32, String, String) {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = nc(mode, &a)
+        .env("NC_TEST_SECRET", secret())
+        .env("NC_TEST_SECRET2", secret2())
+        .output()
+        .expect("spawn nanoclaw");
+    (code(&o), text(&o.stdout), text(&o.stderr))
+}
+
+/// The keep-alive client: one HTTPS connection to api.test (trusting the
+/// sandbox's CA through the default bundle), a first request, then — once
+/// /tmp/go exists — a second one on the same connection.
+const KEEPALIVE: &str = r#"cat > /tmp/ka.py <<'PY'
+import http.client, os, ssl, time
+log = open("/tmp/ka.log", "a", buffering=1)
+c = http.client.HTTPSConnection("api.test", 443, context=ssl.create_default_context(), timeout=30)
+c.request("GET", "/ka1"); log.write("r1:" + c.getresponse().read().decode().strip() + "\n")
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+try:
+    c.request("GET", "/ka2"); log.write("r2:" + c.getresponse().read().decode().strip() + "\n")
+except Exception as e:
+    log.write("r2:ERR %s\n" % e)
+PY
+env -u HTTPS_PROXY -u https_proxy python3 /tmp/ka.py </dev/null >/dev/null 2>&1 &
+echo started"#;
+
+/// A live update (`nanoclaw sandbox network ID --rule/--no-rules`)
+/// replaces the credential rules of a running sandbox: a rotated token
+/// reaches the host, a removed rule stops being applied — on a connection
+/// opened before the update too — and the host is then no longer
+/// intercepted; a rule for a domain the sandbox's CA was not made for, or
+/// rules for a sandbox created without any, are one clear error that
+/// changes nothing; no secret is ever visible inside or printed.
+#[test]
+fn live_updates_rotate_and_remove_credentials() {
+    let t = "live_updates_rotate_and_remove_credentials";
+    let Some(host) = TestHost::start(t) else {
+        return;
+    };
+    let cfg = host.config("live", true);
+    // The policy part of every update: the same hosts as at creation.
+    let v4 = &host.v4;
+    let policy: Vec<String> = [
+        "--allow-host",
+        "api.test",
+        "--allow-host",
+        "web.test",
+        "--allow-cidr",
+        &format!("{v4}/32"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for mode in modes(t) {
+        let m = mode.name;
+        host.clear_seen();
+        let mut a: Vec<String> = ["sandbox", "create", "--config"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(cfg.display().to_string());
+        a.extend(["--agent".into(), "cred".into()]);
+        a.extend(host.flags());
+        let (c, out, err) = nc_secret(mode, &a);
+        assert_eq!(c, 0, "[{m}] create: {err}");
+        let sb = LiveSandbox {
+            mode,
+            id: out.trim().to_string(),
+        };
+        let exec = |script: &str| -> String {
+            let s = format!(
+                "export HOME=/tmp; NOPROXY=\"env -u HTTP_PROXY -u HTTPS_PROXY -u ALL_PROXY -u http_proxy -u https_proxy -u all_proxy\"\n{script}"
+            );
+            let (_, out, _) = nc_secret(
+                mode,
+                &[
+                    "exec".into(),
+                    sb.id.clone(),
+                    "--".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    s,
+                ],
+            );
+            out
+        };
+        let verdict = || exec("echo \"v:$($NOPROXY curl -s -k --max-time 10 https://api.test/v)\"");
+        let update = |extra: &[&str]| -> (i32, String, String) {
+            let mut a = vec!["sandbox".to_string(), "network".into(), sb.id.clone()];
+            a.extend(policy.iter().cloned());
+            a.extend(extra.iter().map(|s| s.to_string()));
+            nc_secret(mode, &a)
+        };
+        let wait_log = |needle: &str| -> String {
+            let t0 = std::time::Instant::now();
+            loop {
+                let log = exec("cat /tmp/ka.log 2>/dev/null");
+                if log.contains(needle) || t0.elapsed() > std::time::Duration::from_secs(20) {
+                    return log;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        };
+        assert_eq!(field(&verdict(), "v"), "auth-ok", "[{m}]");
+
+        // Rotation: the new token from nanoclaw's environment.
+        let (c, out, err) = update(&["--rule", "api.test:Authorization=Bearer ${NC_TEST_SECRET2}"]);
+        assert_eq!(c, 0, "[{m}] {err}");
+        assert!(out.contains("rule: api.test: Authorization"), "[{m}] {out}");
+        assert!(
+            !out.contains(HALF1) && !err.contains(HALF1),
+            "[{m}] the update printed the secret"
+        );
+        assert_eq!(field(&verdict(), "v"), "auth-ok2", "[{m}]");
+
+        // Refused, changing nothing: a domain outside the CA's constraints.
+        let (c, _, err) = update(&["--rule", "web.test:Authorization=Bearer x"]);
+        assert_eq!(c, 125, "[{m}] {err}");
+        assert!(
+            err.contains("covers only api.test") && err.trim().lines().count() == 1,
+            "[{m}] {err}"
+        );
+        assert_eq!(field(&verdict(), "v"), "auth-ok2", "[{m}]");
+
+        // Removal, with a connection open from before it.
+        assert!(exec(KEEPALIVE).contains("started"), "[{m}]");
+        let log = wait_log("r1:");
+        assert_eq!(field(&log, "r1"), "auth-ok2", "[{m}] {log}");
+        let (c, out, err) = update(&["--no-rules"]);
+        assert_eq!(c, 0, "[{m}] {err}");
+        assert!(!out.contains("rule:"), "[{m}] {out}");
+        exec("touch /tmp/go");
+        let log = wait_log("r2:");
+        assert_eq!(
+            field(&log, "r2"),
+            "auth-missing",
+            "[{m}] a removed rule still applied on an open connection: {log}"
+        );
+        let seen = host.seen();
+        let port = |p: &str| seen.iter().find(|l| l[1] == p).map(|l| l[0].clone());
+        assert!(
+            port("/ka1").is_some() && port("/ka1") == port("/ka2"),
+            "[{m}] the two requests were not on one connection: {seen:?}"
+        );
+        // New connections are not intercepted any more: the test host's own
+        // certificate reaches the client.
+        let out = exec(
+            "echo \"issuer:$(echo | $NOPROXY openssl s_client -connect api.test:443 -servername api.test 2>/dev/null | openssl x509 -noout -issuer)\"",
+        );
+        assert!(
+            field(&out, "issuer").contains("nanoclaw-cred-test-ca"),
+            "[{m}] {out}"
+        );
+        assert_eq!(field(&verdict(), "v"), "auth-missing", "[{m}]");
+
+        // And back: the CA still covers api.test.
+        let (c, _, err) = update(&["--rule", "api.test:Authorization=Bearer ${NC_TEST_SECRET}"]);
+        assert_eq!(c, 0, "[{m}] {err}");
+        assert_eq!(field(&verdict(), "v"), "auth-ok", "[{m}]");
+
+        // Neither secret anywhere inside.
+        for (h1, h2) in [
+            (HALF1.to_string(), HALF2.to_string()),
+            (format!("{HALF1}-rotated-"), HALF2.to_string()),
+        ] {
+            let out = exec(&format!(
+                "H1={h1}; H2={h2}\nSEARCH_ROOTS=\"/etc /tmp /home /root /run /var\"\n{SEARCH}"
+            ));
+            let v = serde_json::json!({ "stdout": out });
+            assert_no_leak(m, &v, "");
+        }
+
+        // A sandbox made without rules has no CA to intercept with.
+        let mut a: Vec<String> = vec!["sandbox".into(), "create".into()];
+        a.extend(host.flags());
+        let (c, out, err) = nc_secret(mode, &a);
+        assert_eq!(c, 0, "[{m}] {err}");
+        let plain = LiveSandbox {
+            mode,
+            id: out.trim().to_string(),
+        };
+        let (c, _, err) = nc_secret(
+            mode,
+            &[
+                "sandbox".into(),
+                "network".into(),
+                plain.id.clone(),
+                "--rule".into(),
+                "api.test:X-Key=v".into(),
+            ],
+        );
+        assert_eq!(c, 125, "[{m}] {err}");
+        assert!(
+            err.contains("created without credential rules") && err.trim().lines().count() == 1,
+            "[{m}] {err}"
+        );
+        // The policy is unchanged.
+        let (_, shown, _) = nc_secret(
+            mode,
+            &["sandbox".into(), "network".into(), plain.id.clone()],
+        );
+        assert!(shown.contains("allow-host: web.test"), "[{m}] {shown}");
     }
 }

@@ -24,7 +24,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
@@ -50,12 +50,31 @@ pub enum InterceptError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// A live update's rules name a domain the sandbox's CA cannot vouch
+    /// for (its name constraints were fixed when the sandbox was made).
+    #[error("network.rules for {domains}: the sandbox's interception CA (trusted inside it, name-constrained when the sandbox was created) covers only {covered}; a live update can change or remove the rules of those domains, not add others; create a new sandbox with a rule for {domains}")]
+    NotCovered {
+        /// The domains outside the CA's constraints, comma-separated.
+        domains: String,
+        /// The domains the CA covers, comma-separated.
+        covered: String,
+    },
+    /// A live update brings rules to a sandbox created without any.
+    #[error("network.rules: this sandbox was created without credential rules, so it has no interception CA (its trust store was fixed at creation); create the sandbox with network.rules for {domains} (its rules can then be changed live)")]
+    NoCa {
+        /// The domains the update names, comma-separated.
+        domains: String,
+    },
 }
 
 /// What the proxy needs to apply credential rules: the rules, the
 /// sandbox's CA, and the trust store upstream hosts are verified against.
 pub struct Intercept {
-    rules: HeaderRules,
+    /// Replaced whole by a live update ([`Intercept::replace_rules`]);
+    /// every request reads the rules current when its head arrives.
+    rules: RwLock<Arc<HeaderRules>>,
+    /// The domains the CA's name constraints permit (with subdomains).
+    covered: Vec<String>,
     ca: Arc<SandboxCa>,
     upstream: Arc<ClientConfig>,
 }
@@ -63,7 +82,7 @@ pub struct Intercept {
 impl std::fmt::Debug for Intercept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Intercept")
-            .field("rules", &self.rules)
+            .field("rules", &self.rules())
             .finish_non_exhaustive()
     }
 }
@@ -95,16 +114,68 @@ impl Intercept {
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Intercept {
-            rules,
+            covered: rules.domains(),
+            rules: RwLock::new(Arc::new(rules)),
             ca,
             upstream: Arc::new(cfg),
         })
     }
 
+    /// The rules now.
+    pub fn rules(&self) -> Arc<HeaderRules> {
+        match self.rules.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Checks that the CA can vouch for every domain of `rules`: each must
+    /// be one the CA was made for, or below one.
+    pub fn check_covered(&self, rules: &HeaderRules) -> Result<(), InterceptError> {
+        let outside: Vec<String> = rules
+            .domains()
+            .into_iter()
+            .filter(|d| !covers(&self.covered, d))
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        Err(InterceptError::NotCovered {
+            domains: outside.join(", "),
+            covered: self.covered.join(", "),
+        })
+    }
+
+    /// Replaces the rules (a live update): connections opened from now on
+    /// are intercepted by the new rules, and every request on an
+    /// intercepted connection, open or new, gets the new rules' headers
+    /// (none, once its host's rule is removed). Refused, changing nothing,
+    /// when a domain is outside the CA's name constraints.
+    pub fn replace_rules(&self, rules: HeaderRules) -> Result<(), InterceptError> {
+        self.check_covered(&rules)?;
+        let mut w = match self.rules.write() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        *w = Arc::new(rules);
+        Ok(())
+    }
+
     /// Whether connections to `name` are intercepted.
     pub(crate) fn wants(&self, name: &str) -> bool {
-        self.rules.matches(name)
+        self.rules().matches(name)
     }
+}
+
+/// Whether a CA name-constrained to `covered` (each a DNS subtree) can
+/// vouch for `domain` (a rule's domain, without its `*.`).
+fn covers(covered: &[String], domain: &str) -> bool {
+    covered.iter().any(|c| {
+        domain == c
+            || domain
+                .strip_suffix(c.as_str())
+                .is_some_and(|head| head.ends_with('.'))
+    })
 }
 
 /// Byte counters of one recorded connection (transparent connections).
@@ -235,13 +306,12 @@ where
 {
     let (cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let headers = ic.rules.headers_for(name);
     let mut reader = HeadReader {
         r: cr,
         buf: initial,
     };
     let result = {
-        let up = requests(sh, &mut reader, &mut uw, name, port, &headers, counters);
+        let up = requests(sh, ic, &mut reader, &mut uw, name, port, counters);
         let down = relay(sh, &mut ur, &mut cw, counters.map(|c| c.1));
         tokio::pin!(up, down);
         tokio::select! {
@@ -466,11 +536,11 @@ async fn up<W: AsyncWrite + Unpin>(
 /// Sandbox → upstream: request after request, each checked and rewritten.
 async fn requests<R, W>(
     sh: &Shared,
+    ic: &Intercept,
     rd: &mut HeadReader<R>,
     w: &mut W,
     name: &str,
     port: u16,
-    rule_headers: &[(&str, &str)],
     counters: Counters<'_>,
 ) -> Result<(), End>
 where
@@ -486,7 +556,12 @@ where
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&rd.buf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        let c = check_request(&req, name, port, rule_headers).map_err(End::Deny)?;
+                        // The rules now: a live update applies from the
+                        // next request on, on open connections too.
+                        let rules = ic.rules();
+                        let rule_headers = rules.headers_for(name);
+                        let c =
+                            check_request(&req, name, port, &rule_headers).map_err(End::Deny)?;
                         rd.buf.drain(..len);
                         break c;
                     }
@@ -583,7 +658,8 @@ where
 /// Rewrites a plain-HTTP request head (the proxy's `http://` forward) with
 /// the rule's headers for `name`; `Err` when the head cannot be parsed.
 pub(crate) fn rewrite_forward_head(ic: &Intercept, name: &str, head: &[u8]) -> Option<Vec<u8>> {
-    let headers = ic.rules.headers_for(name);
+    let rules = ic.rules();
+    let headers = rules.headers_for(name);
     if headers.is_empty() {
         return None;
     }
@@ -710,6 +786,50 @@ pub(crate) fn record(sh: &Shared, name: &str, port: u16, proto: Protocol, end: E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rules(domains: &[&str]) -> HeaderRules {
+        HeaderRules::new(
+            domains
+                .iter()
+                .map(|d| crate::rules::HeaderRule {
+                    domain: d.to_string(),
+                    headers: vec![("Authorization".into(), format!("Bearer {d}"))],
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_live_update_stays_within_the_cas_constraints() {
+        let made = rules(&["api.test", "*.example.com"]);
+        let ca = Arc::new(SandboxCa::new("t", &made.domains()).unwrap());
+        let pem = ca.cert_pem().as_bytes().to_vec();
+        let ic = Intercept::new(made, ca, &[&pem]).unwrap();
+        // Same domains, subdomains of them, fewer, none: accepted.
+        for ok in [
+            rules(&["api.test"]),
+            rules(&["x.api.test", "a.example.com", "*.b.example.com"]),
+            rules(&[]),
+        ] {
+            ic.replace_rules(ok.clone()).unwrap();
+            assert_eq!(*ic.rules(), ok);
+        }
+        assert!(!ic.wants("api.test"));
+        // Another domain (or a parent, or a look-alike): refused, unchanged.
+        for bad in [
+            &["web.test"][..],
+            &["test"],
+            &["xapi.test"],
+            &["api.test", "evil.test"],
+        ] {
+            let e = ic.replace_rules(rules(bad)).unwrap_err();
+            assert!(e.to_string().contains("covers only"), "{e}");
+            assert!(ic.rules().is_empty(), "{bad:?}");
+        }
+        ic.replace_rules(rules(&["api.test"])).unwrap();
+        assert!(ic.wants("api.test") && !ic.wants("web.test"));
+    }
 
     fn check(raw: &[u8]) -> Result<Checked, DenyReason> {
         let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];

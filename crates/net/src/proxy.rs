@@ -12,10 +12,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::conn::{serve, Shared};
+use crate::intercept::InterceptError;
 use crate::live::PolicyUpdate;
 use crate::policy::NetworkPolicy;
 use crate::record::{ConnRecord, Denial, DnsRecord, Limits, Stats};
 use crate::resolve::{Connect, Resolve, SystemResolver, TcpConnector};
+use crate::rules::HeaderRules;
 
 /// Where the proxy listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,6 +428,30 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+impl Shared {
+    /// A live update: checks `rules` (if given) against the sandbox's CA
+    /// first, so that a refused update changes nothing; then replaces the
+    /// rules, then the policy. Empty rules on a proxy without a CA are no
+    /// change.
+    fn set_egress(
+        &self,
+        policy: NetworkPolicy,
+        rules: Option<HeaderRules>,
+    ) -> Result<PolicyUpdate, InterceptError> {
+        match (rules, &self.intercept) {
+            (None, _) => {}
+            (Some(r), None) if r.is_empty() => {}
+            (Some(r), None) => {
+                return Err(InterceptError::NoCa {
+                    domains: r.domains().join(", "),
+                })
+            }
+            (Some(r), Some(ic)) => ic.replace_rules(r)?,
+        }
+        Ok(self.live.replace(policy))
+    }
+}
+
 impl ProxyHandle {
     /// The policy now.
     pub fn policy(&self) -> NetworkPolicy {
@@ -436,6 +462,24 @@ impl ProxyHandle {
     /// once, and open connections that no rule of it admits are closed.
     pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
         self.shared.live.replace(policy)
+    }
+
+    /// Replaces the policy and, when `rules` is given, the credential
+    /// rules (see [`Shared::set_egress`]).
+    pub fn set_egress(
+        &self,
+        policy: NetworkPolicy,
+        rules: Option<HeaderRules>,
+    ) -> Result<PolicyUpdate, InterceptError> {
+        self.shared.set_egress(policy, rules)
+    }
+
+    /// The credential rules now (`None`: the proxy intercepts nothing).
+    pub fn rules(&self) -> Option<HeaderRules> {
+        self.shared
+            .intercept
+            .as_ref()
+            .map(|i| HeaderRules::clone(&i.rules()))
     }
 
     /// Every refusal so far, oldest first.
@@ -508,6 +552,24 @@ impl BlockingProxy {
     /// (see [`ProxyHandle::set_policy`]).
     pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
         self.shared.live.replace(policy)
+    }
+
+    /// Replaces the policy and, when `rules` is given, the credential
+    /// rules (see [`ProxyHandle::set_egress`]).
+    pub fn set_egress(
+        &self,
+        policy: NetworkPolicy,
+        rules: Option<HeaderRules>,
+    ) -> Result<PolicyUpdate, InterceptError> {
+        self.shared.set_egress(policy, rules)
+    }
+
+    /// The credential rules now (`None`: the proxy intercepts nothing).
+    pub fn rules(&self) -> Option<HeaderRules> {
+        self.shared
+            .intercept
+            .as_ref()
+            .map(|i| HeaderRules::clone(&i.rules()))
     }
 
     /// Every refusal so far, oldest first.

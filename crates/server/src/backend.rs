@@ -150,6 +150,10 @@ pub struct NetworkUpdate {
     pub allow_out: Vec<String>,
     /// `denyOut`: CIDRs or IPs.
     pub deny_out: Vec<String>,
+    /// `rules`: the credential rules that replace the sandbox's (empty:
+    /// none any more). Only domains the sandbox was created with rules
+    /// for can have rules (its interception CA is fixed at creation).
+    pub rules: nanoclaw_sandbox::net::HeaderRules,
 }
 
 /// What E2B's API says about a sandbox.

@@ -3,11 +3,14 @@
 //! `PUT /sandboxes/{id}/network`: the new rules replace the old ones
 //! whole). Its keeper hands the policy to the sandbox's proxy, which
 //! applies it at once to new connections and DNS answers and closes the
-//! open connections that no new rule admits.
+//! open connections that no new rule admits. Credential rules
+//! (`--rule`) can be replaced too, for the domains the sandbox was created
+//! with rules for (a rotated token, a removed credential).
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use nanoclaw_net::{NetworkMode, NetworkPolicy};
+use nanoclaw_net::{HeaderRule, HeaderRules, NetworkMode, NetworkPolicy};
+use nanoclaw_policy::secret::interpolate;
 use nanoclaw_sandbox::keeper::NetworkState;
 
 use super::remote;
@@ -42,6 +45,17 @@ pub struct NetworkArgs {
     /// addresses).
     #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
     allow_cidr: Vec<String>,
+    /// Set a header on every request to DOMAIN (`DOMAIN:NAME=VALUE`,
+    /// repeatable; `${VAR}` in VALUE is taken from nanoclaw's environment,
+    /// so quote it for the shell). The given rules replace the sandbox's
+    /// credential rules; without --rule or --no-rules they are kept. Only
+    /// domains the sandbox was created with rules for can have rules.
+    #[arg(long = "rule", value_name = "DOMAIN:NAME=VALUE")]
+    rule: Vec<String>,
+    /// Remove every credential rule (requests go out as the sandbox sends
+    /// them).
+    #[arg(long = "no-rules", conflicts_with = "rule")]
+    no_rules: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -67,6 +81,38 @@ fn requested(a: &NetworkArgs) -> Result<Option<NetworkPolicy>> {
     Ok(Some(policy))
 }
 
+/// The credential rules the options ask for: `None` to keep the
+/// sandbox's.
+fn requested_rules(a: &NetworkArgs) -> Result<Option<HeaderRules>> {
+    if a.no_rules {
+        return Ok(Some(HeaderRules::default()));
+    }
+    if a.rule.is_empty() {
+        return Ok(None);
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let mut rules: Vec<HeaderRule> = Vec::new();
+    for r in &a.rule {
+        let Some((domain, header)) = r.split_once(':') else {
+            bail!("--rule {r:?}: write DOMAIN:NAME=VALUE, e.g. --rule 'api.github.com:Authorization=Bearer ${{GITHUB_TOKEN}}'");
+        };
+        let Some((name, value)) = header.split_once('=') else {
+            bail!("--rule for {domain}: write DOMAIN:NAME=VALUE (no `=` after the header name)");
+        };
+        let value = interpolate(value, &env)
+            .map_err(|e| anyhow::anyhow!("--rule for {domain}, header {name}: {e}"))?;
+        let pair = (name.trim().to_string(), value);
+        match rules.iter_mut().find(|x| x.domain == domain) {
+            Some(x) => x.headers.push(pair),
+            None => rules.push(HeaderRule {
+                domain: domain.to_string(),
+                headers: vec![pair],
+            }),
+        }
+    }
+    Ok(Some(HeaderRules::new(rules)?))
+}
+
 /// The policy as lines of text.
 fn describe(st: &NetworkState) -> String {
     let mut out = format!("mode: {}\n", st.mode);
@@ -79,6 +125,9 @@ fn describe(st: &NetworkState) -> String {
             for c in &p.cidrs {
                 out.push_str(&format!("allow-cidr: {c}\n"));
             }
+            for r in &st.rules {
+                out.push_str(&format!("rule: {r}\n"));
+            }
         }
     }
     out
@@ -87,8 +136,9 @@ fn describe(st: &NetworkState) -> String {
 /// `nanoclaw sandbox network`.
 pub fn network(a: NetworkArgs) -> Result<u8> {
     let policy = requested(&a)?;
+    let rules = requested_rules(&a)?;
     let (r, _) = remote(&a.target)?;
-    let st = r.network(policy)?;
+    let st = r.network(policy, rules)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(0);

@@ -175,3 +175,4 @@ pub fn venv(what: &str) -> Option<PathBuf> {
     );
     None
 }
+pub mod testnet;

@@ -293,13 +293,15 @@ impl Remote {
         self.exec_echo(spec, None)
     }
 
-    /// The sandbox's egress policy, after replacing it with `policy` if
-    /// given (see [`crate::native::session::set_network`]).
+    /// The sandbox's egress policy, after replacing it with `policy` (and
+    /// its credential rules with `rules`) if given (see
+    /// [`crate::native::session::set_network`]).
     pub fn network(
         &self,
         policy: Option<nanoclaw_net::NetworkPolicy>,
+        rules: Option<nanoclaw_net::HeaderRules>,
     ) -> Result<super::NetworkState, KeeperError> {
-        match self.ask(&Request::Network { policy })? {
+        match self.ask(&Request::Network { policy, rules })? {
             Reply::Network(n) => Ok(*n),
             Reply::Error(e) => Err(KeeperError::Invalid(e)),
             other => Err(KeeperError::Protocol(format!(

@@ -126,6 +126,9 @@ pub enum Request {
         /// The new policy, or `None` to only read the current one.
         #[serde(default)]
         policy: Option<nanoclaw_net::NetworkPolicy>,
+        /// New credential rules (with a policy), or `None` to keep them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rules: Option<nanoclaw_net::HeaderRules>,
     },
     /// Send `signal` to every process of the sandbox but its init (the
     /// first step of `sandbox stop`); the reply is `Live`, whose
@@ -191,6 +194,9 @@ pub struct NetworkState {
     pub mode: String,
     /// The policy its proxy applies (`None`: no proxy, nothing to update).
     pub policy: Option<nanoclaw_net::NetworkPolicy>,
+    /// Its credential rules, as `domain: Header, ...` (never the values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
     /// The update just made, if any: the open connections it closed and
     /// how many it kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]

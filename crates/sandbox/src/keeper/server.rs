@@ -407,10 +407,20 @@ impl Keeper {
     }
 
     /// Shows or replaces the sandbox's egress policy.
-    fn network(&mut self, policy: Option<nanoclaw_net::NetworkPolicy>) -> Reply {
+    fn network(
+        &mut self,
+        policy: Option<nanoclaw_net::NetworkPolicy>,
+        rules: Option<nanoclaw_net::HeaderRules>,
+    ) -> Reply {
+        // Rules alone: the policy stays as it is.
+        let policy = match (policy, &rules) {
+            (None, Some(_)) => session::network_policy(&self.sandbox)
+                .or_else(|| Some(nanoclaw_net::NetworkPolicy::default())),
+            (p, _) => p,
+        };
         let update = match policy {
             None => None,
-            Some(p) => match session::set_network(&mut self.sandbox, p) {
+            Some(p) => match session::set_network(&mut self.sandbox, p, rules) {
                 Ok(u) => Some(u),
                 Err(e) => return Reply::Error(e.to_string()),
             },
@@ -418,6 +428,7 @@ impl Keeper {
         Reply::Network(Box::new(super::NetworkState {
             mode: session::network_mode(&self.sandbox).to_string(),
             policy: session::network_policy(&self.sandbox),
+            rules: session::network_rules(&self.sandbox),
             update,
         }))
     }
@@ -450,8 +461,8 @@ impl Keeper {
                 let live = self.live();
                 self.reply(t, &Reply::Live(Box::new(live)));
             }
-            Request::Network { policy } => {
-                let r = self.network(policy);
+            Request::Network { policy, rules } => {
+                let r = self.network(policy, rules);
                 self.reply(t, &r);
             }
             Request::Pause | Request::Resume => {

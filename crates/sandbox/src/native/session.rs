@@ -214,14 +214,35 @@ pub fn network_policy(sb: &Sandbox) -> Option<nanoclaw_net::NetworkPolicy> {
     sb.proxy.as_ref().map(|p| p.policy())
 }
 
+/// The credential rules `sb`'s proxy applies now, as `domain: Header,
+/// ...` (names only: the values are secrets).
+pub fn network_rules(sb: &Sandbox) -> Vec<String> {
+    let Some(rules) = sb.proxy.as_ref().and_then(|p| p.rules()) else {
+        return Vec::new();
+    };
+    rules
+        .rules()
+        .map(|r| {
+            let names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
+            format!("{}: {}", r.domain, names.join(", "))
+        })
+        .collect()
+}
+
 /// Replaces the egress policy of a running sandbox: new connections and
 /// its DNS answers follow `policy` at once, and open connections that no
 /// rule of `policy` admits are closed. Only a sandbox created with a proxy
 /// (network `allowlist` or `open`) has one to update; to `none` it goes by
 /// `policy.mode` (everything refused, the proxy kept for a later update).
+///
+/// `rules`, when given, replace the credential rules too (`None` keeps
+/// them). Rules can be changed or removed only for domains the sandbox's
+/// interception CA was made for (its trust store was fixed at creation);
+/// a refused update changes nothing.
 pub fn set_network(
     sb: &mut Sandbox,
     policy: nanoclaw_net::NetworkPolicy,
+    rules: Option<nanoclaw_net::HeaderRules>,
 ) -> Result<nanoclaw_net::PolicyUpdate, Error> {
     let Some(proxy) = sb.proxy.as_ref() else {
         let why = match sb.net_mode {
@@ -234,7 +255,13 @@ pub fn set_network(
             fix: "create the sandbox with --network allowlist (or open): its policy can then be replaced live, including with --network none".into(),
         });
     };
-    let update = proxy.set_policy(policy.clone());
+    let update = proxy
+        .set_egress(policy.clone(), rules)
+        .map_err(|e| Error::Unsupported {
+            what: format!("changing the network rules of sandbox {}", sb.id),
+            why: e.to_string(),
+            fix: "leave the rules out to keep them, or give rules only for the domains the sandbox was created with".into(),
+        })?;
     sb.net_mode = match policy.mode {
         nanoclaw_net::NetworkMode::None => "none",
         nanoclaw_net::NetworkMode::Allowlist => "allowlist",

@@ -185,7 +185,8 @@ pub struct NetworkUpdateBody {
     pub allow_internet_access: Option<bool>,
     /// SOCKS5 egress proxy (not supported).
     pub egress_proxy: Option<Value>,
-    /// Per-domain transform rules (not supported here).
+    /// Per-domain transform rules (`SandboxNetworkRule`), replacing the
+    /// sandbox's (left out: cleared, as in E2B).
     pub rules: Option<Value>,
     /// DNS servers to allow (not supported: the sandbox's DNS is
     /// nanoclaw's own resolver).
@@ -203,9 +204,6 @@ impl NetworkUpdateBody {
         if self.egress_proxy.as_ref().is_some_and(|v| !v.is_null()) {
             return refuse("egressProxy", "");
         }
-        if self.rules.as_ref().is_some_and(|v| !is_empty_value(v)) {
-            return refuse("rules", " in a network update");
-        }
         if self.dns_servers.as_ref().is_some_and(|v| !v.is_empty()) {
             return refuse(
                 "dnsServers",
@@ -213,6 +211,7 @@ impl NetworkUpdateBody {
             );
         }
         Ok(crate::backend::NetworkUpdate {
+            rules: network_rules(self.rules.as_ref())?,
             allow_internet_access: self.allow_internet_access,
             allow_out: self.allow_out.unwrap_or_default(),
             deny_out: self.deny_out.unwrap_or_default(),

@@ -292,7 +292,7 @@ fn components() -> Value {
                         "description": "0.0.0.0/0 (with no allowOut: deny everything)."},
                     "allow_internet_access": {"type": "boolean"},
                     "egressProxy": {"type": "null", "description": "Not supported."},
-                    "rules": {"type": "object", "description": "Not supported (must be empty)."}}},
+                    "rules": {"type": "object", "description": "Credential rules ({domain: [{transform: {headers}}]}) replacing the sandbox's; only for domains it was created with rules for (its interception CA is fixed at creation), else 409. Left out: cleared."}}},
             "Health": {"type": "object", "required": ["status"], "properties": {
                 "status": {"const": "ok"}}},
             "Sandbox": {"type": "object", "description": "E2B's Sandbox / ListedSandbox.",

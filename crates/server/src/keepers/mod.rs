@@ -246,6 +246,7 @@ fn network_of(req: &CreateSandbox) -> BackendResult<Network> {
         allow_internet_access: req.allow_internet_access,
         allow_out: req.allow_out.clone(),
         deny_out: req.deny_out.clone(),
+        rules: Default::default(),
     })
 }
 
@@ -1243,6 +1244,7 @@ impl Backend for KeeperBackend {
         let policy = live_policy(&network_from(&update)?)?;
         let req = Request::Network {
             policy: Some(policy),
+            rules: Some(update.rules.clone()),
         };
         let state = match ipc::ask(&e.remote, &req, ipc::ANSWER)
             .await
@@ -1268,6 +1270,7 @@ impl Backend for KeeperBackend {
             "allowOut": update.allow_out,
             "denyOut": update.deny_out,
             "allow_internet_access": update.allow_internet_access,
+            "rules": state.rules,
             "closed": closed,
         });
         self.audit(
