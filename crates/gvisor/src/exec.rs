@@ -618,6 +618,14 @@ fn start_failure(
             id: shared.id.clone(),
             what: format!("the sandbox has ended ({})", shared.death_reason_text()),
         });
+    } else if sandbox_ended(shared) {
+        // The sandbox died just before (a limit of the whole sandbox fired
+        // under an earlier command): runsc, tearing its state down, says
+        // whatever it hit first ("file does not exist", …).
+        return Err(Error::NotFound {
+            id: shared.id.clone(),
+            what: format!("the sandbox has ended ({})", shared.death_reason_text()),
+        });
     } else if why.contains("initial working directory") {
         return Err(Error::InvalidSpec(format!(
             "sandbox {}: the working directory does not exist in the sandbox: {why}",
@@ -662,4 +670,15 @@ impl Drop for RunscExecution {
             self.shared.running.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+/// Whether runsc no longer runs the sandbox (no state, or stopped), or
+/// its memory limit fired (gVisor then ends the whole sandbox; runsc may
+/// still be tearing it down).
+fn sandbox_ended(shared: &Shared) -> bool {
+    cgroup::oom_kills(&shared.id) > 0
+        || !matches!(
+            shared.runsc.state(&shared.id),
+            Some(s) if matches!(s.status.as_str(), "running" | "paused" | "created")
+        )
 }
