@@ -21,7 +21,7 @@ use serde::Serialize;
 
 /// Every backend name `--backend` and `sandbox.backend` accept, the
 /// default first.
-pub const NAMES: [&str; 4] = nanoclaw_policy::model::BACKENDS;
+pub const NAMES: [&str; 5] = nanoclaw_policy::model::BACKENDS;
 
 /// The default backend.
 pub const NATIVE: &str = "native";
@@ -44,6 +44,9 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
             let opts = nanoclaw_microvm::MicroVmOptions::new(exe)?;
             Ok(Box::new(nanoclaw_microvm::MicroVm::new(opts)?))
         }
+        "kubernetes" => Ok(Box::new(nanoclaw_kubernetes::Kubernetes::connect(
+            kube_options(),
+        )?)),
         other => bail!(
             "--backend {other}: no such backend; use one of {}",
             NAMES.join(", ")
@@ -55,7 +58,26 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
 /// backend's own store (passed on as `Root::Image`) rather than in
 /// nanoclaw's (resolved to layers here).
 pub fn store_images(name: &str) -> bool {
-    matches!(name, "docker")
+    matches!(name, "docker" | "kubernetes")
+}
+
+/// Where `--backend kubernetes` makes its sandboxes: the config's
+/// `kubernetes:` section when a command loaded one ([`set_kube_options`]),
+/// else `KUBECONFIG` and the `NANOCLAW_K8S_*` variables
+/// ([`nanoclaw_kubernetes::KubeOptions::from_env`]).
+pub fn kube_options() -> nanoclaw_kubernetes::KubeOptions {
+    KUBE_OPTIONS
+        .get()
+        .cloned()
+        .unwrap_or_else(nanoclaw_kubernetes::KubeOptions::from_env)
+}
+
+static KUBE_OPTIONS: std::sync::OnceLock<nanoclaw_kubernetes::KubeOptions> =
+    std::sync::OnceLock::new();
+
+/// Sets [`kube_options`] for this process (the first call wins).
+pub fn set_kube_options(opts: nanoclaw_kubernetes::KubeOptions) {
+    let _ = KUBE_OPTIONS.set(opts);
 }
 
 /// The backend `--backend` (or, failing it, the config) chose: `flag`
@@ -143,6 +165,16 @@ fn probe(name: &'static str) -> Availability {
                 available,
                 detail,
                 install,
+            }
+        }
+        "kubernetes" => {
+            let p = nanoclaw_kubernetes::probe(&kube_options());
+            Availability {
+                name,
+                built: true,
+                available: p.available,
+                detail: p.detail,
+                install: p.install,
             }
         }
         _ => Availability {

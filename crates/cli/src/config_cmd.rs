@@ -317,6 +317,17 @@ pub fn find_and_load(flag: Option<&Path>) -> Result<Option<(PathBuf, Discovered,
         return Ok(None);
     };
     let loaded = nanoclaw_policy::load(&path, via)?;
+    let k = &loaded.config.kubernetes;
+    if *k != nanoclaw_policy::model::KubernetesSection::default() {
+        let env = nanoclaw_kubernetes::KubeOptions::from_env();
+        crate::backends::set_kube_options(nanoclaw_kubernetes::KubeOptions {
+            kubeconfig: k.kubeconfig.clone(),
+            context: k.context.clone(),
+            namespace: k.namespace.clone().or(env.namespace),
+            runtime_class_name: k.runtime_class_name.clone().or(env.runtime_class_name),
+            image_pull_policy: k.image_pull_policy.clone().or(env.image_pull_policy),
+        });
+    }
     Ok(Some((path, via, loaded)))
 }
 

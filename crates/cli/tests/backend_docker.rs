@@ -244,7 +244,7 @@ fn fields_docker_cannot_honour_are_refused_by_name() {
     assert_eq!(o.status.code(), Some(125));
     assert!(
         text(&o.stderr).contains(
-            "--backend qemu: no such backend; use one of native, docker, gvisor, microvm"
+            "--backend qemu: no such backend; use one of native, docker, gvisor, microvm, kubernetes"
         ),
         "{}",
         text(&o.stderr)

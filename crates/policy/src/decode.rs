@@ -731,6 +731,55 @@ impl<'a> Decoder<'a> {
         n
     }
 
+    /// Top-level `kubernetes`: `kubeconfig` (an absolute path),
+    /// `context`, `namespace`, `runtimeClassName`, `imagePullPolicy`.
+    fn kubernetes_section(&mut self, node: &Node, path: &str) -> KubernetesSection {
+        let mut k = KubernetesSection::default();
+        let names = [
+            "kubeconfig",
+            "context",
+            "namespace",
+            "runtimeClassName",
+            "imagePullPolicy",
+        ];
+        let Some(f) = self.fields(node, path, &names, &[]) else {
+            return k;
+        };
+        if let Some((v, p)) = f.get("kubeconfig") {
+            if let Some(t) = self.nonempty(v, &p, "a kubeconfig file path") {
+                let path = PathBuf::from(&t);
+                if path.is_absolute() {
+                    k.kubeconfig = Some(path);
+                } else {
+                    self.err(&p, v.pos, "kubeconfig must be an absolute path");
+                }
+            }
+        }
+        if let Some((v, p)) = f.get("context") {
+            k.context = self.nonempty(v, &p, "a kubeconfig context name");
+        }
+        if let Some((v, p)) = f.get("namespace") {
+            k.namespace = self.nonempty(v, &p, "a namespace name");
+        }
+        if let Some((v, p)) = f.get("runtimeClassName") {
+            k.runtime_class_name = self.nonempty(v, &p, "a RuntimeClass name");
+        }
+        if let Some((v, p)) = f.get("imagePullPolicy") {
+            if let Some(t) = self.nonempty(v, &p, "Always, IfNotPresent or Never") {
+                if ["Always", "IfNotPresent", "Never"].contains(&t.as_str()) {
+                    k.image_pull_policy = Some(t);
+                } else {
+                    self.err(
+                        &p,
+                        v.pos,
+                        "imagePullPolicy must be Always, IfNotPresent or Never",
+                    );
+                }
+            }
+        }
+        k
+    }
+
     /// Decodes a whole document.
     pub fn config(&mut self, root: &Node) -> Config {
         let mut c = Config::default();
@@ -746,11 +795,15 @@ impl<'a> Decoder<'a> {
                 "session",
                 "teams",
                 "network",
+                "kubernetes",
             ],
             &[],
         ) else {
             return c;
         };
+        if let Some((v, p)) = f.get("kubernetes") {
+            c.kubernetes = self.kubernetes_section(v, &p);
+        }
         if let Some((v, p)) = f.get("network") {
             c.network = self.network_section(v, &p);
         }

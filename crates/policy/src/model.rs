@@ -155,7 +155,7 @@ pub struct Prune {
 
 /// The backends `sandbox.backend` names (whether this build has each is
 /// the CLI's business: `nanoclaw doctor`).
-pub const BACKENDS: [&str; 4] = ["native", "docker", "gvisor", "microvm"];
+pub const BACKENDS: [&str; 5] = ["native", "docker", "gvisor", "microvm", "kubernetes"];
 
 /// `sandbox` of `agents.defaults` or of one agent. `None` = not set here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -179,7 +179,7 @@ pub struct SandboxSection {
     /// `image`.
     pub image: Option<String>,
     /// `backend`: what runs the sandbox (`native`, `docker`, `gvisor`,
-    /// `microvm`; [`BACKENDS`]).
+    /// `microvm`, `kubernetes`; [`BACKENDS`]).
     pub backend: Option<String>,
     /// `prune`.
     pub prune: Option<Prune>,
@@ -501,6 +501,26 @@ pub struct Config {
     pub teams: BTreeMap<String, Team>,
     /// Top-level `network`: credential rules applied at the egress proxy.
     pub network: NetworkSection,
+    /// Top-level `kubernetes`: where `sandbox.backend: kubernetes` makes
+    /// its Pods.
+    pub kubernetes: KubernetesSection,
+}
+
+/// Top-level `kubernetes`: the cluster, namespace and RuntimeClass of the
+/// kubernetes backend's sandbox Pods. Unset fields fall back to
+/// `KUBECONFIG` and the kubeconfig's own context and namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KubernetesSection {
+    /// `kubeconfig`: an absolute path.
+    pub kubeconfig: Option<PathBuf>,
+    /// `context`: the kubeconfig context.
+    pub context: Option<String>,
+    /// `namespace`.
+    pub namespace: Option<String>,
+    /// `runtimeClassName` of every sandbox Pod (e.g. `gvisor`, `kata`).
+    pub runtime_class_name: Option<String>,
+    /// `imagePullPolicy`: `Always`, `IfNotPresent` or `Never`.
+    pub image_pull_policy: Option<String>,
 }
 
 /// Top-level `network`: credentials added at the network boundary, so

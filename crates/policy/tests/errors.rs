@@ -56,7 +56,7 @@ fn unknown_key_with_suggestion() {
         "bogus",
         1,
         1,
-        "unknown key `bogus`; known keys here: security, execution, llm, agents, tools, session, teams, network",
+        "unknown key `bogus`; known keys here: security, execution, llm, agents, tools, session, teams, network, kubernetes",
     );
     // a typo of `defaults` under agents is not silently an agent id
     check("agents:\n  defualts:\n    sandbox: {mode: all}\n", "agents.defualts", 2, 3, "unknown key `defualts`; did you mean `defaults`? (an agent with this id would have to go in agents.list)");
