@@ -186,7 +186,9 @@ fn run_and_sandbox_commands_reach_the_kubernetes_backend() {
         .unwrap_or_else(|| panic!("doctor has no backend:kubernetes row: {doc}"));
     assert_eq!(row["ok"], true, "{row}");
     assert!(
-        row["detail"].as_str().is_some_and(|d| d.contains("Kubernetes v1.20")),
+        row["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Kubernetes v1.20")),
         "{row}"
     );
 }

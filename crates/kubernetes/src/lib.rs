@@ -9,7 +9,8 @@
 //! from the limits, `activeDeadlineSeconds` from the lifetime, and a
 //! NetworkPolicy of its own, owned by the Pod, that denies ingress and
 //! denies egress unless the configuration allows some. Both are written
-//! with server-side apply; the backend waits for them through watches.
+//! with server-side apply; the backend waits for them by reading them back
+//! (a watch received no events from the 1.20 test cluster; see [`wait_for`]).
 //!
 //! Every command is a `pods/exec` over WebSocket ([`exec`]); files go
 //! through the same exec as byte and tar streams (the engine's default
@@ -38,7 +39,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
 use nanoclaw_sandbox::backend::{
     Backend, Capabilities, Execution, LiveSandbox, SandboxConfig, SandboxInfo, SandboxStats,
     LABEL_DETACHED,
@@ -365,14 +365,11 @@ impl Kubernetes {
             Err(e) => return Err(api_error(&format!("deleting pod {name}"), e)),
         };
         let Some(uid) = uid else { return Ok(()) };
-        let waited = tokio::time::timeout(
-            DELETE_TIMEOUT,
-            await_condition(pods.clone(), &name, conditions::is_deleted(&uid)),
-        )
-        .await;
+        let gone = |p: Option<&Pod>| p.is_none_or(|p| p.metadata.uid.as_deref() != Some(&uid));
+        let waited = tokio::time::timeout(DELETE_TIMEOUT, wait_for(&pods, &name, gone)).await;
         match waited {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(backend_error(format!("watching pod {name}: {e}"))),
+            Ok(Err(e)) => Err(backend_error(format!("reading pod {name}: {e}"))),
             Err(_) => Err(backend_error(format!(
                 "pod {name} was still there {} s after its deletion",
                 DELETE_TIMEOUT.as_secs()
@@ -410,7 +407,7 @@ impl Kubernetes {
     fn wait_running(&self, name: &str) -> Result<Pod, Error> {
         let settled = |p: Option<&Pod>| p.is_none_or(|p| running(p) || hopeless(p).is_some());
         let got = self.block(async {
-            tokio::time::timeout(START_TIMEOUT, await_condition(self.pods(), name, settled)).await
+            tokio::time::timeout(START_TIMEOUT, wait_for(&self.pods(), name, settled)).await
         });
         let pod = match got {
             Ok(Ok(Some(p))) => p,
@@ -420,10 +417,12 @@ impl Kubernetes {
                 )))
             }
             Ok(Err(e)) => return Err(backend_error(format!("watching pod {name}: {e}"))),
-            Err(_) => return Err(backend_error(format!(
+            Err(_) => {
+                return Err(backend_error(format!(
                 "pod {name} did not run within {} s (is a node Ready, and can it get the image?)",
                 START_TIMEOUT.as_secs()
-            ))),
+            )))
+            }
         };
         if running(&pod) {
             return Ok(pod);
@@ -455,6 +454,24 @@ impl Kubernetes {
             },
             deadline,
         })
+    }
+}
+
+/// Waits until Pod `name` satisfies `cond` (`None`: it does not exist),
+/// reading it every 250 ms. kube-runtime's `await_condition` (a watch)
+/// received no events from the 1.20 test cluster through its forwarder, so
+/// this reads the object instead.
+async fn wait_for(
+    pods: &Api<Pod>,
+    name: &str,
+    cond: impl Fn(Option<&Pod>) -> bool,
+) -> Result<Option<Pod>, kube::Error> {
+    loop {
+        let p = pods.get_opt(name).await?;
+        if cond(p.as_ref()) {
+            return Ok(p);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
