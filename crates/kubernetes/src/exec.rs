@@ -140,7 +140,8 @@ pub(crate) fn spawn(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Executi
         });
     }
     let stdin = match &spec.stdin {
-        Stdin::Null => None,
+        // No control handle here: an open stdin is an empty one.
+        Stdin::Null | Stdin::Open => None,
         Stdin::Bytes(b) => Some(b.clone()),
         Stdin::Inherit => {
             let mut b = Vec::new();
