@@ -100,6 +100,15 @@ def test_backends_side_by_side_run_commands_files_and_processes(e2b_target, regi
         h = sbx.commands.run("cat", background=True, stdin=True)
         assert h.pid in [p.pid for p in sbx.commands.list()]
         sbx.commands.send_stdin(h.pid, "ping\n")
+        # Kill only once the echo came back: a kill racing cat's read of its
+        # stdin loses output cat never produced (seen on gVisor in CI).
+        # wait() below goes on with the same event stream.
+        echoed = ""
+        for out, _, _ in h:
+            echoed += out or ""
+            if "ping" in echoed:
+                break
+        assert "ping" in echoed, (backend, "cat never echoed its stdin")
         sbx.commands.kill(h.pid)
         with pytest.raises(CommandExitException) as e:
             h.wait()
