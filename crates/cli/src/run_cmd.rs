@@ -262,11 +262,26 @@ fn policy_spec(
         }),
         cap_add: a.cap_add.clone(),
         backend: a.backend.clone(),
+        // The network flags replace the config's network (below); the
+        // resolver sees them so its warnings describe the sandbox that runs.
+        network: match flags.network {
+            Network::None => Some(nanoclaw_policy::model::NetworkMode::None),
+            Network::Allowlist { .. } => Some(nanoclaw_policy::model::NetworkMode::Allowlist),
+            Network::Open { .. } => Some(nanoclaw_policy::model::NetworkMode::Open),
+            Network::Kernel { .. } => None,
+        }
+        .filter(|_| network_flags_given(a)),
+        allow_hosts: a.allow_host.clone(),
         ..CliOverrides::default()
     };
     o.mounts = crate::config_cmd::parse_cli_mounts(&a.mounts)?;
     let plan = crate::config_cmd::plan_run(&a.policy, o, flags.command.clone())?;
     for w in &plan.warnings {
+        // --allow-cidr destinations are not hosts: the resolver's "no hosts
+        // are allowed" does not hold when they are given.
+        if !a.allow_cidr.is_empty() && w.contains("no hosts are allowed") {
+            continue;
+        }
         eprintln!("nanoclaw: warning: {w}");
     }
     let mut spec = match plan.execution {
@@ -290,11 +305,7 @@ fn policy_spec(
     spec.stdin = flags.stdin;
     // Network flags typed with --config replace the config's destinations
     // (its credential rules stay: they only apply to allowed hosts).
-    if a.network.is_some()
-        || !a.allow_host.is_empty()
-        || !a.allow_cidr.is_empty()
-        || !a.add_host.is_empty()
-    {
+    if network_flags_given(a) {
         spec.network = flags.network;
         spec.egress = match spec.network {
             Network::None | Network::Kernel { .. } => Default::default(),
@@ -308,6 +319,15 @@ fn policy_spec(
         spec.hardening.seccomp = h.seccomp;
     }
     Ok((spec, plan.resolved))
+}
+
+/// True when the command line names the network (it then replaces the
+/// config's network, keeping only its credential rules).
+fn network_flags_given(a: &RunArgs) -> bool {
+    a.network.is_some()
+        || !a.allow_host.is_empty()
+        || !a.allow_cidr.is_empty()
+        || !a.add_host.is_empty()
 }
 
 /// Builds the spec from the flags (and the config, with `--config`), and

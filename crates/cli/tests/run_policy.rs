@@ -288,3 +288,49 @@ fn cap_add_gets_the_same_answer_on_the_cli_and_in_the_config() {
         );
     }
 }
+
+/// Network flags typed with `--config --agent` replace the agent's network,
+/// and the warnings describe the sandbox that runs: rules given for a
+/// `none` agent run with `--network allowlist` are no longer "doing
+/// nothing", while a run that stays `none` still says so. As the invoking
+/// user only: the warnings do not depend on who runs.
+#[test]
+fn network_warnings_describe_the_network_that_runs() {
+    let cfg = Config::new(
+        "net-warn",
+        "network:\n  rules:\n    example.test:\n      headers:\n        X-Token: t\n\
+         agents:\n  list:\n    - id: a\n      sandbox:\n        network: none\n",
+    );
+    let nothing = "network.rules do nothing here";
+    let Some(m) = modes("network warnings").into_iter().next() else {
+        return;
+    };
+    let o = run_agent(m, &cfg, "a", &["--", "true"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains(nothing), "{}", text(&o.stderr));
+    for flags in [
+        &["--network", "allowlist", "--allow-host", "example.test"][..],
+        &["--allow-host", "example.test"][..],
+    ] {
+        let mut a = flags.to_vec();
+        a.extend_from_slice(&["--", "true"]);
+        let o = run_agent(m, &cfg, "a", &a);
+        assert_eq!(code(&o), 0, "{flags:?}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(!err.contains(nothing), "{flags:?}: {err}");
+        assert!(!err.contains("no hosts are allowed"), "{flags:?}: {err}");
+    }
+    // Only CIDRs: an allowlist with no host, which is not "nothing reachable".
+    let o = run_agent(
+        m,
+        &cfg,
+        "a",
+        &["--allow-cidr", "127.0.0.1/32:9", "--", "true"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains(nothing) && !err.contains("no hosts are allowed"),
+        "{err}"
+    );
+}
