@@ -69,6 +69,7 @@ mod record;
 mod resolve;
 pub mod rules;
 mod sni;
+mod splice;
 mod transparent;
 
 pub use addr::{AddrClass, Special};

@@ -28,11 +28,11 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -437,39 +437,22 @@ async fn open(
     }
 }
 
-/// Copies `r` to `w` until EOF (then shuts `w` down), counting into `n`.
-async fn pump<R, W>(sh: &Shared, r: &mut R, w: &mut W, up: bool, n: &AtomicU64) -> Result<(), End>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let got = r.read(&mut buf).await?;
-        if got == 0 {
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-        send(sh, w, &buf[..got], up).await?;
-        n.fetch_add(got as u64, Ordering::Relaxed);
-    }
-}
-
+/// Passes the connection through: the bytes already read from the client
+/// first, then both directions spliced (crate::splice) until both ends.
 async fn relay(
     sh: &Shared,
     client: TcpStream,
-    upstream: TcpStream,
+    mut upstream: TcpStream,
     initial: &[u8],
     bytes: &crate::record::ConnBytes,
 ) -> Result<(), End> {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
-    let up = async {
-        send(sh, &mut uw, initial, true).await?;
-        bytes.up.fetch_add(initial.len() as u64, Ordering::Relaxed);
-        pump(sh, &mut cr, &mut uw, true, &bytes.up).await
-    };
-    let down = pump(sh, &mut ur, &mut cw, false, &bytes.down);
+    // Small (a request head or a ClientHello, or nothing for protocols
+    // where the server speaks first): it fits the socket's buffer, so
+    // sending it before reading the other direction cannot stall.
+    send(sh, &mut upstream, initial, true).await?;
+    bytes.up.fetch_add(initial.len() as u64, Ordering::Relaxed);
+    let up = crate::splice::pump(sh, &client, &upstream, true, &bytes.up);
+    let down = crate::splice::pump(sh, &upstream, &client, false, &bytes.down);
     tokio::try_join!(up, down).map(|_| ())
 }
 
