@@ -7,6 +7,11 @@
 //! and the sweep at the next start after a `kill -9`. Nothing is left
 //! behind: no container, no runsc state, no bundle.
 //!
+//! The E2B network options for those sandboxes
+//! (tests/python/test_serve_backends_egress.py) are tested by attack
+//! against a test host in a network namespace made here (see
+//! [`e2b_network_options_hold_in_docker_and_gvisor_sandboxes`]).
+//!
 //! Root only (Docker's socket, rootful runsc). Docker is required under
 //! NANOCLAW_REQUIRE_DOCKER=1, runsc under NANOCLAW_REQUIRE_GVISOR=1; each
 //! is skipped with a message otherwise.
@@ -19,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::testnet::TestNet;
 use common::{is_root, repo, text, venv};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
@@ -100,10 +106,17 @@ struct Daemon {
     child: Option<Child>,
     keys: (String, String),
     templates: Vec<String>,
+    /// An /etc/hosts of the daemon's own (a private mount namespace), so
+    /// that its egress proxy finds the test host's names.
+    hosts: Option<PathBuf>,
 }
 
 impl Daemon {
     fn new(name: &str, templates: &[String]) -> Daemon {
+        Daemon::with_hosts(name, templates, None)
+    }
+
+    fn with_hosts(name: &str, templates: &[String], hosts: Option<&Path>) -> Daemon {
         let data = std::env::temp_dir().join(format!(
             "nanoclaw-serve-backends-{name}-{}",
             std::process::id()
@@ -125,6 +138,7 @@ impl Daemon {
             child: None,
             keys,
             templates: templates.to_vec(),
+            hosts: hosts.map(Path::to_path_buf),
         };
         d.start();
         d
@@ -136,7 +150,19 @@ impl Daemon {
 
     fn start(&mut self) {
         let listen = format!("tcp:127.0.0.1:{}", self.port);
-        let mut c = Command::new(BIN);
+        let mut c = match &self.hosts {
+            // `unshare` execs the shell, which execs nanoclaw: the child's
+            // pid is the daemon's.
+            Some(hosts) => {
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(hosts)
+                    .arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         c.args(["serve", "--data"])
             .arg(&self.data)
             .args(["--listen", &listen]);
@@ -411,4 +437,174 @@ fn a_template_the_daemon_cannot_serve_is_a_config_error_at_start() {
         );
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
+}
+
+/// The network namespaces the daemon `pid` holds open (a gVisor
+/// sandbox's, made by nanoclaw).
+fn netns_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("net:["))
+        .count()
+}
+
+/// The egress proxies running in the daemon `pid` (their threads, named
+/// `nanoclaw-net-proxy`, cut to 15 bytes by the kernel).
+fn proxy_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|c| c.trim() == "nanoclaw-net-pr")
+        .count()
+}
+
+/// The host namespace's interfaces and named network namespaces.
+fn host_net() -> (Vec<String>, Vec<String>) {
+    let out = |args: &[&str]| {
+        let o = Command::new("ip").args(args).output().expect("ip");
+        text(&o.stdout)
+    };
+    let mut links: Vec<String> = out(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .collect();
+    links.sort();
+    let mut ns: Vec<String> = out(&["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    ns.sort();
+    (links, ns)
+}
+
+/// E2B's network options for Docker and gVisor sandboxes of the daemon,
+/// driven by the unmodified `e2b` SDK (tests/python/test_serve_backends_egress.py):
+/// `allowOut` reaches the allowed test host by name from a program that
+/// ignores proxy variables, an unlisted name gets NXDOMAIN, a direct IP
+/// and an unlisted port are refused (the test host's log shows nothing
+/// else reached it), the refusals are in the audit log and `/metrics`,
+/// `update_network` changes the running sandbox's policy,
+/// `allow_internet_access=false` is no network, and what the backends
+/// cannot do is a 400 naming them. Afterwards nothing is left: no
+/// container, no runsc state, no network namespace or proxy held by the
+/// daemon, no new interface or named namespace on the host.
+///
+/// The test host is a network namespace made here with public-class
+/// addresses (11.252.N.2 and .3, routed only to its veth for the test's
+/// duration: nothing leaves the machine), because the daemon's API refuses
+/// rules that would open private addresses to its callers; the daemon
+/// finds web.test and denied.test through an /etc/hosts of its own (a
+/// private mount namespace).
+#[test]
+fn e2b_network_options_hold_in_docker_and_gvisor_sandboxes() {
+    let test = "e2b_network_options_hold_in_docker_and_gvisor_sandboxes";
+    let Some(_g) = setup(test) else { return };
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
+    let Some(mut net) = TestNet::new(test, "ncsb") else {
+        return;
+    };
+    let n = net.n;
+    let (web, other) = (format!("11.252.{n}.2"), format!("11.252.{n}.3"));
+    net.host_addr(&format!("11.252.{n}.1/29"));
+    net.ns_addr(&format!("{web}/29"));
+    net.ns_addr(&format!("{other}/29"));
+    net.serve(common::testnet::LINE_SERVER, &[]);
+    let hosts = net.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n::1 localhost\n{web} web.test\n{other} denied.test\n"),
+    )
+    .expect("write hosts");
+    let mut flags = vec![format!("dk=docker:{IMAGE}")];
+    let mut names = "docker=dk".to_string();
+    if gvisor_ready(test) {
+        flags.push("gv=gvisor".into());
+        names.push_str(",gvisor=gv");
+    }
+    let before = host_net();
+    let d = Daemon::with_hosts("egress", &flags, Some(&hosts));
+    let pid = d.child.as_ref().map(Child::id).expect("the daemon's pid");
+    let ids_file = d.data.join("ids");
+    let o = Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/python/test_serve_backends_egress.py",
+        ])
+        .current_dir(repo())
+        .env("NANOCLAW_E2B_API_URL", d.url())
+        .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
+        .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
+        .env("NANOCLAW_REQUIRE_E2B", "1")
+        .env("NANOCLAW_BACKEND_TEMPLATES", &names)
+        .env("NANOCLAW_BACKEND_IDS", &ids_file)
+        .env("NANOCLAW_EGRESS_HOST", &web)
+        .env("NANOCLAW_EGRESS_OTHER", &other)
+        .env("NANOCLAW_EGRESS_HITS", net.dir.join("hits.log"))
+        .output()
+        .expect("run pytest");
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the egress suite failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
+    let want = if names.contains("gvisor") { 6 } else { 3 };
+    assert!(
+        out.contains(&format!("{want} passed")),
+        "the suite did not run all {want} tests: {out}"
+    );
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    // Killed through the API: nothing of them is left, in the backends or
+    // in the daemon (its proxies, the namespaces it held).
+    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
+    // Two sandboxes made per backend (the refusals make none).
+    assert!(ids.lines().count() >= want / 3 * 2, "{ids}");
+    for id in ids.lines() {
+        gone_within(id).expect("after the SDK's kill");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while netns_fds(pid) + proxy_threads(pid) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon still holds {} network namespace(s) and {} egress prox(ies)",
+            netns_fds(pid),
+            proxy_threads(pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Other tests on the machine make and remove interfaces and namespaces
+    // meanwhile: what counts is a new one of nanoclaw's (its veths are
+    // `ncl-<id>`) or one naming a sandbox of this run.
+    let (links, ns) = host_net();
+    let ours = |name: &&String| {
+        name.starts_with("ncl-")
+            || ids
+                .lines()
+                .any(|id| name.contains(id.trim_start_matches("gv-")))
+    };
+    let left: Vec<&String> = links
+        .iter()
+        .filter(|l| !before.0.contains(l))
+        .chain(ns.iter().filter(|n| !before.1.contains(n)))
+        .filter(ours)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "interfaces or named namespaces left: {left:?}"
+    );
+    assert!(d.audit(&["verify"]).starts_with("ok"));
+    drop(d);
 }

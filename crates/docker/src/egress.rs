@@ -100,6 +100,17 @@ pub fn check(config: &SandboxConfig, runtime: Option<&str>) -> Result<(), Error>
     netns_egress::check(s, NAME)
 }
 
+/// Changing the policy of a sandbox without egress here: it has no proxy
+/// (made with `--network none`, or by another process), and a redirect
+/// cannot be added to a namespace whose programs may already run.
+pub fn no_proxy_to_change() -> Error {
+    refuse(
+        "changing the network policy of a running sandbox",
+        "it was made without egress through nanoclaw's proxy (network none), or by another \
+         process; make it with --network allowlist or open to change its policy later",
+    )
+}
+
 /// Wires the namespace of the container whose first process is host pid
 /// `pid`; `None` without egress.
 pub fn wire(pid: i64, spec: &SandboxSpec) -> Result<Option<NetnsEgress>, Error> {

@@ -630,4 +630,18 @@ impl LiveSandbox for DockerSandbox {
     fn destroy(&self) -> Result<(), Error> {
         self.docker.remove(&self.info.id)
     }
+
+    fn network_report(&self) -> Option<nanoclaw_sandbox::outcome::NetworkReport> {
+        self.egress.as_ref().map(|e| e.report())
+    }
+
+    fn set_network_policy(
+        &self,
+        policy: nanoclaw_sandbox::net::NetworkPolicy,
+    ) -> Result<nanoclaw_sandbox::net::PolicyUpdate, Error> {
+        match &self.egress {
+            Some(e) => Ok(e.set_policy(policy)),
+            None => Err(egress::no_proxy_to_change()),
+        }
+    }
 }

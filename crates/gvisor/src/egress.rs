@@ -82,6 +82,17 @@ pub fn check(config: &SandboxConfig, rootless: bool) -> Result<(), Error> {
     netns_egress::check(s, NAME)
 }
 
+/// Changing the policy of a sandbox without egress here: it has no proxy
+/// (made with `--network none`, or by another process), and runsc cannot
+/// be moved into a wired namespace once it runs.
+pub fn no_proxy_to_change() -> Error {
+    refuse(
+        "changing the network policy of a running sandbox",
+        "it was made without egress through nanoclaw's proxy (network none), or by another \
+         process; make it with --network allowlist or open to change its policy later",
+    )
+}
+
 /// The `layers` line for the sandbox's network namespace.
 pub fn namespace_layer(network: &Network) -> &'static str {
     if proxied(network) {

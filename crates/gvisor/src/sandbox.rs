@@ -240,6 +240,32 @@ impl LiveSandbox for GvisorSandbox {
         );
         stopped
     }
+
+    fn network_report(&self) -> Option<nanoclaw_sandbox::outcome::NetworkReport> {
+        self.shared
+            .egress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(NetnsEgress::report)
+    }
+
+    fn set_network_policy(
+        &self,
+        policy: nanoclaw_sandbox::net::NetworkPolicy,
+    ) -> Result<nanoclaw_sandbox::net::PolicyUpdate, Error> {
+        self.shared.alive()?;
+        match self
+            .shared
+            .egress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(e) => Ok(e.set_policy(policy)),
+            None => Err(crate::egress::no_proxy_to_change()),
+        }
+    }
 }
 
 impl Drop for GvisorSandbox {

@@ -446,6 +446,29 @@ pub trait LiveSandbox: Send + Sync {
     /// it is left on the host (processes, cgroups, state). Destroying a
     /// destroyed sandbox is not an error.
     fn destroy(&self) -> Result<(), Error>;
+
+    /// What its egress proxy recorded so far (counters, refusals,
+    /// connections, DNS queries), when this process serves its egress;
+    /// `None` when it has none here (no network, or another process's).
+    fn network_report(&self) -> Option<crate::outcome::NetworkReport> {
+        None
+    }
+
+    /// Replaces its egress policy while it runs: new connections and DNS
+    /// answers follow `policy` at once, open connections it does not admit
+    /// are closed. Only a sandbox whose egress proxy this process serves
+    /// can be changed; the default refuses by name.
+    fn set_network_policy(
+        &self,
+        policy: nanoclaw_net::NetworkPolicy,
+    ) -> Result<nanoclaw_net::PolicyUpdate, Error> {
+        let _ = policy;
+        Err(Error::NotSupported {
+            backend: self.info().backend,
+            field: "changing the network policy of a running sandbox".into(),
+            why: "this backend has no egress proxy in this process to change".into(),
+        })
+    }
 }
 
 /// A command started by [`LiveSandbox::spawn`].

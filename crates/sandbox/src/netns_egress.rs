@@ -47,13 +47,15 @@ use crate::Error;
 pub struct NetnsEgress {
     proxy: nanoclaw_net::BlockingProxy,
     netns: Option<OwnedFd>,
-    mode: &'static str,
+    /// `allowlist` or `open` at creation; what the last
+    /// [`NetnsEgress::set_policy`] made it since.
+    mode: std::sync::Mutex<&'static str>,
 }
 
 impl std::fmt::Debug for NetnsEgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetnsEgress")
-            .field("mode", &self.mode)
+            .field("mode", &self.mode.lock().map(|m| *m).unwrap_or("?"))
             .field("netns", &self.netns)
             .finish()
     }
@@ -167,7 +169,7 @@ impl NetnsEgress {
         Ok(Some(NetnsEgress {
             proxy,
             netns: if fresh { netns } else { None },
-            mode,
+            mode: std::sync::Mutex::new(mode),
         }))
     }
 
@@ -180,10 +182,25 @@ impl NetnsEgress {
             .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()))
     }
 
+    /// Replaces the proxy's policy (see [`nanoclaw_net::BlockingProxy::set_policy`]):
+    /// the redirect and listeners stay, what they let through changes at
+    /// once, and open connections the new policy does not admit close.
+    pub fn set_policy(&self, policy: nanoclaw_net::NetworkPolicy) -> nanoclaw_net::PolicyUpdate {
+        let mode = match policy.mode {
+            nanoclaw_net::NetworkMode::None => "none",
+            nanoclaw_net::NetworkMode::Allowlist => "allowlist",
+            nanoclaw_net::NetworkMode::Open => "open",
+        };
+        let update = self.proxy.set_policy(policy);
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        update
+    }
+
     /// The proxy's record so far (counters, refusals, transparent
     /// connections, DNS queries), as the native engine reports it.
     pub fn report(&self) -> NetworkReport {
-        crate::native::report_of(self.mode, Some(&self.proxy))
+        let mode = *self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        crate::native::report_of(mode, Some(&self.proxy))
     }
 }
 

@@ -83,6 +83,36 @@ open(os.path.join(d, "ready"), "w").close()
 threading.Event().wait()
 "#;
 
+/// A plain test host's server (Python): a line service on every address,
+/// port 7000 (answers "raw-hello <line>") and 8080 ("unlisted <line>");
+/// every connection logged as `local_ip local_port` to `hits.log`.
+pub const LINE_SERVER: &str = r#"
+import socket, sys, threading, os
+d = sys.argv[1]
+lock = threading.Lock()
+def serve(port, greet):
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port)); l.listen(64)
+    while True:
+        c, _ = l.accept()
+        with lock, open(os.path.join(d, "hits.log"), "a") as f:
+            a = c.getsockname()
+            f.write("%s %s\n" % (a[0], a[1]))
+        def one(c=c):
+            try:
+                c.settimeout(5)
+                c.sendall(greet + c.recv(100))
+            except OSError:
+                pass
+            c.close()
+        threading.Thread(target=one, daemon=True).start()
+for p, g in [(7000, b"raw-hello "), (8080, b"unlisted ")]:
+    threading.Thread(target=serve, args=(p, g), daemon=True).start()
+open(os.path.join(d, "ready"), "w").close()
+threading.Event().wait()
+"#;
+
 /// Runs `cmd` with `sh -c`; panics with its output when it fails.
 pub fn sh(cmd: &str) {
     let o = Command::new("sh")

@@ -10,10 +10,16 @@
 //!
 //! The proxy keeps the first refusals only (its cap); past it, the count
 //! still grows and the records say how many went without details.
+//!
+//! A sandbox of another backend (`docker`, `gvisor`) has its proxy in the
+//! daemon itself (`nanoclaw_sandbox::netns_egress`): when one of its
+//! commands ends, the pump reads the proxy's record directly
+//! ([`EgressHook::command_ended`]) and the same counts and records follow.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use nanoclaw_sandbox::backend::LiveSandbox;
 use nanoclaw_sandbox::keeper::{Remote, Reply, Request};
 use nanoclaw_sandbox::outcome::NetDenial;
 
@@ -24,10 +30,25 @@ use crate::metrics::Metrics;
 /// are summed in the last one).
 const MAX_RECORDS: usize = 64;
 
+/// Where a sandbox's refusals are read from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// A keeper: it counts them with each command's end, and gives the
+    /// details when asked (`Inspect`).
+    Keeper(Remote),
+    /// A sandbox of another backend whose proxy runs in this process: its
+    /// record is read directly; `counted` is how many of its refusals
+    /// were counted already (shared by every command of the sandbox).
+    Engine {
+        sandbox: Arc<dyn LiveSandbox>,
+        counted: Arc<AtomicU64>,
+    },
+}
+
 /// Where a sandbox's egress refusals go.
 #[derive(Clone)]
 pub(crate) struct EgressHook {
-    pub remote: Remote,
+    pub source: Source,
     pub tenant: String,
     pub sandbox: String,
     pub audit: Option<Audit>,
@@ -41,16 +62,47 @@ impl EgressHook {
     /// `n` more refusals were reported: counted, and recorded with their
     /// details.
     pub(crate) async fn refused(&self, n: u64) {
+        let kept = match &self.source {
+            Source::Keeper(remote) if self.audit.is_some() => {
+                match super::ipc::ask(remote, &Request::Inspect, super::ipc::ANSWER).await {
+                    Ok(Reply::Live(l)) => l.network.map(|r| r.denials).unwrap_or_default(),
+                    _ => Vec::new(),
+                }
+            }
+            Source::Keeper(_) => Vec::new(),
+            Source::Engine { sandbox, .. } => sandbox
+                .network_report()
+                .map(|r| r.denials)
+                .unwrap_or_default(),
+        };
+        self.note(&kept, n).await;
+    }
+
+    /// A command of an engine sandbox ended: the refusals its proxy made
+    /// since the last time are counted and recorded (nothing for a
+    /// keeper's, which reports them itself).
+    pub(crate) async fn command_ended(&self) {
+        let Source::Engine { sandbox, counted } = &self.source else {
+            return;
+        };
+        let Some(report) = sandbox.network_report() else {
+            return;
+        };
+        let before = counted.fetch_max(report.denied, Ordering::SeqCst);
+        let n = report.denied.saturating_sub(before);
+        if n > 0 {
+            self.note(&report.denials, n).await;
+        }
+    }
+
+    /// `n` new refusals, `kept` the proxy's kept list: counted, and
+    /// recorded with their details.
+    async fn note(&self, kept: &[NetDenial], n: u64) {
         if let Some(m) = &self.metrics {
             m.egress_denied(n);
         }
         let Some(audit) = &self.audit else { return };
-        let kept = match super::ipc::ask(&self.remote, &Request::Inspect, super::ipc::ANSWER).await
-        {
-            Ok(Reply::Live(l)) => l.network.map(|r| r.denials).unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        let records = self.records(&kept, n);
+        let records = self.records(kept, n);
         if audit.append_all(records).await.is_err() {
             eprintln!("nanoclaw serve: could not write an egress denial's audit record");
         }
@@ -107,10 +159,10 @@ mod tests {
 
     fn hook() -> EgressHook {
         EgressHook {
-            remote: Remote {
+            source: Source::Keeper(Remote {
                 id: "sb".into(),
                 dir: "/nonexistent".into(),
-            },
+            }),
             tenant: "t".into(),
             sandbox: "sb".into(),
             audit: None,

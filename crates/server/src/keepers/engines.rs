@@ -19,6 +19,16 @@
 //! grace): the daemon's reaper ends them at their E2B end, which
 //! `set_timeout` moves within the tenant's quota as for native ones.
 //!
+//! Network: a `docker` or `gvisor` sandbox gets the E2B network options
+//! exactly as a native one (the same mapping, `network_of`): its egress
+//! is nanoclaw's transparent proxy, wired by the engine into a network
+//! namespace nanoclaw controls (`nanoclaw_sandbox::netns_egress`), served
+//! by a proxy thread of this process. So its refusals are read here when a
+//! command ends (audit, `/metrics`), and `PUT /sandboxes/{id}/network`
+//! replaces that proxy's policy live, as a keeper does for native ones.
+//! What the engine refuses (a non-root daemon, Docker's runsc runtime,
+//! credential rules) is a 400 naming the backend.
+//!
 //! Processes run as engine executions ([`LiveSandbox::spawn`]): their
 //! output is echoed into pipes this module reads, stdin and signals go
 //! through the execution's control handle ([`ExecControl`]). Files are
@@ -28,6 +38,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +51,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 
+use super::egress::{EgressHook, Source};
 use super::{at, blocking, ms, user_of, KeeperBackend, Record, Template, E2B_HOME, KEEPER_GRACE};
 use crate::audit::Capture;
 use crate::backend::*;
@@ -71,6 +83,9 @@ pub(super) struct EngineEntry {
     pub procs: Mutex<HashMap<u32, Arc<EngineProc>>>,
     /// (when, cpu ms) of the last metrics sample.
     last_cpu: Mutex<Option<(SystemTime, f64)>>,
+    /// Egress refusals of its proxy already counted, and already audited.
+    denials_counted: Arc<AtomicU64>,
+    denials_seen: Arc<AtomicUsize>,
 }
 
 impl EngineEntry {
@@ -112,13 +127,31 @@ fn refused(backend: &str, what: &str, why: &str) -> BackendError {
     ))
 }
 
-/// The network of an E2B create for a template on `backend`: these
-/// backends have no egress here (no interface but loopback), so a
-/// request that asks for egress is refused rather than silently cut off.
-fn engine_network(req: &CreateSandbox, backend: &str) -> BackendResult<Network> {
-    let why =
-        "its sandboxes have loopback only (nanoclaw's egress proxy is not bridged into them yet); \
-               leave allow_internet_access unset or false, or use a native template";
+/// Whether the daemon gives sandboxes of `backend` nanoclaw's egress (the
+/// E2B network options as for native ones): the backends whose engine
+/// wires its transparent proxy into the sandbox's network namespace.
+pub(super) fn has_egress(backend: &str) -> bool {
+    matches!(backend, "docker" | "gvisor")
+}
+
+/// What an E2B create asks that a template on `backend` cannot give,
+/// refused rather than silently dropped; the network of a backend without
+/// egress here (loopback only). The network of the others is set by
+/// `create` from the request, as for native sandboxes.
+fn engine_network(req: &CreateSandbox, backend: &str, spec: &mut SandboxSpec) -> BackendResult<()> {
+    if req.auto_pause {
+        return Err(refused(
+            backend,
+            "auto-pause",
+            "the daemon does not pause sandboxes of this backend; let the timeout kill it, or use a native template",
+        ));
+    }
+    if has_egress(backend) {
+        return Ok(());
+    }
+    let why = "the daemon wires nanoclaw's egress proxy into docker and gvisor sandboxes only, \
+               so these have loopback only; leave allow_internet_access unset or false, or use a \
+               native, docker or gvisor template";
     if req.allow_internet_access == Some(true) {
         return Err(refused(backend, "allow_internet_access=true", why));
     }
@@ -128,14 +161,40 @@ fn engine_network(req: &CreateSandbox, backend: &str) -> BackendResult<Network> 
     if !req.network_rules.is_empty() {
         return Err(refused(backend, "network.rules", why));
     }
-    if req.auto_pause {
-        return Err(refused(
+    spec.network = Network::None;
+    Ok(())
+}
+
+/// An engine's refusal of a create, in the E2B request's words: which of
+/// its network options the backend cannot give here, why, and what to do
+/// instead. Other refusals as [`engine_refusal`].
+fn create_refusal(e: nanoclaw_sandbox::Error, req: &CreateSandbox, backend: &str) -> BackendError {
+    use nanoclaw_sandbox::Error as E;
+    let asked = if !req.allow_out.is_empty() {
+        "network.allowOut"
+    } else {
+        "internet access (allow_internet_access unset or true: E2B's default)"
+    };
+    let instead = "create it with allow_internet_access=false (no network), or use a native \
+                   template (its egress works rootless)";
+    match e {
+        E::NotSupported { field, why, .. } if field.starts_with("network.rules") => refused(
             backend,
-            "auto-pause",
-            "the daemon does not pause sandboxes of this backend; let the timeout kill it, or use a native template",
-        ));
+            "network.rules (credentials added at the boundary)",
+            &format!("{why}; use a native template for credential rules"),
+        ),
+        E::NotSupported { field, why, .. } if field.starts_with("--network") => refused(
+            backend,
+            &format!("{asked} ({field})"),
+            &format!("{why}; or {instead}"),
+        ),
+        E::Unsupported { what, why, .. } if what.starts_with("egress") => refused(
+            backend,
+            asked,
+            &format!("{why} (the daemon is not root); run nanoclaw serve as root, or {instead}"),
+        ),
+        other => engine_refusal(other),
     }
-    Ok(Network::None)
 }
 
 impl KeeperBackend {
@@ -173,7 +232,7 @@ impl KeeperBackend {
         let backend = self.cfg.engines.get(name).cloned().ok_or_else(|| {
             BackendError::Internal(format!("the {name} backend was not opened at start"))
         })?;
-        spec.network = engine_network(req, name)?;
+        engine_network(req, name, &mut spec)?;
         // The backend's own lifetime cannot be moved later: it is the
         // longest the tenant may keep a sandbox, so that `set_timeout` and
         // `connect` can extend it as for native ones (the reaper ends it at
@@ -190,8 +249,15 @@ impl KeeperBackend {
             (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
             ("tenant".into(), req.tenant.0.clone()),
         ];
-        backend.check(&config).map_err(engine_refusal)?;
-        let made = blocking(move || backend.create(&config).map_err(engine_refusal)).await?;
+        backend
+            .check(&config)
+            .map_err(|e| create_refusal(e, req, name))?;
+        let refusal = {
+            let req = req.clone();
+            let name = name.to_string();
+            move |e| create_refusal(e, &req, &name)
+        };
+        let made = blocking(move || backend.create(&config).map_err(refusal)).await?;
         let sandbox: Arc<dyn LiveSandbox> = Arc::from(made);
         let id = sandbox.id().to_string();
         let mut record = Record::for_request(req, &spec);
@@ -207,6 +273,8 @@ impl KeeperBackend {
             record: Mutex::new(record),
             procs: Mutex::new(HashMap::new()),
             last_cpu: Mutex::new(None),
+            denials_counted: Arc::default(),
+            denials_seen: Arc::default(),
         });
         if let Ok(mut m) = self.engines.lock() {
             m.insert(id, e.clone());
@@ -296,6 +364,65 @@ impl KeeperBackend {
         if let Ok(mut r) = e.record.lock() {
             r.end_at_ms = end;
         }
+        Ok(())
+    }
+
+    /// `PUT /sandboxes/{id}/network` of an engine sandbox: its proxy (in
+    /// this process) gets the new policy, as a keeper's does.
+    pub(super) async fn engine_update_network(
+        &self,
+        e: &Arc<EngineEntry>,
+        tenant: &TenantId,
+        update: NetworkUpdate,
+    ) -> BackendResult<()> {
+        if !has_egress(&e.backend) {
+            return Err(Self::engine_cannot(e, "updating a sandbox's network"));
+        }
+        if !update.rules.is_empty() {
+            return Err(refused(
+                &e.backend,
+                "network.rules (credentials added at the boundary)",
+                "the per-sandbox CA they need is made only for native sandboxes; use a native template for credential rules",
+            ));
+        }
+        let policy = super::live_policy(&super::network_from(&update)?)?;
+        let sb = e.sandbox.clone();
+        let changed = blocking(move || {
+            sb.set_network_policy(policy).map_err(|err| match err {
+                // Made without egress: nothing to change (as for a native
+                // sandbox made without network, a conflict with its state).
+                nanoclaw_sandbox::Error::NotSupported { why, .. } => BackendError::Conflict(
+                    format!("this sandbox's network cannot be changed: {why}"),
+                ),
+                other => super::engine_error(other),
+            })
+        })
+        .await?;
+        if let Ok(mut r) = e.record.lock() {
+            r.allow_internet_access = update.allow_internet_access;
+            r.allow_out = update.allow_out.clone();
+            r.deny_out = update.deny_out.clone();
+        }
+        let mode = e
+            .sandbox
+            .network_report()
+            .map(|r| r.mode)
+            .unwrap_or_default();
+        let detail = serde_json::json!({
+            "backend": e.backend,
+            "mode": mode,
+            "allowOut": update.allow_out,
+            "denyOut": update.deny_out,
+            "allow_internet_access": update.allow_internet_access,
+            "closed": changed.closed,
+        });
+        self.audit(
+            crate::audit::kind::NETWORK_UPDATE,
+            tenant,
+            &e.id,
+            Some(detail.to_string()),
+        )
+        .await;
         Ok(())
     }
 
@@ -397,14 +524,24 @@ impl KeeperBackend {
             (a, rec)
         });
         let metrics = self.metrics.get().cloned();
+        let egress = has_egress(&e.backend).then(|| EgressHook {
+            source: Source::Engine {
+                sandbox: e.sandbox.clone(),
+                counted: e.denials_counted.clone(),
+            },
+            tenant: scope.tenant.0.clone(),
+            sandbox: scope.sandbox_id.clone(),
+            audit: self.cfg.audit.clone(),
+            metrics: metrics.clone(),
+            seen: e.denials_seen.clone(),
+        });
         let weak = Arc::downgrade(e);
         let started = Instant::now();
         let (proc, handle) = EngineProc::start(
             e.sandbox.clone(),
             spec,
-            req.config,
-            req.tag,
-            audit,
+            (req.config, req.tag),
+            (audit, egress),
             move |pid| {
                 if let Some(m) = &metrics {
                     m.exec_finished(started.elapsed());
@@ -519,9 +656,8 @@ impl EngineProc {
     async fn start(
         sb: Arc<dyn LiveSandbox>,
         spec: ExecSpec,
-        config: ProcessConfig,
-        tag: Option<String>,
-        audit: super::process::AuditHook,
+        (config, tag): (ProcessConfig, Option<String>),
+        (audit, egress): (super::process::AuditHook, Option<EgressHook>),
         on_end: impl FnOnce(u32) + Send + 'static,
     ) -> BackendResult<(Arc<EngineProc>, ProcessHandle)> {
         let internal = |e: std::io::Error| BackendError::Internal(format!("a pipe: {e}"));
@@ -571,7 +707,7 @@ impl EngineProc {
         let (out, err) = (recv(out_r)?, recv(err_r)?);
         let p = proc.clone();
         tokio::spawn(async move {
-            p.pump(out, err, done_rx, audit).await;
+            p.pump(out, err, done_rx, audit, egress).await;
             on_end(p.pid);
         });
         Ok((
@@ -660,6 +796,7 @@ impl EngineProc {
         mut err: pipe::Receiver,
         done: oneshot::Receiver<BackendResult<Outcome>>,
         audit: super::process::AuditHook,
+        egress: Option<EgressHook>,
     ) {
         let mut output = Capture::new(crate::audit::DEFAULT_CAPTURE_BYTES);
         let (mut out_open, mut err_open) = (true, true);
@@ -702,6 +839,11 @@ impl EngineProc {
                 ProcessEnd::signaled(libc::SIGKILL)
             }
         };
+        // The refusals first, so that a client that reads the audit after
+        // its command ended finds them (as for native sandboxes).
+        if let Some(hook) = &egress {
+            hook.command_ended().await;
+        }
         if let Some((log, mut rec)) = audit {
             rec.exit_code = end.exited.then_some(end.exit_code);
             if let Ok(o) = &outcome {

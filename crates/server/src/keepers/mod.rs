@@ -990,10 +990,13 @@ impl Backend for KeeperBackend {
         let tpl = self.template(&req.tenant, &req.template)?;
         let engine = tpl.backend.clone().filter(|b| b != "native");
         let mut spec = tpl.spec;
-        if engine.is_none() {
+        // Native sandboxes and those of the backends nanoclaw wires its
+        // egress into get the same network for the same request.
+        let egress_here = engine.as_deref().is_none_or(engines::has_egress);
+        if egress_here {
             spec.network = network_of(&req)?;
         }
-        if engine.is_none() && !req.network_rules.is_empty() {
+        if egress_here && !req.network_rules.is_empty() {
             if matches!(spec.network, Network::None) {
                 return Err(BackendError::InvalidArgument(
                     "network.rules only change requests the sandbox may make: this sandbox has no internet access; allow the ruled hosts in network.allowOut".into(),
@@ -1238,7 +1241,7 @@ impl Backend for KeeperBackend {
         update: NetworkUpdate,
     ) -> BackendResult<()> {
         if let Some(e) = self.engine(tenant, sandbox_id) {
-            return Err(Self::engine_cannot(&e, "updating a sandbox's network"));
+            return self.engine_update_network(&e, tenant, update).await;
         }
         let e = self.entry(tenant, sandbox_id)?;
         let policy = live_policy(&network_from(&update)?)?;
@@ -1417,7 +1420,7 @@ impl Backend for KeeperBackend {
         });
         let metrics = self.metrics.get().cloned();
         let egress = egress::EgressHook {
-            remote: e.remote.clone(),
+            source: egress::Source::Keeper(e.remote.clone()),
             tenant: scope.tenant.0.clone(),
             sandbox: scope.sandbox_id.clone(),
             audit: self.cfg.audit.clone(),
