@@ -34,6 +34,7 @@ use nanoclaw_sandbox::spec::Stdin;
 use nanoclaw_sandbox::{Error, KillReason, Outcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::client::timed;
 use crate::{api_error, backend_error, is_status, KubeSandbox, CONTAINER, NAME};
 
 /// The command's wrapper (see the module's documentation). Arguments:
@@ -154,11 +155,11 @@ pub(crate) fn spawn(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Executi
     let name = sb.name();
     let started = Instant::now();
     let mut proc = k
-        .block(k.pods().exec(
+        .block(timed(k.pods().exec(
             &name,
             argv(spec, stdin.as_ref().map(Vec::len)),
             &params(stdin.is_some()),
-        ))
+        )))
         .map_err(|e| {
             if is_status(&e, 404) || is_status(&e, 400) {
                 sb.ended()
@@ -262,7 +263,7 @@ async fn kill_tree(sb: &KubeSandbox, pid: u32) -> bool {
         "nanoclaw-kill".into(),
         pid.to_string(),
     ];
-    let Ok(mut p) = sb.kube.pods().exec(&sb.name(), argv, &params(false)).await else {
+    let Ok(mut p) = timed(sb.kube.pods().exec(&sb.name(), argv, &params(false))).await else {
         return false;
     };
     let Some(status) = p.take_status() else {

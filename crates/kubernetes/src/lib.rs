@@ -9,8 +9,8 @@
 //! from the limits, `activeDeadlineSeconds` from the lifetime, and a
 //! NetworkPolicy of its own, owned by the Pod, that denies ingress and
 //! denies egress unless the configuration allows some. Both are written
-//! with server-side apply; the backend waits for them by reading them back
-//! (a watch received no events from the 1.20 test cluster; see [`wait_for`]).
+//! with server-side apply; the backend waits for the Pod with a watch
+//! ([`wait_for`]).
 //!
 //! Every command is a `pods/exec` over WebSocket ([`exec`]); files go
 //! through the same exec as byte and tar streams (the engine's default
@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+mod client;
 mod exec;
 pub mod pod;
 
@@ -47,6 +48,7 @@ use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
 use nanoclaw_sandbox::spec::Root;
 use nanoclaw_sandbox::{Error, Layers};
 
+use crate::client::timed;
 use crate::pod::{
     object_name, ANN_DEADLINE, ANN_LABELS, ANN_LAYERS, ANN_OWNER, CONTAINER, LABEL_BACKEND,
 };
@@ -224,7 +226,9 @@ impl Kubernetes {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| config.default_namespace.clone());
-            let client = kube::Client::try_from(config)
+            // Its requests run on this runtime, whoever drives them
+            // (see the client module).
+            let client = client::build(config, tokio::runtime::Handle::current())
                 .map_err(|e| unavailable(format!("{server}: {e}")))?;
             let v = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
                 .await
@@ -285,7 +289,7 @@ impl Kubernetes {
     /// nanoclaw's Pods in the namespace.
     fn ours(&self) -> Result<Vec<Pod>, Error> {
         let lp = ListParams::default().labels(&format!("{LABEL_BACKEND}={NAME}"));
-        self.block(self.pods().list(&lp))
+        self.block(timed(self.pods().list(&lp)))
             .map(|l| l.items)
             .map_err(|e| api_error("listing pods", e))
     }
@@ -319,7 +323,7 @@ impl Kubernetes {
             }
         }
         let lp = ListParams::default().labels(&format!("{LABEL_BACKEND}={NAME}"));
-        if let Ok(nps) = self.block(self.policies().list(&lp)) {
+        if let Ok(nps) = self.block(timed(self.policies().list(&lp))) {
             let old = SystemTime::now() - Duration::from_secs(120);
             for np in nps.items {
                 let name = np.metadata.name.clone().unwrap_or_default();
@@ -329,7 +333,9 @@ impl Kubernetes {
                     .as_ref()
                     .map(|t| UNIX_EPOCH + Duration::from_secs(t.0.as_second().max(0) as u64));
                 if !live.contains(&name) && made.is_some_and(|m| m < old) {
-                    let _ = self.block(self.policies().delete(&name, &DeleteParams::default()));
+                    let _ = self.block(timed(
+                        self.policies().delete(&name, &DeleteParams::default()),
+                    ));
                 }
             }
         }
@@ -350,16 +356,12 @@ impl Kubernetes {
             grace_period_seconds: Some(1),
             ..DeleteParams::background()
         };
-        if let Err(e) = self
-            .policies()
-            .delete(&name, &DeleteParams::background())
-            .await
-        {
+        if let Err(e) = timed(self.policies().delete(&name, &DeleteParams::background())).await {
             if !is_status(&e, 404) {
                 return Err(api_error(&format!("deleting networkpolicy {name}"), e));
             }
         }
-        let uid = match pods.delete(&name, &dp).await {
+        let uid = match timed(pods.delete(&name, &dp)).await {
             Ok(either) => either.left().and_then(|p| p.metadata.uid),
             Err(e) if is_status(&e, 404) => return Ok(()),
             Err(e) => return Err(api_error(&format!("deleting pod {name}"), e)),
@@ -384,10 +386,10 @@ impl Kubernetes {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let pp = PatchParams::apply(MANAGER).force();
         // The policy first, so the Pod never runs without it.
-        self.block(self.policies().patch(&name, &pp, &Patch::Apply(np)))
+        self.block(timed(self.policies().patch(&name, &pp, &Patch::Apply(np))))
             .map_err(|e| api_error(&format!("applying networkpolicy {name}"), e))?;
         let made = self
-            .block(self.pods().patch(&name, &pp, &Patch::Apply(pod)))
+            .block(timed(self.pods().patch(&name, &pp, &Patch::Apply(pod))))
             .map_err(|e| api_error(&format!("applying pod {name}"), e))?;
         let mut owned = np.clone();
         owned.metadata.owner_references = Some(vec![OwnerReference {
@@ -398,8 +400,12 @@ impl Kubernetes {
             controller: Some(false),
             block_owner_deletion: Some(false),
         }]);
-        self.block(self.policies().patch(&name, &pp, &Patch::Apply(&owned)))
-            .map_err(|e| api_error(&format!("owning networkpolicy {name}"), e))?;
+        self.block(timed(self.policies().patch(
+            &name,
+            &pp,
+            &Patch::Apply(&owned),
+        )))
+        .map_err(|e| api_error(&format!("owning networkpolicy {name}"), e))?;
         self.wait_running(&name)
     }
 
@@ -457,22 +463,17 @@ impl Kubernetes {
     }
 }
 
-/// Waits until Pod `name` satisfies `cond` (`None`: it does not exist),
-/// reading it every 250 ms. kube-runtime's `await_condition` (a watch)
-/// received no events from the 1.20 test cluster through its forwarder, so
-/// this reads the object instead.
+/// Waits (a watch: list, then watch from its resourceVersion) until Pod
+/// `name` satisfies `cond` (`None`: it does not exist). Callers bound it
+/// with their own deadline. (Stop 24 polled here because the watch "got no
+/// events"; that was the client's connections being stranded on another
+/// runtime, see the client module, not the watch.)
 async fn wait_for(
     pods: &Api<Pod>,
     name: &str,
     cond: impl Fn(Option<&Pod>) -> bool,
-) -> Result<Option<Pod>, kube::Error> {
-    loop {
-        let p = pods.get_opt(name).await?;
-        if cond(p.as_ref()) {
-            return Ok(p);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+) -> Result<Option<Pod>, kube::runtime::wait::Error> {
+    kube::runtime::wait::await_condition(pods.clone(), name, cond).await
 }
 
 /// The configuration's labels, as kept in the Pod's annotation.
@@ -657,7 +658,7 @@ impl Backend for Kubernetes {
 
     fn attach(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
         let name = object_name(id);
-        let p = match self.block(self.pods().get(&name)) {
+        let p = match self.block(timed(self.pods().get(&name))) {
             Ok(p) => p,
             Err(e) if is_status(&e, 404) => {
                 return Err(Error::NotFound {
@@ -731,7 +732,7 @@ impl LiveSandbox for KubeSandbox {
     }
 
     fn stats(&self) -> Result<SandboxStats, Error> {
-        let p = match self.kube.block(self.kube.pods().get(&self.name())) {
+        let p = match self.kube.block(timed(self.kube.pods().get(&self.name()))) {
             Ok(p) => p,
             Err(e) if is_status(&e, 404) => return Err(self.ended()),
             Err(e) => return Err(api_error(&format!("reading pod {}", self.name()), e)),

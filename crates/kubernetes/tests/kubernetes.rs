@@ -30,6 +30,9 @@ use nanoclaw_sandbox::{Error, KillReason, SandboxSpec};
 const REQUIRE: &str = "NANOCLAW_REQUIRE_K8S";
 const IMAGE: &str = "localhost/busybox:1";
 const RUNTIME_CLASS: &str = "nanoclaw-test-runc";
+/// The most one check may take (the slowest takes about 1 min on a busy
+/// machine; the backend's own waits are bounded well below this).
+const CHECK_LIMIT: Duration = Duration::from_secs(400);
 
 fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--list") {
@@ -70,7 +73,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     type Check = fn(&T) -> Result<(), String>;
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 8] = [
+        ("the client used from another runtime strands no connection", foreign_runtime),
         ("fields it cannot honour are refused by name", refused),
         ("exec: output, exit codes, stdin, env, workdir; files", exec_and_files),
         ("the timeout and the output limit kill the command's tree", limits),
@@ -79,14 +83,30 @@ fn main() -> ExitCode {
         ("the lifetime ends a Pod with nobody watching (activeDeadlineSeconds)", lifetime),
         ("a handle found again by id (list, attach); destroy leaves nothing", attach_and_destroy),
     ];
+    let t = std::sync::Arc::new(t);
     let mut failed = 0;
     for (what, f) in checks {
         let t0 = Instant::now();
-        match f(&t) {
-            Ok(()) => println!("kubernetes: ok   {what} ({:?})", t0.elapsed()),
-            Err(e) => {
+        // Each check on a thread of its own, bounded: a check that hangs
+        // fails the run with its name instead of holding it until CI's
+        // limit (down.sh, run by the caller, removes what it left).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tt = t.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(f(&tt));
+        });
+        match rx.recv_timeout(CHECK_LIMIT) {
+            Ok(Ok(())) => println!("kubernetes: ok   {what} ({:?})", t0.elapsed()),
+            Ok(Err(e)) => {
                 failed += 1;
                 println!("kubernetes: FAIL {what}: {e}");
+            }
+            Err(_) => {
+                println!(
+                    "kubernetes: FAIL {what}: no result after {} s (hung); stopping",
+                    CHECK_LIMIT.as_secs()
+                );
+                return ExitCode::FAILURE;
             }
         }
     }
@@ -202,6 +222,40 @@ impl T {
         );
         left
     }
+}
+
+/// Stop 24's CI hang: the test read objects back through the backend's
+/// client on a runtime of its own. A connection the client opened there
+/// belonged to that runtime (its reactor and its connection task), which
+/// runs only while the test blocks on it; the backend's next request
+/// picked that idle connection from the pool and waited forever. The
+/// client now does all its I/O on the backend's runtime, and every call
+/// has a deadline. Here several requests at once from a foreign runtime
+/// (so the pool must open new connections there), then the backend's own
+/// calls, which must answer.
+fn foreign_runtime(t: &T) -> Result<(), String> {
+    let lp = kube::api::ListParams::default().labels("nanoclaw.backend=kubernetes");
+    let pods = t.pods();
+    let r = t
+        .rt
+        .block_on(async { futures_util::future::join_all((0..4).map(|_| pods.list(&lp))).await });
+    if let Some(Err(e)) = r.into_iter().find(Result::is_err) {
+        return Err(format!("listing from the test's runtime: {e}"));
+    }
+    for _ in 0..4 {
+        // A thread with a bound, in case the backend's deadline is gone.
+        let k = t.k.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(k.list().map(|l| l.len()));
+        });
+        match rx.recv_timeout(Duration::from_secs(90)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("the backend's list: {e}")),
+            Err(_) => return Err("the backend's list hung (90 s)".into()),
+        }
+    }
+    Ok(())
 }
 
 /// A change that makes a configuration ask for something refused.
