@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use nanoclaw_sandbox::native::session::{self, EntryInfo, ExecSpec, Execute};
+use nanoclaw_sandbox::outcome::NetworkReport;
 use nanoclaw_sandbox::spec::Stdin;
 use nanoclaw_sandbox::Outcome;
 
@@ -27,6 +28,12 @@ pub trait Host {
     fn write(&mut self, path: &str, data: Vec<u8>) -> Result<(), String>;
     /// Lists a directory.
     fn list(&mut self, path: &str) -> Result<Vec<EntryInfo>, String>;
+    /// What the sandbox's egress proxy did so far (cumulative: the loop
+    /// compares before and after a command to tell what that command did
+    /// at the network boundary); `None` without a proxy.
+    fn network(&mut self) -> Option<NetworkReport> {
+        None
+    }
 }
 
 /// One command for [`Host::exec`].
@@ -108,6 +115,10 @@ impl<E: Execute> Host for ExecHost<E> {
 
     fn list(&mut self, path: &str) -> Result<Vec<EntryInfo>, String> {
         session::list_dir(&mut self.inner, path, 1).map_err(|e| e.to_string())
+    }
+
+    fn network(&mut self) -> Option<NetworkReport> {
+        self.inner.network_report()
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nanoclaw_policy::model::{AskMode, Prices};
+use nanoclaw_sandbox::outcome::{NetDenial, NetworkReport};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -127,6 +128,59 @@ pub struct ToolRecord {
     pub result: String,
     /// Its audit record.
     pub audit_seq: Option<i64>,
+    /// What its commands did at the sandbox's network boundary (sandboxes
+    /// with an egress proxy only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<ToolNetwork>,
+}
+
+/// What one tool call's commands did at the egress proxy: the difference
+/// of its reports before and after them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ToolNetwork {
+    /// Connections allowed.
+    pub allowed: u64,
+    /// Requests that got a credential rule's headers from the proxy — a
+    /// secret the sandbox never held.
+    pub credentials_added: u64,
+    /// Connections refused (destination, port, reason).
+    pub denials: Vec<NetDenial>,
+}
+
+impl ToolNetwork {
+    /// `after` minus `before` (cumulative reports of one proxy).
+    fn between(before: &NetworkReport, after: &NetworkReport) -> ToolNetwork {
+        ToolNetwork {
+            allowed: after.allowed.saturating_sub(before.allowed),
+            credentials_added: after.intercepted.saturating_sub(before.intercepted),
+            denials: after
+                .denials
+                .get(before.denials.len()..)
+                .unwrap_or_default()
+                .to_vec(),
+        }
+    }
+
+    /// One line for the audit record and the model: what was refused and
+    /// how many requests got credentials (never their values).
+    fn summary(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.credentials_added > 0 {
+            parts.push(format!(
+                "credentials added at the boundary to {} request(s)",
+                self.credentials_added
+            ));
+        }
+        if !self.denials.is_empty() {
+            let d: Vec<String> = self
+                .denials
+                .iter()
+                .map(|d| format!("{}:{} ({})", d.destination, d.port, d.detail))
+                .collect();
+            parts.push(format!("refused by the network policy: {}", d.join("; ")));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
 }
 
 /// The outcome of a run.
@@ -570,7 +624,16 @@ impl Run<'_, '_> {
                 argv,
                 exit_code: rec.exit_code,
                 duration_ms: Some(started.elapsed().as_millis() as u64),
-                detail: format!("{}{}", rec.decision, if rec.ok { "" } else { ", failed" }),
+                detail: format!(
+                    "{}{}{}",
+                    rec.decision,
+                    if rec.ok { "" } else { ", failed" },
+                    rec.network
+                        .as_ref()
+                        .and_then(ToolNetwork::summary)
+                        .map(|n| format!("; {n}"))
+                        .unwrap_or_default()
+                ),
                 input: Some(input.to_string().into_bytes()),
                 output: Some(rec.result.clone().into_bytes()),
                 ..AuditEvent::default()
@@ -905,12 +968,18 @@ impl Run<'_, '_> {
     }
 
     fn command(&mut self, cmd: Command, rec: &mut ToolRecord) -> Result<String, String> {
+        let before = self.host.network();
         let o = self.host.exec(cmd)?;
+        let after = self.host.network();
+        rec.network = before.zip(after).map(|(b, a)| ToolNetwork::between(&b, &a));
         let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
         rec.exit_code = Some(o.cli_exit_code());
         let killed = o.killed_by.map(|k| format!("{k:?}"));
-        let text = command_result(o.exit_code, killed, &stdout, &stderr);
+        let mut text = command_result(o.exit_code, killed, &stdout, &stderr);
+        if let Some(n) = rec.network.as_ref().and_then(ToolNetwork::summary) {
+            text.push_str(&format!("\n--- network ---\n{n}\n"));
+        }
         rec.stdout = Some(cut(&stdout, MODEL_OUTPUT_LIMIT));
         rec.stderr = Some(cut(&stderr, MODEL_OUTPUT_LIMIT));
         Ok(text)
@@ -950,9 +1019,12 @@ impl Run<'_, '_> {
         body: Option<&str>,
         rec: &mut ToolRecord,
     ) -> Result<String, String> {
+        // `--globoff`: the URL is a URL, not one of curl's `{a,b}` / `[1-9]`
+        // patterns.
         let mut argv: Vec<String> = [
             "curl",
             "-sS",
+            "--globoff",
             "--max-time",
             "60",
             "--max-filesize",

@@ -640,21 +640,29 @@ impl<'a> Decoder<'a> {
                 }
             }
         }
-        let Some((v, p)) = f.get("rules") else {
-            return n;
-        };
+        if let Some((v, p)) = f.get("rules") {
+            n.rules = self.rules(v, &p);
+        }
+        n
+    }
+
+    /// `rules`: E2B's shape (a domain maps to a list of `{transform:
+    /// {headers}}`, or for short to `{headers}`); values `${VAR}` from
+    /// nanoclaw's environment, checked as the proxy checks them.
+    fn rules(&mut self, v: &Node, p: &str) -> Vec<NetworkRule> {
+        let mut out = Vec::new();
         let Value::Map(entries) = &v.value else {
             if !v.is_null() {
-                self.err(&p, v.pos, "expected a map of domain to header rules, e.g. api.github.com: {headers: {Authorization: \"Bearer ${GITHUB_TOKEN}\"}}");
+                self.err(p, v.pos, "expected a map of domain to header rules, e.g. api.github.com: {headers: {Authorization: \"Bearer ${GITHUB_TOKEN}\"}}");
             }
-            return n;
+            return out;
         };
         for (k, val) in entries {
             let Some(domain) = k.as_scalar() else {
-                self.err(&p, k.pos, "domains must be plain names");
+                self.err(p, k.pos, "domains must be plain names");
                 continue;
             };
-            let dp = join(&p, domain);
+            let dp = join(p, domain);
             if let Err(e) = nanoclaw_sandbox::net::rules::parse_domain(domain) {
                 self.err(&dp, k.pos, e.to_string());
                 continue;
@@ -723,12 +731,35 @@ impl<'a> Decoder<'a> {
                 self.err(&dp, k.pos, e.to_string());
                 continue;
             }
-            n.rules.push(NetworkRule {
+            out.push(NetworkRule {
                 domain: domain.to_string(),
                 headers,
             });
         }
-        n
+        out
+    }
+
+    /// A sandbox's (or an agent's) `network`: a mode, or E2B's object
+    /// `{mode, allowed_hosts, rules}` — the rules being this sandbox's own
+    /// credentials, added at its egress proxy.
+    fn sandbox_network(&mut self, v: &Node, path: &str, s: &mut SandboxSection) {
+        if !matches!(v.value, Value::Map(_)) {
+            s.network = self.network(v, path);
+            return;
+        }
+        let names = ["mode", "allowedHosts", "rules"];
+        let Some(f) = self.fields(v, path, &names, &[]) else {
+            return;
+        };
+        if let Some((m, p)) = f.get("mode") {
+            s.network = self.network(m, &p);
+        }
+        if let Some((h, p)) = f.get("allowedHosts") {
+            s.allowed_hosts = self.hosts(h, &p);
+        }
+        if let Some((r, p)) = f.get("rules") {
+            s.network_rules = Some(self.rules(r, &p));
+        }
     }
 
     /// Top-level `kubernetes`: `kubeconfig` (an absolute path),
@@ -1584,6 +1615,7 @@ impl<'a> Decoder<'a> {
             "default",
             "workspace",
             "sandbox",
+            "network",
             "tools",
             "llm",
             "system",
@@ -1648,6 +1680,14 @@ impl<'a> Decoder<'a> {
         }
         if let Some((v, p)) = f.get("sandbox") {
             e.sandbox = self.sandbox(v, &p);
+        }
+        if let Some((v, p)) = f.get("network") {
+            let sb = &e.sandbox;
+            if sb.network.is_some() || sb.allowed_hosts.is_some() || sb.network_rules.is_some() {
+                self.err(&p, v.pos, "the agent's network is also set under sandbox; set it in one place (sandbox.network)");
+            } else {
+                self.sandbox_network(v, &p, &mut e.sandbox);
+            }
         }
         if let Some((v, p)) = f.get("tools") {
             e.tools = self.tools(v, &p, false);
@@ -1770,10 +1810,18 @@ impl<'a> Decoder<'a> {
             s.bind_mounts = self.binds(v, &p, allow);
         }
         if let Some((v, p)) = f.get("network") {
-            s.network = self.network(v, &p);
+            self.sandbox_network(v, &p, &mut s);
         }
         if let Some((v, p)) = f.get("allowedHosts") {
-            s.allowed_hosts = self.hosts(v, &p);
+            if s.allowed_hosts.is_some() {
+                self.err(
+                    &p,
+                    v.pos,
+                    "allowed hosts are given twice, here and in network.allowed_hosts; keep one",
+                );
+            } else {
+                s.allowed_hosts = self.hosts(v, &p);
+            }
         }
         if let Some((v, p)) = f.get("setupCommand") {
             s.setup_command = self.nonempty(v, &p, "a shell command");

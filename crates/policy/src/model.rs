@@ -174,6 +174,10 @@ pub struct SandboxSection {
     pub network: Option<NetworkSetting>,
     /// `allowedHosts`.
     pub allowed_hosts: Option<Vec<String>>,
+    /// `network.rules` (the map form of `network`): this sandbox's own
+    /// credential rules, added to the top-level `network.rules` (a domain
+    /// named in both takes this one's headers).
+    pub network_rules: Option<Vec<NetworkRule>>,
     /// `setupCommand`.
     pub setup_command: Option<String>,
     /// `image`.

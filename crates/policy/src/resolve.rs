@@ -769,7 +769,19 @@ pub fn resolve(config: &Config, req: &Request) -> Result<Resolved, ResolveError>
         NetworkMode::Open => warnings.push(format!("network is open ({net_key}): sandboxed code can reach any host")),
         _ => {}
     }
-    let (egress, credential_rules) = egress_rules(&config.network, net_mode, &mut warnings);
+    let rules = merged_rules(
+        &config.network.rules,
+        [
+            def.network_rules.as_deref(),
+            ag.and_then(|s| s.network_rules.as_deref()),
+        ],
+    );
+    let (egress, credential_rules) = egress_rules(
+        &rules,
+        config.network.upstream_ca.as_ref(),
+        net_mode,
+        &mut warnings,
+    );
     let network = ResolvedNetwork {
         mode: net_mode,
         allowed_hosts: if net_mode == NetworkMode::Allowlist {
@@ -1222,16 +1234,39 @@ impl Resolved {
     }
 }
 
-/// The config's `network.rules` as the engine's [`Egress`] (checked when
-/// the config was decoded), and their description (domains and header
-/// names only). With network `none` they are dropped, with a warning.
+/// The top-level `network.rules`, then `agents.defaults`' and the agent's
+/// own (`sandbox.network.rules`): a later rule for a domain replaces an
+/// earlier one for the same domain whole, so an agent can use a credential
+/// of its own instead of the one every agent gets.
+fn merged_rules(
+    top: &[crate::model::NetworkRule],
+    layers: [Option<&[crate::model::NetworkRule]>; 2],
+) -> Vec<crate::model::NetworkRule> {
+    let mut out: Vec<crate::model::NetworkRule> = top.to_vec();
+    for r in layers.into_iter().flatten().flatten() {
+        match out
+            .iter_mut()
+            .find(|o| o.domain.eq_ignore_ascii_case(&r.domain))
+        {
+            Some(o) => *o = r.clone(),
+            None => out.push(r.clone()),
+        }
+    }
+    out
+}
+
+/// `rules` (merged by [`merged_rules`]) as the engine's [`Egress`]
+/// (checked when the config was decoded), and their description (domains
+/// and header names only). With network `none` they are dropped, with a
+/// warning.
 fn egress_rules(
-    n: &crate::model::NetworkSection,
+    rules: &[crate::model::NetworkRule],
+    upstream_ca: Option<&PathBuf>,
     mode: NetworkMode,
     warnings: &mut Vec<String>,
 ) -> (nanoclaw_sandbox::spec::Egress, Vec<String>) {
     use nanoclaw_sandbox::net::{HeaderRule, HeaderRules};
-    if n.rules.is_empty() {
+    if rules.is_empty() {
         return Default::default();
     }
     if mode == NetworkMode::None {
@@ -1239,16 +1274,14 @@ fn egress_rules(
             "network.rules do nothing here: this sandbox has no network (mode none)".to_string(),
         );
     }
-    let describe = n
-        .rules
+    let describe = rules
         .iter()
         .map(|r| {
             let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
             format!("{}: {}", r.domain, names.join(", "))
         })
         .collect();
-    let rules = n
-        .rules
+    let header_rules = rules
         .iter()
         .map(|r| HeaderRule {
             domain: r.domain.clone(),
@@ -1259,11 +1292,11 @@ fn egress_rules(
                 .collect(),
         })
         .collect();
-    match HeaderRules::new(rules) {
+    match HeaderRules::new(header_rules) {
         Ok(rules) => (
             nanoclaw_sandbox::spec::Egress {
                 rules,
-                upstream_ca: n.upstream_ca.clone(),
+                upstream_ca: upstream_ca.cloned(),
             },
             describe,
         ),

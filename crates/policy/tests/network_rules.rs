@@ -76,3 +76,90 @@ fn a_written_secret_warns_and_bad_rules_are_errors() {
         assert!(errs.iter().any(|e| e.contains(why)), "{bad}: {errs:?}");
     }
 }
+
+/// An agent's own rules (issue 13 item 5): the map form of its network
+/// (`{mode, allowed_hosts, rules}`, under `sandbox` or on the agent),
+/// added to the top-level rules, the agent's winning for a domain in both;
+/// another agent gets only the top-level ones.
+#[test]
+fn an_agents_network_map_carries_its_own_rules() {
+    let yaml = "
+network:
+  rules:
+    api.github.com:
+      headers: {Authorization: \"Bearer top-level\"}
+    shared.test:
+      headers: {X-Shared: \"${ANTHROPIC_API_KEY}\"}
+agents:
+  list:
+    - id: coder
+      sandbox:
+        mode: all
+        network:
+          mode: allowlist
+          allowed_hosts: [api.github.com, api.test]
+          rules:
+            api.test:
+              - transform:
+                  headers:
+                    Authorization: \"Bearer ${ANTHROPIC_API_KEY}\"
+            api.github.com:
+              headers: {X-Agent: \"${ANTHROPIC_API_KEY}\"}
+    - id: other
+      sandbox: {mode: all}
+      network: {mode: allowlist, allowedHosts: [api.test]}
+";
+    let l = load(yaml);
+    let errs: Vec<String> = l.errors().map(|d| d.to_string()).collect();
+    assert!(errs.is_empty(), "{errs:?}");
+    let r = resolve(&l.config, &Request::new(Some("coder"), "main")).expect("resolve");
+    assert_eq!(r.network.allowed_hosts, vec!["api.github.com", "api.test"]);
+    let spec = r.to_spec(vec!["true".into()]).expect("spec");
+    let rules = &spec.egress.rules;
+    assert_eq!(
+        rules.headers_for("api.test"),
+        vec![("Authorization", "Bearer sk-ant-secret-value")]
+    );
+    // The agent's rule for api.github.com replaced the top-level one whole.
+    assert_eq!(
+        rules.headers_for("api.github.com"),
+        vec![("X-Agent", "sk-ant-secret-value")]
+    );
+    assert_eq!(rules.headers_for("shared.test").len(), 1);
+    let json = serde_json::to_string(&r).expect("json");
+    assert!(!json.contains("sk-ant-secret-value"), "{json}");
+    assert!(!format!("{:?}", l.config).contains("sk-ant-secret-value"));
+
+    let r = resolve(&l.config, &Request::new(Some("other"), "main")).expect("resolve");
+    assert_eq!(r.network.allowed_hosts, vec!["api.test"]);
+    let spec = r.to_spec(vec!["true".into()]).expect("spec");
+    assert!(spec.egress.rules.headers_for("api.test").is_empty());
+    assert_eq!(
+        spec.egress.rules.headers_for("api.github.com"),
+        vec![("Authorization", "Bearer top-level")]
+    );
+
+    // Set twice, or a bad rule: one error naming the key.
+    for (bad, why) in [
+        (
+            "    - id: x\n      sandbox: {network: allowlist}\n      network: {mode: allowlist}\n",
+            "set it in one place",
+        ),
+        (
+            "    - id: x\n      sandbox:\n        network: {allowed_hosts: [a.test]}\n        allowedHosts: [b.test]\n",
+            "given twice",
+        ),
+        (
+            "    - id: x\n      sandbox:\n        network: {rules: {a.test: {headers: {Host: evil.test}}}}\n",
+            "cannot be set by a rule",
+        ),
+        (
+            "    - id: x\n      sandbox:\n        network: {mode: allowlist, hosts: [a.test]}\n",
+            "hosts",
+        ),
+    ] {
+        let l = load(&format!("agents:\n  list:\n{bad}"));
+        let errs: Vec<String> = l.errors().map(|d| d.to_string()).collect();
+        assert!(errs.iter().any(|e| e.contains(why)), "{bad}: {errs:?}");
+    }
+}

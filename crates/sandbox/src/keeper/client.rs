@@ -371,6 +371,14 @@ impl session::Execute for Remote {
     fn sandbox_id(&self) -> &str {
         &self.id
     }
+
+    /// The keeper's report (an `Inspect`); `None` when it does not answer.
+    fn network_report(&mut self) -> Option<crate::outcome::NetworkReport> {
+        match self.ask(&Request::Inspect) {
+            Ok(Reply::Live(l)) => l.network,
+            _ => None,
+        }
+    }
 }
 
 /// Ends the sandbox `st` held by `remote`'s keeper and waits until the

@@ -748,6 +748,13 @@ pub trait Execute {
     fn execute(&mut self, spec: &ExecSpec) -> Result<Outcome, Error>;
     /// The sandbox's id, for messages.
     fn sandbox_id(&self) -> &str;
+    /// What the sandbox's egress proxy did so far (counters and every
+    /// refusal, cumulative), so that a caller can tell what one command
+    /// did at the boundary; `None` when there is no proxy, or no way to
+    /// ask.
+    fn network_report(&mut self) -> Option<crate::outcome::NetworkReport> {
+        None
+    }
 }
 
 impl Execute for Sandbox {
@@ -757,6 +764,10 @@ impl Execute for Sandbox {
 
     fn sandbox_id(&self) -> &str {
         &self.id
+    }
+
+    fn network_report(&mut self) -> Option<crate::outcome::NetworkReport> {
+        network_report(self)
     }
 }
 
