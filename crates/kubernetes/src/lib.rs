@@ -31,6 +31,7 @@
 mod client;
 mod exec;
 pub mod pod;
+pub mod pool;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -316,7 +317,9 @@ impl Kubernetes {
                     Some((h, owner)) => h == host && !owner_alive(owner),
                     None => false,
                 });
-            if (orphan || !running(&p)) && self.remove(&id).is_ok() {
+            // A Pod still starting is not swept: another live process
+            // (a replica, a pool's refill) may be waiting for it.
+            if (orphan || ended(&p)) && self.remove(&id).is_ok() {
                 gone.push(id);
             } else {
                 live.insert(object_name(&id));
@@ -380,9 +383,9 @@ impl Kubernetes {
     }
 
     /// Creates the NetworkPolicy, then the Pod, then makes the Pod own the
-    /// policy; waits until the Pod runs. Returns the Pod as the server has
-    /// it.
-    fn apply(&self, pod: &Pod, np: &NetworkPolicy) -> Result<Pod, Error> {
+    /// policy; waits until the Pod runs when `wait`. Returns the Pod as the
+    /// server has it.
+    fn apply(&self, pod: &Pod, np: &NetworkPolicy, wait: bool) -> Result<Pod, Error> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let pp = PatchParams::apply(MANAGER).force();
         // The policy first, so the Pod never runs without it.
@@ -406,6 +409,9 @@ impl Kubernetes {
             &Patch::Apply(&owned),
         )))
         .map_err(|e| api_error(&format!("owning networkpolicy {name}"), e))?;
+        if !wait {
+            return Ok(made);
+        }
         self.wait_running(&name)
     }
 
@@ -435,6 +441,60 @@ impl Kubernetes {
         }
         let why = hopeless(&pod).unwrap_or_else(|| "it ended".into());
         Err(Error::InvalidSpec(format!("pod {name} cannot run: {why}")))
+    }
+
+    /// Makes sandbox `config`'s objects, its Pod carrying the `extra`
+    /// labels too (a pool's); waits until the Pod runs when `wait`.
+    pub(crate) fn make(
+        &self,
+        config: &SandboxConfig,
+        extra: &[(&str, &str)],
+        wait: bool,
+    ) -> Result<KubeSandbox, Error> {
+        self.check(config)?;
+        let Root::Image(image) = &config.spec.root else {
+            return pod::refuse_unsupported(config).and(Err(backend_error("no image")));
+        };
+        let id = new_id();
+        let owner = owner_now();
+        let deadline = now_s() + config.spec.limits.timeout.as_secs().max(1);
+        let plan = pod::Plan {
+            id: &id,
+            image,
+            pull_policy: self
+                .opts
+                .image_pull_policy
+                .as_deref()
+                .unwrap_or("IfNotPresent"),
+            runtime_class: self.opts.runtime_class_name.as_deref(),
+            owner: &owner,
+            deadline,
+        };
+        let (mut p, _) = pod::pod(config, &plan)?;
+        let labels = p.metadata.labels.get_or_insert_with(Default::default);
+        for (k, v) in extra {
+            labels.insert((*k).to_string(), (*v).to_string());
+        }
+        let np = pod::network_policy(config, &id)?;
+        match self.apply(&p, &np, wait) {
+            Ok(made) => match self.handle(&made) {
+                Some(h) => Ok(h),
+                None => {
+                    let _ = self.remove(&id);
+                    Err(backend_error("the pod lost its labels"))
+                }
+            },
+            Err(e) => {
+                let _ = self.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the API server serves API group `group` (discovery).
+    pub fn has_api_group(&self, group: &str) -> bool {
+        self.block(timed(self.client.list_api_groups()))
+            .is_ok_and(|g| g.groups.iter().any(|g| g.name == group))
     }
 
     fn handle(&self, pod: &Pod) -> Option<KubeSandbox> {
@@ -494,6 +554,14 @@ fn sandbox_id(pod: &Pod) -> Option<String> {
 fn running(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+/// The Pod's containers ended (its lifetime, or its command).
+fn ended(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed") | Some("Succeeded")
+    )
 }
 
 /// Why the Pod will not run, when it is clear that it will not.
@@ -558,6 +626,11 @@ fn owner_alive(owner: &str) -> bool {
     }
 }
 
+/// This process as a sandbox's maker ([`ANN_OWNER`]'s value).
+fn owner_now() -> String {
+    format!("{} {}", hostname(), owner_of(std::process::id()))
+}
+
 /// A fresh sandbox id: 12 hex digits.
 fn new_id() -> String {
     let mut b = [0u8; 6];
@@ -611,40 +684,7 @@ impl Backend for Kubernetes {
     }
 
     fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error> {
-        self.check(config)?;
-        let Root::Image(image) = &config.spec.root else {
-            return pod::refuse_unsupported(config).and(Err(backend_error("no image")));
-        };
-        let id = new_id();
-        let owner = format!("{} {}", hostname(), owner_of(std::process::id()));
-        let deadline = now_s() + config.spec.limits.timeout.as_secs().max(1);
-        let plan = pod::Plan {
-            id: &id,
-            image,
-            pull_policy: self
-                .opts
-                .image_pull_policy
-                .as_deref()
-                .unwrap_or("IfNotPresent"),
-            runtime_class: self.opts.runtime_class_name.as_deref(),
-            owner: &owner,
-            deadline,
-        };
-        let (p, _) = pod::pod(config, &plan)?;
-        let np = pod::network_policy(config, &id)?;
-        match self.apply(&p, &np) {
-            Ok(made) => match self.handle(&made) {
-                Some(h) => Ok(Box::new(h)),
-                None => {
-                    let _ = self.remove(&id);
-                    Err(backend_error("the pod lost its labels"))
-                }
-            },
-            Err(e) => {
-                let _ = self.remove(&id);
-                Err(e)
-            }
-        }
+        Ok(Box::new(self.make(config, &[], true)?))
     }
 
     fn list(&self) -> Result<Vec<SandboxInfo>, Error> {

@@ -21,6 +21,9 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use nanoclaw_kubernetes::pod::object_name;
+use nanoclaw_kubernetes::pool::{
+    Pool, PoolMode, PoolOptions, LABEL_CLAIM, LABEL_POOL, LABEL_POOL_STATE,
+};
 use nanoclaw_kubernetes::{KubeOptions, Kubernetes};
 use nanoclaw_sandbox::backend::{Backend, LiveSandbox, SandboxConfig};
 use nanoclaw_sandbox::native::session::ExecSpec;
@@ -73,7 +76,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     type Check = fn(&T) -> Result<(), String>;
-    let checks: [(&str, Check); 8] = [
+    let checks: [(&str, Check); 10] = [
         ("the client used from another runtime strands no connection", foreign_runtime),
         ("fields it cannot honour are refused by name", refused),
         ("exec: output, exit codes, stdin, env, workdir; files", exec_and_files),
@@ -82,6 +85,8 @@ fn main() -> ExitCode {
         ("a NetworkPolicy per sandbox, owned by its Pod; open egress allows public addresses only", network_policy),
         ("the lifetime ends a Pod with nobody watching (activeDeadlineSeconds)", lifetime),
         ("a handle found again by id (list, attach); destroy leaves nothing", attach_and_destroy),
+        ("a warm pool: warm claims, refill, the budget, cleanup", warm_pool),
+        ("claimants at once never share a Pod (resourceVersion on the claim)", concurrent_claims),
     ];
     let t = std::sync::Arc::new(t);
     let mut failed = 0;
@@ -668,4 +673,175 @@ fn attach_and_destroy(t: &T) -> Result<(), String> {
             other.map(|s| s.id().to_string())
         )),
     }
+}
+
+fn pool_options(name: &str, size: usize, budget: usize) -> PoolOptions {
+    PoolOptions {
+        name: name.into(),
+        size,
+        budget,
+        warm_lifetime: Duration::from_secs(600),
+    }
+}
+
+/// Waits (reading the pool's Pods, bounded) until `want` holds for
+/// (warm and running, all); checks the budget at every look.
+fn until_counts(
+    pool: &Pool,
+    budget: usize,
+    want: impl Fn(usize, usize) -> bool,
+) -> Result<(usize, usize), String> {
+    let t0 = Instant::now();
+    loop {
+        let (warm, all) = pool.counts().map_err(|e| e.to_string())?;
+        if all > budget {
+            return Err(format!(
+                "{all} Pods in the pool, over its budget of {budget}"
+            ));
+        }
+        if want(warm, all) {
+            return Ok((warm, all));
+        }
+        if t0.elapsed() > Duration::from_secs(150) {
+            return Err(format!("the pool stayed at {warm} warm / {all} Pods"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pool's Pods left in the namespace.
+fn pool_pods(t: &T, name: &str) -> Vec<Pod> {
+    let lp = kube::api::ListParams::default().labels(&format!("{LABEL_POOL}={name}"));
+    t.rt.block_on(t.pods().list(&lp))
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+fn warm_pool(t: &T) -> Result<(), String> {
+    let name = "test-warm";
+    let pool = Pool::start(&t.k, config(), pool_options(name, 2, 3)).map_err(|e| e.to_string())?;
+    // Kubernetes 1.20 here has no agent-sandbox CRDs: plain Pods.
+    if pool.mode() != PoolMode::PlainPods {
+        return Err(format!(
+            "mode {:?} on a cluster without the CRDs",
+            pool.mode()
+        ));
+    }
+    until_counts(&pool, 3, |w, _| w == 2)?;
+    let a = pool
+        .claim(Duration::from_secs(120))
+        .map_err(|e| format!("claim: {e}"))?;
+    if !a.warm {
+        return Err("a claim from a full pool was cold".into());
+    }
+    let o = a
+        .sandbox
+        .exec(&sh("echo $FROM_CONFIG"))
+        .map_err(|e| e.to_string())?;
+    if text(&o.stdout) != "yes\n" {
+        return Err(format!("exec in a claimed Pod: {o:?}"));
+    }
+    let p = t.pod(a.sandbox.id()).ok_or("the claimed Pod is gone")?;
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    if labels.get(LABEL_POOL_STATE).map(String::as_str) != Some("claimed")
+        || !labels.contains_key(LABEL_CLAIM)
+    {
+        return Err(format!("the claimed Pod's labels: {labels:?}"));
+    }
+    let deadline = p.spec.and_then(|s| s.active_deadline_seconds).unwrap_or(0);
+    if !(120..600).contains(&deadline) {
+        return Err(format!(
+            "the claim did not lower activeDeadlineSeconds: {deadline}"
+        ));
+    }
+    // Refilled to 2 warm, within the budget of 3 (1 claimed + 2 warm).
+    until_counts(&pool, 3, |w, all| w == 2 && all == 3)?;
+    let b = pool
+        .claim(Duration::from_secs(120))
+        .map_err(|e| format!("claim 2: {e}"))?;
+    let c = pool
+        .claim(Duration::from_secs(120))
+        .map_err(|e| format!("claim 3: {e}"))?;
+    if !b.warm || !c.warm {
+        return Err(format!("claims 2, 3: warm {} {}", b.warm, c.warm));
+    }
+    // 3 claimed: the budget is used up; no refill, and a claim is refused.
+    let (w, all) = pool.counts().map_err(|e| e.to_string())?;
+    if w != 0 || all != 3 {
+        return Err(format!("after 3 claims: {w} warm / {all}"));
+    }
+    match pool.claim(Duration::from_secs(60)) {
+        Err(e) if e.to_string().contains("budget") => {}
+        Err(e) => return Err(format!("a claim past the budget: {e}")),
+        Ok(_) => return Err("a claim past the budget got a Pod".into()),
+    }
+    // Releasing a claim lets the pool refill (one warm again).
+    b.sandbox.destroy().map_err(|e| e.to_string())?;
+    until_counts(&pool, 3, |w, _| w == 1)?;
+    for s in [a, c] {
+        s.sandbox.destroy().map_err(|e| e.to_string())?;
+    }
+    drop(pool);
+    let left = pool_pods(t, name);
+    if !left.is_empty() {
+        return Err(format!(
+            "{} pool Pods left after the pool was dropped",
+            left.len()
+        ));
+    }
+    Ok(())
+}
+
+fn concurrent_claims(t: &T) -> Result<(), String> {
+    let name = "test-race";
+    let pool = Pool::start(&t.k, config(), pool_options(name, 4, 4)).map_err(|e| e.to_string())?;
+    until_counts(&pool, 4, |w, _| w == 4)?;
+    let pool = std::sync::Arc::new(pool);
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let claimants: Vec<_> = (0..6)
+        .map(|_| {
+            let (pool, gate) = (pool.clone(), gate.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                pool.claim(Duration::from_secs(120))
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    let mut refused = Vec::new();
+    for c in claimants {
+        match c.join() {
+            Ok(Ok(claim)) => got.push(claim),
+            Ok(Err(e)) => refused.push(e.to_string()),
+            Err(_) => return Err("a claimant panicked".into()),
+        }
+    }
+    let mut ids: Vec<String> = got.iter().map(|c| c.sandbox.id().to_string()).collect();
+    let cold = got.iter().filter(|c| !c.warm).count();
+    ids.sort();
+    ids.dedup();
+    let r = if ids.len() != got.len() {
+        Err(format!(
+            "two claimants got the same Pod: {} claims, {} Pods",
+            got.len(),
+            ids.len()
+        ))
+    } else if got.len() != 4 || cold != 0 || refused.iter().any(|e| !e.contains("budget")) {
+        Err(format!(
+            "{} claims ({cold} cold), refused: {refused:?}",
+            got.len()
+        ))
+    } else {
+        Ok(())
+    };
+    for c in got {
+        let _ = c.sandbox.destroy();
+    }
+    drop(pool);
+    r?;
+    let left = pool_pods(t, name);
+    if !left.is_empty() {
+        return Err(format!("{} pool Pods left", left.len()));
+    }
+    Ok(())
 }
