@@ -237,26 +237,18 @@ fn the_e2b_sdk_runs_against_nanoclaw_serve() {
     for m in modes("the_e2b_sdk_runs_against_nanoclaw_serve") {
         let before = keepers(m);
         let d = Daemon::new(m, "sdk");
-        let o = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/python/test_e2b_sdk.py",
-            ])
-            .current_dir(repo())
-            .env("NANOCLAW_E2B_API_URL", d.url())
-            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
-            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
-            .env("NANOCLAW_REQUIRE_E2B", "1")
-            .env(
-                "NANOCLAW_E2B_ROOTLESS",
-                if m.user.is_some() { "1" } else { "0" },
-            )
-            .output()
-            .expect("run pytest");
+        let o = e2b_pytest(
+            &venv,
+            "tests/python/test_e2b_sdk.py",
+            &d.url(),
+            (&d.keys.0, &d.keys.1),
+        )
+        .env(
+            "NANOCLAW_E2B_ROOTLESS",
+            if m.user.is_some() { "1" } else { "0" },
+        )
+        .output()
+        .expect("run pytest");
         let out = text(&o.stdout);
         assert!(
             o.status.success(),
@@ -308,22 +300,14 @@ fn the_code_interpreter_sdk_runs_against_nanoclaw_serve() {
     for m in modes("the_code_interpreter_sdk_runs_against_nanoclaw_serve") {
         let before = keepers(m);
         let d = Daemon::new(m, "ci");
-        let o = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/python/test_code_interpreter.py",
-            ])
-            .current_dir(repo())
-            .env("NANOCLAW_E2B_API_URL", d.url())
-            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
-            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
-            .env("NANOCLAW_REQUIRE_E2B", "1")
-            .output()
-            .expect("run pytest");
+        let o = e2b_pytest(
+            &venv,
+            "tests/python/test_code_interpreter.py",
+            &d.url(),
+            (&d.keys.0, &d.keys.1),
+        )
+        .output()
+        .expect("run pytest");
         let out = text(&o.stdout);
         assert!(
             o.status.success(),
@@ -948,25 +932,17 @@ fn network_rules_from_the_e2b_sdk_reach_the_host_and_never_the_sandbox() {
     for m in modes(t) {
         let before = keepers(m);
         let d = Daemon::with_hosts(m, "rules", &hosts, &[("NANOCLAW_UPSTREAM_CA", &ca)]);
-        let o = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/python/test_e2b_network_rules.py",
-            ])
-            .current_dir(repo())
-            .env("NANOCLAW_E2B_API_URL", d.url())
-            .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
-            .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
-            .env("NANOCLAW_REQUIRE_E2B", "1")
-            .env("NANOCLAW_RULES_SECRET", &s1)
-            .env("NANOCLAW_RULES_SECRET2", &s2)
-            .env("NANOCLAW_RULES_HALVES", format!("{h1}:{h2}:{h1b}:{h2b}"))
-            .output()
-            .expect("run pytest");
+        let o = e2b_pytest(
+            &venv,
+            "tests/python/test_e2b_network_rules.py",
+            &d.url(),
+            (&d.keys.0, &d.keys.1),
+        )
+        .env("NANOCLAW_RULES_SECRET", &s1)
+        .env("NANOCLAW_RULES_SECRET2", &s2)
+        .env("NANOCLAW_RULES_HALVES", format!("{h1}:{h2}:{h1b}:{h2b}"))
+        .output()
+        .expect("run pytest");
         let out = text(&o.stdout);
         assert!(
             o.status.success(),

@@ -304,24 +304,16 @@ fn the_e2b_sdk_drives_native_docker_and_gvisor_sandboxes_side_by_side() {
     let (flags, names) = templates(test);
     let d = Daemon::new("sdk", &flags);
     let ids_file = d.data.join("ids");
-    let o = Command::new(venv.join("bin/python"))
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/python/test_serve_backends.py",
-        ])
-        .current_dir(repo())
-        .env("NANOCLAW_E2B_API_URL", d.url())
-        .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
-        .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
-        .env("NANOCLAW_REQUIRE_E2B", "1")
-        .env("NANOCLAW_BACKEND_TEMPLATES", &names)
-        .env("NANOCLAW_BACKEND_IDS", &ids_file)
-        .output()
-        .expect("run pytest");
+    let o = e2b_pytest(
+        &venv,
+        "tests/python/test_serve_backends.py",
+        &d.url(),
+        (&d.keys.0, &d.keys.1),
+    )
+    .env("NANOCLAW_BACKEND_TEMPLATES", &names)
+    .env("NANOCLAW_BACKEND_IDS", &ids_file)
+    .output()
+    .expect("run pytest");
     let out = text(&o.stdout);
     assert!(
         o.status.success(),
@@ -534,27 +526,19 @@ fn e2b_network_options_hold_in_docker_and_gvisor_sandboxes() {
     let d = Daemon::with_hosts("egress", &flags, Some(&hosts));
     let pid = d.child.as_ref().map(Child::id).expect("the daemon's pid");
     let ids_file = d.data.join("ids");
-    let o = Command::new(venv.join("bin/python"))
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/python/test_serve_backends_egress.py",
-        ])
-        .current_dir(repo())
-        .env("NANOCLAW_E2B_API_URL", d.url())
-        .env("NANOCLAW_E2B_API_KEY", &d.keys.0)
-        .env("NANOCLAW_E2B_API_KEY_B", &d.keys.1)
-        .env("NANOCLAW_REQUIRE_E2B", "1")
-        .env("NANOCLAW_BACKEND_TEMPLATES", &names)
-        .env("NANOCLAW_BACKEND_IDS", &ids_file)
-        .env("NANOCLAW_EGRESS_HOST", &web)
-        .env("NANOCLAW_EGRESS_OTHER", &other)
-        .env("NANOCLAW_EGRESS_HITS", net.dir.join("hits.log"))
-        .output()
-        .expect("run pytest");
+    let o = e2b_pytest(
+        &venv,
+        "tests/python/test_serve_backends_egress.py",
+        &d.url(),
+        (&d.keys.0, &d.keys.1),
+    )
+    .env("NANOCLAW_BACKEND_TEMPLATES", &names)
+    .env("NANOCLAW_BACKEND_IDS", &ids_file)
+    .env("NANOCLAW_EGRESS_HOST", &web)
+    .env("NANOCLAW_EGRESS_OTHER", &other)
+    .env("NANOCLAW_EGRESS_HITS", net.dir.join("hits.log"))
+    .output()
+    .expect("run pytest");
     let out = text(&o.stdout);
     assert!(
         o.status.success(),

@@ -147,6 +147,21 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `python -m pytest -q -p no:cacheprovider SUITE` with the venv's Python,
+/// from the repository's root, pointed at an E2B-compatible daemon: its
+/// URL and the API keys of tenants A and B (the suites' conftest.py reads
+/// them), the SDK required. Callers add their suite's own settings.
+pub fn e2b_pytest(venv: &Path, suite: &str, url: &str, keys: (&str, &str)) -> Command {
+    let mut c = Command::new(venv.join("bin/python"));
+    c.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", suite])
+        .current_dir(repo())
+        .env("NANOCLAW_E2B_API_URL", url)
+        .env("NANOCLAW_E2B_API_KEY", keys.0)
+        .env("NANOCLAW_E2B_API_KEY_B", keys.1)
+        .env("NANOCLAW_REQUIRE_E2B", "1");
+    c
+}
+
 /// The venv with the pinned Python packages (tests/python/requirements.txt,
 /// made by .ci/python-venv.sh): `$NANOCLAW_VENV`, else `venv` in the target
 /// dir. `None` after a SKIP line naming `what` the suite needs from it; a
