@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::testnet::{TestNet, CRED_SERVER};
-use common::{modes, nc, repo, text, venv, Mode};
+use common::{e2b_pytest, modes, nc, text, venv, Mode};
 
 /// The tests count keeper processes: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

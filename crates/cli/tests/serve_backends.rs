@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::testnet::TestNet;
-use common::{is_root, repo, text, venv};
+use common::{e2b_pytest, is_root, repo, text, venv};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
 /// The Docker image the E2B sandboxes run (.ci/build-docker-e2b-image.sh).
