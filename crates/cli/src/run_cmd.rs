@@ -271,17 +271,13 @@ fn policy_spec(
             Network::Kernel { .. } => None,
         }
         .filter(|_| network_flags_given(a)),
-        allow_hosts: a.allow_host.clone(),
+        // The config's allowed_hosts holds names and addresses alike.
+        allow_hosts: a.allow_host.iter().chain(&a.allow_cidr).cloned().collect(),
         ..CliOverrides::default()
     };
     o.mounts = crate::config_cmd::parse_cli_mounts(&a.mounts)?;
     let plan = crate::config_cmd::plan_run(&a.policy, o, flags.command.clone())?;
     for w in &plan.warnings {
-        // --allow-cidr destinations are not hosts: the resolver's "no hosts
-        // are allowed" does not hold when they are given.
-        if !a.allow_cidr.is_empty() && w.contains("no hosts are allowed") {
-            continue;
-        }
         eprintln!("nanoclaw: warning: {w}");
     }
     let mut spec = match plan.execution {
