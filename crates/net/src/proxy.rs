@@ -452,69 +452,77 @@ impl Shared {
     }
 }
 
+/// The methods [`ProxyHandle`] and [`BlockingProxy`] share: both hold the
+/// proxy's `shared` state and its listen addresses (`addrs`).
+macro_rules! proxy_control {
+    () => {
+        /// The policy now.
+        pub fn policy(&self) -> NetworkPolicy {
+            NetworkPolicy::clone(&self.shared.live.policy())
+        }
+
+        /// Replaces the policy: new connections and DNS answers follow it at
+        /// once, and open connections that no rule of it admits are closed.
+        pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
+            self.shared.live.replace(policy)
+        }
+
+        /// Replaces the policy and, when `rules` is given, the credential
+        /// rules (see [`Shared::set_egress`]).
+        pub fn set_egress(
+            &self,
+            policy: NetworkPolicy,
+            rules: Option<HeaderRules>,
+        ) -> Result<PolicyUpdate, InterceptError> {
+            self.shared.set_egress(policy, rules)
+        }
+
+        /// The credential rules now (`None`: the proxy intercepts nothing).
+        pub fn rules(&self) -> Option<HeaderRules> {
+            self.shared
+                .intercept
+                .as_ref()
+                .map(|i| HeaderRules::clone(&i.rules()))
+        }
+
+        /// Every refusal so far, oldest first.
+        pub fn denials(&self) -> Vec<Denial> {
+            self.shared.rec.denials()
+        }
+
+        /// Counters.
+        pub fn stats(&self) -> Stats {
+            self.shared.rec.stats()
+        }
+
+        /// Every transparent connection decided so far (allowed and refused),
+        /// with live byte counts, oldest first.
+        pub fn connections(&self) -> Vec<ConnRecord> {
+            self.shared.rec.connections()
+        }
+
+        /// Every DNS query the sandbox's resolver answered, oldest first.
+        pub fn dns_queries(&self) -> Vec<DnsRecord> {
+            self.shared.rec.dns_queries()
+        }
+
+        /// Where the proxy listens.
+        pub fn local_addrs(&self) -> &[ListenAddr] {
+            &self.addrs
+        }
+
+        /// The first TCP listener's address, if any.
+        pub fn tcp_addr(&self) -> Option<SocketAddr> {
+            self.addrs.iter().find_map(|a| match a {
+                ListenAddr::Tcp(a) => Some(*a),
+                ListenAddr::Unix(_) => None,
+            })
+        }
+    };
+}
+
 impl ProxyHandle {
-    /// The policy now.
-    pub fn policy(&self) -> NetworkPolicy {
-        NetworkPolicy::clone(&self.shared.live.policy())
-    }
-
-    /// Replaces the policy: new connections and DNS answers follow it at
-    /// once, and open connections that no rule of it admits are closed.
-    pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
-        self.shared.live.replace(policy)
-    }
-
-    /// Replaces the policy and, when `rules` is given, the credential
-    /// rules (see [`Shared::set_egress`]).
-    pub fn set_egress(
-        &self,
-        policy: NetworkPolicy,
-        rules: Option<HeaderRules>,
-    ) -> Result<PolicyUpdate, InterceptError> {
-        self.shared.set_egress(policy, rules)
-    }
-
-    /// The credential rules now (`None`: the proxy intercepts nothing).
-    pub fn rules(&self) -> Option<HeaderRules> {
-        self.shared
-            .intercept
-            .as_ref()
-            .map(|i| HeaderRules::clone(&i.rules()))
-    }
-
-    /// Every refusal so far, oldest first.
-    pub fn denials(&self) -> Vec<Denial> {
-        self.shared.rec.denials()
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> Stats {
-        self.shared.rec.stats()
-    }
-
-    /// Every transparent connection decided so far (allowed and refused),
-    /// with live byte counts, oldest first.
-    pub fn connections(&self) -> Vec<ConnRecord> {
-        self.shared.rec.connections()
-    }
-
-    /// Every DNS query the sandbox's resolver answered, oldest first.
-    pub fn dns_queries(&self) -> Vec<DnsRecord> {
-        self.shared.rec.dns_queries()
-    }
-
-    /// Where the proxy listens.
-    pub fn local_addrs(&self) -> &[ListenAddr] {
-        &self.addrs
-    }
-
-    /// The first TCP listener's address, if any.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.addrs.iter().find_map(|a| match a {
-            ListenAddr::Tcp(a) => Some(*a),
-            ListenAddr::Unix(_) => None,
-        })
-    }
+    proxy_control!();
 
     /// Stops accepting, closes every open connection, removes the Unix
     /// socket files, and waits for all of it.
@@ -542,69 +550,7 @@ pub struct BlockingProxy {
 }
 
 impl BlockingProxy {
-    /// The policy now.
-    pub fn policy(&self) -> NetworkPolicy {
-        NetworkPolicy::clone(&self.shared.live.policy())
-    }
-
-    /// Replaces the policy: new connections and DNS answers follow it at
-    /// once, and open connections that no rule of it admits are closed
-    /// (see [`ProxyHandle::set_policy`]).
-    pub fn set_policy(&self, policy: NetworkPolicy) -> PolicyUpdate {
-        self.shared.live.replace(policy)
-    }
-
-    /// Replaces the policy and, when `rules` is given, the credential
-    /// rules (see [`ProxyHandle::set_egress`]).
-    pub fn set_egress(
-        &self,
-        policy: NetworkPolicy,
-        rules: Option<HeaderRules>,
-    ) -> Result<PolicyUpdate, InterceptError> {
-        self.shared.set_egress(policy, rules)
-    }
-
-    /// The credential rules now (`None`: the proxy intercepts nothing).
-    pub fn rules(&self) -> Option<HeaderRules> {
-        self.shared
-            .intercept
-            .as_ref()
-            .map(|i| HeaderRules::clone(&i.rules()))
-    }
-
-    /// Every refusal so far, oldest first.
-    pub fn denials(&self) -> Vec<Denial> {
-        self.shared.rec.denials()
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> Stats {
-        self.shared.rec.stats()
-    }
-
-    /// Every transparent connection decided so far (allowed and refused),
-    /// with live byte counts, oldest first.
-    pub fn connections(&self) -> Vec<ConnRecord> {
-        self.shared.rec.connections()
-    }
-
-    /// Every DNS query the sandbox's resolver answered, oldest first.
-    pub fn dns_queries(&self) -> Vec<DnsRecord> {
-        self.shared.rec.dns_queries()
-    }
-
-    /// Where the proxy listens.
-    pub fn local_addrs(&self) -> &[ListenAddr] {
-        &self.addrs
-    }
-
-    /// The first TCP listener's address, if any.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.addrs.iter().find_map(|a| match a {
-            ListenAddr::Tcp(a) => Some(*a),
-            ListenAddr::Unix(_) => None,
-        })
-    }
+    proxy_control!();
 
     /// Stops the proxy (closing every connection, removing Unix socket
     /// files) and joins its thread.
