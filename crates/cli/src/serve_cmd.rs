@@ -29,8 +29,10 @@ pub struct ServeArgs {
     pools: Vec<String>,
     /// A template whose sandboxes run on another backend:
     /// NAME=BACKEND[:IMAGE] (repeatable), e.g. `--template
-    /// untrusted=gvisor` or `--template py=docker:python:3.12-slim` (an
-    /// image in Docker's store). E2B clients pick it with its templateID.
+    /// untrusted=gvisor`, `--template py=docker:python:3.12-slim` (an
+    /// image in Docker's store) or `--template k=kubernetes:IMAGE` (a Pod,
+    /// an image the cluster's nodes can get). E2B clients pick it with its
+    /// templateID.
     #[arg(long = "template", value_name = "NAME=BACKEND[:IMAGE]")]
     templates: Vec<String>,
     /// Keep audit records this long (e.g. 90d): older ones are pruned at
@@ -111,12 +113,18 @@ fn template_of(flag: &str) -> Result<(String, Template)> {
         ("docker", _) => anyhow::bail!(
             "--template {flag:?}: the docker backend needs an image from Docker's store: {name}=docker:IMAGE"
         ),
+        ("kubernetes", Some(i)) if !i.is_empty() => {
+            t.spec.root = nanoclaw_sandbox::spec::Root::Image(i.to_string());
+        }
+        ("kubernetes", _) => anyhow::bail!(
+            "--template {flag:?}: the kubernetes backend needs an image the cluster's nodes can get: {name}=kubernetes:IMAGE"
+        ),
         ("microvm", _) => anyhow::bail!(
             "--template {flag:?}: backend microvm cannot serve the daemon: a micro-VM ends with the process that \
              made it (it cannot be detached); use native, docker or gvisor"
         ),
         (b, Some(_)) => anyhow::bail!(
-            "--template {flag:?}: an image is for the docker backend only; the {b} backend runs the host root here"
+            "--template {flag:?}: an image is for the docker and kubernetes backends only; the {b} backend runs the host root here"
         ),
         _ => {}
     }

@@ -411,7 +411,7 @@ fn a_template_the_daemon_cannot_serve_is_a_config_error_at_start() {
         ("x=nope", "no such backend"),
         ("x=microvm", "cannot be detached"),
         ("x=docker", "needs an image"),
-        ("x=gvisor:img", "docker backend only"),
+        ("x=gvisor:img", "kubernetes backends only"),
         ("base=native", "daemon's own templates"),
         ("=docker:img", "must be letters"),
     ] {

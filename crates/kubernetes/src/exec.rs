@@ -14,20 +14,30 @@
 //!   can). The wrapper reads exactly the number of bytes sent
 //!   (`head -c N | command`), so the command sees its end of input.
 //!
+//! * Stdin that stays open (E2B's `SendInput`/`CloseStdin`,
+//!   [`Stdin::Open`]). The length is not known in advance, so the input is
+//!   framed: each write is sent as `LEN\n` and LEN bytes, end of input as
+//!   `0\n`. A forwarder in the wrapper (`read` a length line — the shell
+//!   reads a pipe byte by byte, so it never takes more — then `dd
+//!   bs=LEN count=1 iflag=fullblock`, which takes exactly LEN) writes the
+//!   bytes into a FIFO the command reads, and stops at `0`, which closes the
+//!   command's stdin in order with the data before it. (Killing the
+//!   forwarder instead could lose bytes it had not forwarded yet.)
+//!
 //! The wrapper also applies the command's environment and working
 //! directory, which the exec API does not carry. The image therefore
 //! needs `sh`, `head` and `sleep` (busybox, Debian and Alpine images have
-//! them).
+//! them), and `mkfifo` and `dd` for commands whose stdin stays open.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::api::AttachParams;
-use nanoclaw_sandbox::backend::{Echo, Execution};
+use nanoclaw_sandbox::backend::{Echo, ExecControl, Execution};
 use nanoclaw_sandbox::native::session::ExecSpec;
 use nanoclaw_sandbox::outcome::NetworkReport;
 use nanoclaw_sandbox::spec::Stdin;
@@ -39,15 +49,33 @@ use crate::{api_error, backend_error, is_status, KubeSandbox, CONTAINER, NAME};
 
 /// The command's wrapper (see the module's documentation). Arguments:
 /// the number of `KEY=VALUE` pairs, the pairs, the working directory (or
-/// empty), the stdin length (or `-` for none), then the command.
+/// empty), the stdin length (`-` for none, `+` for framed open input),
+/// then the command.
 const WRAP: &str = r#"echo "$$"
 n=$1; shift
 while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
 if [ -n "$1" ]; then cd -- "$1" || exit 126; fi
 shift
 if [ "$1" = - ]; then shift; exec "$@" </dev/null; fi
+if [ "$1" = + ]; then
+shift; f=/tmp/.nanoclaw-in-$$
+mkfifo -m 600 "$f" || exit 126
+exec 3<&0
+sh -c 'exec 4>"$1"; rm -f -- "$1"; while IFS= read -r n && [ "$n" -gt 0 ]; do dd bs="$n" count=1 iflag=fullblock 2>/dev/null >&4 || exit; done' nanoclaw-in "$f" <&3 >/dev/null 2>&1 &
+w=$!
+exec 3<&-
+"$@" <"$f"; s=$?
+kill "$w" 2>/dev/null
+exit "$s"
+fi
 s=$1; shift
 head -c "$s" | "$@""#;
+
+/// Sends signal `$2` to process `$1` and its descendants (deepest first).
+const SIGNAL: &str = r#"s() { for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do s "$c" "$2"; done; kill -"$2" "$1" 2>/dev/null; }; s "$1" "$2""#;
+
+/// The most one stdin frame carries (`dd`'s buffer in the sandbox).
+const FRAME: usize = 64 * 1024;
 
 /// Kills process `$1` and its descendants, stopping each before reading
 /// its children so none escapes by forking meanwhile.
@@ -93,6 +121,96 @@ pub(crate) struct KubeExecution {
     /// then, since dropping it closes the whole connection (v4).
     stdin_hold: Option<tokio::sync::oneshot::Sender<()>>,
     started: Instant,
+    /// The wrapper's pid, once read, for [`KubeControl::signal`].
+    pid: Arc<PidCell>,
+    /// Frames to the open stdin's writer task ([`Stdin::Open`] only).
+    input: Option<tokio::sync::mpsc::UnboundedSender<Input>>,
+}
+
+/// What the open stdin's writer task is told.
+enum Input {
+    Data(Vec<u8>),
+    Close,
+}
+
+/// The wrapper's pid as the output loop reads it, waited for by a signal
+/// sent before the command printed it.
+#[derive(Default)]
+struct PidCell {
+    pid: Mutex<Option<u32>>,
+    set: Condvar,
+}
+
+impl PidCell {
+    fn publish(&self, pid: u32) {
+        let mut g = self.pid.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(pid);
+            self.set.notify_all();
+        }
+    }
+
+    /// The pid, waiting up to `wait` for it.
+    fn get(&self, wait: Duration) -> Option<u32> {
+        let g = self.pid.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .set
+            .wait_timeout_while(g, wait, |p| p.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
+/// [`Execution::control`] of a Kubernetes command: framed stdin (see the
+/// module's documentation) and signals through a second exec.
+struct KubeControl {
+    sandbox: KubeSandbox,
+    pid: Arc<PidCell>,
+    input: Option<tokio::sync::mpsc::UnboundedSender<Input>>,
+}
+
+impl ExecControl for KubeControl {
+    fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        let Some(tx) = &self.input else {
+            return Err(Error::InvalidSpec(
+                "this command was started without stdin".into(),
+            ));
+        };
+        for chunk in data.chunks(FRAME) {
+            tx.send(Input::Data(chunk.to_vec()))
+                .map_err(|_| Error::InvalidSpec("the command has ended".into()))?;
+        }
+        Ok(())
+    }
+
+    fn close_stdin(&self) {
+        if let Some(tx) = &self.input {
+            let _ = tx.send(Input::Close);
+        }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        // A command that never printed its pid has not started (or ended).
+        let Some(pid) = self.pid.get(AFTER_KILL).filter(|p| *p > 1) else {
+            return Ok(());
+        };
+        let sb = self.sandbox.clone();
+        let done = self.sandbox.kube.block(async move {
+            if signal == libc::SIGKILL {
+                kill_tree(&sb, pid).await
+            } else {
+                run_quietly(&sb, SIGNAL, &[pid.to_string(), signal.to_string()]).await
+            }
+        });
+        if done {
+            Ok(())
+        } else {
+            Err(backend_error(format!(
+                "signal {signal} to a command in pod {}: the exec that sends it failed",
+                self.sandbox.name()
+            )))
+        }
+    }
 }
 
 fn params(stdin: bool) -> AttachParams {
@@ -108,8 +226,9 @@ fn params(stdin: bool) -> AttachParams {
     }
 }
 
-/// The wrapped argv of `spec`, given `stdin_len` bytes of input.
-fn argv(spec: &ExecSpec, stdin_len: Option<usize>) -> Vec<String> {
+/// The wrapped argv of `spec`, given its stdin: `-` none, `+` framed
+/// open input, else that many bytes.
+fn argv(spec: &ExecSpec, stdin_len: &str) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "sh".into(),
         "-c".into(),
@@ -124,7 +243,7 @@ fn argv(spec: &ExecSpec, stdin_len: Option<usize>) -> Vec<String> {
             .map(|w| w.display().to_string())
             .unwrap_or_default(),
     );
-    a.push(stdin_len.map_or("-".into(), |n| n.to_string()));
+    a.push(stdin_len.to_string());
     a.extend(spec.command.iter().cloned());
     a
 }
@@ -133,15 +252,18 @@ pub(crate) fn spawn(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Executi
     if spec.command.is_empty() {
         return Err(Error::InvalidSpec("no command given".into()));
     }
-    if spec.user.is_some() {
+    // The Pod's own user is no other user: asking for it is fine.
+    if spec.user.is_some_and(|u| Some((u.uid, u.gid)) != sb.user) {
         return Err(Error::NotSupported {
             backend: NAME.into(),
             field: "a per-command user".into(),
             why: "pods/exec runs as the Pod's user; set the sandbox's user instead".into(),
         });
     }
+    if matches!(spec.stdin, Stdin::Open) {
+        return spawn_open(sb, spec);
+    }
     let stdin = match &spec.stdin {
-        // No control handle here: an open stdin is an empty one.
         Stdin::Null | Stdin::Open => None,
         Stdin::Bytes(b) => Some(b.clone()),
         Stdin::Inherit => {
@@ -157,7 +279,10 @@ pub(crate) fn spawn(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Executi
     let mut proc = k
         .block(timed(k.pods().exec(
             &name,
-            argv(spec, stdin.as_ref().map(Vec::len)),
+            argv(
+                spec,
+                &stdin.as_ref().map_or("-".into(), |b| b.len().to_string()),
+            ),
             &params(stdin.is_some()),
         )))
         .map_err(|e| {
@@ -187,6 +312,74 @@ pub(crate) fn spawn(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Executi
         proc: Some(proc),
         stdin_hold,
         started,
+        pid: Arc::default(),
+        input: None,
+    }))
+}
+
+/// [`spawn`] of a command whose stdin stays open: its input goes through
+/// a writer task as frames (see the module's documentation) until
+/// [`ExecControl::close_stdin`]; the writer is held until the command ends.
+fn spawn_open(sb: &KubeSandbox, spec: &ExecSpec) -> Result<Box<dyn Execution>, Error> {
+    let k = &sb.kube;
+    let name = sb.name();
+    let started = Instant::now();
+    let mut proc = k
+        .block(timed(k.pods().exec(&name, argv(spec, "+"), &params(true))))
+        .map_err(|e| {
+            if is_status(&e, 404) || is_status(&e, 400) {
+                sb.ended()
+            } else {
+                api_error(&format!("exec in pod {name}"), e)
+            }
+        })?;
+    let mut w = proc
+        .stdin()
+        .ok_or_else(|| backend_error(format!("exec in pod {name}: no stdin stream")))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Input>();
+    let (hold_tx, mut hold_rx) = tokio::sync::oneshot::channel::<()>();
+    k.rt.spawn(async move {
+        let mut open = true;
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                m = rx.recv(), if open => match m {
+                    Some(Input::Data(d)) => {
+                        let mut frame = format!("{}\n", d.len()).into_bytes();
+                        frame.extend_from_slice(&d);
+                        if w.write_all(&frame).await.is_err() || w.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Input::Close) => {
+                        let _ = w.write_all(b"0\n").await;
+                        let _ = w.flush().await;
+                        open = false;
+                    }
+                    None => open = false,
+                },
+                _ = &mut hold_rx => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        // Held until the command ends (dropping it closes the connection).
+        if !ended {
+            let _ = hold_rx.await;
+        }
+        drop(w);
+    });
+    count(&sb.info.id, true);
+    Ok(Box::new(KubeExecution {
+        id: NEXT_EXEC.fetch_add(1, Ordering::Relaxed),
+        sandbox: sb.clone(),
+        spec: spec.clone(),
+        proc: Some(proc),
+        stdin_hold: Some(hold_tx),
+        started,
+        pid: Arc::default(),
+        input: Some(tx),
     }))
 }
 
@@ -256,13 +449,19 @@ fn write_all(fd: i32, mut b: &[u8]) {
 /// Kills process `pid`'s tree in the sandbox with a second exec; false
 /// when that failed.
 async fn kill_tree(sb: &KubeSandbox, pid: u32) -> bool {
-    let argv = vec![
+    run_quietly(sb, KILL, &[pid.to_string()]).await
+}
+
+/// Runs shell `script` with `args` in the sandbox (a second exec); false
+/// when that failed.
+async fn run_quietly(sb: &KubeSandbox, script: &str, args: &[String]) -> bool {
+    let mut argv = vec![
         "sh".to_string(),
         "-c".into(),
-        KILL.into(),
+        script.into(),
         "nanoclaw-kill".into(),
-        pid.to_string(),
     ];
+    argv.extend(args.iter().cloned());
     let Ok(mut p) = timed(sb.kube.pods().exec(&sb.name(), argv, &params(false))).await else {
         return false;
     };
@@ -321,6 +520,9 @@ impl KubeExecution {
                     Ok(n) if n > 0 => {
                         if !s.take(0, &b1[..n], limit, echo) && s.killed_by.is_none() {
                             s.killed_by = Some(KillReason::OutputLimit);
+                        }
+                        if let Some(p) = s.pid {
+                            self.pid.publish(p);
                         }
                     }
                     _ => out_open = false,
@@ -396,6 +598,14 @@ impl Drop for KubeExecution {
 impl Execution for KubeExecution {
     fn id(&self) -> u32 {
         self.id
+    }
+
+    fn control(&self) -> Option<Box<dyn ExecControl>> {
+        Some(Box::new(KubeControl {
+            sandbox: self.sandbox.clone(),
+            pid: self.pid.clone(),
+            input: self.input.clone(),
+        }))
     }
 
     fn wait(mut self: Box<Self>, echo: Option<Echo<'_>>) -> Result<Outcome, Error> {
@@ -491,9 +701,9 @@ mod tests {
         let mut spec = ExecSpec::new(["cat"]);
         spec.env.push(("A".into(), "b c".into()));
         spec.workdir = Some("/tmp".into());
-        let a = argv(&spec, Some(5));
+        let a = argv(&spec, "5");
         assert_eq!(&a[3..], ["nanoclaw-exec", "1", "A=b c", "/tmp", "5", "cat"]);
-        let a = argv(&ExecSpec::new(["true"]), None);
+        let a = argv(&ExecSpec::new(["true"]), "-");
         assert_eq!(&a[3..], ["nanoclaw-exec", "0", "", "-", "true"]);
     }
 }

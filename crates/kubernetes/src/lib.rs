@@ -508,8 +508,15 @@ impl Kubernetes {
             .get(ANN_DEADLINE)
             .and_then(|d| d.parse().ok())
             .unwrap_or(0);
+        let user = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|c| Some((c.run_as_user?, c.run_as_group?)))
+            .and_then(|(u, g)| Some((u32::try_from(u).ok()?, u32::try_from(g).ok()?)));
         Some(KubeSandbox {
             kube: self.clone(),
+            user,
             info: SandboxInfo {
                 id,
                 backend: NAME.into(),
@@ -729,6 +736,9 @@ impl Backend for Kubernetes {
 #[derive(Clone)]
 pub struct KubeSandbox {
     kube: Kubernetes,
+    /// The Pod's user and group (`runAsUser`, `runAsGroup`): the one user
+    /// a command may ask for.
+    user: Option<(u32, u32)>,
     info: SandboxInfo,
     deadline: u64,
 }
