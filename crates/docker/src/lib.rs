@@ -47,7 +47,7 @@ use nanoclaw_sandbox::backend::{
 use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
 use nanoclaw_sandbox::netns_egress::NetnsEgress;
 use nanoclaw_sandbox::spec::Root;
-use nanoclaw_sandbox::{Error, Layers};
+use nanoclaw_sandbox::{procs, Error, Layers};
 
 use crate::cgroup::Cgroup;
 use crate::container::{LABEL_BACKEND, LABEL_ID, LABEL_OWNER};
@@ -263,7 +263,10 @@ impl Docker {
         let mut gone = Vec::new();
         for (id, labels, running) in all {
             let detached = labels.get(LABEL_DETACHED).map(String::as_str) == Some("true");
-            let orphan = !detached && labels.get(LABEL_OWNER).is_some_and(|o| !owner_alive(o));
+            let orphan = !detached
+                && labels
+                    .get(LABEL_OWNER)
+                    .is_some_and(|o| !procs::owner_alive(o));
             let expired = labels
                 .get(LABEL_DEADLINE)
                 .and_then(|d| d.parse::<u64>().ok())
@@ -341,51 +344,6 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// This process as `PID:STARTTIME` (start time in clock ticks since boot,
-/// field 22 of `/proc/PID/stat`), which a reused pid does not match.
-fn owner_of(pid: u32) -> String {
-    format!("{pid}:{}", start_time(pid).unwrap_or(0))
-}
-
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name's closing parenthesis: field 3 onwards.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn owner_alive(owner: &str) -> bool {
-    let Some((pid, start)) = owner.split_once(':') else {
-        return true;
-    };
-    match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => start_time(pid) == Some(start) && !zombie(pid),
-        _ => true,
-    }
-}
-
-/// Whether `pid` has ended and waits to be reaped (a `kill -9`ed maker
-/// whose parent has not reaped it yet is gone all the same).
-fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
-        })
-        .unwrap_or(false)
-}
-
-/// A fresh sandbox id: 12 hex digits.
-fn new_id() -> String {
-    let mut b = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl Backend for Docker {
     fn name(&self) -> &str {
         NAME
@@ -444,8 +402,8 @@ impl Backend for Docker {
             }
             Err(e) => return Err(api_error(&format!("inspecting image {image}"), e)),
         }
-        let id = new_id();
-        let owner = owner_of(std::process::id());
+        let id = procs::random_id()?;
+        let owner = procs::owner_tag(std::process::id());
         let init = self.init.display().to_string();
         let plan = container::Plan {
             id: &id,

@@ -57,7 +57,7 @@ use nanoclaw_sandbox::Outcome;
 /// swept.
 pub const LABEL_DETACHED: &str = "nanoclaw.detached";
 use nanoclaw_sandbox::spec::{Root, Seccomp};
-use nanoclaw_sandbox::{Error, Layers};
+use nanoclaw_sandbox::{procs, Error, Layers};
 
 use runsc::backend_error;
 pub use runsc::Runsc;
@@ -421,19 +421,7 @@ impl Gvisor {
 
     /// A fresh sandbox id.
     fn new_id() -> Result<String, Error> {
-        let mut b = [0u8; 6];
-        // SAFETY: `b` is a valid, writable buffer of `b.len()` bytes.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n != b.len() as isize {
-            return Err(Error::Sys {
-                call: "getrandom".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(format!(
-            "{ID_PREFIX}{}",
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        ))
+        Ok(format!("{ID_PREFIX}{}", procs::random_id()?))
     }
 }
 
@@ -588,7 +576,7 @@ impl Gvisor {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
             runner_pid: runner.id() as i32,
-            owner: (me, sandbox::start_time(me).unwrap_or_default()),
+            owner: (me, procs::start_time(me as u32).unwrap_or_default()),
             detached: config
                 .labels
                 .iter()
@@ -696,7 +684,7 @@ impl Gvisor {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
             runner_pid: runner.id() as i32,
-            owner: (me, sandbox::start_time(me).unwrap_or_default()),
+            owner: (me, procs::start_time(me as u32).unwrap_or_default()),
             detached: false,
             host_network: runsc.host_network,
         };
@@ -773,5 +761,5 @@ fn read_record(dir: &Path) -> Option<Record> {
 
 /// Whether the process `(pid, start time)` still runs.
 fn owner_alive((pid, start): (i32, u64)) -> bool {
-    sandbox::running(pid) && sandbox::start_time(pid) == Some(start)
+    u32::try_from(pid).is_ok_and(|pid| procs::start_time(pid) == Some(start))
 }

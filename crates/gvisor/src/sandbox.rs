@@ -379,18 +379,6 @@ pub fn stop(
     Ok(())
 }
 
-/// The start time of process `pid` (clock ticks after boot), to tell it
-/// from a later process with the same pid.
-pub fn start_time(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
 /// Host pids whose parent is `pid`.
 pub fn children(pid: i32) -> Vec<i32> {
     let want = pid.to_string();

@@ -18,6 +18,7 @@ pub mod error;
 pub mod native;
 pub mod netns_egress;
 pub mod outcome;
+pub mod procs;
 pub mod spec;
 pub mod units;
 /// The egress crate (credential rules, policy types), for callers that

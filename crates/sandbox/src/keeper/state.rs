@@ -143,13 +143,7 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-/// A process's start time (/proc/PID/stat field 22).
-pub(super) fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    // Field 3 (state) is the first after the command name; 22 is 20 later.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+pub(super) use crate::procs::start_time;
 
 /// Whether the sandbox's keeper still runs: its pid lives and is the same
 /// process (same start time), not one that reused the pid.

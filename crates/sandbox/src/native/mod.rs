@@ -138,17 +138,6 @@ pub fn run(spec: &SandboxSpec) -> Result<crate::Outcome, Error> {
     wait(start(spec, RunOptions::default())?)
 }
 
-fn new_id() -> String {
-    let mut b = [0u8; 6];
-    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        let t = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
-        b.copy_from_slice(&t.to_ne_bytes()[..6]);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn cstr(s: impl AsRef<[u8]>, what: &str) -> Result<CString, Error> {
     CString::new(s.as_ref().to_vec())
         .map_err(|_| Error::InvalidSpec(format!("{what} contains a NUL byte")))
@@ -441,7 +430,7 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     validate(spec)?;
     let started = Instant::now();
     let rootful = geteuid() == 0;
-    let id = new_id();
+    let id = crate::procs::random_id()?;
     let mut layers = initial_layers(rootful);
     // Everything fallible that needs no child comes first, so a bad spec
     // leaves nothing behind.
