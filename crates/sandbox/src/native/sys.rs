@@ -40,6 +40,99 @@ pub fn clone_fork(flags: libc::c_ulong) -> io::Result<libc::pid_t> {
     check(ret).map(|p| p as libc::pid_t)
 }
 
+/// A stack for [`clone_vfork`] children: an anonymous mapping with a
+/// guard page below it, made once and reused by every child (a vfork
+/// child runs alone on it: its parent is suspended until it execs).
+pub struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+/// The guard page at the bottom of a [`ChildStack`].
+const GUARD: usize = 4096;
+
+impl ChildStack {
+    /// Maps `len` bytes (reserved lazily: only touched pages are
+    /// allocated) plus the guard page.
+    pub fn new(len: usize) -> io::Result<Self> {
+        let total = len + GUARD;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched. The result is checked against MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the first page of the mapping made above.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmapping exactly the mapping made above.
+            unsafe { libc::munmap(base, total) };
+            return Err(e);
+        }
+        Ok(ChildStack { base, len: total })
+    }
+
+    /// The initial stack pointer: the mapping's top, 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        ((self.base as usize + self.len) & !15) as *mut libc::c_void
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping `new` made; no child runs
+        // on it any more (clone_vfork returns only once its child exec'd
+        // or exited).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` running `entry(arg)` on
+/// `stack`: posix_spawn's way of starting a process. The child shares the
+/// caller's memory (no page tables are copied, and its `execve` has no
+/// copy to tear down) but not its file table, signal handlers, working
+/// directory, credentials, limits or seccomp filters; the caller is
+/// suspended until the child has called `execve` successfully or exited.
+/// Returns the child's pid.
+///
+/// # Safety
+///
+/// `entry` must end in `execve` or `_exit` without returning, and must
+/// not allocate or write memory the caller relies on afterwards (it
+/// writes the caller's `errno`); `arg` must be valid for it. Only one
+/// child may use `stack` at a time, which the suspension guarantees for a
+/// single-threaded caller.
+pub unsafe fn clone_vfork(
+    stack: &ChildStack,
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> io::Result<libc::pid_t> {
+    // SAFETY: the stack is a live mapping owned by `stack`; the caller
+    // upholds the contract above for `entry` and `arg`.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        )
+    };
+    if pid < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    }
+}
+
 /// `setgroups(2)` as a raw system call, acting on the calling thread only.
 ///
 /// glibc's wrapper (like its set*id wrappers) broadcasts the change to

@@ -1079,6 +1079,9 @@ pub(crate) struct Cmd<'a> {
     pub workdir: &'a CStr,
     pub uid: u32,
     pub gid: u32,
+    /// The signals ignored on entry (`SigIgn`), when the caller read them
+    /// once already (init serving execs); `None`: the payload reads them.
+    pub ignored_signals: Option<u64>,
 }
 
 /// How the payload finds its program.
@@ -1107,6 +1110,7 @@ fn run_payload(plan: &ChildPlan, rlimits: Rlimits) -> ! {
         workdir: &plan.workdir,
         uid: plan.uid,
         gid: plan.gid,
+        ignored_signals: None,
     };
     payload(plan, rlimits, &cmd)
 }
@@ -1161,7 +1165,7 @@ fn payload(plan: &ChildPlan, rlimits: Rlimits, cmd: &Cmd) -> ! {
     }
     // Every descriptor above stdio is closed at exec (CVE-2024-21626).
     sys::cloexec_from(3);
-    reset_signals();
+    reset_signals(cmd.ignored_signals);
 
     // Seccomp last: everything above needs syscalls the filter denies.
     let filter = match (&plan.seccomp_no_cgroup_memory, rlimits.data) {
@@ -1314,8 +1318,11 @@ fn set_rlimits(err_w: RawFd, rlimits: Rlimits) {
 /// /proc/self/status: typically SIGPIPE, which the Rust runtime ignores, or
 /// whatever the runner's caller ignored) need a call each; if that cannot
 /// be read, every signal is reset. The mask is cleared. Does not allocate.
-fn reset_signals() {
-    let ignored = ignored_signals().unwrap_or(u64::MAX);
+/// `known`: the mask read earlier by a process whose dispositions this
+/// one inherited unchanged (init, for its execs: one procfs read per
+/// sandbox instead of one per command).
+fn reset_signals(known: Option<u64>) {
+    let ignored = known.or_else(ignored_signals).unwrap_or(u64::MAX);
     // The kernel's struct sigaction on x86_64 and aarch64: handler, flags,
     // restorer, mask (the C library's differs).
     #[repr(C)]
@@ -1354,7 +1361,7 @@ fn reset_signals() {
 }
 
 /// The `SigIgn` mask of this process, read without allocating.
-fn ignored_signals() -> Option<u64> {
+pub(crate) fn ignored_signals() -> Option<u64> {
     let fd = sys::open(c"/proc/self/status", libc::O_RDONLY).ok()?;
     let mut buf = [0u8; 4096];
     let n = sys::read_full(fd, &mut buf);
