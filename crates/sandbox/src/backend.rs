@@ -891,9 +891,9 @@ impl KeeperSandbox {
                 message: m,
             }),
             Ok(Reply::Stopping) => Err(destroyed(&self.info.id)),
-            Ok(Reply::Network(_)) => Err(Error::Backend {
+            Ok(Reply::Network(_) | Reply::Lifetime { .. }) => Err(Error::Backend {
                 backend: NativeKeeper::NAME.into(),
-                message: "the keeper answered a network state to another request".into(),
+                message: "the keeper answered another request".into(),
             }),
             Err(e) => Err(keeper_error(e, Some(&self.info.id))),
         }

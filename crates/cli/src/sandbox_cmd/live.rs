@@ -51,7 +51,9 @@ fn toggle(a: &PauseArgs, req: &Request) -> Result<u8> {
             Reply::Live(_) => println!("{}", st.id),
             Reply::Error(e) => bail!("{e}"),
             Reply::Stopping => bail!("sandbox {} is ending", st.id),
-            Reply::Network(_) => bail!("sandbox {}: its keeper answered another request", st.id),
+            Reply::Network(_) | Reply::Lifetime { .. } => {
+                bail!("sandbox {}: its keeper answered another request", st.id)
+            }
         }
     }
     Ok(0)
@@ -71,7 +73,9 @@ pub fn inspect(target: &str) -> Result<u8> {
         Reply::Live(l) => l,
         Reply::Error(e) => bail!("{e}"),
         Reply::Stopping => bail!("sandbox {} is ending", st.id),
-        Reply::Network(_) => bail!("sandbox {}: its keeper answered another request", st.id),
+        Reply::Network(_) | Reply::Lifetime { .. } => {
+            bail!("sandbox {}: its keeper answered another request", st.id)
+        }
     };
     let map = v
         .as_object_mut()

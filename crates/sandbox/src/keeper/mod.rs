@@ -113,7 +113,7 @@ pub enum Request {
         stdin: bool,
     },
     /// Move the end of the sandbox's lifetime to this many seconds from
-    /// now; the reply is `Live`.
+    /// now; the reply is `Lifetime` (keepers before it answered `Live`).
     SetLifetime {
         /// Seconds from now.
         seconds: u64,
@@ -145,6 +145,14 @@ pub enum Request {
 pub enum Reply {
     /// The sandbox now.
     Live(Box<Live>),
+    /// The lifetime was moved (`SetLifetime`): its new end, seconds since
+    /// the epoch. Not a `Live`: that reads the cgroup, /proc and the
+    /// proxy's counters, which a warm hand-out (the one caller on a hot
+    /// path) has no use for.
+    Lifetime {
+        /// The end of the lifetime.
+        expires: u64,
+    },
     /// Its egress policy (after the update, if one was asked for).
     Network(Box<NetworkState>),
     /// It is ending.

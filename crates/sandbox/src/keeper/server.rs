@@ -480,8 +480,8 @@ impl Keeper {
                     .deadline
                     .saturating_duration_since(self.sandbox.started);
                 let _ = write_state(&self.dir, &self.state);
-                let live = self.live();
-                self.reply(t, &Reply::Live(Box::new(live)));
+                let expires = self.state.expires;
+                self.reply(t, &Reply::Lifetime { expires });
             }
             Request::Spawn {
                 command,

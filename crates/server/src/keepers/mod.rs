@@ -636,10 +636,15 @@ impl KeeperBackend {
             Reply::Live(l) => Ok(*l),
             Reply::Error(m) => Err(BackendError::Conflict(m)),
             Reply::Stopping => Err(BackendError::NotFound("the sandbox is ending".into())),
-            Reply::Network(_) => Err(BackendError::Internal(
-                "the keeper answered a network state to another request".into(),
+            Reply::Network(_) | Reply::Lifetime { .. } => Err(BackendError::Internal(
+                "the keeper answered another request".into(),
             )),
         }
+    }
+
+    /// Moves the end of `e`'s keeper's lifetime to `seconds` from now.
+    async fn set_lifetime(&self, e: &Arc<Entry>, seconds: u64) -> BackendResult<()> {
+        lifetime_set(&e.remote, seconds).await
     }
 
     async fn set_paused(&self, e: &Arc<Entry>, pause: bool) -> BackendResult<()> {
@@ -653,13 +658,7 @@ impl KeeperBackend {
             *p = pause;
         }
         if pause {
-            self.ask(
-                e,
-                Request::SetLifetime {
-                    seconds: PAUSED_RETENTION.as_secs(),
-                },
-            )
-            .await?;
+            self.set_lifetime(e, PAUSED_RETENTION.as_secs()).await?;
         }
         Ok(())
     }
@@ -681,13 +680,8 @@ impl KeeperBackend {
                 .inspect_err(|e| self.count_refusal(e))?;
         }
         let end = SystemTime::now() + timeout;
-        self.ask(
-            e,
-            Request::SetLifetime {
-                seconds: (timeout + KEEPER_GRACE).as_secs(),
-            },
-        )
-        .await?;
+        self.set_lifetime(e, (timeout + KEEPER_GRACE).as_secs())
+            .await?;
         let rec = match e.record.lock() {
             Ok(mut r) => {
                 r.end_at_ms = ms(end);
@@ -759,10 +753,7 @@ impl KeeperBackend {
         spec: &SandboxSpec,
         r: Remote,
     ) -> BackendResult<SandboxInfo> {
-        let seconds = (req.timeout + KEEPER_GRACE).as_secs();
-        ipc::ask(&r, &Request::SetLifetime { seconds }, ipc::ANSWER)
-            .await
-            .map_err(keeper_error)?;
+        lifetime_set(&r, (req.timeout + KEEPER_GRACE).as_secs()).await?;
         let mut record = Record::for_request(req, spec);
         record.metadata.insert("launch".into(), "warm".into());
         self.record_sandbox(r, record)
@@ -971,6 +962,22 @@ impl KeeperBackend {
                 .cloned(),
         };
         found.ok_or_else(|| BackendError::NotFound(format!("process {sel:?} not found")))
+    }
+}
+
+/// Moves the end of `r`'s lifetime to `seconds` from now. A keeper
+/// answers `Lifetime` (one started by an earlier nanoclaw, `Live`).
+async fn lifetime_set(r: &Remote, seconds: u64) -> BackendResult<()> {
+    match ipc::ask(r, &Request::SetLifetime { seconds }, ipc::ANSWER)
+        .await
+        .map_err(keeper_error)?
+    {
+        Reply::Lifetime { .. } | Reply::Live(_) => Ok(()),
+        Reply::Error(m) => Err(BackendError::Conflict(m)),
+        Reply::Stopping => Err(BackendError::NotFound("the sandbox is ending".into())),
+        Reply::Network(_) => Err(BackendError::Internal(
+            "the keeper answered a network state to a lifetime change".into(),
+        )),
     }
 }
 
@@ -1256,7 +1263,7 @@ impl Backend for KeeperBackend {
             Reply::Network(st) => *st,
             Reply::Error(m) => return Err(BackendError::Conflict(m)),
             Reply::Stopping => return Err(BackendError::NotFound("the sandbox is ending".into())),
-            Reply::Live(_) => {
+            Reply::Live(_) | Reply::Lifetime { .. } => {
                 return Err(BackendError::Internal(
                     "the keeper answered a network update with its state".into(),
                 ))
