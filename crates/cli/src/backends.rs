@@ -12,8 +12,9 @@
 //! How a sandbox that outlives the CLI is found again: `native` ones by
 //! their keeper's state directory (as before); every other backend keeps
 //! its own record with the sandbox ([`nanoclaw_sandbox::backend::Backend::
-//! list`]: Docker uses the container's labels) and is asked, in
-//! [`NAMES`] order, by `sandbox exec/ls/rm/prune` ([`findable`]).
+//! list`]: Docker uses the container's labels, a micro-VM its holder's
+//! record) and is asked, in [`NAMES`] order, by `sandbox exec/ls/rm/prune`
+//! ([`findable`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use nanoclaw_sandbox::backend::Backend;
@@ -39,11 +40,7 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
         }
         "docker" => Ok(Box::new(nanoclaw_docker::Docker::connect()?)),
         "gvisor" => Ok(Box::new(nanoclaw_gvisor::Gvisor::new()?)),
-        "microvm" => {
-            let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
-            let opts = nanoclaw_microvm::MicroVmOptions::new(exe)?;
-            Ok(Box::new(nanoclaw_microvm::MicroVm::new(opts)?))
-        }
+        "microvm" => microvm(false),
         "kubernetes" => Ok(Box::new(nanoclaw_kubernetes::Kubernetes::connect(
             kube_options(),
         )?)),
@@ -52,6 +49,15 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>> {
             NAMES.join(", ")
         ),
     }
+}
+
+/// The micro-VM backend; `holder`: every VM in a holder process of its
+/// own (the daemon: QEMU is never started from its address space).
+pub fn microvm(holder: bool) -> Result<Box<dyn Backend>> {
+    let exe = std::env::current_exe().context("finding nanoclaw's own binary")?;
+    let mut opts = nanoclaw_microvm::MicroVmOptions::new(exe)?;
+    opts.holder = holder;
+    Ok(Box::new(nanoclaw_microvm::MicroVm::new(opts)?))
 }
 
 /// Whether `--image REF` on backend `name` names an image in the
@@ -188,13 +194,12 @@ fn probe(name: &'static str) -> Availability {
 }
 
 /// The non-native backends to ask for a sandbox by id or name: those
-/// built here whose service answers (others cannot hold one now). A
-/// micro-VM ends with the process that made it (it cannot be detached),
-/// so it is never found again.
+/// built here whose service answers (others cannot hold one now). Opening
+/// the micro-VM backend sweeps what killed holders left.
 pub fn findable() -> Vec<Box<dyn Backend>> {
     NAMES
         .iter()
-        .filter(|n| **n != NATIVE && **n != "microvm" && probe(n).available)
+        .filter(|n| **n != NATIVE && probe(n).available)
         .filter_map(|n| backend_by_name(n).ok())
         .collect()
 }

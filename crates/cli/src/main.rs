@@ -75,6 +75,9 @@ enum Command {
     /// (internal) The keeper of one long-lived sandbox.
     #[command(name = "__keeper", hide = true)]
     Keeper,
+    /// (internal) The holder of one micro-VM (see nanoclaw_microvm::holder).
+    #[command(name = "__microvm-holder", hide = true)]
+    MicroVmHolder,
     /// (internal) The first process of a Docker sandbox (see nanoclaw_docker::init).
     #[command(name = "__docker-init", hide = true)]
     DockerInit {
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
         Command::Mcp(a) => mcp_cmd::run(a),
         Command::RunSpec => sandbox_cmd::run_spec(),
         Command::Keeper => sandbox_cmd::keeper(),
+        Command::MicroVmHolder => Ok(nanoclaw_microvm::holder::main()),
         Command::DockerInit { args } => {
             Ok(u8::try_from(nanoclaw_docker::init::init_main(&args)).unwrap_or(1))
         }

@@ -119,10 +119,6 @@ fn template_of(flag: &str) -> Result<(String, Template)> {
         ("kubernetes", _) => anyhow::bail!(
             "--template {flag:?}: the kubernetes backend needs an image the cluster's nodes can get: {name}=kubernetes:IMAGE"
         ),
-        ("microvm", _) => anyhow::bail!(
-            "--template {flag:?}: backend microvm cannot serve the daemon: a micro-VM ends with the process that \
-             made it (it cannot be detached); use native, docker or gvisor"
-        ),
         (b, Some(_)) => anyhow::bail!(
             "--template {flag:?}: an image is for the docker and kubernetes backends only; the {b} backend runs the host root here"
         ),
@@ -141,8 +137,14 @@ fn templates_of(flags: &[String]) -> Result<(HashMap<String, Template>, Engines)
         let (name, t) = template_of(f)?;
         if let Some(b) = &t.backend {
             if !engines.0.contains_key(b) {
-                let opened = crate::backends::backend_by_name(b)
-                    .map_err(|e| anyhow::anyhow!("--template {f:?}: {e:#}"))?;
+                // A micro-VM of the daemon's is held by a holder process
+                // (QEMU is never started from the daemon's address space).
+                let opened = if b == "microvm" {
+                    crate::backends::microvm(true)
+                } else {
+                    crate::backends::backend_by_name(b)
+                }
+                .map_err(|e| anyhow::anyhow!("--template {f:?}: {e:#}"))?;
                 engines.0.insert(b.clone(), Arc::from(opened));
             }
         }

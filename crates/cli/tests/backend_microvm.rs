@@ -9,6 +9,9 @@
 //! behind — also when the process holding the VM is SIGKILLed — and
 //! fields it cannot honour refused by name.
 //!
+//! Detached VMs (held by `nanoclaw __microvm-holder`) are driven through
+//! the CLI: [`microvm_detached_through_the_cli`].
+//!
 //! Needs root, QEMU, a virtiofsd and the pinned kernel
 //! (`.ci/microvm-kernel.sh`); skipped with a message otherwise, required
 //! with `NANOCLAW_REQUIRE_MICROVM=1` (CI).
@@ -78,6 +81,7 @@ fn microvm_backend() {
     let Some(vm) = backend("microvm_backend") else {
         return;
     };
+    let _one = serial();
     println!("backend: {}", vm.describe());
     refuses_what_it_cannot_honour(&vm);
     if let Err(e) = backend_scenario::run(&vm, "root") {
@@ -336,6 +340,7 @@ fn microvm_killed_owner_leaves_nothing() {
     if backend("microvm_killed_owner_leaves_nothing").is_none() {
         return;
     }
+    let _one = serial();
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
@@ -382,4 +387,326 @@ fn microvm_killed_owner_leaves_nothing() {
     let _again = MicroVm::new(options()).expect("backend");
     assert!(!dir.exists(), "the next backend swept {}", dir.display());
     println!("ok   a SIGKILLed owner's VM dies with it; its state is swept at the next start");
+}
+
+/// One VM-booting test at a time (each boot takes seconds of both cores
+/// under TCG; the sweeps of one must not meet the VMs of another).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
+
+/// `nanoclaw ARGS` (stdin empty), its output.
+fn nanoclaw(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("nanoclaw")
+}
+
+/// `nanoclaw ARGS` that must succeed; its stdout.
+fn ok(args: &[&str]) -> String {
+    let o = nanoclaw(args);
+    assert!(
+        o.status.success(),
+        "nanoclaw {args:?}: {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// What a holder records next to its VM: (holder pid, [qemu and
+/// virtiofsd pids]).
+fn held_pids(id: &str) -> (i32, Vec<i32>) {
+    let path = Path::new("/run/nanoclaw/microvm")
+        .join(id)
+        .join("holder.json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("holder.json")).expect("json");
+    let holder = v["holder"][0].as_i64().expect("holder pid") as i32;
+    let vm: Vec<i32> = v["vm_pids"]
+        .as_array()
+        .expect("vm_pids")
+        .iter()
+        .map(|p| p.as_i64().expect("pid") as i32)
+        .collect();
+    (holder, vm)
+}
+
+fn listed(id: &str) -> bool {
+    let out = ok(&["sandbox", "ls", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).expect("ls --json");
+    all.iter()
+        .any(|s| s["id"] == id && s["backend"] == "microvm")
+}
+
+/// A detached micro-VM through the CLI, as every backend's: `sandbox
+/// create --backend microvm` returns while the VM lives on in its holder;
+/// `exec` many times (exit codes, both streams, stdin, state kept, a
+/// timeout, two at once from two processes); `ls`, `inspect`, `pause`;
+/// `rm` leaves no process or directory. A second VM's holder SIGKILLed:
+/// QEMU and virtiofsd die with it, `prune` removes its directory. A third
+/// ends by itself at the end of its lifetime.
+#[test]
+fn microvm_detached_through_the_cli() {
+    if backend("microvm_detached_through_the_cli").is_none() {
+        return;
+    }
+    let _one = serial();
+    let name = format!("vmcli-{}", std::process::id());
+    // Refused by name before anything is made.
+    let o = nanoclaw(&[
+        "sandbox",
+        "create",
+        "--backend",
+        "microvm",
+        "--idle-timeout",
+        "5m",
+    ]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--backend microvm: --idle-timeout is not supported"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let t0 = Instant::now();
+    let id = ok(&[
+        "sandbox",
+        "create",
+        "--backend",
+        "microvm",
+        "--name",
+        &name,
+        "--lifetime",
+        "10m",
+        "--timeout",
+        "120s",
+    ])
+    .trim()
+    .to_string();
+    println!(
+        "ok   sandbox create --backend microvm: {id} ({:?})",
+        t0.elapsed()
+    );
+    let dir = Path::new("/run/nanoclaw/microvm").join(&id);
+    let (holder, vm_pids) = held_pids(&id);
+    assert!(
+        alive(holder) && vm_pids.iter().all(|p| alive(*p)),
+        "{vm_pids:?}"
+    );
+    assert!(listed(&id), "sandbox ls shows {id}");
+
+    let o = nanoclaw(&[
+        "exec",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(
+        (o.status.code(), text(&o.stdout), text(&o.stderr)),
+        (Some(7), "out\n".into(), "err\n".into())
+    );
+    assert_eq!(
+        ok(&["exec", &id, "--", "uname", "-r"]).trim(),
+        nanoclaw_microvm::kernel::RELEASE
+    );
+    ok(&["exec", &id, "--", "sh", "-c", "echo kept > /tmp/state"]);
+    assert_eq!(ok(&["exec", &name, "--", "cat", "/tmp/state"]), "kept\n");
+    let mut cat = Command::new(BIN)
+        .args(["exec", "--stdin", &id, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec --stdin");
+    {
+        use std::io::Write;
+        let mut input = cat.stdin.take().expect("stdin");
+        input.write_all(b"\x00through\xffstdin").expect("write");
+    }
+    let o = cat.wait_with_output().expect("exec --stdin");
+    assert_eq!(o.stdout, b"\x00through\xffstdin");
+    let o = nanoclaw(&[
+        "exec",
+        "--timeout",
+        "2s",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 60",
+    ]);
+    assert_eq!(o.status.code(), Some(124), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "started\n");
+    // Two clients at once: the holder relays both.
+    let slow = Command::new(BIN)
+        .args([
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/state; sleep 2; echo slow",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("slow exec");
+    assert_eq!(ok(&["exec", &id, "--", "echo", "fast"]), "fast\n");
+    let o = slow.wait_with_output().expect("slow exec");
+    assert_eq!(text(&o.stdout), "kept\nslow\n");
+    let outcome: serde_json::Value =
+        serde_json::from_str(&ok(&["exec", "--json", &id, "--", "true"])).expect("json");
+    assert_eq!(outcome["sandbox_id"], id.as_str());
+    assert!(
+        outcome["layers"]["mode"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("microvm (qemu, ")),
+        "{outcome}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["sandbox", "inspect", &name])).expect("inspect");
+    assert_eq!(v["state"], "running", "{v}");
+    ok(&["sandbox", "pause", &id]);
+    let o = nanoclaw(&["exec", &id, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "exec into a paused VM");
+    ok(&["sandbox", "resume", &id]);
+    assert_eq!(ok(&["exec", &id, "--", "echo", "again"]), "again\n");
+    println!(
+        "ok   exec many times, two at once, stdin, timeout, inspect, pause ({:?})",
+        t0.elapsed()
+    );
+
+    assert_eq!(ok(&["sandbox", "rm", &name]).trim(), id);
+    let mut all = vm_pids.clone();
+    all.push(holder);
+    assert!(
+        all_gone(&all, Duration::from_secs(30)),
+        "left running: {all:?}"
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(!listed(&id));
+    let o = nanoclaw(&["exec", &id, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "exec after rm");
+    println!("ok   sandbox rm leaves no holder, QEMU, virtiofsd, socket or directory");
+
+    // The holder SIGKILLed: its VM dies with it; prune removes the rest.
+    let id = ok(&[
+        "sandbox",
+        "create",
+        "--backend",
+        "microvm",
+        "--lifetime",
+        "10m",
+    ])
+    .trim()
+    .to_string();
+    let dir = Path::new("/run/nanoclaw/microvm").join(&id);
+    let (holder, vm_pids) = held_pids(&id);
+    assert!(alive(holder));
+    // SAFETY: kill has no memory effects; the holder runs (checked above).
+    unsafe { libc::kill(holder, libc::SIGKILL) };
+    assert!(
+        all_gone(&vm_pids, Duration::from_secs(30)),
+        "QEMU or virtiofsd outlived their holder: {vm_pids:?}"
+    );
+    assert!(dir.is_dir(), "nothing removed {} yet", dir.display());
+    ok(&["sandbox", "prune", "--older-than", "100000h"]);
+    assert!(!dir.exists(), "prune swept {}", dir.display());
+    assert!(!listed(&id));
+    println!("ok   a SIGKILLed holder takes its VM along; prune removes its directory");
+
+    // The end of its lifetime ends it, with nothing left.
+    let t0 = Instant::now();
+    let id = ok(&[
+        "sandbox",
+        "create",
+        "--backend",
+        "microvm",
+        "--lifetime",
+        "20s",
+    ])
+    .trim()
+    .to_string();
+    let dir = Path::new("/run/nanoclaw/microvm").join(&id);
+    let (holder, mut all) = held_pids(&id);
+    all.push(holder);
+    assert_eq!(ok(&["exec", &id, "--", "echo", "alive"]), "alive\n");
+    assert!(
+        all_gone(&all, Duration::from_secs(20 + 120)),
+        "still running past its lifetime: {all:?}"
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(!listed(&id));
+    println!("ok   the lifetime ends a detached VM ({:?})", t0.elapsed());
+}
+
+/// The containment suite (tests/containment/run.py) inside one detached
+/// micro-VM: each attack is a `nanoclaw exec ID -- python3 -c ATTACK`
+/// into the VM's sandbox (created with `--pids 64 --memory 64m`), judged
+/// by the same rules as the native engine's run (no capabilities,
+/// read-only root, no host files or processes, seccomp, Landlock, the
+/// pids limit…). A memory limit's OOM kill ends a native sandbox as a
+/// whole (memory.oom.group), so `memory_hog` runs last on its own, and
+/// `memfd_bomb` (the same kill) is left out.
+#[test]
+fn microvm_containment_suite() {
+    if backend("microvm_containment_suite").is_none() {
+        return;
+    }
+    let _one = serial();
+    let id = ok(&[
+        "sandbox",
+        "create",
+        "--backend",
+        "microvm",
+        "--pids",
+        "64",
+        "--memory",
+        "64m",
+        "--lifetime",
+        "30m",
+        "--timeout",
+        "120s",
+    ])
+    .trim()
+    .to_string();
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/containment/run.py");
+    let prefix = format!("{BIN} exec {id} --");
+    let run = |extra: &[&str]| {
+        let out = Command::new("python3")
+            .arg(&suite)
+            .args(["--prefix", &prefix, "--pids-prefix", &prefix])
+            .args(["--memory-prefix", &prefix])
+            .args(["--pids-limit", "64", "--memory-limit", "64"])
+            .args(["--protect", BIN])
+            .args(extra)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .expect("python3 run.py");
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        print!(
+            "{}",
+            all.lines()
+                .filter(|l| !l.starts_with("CONTAINED"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        );
+        (out.status.success(), all)
+    };
+    let (passed, all) = run(&["--skip", "memory_hog,memfd_bomb"]);
+    let (hog_passed, hog) = run(&["--only", "memory_hog"]);
+    let _ = nanoclaw(&["sandbox", "rm", "-f", &id]);
+    assert!(passed, "the containment suite in a micro-VM:\n{all}");
+    assert!(hog_passed, "memory_hog in a micro-VM:\n{hog}");
+    let contained = all.lines().filter(|l| l.starts_with("CONTAINED")).count();
+    assert!(contained >= 20, "{contained} CONTAINED:\n{all}");
+    println!("ok   containment suite in one micro-VM: {contained} CONTAINED + memory_hog");
 }

@@ -12,9 +12,13 @@
 //! against a test host in a network namespace made here (see
 //! [`e2b_network_options_hold_in_docker_and_gvisor_sandboxes`]).
 //!
-//! Root only (Docker's socket, rootful runsc). Docker is required under
-//! NANOCLAW_REQUIRE_DOCKER=1, runsc under NANOCLAW_REQUIRE_GVISOR=1; each
-//! is skipped with a message otherwise.
+//! A micro-VM template (`--template vm=microvm`) is driven by the same SDK
+//! in [`the_e2b_sdk_drives_a_microvm_template`].
+//!
+//! Root only (Docker's socket, rootful runsc, the micro-VM's virtiofsd).
+//! Docker is required under NANOCLAW_REQUIRE_DOCKER=1, runsc under
+//! NANOCLAW_REQUIRE_GVISOR=1, the micro-VM backend under
+//! NANOCLAW_REQUIRE_MICROVM=1; each is skipped with a message otherwise.
 
 mod common;
 
@@ -405,11 +409,134 @@ fn timeouts_quotas_and_a_killed_daemon_leave_nothing_behind() {
     assert_eq!(leftover(&live), None, "after SIGTERM");
 }
 
+/// The micro-VM backend can run here (root, QEMU, virtiofsd, the pinned
+/// kernel); else a SKIPPED line, a failure under NANOCLAW_REQUIRE_MICROVM=1.
+fn microvm_ready(test: &str) -> bool {
+    let made = nanoclaw_microvm::MicroVmOptions::new(BIN).and_then(nanoclaw_microvm::MicroVm::new);
+    match made {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("NANOCLAW_REQUIRE_MICROVM").as_deref() != Ok("1"),
+                "{test}: NANOCLAW_REQUIRE_MICROVM=1 but the micro-VM backend cannot run here: {e}"
+            );
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// Where the micro-VM backend keeps each VM's state directory.
+const MICROVM_ROOT: &str = "/run/nanoclaw/microvm";
+
+/// The processes whose command line names the VM `id`'s state directory
+/// (its QEMU and virtiofsd daemons).
+fn vm_processes(id: &str) -> Vec<i32> {
+    let needle = format!("{MICROVM_ROOT}/{id}/");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
+/// Waits (generously: a VM powers off in seconds under TCG, more under
+/// load) until nothing of VM `id` is left: no state directory, no holder
+/// `holder`, no QEMU or virtiofsd.
+fn vm_gone_within(id: &str, holder: Option<i32>, patience: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let dir = Path::new(MICROVM_ROOT).join(id);
+        let procs = vm_processes(id);
+        let holding = holder.filter(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !dir.exists() && procs.is_empty() && holding.is_none() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "VM {id}: directory there: {}, processes {procs:?}, holder {holding:?}",
+                dir.exists()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A micro-VM template (`--template vm=microvm`) driven by the e2b SDK
+/// (tests/python/test_serve_microvm.py: create, commands, files, kill);
+/// then a second VM whose daemon is SIGKILLed: its holder sees the daemon
+/// end (a pidfd) and ends the VM, leaving nothing. Two boots in all.
+#[test]
+fn the_e2b_sdk_drives_a_microvm_template() {
+    let test = "the_e2b_sdk_drives_a_microvm_template";
+    if !is_root() {
+        eprintln!("SKIP {test}: root only (the micro-VM backend needs root)");
+        return;
+    }
+    if !microvm_ready(test) {
+        return;
+    }
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut d = Daemon::new("vm", &["vm=microvm".to_string()]);
+    let ids_file = d.data.join("ids");
+    let o = e2b_pytest(
+        &venv,
+        "tests/python/test_serve_microvm.py",
+        &d.url(),
+        (&d.keys.0, &d.keys.1),
+    )
+    .env("NANOCLAW_MICROVM_TEMPLATE", "vm")
+    .env("NANOCLAW_MICROVM_KERNEL", nanoclaw_microvm::kernel::RELEASE)
+    .env("NANOCLAW_BACKEND_IDS", &ids_file)
+    .output()
+    .expect("run pytest");
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the micro-VM suite failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
+    let vms: Vec<&str> = ids.lines().filter(|i| i.starts_with("vm-")).collect();
+    assert_eq!(vms.len(), 1, "one VM made: {ids}");
+    // Killed through the API: nothing of it is left.
+    vm_gone_within(vms[0], None, Duration::from_secs(60)).expect("killed VM");
+    let execs = d.audit(&["ls", "--kind", "exec", "--limit", "1000", "--json"]);
+    assert!(
+        execs.contains("backend microvm"),
+        "the VM's commands are audited: {execs}"
+    );
+
+    // The daemon SIGKILLed: the holder ends the VM.
+    let id = d.create("vm", 300);
+    assert!(id.starts_with("vm-"), "{id}");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(MICROVM_ROOT).join(&id).join("holder.json"))
+            .expect("the holder's record"),
+    )
+    .expect("json");
+    let holder = record["holder"][0].as_i64().expect("holder pid") as i32;
+    assert!(!vm_processes(&id).is_empty(), "QEMU runs");
+    d.signal(libc::SIGKILL);
+    vm_gone_within(&id, Some(holder), Duration::from_secs(120))
+        .expect("a SIGKILLed daemon's VM ends with it");
+    eprintln!("ok   a SIGKILLed daemon's micro-VM is ended by its holder");
+}
+
 #[test]
 fn a_template_the_daemon_cannot_serve_is_a_config_error_at_start() {
     for (flag, wanted) in [
         ("x=nope", "no such backend"),
-        ("x=microvm", "cannot be detached"),
+        ("x=microvm:img", "kubernetes backends only"),
         ("x=docker", "needs an image"),
         ("x=gvisor:img", "kubernetes backends only"),
         ("base=native", "daemon's own templates"),

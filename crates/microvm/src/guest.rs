@@ -301,14 +301,17 @@ impl Ctx {
         }
     }
 
-    fn kill(&self, id: u32) {
+    /// Signals command `id` (SIGKILL: its whole process group, as the
+    /// keeper does); a SIGKILL for a command not started yet keeps it from
+    /// starting.
+    fn kill(&self, id: u32, sig: i32) {
         match lock(&self.running).get(&id) {
             Some(Some((conn, exec))) => {
                 let mut c: &UnixStream = conn;
-                let _ = c.write_all(&session::kill_frame(*exec, libc::SIGKILL));
+                let _ = c.write_all(&session::kill_frame(*exec, sig));
             }
-            Some(None) => lock(&self.doomed).push(id),
-            None => {}
+            Some(None) if sig == libc::SIGKILL => lock(&self.doomed).push(id),
+            _ => {}
         }
     }
 }
@@ -426,7 +429,7 @@ fn serve(port: File) -> Result<(), String> {
                     eprintln!("nanoclaw-agent: a thread for exec {id}: {e}");
                 }
             }
-            proto::KILL => ctx.kill(frame.id),
+            proto::KILL => ctx.kill(frame.id, proto::kill_signal(&frame.payload)),
             proto::STATS | proto::PAUSE | proto::RESUME => control(&ctx, &frame, made.as_ref()),
             proto::SHUTDOWN => return Ok(()),
             k => eprintln!("nanoclaw-agent: unknown frame kind {k} ignored"),
@@ -561,7 +564,7 @@ fn run(ctx: &Arc<Ctx>, remote: &Remote, id: u32, p: Pending) {
     }
     ctx.send(proto::SPAWNED, id, b"");
     if lock(&ctx.doomed).contains(&id) {
-        ctx.kill(id);
+        ctx.kill(id, libc::SIGKILL);
     }
     let ((out_r, out_w), (err_r, err_w)) = match (pipe(), pipe()) {
         (Ok(a), Ok(b)) => (a, b),

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use nanoclaw_sandbox::backend::{
-    Echo, Execution, LiveSandbox, SandboxConfig, SandboxInfo, SandboxStats,
+    Echo, ExecControl, Execution, LiveSandbox, SandboxConfig, SandboxInfo, SandboxStats,
 };
 use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
 use nanoclaw_sandbox::spec::{Access, Stdin};
@@ -87,33 +87,48 @@ fn new_id() -> String {
 }
 
 /// The VM's host processes.
-struct Procs {
+pub(crate) struct Procs {
     vmm: Child,
     fsds: Vec<Child>,
 }
 
+/// How a handle reaches its VM.
+pub(crate) enum Link {
+    /// This process started the VM: the control channel is the guest's
+    /// own, and the VM's processes are this process's children.
+    Owner(Mutex<Option<Procs>>),
+    /// A holder process ([`crate::holder`]) owns the VM; the channel is
+    /// the holder's socket, which speaks the same frames. Destroying asks
+    /// the holder to end the VM; dropping the handle only hangs up.
+    Holder {
+        /// The holder's pid and start time.
+        pid: i32,
+        start: u64,
+    },
+}
+
 /// What a VM's handle, its executions and its reader thread share.
-struct Shared {
-    id: String,
+pub(crate) struct Shared {
+    pub(crate) id: String,
     dir: PathBuf,
     layers: Layers,
     writer: Mutex<UnixStream>,
     /// Exec id → its waiter; 0 → the control request's.
-    routes: Mutex<HashMap<u32, Sender<Frame>>>,
+    pub(crate) routes: Mutex<HashMap<u32, Sender<Frame>>>,
     /// One control request at a time.
     control: Mutex<()>,
-    procs: Mutex<Option<Procs>>,
-    ended: AtomicBool,
-    next_id: AtomicU32,
+    link: Link,
+    pub(crate) ended: AtomicBool,
+    pub(crate) next_id: AtomicU32,
     deadline: SystemTime,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
-    fn send(&self, kind: u8, id: u32, payload: &[u8]) -> Result<(), Error> {
+    pub(crate) fn send(&self, kind: u8, id: u32, payload: &[u8]) -> Result<(), Error> {
         proto::write_frame(&mut *lock(&self.writer), kind, id, payload).map_err(|e| {
             backend_error(format!(
                 "sandbox {}: the VM's control channel: {e}",
@@ -130,7 +145,7 @@ impl Shared {
     }
 
     /// One control request and its `REPLY` payload.
-    fn ask(&self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, Error> {
+    pub(crate) fn ask(&self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, Error> {
         if self.ended.load(Ordering::SeqCst) {
             return Err(self.gone());
         }
@@ -165,37 +180,81 @@ impl Shared {
     }
 
     /// Powers the VM off (killing it if it does not go), stops its
-    /// virtiofsd daemons, removes its state directory. Idempotent.
-    fn teardown(&self) {
-        self.ended.store(true, Ordering::SeqCst);
-        let taken = lock(&self.procs).take();
-        if let Some(mut p) = taken {
-            let _ = self.send(proto::SHUTDOWN, 0, b"");
-            procs::reap(&mut p.vmm, POWER_OFF);
-            for f in &mut p.fsds {
-                // Each exits when the VMM hangs up; a stuck one is killed.
-                procs::reap(f, Duration::from_secs(1));
+    /// virtiofsd daemons, removes its state directory. Idempotent. Through
+    /// a holder: asks it to do that, and waits until it has exited (a
+    /// holder that does not is killed, and what it left is removed here).
+    pub(crate) fn teardown(&self) {
+        let already = self.ended.swap(true, Ordering::SeqCst);
+        match &self.link {
+            Link::Owner(procs) => {
+                // Held while the VM powers off: a second caller waits
+                // until it has.
+                let mut held = lock(procs);
+                if let Some(mut p) = held.take() {
+                    let _ = self.send(proto::SHUTDOWN, 0, b"");
+                    procs::reap(&mut p.vmm, POWER_OFF);
+                    for f in &mut p.fsds {
+                        // Each exits when the VMM hangs up; a stuck one is killed.
+                        procs::reap(f, Duration::from_secs(1));
+                    }
+                }
+            }
+            Link::Holder { pid, start } => {
+                if !already {
+                    let _ = self.send(proto::SHUTDOWN, 0, b"");
+                }
+                let holder = [(*pid, *start)];
+                if !procs::wait_gone(&holder, POWER_OFF + Duration::from_secs(10)) {
+                    procs::kill_and_wait(&[*pid], Duration::from_secs(2));
+                }
+                // A holder killed before it cleaned up: its VM's processes
+                // died with it (their death signal); its directory stays.
+                procs::sweep_one(&self.dir);
+                self.hang_up();
             }
         }
         // Waiters learn the VM is gone.
         lock(&self.routes).clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+
+    /// The VM's state directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The end of the sandbox's lifetime.
+    pub(crate) fn deadline(&self) -> SystemTime {
+        self.deadline
+    }
+
+    /// Closes the channel (the reader thread ends; a holder kills what
+    /// this connection left running).
+    fn hang_up(&self) {
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Reads the guest's frames and routes them, until the channel closes or
 /// the sandbox's lifetime ends.
 fn route(shared: Arc<Shared>, mut reader: UnixStream) {
+    let owner = matches!(shared.link, Link::Owner(_));
     loop {
         let left = shared
             .deadline
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        if left.is_zero() {
+        // A holder ends its VM at the deadline itself (and hangs up).
+        if owner && left.is_zero() {
             shared.teardown();
             return;
         }
-        let _ = reader.set_read_timeout(Some(left.min(Duration::from_secs(3600))));
+        let wait = if owner {
+            Some(left.min(Duration::from_secs(3600)))
+        } else {
+            None
+        };
+        let _ = reader.set_read_timeout(wait);
         match proto::read_frame(&mut reader) {
             Ok(Some(f)) => {
                 let tx = lock(&shared.routes).get(&f.id).cloned();
@@ -272,6 +331,7 @@ fn start_virtiofsd(
     if readonly {
         procs::readonly_view(&mut cmd, source).map_err(io_error("preparing a read-only share"))?;
     }
+    procs::raise_nofile(&mut cmd, procs::VIRTIOFSD_NOFILE);
     let child = procs::spawn_tied(cmd).map_err(io_error(format!(
         "starting {}",
         vm.virtiofsd.path.display()
@@ -354,8 +414,13 @@ pub(crate) fn boot(
 
     let initramfs = dir.join("initramfs.cpio");
     let file = std::fs::File::create(&initramfs).map_err(io_error("creating the initramfs"))?;
-    crate::initramfs::write(BufWriter::new(file), &vm.init, &vm.kernel.modules)
+    let init = std::fs::read(&vm.opts.exe).map_err(io_error(format!(
+        "reading the agent binary {}",
+        vm.opts.exe.display()
+    )))?;
+    crate::initramfs::write(BufWriter::new(file), &init, &vm.kernel.modules)
         .map_err(io_error("writing the initramfs"))?;
+    drop(init);
 
     let control = dir.join("ctl.sock");
     let listener =
@@ -506,7 +571,7 @@ pub(crate) fn boot(
         writer: Mutex::new(stream),
         routes: Mutex::new(HashMap::new()),
         control: Mutex::new(()),
-        procs: Mutex::new(procs),
+        link: Link::Owner(Mutex::new(procs)),
         ended: AtomicBool::new(false),
         next_id: AtomicU32::new(1),
         deadline: SystemTime::now() + config.spec.limits.timeout,
@@ -534,15 +599,58 @@ pub(crate) fn boot(
 
 /// A sandbox in a VM.
 pub(crate) struct VmSandbox {
-    info: SandboxInfo,
-    shared: Arc<Shared>,
+    pub(crate) info: SandboxInfo,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Drop for VmSandbox {
     fn drop(&mut self) {
-        // Not detached: the VM ends with its handle.
-        self.shared.teardown();
+        match self.shared.link {
+            // Not detached: the VM ends with its handle.
+            Link::Owner(_) => self.shared.teardown(),
+            // Held by a holder: this handle only hangs up.
+            Link::Holder { .. } => self.shared.hang_up(),
+        }
     }
+}
+
+/// A handle on the VM a holder process keeps (see [`crate::holder`]):
+/// connects to its socket `sock` in the VM's state directory `dir`.
+pub(crate) fn attach(
+    dir: &Path,
+    sock: &Path,
+    info: SandboxInfo,
+    holder: (i32, u64),
+    deadline: SystemTime,
+) -> Result<VmSandbox, Error> {
+    let stream = UnixStream::connect(sock).map_err(io_error(format!(
+        "connecting to the VM's holder {}",
+        sock.display()
+    )))?;
+    let reader = stream
+        .try_clone()
+        .map_err(io_error("dup of the holder connection"))?;
+    let shared = Arc::new(Shared {
+        id: info.id.clone(),
+        dir: dir.to_path_buf(),
+        layers: info.layers.clone(),
+        writer: Mutex::new(stream),
+        routes: Mutex::new(HashMap::new()),
+        control: Mutex::new(()),
+        link: Link::Holder {
+            pid: holder.0,
+            start: holder.1,
+        },
+        ended: AtomicBool::new(false),
+        next_id: AtomicU32::new(1),
+        deadline,
+    });
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("microvm-{}", info.id))
+        .spawn(move || route(s, reader))
+        .map_err(io_error("starting the holder connection's reader thread"))?;
+    Ok(VmSandbox { info, shared })
 }
 
 /// The stdin bytes of `spec` (the caller's own stdin read to its end for
@@ -695,6 +803,13 @@ impl Execution for VmExecution {
         self.id
     }
 
+    fn control(&self) -> Option<Box<dyn ExecControl>> {
+        Some(Box::new(VmControl {
+            shared: self.shared.clone(),
+            id: self.id,
+        }))
+    }
+
     fn wait(mut self: Box<Self>, echo: Option<Echo<'_>>) -> Result<Outcome, Error> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let patience = self.spec.timeout.saturating_add(EXEC_SLACK);
@@ -741,6 +856,36 @@ impl Execution for VmExecution {
                 }
             }
         }
+    }
+}
+
+/// Signals for a running command from other threads (how the daemon
+/// serves E2B's `SendSignal`). Its stdin went to the guest whole before it
+/// started, so there is none to write to.
+struct VmControl {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl ExecControl for VmControl {
+    fn write_stdin(&self, _data: &[u8]) -> Result<(), Error> {
+        Err(Error::NotSupported {
+            backend: NAME.into(),
+            field: "stdin to a running command".into(),
+            why: "the guest takes a command's stdin whole before it starts; send it with the \
+                  command"
+                .into(),
+        })
+    }
+
+    fn close_stdin(&self) {}
+
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return Err(self.shared.gone());
+        }
+        self.shared
+            .send(proto::KILL, self.id, &(signal as u32).to_le_bytes())
     }
 }
 

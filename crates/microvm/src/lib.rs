@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod guest;
+pub mod holder;
 mod host;
 pub mod initramfs;
 pub mod kernel;
@@ -34,14 +35,18 @@ pub mod procs;
 pub mod proto;
 pub mod vmm;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanoclaw_sandbox::backend::{Backend, Capabilities, LiveSandbox, SandboxConfig};
+use nanoclaw_sandbox::backend::{
+    label, Backend, Capabilities, LiveSandbox, SandboxConfig, SandboxInfo, LABEL_DETACHED,
+};
 use nanoclaw_sandbox::Error;
+use serde::{Deserialize, Serialize};
 
 use vmm::{Accel, Qemu, Vmm};
 
@@ -67,7 +72,8 @@ pub const TCG_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// `/dev/kvm` that boots only special guest kernels (a `kvm_pvm`
 /// hypervisor boots only PVM kernels, and a standard kernel hangs): there
 /// the probe fails once and every VM falls back to TCG, with a warning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AccelChoice {
     /// Probe KVM, fall back to TCG.
     Auto,
@@ -92,7 +98,7 @@ impl AccelChoice {
 }
 
 /// How the backend runs its VMs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MicroVmOptions {
     /// nanoclaw's binary: the guest agent (it must be statically linked).
     pub exe: PathBuf,
@@ -104,6 +110,12 @@ pub struct MicroVmOptions {
     pub accel: AccelChoice,
     /// Guest CPUs.
     pub cpus: u32,
+    /// Every VM in a holder process of its own ([`holder`]), also those
+    /// that are not detached (which then end with this process): for a
+    /// multithreaded caller such as the daemon, which must not start
+    /// QEMU from its own address space. Detached VMs always have one.
+    #[serde(default)]
+    pub holder: bool,
 }
 
 impl MicroVmOptions {
@@ -115,6 +127,7 @@ impl MicroVmOptions {
             state_root: default_state_root(),
             accel: AccelChoice::from_env()?,
             cpus: 1,
+            holder: false,
         })
     }
 }
@@ -207,8 +220,6 @@ pub struct MicroVm {
     kernel: kernel::Kernel,
     vmm: Arc<dyn Vmm>,
     virtiofsd: Virtiofsd,
-    /// The agent binary's bytes (read once).
-    init: Arc<Vec<u8>>,
 }
 
 impl MicroVm {
@@ -246,11 +257,16 @@ impl MicroVm {
                 "fetch the pinned kernel with .ci/microvm-kernel.sh (as root)",
             )
         })?;
-        let init = std::fs::read(&opts.exe).map_err(|source| Error::Sys {
-            call: format!("reading the agent binary {}", opts.exe.display()),
-            source,
-        })?;
-        if !is_static(&init) {
+        // The ELF header and program headers are at the start (the whole
+        // binary is read at each boot, into the initramfs).
+        let mut head = Vec::new();
+        std::fs::File::open(&opts.exe)
+            .and_then(|f| f.take(1 << 16).read_to_end(&mut head))
+            .map_err(|source| Error::Sys {
+                call: format!("reading the agent binary {}", opts.exe.display()),
+                source,
+            })?;
+        if !is_static(&head) {
             return Err(unsupported(
                 "--backend microvm",
                 format!(
@@ -270,7 +286,6 @@ impl MicroVm {
             kernel,
             vmm: Arc::new(vmm),
             virtiofsd,
-            init: Arc::new(init),
         })
     }
 
@@ -389,15 +404,36 @@ impl Backend for MicroVm {
             network_kernel: false,
             // A profile is a host path the guest cannot read.
             seccomp_profile: false,
-            // Nothing outside the VM watches it idle; it ends with its handle.
+            // Nothing outside the VM watches it idle.
             idle_timeout: false,
-            detached: false,
+            // Through a holder process (the `nanoclaw.detached` label).
+            detached: true,
             ..Capabilities::NATIVE
         }
     }
 
     fn create(&self, config: &SandboxConfig) -> Result<Box<dyn LiveSandbox>, Error> {
         self.check(config)?;
+        self.check_mounts(config)?;
+        let detached = label(&config.labels, LABEL_DETACHED) == Some("true");
+        if detached || self.opts.holder {
+            return Ok(Box::new(holder::start(self, config, detached)?));
+        }
+        Ok(Box::new(self.create_here(config)?))
+    }
+
+    fn list(&self) -> Result<Vec<SandboxInfo>, Error> {
+        Ok(holder::list(&self.opts.state_root))
+    }
+
+    fn attach(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
+        Ok(Box::new(holder::attach(&self.opts.state_root, id)?))
+    }
+}
+
+impl MicroVm {
+    /// Refuses mounts a VM cannot share.
+    fn check_mounts(&self, config: &SandboxConfig) -> Result<(), Error> {
         for m in &config.spec.mounts {
             if m.access == nanoclaw_sandbox::spec::Access::Rw {
                 return Err(Error::NotSupported {
@@ -417,6 +453,14 @@ impl Backend for MicroVm {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Boots a VM for `config` held by this process (it ends with the
+    /// handle, or with this process).
+    pub(crate) fn create_here(&self, config: &SandboxConfig) -> Result<host::VmSandbox, Error> {
+        self.check(config)?;
+        self.check_mounts(config)?;
         let accel = match self.opts.accel {
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Tcg => {
@@ -436,7 +480,7 @@ impl Backend for MicroVm {
                 None => match host::boot(self, config, Accel::Kvm, KVM_PROBE) {
                     Ok(sb) => {
                         self.record_probe(true);
-                        return Ok(Box::new(sb));
+                        return Ok(sb);
                     }
                     Err(host::BootError::NoHello(why)) => {
                         self.record_probe(false);
@@ -455,7 +499,7 @@ impl Backend for MicroVm {
             Accel::Tcg => TCG_BOOT_TIMEOUT,
         };
         match host::boot(self, config, accel, patience) {
-            Ok(sb) => Ok(Box::new(sb)),
+            Ok(sb) => Ok(sb),
             Err(host::BootError::Failed(e)) => Err(e),
             Err(host::BootError::NoHello(why)) => Err(Error::Backend {
                 backend: NAME.into(),

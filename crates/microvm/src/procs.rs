@@ -66,6 +66,35 @@ pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the microvm launcher thread is gone"))?
 }
 
+/// Open files a virtiofsd may hold: it keeps a descriptor for every inode
+/// the guest has looked up, and a guest walking the host's `/usr` (180,000
+/// entries here) would otherwise exhaust it and break the share for every
+/// later command (found by the containment suite).
+pub const VIRTIOFSD_NOFILE: u64 = 1 << 20;
+
+/// Raises the child's open-file limit to `n` (soft and hard), before exec
+/// (as root; the host's `nr_open` caps it).
+pub fn raise_nofile(cmd: &mut Command, n: u64) {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(n);
+    let lim = libc::rlimit {
+        rlim_cur: n.min(nr_open),
+        rlim_max: n.min(nr_open),
+    };
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setrlimit (async-signal-safe) on a value made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Makes `listener` the child's fd 3 (for `--fd=3`), before exec.
 ///
 /// # Safety
@@ -182,9 +211,6 @@ pub fn sweep(root: &Path) -> Vec<PathBuf> {
             continue;
         }
         let owner = std::fs::read_to_string(dir.join("owner")).unwrap_or_default();
-        if still_runs(&owner).is_some() {
-            continue;
-        }
         // A directory without an owner record yet may be one being made
         // right now: left alone for a minute.
         if owner.is_empty()
@@ -194,14 +220,43 @@ pub fn sweep(root: &Path) -> Vec<PathBuf> {
         {
             continue;
         }
-        let procs = std::fs::read_to_string(dir.join("procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(still_runs).collect();
-        kill_and_wait(&pids, Duration::from_secs(2));
-        if std::fs::remove_dir_all(&dir).is_ok() {
+        if sweep_one(&dir) {
             swept.push(dir);
         }
     }
     swept
+}
+
+/// Removes the VM directory `dir` if its owner (the process that started
+/// its VMM: a holder, or a `nanoclaw run`) is gone: kills the processes it
+/// recorded that still run, removes the directory. Whether it removed it.
+pub fn sweep_one(dir: &Path) -> bool {
+    let owner = std::fs::read_to_string(dir.join("owner")).unwrap_or_default();
+    if still_runs(&owner).is_some() {
+        return false;
+    }
+    let procs = std::fs::read_to_string(dir.join("procs")).unwrap_or_default();
+    let pids: Vec<i32> = procs.lines().filter_map(still_runs).collect();
+    kill_and_wait(&pids, Duration::from_secs(2));
+    std::fs::remove_dir_all(dir).is_ok()
+}
+
+/// Waits (at most `patience`) until none of `procs` (pid, start time)
+/// runs; whether none does.
+pub fn wait_gone(procs: &[(i32, u64)], patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        let left = procs
+            .iter()
+            .any(|(pid, start)| start_time(*pid) == Some(*start));
+        if !left {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// SIGKILLs `pids` and waits (at most `patience`) until none runs.

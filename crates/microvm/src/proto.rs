@@ -32,7 +32,8 @@ pub const SPAWN: u8 = 2;
 pub const STDIN: u8 = 3;
 /// The command's stdin is complete: start it.
 pub const STDIN_END: u8 = 4;
-/// Kill the command.
+/// Signal the command: the payload is the signal number (u32
+/// little-endian); empty means SIGKILL.
 pub const KILL: u8 = 5;
 /// The sandbox's usage ([`Stats`]).
 pub const STATS: u8 = 6;
@@ -117,6 +118,17 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
         id: u32::from_le_bytes([h[5], h[6], h[7], h[8]]),
         payload,
     }))
+}
+
+/// The signal a `KILL` payload asks for (SIGKILL when empty or invalid).
+pub fn kill_signal(payload: &[u8]) -> i32 {
+    match payload {
+        [a, b, c, d] => match i32::try_from(u32::from_le_bytes([*a, *b, *c, *d])) {
+            Ok(s) if (1..=64).contains(&s) => s,
+            _ => libc::SIGKILL,
+        },
+        _ => libc::SIGKILL,
+    }
 }
 
 /// `HELLO`: the guest agent is up.

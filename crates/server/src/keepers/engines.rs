@@ -1,13 +1,18 @@
-//! Sandboxes of the engine's other backends (`docker`, `gvisor`) in the
-//! daemon: a template that names one ([`Template::backend`]) creates its
-//! sandboxes there, through the engine's `Backend` contract
-//! (`nanoclaw_sandbox::backend`), beside the keepers' native ones.
+//! Sandboxes of the engine's other backends (`docker`, `gvisor`,
+//! `microvm`) in the daemon: a template that names one
+//! ([`Template::backend`]) creates its sandboxes there, through the
+//! engine's `Backend` contract (`nanoclaw_sandbox::backend`), beside the
+//! keepers' native ones.
 //!
 //! How they are run, and why that keeps the process model: the daemon
 //! never clones a sandbox. Docker's are made by dockerd (bollard over its
 //! socket, in-process); gVisor's by `runsc`, exec'd as a program of its
 //! own exactly as keepers are started (`Command::spawn`: nothing of the
-//! daemon runs in the child after `exec`), and held by `runsc run`.
+//! daemon runs in the child after `exec`), and held by `runsc run`; a
+//! micro-VM's by a holder (`nanoclaw __microvm-holder`, exec'd the same
+//! way), which starts QEMU and virtiofsd, relays the daemon's commands
+//! over a Unix socket, and ends the VM when the daemon ends (a pidfd on
+//! it), `kill -9` included.
 //!
 //! What the daemon keeps of them is in memory only: they are not
 //! re-adopted by a restarted daemon. Each is labelled with its maker (the
@@ -894,13 +899,9 @@ impl std::fmt::Debug for Engines {
 pub fn check_template(name: &str, t: &Template, engines: &Engines) -> Result<(), String> {
     match t.backend.as_deref() {
         None | Some("native") => Ok(()),
-        Some("microvm") => Err(format!(
-            "template {name}: backend microvm cannot serve the daemon: a micro-VM ends with the process \
-             that made it (it cannot be detached); use native, docker or gvisor"
-        )),
         Some(b) if engines.contains_key(b) => Ok(()),
         Some(b) => Err(format!(
-            "template {name}: backend {b} was not opened (use native, docker or gvisor)"
+            "template {name}: backend {b} was not opened (use native, docker, gvisor, microvm or kubernetes)"
         )),
     }
 }
