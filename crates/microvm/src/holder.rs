@@ -189,7 +189,11 @@ pub(crate) fn start(
         Some(l) if l.starts_with("error ") => {
             let w: WireError = serde_json::from_str(&l[6..])
                 .map_err(|e| backend_error(format!("the holder's error: {e}: {l}")))?;
-            Err(w.into_engine(NAME, "(new)"))
+            Err(match w {
+                // The holder's own failure (booting, starting a process).
+                WireError::Other { message } => backend_error(message),
+                w => w.into_engine(NAME, "(new)"),
+            })
         }
         other => {
             // Not ready in time (or it died): end it; its VM dies with it.

@@ -68,27 +68,37 @@ pub fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
 
 /// Open files a virtiofsd may hold: it keeps a descriptor for every inode
 /// the guest has looked up, and a guest walking the host's `/usr` (180,000
-/// entries here) would otherwise exhaust it and break the share for every
-/// later command (found by the containment suite).
+/// entries here) exhausts a smaller limit and breaks the share for every
+/// later command of that VM (found by the containment suite; where this
+/// process may not raise its hard limit, the walk still does).
 pub const VIRTIOFSD_NOFILE: u64 = 1 << 20;
 
-/// Raises the child's open-file limit to `n` (soft and hard), before exec
-/// (as root; the host's `nr_open` caps it).
+/// Raises the child's open-file limit to `n` (soft and hard), before exec,
+/// where this process may (CAP_SYS_RESOURCE; the host's `nr_open` caps
+/// it); else its soft limit to its hard one. Best effort: never fails.
 pub fn raise_nofile(cmd: &mut Command, n: u64) {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(n);
-    let lim = libc::rlimit {
+    let want = libc::rlimit {
         rlim_cur: n.min(nr_open),
         rlim_max: n.min(nr_open),
     };
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only setrlimit (async-signal-safe) on a value made before the fork.
+    // only getrlimit and setrlimit (async-signal-safe) on values on its
+    // own stack or made before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(io::Error::last_os_error());
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                let mut now = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) == 0 {
+                    now.rlim_cur = now.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &now);
+                }
             }
             Ok(())
         });
