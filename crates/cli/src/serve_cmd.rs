@@ -136,7 +136,14 @@ fn templates_of(flags: &[String]) -> Result<(HashMap<String, Template>, Engines)
     for f in flags {
         let (name, t) = template_of(f)?;
         if let Some(b) = &t.backend {
-            if !engines.0.contains_key(b) {
+            if b == nanoclaw_kubernetes::NAME && engines.1.is_none() {
+                // The backend itself too: its sandboxes live in per-tenant
+                // namespaces, shared by every replica of the daemon.
+                let k = nanoclaw_kubernetes::Kubernetes::connect(crate::backends::kube_options())
+                    .map_err(|e| anyhow::anyhow!("--template {f:?}: {e:#}"))?;
+                engines.0.insert(b.clone(), Arc::new(k.clone()));
+                engines.1 = Some(k);
+            } else if !engines.0.contains_key(b) {
                 // A micro-VM of the daemon's is held by a holder process
                 // (QEMU is never started from the daemon's address space).
                 let opened = if b == "microvm" {

@@ -141,6 +141,20 @@ fn has_pod(id: &str) -> bool {
     pods().iter().any(|p| p.ends_with(&name))
 }
 
+/// Waits until `cond` holds, up to `limit`; false when it never did.
+fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -235,6 +249,53 @@ impl Daemon {
             let _ = c.wait();
         }
     }
+
+    /// curl against the control plane as `key`: (status, body).
+    fn curl(&self, key: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args([
+            "-s",
+            "-m",
+            "120",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .arg("-H")
+        .arg(format!("X-API-Key: {key}"))
+        .arg(format!("{}{path}", self.url()));
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "--data", b]);
+        }
+        let o = c.output().expect("curl");
+        let out = text(&o.stdout);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Creates a sandbox of the template as `key`'s tenant: its id.
+    fn create(&self, key: &str, timeout: u32) -> String {
+        let body = format!(r#"{{"templateID":"{TEMPLATE}","timeout":{timeout}}}"#);
+        let (code, body) = self.curl(key, "POST", "/sandboxes", Some(&body));
+        assert_eq!(code, 201, "create: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["sandboxID"].as_str().expect("sandboxID").to_string()
+    }
+
+    /// The sandbox ids `key`'s tenant lists (GET /v2/sandboxes).
+    fn listed(&self, key: &str) -> Vec<String> {
+        let (code, body) = self.curl(key, "GET", "/v2/sandboxes", None);
+        assert_eq!(code, 200, "list: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|s| s["sandboxID"].as_str().map(str::to_string))
+            .collect()
+    }
 }
 
 impl Drop for Daemon {
@@ -295,7 +356,182 @@ fn the_e2b_sdk_drives_pod_sandboxes() {
     assert!(ids.len() >= 2, "no sandboxes made: {ids:?}");
     // Killed through the API: their Pods are gone (deleted and waited for).
     for id in &ids {
-        assert!(!has_pod(id), "the Pod of {id} is still there: {:?}", pods());
+        assert!(
+            within(Duration::from_secs(120), || !has_pod(id)),
+            "the Pod of {id} is still there: {:?}",
+            pods()
+        );
     }
     drop(d);
+}
+
+/// Two replicas (two processes, their own data dirs and ports, the same
+/// tenants) against the one cluster: a sandbox made through A is found,
+/// used, listed (once), extended and killed through B (the SDK suite's
+/// replicas test); a `kill -9` and a restart of A remove neither B's
+/// sandboxes nor its own; a clean stop of B neither; and a sandbox whose
+/// maker died is removed at its end by the other replica's reaper.
+#[test]
+fn two_replicas_serve_one_clusters_sandboxes() {
+    let test = "two_replicas_serve_one_clusters_sandboxes";
+    let Some(kc) = cluster(test) else { return };
+    if venv("the e2b SDK").is_none() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    e2b_image();
+    let mut a = Daemon::new("replica-a", &kc, None);
+    let mut b = Daemon::new("replica-b", &kc, Some(&a));
+    sdk_suite(&a, Some(&b), "two_replicas", 1);
+    let alice = a.keys.0.clone();
+    let x = a.create(&alice, 600);
+    let y = b.create(&alice, 600);
+    for d in [&a, &b] {
+        let listed = d.listed(&alice);
+        for id in [&x, &y] {
+            assert_eq!(
+                listed.iter().filter(|l| *l == id).count(),
+                1,
+                "{id} listed once by each replica: {listed:?}"
+            );
+        }
+    }
+    // A dies without a word, and starts again (its start sweeps): both
+    // sandboxes are still there and served by either replica.
+    a.signal(libc::SIGKILL);
+    a.start();
+    for id in [&x, &y] {
+        assert!(has_pod(id), "{id} was removed by A's kill -9 or restart");
+        for d in [&a, &b] {
+            let (code, body) = d.curl(&alice, "GET", &format!("/sandboxes/{id}"), None);
+            assert_eq!(code, 200, "{id} through {}: {body}", d.url());
+        }
+    }
+    // A sandbox whose maker died is removed at its end by the other
+    // replica's reaper (A stays dead meanwhile).
+    let z = a.create(&alice, 10);
+    a.signal(libc::SIGKILL);
+    assert!(has_pod(&z), "{z} should outlive its maker until its end");
+    assert!(
+        within(Duration::from_secs(120), || !has_pod(&z)),
+        "B's reaper did not remove {z} after its end"
+    );
+    assert!(
+        has_pod(&x) && has_pod(&y),
+        "the reaper removed a live sandbox"
+    );
+    // A clean stop of B ends none of the cluster's sandboxes either.
+    b.signal(libc::SIGTERM);
+    assert!(has_pod(&x) && has_pod(&y), "B's clean stop removed them");
+    b.start();
+    a.start();
+    for id in [&x, &y] {
+        let (code, body) = a.curl(&alice, "DELETE", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 204, "kill {id}: {body}");
+        // Deleted and waited for by the daemon (60 s); a loaded kubelet
+        // may take longer to stop it.
+        assert!(
+            within(Duration::from_secs(120), || !has_pod(id)),
+            "{id} after its kill"
+        );
+        let (code, _) = b.curl(&alice, "GET", &format!("/sandboxes/{id}"), None);
+        assert_eq!(code, 404, "{id} killed through A is gone for B");
+    }
+}
+
+/// A tenant is a namespace with a ResourceQuota derived from its quota:
+/// the object read back from the API server; a create the quota refuses
+/// (one replica cannot count another's sandboxes) is the native quota's
+/// 429 (the SDK sees it too: the suite's quota test); another tenant's
+/// sandbox id is 404 through either replica.
+#[test]
+fn a_tenant_is_a_namespace_with_a_resource_quota() {
+    let test = "a_tenant_is_a_namespace_with_a_resource_quota";
+    let Some(kc) = cluster(test) else { return };
+    if venv("the e2b SDK").is_none() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    e2b_image();
+    let a = Daemon::new("quota-a", &kc, None);
+    let b = Daemon::new("quota-b", &kc, Some(&a));
+    sdk_suite(&a, Some(&b), "namespace_quota", 1);
+    // bob: --max-sandboxes 1 --max-memory 1g; the daemon's default CPUs.
+    let (ok, hard, err) = kubectl(&[
+        "get",
+        "resourcequota",
+        "nanoclaw",
+        "-n",
+        "nanoclaw-bob",
+        "-o",
+        "jsonpath={.spec.hard.pods} {.spec.hard.limits\\.memory} {.spec.hard.limits\\.cpu}",
+    ]);
+    assert!(ok, "the ResourceQuota of bob's namespace: {err}");
+    let hard: Vec<&str> = hard.split_whitespace().collect();
+    assert_eq!(hard.first(), Some(&"1"), "pods: {hard:?}");
+    // The API server writes quantities in their canonical form.
+    assert!(
+        matches!(hard.get(1), Some(&"1Gi") | Some(&"1073741824")),
+        "limits.memory: {hard:?}"
+    );
+    assert!(
+        matches!(hard.get(2), Some(&"40") | Some(&"40000m")),
+        "limits.cpu (the default 40 CPUs): {hard:?}"
+    );
+    let (ok, labels, _) = kubectl(&[
+        "get",
+        "namespace",
+        "nanoclaw-bob",
+        "-o",
+        "jsonpath={.metadata.labels.nanoclaw\\.tenant}",
+    ]);
+    assert!(
+        ok && labels == "bob",
+        "bob's namespace is labelled: {labels}"
+    );
+    // The same refusal through curl: status and JSON body.
+    let bob = a.keys.1.clone();
+    let first = a.create(&bob, 300);
+    let body = format!(r#"{{"templateID":"{TEMPLATE}","timeout":300}}"#);
+    let (native_code, native) = a.curl(&bob, "POST", "/sandboxes", Some(&body));
+    let (k8s_code, k8s) = b.curl(&bob, "POST", "/sandboxes", Some(&body));
+    assert_eq!((native_code, k8s_code), (429, 429), "{native} / {k8s}");
+    for body in [&native, &k8s] {
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON error");
+        assert_eq!(v["code"], 429, "{body}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("quota exceeded: concurrent sandboxes"),
+            "{body}"
+        );
+    }
+    assert!(k8s.contains("exceeded quota"), "{k8s}");
+    // Nothing was left of the refused one.
+    let bobs: Vec<String> = pods()
+        .into_iter()
+        .filter(|p| p.starts_with("nanoclaw-bob/"))
+        .collect();
+    let want = vec![format!("nanoclaw-bob/nanoclaw-{first}")];
+    assert!(
+        within(Duration::from_secs(120), || pods()
+            .into_iter()
+            .filter(|p| p.starts_with("nanoclaw-bob/"))
+            .collect::<Vec<_>>()
+            == want),
+        "bob's Pods: {bobs:?}"
+    );
+    // Another tenant's id is not found, through either replica.
+    for d in [&a, &b] {
+        let (code, body) = d.curl(&a.keys.0, "GET", &format!("/sandboxes/{first}"), None);
+        assert_eq!(code, 404, "alice reading bob's sandbox: {body}");
+        let (code, _) = d.curl(&a.keys.0, "DELETE", &format!("/sandboxes/{first}"), None);
+        assert_eq!(code, 404, "alice killing bob's sandbox");
+        assert!(!d.listed(&a.keys.0).contains(&first));
+    }
+    assert!(has_pod(&first), "alice's kill removed bob's sandbox");
+    let (code, body) = b.curl(&bob, "DELETE", &format!("/sandboxes/{first}"), None);
+    assert_eq!(code, 204, "{body}");
+    assert!(within(Duration::from_secs(120), || !has_pod(&first)));
 }

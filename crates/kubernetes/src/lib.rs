@@ -32,6 +32,7 @@ mod client;
 mod exec;
 pub mod pod;
 pub mod pool;
+pub mod tenancy;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -140,11 +141,42 @@ pub fn probe(opts: &KubeOptions) -> Probe {
     }
 }
 
+/// The backend's own runtime. The last handle to it may go inside another
+/// runtime (the daemon drops its backends in its async `main`), where
+/// dropping a runtime — which blocks until its tasks end — panics; so it
+/// is shut down without waiting.
+struct OwnRuntime {
+    handle: tokio::runtime::Handle,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl OwnRuntime {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.handle.block_on(f)
+    }
+
+    fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The Kubernetes backend (see the crate's documentation).
 #[derive(Clone)]
 pub struct Kubernetes {
     client: kube::Client,
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<OwnRuntime>,
     namespace: String,
     opts: KubeOptions,
     server: String,
@@ -239,7 +271,10 @@ impl Kubernetes {
         })?;
         let k = Kubernetes {
             client,
-            rt: Arc::new(rt),
+            rt: Arc::new(OwnRuntime {
+                handle: rt.handle().clone(),
+                rt: Some(rt),
+            }),
             namespace,
             opts,
             server,
@@ -312,11 +347,7 @@ impl Kubernetes {
             let detached = labels_of(&p)
                 .iter()
                 .any(|(k, v)| k == LABEL_DETACHED && v == "true");
-            let orphan = !detached
-                && ann.get(ANN_OWNER).is_some_and(|o| match o.split_once(' ') {
-                    Some((h, owner)) => h == host && !owner_alive(owner),
-                    None => false,
-                });
+            let orphan = !detached && ann.get(ANN_OWNER).is_some_and(|o| orphaned(o, &host));
             // A Pod still starting is not swept: another live process
             // (a replica, a pool's refill) may be waiting for it.
             if (orphan || ended(&p)) && self.remove(&id).is_ok() {
@@ -393,7 +424,12 @@ impl Kubernetes {
             .map_err(|e| api_error(&format!("applying networkpolicy {name}"), e))?;
         let made = self
             .block(timed(self.pods().patch(&name, &pp, &Patch::Apply(pod))))
-            .map_err(|e| api_error(&format!("applying pod {name}"), e))?;
+            .map_err(|e| match &e {
+                kube::Error::Api(s) if s.code == 403 && s.message.contains("exceeded quota") => {
+                    tenancy::quota_refusal(&self.namespace, &s.message)
+                }
+                _ => api_error(&format!("applying pod {name}"), e),
+            })?;
         let mut owned = np.clone();
         owned.metadata.owner_references = Some(vec![OwnerReference {
             api_version: "v1".into(),
@@ -489,6 +525,87 @@ impl Kubernetes {
                 Err(e)
             }
         }
+    }
+
+    /// This backend, making and finding its sandboxes in namespace `ns`
+    /// (a tenant's, [`tenancy`]).
+    pub fn in_namespace(&self, ns: &str) -> Kubernetes {
+        let mut k = self.clone();
+        k.namespace = ns.to_string();
+        k
+    }
+
+    /// The nanoclaw sandboxes of every namespace whose Pods carry the
+    /// labels `selector` selects (`key=value,...`), with their namespace,
+    /// running or ended (not those being deleted): what every replica of a
+    /// daemon sees alike.
+    pub fn list_everywhere(&self, selector: &str) -> Result<Vec<(String, SandboxInfo)>, Error> {
+        let lp = ListParams::default().labels(&format!("{LABEL_BACKEND}={NAME},{selector}"));
+        let all: Api<Pod> = Api::all(self.client.clone());
+        let pods = self
+            .block(timed(all.list(&lp)))
+            .map_err(|e| api_error("listing pods in every namespace", e))?;
+        Ok(pods
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.clone()?;
+                Some((ns.clone(), self.in_namespace(&ns).handle(p)?.info))
+            })
+            .collect())
+    }
+
+    /// Sets the configuration labels `updates` of sandbox `id` (kept in
+    /// its Pod's annotation), so that every process that finds the sandbox
+    /// reads the new values. The write carries the `resourceVersion` it
+    /// read: a concurrent writer's change is never overwritten (a 409 is
+    /// read again and retried).
+    pub fn set_labels(&self, id: &str, updates: &[(String, String)]) -> Result<(), Error> {
+        let name = object_name(id);
+        for _ in 0..8 {
+            let p = match self.block(timed(self.pods().get(&name))) {
+                Ok(p) => p,
+                Err(e) if is_status(&e, 404) => {
+                    return Err(Error::NotFound {
+                        id: id.into(),
+                        what: "no such Kubernetes sandbox (it ended, or was removed)".into(),
+                    })
+                }
+                Err(e) => return Err(api_error(&format!("reading pod {name}"), e)),
+            };
+            let mut labels = labels_of(&p);
+            for (k, v) in updates {
+                match labels.iter_mut().find(|(lk, _)| lk == k) {
+                    Some(l) => l.1 = v.clone(),
+                    None => labels.push((k.clone(), v.clone())),
+                }
+            }
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": p.metadata.resource_version,
+                    "annotations": {
+                        ANN_LABELS: serde_json::to_string(&labels).unwrap_or_default(),
+                    },
+                }
+            });
+            let pp = PatchParams::default();
+            match self.block(timed(self.pods().patch(&name, &pp, &Patch::Merge(&patch)))) {
+                Ok(_) => return Ok(()),
+                Err(e) if is_status(&e, 409) => continue,
+                Err(e) => return Err(api_error(&format!("updating pod {name}"), e)),
+            }
+        }
+        Err(backend_error(format!(
+            "updating pod {name}: it kept changing under the update (8 conflicts)"
+        )))
+    }
+
+    /// Deletes sandbox `id` (its Pod and NetworkPolicy) and waits until
+    /// the Pod is gone; one already gone is not an error (another process
+    /// may have removed it first).
+    pub fn delete(&self, id: &str) -> Result<(), Error> {
+        self.remove(id)
     }
 
     /// Whether the API server serves API group `group` (discovery).
@@ -633,9 +750,51 @@ fn owner_alive(owner: &str) -> bool {
     }
 }
 
-/// This process as a sandbox's maker ([`ANN_OWNER`]'s value).
+/// This process as a sandbox's maker ([`ANN_OWNER`]'s value): `HOST
+/// PID:STARTTIME PIDNS`, where PIDNS is the boot id and the pid
+/// namespace's inode: two processes with the same host name (two
+/// containers, two machines cloned alike) are told apart, so neither takes
+/// the other's pid for its own.
 fn owner_now() -> String {
-    format!("{} {}", hostname(), owner_of(std::process::id()))
+    format!(
+        "{} {} {}",
+        hostname(),
+        owner_of(std::process::id()),
+        pid_space()
+    )
+}
+
+/// This process's pid space: `BOOT_ID/PIDNS_INODE`.
+fn pid_space() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    let inode: String = ns.chars().filter(char::is_ascii_digit).collect();
+    format!("{boot}/{inode}")
+}
+
+/// Whether the maker `owner` names ([`owner_now`]'s format) is a process
+/// of this pid space (`host` names this machine) that is gone. A maker on
+/// another host or in another pid space is never judged from here; an
+/// annotation without the pid space (older nanoclaw) is judged by host
+/// name alone, as before.
+fn orphaned(owner: &str, host: &str) -> bool {
+    let mut parts = owner.split(' ');
+    let (Some(h), Some(proc_)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    if h != host {
+        return false;
+    }
+    if let Some(space) = parts.next() {
+        if space != pid_space() {
+            return false;
+        }
+    }
+    !owner_alive(proc_)
 }
 
 /// A fresh sandbox id: 12 hex digits.
@@ -809,3 +968,24 @@ impl LiveSandbox for KubeSandbox {
 
 /// The container commands run in (for callers that exec by hand).
 pub const SANDBOX_CONTAINER: &str = CONTAINER;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gone_maker_of_this_pid_space_is_an_orphan() {
+        let host = hostname();
+        let me = owner_now();
+        assert!(!orphaned(&me, &host), "this process is alive");
+        let mine = me.split(' ').nth(2).unwrap_or_default();
+        // pid 0 with a start time never matches a live process.
+        assert!(orphaned(&format!("{host} 0:1 {mine}"), &host));
+        // Another pid space (a container with the same host name) or
+        // another host: never judged from here.
+        assert!(!orphaned(&format!("{host} 0:1 other-boot/1"), &host));
+        assert!(!orphaned("elsewhere 0:1", &host));
+        // The older format: by host name.
+        assert!(orphaned(&format!("{host} 0:1"), &host));
+    }
+}

@@ -31,6 +31,7 @@ pub const LABEL_ID: &str = "nanoclaw.id";
 /// value is a valid label value, so a cluster's own tools can select a
 /// tenant's or an agent's sandboxes (`kubectl get pods -l nanoclaw.tenant=t`).
 pub const SELECTABLE: &[&str] = &[
+    "nanoclaw.serve",
     "nanoclaw.tenant",
     "nanoclaw.agent",
     "nanoclaw.session",

@@ -1,8 +1,18 @@
 //! Sandboxes of the engine's other backends (`docker`, `gvisor`,
-//! `microvm`) in the daemon: a template that names one
+//! `microvm`, `kubernetes`) in the daemon: a template that names one
 //! ([`Template::backend`]) creates its sandboxes there, through the
 //! engine's `Backend` contract (`nanoclaw_sandbox::backend`), beside the
 //! keepers' native ones.
+//!
+//! Kubernetes sandboxes are different in one way ([`is_shared`]): several
+//! daemon replicas serve them, so what the daemon knows of one (its E2B
+//! record, its end) lives with its Pod in the cluster (labels and an
+//! annotation), in its tenant's namespace (with a ResourceQuota from the
+//! tenant's quota). Any replica finds one it does not know
+//! ([`KeeperBackend::engine_found`]), lists them from the cluster, writes
+//! `set_timeout` there and reaps those past their end
+//! ([`KeeperBackend::reap_shared`]); none removes them when it stops. What
+//! follows about memory-only state is about the other backends.
 //!
 //! How they are run, and why that keeps the process model: the daemon
 //! never clones a sandbox. Docker's are made by dockerd (bollard over its
@@ -56,6 +66,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 
+use nanoclaw_kubernetes::Kubernetes;
+
 use super::egress::{EgressHook, Source};
 use super::{at, blocking, ms, user_of, KeeperBackend, Record, Template, E2B_HOME, KEEPER_GRACE};
 use crate::audit::Capture;
@@ -75,6 +87,20 @@ const NO_QUOTA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Labels every engine sandbox of the daemon carries.
 const LABEL_SERVE: &str = "nanoclaw.serve";
+/// [`LABEL_SERVE`]'s value on a cluster's sandboxes: the same for every
+/// replica (they serve the same sandboxes).
+const SERVE_SHARED: &str = "e2b";
+/// Label of a cluster's sandbox: its E2B record as JSON (tenant,
+/// template, metadata, envs, token, sizes), fixed at creation.
+const LABEL_RECORD: &str = "nanoclaw.e2b";
+/// Label of a cluster's sandbox: its E2B end, ms since the epoch (moved by
+/// `set_timeout`, read by every replica's reaper).
+const LABEL_END: &str = "nanoclaw.e2b-end-ms";
+/// Label of a cluster's sandbox: the end of its lifetime in the backend
+/// (`activeDeadlineSeconds`), ms since the epoch.
+const LABEL_LIFETIME_END: &str = "nanoclaw.lifetime-end-ms";
+/// The tenant label a cluster's tools select by (`kubectl -l`).
+const LABEL_TENANT: &str = "nanoclaw.tenant";
 
 /// One sandbox of another backend.
 pub(super) struct EngineEntry {
@@ -86,6 +112,9 @@ pub(super) struct EngineEntry {
     /// When the backend itself ends the sandbox (its lifetime), ms.
     pub lifetime_end_ms: u64,
     pub procs: Mutex<HashMap<u32, Arc<EngineProc>>>,
+    /// For a cluster's sandbox ([`is_shared`]): the backend of its
+    /// tenant's namespace. Its record here is a cache of the cluster's.
+    pub shared: Option<Kubernetes>,
     /// (when, cpu ms) of the last metrics sample.
     last_cpu: Mutex<Option<(SystemTime, f64)>>,
     /// Egress refusals of its proxy already counted, and already audited.
@@ -130,6 +159,49 @@ fn refused(backend: &str, what: &str, why: &str) -> BackendError {
     BackendError::InvalidArgument(format!(
         "the {backend} backend: {what} is not supported: {why}"
     ))
+}
+
+/// Whether sandboxes of `backend` are shared by every replica of the
+/// daemon: their state lives with them in the cluster (the Pod's labels
+/// and annotations), so any replica finds, lists, extends and reaps them.
+pub(super) fn is_shared(backend: &str) -> bool {
+    backend == nanoclaw_kubernetes::NAME
+}
+
+/// A cluster sandbox's record, from the labels it carries (`None`: not one
+/// the daemon made).
+fn record_of(labels: &[(String, String)]) -> Option<(Record, u64)> {
+    let label = |k| nanoclaw_sandbox::backend::label(labels, k);
+    let mut record: Record = serde_json::from_str(label(LABEL_RECORD)?).ok()?;
+    if let Some(end) = label(LABEL_END).and_then(|v| v.parse().ok()) {
+        record.end_at_ms = end;
+    }
+    let lifetime_end = label(LABEL_LIFETIME_END)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(record.end_at_ms);
+    Some((record, lifetime_end))
+}
+
+/// Whether `id` can be a cluster sandbox's id (12 hex digits): other ids
+/// are not looked up in the cluster.
+fn cluster_id(id: &str) -> bool {
+    id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A refusal by the tenant namespace's ResourceQuota as the native quota's
+/// refusal of the same limit (429, `quota exceeded: ...`).
+fn quota_refusal(message: &str) -> BackendError {
+    let which = if message.contains("limits.memory") || message.contains("requests.memory") {
+        "total memory"
+    } else if message.contains("limits.cpu") || message.contains("requests.cpu") {
+        "total cpus"
+    } else {
+        "concurrent sandboxes"
+    };
+    BackendError::QuotaExceeded {
+        which: format!("{which} ({message})"),
+        retry_after: Some(Duration::from_secs(5)),
+    }
 }
 
 /// Whether the daemon gives sandboxes of `backend` nanoclaw's egress (the
@@ -198,7 +270,10 @@ fn create_refusal(e: nanoclaw_sandbox::Error, req: &CreateSandbox, backend: &str
             asked,
             &format!("{why} (the daemon is not root); run nanoclaw serve as root, or {instead}"),
         ),
-        other => engine_refusal(other),
+        other => match nanoclaw_kubernetes::tenancy::is_quota_refusal(&other) {
+            Some(m) => quota_refusal(m),
+            None => engine_refusal(other),
+        },
     }
 }
 
@@ -234,10 +309,17 @@ impl KeeperBackend {
         mut spec: SandboxSpec,
         name: &str,
     ) -> BackendResult<SandboxInfo> {
-        let backend = self.cfg.engines.get(name).cloned().ok_or_else(|| {
+        let mut backend = self.cfg.engines.get(name).cloned().ok_or_else(|| {
             BackendError::Internal(format!("the {name} backend was not opened at start"))
         })?;
         engine_network(req, name, &mut spec)?;
+        let shared = if is_shared(name) {
+            let k = self.tenant_cluster(&req.tenant, true).await?;
+            backend = Arc::new(k.clone());
+            Some(k)
+        } else {
+            None
+        };
         // The backend's own lifetime cannot be moved later: it is the
         // longest the tenant may keep a sandbox, so that `set_timeout` and
         // `connect` can extend it as for native ones (the reaper ends it at
@@ -250,10 +332,38 @@ impl KeeperBackend {
         let lifetime = req.timeout.max(longest) + KEEPER_GRACE;
         spec.limits.timeout = lifetime;
         let mut config = SandboxConfig::new(spec.clone());
-        config.labels = vec![
-            (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
-            ("tenant".into(), req.tenant.0.clone()),
-        ];
+        let mut record = Record::for_request(req, &spec);
+        record
+            .metadata
+            .entry("launch".into())
+            .or_insert_with(|| "cold".into());
+        let lifetime_end_ms = record.started_at_ms + lifetime.as_millis() as u64;
+        config.labels = if shared.is_some() {
+            // Everything a replica needs to serve it, with it in the
+            // cluster; detached: no replica's sweep removes it because its
+            // maker is gone (it ends at its end, by any replica's reaper,
+            // or at its activeDeadlineSeconds).
+            vec![
+                (LABEL_SERVE.into(), SERVE_SHARED.into()),
+                (LABEL_TENANT.into(), req.tenant.0.clone()),
+                (
+                    nanoclaw_sandbox::backend::LABEL_DETACHED.into(),
+                    "true".into(),
+                ),
+                (
+                    LABEL_RECORD.into(),
+                    serde_json::to_string(&record)
+                        .map_err(|e| BackendError::Internal(e.to_string()))?,
+                ),
+                (LABEL_END.into(), record.end_at_ms.to_string()),
+                (LABEL_LIFETIME_END.into(), lifetime_end_ms.to_string()),
+            ]
+        } else {
+            vec![
+                (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
+                ("tenant".into(), req.tenant.0.clone()),
+            ]
+        };
         backend
             .check(&config)
             .map_err(|e| create_refusal(e, req, name))?;
@@ -265,18 +375,14 @@ impl KeeperBackend {
         let made = blocking(move || backend.create(&config).map_err(refusal)).await?;
         let sandbox: Arc<dyn LiveSandbox> = Arc::from(made);
         let id = sandbox.id().to_string();
-        let mut record = Record::for_request(req, &spec);
-        record
-            .metadata
-            .entry("launch".into())
-            .or_insert_with(|| "cold".into());
         let e = Arc::new(EngineEntry {
             id: id.clone(),
             backend: name.to_string(),
-            lifetime_end_ms: record.started_at_ms + lifetime.as_millis() as u64,
+            lifetime_end_ms,
             sandbox,
             record: Mutex::new(record),
             procs: Mutex::new(HashMap::new()),
+            shared,
             last_cpu: Mutex::new(None),
             denials_counted: Arc::default(),
             denials_seen: Arc::default(),
@@ -301,15 +407,229 @@ impl KeeperBackend {
     }
 
     /// At a clean stop: the engine sandboxes end with the daemon (a new
-    /// daemon could not adopt them).
+    /// daemon could not adopt them) — except a cluster's, which other
+    /// replicas (or this one, restarted) go on serving until their end.
     pub fn end_engines(&self) {
         let all: Vec<Arc<EngineEntry>> = self
             .engines
             .lock()
             .map(|mut m| m.drain().map(|(_, e)| e).collect())
             .unwrap_or_default();
-        for e in all {
+        for e in all.iter().filter(|e| e.shared.is_none()) {
             let _ = e.sandbox.destroy();
+        }
+    }
+
+    /// The cluster backend of `tenant`'s namespace; with `apply`, the
+    /// namespace and its ResourceQuota (from the tenant's quota) are
+    /// made or updated first (server-side apply, at every create, so a
+    /// changed quota reaches the cluster).
+    pub(super) async fn tenant_cluster(
+        &self,
+        tenant: &TenantId,
+        apply: bool,
+    ) -> BackendResult<Kubernetes> {
+        let kube = self.cfg.engines.1.clone().ok_or_else(|| {
+            BackendError::Internal("the kubernetes backend was not opened at start".into())
+        })?;
+        let ns = nanoclaw_kubernetes::tenancy::namespace_for(&kube.tenant_prefix(), &tenant.0);
+        if !apply {
+            return Ok(kube.in_namespace(&ns));
+        }
+        let quota =
+            self.quota
+                .limits(tenant)
+                .await?
+                .map(|l| nanoclaw_kubernetes::tenancy::TenantQuota {
+                    sandboxes: l.max_sandboxes,
+                    memory_bytes: l.max_memory_mb << 20,
+                    cpus: l.max_cpus,
+                });
+        let name = tenant.0.clone();
+        blocking(move || {
+            kube.tenant_namespace(&ns, &name, quota.as_ref())
+                .map_err(super::engine_error)
+        })
+        .await
+    }
+
+    /// The tenant's engine sandbox `id`: this process's, else — for a
+    /// cluster's sandbox another replica made, or this one before a
+    /// restart — found in the tenant's namespace and served from then on.
+    pub(super) async fn engine_found(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Option<Arc<EngineEntry>> {
+        if let Some(e) = self.engine(tenant, id) {
+            return Some(e);
+        }
+        if self.cfg.engines.1.is_none() || !cluster_id(id) {
+            return None;
+        }
+        if self.sandboxes.lock().ok()?.contains_key(id) {
+            return None;
+        }
+        let k = self.tenant_cluster(tenant, false).await.ok()?;
+        let (sid, kk) = (id.to_string(), k.clone());
+        let sb = blocking(move || {
+            use nanoclaw_sandbox::backend::Backend as _;
+            kk.attach(&sid).map_err(super::engine_error)
+        })
+        .await
+        .ok()?;
+        let sandbox: Arc<dyn LiveSandbox> = Arc::from(sb);
+        let (record, lifetime_end_ms) = record_of(&sandbox.info().labels)?;
+        // Another tenant's id is not found (it is not in this tenant's
+        // namespace either; this is belt and braces).
+        if record.tenant != tenant.0 {
+            return None;
+        }
+        let e = Arc::new(EngineEntry {
+            id: id.to_string(),
+            backend: nanoclaw_kubernetes::NAME.into(),
+            lifetime_end_ms,
+            sandbox,
+            record: Mutex::new(record),
+            procs: Mutex::new(HashMap::new()),
+            shared: Some(k),
+            last_cpu: Mutex::new(None),
+            denials_counted: Arc::default(),
+            denials_seen: Arc::default(),
+        });
+        let mut m = self.engines.lock().ok()?;
+        Some(m.entry(id.to_string()).or_insert(e).clone())
+    }
+
+    /// The engine sandbox `id`, whoever owns it: this process's, else a
+    /// cluster's found by its id label in any namespace (envd's requests
+    /// name no tenant) — and then only in its tenant's own namespace.
+    pub(super) async fn engine_any_found(&self, id: &str) -> Option<Arc<EngineEntry>> {
+        if let Some(e) = self.engine_any(id) {
+            return Some(e);
+        }
+        let kube = self.cfg.engines.1.clone()?;
+        if !cluster_id(id) || self.sandboxes.lock().ok()?.contains_key(id) {
+            return None;
+        }
+        let selector = format!(
+            "{}={id},{LABEL_SERVE}={SERVE_SHARED}",
+            nanoclaw_kubernetes::pod::LABEL_ID
+        );
+        let found = blocking(move || kube.list_everywhere(&selector).map_err(super::engine_error))
+            .await
+            .ok()?;
+        let (_, info) = found.into_iter().next()?;
+        let (record, _) = record_of(&info.labels)?;
+        self.engine_found(&TenantId(record.tenant), id).await
+    }
+
+    /// A cluster's sandbox's record read again from the cluster; gone
+    /// there, it is forgotten here (404).
+    pub(super) async fn refresh_shared(&self, e: &Arc<EngineEntry>) -> BackendResult<()> {
+        let Some(k) = e.shared.clone() else {
+            return Ok(());
+        };
+        let id = e.id.clone();
+        let got = blocking(move || {
+            use nanoclaw_sandbox::backend::Backend as _;
+            k.attach(&id).map_err(super::engine_error)
+        })
+        .await;
+        match got {
+            Ok(sb) => {
+                if let (Some((fresh, _)), Ok(mut r)) =
+                    (record_of(&sb.info().labels), e.record.lock())
+                {
+                    *r = fresh;
+                }
+                Ok(())
+            }
+            Err(err @ BackendError::NotFound(_)) => {
+                if let Ok(mut m) = self.engines.lock() {
+                    m.remove(&e.id);
+                }
+                Err(err)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `GET /v2/sandboxes` of a cluster: the tenant's sandboxes in its
+    /// namespace, whichever replica made them.
+    pub(super) async fn list_shared(&self, tenant: &TenantId) -> BackendResult<Vec<SandboxInfo>> {
+        if self.cfg.engines.1.is_none() {
+            return Ok(Vec::new());
+        }
+        let k = self.tenant_cluster(tenant, false).await?;
+        let all = blocking(move || {
+            use nanoclaw_sandbox::backend::Backend as _;
+            k.list().map_err(super::engine_error)
+        })
+        .await?;
+        let mut out = Vec::new();
+        for info in all {
+            let Some((record, _)) = record_of(&info.labels) else {
+                continue;
+            };
+            if record.tenant == tenant.0 {
+                out.push(record_info(&info.id, nanoclaw_kubernetes::NAME, &record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The reaper's round for a cluster's sandboxes (every
+    /// [`ALIVE_EVERY`] rounds): each past its end is removed, by whichever
+    /// replica sees it first (removing one already gone is no error). A
+    /// sandbox is never removed before its end because its maker is gone.
+    pub(super) async fn reap_shared(&self, round: u32) {
+        let Some(kube) = self.cfg.engines.1.clone() else {
+            return;
+        };
+        if !round.is_multiple_of(ALIVE_EVERY) {
+            return;
+        }
+        let now = ms(SystemTime::now());
+        let selector = format!("{LABEL_SERVE}={SERVE_SHARED}");
+        let k = kube.clone();
+        let Ok(all) =
+            blocking(move || k.list_everywhere(&selector).map_err(super::engine_error)).await
+        else {
+            return;
+        };
+        let live: std::collections::HashSet<String> =
+            all.iter().map(|(_, i)| i.id.clone()).collect();
+        for (ns, info) in all {
+            let Some((record, _)) = record_of(&info.labels) else {
+                continue;
+            };
+            if now < record.end_at_ms {
+                continue;
+            }
+            if let Ok(mut m) = self.engines.lock() {
+                m.remove(&info.id);
+            }
+            let (k, id) = (kube.in_namespace(&ns), info.id.clone());
+            let r = blocking(move || k.delete(&id).map_err(super::engine_error)).await;
+            if let Err(err) = r {
+                eprintln!(
+                    "nanoclaw serve: removing kubernetes sandbox {}: {err}",
+                    info.id
+                );
+            }
+        }
+        // Forgotten here once gone there (killed through another replica).
+        let stale: Vec<String> = self
+            .all_engines()
+            .iter()
+            .filter(|e| e.shared.is_some() && !live.contains(&e.id))
+            .map(|e| e.id.clone())
+            .collect();
+        if let Ok(mut m) = self.engines.lock() {
+            for id in stale {
+                m.remove(&id);
+            }
         }
     }
 
@@ -319,6 +639,10 @@ impl KeeperBackend {
     pub(super) async fn reap_engines(&self, orphaned: &[String], round: u32) {
         let now = ms(SystemTime::now());
         for e in self.all_engines() {
+            if e.shared.is_some() {
+                // Ended from the cluster's record ([`Self::reap_shared`]).
+                continue;
+            }
             let tenant = e.tenant();
             let end = e.record.lock().map(|r| r.end_at_ms).unwrap_or(0);
             if tenant.is_some_and(|t| orphaned.contains(&t)) || now >= end {
@@ -346,6 +670,7 @@ impl KeeperBackend {
         e: &Arc<EngineEntry>,
         timeout: Duration,
     ) -> BackendResult<()> {
+        self.refresh_shared(e).await?;
         let started = e.record.lock().map(|r| r.started_at_ms).unwrap_or(0);
         if let Some(t) = e.tenant() {
             // The longest lifetime counts from the creation, as for native.
@@ -365,6 +690,15 @@ impl KeeperBackend {
                     e.lifetime_end_ms.saturating_sub(ms(SystemTime::now())) / 1000
                 ),
             ));
+        }
+        if let Some(k) = e.shared.clone() {
+            // In the cluster, where every replica (and its reaper) reads it.
+            let (id, v) = (e.id.clone(), end.to_string());
+            blocking(move || {
+                k.set_labels(&id, &[(LABEL_END.to_string(), v)])
+                    .map_err(super::engine_error)
+            })
+            .await?;
         }
         if let Ok(mut r) = e.record.lock() {
             r.end_at_ms = end;
@@ -575,11 +909,16 @@ pub(super) fn engine_info(e: &EngineEntry) -> BackendResult<SandboxInfo> {
         .record
         .lock()
         .map_err(|_| BackendError::Internal("lock".into()))?;
+    Ok(record_info(&e.id, &e.backend, &r))
+}
+
+/// What E2B's API says about engine sandbox `id` of `backend` recorded as `r`.
+fn record_info(id: &str, backend: &str, r: &Record) -> SandboxInfo {
     let mut metadata = r.metadata.clone();
     // Which backend runs it, as a client can read it back.
-    metadata.insert("backend".into(), e.backend.clone());
-    Ok(SandboxInfo {
-        sandbox_id: e.id.clone(),
+    metadata.insert("backend".into(), backend.to_string());
+    SandboxInfo {
+        sandbox_id: id.to_string(),
         template_id: r.template.clone(),
         alias: Some(r.template.clone()),
         started_at: at(r.started_at_ms),
@@ -594,7 +933,7 @@ pub(super) fn engine_info(e: &EngineEntry) -> BackendResult<SandboxInfo> {
         deny_out: r.deny_out.clone(),
         auto_pause: false,
         envd_access_token: r.token.clone(),
-    })
+    }
 }
 
 /// The process of an engine sandbox `sel` names.
@@ -876,9 +1215,14 @@ impl EngineProc {
     }
 }
 
-/// The engine templates' backends a daemon opens at start, by name.
+/// The engine templates' backends a daemon opens at start, by name; and
+/// the Kubernetes backend itself when a template names it (its sandboxes
+/// are shared by replicas, [`is_shared`], in per-tenant namespaces).
 #[derive(Clone, Default)]
-pub struct Engines(pub HashMap<String, Arc<dyn nanoclaw_sandbox::backend::Backend>>);
+pub struct Engines(
+    pub HashMap<String, Arc<dyn nanoclaw_sandbox::backend::Backend>>,
+    pub Option<Kubernetes>,
+);
 
 impl std::ops::Deref for Engines {
     type Target = HashMap<String, Arc<dyn nanoclaw_sandbox::backend::Backend>>;

@@ -512,8 +512,8 @@ impl KeeperBackend {
     }
 
     /// What runs the file commands of the scope's running sandbox.
-    fn runner(&self, scope: &SandboxScope) -> BackendResult<files::Runner> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+    async fn runner(&self, scope: &SandboxScope) -> BackendResult<files::Runner> {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             return Ok(files::Runner::Engine(engines::EngineExec(
                 e.sandbox.clone(),
             )));
@@ -574,6 +574,7 @@ impl KeeperBackend {
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.reap_engines(&orphaned, round).await;
+        self.reap_shared(round).await;
         for e in all {
             let tenant = e.record.lock().map(|r| r.tenant.clone()).ok();
             if tenant.is_some_and(|t| orphaned.contains(&t)) {
@@ -1149,7 +1150,10 @@ impl Backend for KeeperBackend {
     }
 
     async fn get(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<SandboxInfo> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
+            // A cluster's sandbox as the cluster has it now (another
+            // replica may have moved its end, or removed it).
+            self.refresh_shared(&e).await?;
             return engines::engine_info(&e);
         }
         Self::info(&*self.entry(tenant, sandbox_id)?)
@@ -1170,16 +1174,18 @@ impl Backend for KeeperBackend {
             }
         }
         for e in self.all_engines() {
-            if e.record.lock().is_ok_and(|r| r.tenant == tenant.0) {
+            // A cluster's sandboxes are listed from the cluster (below).
+            if e.shared.is_none() && e.record.lock().is_ok_and(|r| r.tenant == tenant.0) {
                 out.push(engines::engine_info(&e)?);
             }
         }
+        out.extend(self.list_shared(tenant).await?);
         out.sort_by_key(|i| i.started_at);
         Ok(out)
     }
 
     async fn kill(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
-        if self.engine(tenant, sandbox_id).is_some() {
+        if self.engine_found(tenant, sandbox_id).await.is_some() {
             self.end_engine(sandbox_id).await;
         } else {
             self.entry(tenant, sandbox_id)?;
@@ -1191,7 +1197,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn pause(&self, tenant: &TenantId, sandbox_id: &str) -> BackendResult<()> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
             return Err(Self::engine_cannot(&e, "pausing a sandbox"));
         }
         let e = self.entry(tenant, sandbox_id)?;
@@ -1212,7 +1218,7 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         timeout: Duration,
     ) -> BackendResult<SandboxInfo> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
             return Err(Self::engine_cannot(&e, "resuming a sandbox"));
         }
         let e = self.entry(tenant, sandbox_id)?;
@@ -1234,7 +1240,7 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         timeout: Duration,
     ) -> BackendResult<()> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
             return self.extend_engine(&e, timeout).await;
         }
         let e = self.entry(tenant, sandbox_id)?;
@@ -1247,7 +1253,7 @@ impl Backend for KeeperBackend {
         sandbox_id: &str,
         update: NetworkUpdate,
     ) -> BackendResult<()> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
             return self.engine_update_network(&e, tenant, update).await;
         }
         let e = self.entry(tenant, sandbox_id)?;
@@ -1298,7 +1304,7 @@ impl Backend for KeeperBackend {
         tenant: &TenantId,
         sandbox_id: &str,
     ) -> BackendResult<Vec<SandboxMetric>> {
-        if let Some(e) = self.engine(tenant, sandbox_id) {
+        if let Some(e) = self.engine_found(tenant, sandbox_id).await {
             return self.engine_metrics(&e).await;
         }
         let e = self.entry(tenant, sandbox_id)?;
@@ -1333,7 +1339,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn envd_access(&self, sandbox_id: &str) -> BackendResult<EnvdAccess> {
-        if let Some(e) = self.engine_any(sandbox_id) {
+        if let Some(e) = self.engine_any_found(sandbox_id).await {
             let r = e
                 .record
                 .lock()
@@ -1384,7 +1390,7 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         req: StartProcess,
     ) -> BackendResult<ProcessHandle> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             return self.engine_start_process(&e, scope, req).await;
         }
         if req.pty.is_some() {
@@ -1471,7 +1477,7 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         selector: &ProcessSelector,
     ) -> BackendResult<ProcessHandle> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             let p = engines::engine_proc(&e, selector)?;
             return Ok(ProcessHandle {
                 pid: p.pid,
@@ -1487,7 +1493,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn list_processes(&self, scope: &SandboxScope) -> BackendResult<Vec<ProcessInfo>> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             return Ok(engines::engine_procs(&e));
         }
         let e = self.running(scope)?;
@@ -1513,7 +1519,7 @@ impl Backend for KeeperBackend {
         selector: &ProcessSelector,
         input: ProcessInput,
     ) -> BackendResult<()> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             let p = engines::engine_proc(&e, selector)?;
             return match input {
                 ProcessInput::Stdin(b) => p.write_stdin(b).await,
@@ -1538,7 +1544,7 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         selector: &ProcessSelector,
     ) -> BackendResult<()> {
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             return engines::engine_proc(&e, selector)?.close_stdin().await;
         }
         let e = self.running(scope)?;
@@ -1557,7 +1563,7 @@ impl Backend for KeeperBackend {
             Signal::Kill => libc::SIGKILL,
             Signal::Interrupt => libc::SIGINT,
         };
-        if let Some(e) = self.engine(&scope.tenant, &scope.sandbox_id) {
+        if let Some(e) = self.engine_found(&scope.tenant, &scope.sandbox_id).await {
             return engines::engine_proc(&e, selector)?.signal(sig).await;
         }
         let e = self.running(scope)?;
@@ -1565,7 +1571,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn stat(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::stat(&r, scope, path).await;
             self.audit_file(scope, "stat", &[path], res).await
@@ -1578,7 +1584,7 @@ impl Backend for KeeperBackend {
         path: &str,
         depth: u32,
     ) -> BackendResult<Vec<EntryInfo>> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::list_dir(&r, scope, path, depth).await;
             self.audit_file(scope, "list", &[path], res).await
@@ -1586,7 +1592,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn make_dir(&self, scope: &SandboxScope, path: &str) -> BackendResult<EntryInfo> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::make_dir(&r, scope, path).await;
             self.audit_file(scope, "mkdir", &[path], res).await
@@ -1599,7 +1605,7 @@ impl Backend for KeeperBackend {
         source: &str,
         destination: &str,
     ) -> BackendResult<EntryInfo> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::rename(&r, scope, source, destination).await;
             self.audit_file(scope, "move", &[source, destination], res)
@@ -1608,7 +1614,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn remove(&self, scope: &SandboxScope, path: &str) -> BackendResult<()> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::remove(&r, scope, path).await;
             self.audit_file(scope, "remove", &[path], res).await
@@ -1616,7 +1622,7 @@ impl Backend for KeeperBackend {
     }
 
     async fn read_file(&self, scope: &SandboxScope, path: &str) -> BackendResult<FileDownload> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         {
             let res = files::read_file(&r, scope, path).await;
             self.audit_file(scope, "read", &[path], res).await
@@ -1630,7 +1636,7 @@ impl Backend for KeeperBackend {
         metadata: &BTreeMap<String, String>,
         body: ByteStream,
     ) -> BackendResult<EntryInfo> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         if !metadata.is_empty() {
             return Err(BackendError::Unimplemented(
                 "file metadata (X-Metadata-*) is not supported by nanoclaw yet".into(),
@@ -1647,7 +1653,7 @@ impl Backend for KeeperBackend {
         scope: &SandboxScope,
         spec: WatchSpec,
     ) -> BackendResult<tokio::sync::mpsc::Receiver<FsEvent>> {
-        let r = self.runner(scope)?;
+        let r = self.runner(scope).await?;
         files::watch_dir(&r, scope, spec).await
     }
 }

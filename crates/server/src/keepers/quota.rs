@@ -108,7 +108,7 @@ impl Quota {
     }
 
     /// The tenant's limits (`None`: no tenants table, no limits).
-    async fn limits(&self, tenant: &TenantId) -> BackendResult<Option<Limits>> {
+    pub(crate) async fn limits(&self, tenant: &TenantId) -> BackendResult<Option<Limits>> {
         let Some(t) = self.tenants.clone() else {
             return Ok(None);
         };
