@@ -43,7 +43,7 @@ use nanoclaw_sandbox::backend::{SandboxConfig, SandboxInfo};
 use nanoclaw_sandbox::{Error, Layers, SandboxSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::host::{self, lock, Shared, VmSandbox};
+use crate::host::{self, backend_error, io_error, lock, Shared, VmSandbox};
 use crate::proto::{self, Frame, WireError};
 use crate::{procs, MicroVm, MicroVmOptions, NAME};
 
@@ -105,18 +105,6 @@ impl Record {
     fn deadline(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.deadline_ms)
     }
-}
-
-fn backend_error(message: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: NAME.into(),
-        message: message.into(),
-    }
-}
-
-fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let call = what.into();
-    move |source| Error::Sys { call, source }
 }
 
 /// Starts a holder for `config` and returns a handle on its VM once it

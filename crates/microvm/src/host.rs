@@ -54,36 +54,21 @@ impl From<Error> for BootError {
     }
 }
 
-fn backend_error(message: impl Into<String>) -> Error {
+pub(crate) fn backend_error(message: impl Into<String>) -> Error {
     Error::Backend {
         backend: NAME.into(),
         message: message.into(),
     }
 }
 
-fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let call = what.into();
     move |source| Error::Sys { call, source }
 }
 
 /// A random id, `vm-` and 12 hex digits.
-fn new_id() -> String {
-    let mut b = [0u8; 6];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64
-            ^ u64::from(std::process::id()) << 32;
-        b.copy_from_slice(&t.to_le_bytes()[..6]);
-    }
-    format!(
-        "vm-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+fn new_id() -> Result<String, Error> {
+    Ok(format!("vm-{}", nanoclaw_sandbox::procs::random_id()?))
 }
 
 /// The VM's host processes.
@@ -399,7 +384,7 @@ pub(crate) fn boot(
     patience: Duration,
 ) -> Result<VmSandbox, BootError> {
     let started = Instant::now();
-    let id = new_id();
+    let id = new_id()?;
     let dir = vm.opts.state_root.join(&id);
     std::fs::DirBuilder::new()
         .mode(0o700)

@@ -177,15 +177,12 @@ pub fn readonly_view(cmd: &mut Command, dir: &Path) -> io::Result<()> {
 }
 
 /// A process's start time (field 22 of `/proc/PID/stat`), or `None` when
-/// it does not run (a zombie does not).
+/// it does not run (a zombie does not): the engine's
+/// [`nanoclaw_sandbox::procs::start_time`] for this crate's `i32` pids.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if matches!(f.first(), Some(&"Z") | Some(&"X")) {
-        return None;
-    }
-    f.get(19)?.parse().ok()
+    u32::try_from(pid)
+        .ok()
+        .and_then(nanoclaw_sandbox::procs::start_time)
 }
 
 /// `pid start_time` of `pid`, as recorded.
