@@ -48,7 +48,7 @@ use nanoclaw_sandbox::backend::{
 };
 use nanoclaw_sandbox::native::session::{ExecSpec, RunState};
 use nanoclaw_sandbox::spec::Root;
-use nanoclaw_sandbox::{Error, Layers};
+use nanoclaw_sandbox::{procs, Error, Layers};
 
 use crate::client::timed;
 use crate::pod::{
@@ -491,7 +491,7 @@ impl Kubernetes {
         let Root::Image(image) = &config.spec.root else {
             return pod::refuse_unsupported(config).and(Err(backend_error("no image")));
         };
-        let id = new_id();
+        let id = new_id()?;
         let owner = owner_now();
         let deadline = now_s() + config.spec.limits.timeout.as_secs().max(1);
         let plan = pod::Plan {
@@ -728,28 +728,6 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// This process as `PID:STARTTIME` (start time in clock ticks since boot,
-/// field 22 of `/proc/PID/stat`), which a reused pid does not match.
-fn owner_of(pid: u32) -> String {
-    format!("{pid}:{}", start_time(pid).unwrap_or(0))
-}
-
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn owner_alive(owner: &str) -> bool {
-    let Some((pid, start)) = owner.split_once(':') else {
-        return true;
-    };
-    match (pid.parse::<u32>(), start.parse::<u64>()) {
-        (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
-        _ => true,
-    }
-}
-
 /// This process as a sandbox's maker ([`ANN_OWNER`]'s value): `HOST
 /// PID:STARTTIME PIDNS`, where PIDNS is the boot id and the pid
 /// namespace's inode: two processes with the same host name (two
@@ -759,7 +737,7 @@ fn owner_now() -> String {
     format!(
         "{} {} {}",
         hostname(),
-        owner_of(std::process::id()),
+        procs::owner_tag(std::process::id()),
         pid_space()
     )
 }
@@ -794,17 +772,12 @@ fn orphaned(owner: &str, host: &str) -> bool {
             return false;
         }
     }
-    !owner_alive(proc_)
+    !procs::owner_alive(proc_)
 }
 
 /// A fresh sandbox id: 12 hex digits.
-fn new_id() -> String {
-    let mut b = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+fn new_id() -> Result<String, Error> {
+    procs::random_id()
 }
 
 impl Backend for Kubernetes {

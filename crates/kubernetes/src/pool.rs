@@ -278,7 +278,7 @@ impl Inner {
         let mut ready: Vec<&Pod> = warm.into_iter().filter(|p| running(p)).collect();
         // Claimants start at different Pods, so they seldom collide.
         let n = ready.len().max(1);
-        ready.rotate_left(crate::new_id().bytes().map(usize::from).sum::<usize>() % n);
+        ready.rotate_left(crate::new_id()?.bytes().map(usize::from).sum::<usize>() % n);
         let owner = crate::owner_now();
         for p in ready {
             match self.take(p, &owner, lifetime) {
@@ -326,7 +326,7 @@ impl Inner {
         let Some(rv) = p.metadata.resource_version.clone() else {
             return Ok(None);
         };
-        let claim = crate::new_id();
+        let claim = crate::new_id()?;
         let now = now_s();
         let started = p
             .status
