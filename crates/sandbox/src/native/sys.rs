@@ -104,6 +104,17 @@ impl Drop for ChildStack {
 /// suspended until the child has called `execve` successfully or exited.
 /// Returns the child's pid.
 ///
+/// Containment: until its `execve`, the child's address space *is* its
+/// caller's (a sandbox's init), so reaching into the child before it
+/// execs (`ptrace`, `/proc/PID/mem`, `process_vm_writev`) would reach
+/// into init. The kernel refuses that to the sandbox's processes for the
+/// same reasons it refuses `/proc/1/mem`: dumpability belongs to the
+/// address space, and init made it non-dumpable (`PR_SET_DUMPABLE` 0,
+/// so access needs `CAP_SYS_PTRACE`, which no payload holds); each exec
+/// runs in a Landlock sub-domain of its own, from which no other exec
+/// may ptrace; and the default seccomp filter denies `ptrace` and
+/// `process_vm_writev`. Keep all three if this is changed.
+///
 /// # Safety
 ///
 /// `entry` must end in `execve` or `_exit` without returning, and must
