@@ -556,6 +556,19 @@ impl Kubernetes {
             .collect())
     }
 
+    /// The Pod of sandbox `id`, read now; `NotFound` when it has none.
+    fn pod_of(&self, id: &str) -> Result<Pod, Error> {
+        let name = object_name(id);
+        match self.block(timed(self.pods().get(&name))) {
+            Ok(p) => Ok(p),
+            Err(e) if is_status(&e, 404) => Err(Error::NotFound {
+                id: id.into(),
+                what: "no such Kubernetes sandbox (it ended, or was removed)".into(),
+            }),
+            Err(e) => Err(api_error(&format!("reading pod {name}"), e)),
+        }
+    }
+
     /// Sets the configuration labels `updates` of sandbox `id` (kept in
     /// its Pod's annotation), so that every process that finds the sandbox
     /// reads the new values. The write carries the `resourceVersion` it
@@ -564,16 +577,7 @@ impl Kubernetes {
     pub fn set_labels(&self, id: &str, updates: &[(String, String)]) -> Result<(), Error> {
         let name = object_name(id);
         for _ in 0..8 {
-            let p = match self.block(timed(self.pods().get(&name))) {
-                Ok(p) => p,
-                Err(e) if is_status(&e, 404) => {
-                    return Err(Error::NotFound {
-                        id: id.into(),
-                        what: "no such Kubernetes sandbox (it ended, or was removed)".into(),
-                    })
-                }
-                Err(e) => return Err(api_error(&format!("reading pod {name}"), e)),
-            };
+            let p = self.pod_of(id)?;
             let mut labels = labels_of(&p);
             for (k, v) in updates {
                 match labels.iter_mut().find(|(lk, _)| lk == k) {
@@ -837,16 +841,7 @@ impl Backend for Kubernetes {
 
     fn attach(&self, id: &str) -> Result<Box<dyn LiveSandbox>, Error> {
         let name = object_name(id);
-        let p = match self.block(timed(self.pods().get(&name))) {
-            Ok(p) => p,
-            Err(e) if is_status(&e, 404) => {
-                return Err(Error::NotFound {
-                    id: id.into(),
-                    what: "no such Kubernetes sandbox (it ended, or was removed)".into(),
-                })
-            }
-            Err(e) => return Err(api_error(&format!("reading pod {name}"), e)),
-        };
+        let p = self.pod_of(id)?;
         let ours = p
             .metadata
             .labels
