@@ -106,14 +106,37 @@ impl Drop for ChildStack {
 ///
 /// Containment: until its `execve`, the child's address space *is* its
 /// caller's (a sandbox's init), so reaching into the child before it
-/// execs (`ptrace`, `/proc/PID/mem`, `process_vm_writev`) would reach
-/// into init. The kernel refuses that to the sandbox's processes for the
-/// same reasons it refuses `/proc/1/mem`: dumpability belongs to the
-/// address space, and init made it non-dumpable (`PR_SET_DUMPABLE` 0,
-/// so access needs `CAP_SYS_PTRACE`, which no payload holds); each exec
-/// runs in a Landlock sub-domain of its own, from which no other exec
-/// may ptrace; and the default seccomp filter denies `ptrace` and
-/// `process_vm_writev`. Keep all three if this is changed.
+/// execs (`ptrace`, `/proc/PID/mem`, `process_vm_readv`/`writev`, or
+/// `pidfd_getfd` of the descriptors it copied from init) would reach into
+/// init. tests/vfork_window.rs races a hostile exec against many others
+/// to try exactly that; with layers removed one at a time, what refuses
+/// it is:
+/// - capabilities: until its privilege drop the child has init's
+///   credentials, every capability of the sandbox's user namespace, and
+///   the kernel lets no process without them (every payload) ptrace one
+///   that has them;
+/// - dumpability, which belongs to the address space: init is
+///   non-dumpable (`PR_SET_DUMPABLE` 0; it is even without that call, its
+///   setup's credential change did it already), and the child's privilege drop, a credential change,
+///   sets the shared address space's dumpability to `fs.suid_dumpable`
+///   again. With 0 (the default) or 2, access needs `CAP_SYS_PTRACE`,
+///   which no payload holds. With `fs.suid_dumpable` = 1 every exec makes
+///   init's memory dumpable, and between the child's drop and its
+///   `execve` only Landlock stands (inferred from the kernel's
+///   `commit_creds`, not tested: it is a host-wide setting). Nothing may
+///   make the child dumpable before its `execve`: with that and without
+///   the Landlock sub-domain, the test reads init's memory through
+///   /proc/PID/mem and (with no seccomp filter) takes its descriptors
+///   with `pidfd_getfd`;
+/// - each exec enters a Landlock sub-domain of its own before the drop,
+///   from which no other exec may ptrace, open /proc/PID/mem or follow
+///   /proc/PID/fd links (this alone held the window when the child was
+///   made dumpable); the filesystem rules also refuse /proc/PID/mem for
+///   writing to every exec;
+/// - the default seccomp filter denies `ptrace`, `process_vm_readv`,
+///   `process_vm_writev` and `pidfd_getfd` (not /proc/PID/mem, an `open`).
+///
+/// Keep all of these if this is changed.
 ///
 /// # Safety
 ///

@@ -1,0 +1,347 @@
+//! An attack on the window that `clone(CLONE_VM | CLONE_VFORK)` opens in a
+//! long-lived sandbox (native/sys.rs `clone_vfork`, native/child/serve.rs):
+//! until a command's process calls `execve`, its address space is init's.
+//! A hostile process left running by one exec (tests/vfork_window/attack.py)
+//! tries, in a loop, every way to reach into another process — through
+//! /proc/PID/mem, /proc/PID/environ, process_vm_readv/writev, ptrace SEIZE
+//! and ATTACH, pidfd_getfd, /proc/PID/fd — against init and against each new
+//! command's process as soon as its pid exists, while the host starts
+//! commands into the same sandbox as fast as it can. Every attempt must be
+//! refused, and the attacker must have seen most new processes and caught
+//! some before their `execve` (still bearing init's name), or the run
+//! proves nothing. A control against the attacker's own child shows what
+//! an allowed attempt looks like.
+//!
+//! Rootful: the attacker and the commands as uid 1000, as uid 0 (the
+//! sandbox's root), and as uid 0 without a seccomp filter (what stands then
+//! is the kernel's ptrace rules: non-dumpability, capabilities and each
+//! exec's Landlock sub-domain). Rootless maps one uid: 1000, with and
+//! without the filter (custom harness, see tests/common).
+//!
+//! Which defence holds what (shown by removing them, see the commit that
+//! added this test and `clone_vfork`'s doc): without each exec's Landlock
+//! sub-domain the attacker reads commands after their `execve`; it reaches
+//! init's memory before one only if, in addition, the child's memory is
+//! dumpable after its privilege drop.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nanoclaw_sandbox::native::session::{self, create, exec, remove, ExecSpec};
+use nanoclaw_sandbox::spec::{Seccomp, User};
+use nanoclaw_sandbox::{Sandbox, SandboxSpec};
+
+mod common;
+
+/// The attacker, copied into each sandbox.
+const ATTACKER: &str = include_str!("vfork_window/attack.py");
+
+/// How long the host starts commands while the attacker runs, per sandbox,
+/// at least; then on until the attacker has caught [`WANT_WINDOW`]
+/// processes before their execve, or [`MAX_RACE`].
+const RACE: Duration = Duration::from_millis(1500);
+const WANT_WINDOW: u64 = 20;
+const MAX_RACE: Duration = Duration::from_secs(6);
+/// Fewer processes caught before their execve than this, and the run
+/// proves too little about the window: the test fails.
+const MIN_WINDOW: u64 = 3;
+
+/// The attempt kinds the attacker reports (all must stay at zero successes).
+const KINDS: [&str; 10] = [
+    "mem_rw",
+    "mem_ro",
+    "environ",
+    "vm_readv",
+    "vm_writev",
+    "ptrace_seize",
+    "ptrace_attach",
+    "pidfd_getfd",
+    "fd_open",
+    "fd_readlink",
+];
+
+/// The ones the default seccomp filter denies outright (the control shows
+/// them allowed against the attacker's own child when it is off).
+const SECCOMP_KINDS: [&str; 5] = [
+    "vm_readv",
+    "vm_writev",
+    "ptrace_seize",
+    "ptrace_attach",
+    "pidfd_getfd",
+];
+
+fn main() -> ExitCode {
+    common::main_with("vfork_window", scenarios)
+}
+
+struct Case {
+    name: &'static str,
+    uid: u32,
+    seccomp: Seccomp,
+}
+
+fn scenarios(mode: &str) -> ExitCode {
+    // A rootless sandbox maps one uid (1000): no sandbox root to test.
+    let root_cases = [
+        ("uid 1000, default seccomp", 1000, Seccomp::Default),
+        ("uid 0, default seccomp", 0, Seccomp::Default),
+        ("uid 0, no seccomp filter", 0, Seccomp::Unconfined),
+    ];
+    let rootless_cases = [
+        ("uid 1000, default seccomp", 1000, Seccomp::Default),
+        ("uid 1000, no seccomp filter", 1000, Seccomp::Unconfined),
+    ];
+    let cases: Vec<Case> = if common::is_root() {
+        root_cases.to_vec()
+    } else {
+        rootless_cases.to_vec()
+    }
+    .into_iter()
+    .map(|(name, uid, seccomp)| Case { name, uid, seccomp })
+    .collect();
+    // Every case runs even after one failed: which defences hold where is
+    // the point of the report.
+    let (t0, mut failed) = (Instant::now(), false);
+    for case in &cases {
+        let t = Instant::now();
+        match race(case, mode) {
+            Ok(()) => println!(
+                "vfork_window ({mode}): ok   {} ({:?})",
+                case.name,
+                t.elapsed()
+            ),
+            Err(e) => {
+                eprintln!("vfork_window ({mode}): FAIL {}: {e}", case.name);
+                failed = true;
+            }
+        }
+    }
+    println!("vfork_window ({mode}): all in {:?}", t0.elapsed());
+    let left = common::children_left();
+    if !left.is_empty() {
+        eprintln!("vfork_window ({mode}): processes left behind: {left:?}");
+        failed = true;
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn as_user(mut e: ExecSpec, uid: u32) -> ExecSpec {
+    e.user = Some(User { uid, gid: uid });
+    e
+}
+
+fn sh(script: &str, uid: u32) -> ExecSpec {
+    as_user(ExecSpec::new(["sh", "-c", script]), uid)
+}
+
+/// One sandbox: start the attacker, race it, read its report, judge.
+fn race(case: &Case, mode: &str) -> Result<(), String> {
+    let mut spec = SandboxSpec::new(Vec::<String>::new());
+    spec.limits.timeout = Duration::from_secs(60);
+    spec.hardening.seccomp = case.seccomp.clone();
+    let mut sb = create(&spec).map_err(|e| format!("create: {e}"))?;
+    let r = race_in(&mut sb, case, mode);
+    remove(sb);
+    r
+}
+
+fn race_in(sb: &mut Sandbox, case: &Case, mode: &str) -> Result<(), String> {
+    let uid = case.uid;
+    let user = Some(User { uid, gid: uid });
+    let o = exec(sb, &sh("command -v python3", uid)).map_err(|e| e.to_string())?;
+    if o.exit_code != Some(0) {
+        return Err(format!(
+            "no python3 in the sandbox (the host's /usr has none? .ci/run installs it): \
+             the attacker cannot run: exit {:?}, {}",
+            o.exit_code,
+            text(&o.stderr)
+        ));
+    }
+    session::put_file(sb, "/tmp/attack.py", ATTACKER.as_bytes().to_vec(), user)
+        .map_err(|e| format!("copying the attacker: {e}"))?;
+    let o = exec(
+        sb,
+        &sh(
+            "setsid python3 /tmp/attack.py /tmp/stop /tmp/report /tmp/ready /tmp/progress \
+             </dev/null >/tmp/attack.log 2>&1 &",
+            uid,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    if o.exit_code != Some(0) {
+        return Err(format!("starting the attacker: {o:?}"));
+    }
+    let control = wait_ready(sb, uid)?;
+    println!("vfork_window ({mode}, {}): {}", case.name, control.trim());
+    check_control(&control, &case.seccomp)?;
+
+    // The race: one short command after another, as the attacker's uid.
+    let mut victim = as_user(ExecSpec::new(["true"]), uid);
+    // `true` takes a millisecond: one stopped or held by the attacker
+    // fails the race at once instead of after the default 30 s.
+    victim.timeout = Duration::from_secs(3);
+    let (t, mut execs) = (Instant::now(), 0u32);
+    while t.elapsed() < MAX_RACE {
+        if t.elapsed() >= RACE && execs % 50 == 0 && caught(sb, uid)? >= WANT_WINDOW {
+            break;
+        }
+        let o = exec(sb, &victim).map_err(|e| format!("exec {execs} during the race: {e}"))?;
+        if o.exit_code != Some(0) {
+            return Err(format!(
+                "exec {execs} during the race: exit {:?} signal {:?} killed_by {:?} after {:?} \
+                 (held by the attacker?)",
+                o.exit_code, o.signal, o.killed_by, o.duration
+            ));
+        }
+        execs += 1;
+    }
+    let raced = t.elapsed();
+
+    let o = exec(
+        sb,
+        &sh(
+            "touch /tmp/stop; i=0; while [ ! -e /tmp/report ] && [ $i -lt 200 ]; do \
+             sleep 0.05; i=$((i+1)); done; cat /tmp/report; cat /tmp/attack.log >&2",
+            uid,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let report = text(&o.stdout);
+    if report.is_empty() {
+        return Err(format!(
+            "no report from the attacker; its log: {}",
+            text(&o.stderr)
+        ));
+    }
+    for line in report.lines() {
+        println!("vfork_window ({mode}, {}): {line}", case.name);
+    }
+    println!(
+        "vfork_window ({mode}, {}): host started {execs} commands in {raced:?}",
+        case.name
+    );
+    judge(&report, execs)
+}
+
+/// How many processes the attacker caught before their execve so far.
+fn caught(sb: &mut Sandbox, uid: u32) -> Result<u64, String> {
+    let o = exec(sb, &sh("cat /tmp/progress 2>/dev/null", uid)).map_err(|e| e.to_string())?;
+    Ok(text(&o.stdout).trim().parse().unwrap_or(0))
+}
+
+/// Polls until the attacker has done its control run; returns that line.
+fn wait_ready(sb: &mut Sandbox, uid: u32) -> Result<String, String> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let o = exec(sb, &sh("cat /tmp/ready 2>/dev/null", uid)).map_err(|e| e.to_string())?;
+        if o.exit_code == Some(0) {
+            return Ok(text(&o.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = exec(sb, &sh("cat /tmp/attack.log", uid)).map_err(|e| e.to_string())?;
+    Err(format!(
+        "the attacker did not start within 10 s; its log: {}",
+        text(&o.stdout)
+    ))
+}
+
+/// `key=value` pairs of a report line.
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+/// Against its own child (same uid, same Landlock domain, dumpable) the
+/// attacker's /proc/PID/mem attempts must work — else a zero below could
+/// mean a broken attacker — and the seccomp-guarded calls must be refused
+/// exactly when the filter is on.
+fn check_control(control: &str, seccomp: &Seccomp) -> Result<(), String> {
+    let f = fields(control);
+    for k in ["mem_ro", "environ", "fd_open", "fd_readlink"] {
+        if f.get(k) != Some(&"ok") {
+            return Err(format!(
+                "control: {k} against the attacker's own child was not allowed: {control}"
+            ));
+        }
+    }
+    let off = *seccomp == Seccomp::Unconfined;
+    for k in SECCOMP_KINDS {
+        let v = f.get(k).copied().unwrap_or("missing");
+        if (v == "ok") != off || v == "gone" || v == "missing" {
+            let want = if off { "allowed" } else { "refused" };
+            return Err(format!(
+                "control: {k} against the attacker's own child should be {want}: {control}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Zero successes of every kind, attempts against init and new processes
+/// seen (most commands' pids, some before their execve).
+fn judge(report: &str, execs: u32) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for k in KINDS {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("attempt {k} ")))
+            .ok_or_else(|| format!("no line for {k} in the report"))?;
+        let f = fields(line);
+        let num = |x: &str| f.get(x).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if num("ok") > 0 {
+            problems.push(format!(
+                "{k}: {} of {} attempts succeeded",
+                num("ok"),
+                num("tries")
+            ));
+        }
+        if num("tries") == 0 {
+            problems.push(format!("{k}: never attempted"));
+        }
+    }
+    let pids = report
+        .lines()
+        .find(|l| l.starts_with("pids "))
+        .map(fields)
+        .ok_or("no pids line in the report")?;
+    let num = |x: &str| pids.get(x).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // A command lives for a few hundred microseconds; the attacker, one
+    // process, must still have caught a good share of them.
+    let want = u64::from(execs / 10).max(50);
+    if num("observed") < want {
+        problems.push(format!(
+            "the attacker saw {} of {execs} commands' processes (want at least {want}): the race proves nothing",
+            num("observed")
+        ));
+    }
+    if num("in_window") < MIN_WINDOW {
+        problems.push(format!(
+            "the attacker caught {} processes before their execve (want at least {MIN_WINDOW}): \
+             the race proves too little",
+            num("in_window")
+        ));
+    }
+    let successes: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("success "))
+        .collect();
+    if !successes.is_empty() {
+        problems.push(format!("first successes: {successes:?}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
