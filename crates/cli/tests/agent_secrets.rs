@@ -27,7 +27,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::testnet::{TestNet, CRED_SERVER};
 use common::*;
@@ -588,13 +588,6 @@ fn agent_tools_get_credentials_at_the_boundary_and_the_sandbox_never_sees_them()
 
 // ---- the daemon ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// `POST /v1/execute` as `key`: (status, body).
 fn post_execute(port: u16, key: &str, body: &Value) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -663,12 +656,9 @@ fn the_daemons_agent_runs_get_credentials_at_the_boundary_too() {
     .stderr(Stdio::inherit())
     .spawn()
     .expect("spawn nanoclaw serve");
-    let _daemon = Daemon(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut daemon = Daemon(child);
+    let patience = Duration::from_secs(60);
+    wait_listening(&mut daemon.0, port, patience, "nanoclaw serve");
     let (status, body) = post_execute(
         port,
         &tenant_key,

@@ -6,27 +6,19 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::testnet::{TestNet, CRED_SERVER};
-use common::{e2b_pytest, modes, nc, text, venv, Mode};
+use common::{e2b_pytest, free_port, modes, nc, text, venv, wait_listening, Mode};
 
 /// The tests count keeper processes: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A daemon with two tenants, in a fresh data folder owned by the mode's user.
@@ -127,20 +119,14 @@ impl Daemon {
             }
             cmd = wrapped;
         }
-        let child = cmd
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn nanoclaw serve");
+        let patience = Duration::from_secs(20);
+        wait_listening(&mut child, self.port, patience, "nanoclaw serve");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nanoclaw serve did not listen within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     fn signal(&mut self, sig: i32) {

@@ -259,10 +259,7 @@ fn registry_with_image() -> Option<(Registry, String)> {
         eprintln!("SKIPPED preload test: needs /usr/bin/docker-registry and docker");
         return None;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let dir = std::env::temp_dir().join(format!("nanoclaw-registry-{}", std::process::id()));
     fs::create_dir_all(dir.join("data")).expect("mkdir");
     let cfg = dir.join("config.yml");
@@ -287,11 +284,8 @@ fn registry_with_image() -> Option<(Registry, String)> {
         dir,
         tag: None,
     };
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed().as_secs() < 10, "registry did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let patience = std::time::Duration::from_secs(10);
+    wait_listening(&mut reg.child, port, patience, "the registry");
     let target = format!("127.0.0.1:{port}/bench/nb:1");
     reg.tag = Some(target.clone());
     for args in [vec!["tag", IMAGE, &target], vec!["push", &target]] {

@@ -10,14 +10,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{bin_for, modes, nc, repo, text, venv, Mode};
+use common::{bin_for, free_port, modes, nc, repo, text, venv, wait_listening, Mode};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -61,13 +60,6 @@ fn private_dirs() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A daemon on TCP with two tenants, in a fresh data folder owned by the
 /// mode's user.
 struct Daemon {
@@ -99,16 +91,13 @@ impl Daemon {
         let keys = (key("alice"), key("bob"));
         let port = free_port();
         let listen = format!("tcp:127.0.0.1:{port}");
-        let child = nc(mode, &["serve", "--data", &d, "--listen", &listen])
+        let mut child = nc(mode, &["serve", "--data", &d, "--listen", &listen])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn nanoclaw serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let patience = Duration::from_secs(20);
+        wait_listening(&mut child, port, patience, "nanoclaw serve");
         Daemon {
             mode,
             data,

@@ -11,13 +11,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{is_root, nc, text, Mode};
+use common::{free_port, is_root, nc, text, wait_listening, Mode};
 use nanoclaw_fakellm::{Expect, FakeLlm, Kind, ToolCall, Turn, Usage};
 use serde_json::{json, Value};
 
@@ -38,13 +38,6 @@ fn me() -> Mode {
         name: "root",
         user: None,
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// One HTTP answer.
@@ -142,17 +135,14 @@ impl Daemon {
 
     fn spawn(args: &[String], port: u16) -> Child {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = nc(me(), &a)
+        let mut child = nc(me(), &a)
             .env("FAKE_KEY", FAKE_KEY)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let patience = Duration::from_secs(20);
+        wait_listening(&mut child, port, patience, "nanoclaw serve");
         child
     }
 

@@ -9,13 +9,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{is_root, nc, text, Mode};
+use common::{free_port, is_root, nc, text, wait_listening, Mode};
 
 const ROOT: Mode = Mode {
     name: "root",
@@ -85,10 +84,7 @@ impl Daemon {
             text(&o.stdout).trim().to_string()
         };
         let (alice, bob) = (key("alice"), key("bob"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = Self::serve(&data, port, &extra);
         Some(Daemon {
@@ -107,16 +103,13 @@ impl Daemon {
         let listen = format!("tcp:127.0.0.1:{port}");
         let mut args = vec!["serve", "--data", &d, "--listen", &listen];
         args.extend(extra.iter().map(String::as_str));
-        let child = Self::nc(data, &args)
+        let mut child = Self::nc(data, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn nanoclaw serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let patience = Duration::from_secs(20);
+        wait_listening(&mut child, port, patience, "nanoclaw serve");
         child
     }
 

@@ -12,13 +12,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{e2b_pytest, text, venv};
+use common::{e2b_pytest, free_port, text, venv, wait_listening};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
 /// The image of the sandboxes: the kit's busybox with a `/bin/bash` (the
@@ -155,13 +154,6 @@ fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `nanoclaw serve` with tenants alice and bob and the Kubernetes template.
 struct Daemon {
     data: PathBuf,
@@ -218,7 +210,7 @@ impl Daemon {
 
     fn start(&mut self) {
         let listen = format!("tcp:127.0.0.1:{}", self.port);
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(["serve", "--data"])
             .arg(&self.data)
             .args(["--listen", &listen])
@@ -229,17 +221,9 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("nanoclaw serve");
+        let patience = Duration::from_secs(90);
+        wait_listening(&mut child, self.port, patience, "nanoclaw serve");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-            assert!(!exited, "nanoclaw serve exited at start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     fn signal(&mut self, sig: i32) {

@@ -5,7 +5,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub const ROOTLESS_USER: &str = "nanotest";
@@ -191,3 +191,32 @@ pub fn venv(what: &str) -> Option<PathBuf> {
     None
 }
 pub mod testnet;
+
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `what` (a server the test started as `child`) accepts
+/// connections on 127.0.0.1:`port`. The test fails — and the server is
+/// killed, not left behind — if it exits first or `patience` passes.
+pub fn wait_listening(child: &mut Child, port: u16, patience: std::time::Duration, what: &str) {
+    let deadline = std::time::Instant::now() + patience;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let exited = child.try_wait().ok().flatten();
+        let late = std::time::Instant::now() >= deadline;
+        if exited.is_some() || late {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(exited.is_none(), "{what} exited at start: {exited:?}");
+        assert!(
+            !late,
+            "{what} did not listen on port {port} within {patience:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
