@@ -22,14 +22,13 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::testnet::TestNet;
-use common::{e2b_pytest, is_root, repo, text, venv};
+use common::{e2b_pytest, free_port, is_root, repo, text, venv, wait_listening};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nanoclaw");
 /// The Docker image the E2B sandboxes run (.ci/build-docker-e2b-image.sh).
@@ -96,13 +95,6 @@ fn setup(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
     docker_ready(test).then_some(g)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `nanoclaw serve` with two tenants and the given templates.
 struct Daemon {
     data: PathBuf,
@@ -110,6 +102,8 @@ struct Daemon {
     child: Option<Child>,
     keys: (String, String),
     templates: Vec<String>,
+    /// More arguments of `nanoclaw serve` (e.g. `--pool dk=1`).
+    extra: Vec<String>,
     /// An /etc/hosts of the daemon's own (a private mount namespace), so
     /// that its egress proxy finds the test host's names.
     hosts: Option<PathBuf>,
@@ -117,10 +111,15 @@ struct Daemon {
 
 impl Daemon {
     fn new(name: &str, templates: &[String]) -> Daemon {
-        Daemon::with_hosts(name, templates, None)
+        Daemon::with_hosts(name, templates, None, &[])
     }
 
-    fn with_hosts(name: &str, templates: &[String], hosts: Option<&Path>) -> Daemon {
+    fn with_hosts(
+        name: &str,
+        templates: &[String],
+        hosts: Option<&Path>,
+        extra: &[String],
+    ) -> Daemon {
         let data = std::env::temp_dir().join(format!(
             "nanoclaw-serve-backends-{name}-{}",
             std::process::id()
@@ -142,6 +141,7 @@ impl Daemon {
             child: None,
             keys,
             templates: templates.to_vec(),
+            extra: extra.to_vec(),
             hosts: hosts.map(Path::to_path_buf),
         };
         d.start();
@@ -173,22 +173,15 @@ impl Daemon {
         for t in &self.templates {
             c.args(["--template", t]);
         }
-        self.child = Some(
-            c.stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("nanoclaw serve"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nanoclaw serve did not listen");
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-            assert!(!exited, "nanoclaw serve exited at start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        c.args(&self.extra);
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nanoclaw serve");
+        let patience = Duration::from_secs(60);
+        wait_listening(&mut child, self.port, patience, "nanoclaw serve");
+        self.child = Some(child);
     }
 
     fn signal(&mut self, sig: i32) {
@@ -532,6 +525,140 @@ fn the_e2b_sdk_drives_a_microvm_template() {
     eprintln!("ok   a SIGKILLed daemon's micro-VM is ended by its holder");
 }
 
+/// What the other backends hold on this host now: micro-VM state
+/// directories, runsc sandboxes, Docker containers of a warm pool.
+fn engine_state() -> std::collections::BTreeSet<String> {
+    let mut out: std::collections::BTreeSet<String> = std::fs::read_dir(MICROVM_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| format!("vm {}", e.file_name().to_string_lossy()))
+        .collect();
+    let runsc = Command::new("runsc")
+        .args(["--root", &format!("{GVISOR_ROOT}/runsc"), "list", "-quiet"])
+        .output()
+        .map(|o| text(&o.stdout))
+        .unwrap_or_default();
+    out.extend(runsc.lines().map(|l| format!("runsc {}", l.trim())));
+    let docker = Command::new("docker")
+        .args(["ps", "-aq", "--filter", "label=pool"])
+        .output()
+        .map(|o| text(&o.stdout))
+        .unwrap_or_default();
+    out.extend(docker.lines().map(|l| format!("container {}", l.trim())));
+    out
+}
+
+/// The ready sandboxes of `template`'s warm pool, from `/metrics`.
+fn pool_ready(d: &Daemon, template: &str) -> u64 {
+    let (_, metrics) = d.curl(&d.keys.0, "GET", "/metrics", None);
+    let series = format!("nanoclaw_pool_ready{{template=\"{template}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Warm pools of docker, gvisor and micro-VM templates (`--pool dk=1
+/// ...`): they fill, the SDK's creates take from them and get working,
+/// fresh sandboxes (tests/python/test_serve_pools.py), they refill, and a
+/// clean stop ends what they hold, leaving nothing (no container, runsc
+/// sandbox or VM).
+#[test]
+fn warm_pools_of_docker_gvisor_and_microvm_templates() {
+    let test = "warm_pools_of_docker_gvisor_and_microvm_templates";
+    let Some(_g) = setup(test) else { return };
+    let Some(venv) = venv("the e2b SDK") else {
+        return;
+    };
+    let (mut flags, _) = templates(test);
+    let mut pooled = vec![("docker", "dk")];
+    if flags.iter().any(|f| f.ends_with("=gvisor")) {
+        pooled.push(("gvisor", "gv"));
+    }
+    if microvm_ready(test) {
+        flags.push("vm=microvm".into());
+        pooled.push(("microvm", "vm"));
+    }
+    let extra: Vec<String> = pooled
+        .iter()
+        .flat_map(|(_, t)| ["--pool".to_string(), format!("{t}=1")])
+        .collect();
+    let before = engine_state();
+    let d = Daemon::with_hosts("pool", &flags, None, &extra);
+    // A VM boots in seconds under TCG, more on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for (_, t) in &pooled {
+        while pool_ready(&d, t) < 1 {
+            assert!(Instant::now() < deadline, "the pool of {t} did not fill");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let held = engine_state();
+    assert!(
+        held.len() >= before.len() + pooled.len(),
+        "one sandbox per pool: before {before:?}, now {held:?}"
+    );
+    let names: Vec<String> = pooled.iter().map(|(b, t)| format!("{b}={t}")).collect();
+    let ids_file = d.data.join("ids");
+    let o = e2b_pytest(
+        &venv,
+        "tests/python/test_serve_pools.py",
+        &d.url(),
+        (&d.keys.0, &d.keys.1),
+    )
+    .arg("-s")
+    .env("NANOCLAW_POOLED_TEMPLATES", names.join(","))
+    .env("NANOCLAW_BACKEND_IDS", &ids_file)
+    .output()
+    .expect("run pytest");
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the warm pool suite failed:\n{out}\n{}",
+        text(&o.stderr)
+    );
+    for line in out.lines().filter(|l| l.contains(" ms warm")) {
+        eprintln!("{line}");
+    }
+    let (_, metrics) = d.curl(&d.keys.0, "GET", "/metrics", None);
+    let hits = metrics.lines().find_map(|l| {
+        l.strip_prefix("nanoclaw_pool_hits_total ")?
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(
+        hits >= Some(2 * pooled.len() as u64),
+        "two warm creates per pool: {metrics}"
+    );
+    // Every sandbox the suite made is gone (killed through the SDK).
+    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
+    for id in ids.lines() {
+        if id.starts_with("vm-") {
+            vm_gone_within(id, None, Duration::from_secs(120)).expect("a killed VM");
+        } else {
+            gone_within(id).expect("a killed sandbox");
+        }
+    }
+    // The pools refill; a clean stop ends what they hold.
+    for (_, t) in &pooled {
+        while pool_ready(&d, t) < 1 {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(300),
+                "the pool of {t} did not refill"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    drop(d);
+    let wait = Instant::now() + Duration::from_secs(120);
+    while engine_state() != before && Instant::now() < wait {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(engine_state(), before, "the pools' sandboxes after a stop");
+    eprintln!("ok   warm pools of {names:?} fill, hand out, refill and end with the daemon");
+}
+
 #[test]
 fn a_template_the_daemon_cannot_serve_is_a_config_error_at_start() {
     for (flag, wanted) in [
@@ -650,7 +777,7 @@ fn e2b_network_options_hold_in_docker_and_gvisor_sandboxes() {
         names.push_str(",gvisor=gv");
     }
     let before = host_net();
-    let d = Daemon::with_hosts("egress", &flags, Some(&hosts));
+    let d = Daemon::with_hosts("egress", &flags, Some(&hosts), &[]);
     let pid = d.child.as_ref().map(Child::id).expect("the daemon's pid");
     let ids_file = d.data.join("ids");
     let o = e2b_pytest(

@@ -272,10 +272,11 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let root = keepers::default_root(&data)?;
     for (name, t) in &cfg.templates {
         keepers::check_template(name, t, &cfg.engines).map_err(DaemonError::Config)?;
-        if t.backend.as_deref().is_some_and(|b| b != "native") && cfg.pools.contains_key(name) {
+        if t.backend.as_deref() == Some(nanoclaw_kubernetes::NAME) && cfg.pools.contains_key(name) {
             return Err(DaemonError::Config(format!(
-                "--pool {name}=N: template {name} runs on the {} backend; warm pools hold native sandboxes only",
-                t.backend.as_deref().unwrap_or_default()
+                "--pool {name}=N: template {name} runs on the kubernetes backend, whose sandboxes \
+                 every replica shares; the daemon keeps warm pools of native, docker, gvisor and \
+                 microvm templates only (drop --pool {name}=N)"
             )));
         }
     }

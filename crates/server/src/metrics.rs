@@ -123,6 +123,8 @@ pub struct Metrics {
     exec_duration: Histogram,
     pool_hits: AtomicU64,
     pool_misses: AtomicU64,
+    /// Ready pooled sandboxes by template.
+    pool_ready: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     quota_refusals: [AtomicU64; Quota::ALL.len()],
     egress_denials: AtomicU64,
     audit_failures: AtomicU64,
@@ -138,6 +140,7 @@ impl Default for Metrics {
             exec_duration: Histogram::default(),
             pool_hits: AtomicU64::new(0),
             pool_misses: AtomicU64::new(0),
+            pool_ready: Default::default(),
             quota_refusals: std::array::from_fn(|_| AtomicU64::new(0)),
             egress_denials: AtomicU64::new(0),
             audit_failures: AtomicU64::new(0),
@@ -156,6 +159,14 @@ impl Metrics {
     pub fn set_sandboxes(&self, running: u64, paused: u64) {
         self.sandboxes_running.store(running, Ordering::Relaxed);
         self.sandboxes_paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Sets the warm pool gauge (`nanoclaw_pool_ready{template=…}`): the
+    /// ready sandboxes of every pooled template.
+    pub fn set_pool_ready(&self, sizes: std::collections::HashMap<String, usize>) {
+        if let Ok(mut m) = self.pool_ready.lock() {
+            *m = sizes.into_iter().map(|(k, v)| (k, v as u64)).collect();
+        }
     }
 
     /// Counts an exec (a process started in a sandbox, or a one-shot
@@ -256,6 +267,18 @@ impl Metrics {
         );
         header(
             &mut out,
+            "nanoclaw_pool_ready",
+            "gauge",
+            "Sandboxes ready in a warm pool, by template.",
+        );
+        if let Ok(m) = self.pool_ready.lock() {
+            for (t, n) in m.iter() {
+                let t = t.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "nanoclaw_pool_ready{{template=\"{t}\"}} {n}");
+            }
+        }
+        header(
+            &mut out,
             "nanoclaw_quota_refusals_total",
             "counter",
             "Requests refused by a tenant quota, by quota.",
@@ -344,6 +367,7 @@ mod tests {
         m.pool_hit();
         m.pool_miss();
         m.pool_miss();
+        m.set_pool_ready([("vm".to_string(), 2), ("a\"b".to_string(), 0)].into());
         m.quota_refused(Quota::Rate);
         m.egress_denied(1);
         m.http_request(200);
@@ -369,6 +393,11 @@ mod tests {
         );
         assert_eq!(value(&t, "nanoclaw_pool_hits_total"), Some(1.0));
         assert_eq!(value(&t, "nanoclaw_pool_misses_total"), Some(2.0));
+        assert_eq!(value(&t, "nanoclaw_pool_ready{template=\"vm\"}"), Some(2.0));
+        assert_eq!(
+            value(&t, "nanoclaw_pool_ready{template=\"a\\\"b\"}"),
+            Some(0.0)
+        );
         assert_eq!(
             value(&t, "nanoclaw_quota_refusals_total{quota=\"rate\"}"),
             Some(1.0)

@@ -289,7 +289,7 @@ fn nanoclaw_routes<B: Backend, A: Authenticator>() -> Vec<Route<B, A>> {
             .answer(
                 200,
                 "nanoclaw_sandboxes, nanoclaw_execs_total, nanoclaw_exec_duration_seconds, \
-                     nanoclaw_pool_hits_total, nanoclaw_pool_misses_total, \
+                     nanoclaw_pool_hits_total, nanoclaw_pool_misses_total, nanoclaw_pool_ready, \
                      nanoclaw_quota_refusals_total, nanoclaw_egress_denials_total, \
                      nanoclaw_audit_failures_total, nanoclaw_http_requests_total.",
                 Some(("text/plain; version=0.0.4", json!({"type": "string"}))),

@@ -211,6 +211,16 @@ pub(super) fn has_egress(backend: &str) -> bool {
     matches!(backend, "docker" | "gvisor")
 }
 
+/// The network a pooled sandbox of `backend` is made with: what an E2B
+/// create gets by default there.
+fn pooled_network(backend: &str) -> Network {
+    if has_egress(backend) {
+        super::default_network()
+    } else {
+        Network::None
+    }
+}
+
 /// What an E2B create asks that a template on `backend` cannot give,
 /// refused rather than silently dropped; the network of a backend without
 /// egress here (loopback only). The network of the others is set by
@@ -331,6 +341,11 @@ impl KeeperBackend {
             .unwrap_or(NO_QUOTA_LIFETIME);
         let lifetime = req.timeout.max(longest) + KEEPER_GRACE;
         spec.limits.timeout = lifetime;
+        if shared.is_none() {
+            if let Some(info) = self.adopt_pooled_engine(req, &spec, name, lifetime) {
+                return info;
+            }
+        }
         let mut config = SandboxConfig::new(spec.clone());
         let mut record = Record::for_request(req, &spec);
         record
@@ -391,6 +406,92 @@ impl KeeperBackend {
             m.insert(id, e.clone());
         }
         engine_info(&e)
+    }
+
+    /// Hands a pooled sandbox of `req`'s template to its tenant, when the
+    /// template is pooled, the request asks the network it was made with
+    /// and it lasts `lifetime` more (`None`: make a cold one). Pooled
+    /// sandboxes that no longer last long enough are ended on the way.
+    fn adopt_pooled_engine(
+        &self,
+        req: &CreateSandbox,
+        spec: &SandboxSpec,
+        name: &str,
+        lifetime: Duration,
+    ) -> Option<BackendResult<SandboxInfo>> {
+        let pooled = self.pool.target.get(&req.template).is_some_and(|n| *n > 0);
+        if !pooled || spec.network != pooled_network(name) || !spec.egress.is_empty() {
+            return None;
+        }
+        let needed = ms(SystemTime::now() + lifetime);
+        let (got, stale) = self.pool.take_engine(&req.template, &spec.network, needed);
+        for p in stale {
+            tokio::task::spawn_blocking(move || p.sandbox.destroy());
+        }
+        let metrics = self.metrics.get();
+        let Some(p) = got else {
+            if let Some(m) = metrics {
+                m.pool_miss();
+            }
+            return None;
+        };
+        if let Some(m) = metrics {
+            m.pool_hit();
+        }
+        let mut record = Record::for_request(req, spec);
+        record.metadata.insert("launch".into(), "warm".into());
+        let e = Arc::new(EngineEntry {
+            id: p.sandbox.id().to_string(),
+            backend: p.backend,
+            lifetime_end_ms: p.lifetime_end_ms,
+            sandbox: p.sandbox,
+            record: Mutex::new(record),
+            procs: Mutex::new(HashMap::new()),
+            shared: None,
+            last_cpu: Mutex::new(None),
+            denials_counted: Arc::default(),
+            denials_seen: Arc::default(),
+        });
+        if let Ok(mut m) = self.engines.lock() {
+            m.insert(e.id.clone(), e.clone());
+        }
+        Some(engine_info(&e))
+    }
+
+    /// A sandbox of template `template` (`spec`, on the backend `name`)
+    /// for its warm pool: the network an E2B create gets by default (the
+    /// egress proxy where the daemon wires it, else none), a lifetime to
+    /// be kept [`pool::POOLED_LIFETIME`] and then handed out for the
+    /// longest a tenant without quotas may keep it; labelled as the
+    /// daemon's (a killed daemon's are swept) and the pool's.
+    pub(super) async fn make_pooled_engine(
+        &self,
+        template: &str,
+        spec: &SandboxSpec,
+        name: &str,
+    ) -> BackendResult<super::pool::PooledEngine> {
+        let backend = self.cfg.engines.get(name).cloned().ok_or_else(|| {
+            BackendError::Internal(format!("the {name} backend was not opened at start"))
+        })?;
+        let mut spec = spec.clone();
+        spec.network = pooled_network(name);
+        let lifetime = super::pool::POOLED_LIFETIME + NO_QUOTA_LIFETIME + KEEPER_GRACE;
+        spec.limits.timeout = lifetime;
+        let network = spec.network.clone();
+        let mut config = SandboxConfig::new(spec);
+        config.labels = vec![
+            (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
+            ("pool".into(), template.to_string()),
+        ];
+        backend.check(&config).map_err(engine_refusal)?;
+        let started = ms(SystemTime::now());
+        let made = blocking(move || backend.create(&config).map_err(engine_refusal)).await?;
+        Ok(super::pool::PooledEngine {
+            sandbox: Arc::from(made),
+            backend: name.to_string(),
+            network,
+            lifetime_end_ms: started + lifetime.as_millis() as u64,
+        })
     }
 
     /// Forgets an engine sandbox and destroys it (waiting until nothing of

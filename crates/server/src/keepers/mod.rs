@@ -789,11 +789,29 @@ impl KeeperBackend {
         self.pool.sizes()
     }
 
+    /// The ready pooled sandboxes per template, into `/metrics`.
+    fn report_pool_sizes(&self) {
+        if let Some(m) = self.metrics.get() {
+            m.set_pool_ready(self.pool.sizes());
+        }
+    }
+
     /// Ends the pooled sandboxes (at shutdown: they have no record and
-    /// would be ended by the next daemon anyway).
+    /// would be ended by the next daemon anyway), the other backends'
+    /// waiting until nothing of them is left.
     pub fn drain_pools(&self) {
-        for r in self.pool.drain() {
+        let (keepers, engines) = self.pool.drain();
+        for r in keepers {
             let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
+        }
+        for p in engines {
+            if let Err(e) = p.sandbox.destroy() {
+                let id = p.sandbox.id().to_string();
+                eprintln!(
+                    "nanoclaw serve: removing pooled {} sandbox {id}: {e}",
+                    p.backend
+                );
+            }
         }
     }
 

@@ -8,12 +8,25 @@
 //! was built with (another network policy) gets a cold one; environment
 //! variables do not matter (every command gets them at its start).
 //! Pooled sandboxes have no record on disk: a restarted daemon ends them.
+//!
+//! A template of another backend (`docker`, `gvisor`, `microvm`) is
+//! pooled the same way, with that backend's sandboxes ([`PooledEngine`]):
+//! what a cold create of it costs (a container, a `runsc` sandbox, a VM's
+//! boot: seconds under software emulation) is paid ahead. Such a sandbox's
+//! lifetime in its backend is fixed when it is made, so it is made long
+//! enough to be kept [`POOLED_LIFETIME`] and then given the longest a
+//! tenant may keep a sandbox without quotas; one whose remaining lifetime
+//! no longer covers a request is ended, not handed out. Whether one is
+//! still alive is asked every [`ENGINE_CHECK_EVERY`] (an API call or a
+//! `runsc` run each), not at hand-out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use nanoclaw_sandbox::backend::LiveSandbox;
 use nanoclaw_sandbox::keeper::{self, KeeperConfig, Remote};
+use nanoclaw_sandbox::spec::Network;
 use tokio::sync::Notify;
 
 use super::{blocking, keeper_error, KeeperBackend};
@@ -28,6 +41,21 @@ pub const MAX_POOL: usize = 256;
 /// commands on a small machine. A burst of creates still drains the pool;
 /// it refills once they pause.
 const REFILL_AFTER_TAKE: Duration = Duration::from_millis(100);
+/// How often the refiller asks the backend whether each pooled sandbox of
+/// another backend is still there.
+const ENGINE_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// A pooled sandbox of another backend.
+pub(super) struct PooledEngine {
+    pub sandbox: Arc<dyn LiveSandbox>,
+    /// The backend's name.
+    pub backend: String,
+    /// The network it was made with (a request that asks another gets a
+    /// cold sandbox).
+    pub network: Network,
+    /// When its backend ends it, ms since the epoch.
+    pub lifetime_end_ms: u64,
+}
 
 /// The ready sandboxes.
 #[derive(Default)]
@@ -35,6 +63,7 @@ pub(super) struct Pool {
     /// Wanted size per template.
     pub target: HashMap<String, usize>,
     ready: Mutex<HashMap<String, Vec<Remote>>>,
+    engines: Mutex<HashMap<String, Vec<PooledEngine>>>,
     refill: Arc<Notify>,
 }
 
@@ -43,8 +72,67 @@ impl Pool {
         Pool {
             target,
             ready: Mutex::new(HashMap::new()),
+            engines: Mutex::new(HashMap::new()),
             refill: Arc::new(Notify::new()),
         }
+    }
+
+    /// A pooled sandbox of another backend made with `network` whose
+    /// lifetime lasts until `needed_ms` at least, and those found that no
+    /// longer last that long (the caller ends them).
+    pub(super) fn take_engine(
+        &self,
+        template: &str,
+        network: &Network,
+        needed_ms: u64,
+    ) -> (Option<PooledEngine>, Vec<PooledEngine>) {
+        let (mut got, mut stale) = (None, Vec::new());
+        if let Ok(mut all) = self.engines.lock() {
+            if let Some(v) = all.get_mut(template) {
+                while let Some(p) = v.pop() {
+                    if p.lifetime_end_ms < needed_ms {
+                        stale.push(p);
+                    } else if &p.network == network {
+                        got = Some(p);
+                        break;
+                    } else {
+                        // Made for another network: not this request's.
+                        v.insert(0, p);
+                        break;
+                    }
+                }
+            }
+        }
+        self.refill.notify_one();
+        (got, stale)
+    }
+
+    fn put_engine(&self, template: &str, p: PooledEngine) {
+        if let Ok(mut all) = self.engines.lock() {
+            all.entry(template.to_string()).or_default().push(p);
+        }
+    }
+
+    /// Takes out the pooled sandboxes of other backends for which `gone`
+    /// says so (they are already ended).
+    fn forget_engines(&self, gone: &dyn Fn(&PooledEngine) -> bool) -> usize {
+        let mut n = 0;
+        if let Ok(mut all) = self.engines.lock() {
+            for v in all.values_mut() {
+                let before = v.len();
+                v.retain(|p| !gone(p));
+                n += before - v.len();
+            }
+        }
+        n
+    }
+
+    /// The pooled sandboxes of other backends now.
+    fn engine_handles(&self) -> Vec<Arc<dyn LiveSandbox>> {
+        self.engines
+            .lock()
+            .map(|m| m.values().flatten().map(|p| p.sandbox.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// A ready sandbox of `template`, if there is one alive.
@@ -68,10 +156,14 @@ impl Pool {
     fn missing(&self) -> Option<String> {
         let ready = self.ready.lock().ok()?;
         self.target.iter().find_map(|(t, n)| {
-            let have = ready
+            let native = ready
                 .get(t)
                 .map_or(0, |v| v.iter().filter(|r| r.is_up()).count());
-            (have < *n).then(|| t.clone())
+            let engines = self
+                .engines
+                .lock()
+                .map_or(0, |m| m.get(t).map_or(0, Vec::len));
+            (native + engines < *n).then(|| t.clone())
         })
     }
 
@@ -83,28 +175,51 @@ impl Pool {
         }
     }
 
-    /// How many are ready, per template.
+    /// How many are ready, per template (every pooled template named,
+    /// empty ones with 0).
     pub(super) fn sizes(&self) -> HashMap<String, usize> {
-        self.ready
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.len())).collect())
-            .unwrap_or_default()
+        let mut out: HashMap<String, usize> = self.target.keys().map(|t| (t.clone(), 0)).collect();
+        if let Ok(m) = self.ready.lock() {
+            for (k, v) in m.iter() {
+                *out.entry(k.clone()).or_default() += v.len();
+            }
+        }
+        if let Ok(m) = self.engines.lock() {
+            for (k, v) in m.iter() {
+                *out.entry(k.clone()).or_default() += v.len();
+            }
+        }
+        out
     }
 
-    /// Ends every pooled sandbox (daemon shutdown).
-    pub(super) fn drain(&self) -> Vec<Remote> {
-        self.ready
+    /// Takes every pooled sandbox out (daemon shutdown): the keepers and
+    /// the other backends' sandboxes, for the caller to end.
+    pub(super) fn drain(&self) -> (Vec<Remote>, Vec<PooledEngine>) {
+        let keepers = self
+            .ready
             .lock()
             .map(|mut m| m.drain().flat_map(|(_, v)| v).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let engines = self
+            .engines
+            .lock()
+            .map(|mut m| m.drain().flat_map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        (keepers, engines)
     }
 }
 
 /// Keeps the pools full while the backend lives.
 pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
     tokio::spawn(async move {
+        let mut checked = tokio::time::Instant::now();
         loop {
             let Some(b) = backend.upgrade() else { return };
+            if checked.elapsed() >= ENGINE_CHECK_EVERY {
+                check_engines(&b).await;
+                checked = tokio::time::Instant::now();
+            }
+            b.report_pool_sizes();
             match b.pool.missing() {
                 Some(t) => {
                     if let Err(e) = fill_one(&b, &t).await {
@@ -129,12 +244,44 @@ pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
     });
 }
 
+/// Forgets the pooled sandboxes of other backends that are gone (a VM
+/// that crashed, a container removed by hand).
+async fn check_engines(b: &Arc<KeeperBackend>) {
+    let handles = b.pool.engine_handles();
+    if handles.is_empty() {
+        return;
+    }
+    let gone: Vec<String> = tokio::task::spawn_blocking(move || {
+        handles
+            .iter()
+            .filter(|s| matches!(s.stats(), Err(nanoclaw_sandbox::Error::NotFound { .. })))
+            .map(|s| s.id().to_string())
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    if !gone.is_empty() {
+        let n = b
+            .pool
+            .forget_engines(&|p| gone.iter().any(|g| g == p.sandbox.id()));
+        eprintln!("nanoclaw serve: {n} pooled sandbox(es) ended on their own: {gone:?}");
+    }
+}
+
 async fn fill_one(b: &Arc<KeeperBackend>, template: &str) -> Result<(), String> {
     let tpl = b
         .cfg
         .templates
         .get(template)
         .ok_or_else(|| format!("no template {template:?}"))?;
+    if let Some(name) = tpl.backend.as_deref().filter(|n| *n != "native") {
+        let p = b
+            .make_pooled_engine(template, &tpl.spec, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        b.pool.put_engine(template, p);
+        return Ok(());
+    }
     let mut spec = tpl.spec.clone();
     spec.network = super::default_network();
     spec.limits.timeout = POOLED_LIFETIME;
