@@ -525,21 +525,25 @@ fn the_e2b_sdk_drives_a_microvm_template() {
     eprintln!("ok   a SIGKILLed daemon's micro-VM is ended by its holder");
 }
 
-/// What the other backends hold on this host now: micro-VM state
-/// directories, runsc sandboxes, Docker containers of a warm pool.
+/// The warm pools' sandboxes the other backends hold on this host now
+/// (label `pool`): micro-VMs (their holder's record), gVisor sandboxes
+/// (their record), Docker containers. Other tests' sandboxes do not count.
 fn engine_state() -> std::collections::BTreeSet<String> {
-    let mut out: std::collections::BTreeSet<String> = std::fs::read_dir(MICROVM_ROOT)
+    let pooled = |root: &str, record: &str, kind: &str| -> Vec<String> {
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join(record)).is_ok_and(|r| r.contains("\"pool\""))
+            })
+            .map(|e| format!("{kind} {}", e.file_name().to_string_lossy()))
+            .collect()
+    };
+    let mut out: std::collections::BTreeSet<String> = pooled(MICROVM_ROOT, "holder.json", "vm")
         .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| format!("vm {}", e.file_name().to_string_lossy()))
         .collect();
-    let runsc = Command::new("runsc")
-        .args(["--root", &format!("{GVISOR_ROOT}/runsc"), "list", "-quiet"])
-        .output()
-        .map(|o| text(&o.stdout))
-        .unwrap_or_default();
-    out.extend(runsc.lines().map(|l| format!("runsc {}", l.trim())));
+    out.extend(pooled(GVISOR_ROOT, "nanoclaw.json", "gvisor"));
     let docker = Command::new("docker")
         .args(["ps", "-aq", "--filter", "label=pool"])
         .output()
