@@ -217,6 +217,28 @@ impl Daemon {
         v["sandboxID"].as_str().expect("sandboxID").to_string()
     }
 
+    /// Runs the pytest `suite` (the e2b SDK) against this daemon with
+    /// `env`; the test fails with its output if it does. Its output (`-s`:
+    /// what the tests print too) and the ids of the sandboxes it made
+    /// (NANOCLAW_BACKEND_IDS, one per line).
+    fn pytest(&self, venv: &Path, suite: &str, env: &[(&str, &str)]) -> (String, String) {
+        let ids_file = self.data.join("ids");
+        let _ = std::fs::remove_file(&ids_file);
+        let o = e2b_pytest(venv, suite, &self.url(), (&self.keys.0, &self.keys.1))
+            .arg("-s")
+            .envs(env.iter().copied())
+            .env("NANOCLAW_BACKEND_IDS", &ids_file)
+            .output()
+            .expect("run pytest");
+        let out = text(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{suite} failed:\n{out}\n{}",
+            text(&o.stderr)
+        );
+        (out, std::fs::read_to_string(&ids_file).unwrap_or_default())
+    }
+
     fn audit(&self, args: &[&str]) -> String {
         let o = Command::new(BIN)
             .arg("audit")
@@ -300,25 +322,9 @@ fn the_e2b_sdk_drives_native_docker_and_gvisor_sandboxes_side_by_side() {
     };
     let (flags, names) = templates(test);
     let d = Daemon::new("sdk", &flags);
-    let ids_file = d.data.join("ids");
-    let o = e2b_pytest(
-        &venv,
-        "tests/python/test_serve_backends.py",
-        &d.url(),
-        (&d.keys.0, &d.keys.1),
-    )
-    .env("NANOCLAW_BACKEND_TEMPLATES", &names)
-    .env("NANOCLAW_BACKEND_IDS", &ids_file)
-    .output()
-    .expect("run pytest");
-    let out = text(&o.stdout);
-    assert!(
-        o.status.success(),
-        "the backends suite failed:\n{out}\n{}",
-        text(&o.stderr)
-    );
+    let suite = "tests/python/test_serve_backends.py";
+    let (out, ids) = d.pytest(&venv, suite, &[("NANOCLAW_BACKEND_TEMPLATES", &names)]);
     eprintln!("{}", out.lines().last().unwrap_or(""));
-    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
     let foreign: Vec<&str> = ids
         .lines()
         .filter(|i| i.starts_with("gv-") || i.len() == 12)
@@ -479,26 +485,12 @@ fn the_e2b_sdk_drives_a_microvm_template() {
     };
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = Daemon::new("vm", &["vm=microvm".to_string()]);
-    let ids_file = d.data.join("ids");
-    let o = e2b_pytest(
-        &venv,
-        "tests/python/test_serve_microvm.py",
-        &d.url(),
-        (&d.keys.0, &d.keys.1),
-    )
-    .env("NANOCLAW_MICROVM_TEMPLATE", "vm")
-    .env("NANOCLAW_MICROVM_KERNEL", nanoclaw_microvm::kernel::RELEASE)
-    .env("NANOCLAW_BACKEND_IDS", &ids_file)
-    .output()
-    .expect("run pytest");
-    let out = text(&o.stdout);
-    assert!(
-        o.status.success(),
-        "the micro-VM suite failed:\n{out}\n{}",
-        text(&o.stderr)
-    );
+    let env = [
+        ("NANOCLAW_MICROVM_TEMPLATE", "vm"),
+        ("NANOCLAW_MICROVM_KERNEL", nanoclaw_microvm::kernel::RELEASE),
+    ];
+    let (out, ids) = d.pytest(&venv, "tests/python/test_serve_microvm.py", &env);
     eprintln!("{}", out.lines().last().unwrap_or(""));
-    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
     let vms: Vec<&str> = ids.lines().filter(|i| i.starts_with("vm-")).collect();
     assert_eq!(vms.len(), 1, "one VM made: {ids}");
     // Killed through the API: nothing of it is left.
@@ -604,24 +596,8 @@ fn warm_pools_of_docker_gvisor_and_microvm_templates() {
         "one sandbox per pool: before {before:?}, now {held:?}"
     );
     let names: Vec<String> = pooled.iter().map(|(b, t)| format!("{b}={t}")).collect();
-    let ids_file = d.data.join("ids");
-    let o = e2b_pytest(
-        &venv,
-        "tests/python/test_serve_pools.py",
-        &d.url(),
-        (&d.keys.0, &d.keys.1),
-    )
-    .arg("-s")
-    .env("NANOCLAW_POOLED_TEMPLATES", names.join(","))
-    .env("NANOCLAW_BACKEND_IDS", &ids_file)
-    .output()
-    .expect("run pytest");
-    let out = text(&o.stdout);
-    assert!(
-        o.status.success(),
-        "the warm pool suite failed:\n{out}\n{}",
-        text(&o.stderr)
-    );
+    let env = [("NANOCLAW_POOLED_TEMPLATES", &names.join(",") as &str)];
+    let (out, ids) = d.pytest(&venv, "tests/python/test_serve_pools.py", &env);
     for line in out.lines().filter(|l| l.contains(" ms warm")) {
         eprintln!("{line}");
     }
@@ -636,7 +612,6 @@ fn warm_pools_of_docker_gvisor_and_microvm_templates() {
         "two warm creates per pool: {metrics}"
     );
     // Every sandbox the suite made is gone (killed through the SDK).
-    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
     for id in ids.lines() {
         if id.starts_with("vm-") {
             vm_gone_within(id, None, Duration::from_secs(120)).expect("a killed VM");
@@ -653,6 +628,11 @@ fn warm_pools_of_docker_gvisor_and_microvm_templates() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+    // A stop while the pools refill (each has just handed one out) ends
+    // what the refills make too.
+    for (_, t) in &pooled {
+        let _ = d.create(t, 60);
     }
     drop(d);
     let wait = Instant::now() + Duration::from_secs(120);
@@ -783,26 +763,15 @@ fn e2b_network_options_hold_in_docker_and_gvisor_sandboxes() {
     let before = host_net();
     let d = Daemon::with_hosts("egress", &flags, Some(&hosts), &[]);
     let pid = d.child.as_ref().map(Child::id).expect("the daemon's pid");
-    let ids_file = d.data.join("ids");
-    let o = e2b_pytest(
-        &venv,
-        "tests/python/test_serve_backends_egress.py",
-        &d.url(),
-        (&d.keys.0, &d.keys.1),
-    )
-    .env("NANOCLAW_BACKEND_TEMPLATES", &names)
-    .env("NANOCLAW_BACKEND_IDS", &ids_file)
-    .env("NANOCLAW_EGRESS_HOST", &web)
-    .env("NANOCLAW_EGRESS_OTHER", &other)
-    .env("NANOCLAW_EGRESS_HITS", net.dir.join("hits.log"))
-    .output()
-    .expect("run pytest");
-    let out = text(&o.stdout);
-    assert!(
-        o.status.success(),
-        "the egress suite failed:\n{out}\n{}",
-        text(&o.stderr)
-    );
+    let hits = net.dir.join("hits.log");
+    let env = [
+        ("NANOCLAW_BACKEND_TEMPLATES", names.as_str()),
+        ("NANOCLAW_EGRESS_HOST", web.as_str()),
+        ("NANOCLAW_EGRESS_OTHER", other.as_str()),
+        ("NANOCLAW_EGRESS_HITS", hits.to_str().expect("utf-8")),
+    ];
+    let suite = "tests/python/test_serve_backends_egress.py";
+    let (out, ids) = d.pytest(&venv, suite, &env);
     let want = if names.contains("gvisor") { 6 } else { 3 };
     assert!(
         out.contains(&format!("{want} passed")),
@@ -811,7 +780,6 @@ fn e2b_network_options_hold_in_docker_and_gvisor_sandboxes() {
     eprintln!("{}", out.lines().last().unwrap_or(""));
     // Killed through the API: nothing of them is left, in the backends or
     // in the daemon (its proxies, the namespaces it held).
-    let ids = std::fs::read_to_string(&ids_file).expect("the suite's sandbox ids");
     // Two sandboxes made per backend (the refusals make none).
     assert!(ids.lines().count() >= want / 3 * 2, "{ids}");
     for id in ids.lines() {

@@ -801,6 +801,12 @@ impl KeeperBackend {
     /// waiting until nothing of them is left.
     pub fn drain_pools(&self) {
         let (keepers, engines) = self.pool.drain();
+        // A refill under way ends what it makes once it sees the pool
+        // closed (a VM's boot under TCG: seconds).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.pool.filling() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for r in keepers {
             let _ = r.ask_within(&Request::Stop, Duration::from_secs(2));
         }

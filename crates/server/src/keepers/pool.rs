@@ -21,6 +21,7 @@
 //! `runsc` run each), not at hand-out.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -65,6 +66,21 @@ pub(super) struct Pool {
     ready: Mutex<HashMap<String, Vec<Remote>>>,
     engines: Mutex<HashMap<String, Vec<PooledEngine>>>,
     refill: Arc<Notify>,
+    /// Set by [`Pool::drain`]: the daemon is stopping; nothing more is
+    /// made or kept (a sandbox a refill finishes after that is ended, not
+    /// left behind).
+    closed: AtomicBool,
+    /// Refiller rounds under way (0 or 1: one at a time).
+    filling: AtomicUsize,
+}
+
+/// A refill under way, until dropped.
+struct Filling<'a>(&'a AtomicUsize);
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Pool {
@@ -74,6 +90,8 @@ impl Pool {
             ready: Mutex::new(HashMap::new()),
             engines: Mutex::new(HashMap::new()),
             refill: Arc::new(Notify::new()),
+            closed: AtomicBool::new(false),
+            filling: AtomicUsize::new(0),
         }
     }
 
@@ -107,24 +125,31 @@ impl Pool {
         (got, stale)
     }
 
-    fn put_engine(&self, template: &str, p: PooledEngine) {
-        if let Ok(mut all) = self.engines.lock() {
-            all.entry(template.to_string()).or_default().push(p);
+    /// Keeps `p` ready; gives it back once the pool is closed (the caller
+    /// ends it).
+    fn put_engine(&self, template: &str, p: PooledEngine) -> Option<PooledEngine> {
+        match self.engines.lock() {
+            // Checked under the lock `drain` takes after closing.
+            Ok(mut all) if !self.closed.load(Ordering::SeqCst) => {
+                all.entry(template.to_string()).or_default().push(p);
+                None
+            }
+            _ => Some(p),
         }
     }
 
     /// Takes out the pooled sandboxes of other backends for which `gone`
-    /// says so (they are already ended).
-    fn forget_engines(&self, gone: &dyn Fn(&PooledEngine) -> bool) -> usize {
-        let mut n = 0;
+    /// says so.
+    fn take_engines(&self, gone: &dyn Fn(&PooledEngine) -> bool) -> Vec<PooledEngine> {
+        let mut out = Vec::new();
         if let Ok(mut all) = self.engines.lock() {
             for v in all.values_mut() {
-                let before = v.len();
-                v.retain(|p| !gone(p));
-                n += before - v.len();
+                let (dead, live): (Vec<_>, Vec<_>) = v.drain(..).partition(|p| gone(p));
+                *v = live;
+                out.extend(dead);
             }
         }
-        n
+        out
     }
 
     /// The pooled sandboxes of other backends now.
@@ -167,11 +192,18 @@ impl Pool {
         })
     }
 
-    fn put(&self, template: &str, r: Remote) {
-        if let Ok(mut ready) = self.ready.lock() {
-            let v = ready.entry(template.to_string()).or_default();
-            v.retain(|r| r.is_up());
-            v.push(r);
+    /// Keeps `r` ready; gives it back once the pool is closed (the caller
+    /// stops it).
+    fn put(&self, template: &str, r: Remote) -> Result<(), Remote> {
+        match self.ready.lock() {
+            // Checked under the lock `drain` takes after closing.
+            Ok(mut ready) if !self.closed.load(Ordering::SeqCst) => {
+                let v = ready.entry(template.to_string()).or_default();
+                v.retain(|r| r.is_up());
+                v.push(r);
+                Ok(())
+            }
+            _ => Err(r),
         }
     }
 
@@ -192,9 +224,18 @@ impl Pool {
         out
     }
 
-    /// Takes every pooled sandbox out (daemon shutdown): the keepers and
-    /// the other backends' sandboxes, for the caller to end.
+    /// Whether a refill is under way (after [`Pool::drain`], the daemon
+    /// waits for it: what it makes is then ended by the refill itself).
+    pub(super) fn filling(&self) -> bool {
+        self.filling.load(Ordering::SeqCst) > 0
+    }
+
+    /// Closes the pool (daemon shutdown: no more refills) and takes every
+    /// pooled sandbox out: the keepers and the other backends' sandboxes,
+    /// for the caller to end.
     pub(super) fn drain(&self) -> (Vec<Remote>, Vec<PooledEngine>) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.refill.notify_one();
         let keepers = self
             .ready
             .lock()
@@ -215,6 +256,14 @@ pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
         let mut checked = tokio::time::Instant::now();
         loop {
             let Some(b) = backend.upgrade() else { return };
+            // Counted before `closed` is read, as `drain` closes before it
+            // reads the count: either this round sees the pool closed, or
+            // the daemon's stop waits for it.
+            b.pool.filling.fetch_add(1, Ordering::SeqCst);
+            let busy = Filling(&b.pool.filling);
+            if b.pool.closed.load(Ordering::SeqCst) {
+                return;
+            }
             if checked.elapsed() >= ENGINE_CHECK_EVERY {
                 check_engines(&b).await;
                 checked = tokio::time::Instant::now();
@@ -222,13 +271,16 @@ pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
             b.report_pool_sizes();
             match b.pool.missing() {
                 Some(t) => {
-                    if let Err(e) = fill_one(&b, &t).await {
+                    let r = fill_one(&b, &t).await;
+                    drop(busy);
+                    if let Err(e) = r {
                         eprintln!("nanoclaw serve: warm pool {t}: {e}");
                         drop(b);
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
                 }
                 None => {
+                    drop(busy);
                     let refill = b.pool.refill.clone();
                     drop(b);
                     tokio::select! {
@@ -244,8 +296,10 @@ pub(super) fn spawn_refiller(backend: Weak<KeeperBackend>) {
     });
 }
 
-/// Forgets the pooled sandboxes of other backends that are gone (a VM
-/// that crashed, a container removed by hand).
+/// Takes the pooled sandboxes of other backends that are gone (a VM that
+/// crashed, a container removed by hand) out of the pool, and destroys
+/// what is left of them (idempotent: a backend that answered "not found"
+/// by mistake, under load, must not leak a live one).
 async fn check_engines(b: &Arc<KeeperBackend>) {
     let handles = b.pool.engine_handles();
     if handles.is_empty() {
@@ -260,12 +314,22 @@ async fn check_engines(b: &Arc<KeeperBackend>) {
     })
     .await
     .unwrap_or_default();
-    if !gone.is_empty() {
-        let n = b
-            .pool
-            .forget_engines(&|p| gone.iter().any(|g| g == p.sandbox.id()));
-        eprintln!("nanoclaw serve: {n} pooled sandbox(es) ended on their own: {gone:?}");
+    if gone.is_empty() {
+        return;
     }
+    let out = b
+        .pool
+        .take_engines(&|p| gone.iter().any(|g| g == p.sandbox.id()));
+    eprintln!(
+        "nanoclaw serve: {} pooled sandbox(es) ended on their own: {gone:?}",
+        out.len()
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        for p in out {
+            let _ = p.sandbox.destroy();
+        }
+    })
+    .await;
 }
 
 async fn fill_one(b: &Arc<KeeperBackend>, template: &str) -> Result<(), String> {
@@ -279,7 +343,10 @@ async fn fill_one(b: &Arc<KeeperBackend>, template: &str) -> Result<(), String> 
             .make_pooled_engine(template, &tpl.spec, name)
             .await
             .map_err(|e| e.to_string())?;
-        b.pool.put_engine(template, p);
+        if let Some(p) = b.pool.put_engine(template, p) {
+            // The daemon stopped while it was made.
+            let _ = tokio::task::spawn_blocking(move || p.sandbox.destroy()).await;
+        }
         return Ok(());
     }
     let mut spec = tpl.spec.clone();
@@ -299,6 +366,9 @@ async fn fill_one(b: &Arc<KeeperBackend>, template: &str) -> Result<(), String> 
         .await
         .map_err(|e| e.to_string())?;
     let dir = b.cfg.root.join(&id);
-    b.pool.put(template, Remote::new(&id, &dir));
+    if let Err(r) = b.pool.put(template, Remote::new(&id, &dir)) {
+        // The daemon stopped while it was made.
+        let _ = super::ipc::ask(&r, &super::Request::Stop, Duration::from_secs(2)).await;
+    }
     Ok(())
 }
