@@ -123,6 +123,28 @@ pub(super) struct EngineEntry {
 }
 
 impl EngineEntry {
+    /// A new entry for `sandbox` of `backend`, with nothing running yet.
+    fn new(
+        backend: &str,
+        sandbox: Arc<dyn LiveSandbox>,
+        record: Record,
+        lifetime_end_ms: u64,
+        shared: Option<Kubernetes>,
+    ) -> Arc<EngineEntry> {
+        Arc::new(EngineEntry {
+            id: sandbox.id().to_string(),
+            backend: backend.to_string(),
+            lifetime_end_ms,
+            sandbox,
+            record: Mutex::new(record),
+            procs: Mutex::new(HashMap::new()),
+            shared,
+            last_cpu: Mutex::new(None),
+            denials_counted: Arc::default(),
+            denials_seen: Arc::default(),
+        })
+    }
+
     fn tenant(&self) -> Option<String> {
         self.record.lock().ok().map(|r| r.tenant.clone())
     }
@@ -390,18 +412,7 @@ impl KeeperBackend {
         let made = blocking(move || backend.create(&config).map_err(refusal)).await?;
         let sandbox: Arc<dyn LiveSandbox> = Arc::from(made);
         let id = sandbox.id().to_string();
-        let e = Arc::new(EngineEntry {
-            id: id.clone(),
-            backend: name.to_string(),
-            lifetime_end_ms,
-            sandbox,
-            record: Mutex::new(record),
-            procs: Mutex::new(HashMap::new()),
-            shared,
-            last_cpu: Mutex::new(None),
-            denials_counted: Arc::default(),
-            denials_seen: Arc::default(),
-        });
+        let e = EngineEntry::new(name, sandbox, record, lifetime_end_ms, shared);
         if let Ok(mut m) = self.engines.lock() {
             m.insert(id, e.clone());
         }
@@ -424,7 +435,7 @@ impl KeeperBackend {
             return None;
         }
         let needed = ms(SystemTime::now() + lifetime);
-        let (got, stale) = self.pool.take_engine(&req.template, &spec.network, needed);
+        let (got, stale) = self.pool.take_engine(&req.template, needed);
         for p in stale {
             tokio::task::spawn_blocking(move || p.sandbox.destroy());
         }
@@ -440,18 +451,7 @@ impl KeeperBackend {
         }
         let mut record = Record::for_request(req, spec);
         record.metadata.insert("launch".into(), "warm".into());
-        let e = Arc::new(EngineEntry {
-            id: p.sandbox.id().to_string(),
-            backend: p.backend,
-            lifetime_end_ms: p.lifetime_end_ms,
-            sandbox: p.sandbox,
-            record: Mutex::new(record),
-            procs: Mutex::new(HashMap::new()),
-            shared: None,
-            last_cpu: Mutex::new(None),
-            denials_counted: Arc::default(),
-            denials_seen: Arc::default(),
-        });
+        let e = EngineEntry::new(&p.backend, p.sandbox, record, p.lifetime_end_ms, None);
         if let Ok(mut m) = self.engines.lock() {
             m.insert(e.id.clone(), e.clone());
         }
@@ -477,7 +477,6 @@ impl KeeperBackend {
         spec.network = pooled_network(name);
         let lifetime = super::pool::POOLED_LIFETIME + NO_QUOTA_LIFETIME + KEEPER_GRACE;
         spec.limits.timeout = lifetime;
-        let network = spec.network.clone();
         let mut config = SandboxConfig::new(spec);
         config.labels = vec![
             (LABEL_SERVE.into(), self.cfg.root.display().to_string()),
@@ -489,7 +488,6 @@ impl KeeperBackend {
         Ok(super::pool::PooledEngine {
             sandbox: Arc::from(made),
             backend: name.to_string(),
-            network,
             lifetime_end_ms: started + lifetime.as_millis() as u64,
         })
     }
@@ -586,18 +584,13 @@ impl KeeperBackend {
         if record.tenant != tenant.0 {
             return None;
         }
-        let e = Arc::new(EngineEntry {
-            id: id.to_string(),
-            backend: nanoclaw_kubernetes::NAME.into(),
-            lifetime_end_ms,
+        let e = EngineEntry::new(
+            nanoclaw_kubernetes::NAME,
             sandbox,
-            record: Mutex::new(record),
-            procs: Mutex::new(HashMap::new()),
-            shared: Some(k),
-            last_cpu: Mutex::new(None),
-            denials_counted: Arc::default(),
-            denials_seen: Arc::default(),
-        });
+            record,
+            lifetime_end_ms,
+            Some(k),
+        );
         let mut m = self.engines.lock().ok()?;
         Some(m.entry(id.to_string()).or_insert(e).clone())
     }

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use nanoclaw_sandbox::backend::LiveSandbox;
 use nanoclaw_sandbox::keeper::{self, KeeperConfig, Remote};
-use nanoclaw_sandbox::spec::Network;
 use tokio::sync::Notify;
 
 use super::{blocking, keeper_error, KeeperBackend};
@@ -49,11 +48,9 @@ const ENGINE_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// A pooled sandbox of another backend.
 pub(super) struct PooledEngine {
     pub sandbox: Arc<dyn LiveSandbox>,
-    /// The backend's name.
+    /// The backend's name (its network is that backend's default for an
+    /// E2B create: `engines::pooled_network`).
     pub backend: String,
-    /// The network it was made with (a request that asks another gets a
-    /// cold sandbox).
-    pub network: Network,
     /// When its backend ends it, ms since the epoch.
     pub lifetime_end_ms: u64,
 }
@@ -95,13 +92,12 @@ impl Pool {
         }
     }
 
-    /// A pooled sandbox of another backend made with `network` whose
-    /// lifetime lasts until `needed_ms` at least, and those found that no
-    /// longer last that long (the caller ends them).
+    /// A pooled sandbox of another backend whose lifetime lasts until
+    /// `needed_ms` at least, and those found that no longer last that long
+    /// (the caller ends them).
     pub(super) fn take_engine(
         &self,
         template: &str,
-        network: &Network,
         needed_ms: u64,
     ) -> (Option<PooledEngine>, Vec<PooledEngine>) {
         let (mut got, mut stale) = (None, Vec::new());
@@ -110,12 +106,8 @@ impl Pool {
                 while let Some(p) = v.pop() {
                     if p.lifetime_end_ms < needed_ms {
                         stale.push(p);
-                    } else if &p.network == network {
-                        got = Some(p);
-                        break;
                     } else {
-                        // Made for another network: not this request's.
-                        v.insert(0, p);
+                        got = Some(p);
                         break;
                     }
                 }
