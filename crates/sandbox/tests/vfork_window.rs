@@ -18,11 +18,22 @@
 //! exec's Landlock sub-domain). Rootless maps one uid: 1000, with and
 //! without the filter (custom harness, see tests/common).
 //!
-//! Which defence holds what (shown by removing them, see the commit that
+//! Which defences hold what (shown by removing them, see the commit that
 //! added this test and `clone_vfork`'s doc): without each exec's Landlock
 //! sub-domain the attacker reads commands after their `execve`; it reaches
 //! init's memory before one only if, in addition, the child's memory is
 //! dumpable after its privilege drop.
+//!
+//! That happens on a host with `fs.suid_dumpable = 1`: every id change
+//! resets the (shared) address space's dumpable flag to that setting. So
+//! a last rootful case runs on such a host (set for its duration, restored
+//! after) and on a kernel without Landlock (simulated: a child process of
+//! this test makes the landlock_* calls fail with ENOSYS under a seccomp
+//! filter of its own, which the sandbox inherits, so nanoclaw finds no
+//! Landlock): there the attacker may read commands after their execve (a
+//! process of the same uid, as anywhere without Landlock), never init or a
+//! process before its execve. Without the `PR_SET_DUMPABLE 0` that
+//! `caps::drop_privileges` makes before the capabilities go, it does.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -71,7 +82,13 @@ const SECCOMP_KINDS: [&str; 5] = [
     "pidfd_getfd",
 ];
 
+/// The argument that makes this binary run the case without Landlock.
+const NO_LANDLOCK_ARG: &str = "--no-landlock-case";
+
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == NO_LANDLOCK_ARG) {
+        return no_landlock_case();
+    }
     common::main_with("vfork_window", scenarios)
 }
 
@@ -79,6 +96,9 @@ struct Case {
     name: &'static str,
     uid: u32,
     seccomp: Seccomp,
+    /// No Landlock: a command may be read after its execve (never init,
+    /// never a process before its execve).
+    no_landlock: bool,
 }
 
 fn scenarios(mode: &str) -> ExitCode {
@@ -98,7 +118,12 @@ fn scenarios(mode: &str) -> ExitCode {
         rootless_cases.to_vec()
     }
     .into_iter()
-    .map(|(name, uid, seccomp)| Case { name, uid, seccomp })
+    .map(|(name, uid, seccomp)| Case {
+        name,
+        uid,
+        seccomp,
+        no_landlock: false,
+    })
     .collect();
     // Every case runs even after one failed: which defences hold where is
     // the point of the report.
@@ -117,6 +142,19 @@ fn scenarios(mode: &str) -> ExitCode {
             }
         }
     }
+    if mode == "root" {
+        let t = Instant::now();
+        match run_no_landlock_case() {
+            Ok(()) => println!(
+                "vfork_window ({mode}): ok   {NO_LANDLOCK_NAME} ({:?})",
+                t.elapsed()
+            ),
+            Err(e) => {
+                eprintln!("vfork_window ({mode}): FAIL {NO_LANDLOCK_NAME}: {e}");
+                failed = true;
+            }
+        }
+    }
     println!("vfork_window ({mode}): all in {:?}", t0.elapsed());
     let left = common::children_left();
     if !left.is_empty() {
@@ -128,6 +166,97 @@ fn scenarios(mode: &str) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+const NO_LANDLOCK_NAME: &str = "uid 1000, no Landlock, fs.suid_dumpable=1";
+
+/// Runs [`no_landlock_case`] in a child process (its seccomp filter cannot
+/// be removed, and the rootless run this process starts next must have
+/// Landlock), with `fs.suid_dumpable` at 1 for its duration.
+fn run_no_landlock_case() -> Result<(), String> {
+    const KNOB: &str = "/proc/sys/fs/suid_dumpable";
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(KNOB, &self.0);
+        }
+    }
+    let before = std::fs::read_to_string(KNOB).map_err(|e| format!("{KNOB}: {e}"))?;
+    let _restore = Restore(before);
+    std::fs::write(KNOB, "1").map_err(|e| format!("setting {KNOB} to 1: {e}"))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let status = std::process::Command::new(exe)
+        .arg(NO_LANDLOCK_ARG)
+        .status()
+        .map_err(|e| format!("starting the case's process: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "its process ended with {status} (its output is above)"
+        ))
+    }
+}
+
+/// The case's own process: Landlock made unavailable, one race.
+fn no_landlock_case() -> ExitCode {
+    if let Err(e) = deny_landlock() {
+        eprintln!("vfork_window: {e}");
+        return ExitCode::FAILURE;
+    }
+    let case = Case {
+        name: NO_LANDLOCK_NAME,
+        uid: 1000,
+        seccomp: Seccomp::Default,
+        no_landlock: true,
+    };
+    match race(&case, "root") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfork_window (root, {}): {e}", case.name);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A seccomp filter on every thread of this process (and so on every
+/// sandbox it makes) under which landlock_create_ruleset, landlock_add_rule
+/// and landlock_restrict_self (444-446 on every architecture) fail with
+/// ENOSYS, as on a kernel built without Landlock.
+fn deny_landlock() -> Result<(), String> {
+    const LD_NR: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JGT: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        op(LD_NR, 0, 0, 0), // seccomp_data.nr
+        op(JGE, 0, 2, 444),
+        op(JGT, 1, 0, 446),
+        op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points to `filter`, both alive across the call; root
+    // holds CAP_SYS_ADMIN, so no PR_SET_NO_NEW_PRIVS is needed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "installing the filter that hides Landlock: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn text(b: &[u8]) -> String {
@@ -149,6 +278,11 @@ fn race(case: &Case, mode: &str) -> Result<(), String> {
     spec.limits.timeout = Duration::from_secs(60);
     spec.hardening.seccomp = case.seccomp.clone();
     let mut sb = create(&spec).map_err(|e| format!("create: {e}"))?;
+    let landlock = sb.layers().landlock.clone();
+    if case.no_landlock != landlock.starts_with("unavailable") {
+        remove(sb);
+        return Err(format!("the sandbox's Landlock layer is {landlock:?}"));
+    }
     let r = race_in(&mut sb, case, mode);
     remove(sb);
     r
@@ -229,7 +363,7 @@ fn race_in(sb: &mut Sandbox, case: &Case, mode: &str) -> Result<(), String> {
         "vfork_window ({mode}, {}): host started {execs} commands in {raced:?}",
         case.name
     );
-    judge(&report, execs)
+    judge(&report, execs, case.no_landlock)
 }
 
 /// How many processes the attacker caught before their execve so far.
@@ -289,8 +423,9 @@ fn check_control(control: &str, seccomp: &Seccomp) -> Result<(), String> {
 }
 
 /// Zero successes of every kind, attempts against init and new processes
-/// seen (most commands' pids, some before their execve).
-fn judge(report: &str, execs: u32) -> Result<(), String> {
+/// seen (most commands' pids, some before their execve). Without Landlock,
+/// successes against commands after their execve are allowed.
+fn judge(report: &str, execs: u32, no_landlock: bool) -> Result<(), String> {
     let mut problems = Vec::new();
     for k in KINDS {
         let line = report
@@ -299,7 +434,7 @@ fn judge(report: &str, execs: u32) -> Result<(), String> {
             .ok_or_else(|| format!("no line for {k} in the report"))?;
         let f = fields(line);
         let num = |x: &str| f.get(x).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        if num("ok") > 0 {
+        if num("ok") > 0 && !no_landlock {
             problems.push(format!(
                 "{k}: {} of {} attempts succeeded",
                 num("ok"),
@@ -335,6 +470,7 @@ fn judge(report: &str, execs: u32) -> Result<(), String> {
     let successes: Vec<&str> = report
         .lines()
         .filter(|l| l.starts_with("success "))
+        .filter(|l| !(no_landlock && l.contains(" target=exec ")))
         .collect();
     if !successes.is_empty() {
         problems.push(format!("first successes: {successes:?}"));

@@ -501,6 +501,15 @@ pub fn drop_privileges(uid: u32, gid: u32, keep: &[Cap]) -> Result<(), CapError>
             "; the uid must be mapped in the sandbox's user namespace (check --user and the uid map)",
         ));
     }
+    // Each id change above reset the address space's dumpable flag to the
+    // host's `fs.suid_dumpable`. A command started with `clone_vfork`
+    // shares init's address space until its execve: with that setting at 1,
+    // once the capabilities below are gone a process of the same uid could
+    // read init's memory and descriptors through /proc/PID in that window,
+    // stopped only by Landlock (tests/vfork_window.rs, the case without
+    // it). So non-dumpable again before they go (dropping capabilities
+    // does not reset the flag); execve gives the command its own.
+    prctl(libc::PR_SET_DUMPABLE, 0, 0, "prctl(PR_SET_DUMPABLE, 0)")?;
     capset(want)?;
     prctl(libc::PR_SET_KEEPCAPS, 0, 0, "prctl(PR_SET_KEEPCAPS, 0)")?;
     for c in keep {
