@@ -41,7 +41,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a command (or a code snippet) in a fresh sandbox.
+    #[command(about = RUN_ABOUT, long_about = None)]
     Run(Box<run_cmd::RunArgs>),
     /// Report what this host supports and which protections a run gets.
     Doctor(doctor::DoctorArgs),
@@ -86,12 +86,46 @@ enum Command {
     },
 }
 
+/// The doc line of `nanoclaw run`, shared by the full parser and the fast
+/// path below (a test checks that both print the same help).
+const RUN_ABOUT: &str = "Run a command (or a code snippet) in a fresh sandbox";
+
+/// Parses the command line. `nanoclaw run` is the start-up path that is
+/// measured against bwrap, and clap builds every subcommand's arguments
+/// (≈40 of them) before it parses one: for `run` only its own are built,
+/// which saves ≈100 page faults and ≈0.2 ms of every run's start-up.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut argv = std::env::args_os();
+    let first = argv.nth(1);
+    if first.as_deref() != Some(std::ffi::OsStr::new("run")) {
+        return Cli::try_parse();
+    }
+    use clap::FromArgMatches;
+    let m =
+        run_command().try_get_matches_from(std::iter::once("nanoclaw run".into()).chain(argv))?;
+    let args = run_cmd::RunArgs::from_arg_matches(&m)?;
+    Ok(Cli {
+        command: Command::Run(Box::new(args)),
+    })
+}
+
+/// `nanoclaw run`'s parser alone (see [`parse`]).
+fn run_command() -> clap::Command {
+    use clap::Args;
+    // The struct's own doc comment (for readers of the code) would become
+    // the help's text: the subcommand's line replaces it, as in the full
+    // parser.
+    run_cmd::RunArgs::augment_args(clap::Command::new("run").bin_name("nanoclaw run"))
+        .about(RUN_ABOUT)
+        .long_about(None)
+}
+
 fn main() -> ExitCode {
     // In a micro-VM, this binary is the guest's /init (--backend microvm).
     if nanoclaw_microvm::guest::is_guest_init() {
         nanoclaw_microvm::guest::main();
     }
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -165,6 +199,75 @@ fn main() -> ExitCode {
             }
             eprintln!("nanoclaw: {line}");
             ExitCode::from(EXIT_NANOCLAW)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    /// The fast path's `nanoclaw run` must be the full parser's `run`.
+    fn full_run_command() -> clap::Command {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.find_subcommand("run").expect("run").clone()
+    }
+
+    #[test]
+    fn fast_run_parser_prints_the_same_help() {
+        let mut fast = run_command();
+        let mut full = full_run_command();
+        assert_eq!(
+            fast.render_long_help().to_string(),
+            full.render_long_help().to_string()
+        );
+        assert_eq!(
+            fast.render_usage().to_string(),
+            full.render_usage().to_string()
+        );
+    }
+
+    #[test]
+    fn fast_run_parser_parses_as_the_full_one() {
+        let cases: &[&[&str]] = &[
+            &["--", "/bin/true"],
+            &[
+                "--memory",
+                "64m",
+                "--timeout",
+                "2",
+                "sh",
+                "-c",
+                "x",
+                "--timeout",
+                "9",
+            ],
+            &["--json", "--network", "none", "--", "python3", "-c", "pass"],
+            &["--lang", "python", "--code", "print(1)"],
+        ];
+        for args in cases {
+            let full = Cli::try_parse_from(["nanoclaw", "run"].iter().chain(args.iter()))
+                .expect("full parse");
+            let m = run_command()
+                .try_get_matches_from(["nanoclaw run"].iter().chain(args.iter()))
+                .expect("fast parse");
+            let fast = run_cmd::RunArgs::from_arg_matches(&m).expect("fast args");
+            let Command::Run(full) = full.command else {
+                panic!("not run")
+            };
+            assert_eq!(format!("{full:?}"), format!("{fast:?}"), "{args:?}");
+        }
+        for bad in [&["--memory"][..], &["--no-such-flag", "x"]] {
+            let full = Cli::try_parse_from(["nanoclaw", "run"].iter().chain(bad.iter()))
+                .expect_err("full refuses");
+            let fast = run_command()
+                .try_get_matches_from(["nanoclaw run"].iter().chain(bad.iter()))
+                .expect_err("fast refuses");
+            assert_eq!(full.kind(), fast.kind(), "{bad:?}");
+            assert_eq!(full.to_string(), fast.to_string(), "{bad:?}");
         }
     }
 }
