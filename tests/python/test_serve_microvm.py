@@ -1,7 +1,8 @@
 """A micro-VM template in `nanoclaw serve` (`--template vm=microvm`), driven by
 the unmodified `e2b` SDK: the sandbox is a QEMU microvm with nanoclaw's native
 sandbox inside (its own kernel), and it creates, runs commands, writes and
-reads files and is killed through the same API as every other template.
+reads files, feeds a running command's stdin and is killed through the same
+API as every other template.
 
 Run by crates/cli/tests/serve_backends.rs, which starts the daemon and then
 checks that nothing of the VM is left (no holder, QEMU, virtiofsd or state
@@ -81,6 +82,32 @@ def test_a_microvm_template_runs_commands_and_files(e2b_target, registry):
     # The host's /usr is shared read-only into the guest.
     r = sbx.commands.run("touch /usr/x 2>&1; echo $?")
     assert r.stdout.strip().endswith("1"), r.stdout
+
+    # Stdin written to a command while it runs (SendInput, CloseStdin): the
+    # guest starts it at once and feeds it what comes, in order; the echo
+    # of the first line comes back before the second is sent.
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.send_stdin(h.pid, "ping\n")
+    echoed = ""
+    for out, _, _ in h:
+        echoed += out or ""
+        if "ping" in echoed:
+            break
+    assert "ping" in echoed, "cat never echoed its stdin"
+    sbx.commands.send_stdin(h.pid, "pong\n")
+    sbx.commands.close_stdin(h.pid)
+    r = h.wait()
+    assert r.exit_code == 0 and r.stdout == "ping\npong\n", r
+    # Killed while it waits for more.
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.send_stdin(h.pid, "x\n")
+    for out, _, _ in h:
+        if "x" in (out or ""):
+            break
+    sbx.commands.kill(h.pid)
+    with pytest.raises(CommandExitException) as e:
+        h.wait()
+    assert e.value.exit_code == -1, e.value
 
     sbx.kill()
     listed = {i.sandbox_id for i in Sandbox.list(**e2b_target.a).next_items()}

@@ -467,7 +467,8 @@ fn vm_gone_within(id: &str, holder: Option<i32>, patience: Duration) -> Result<(
 }
 
 /// A micro-VM template (`--template vm=microvm`) driven by the e2b SDK
-/// (tests/python/test_serve_microvm.py: create, commands, files, kill);
+/// (tests/python/test_serve_microvm.py: create, commands, files, stdin fed
+/// to a running command, kill);
 /// then a second VM whose daemon is SIGKILLed: its holder sees the daemon
 /// end (a pidfd) and ends the VM, leaving nothing. Two boots in all.
 #[test]

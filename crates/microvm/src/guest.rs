@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -269,6 +270,9 @@ struct Ctx {
     running: Mutex<HashMap<u32, Option<(UnixStream, u32)>>>,
     /// Host exec ids killed before they started.
     doomed: Mutex<Vec<u32>>,
+    /// Host exec id → the writer of a command started with its stdin open
+    /// (`stream_stdin`), until `STDIN_END` or the command's end.
+    stdins: Mutex<HashMap<u32, Sender<Vec<u8>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -350,6 +354,7 @@ fn serve(port: File) -> Result<(), String> {
         port: Mutex::new(port),
         running: Mutex::new(HashMap::new()),
         doomed: Mutex::new(Vec::new()),
+        stdins: Mutex::new(HashMap::new()),
     });
     let uptime_ms = std::fs::read_to_string("/proc/uptime")
         .ok()
@@ -385,7 +390,17 @@ fn serve(port: File) -> Result<(), String> {
                 }
                 Err(e) => ctx.send_error(0, e),
             },
-            proto::SPAWN => match serde_json::from_slice(&frame.payload) {
+            proto::SPAWN => match serde_json::from_slice::<proto::Spawn>(&frame.payload) {
+                Ok(req) if req.stdin && req.stream_stdin => {
+                    // Started now; its stdin comes through this channel.
+                    let (tx, rx) = channel();
+                    lock(&ctx.stdins).insert(frame.id, tx);
+                    let p = Pending {
+                        req,
+                        stdin: Vec::new(),
+                    };
+                    start(&ctx, made.as_ref(), frame.id, p, Some(rx));
+                }
                 Ok(req) => {
                     pending.insert(
                         frame.id,
@@ -405,35 +420,79 @@ fn serve(port: File) -> Result<(), String> {
             proto::STDIN => {
                 if let Some(p) = pending.get_mut(&frame.id) {
                     p.stdin.extend_from_slice(&frame.payload);
+                } else if let Some(tx) = lock(&ctx.stdins).get(&frame.id) {
+                    // A command that has ended drops its end: nothing to do.
+                    let _ = tx.send(frame.payload);
                 }
             }
             proto::STDIN_END => {
+                // A running command's open stdin: dropping the sender
+                // closes it once what was sent before is written.
+                if lock(&ctx.stdins).remove(&frame.id).is_some() {
+                    continue;
+                }
                 let Some(p) = pending.remove(&frame.id) else {
                     continue;
                 };
-                let Some(m) = &made else {
-                    ctx.send_error(
-                        frame.id,
-                        WireError::Invalid {
-                            message: "no sandbox yet".into(),
-                        },
-                    );
-                    continue;
-                };
-                lock(&ctx.running).insert(frame.id, None);
-                let (ctx, remote, id) = (ctx.clone(), m.remote.clone(), frame.id);
-                let started = std::thread::Builder::new()
-                    .name(format!("exec-{id}"))
-                    .spawn(move || run(&ctx, &remote, id, p));
-                if let Err(e) = started {
-                    eprintln!("nanoclaw-agent: a thread for exec {id}: {e}");
-                }
+                start(&ctx, made.as_ref(), frame.id, p, None);
             }
             proto::KILL => ctx.kill(frame.id, proto::kill_signal(&frame.payload)),
             proto::STATS | proto::PAUSE | proto::RESUME => control(&ctx, &frame, made.as_ref()),
             proto::SHUTDOWN => return Ok(()),
             k => eprintln!("nanoclaw-agent: unknown frame kind {k} ignored"),
         }
+    }
+}
+
+/// Starts command `id` on a thread of its own (`stdin`: the channel its
+/// open stdin is fed from, for `stream_stdin`).
+fn start(
+    ctx: &Arc<Ctx>,
+    made: Option<&Made>,
+    id: u32,
+    p: Pending,
+    stdin: Option<Receiver<Vec<u8>>>,
+) {
+    let Some(m) = made else {
+        lock(&ctx.stdins).remove(&id);
+        ctx.send_error(
+            id,
+            WireError::Invalid {
+                message: "no sandbox yet".into(),
+            },
+        );
+        return;
+    };
+    lock(&ctx.running).insert(id, None);
+    let (ctx, remote) = (ctx.clone(), m.remote.clone());
+    let started = std::thread::Builder::new()
+        .name(format!("exec-{id}"))
+        .spawn(move || {
+            run(&ctx, &remote, id, p, stdin);
+            lock(&ctx.stdins).remove(&id);
+        });
+    if let Err(e) = started {
+        eprintln!("nanoclaw-agent: a thread for exec {id}: {e}");
+    }
+}
+
+/// Writes what comes through `rx` to a command's stdin pipe `w`, in order,
+/// and closes it when the sender is gone (`STDIN_END`, or the command's
+/// end). A command that stops reading blocks this thread only; one that
+/// has exited makes the write fail, and the rest is dropped.
+fn feed_stdin(w: OwnedFd, rx: Receiver<Vec<u8>>) {
+    let spawned = std::thread::Builder::new()
+        .name("exec-stdin".into())
+        .spawn(move || {
+            let mut f = File::from(w);
+            for chunk in rx {
+                if f.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("nanoclaw-agent: a stdin thread: {e}");
     }
 }
 
@@ -525,16 +584,17 @@ fn forward(ctx: Arc<Ctx>, id: u32, kind: u8, from: OwnedFd) -> std::thread::Join
     })
 }
 
-/// Runs one command through the keeper, streaming its output.
-fn run(ctx: &Arc<Ctx>, remote: &Remote, id: u32, p: Pending) {
+/// Runs one command through the keeper, streaming its output (and its
+/// stdin from `stdin_rx`, when it was started with its stdin open).
+fn run(ctx: &Arc<Ctx>, remote: &Remote, id: u32, p: Pending, stdin_rx: Option<Receiver<Vec<u8>>>) {
     let mut spec = ExecSpec::new(p.req.command);
     spec.env = p.req.env;
     spec.workdir = p.req.workdir;
     spec.user = p.req.user.map(|(uid, gid)| User { uid, gid });
-    spec.stdin = if p.req.stdin {
-        Stdin::Bytes(p.stdin)
-    } else {
-        Stdin::Null
+    spec.stdin = match (p.req.stdin, &stdin_rx) {
+        (true, Some(_)) => Stdin::Open,
+        (true, None) => Stdin::Bytes(p.stdin),
+        (false, _) => Stdin::Null,
     };
     spec.timeout = Duration::from_millis(p.req.timeout_ms);
     spec.output_limit = p.req.output_limit;
@@ -548,10 +608,17 @@ fn run(ctx: &Arc<Ctx>, remote: &Remote, id: u32, p: Pending) {
             message: "an empty command".into(),
         });
     }
-    let rs = match remote.spawn(&spec, !matches!(spec.stdin, Stdin::Null)) {
+    let mut rs = match remote.spawn(&spec, !matches!(spec.stdin, Stdin::Null)) {
         Ok(rs) => rs,
         Err(e) => return fail(keeper_wire(e)),
     };
+    // The open stdin's pipe goes to its feeder (the waiter below would
+    // close it: an `Open` stdin is not its to write).
+    if let Some(rx) = stdin_rx {
+        if let Some(w) = rs.spawned.stdin.take() {
+            feed_stdin(w, rx);
+        }
+    }
     match rs.conn.try_clone() {
         Ok(conn) => {
             lock(&ctx.running).insert(id, Some((conn, rs.spawned.id)));

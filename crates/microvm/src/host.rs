@@ -638,11 +638,11 @@ pub(crate) fn attach(
     Ok(VmSandbox { info, shared })
 }
 
-/// The stdin bytes of `spec` (the caller's own stdin read to its end for
-/// `Inherit`: the guest takes stdin whole, before the command starts).
+/// The stdin bytes of `spec` sent before the command starts (the caller's
+/// own stdin read to its end for `Inherit`). An `Open` stdin has none: the
+/// command starts at once and its control handle feeds it.
 fn stdin_bytes(spec: &ExecSpec) -> Result<Option<Vec<u8>>, Error> {
     match &spec.stdin {
-        // No control handle here: an open stdin is an empty one.
         Stdin::Null | Stdin::Open => Ok(None),
         Stdin::Bytes(b) => Ok(Some(b.clone())),
         Stdin::Inherit => {
@@ -671,12 +671,14 @@ impl LiveSandbox for VmSandbox {
             return Err(sh.gone());
         }
         let stdin = stdin_bytes(spec)?;
+        let open = matches!(spec.stdin, Stdin::Open);
         let req = proto::Spawn {
             command: spec.command.clone(),
             env: spec.env.clone(),
             workdir: spec.workdir.clone(),
             user: spec.user.map(|u| (u.uid, u.gid)),
-            stdin: stdin.is_some(),
+            stdin: stdin.is_some() || open,
+            stream_stdin: open,
             timeout_ms: u64::try_from(spec.timeout.as_millis()).unwrap_or(u64::MAX),
             output_limit: spec.output_limit,
         };
@@ -693,14 +695,16 @@ impl LiveSandbox for VmSandbox {
         let payload = serde_json::to_vec(&req)
             .map_err(|e| Error::InvalidSpec(format!("the command: {e}")))?;
         sh.send(proto::SPAWN, id, &payload)?;
-        for chunk in stdin
-            .as_deref()
-            .unwrap_or_default()
-            .chunks(proto::MAX_PAYLOAD)
-        {
-            sh.send(proto::STDIN, id, chunk)?;
+        if !open {
+            for chunk in stdin
+                .as_deref()
+                .unwrap_or_default()
+                .chunks(proto::MAX_PAYLOAD)
+            {
+                sh.send(proto::STDIN, id, chunk)?;
+            }
+            sh.send(proto::STDIN_END, id, b"")?;
         }
-        sh.send(proto::STDIN_END, id, b"")?;
         match x.rx.recv_timeout(ANSWER) {
             Ok(f) if f.kind == proto::SPAWNED => Ok(Box::new(x)),
             Ok(f) if f.kind == proto::ERROR => {
@@ -792,6 +796,7 @@ impl Execution for VmExecution {
         Some(Box::new(VmControl {
             shared: self.shared.clone(),
             id: self.id,
+            open_stdin: matches!(self.spec.stdin, Stdin::Open),
         }))
     }
 
@@ -844,26 +849,38 @@ impl Execution for VmExecution {
     }
 }
 
-/// Signals for a running command from other threads (how the daemon
-/// serves E2B's `SendSignal`). Its stdin went to the guest whole before it
-/// started, so there is none to write to.
+/// A running command's stdin and signals, from other threads (how the
+/// daemon serves E2B's `SendInput`, `CloseStdin` and `SendSignal`): frames
+/// on the VM's connection, which the guest writes to the command's stdin.
 struct VmControl {
     shared: Arc<Shared>,
     id: u32,
+    /// Started with an open stdin ([`Stdin::Open`]); any other command's
+    /// stdin went to the guest whole before it started.
+    open_stdin: bool,
 }
 
 impl ExecControl for VmControl {
-    fn write_stdin(&self, _data: &[u8]) -> Result<(), Error> {
-        Err(Error::NotSupported {
-            backend: NAME.into(),
-            field: "stdin to a running command".into(),
-            why: "the guest takes a command's stdin whole before it starts; send it with the \
-                  command"
-                .into(),
-        })
+    fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        if !self.open_stdin {
+            return Err(Error::InvalidSpec(
+                "this command was not started with an open stdin".into(),
+            ));
+        }
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return Err(self.shared.gone());
+        }
+        for chunk in data.chunks(proto::MAX_PAYLOAD) {
+            self.shared.send(proto::STDIN, self.id, chunk)?;
+        }
+        Ok(())
     }
 
-    fn close_stdin(&self) {}
+    fn close_stdin(&self) {
+        if self.open_stdin && !self.shared.ended.load(Ordering::SeqCst) {
+            let _ = self.shared.send(proto::STDIN_END, self.id, b"");
+        }
+    }
 
     fn signal(&self, signal: i32) -> Result<(), Error> {
         if self.shared.ended.load(Ordering::SeqCst) {

@@ -9,6 +9,9 @@
 //! `ERROR`). Per command: `SPAWN` (JSON), `STDIN` chunks, `STDIN_END`; the
 //! guest answers `SPAWNED` (or `ERROR`), streams `STDOUT`/`STDERR` as the
 //! command writes, and ends with `DONE` (its `Outcome`, output taken out).
+//! A `SPAWN` with `stream_stdin` starts the command at once, with its stdin
+//! open: `STDIN` chunks are written to it as they come, `STDIN_END` closes
+//! it (how a daemon feeds a running process, E2B's `SendInput`).
 //! `KILL` ends a command early. `STATS`, `PAUSE` and `RESUME` get one
 //! `REPLY` (or `ERROR`). `SHUTDOWN` — or the host closing the port —
 //! powers the guest off.
@@ -30,7 +33,8 @@ pub const CREATE: u8 = 1;
 pub const SPAWN: u8 = 2;
 /// A chunk of the command's stdin.
 pub const STDIN: u8 = 3;
-/// The command's stdin is complete: start it.
+/// The command's stdin is complete: start it (with `stream_stdin`: close
+/// the running command's stdin).
 pub const STDIN_END: u8 = 4;
 /// Signal the command: the payload is the signal number (u32
 /// little-endian); empty means SIGKILL.
@@ -182,6 +186,10 @@ pub struct Spawn {
     pub user: Option<(u32, u32)>,
     /// Whether stdin frames follow (else /dev/null).
     pub stdin: bool,
+    /// Start at once and write each later `STDIN` frame to the running
+    /// command (with `stdin`), until `STDIN_END` closes it.
+    #[serde(default)]
+    pub stream_stdin: bool,
     /// Wall-clock limit, in milliseconds.
     pub timeout_ms: u64,
     /// Per-stream output limit, in bytes.
