@@ -39,24 +39,13 @@ import urllib.request
 
 from e2b import Sandbox
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import free_port, loadavg, pct  # noqa: E402
+
 IMAGE = "nanoclaw-e2b-docker:latest"
 REQUEST_TIMEOUT = 600
 
 
-def pct(xs, p):
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100.0 * (len(s) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 class Daemon:
