@@ -20,6 +20,8 @@ import pytest
 from e2b import Sandbox
 from e2b import CommandExitException, SandboxException
 
+from helpers import read_until
+
 ENV_TEMPLATES = "NANOCLAW_BACKEND_TEMPLATES"
 
 
@@ -103,12 +105,7 @@ def test_backends_side_by_side_run_commands_files_and_processes(e2b_target, regi
         # Kill only once the echo came back: a kill racing cat's read of its
         # stdin loses output cat never produced (seen on gVisor in CI).
         # wait() below goes on with the same event stream.
-        echoed = ""
-        for out, _, _ in h:
-            echoed += out or ""
-            if "ping" in echoed:
-                break
-        assert "ping" in echoed, (backend, "cat never echoed its stdin")
+        assert "ping" in read_until(h, "ping"), (backend, "cat never echoed its stdin")
         sbx.commands.kill(h.pid)
         with pytest.raises(CommandExitException) as e:
             h.wait()

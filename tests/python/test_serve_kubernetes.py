@@ -21,6 +21,8 @@ import pytest
 from e2b import Sandbox
 from e2b import CommandExitException, RateLimitException, SandboxException
 
+from helpers import read_until
+
 ENV_TEMPLATE = "NANOCLAW_K8S_TEMPLATE"
 ENV_REPLICA = "NANOCLAW_E2B_API_URL_2"
 
@@ -91,12 +93,7 @@ def test_a_pod_sandbox_runs_commands_files_and_processes(e2b_target, registry):
     # A background process killed.
     h = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "pong\n")
-    echoed = ""
-    for out, _, _ in h:
-        echoed += out or ""
-        if "pong" in echoed:
-            break
-    assert "pong" in echoed, "cat never echoed its stdin"
+    assert "pong" in read_until(h, "pong"), "cat never echoed its stdin"
     sbx.commands.kill(h.pid)
     with pytest.raises(CommandExitException) as e:
         h.wait()

@@ -21,6 +21,8 @@ import uuid
 import pytest
 from e2b import CommandExitException, Sandbox
 
+from helpers import read_until
+
 # A VM boots in seconds under software emulation (TCG), more on a loaded
 # machine: every request of this sandbox may take that long.
 REQUEST_TIMEOUT = 300
@@ -88,12 +90,7 @@ def test_a_microvm_template_runs_commands_and_files(e2b_target, registry):
     # of the first line comes back before the second is sent.
     h = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "ping\n")
-    echoed = ""
-    for out, _, _ in h:
-        echoed += out or ""
-        if "ping" in echoed:
-            break
-    assert "ping" in echoed, "cat never echoed its stdin"
+    assert "ping" in read_until(h, "ping"), "cat never echoed its stdin"
     sbx.commands.send_stdin(h.pid, "pong\n")
     sbx.commands.close_stdin(h.pid)
     r = h.wait()
@@ -101,9 +98,7 @@ def test_a_microvm_template_runs_commands_and_files(e2b_target, registry):
     # Killed while it waits for more.
     h = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "x\n")
-    for out, _, _ in h:
-        if "x" in (out or ""):
-            break
+    assert "x" in read_until(h, "x")
     sbx.commands.kill(h.pid)
     with pytest.raises(CommandExitException) as e:
         h.wait()
