@@ -19,7 +19,7 @@ import os
 import uuid
 
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, Sandbox, SandboxException
 
 from helpers import read_until
 
@@ -95,6 +95,16 @@ def test_a_microvm_template_runs_commands_and_files(e2b_target, registry):
     sbx.commands.close_stdin(h.pid)
     r = h.wait()
     assert r.exit_code == 0 and r.stdout == "ping\npong\n", r
+    # A closed stdin takes nothing more (refused, not dropped in silence),
+    # while the command still runs.
+    h = sbx.commands.run("cat; echo eof; sleep 30", background=True, stdin=True)
+    sbx.commands.close_stdin(h.pid)
+    assert "eof" in read_until(h, "eof")
+    with pytest.raises(SandboxException):
+        sbx.commands.send_stdin(h.pid, "late\n")
+    sbx.commands.kill(h.pid)
+    with pytest.raises(CommandExitException):
+        h.wait()
     # Killed while it waits for more.
     h = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "x\n")

@@ -691,6 +691,7 @@ impl LiveSandbox for VmSandbox {
             rx,
             spec: spec.clone(),
             finished: false,
+            stdin_open: Arc::new(AtomicBool::new(open)),
         };
         let payload = serde_json::to_vec(&req)
             .map_err(|e| Error::InvalidSpec(format!("the command: {e}")))?;
@@ -768,6 +769,9 @@ struct VmExecution {
     spec: ExecSpec,
     /// Its end was reported (or it never started).
     finished: bool,
+    /// Its stdin is open for its control handles: started with
+    /// [`Stdin::Open`] and not closed yet (shared by every handle).
+    stdin_open: Arc<AtomicBool>,
 }
 
 /// Writes all of `data` to `fd` (the caller's echo descriptor).
@@ -796,7 +800,7 @@ impl Execution for VmExecution {
         Some(Box::new(VmControl {
             shared: self.shared.clone(),
             id: self.id,
-            open_stdin: matches!(self.spec.stdin, Stdin::Open),
+            stdin_open: self.stdin_open.clone(),
         }))
     }
 
@@ -855,16 +859,16 @@ impl Execution for VmExecution {
 struct VmControl {
     shared: Arc<Shared>,
     id: u32,
-    /// Started with an open stdin ([`Stdin::Open`]); any other command's
-    /// stdin went to the guest whole before it started.
-    open_stdin: bool,
+    /// See [`VmExecution::stdin_open`]; any other command's stdin went to
+    /// the guest whole before it started.
+    stdin_open: Arc<AtomicBool>,
 }
 
 impl ExecControl for VmControl {
     fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
-        if !self.open_stdin {
+        if !self.stdin_open.load(Ordering::SeqCst) {
             return Err(Error::InvalidSpec(
-                "this command was not started with an open stdin".into(),
+                "the command has no open stdin (it was closed, or never open)".into(),
             ));
         }
         if self.shared.ended.load(Ordering::SeqCst) {
@@ -877,7 +881,10 @@ impl ExecControl for VmControl {
     }
 
     fn close_stdin(&self) {
-        if self.open_stdin && !self.shared.ended.load(Ordering::SeqCst) {
+        // Once: closing twice does nothing.
+        if self.stdin_open.swap(false, Ordering::SeqCst)
+            && !self.shared.ended.load(Ordering::SeqCst)
+        {
             let _ = self.shared.send(proto::STDIN_END, self.id, b"");
         }
     }
