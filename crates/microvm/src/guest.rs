@@ -591,10 +591,10 @@ fn run(ctx: &Arc<Ctx>, remote: &Remote, id: u32, p: Pending, stdin_rx: Option<Re
     spec.env = p.req.env;
     spec.workdir = p.req.workdir;
     spec.user = p.req.user.map(|(uid, gid)| User { uid, gid });
-    spec.stdin = match (p.req.stdin, &stdin_rx) {
-        (true, Some(_)) => Stdin::Open,
-        (true, None) => Stdin::Bytes(p.stdin),
-        (false, _) => Stdin::Null,
+    spec.stdin = match &stdin_rx {
+        Some(_) => Stdin::Open,
+        None if p.req.stdin => Stdin::Bytes(p.stdin),
+        None => Stdin::Null,
     };
     spec.timeout = Duration::from_millis(p.req.timeout_ms);
     spec.output_limit = p.req.output_limit;
