@@ -719,9 +719,12 @@ pub fn run(a: RunArgs) -> Result<u8> {
     if backend != crate::backends::NATIVE {
         return crate::backend_cmd::run(&backend, spec, a.json);
     }
+    // `run` exits right after the sandbox ends: it need not wait for the
+    // kernel's tear-down of the sandbox's namespaces (init's exit).
     let opts = RunOptions {
         stream: !a.json,
         handle_signals: true,
+        exit_after_wait: true,
     };
     let sandbox = nanoclaw_sandbox::start(&spec, opts)?;
     let limits = spec.limits;

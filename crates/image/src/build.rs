@@ -1898,6 +1898,7 @@ impl Builder<'_> {
             RunOptions {
                 stream: self.opts.stream_output,
                 handle_signals: self.opts.handle_signals,
+                exit_after_wait: false,
             },
         )
         .map_err(|e| failed(format!("the sandbox could not start: {e}")))?;

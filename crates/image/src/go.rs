@@ -337,6 +337,7 @@ fn warm_up(root: &Root, path: &str, user: User) -> Result<Vec<u8>, GoError> {
         RunOptions {
             stream: false,
             handle_signals: true,
+            exit_after_wait: false,
         },
     )?;
     let o = nanoclaw_sandbox::wait(sb)?;

@@ -109,3 +109,80 @@ fn a_nul_byte_in_hostname_or_workdir_leaves_nothing_open() {
         "descriptors left open: {before} before, {after} after 40 refused starts"
     );
 }
+
+/// Processes whose command line is exactly `argv`.
+fn processes_running(argv: &[&str]) -> Vec<String> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|p| alive(p.parse().unwrap_or(0)))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Directories named `name` under /sys/fs/cgroup (any hierarchy, any depth
+/// up to 9).
+fn cgroups_named(name: &str) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, name: &str, depth: u32, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == name {
+                out.push(e.path());
+            }
+            if depth < 9 {
+                walk(&e.path(), name, depth + 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(std::path::Path::new("/sys/fs/cgroup"), name, 0, &mut out);
+    out
+}
+
+/// `exit_after_wait` (what `nanoclaw run` sets) lets `wait` return before
+/// init's exit, which tears down the namespaces. It must still return only
+/// once nothing else of the sandbox runs and its cgroup is gone, and the
+/// cpu time must still count every process init reaped: here a background
+/// process that burned cpu and was still running when the command ended.
+#[test]
+fn exit_after_wait_returns_once_nothing_else_runs_and_counts_its_cpu() {
+    let marker = format!("{}", 1000 + std::process::id() % 1000);
+    let script = format!(
+        "sleep {marker} & (i=0; while :; do i=$((i+1)); done) & \
+         t=$(date +%s%N); while [ $(( $(date +%s%N) - t )) -lt 400000000 ]; do sleep 0.05; done; exit 7"
+    );
+    let mut spec = SandboxSpec::new(["sh", "-c", &script]);
+    spec.limits.timeout = Duration::from_secs(30);
+    let opts = RunOptions {
+        exit_after_wait: true,
+        ..RunOptions::default()
+    };
+    let sb = start(&spec, opts).expect("start");
+    let o = wait(sb).expect("wait");
+    assert_eq!((o.exit_code, o.killed_by), (Some(7), None), "{o:?}");
+    let left = processes_running(&["sleep", &marker]);
+    assert!(
+        left.is_empty(),
+        "still running after wait returned: {left:?}"
+    );
+    let cgroups = cgroups_named(&o.sandbox_id);
+    assert!(cgroups.is_empty(), "cgroup left: {cgroups:?}");
+    // The busy loop ran ≈0.4 s of the run on one of two cores at least.
+    assert!(
+        o.cpu_time >= Duration::from_millis(150),
+        "cpu time {:?} misses the background process's",
+        o.cpu_time
+    );
+}

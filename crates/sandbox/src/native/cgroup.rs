@@ -644,6 +644,31 @@ impl Cgroup {
         }
     }
 
+    /// For a process of the sandbox to move itself out (its init, once
+    /// nothing else of the sandbox runs, so that the cgroup can be removed
+    /// while init still lives): the `tasks` file of the parent of each v1
+    /// directory, opened here by the caller (whose credentials the kernel
+    /// checks), for that process to write `0` into — cheap, as in
+    /// [`Cgroup::join_handles`]. None when a directory is on v2, where a
+    /// process can only move itself through `cgroup.procs`, which takes the
+    /// kernel's global lock and an RCU grace period (≈7 ms here), and whose
+    /// parent may hold no process when it enables controllers.
+    pub fn leave_handles(&self) -> Option<Vec<OwnedFd>> {
+        self.dirs
+            .iter()
+            .map(|d| match d.version {
+                Version::V1 => {
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(d.path.parent()?.join("tasks"))
+                        .ok()?;
+                    Some(OwnedFd::from(f))
+                }
+                Version::V2 => None,
+            })
+            .collect()
+    }
+
     /// Removes every directory this cgroup made, retrying briefly while the
     /// kernel still counts exiting processes in it.
     pub fn destroy(mut self) -> Result<(), CgroupError> {
@@ -1723,6 +1748,26 @@ pub fn freezer_problem() -> Option<(String, String)> {
     }
 }
 
+/// This process's own cgroup v2 directory under the mount `m`.
+fn own_v2_dir(m: &CgMount) -> Result<PathBuf, String> {
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .ok_or("this process has no cgroup v2 membership in /proc/self/cgroup")?;
+    let rel = own
+        .strip_prefix(m.root.trim_end_matches('/'))
+        .ok_or_else(|| {
+            format!(
+                "own cgroup {own} is outside the v2 mount at {}",
+                m.point.display()
+            )
+        })?;
+    Ok(m.point.join(rel.trim_start_matches('/')))
+}
+
 /// Where v2 sandboxes go: (base, parent). `base` is the topmost directory
 /// whose `cgroup.subtree_control` nanoclaw may need to change; `parent`
 /// is where `<id>` directories are made.
@@ -1742,30 +1787,7 @@ fn v2_parent(
     }
     let fix = delegate_fix(uid, false);
     // Rootless: the nearest writable ancestor of our own cgroup.
-    let own = fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-        .ok_or_else(|| {
-            (
-                "this process has no cgroup v2 membership in /proc/self/cgroup".to_string(),
-                fix.clone(),
-            )
-        })?;
-    let rel = own
-        .strip_prefix(m.root.trim_end_matches('/'))
-        .ok_or_else(|| {
-            (
-                format!(
-                    "own cgroup {own} is outside the v2 mount at {}",
-                    m.point.display()
-                ),
-                fix.clone(),
-            )
-        })?;
-    let own_dir = m.point.join(rel.trim_start_matches('/'));
+    let own_dir = own_v2_dir(m).map_err(|why| (why, fix.clone()))?;
     let mut cand = own_dir.parent();
     while let Some(d) = cand {
         if !d.starts_with(&m.point) {

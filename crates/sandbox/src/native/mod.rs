@@ -68,6 +68,16 @@ pub struct RunOptions {
     /// Catch SIGINT, SIGTERM and SIGHUP sent to the runner: kill the sandbox,
     /// clean up, and report `killed_by: killed`. For command-line use.
     pub handle_signals: bool,
+    /// The calling process exits right after [`wait`] returns (`nanoclaw
+    /// run`). Then [`wait`] returns as soon as the command has ended and the
+    /// sandbox's cgroup is gone, without waiting for init's exit, in which
+    /// the kernel tears down the sandbox's namespaces (its mount tree,
+    /// above all): init, idle by then and moved out of the sandbox's
+    /// cgroup, exits when the caller closes its lifeline and is reaped by
+    /// whoever adopts it when the caller exits — as bwrap leaves its init.
+    /// A long-lived caller must not set it: every run would leave it an
+    /// unreaped child.
+    pub exit_after_wait: bool,
 }
 
 /// A running sandbox. Wait for it with [`wait`].
@@ -435,7 +445,8 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     // Everything fallible that needs no child comes first, so a bad spec
     // leaves nothing behind.
     let mut prep = Prepared::new(spec, rootful, &mut layers)?;
-    let launch = Launch::new(spec, &mut prep, rootful, idle)?;
+    let linger = opts.exit_after_wait && !idle;
+    let launch = Launch::new(spec, &mut prep, rootful, idle, linger)?;
     let signal_fd = if opts.handle_signals {
         match supervise::block_runner_signals() {
             Ok(fd) => Some(fd),
@@ -885,6 +896,7 @@ impl Launch {
         prep: &mut Prepared,
         rootful: bool,
         idle: bool,
+        linger: bool,
     ) -> Result<Launch, Error> {
         let pipes = Pipes::new(&spec.stdin)?;
         let net_pair = match &prep.net_policy {
@@ -925,6 +937,7 @@ impl Launch {
             root_readonly: parts.fs.root_readonly,
             sync_r: pipes.sync.0,
             idle,
+            linger,
             err_w: pipes.err.1,
             status_w: pipes.status.1,
             stdout_w: pipes.stdout.1,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::child::Report;
+use super::child::{Report, STATUS_REPORT_LEN};
 use super::{sys, Sandbox};
 use crate::outcome::{KillReason, Outcome};
 use crate::Error;
@@ -539,14 +539,12 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
         }
     }
 
-    // Init is exiting; the kernel kills everything left in the pid
-    // namespace before init can be reaped.
-    let (init_status, ru) = reap(sb.pid, &sb.kill_flag);
+    let (init_status, reaped_cpu) = end_init(&mut sb, &w);
     if drain(&mut out, &mut err, limits.output_limit, &mut scratch) && w.killed_by.is_none() {
         w.killed_by = Some(KillReason::OutputLimit);
     }
     let duration = sb.started.elapsed();
-    let (cpu_time, peak_memory_bytes) = usage(&sb, &ru, w.cpu_at_kill, &mut w.killed_by);
+    let (cpu_time, peak_memory_bytes) = usage(&sb, reaped_cpu, w.cpu_at_kill, &mut w.killed_by);
 
     // What happened to the payload: its own status when init reported it,
     // else how init died (killed by us).
@@ -572,6 +570,58 @@ pub fn wait(mut sb: Sandbox) -> Result<Outcome, Error> {
     Ok(outcome)
 }
 
+/// Ends init once the payload has ended (or init died): returns init's
+/// wait status and the cpu time of everything init reaped.
+///
+/// Usually init is exiting already; the kernel kills everything left in
+/// the pid namespace before init can be reaped. With
+/// [`super::RunOptions::exit_after_wait`], init has killed and reaped the
+/// rest itself before its report and stays: it moves itself out of the
+/// sandbox's cgroup ([`init_leaves_cgroup`]) and exits — tearing down the
+/// namespaces — only when [`release`] closes its lifeline; the cpu time is
+/// the one it reported. Where it cannot move, its lifeline is closed now
+/// and it is reaped as usual.
+fn end_init(sb: &mut Sandbox, w: &Watch) -> (i32, Duration) {
+    let lingering = sb.opts.exit_after_wait && w.payload_status.is_some();
+    if lingering && w.killed_by.is_none() && init_leaves_cgroup(sb) {
+        sb.kill_flag.reaped();
+        return (0, w.reported_cpu);
+    }
+    if lingering {
+        if let Some(fd) = sb.lifeline.take() {
+            sys::close(fd);
+        }
+    }
+    let (status, ru) = reap(sb.pid, &sb.kill_flag);
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let cpu = Duration::from_micros(micros(ru.ru_utime) + micros(ru.ru_stime));
+    (status, cpu)
+}
+
+/// How long a lingering init may take to move itself out of the cgroup.
+const LEAVE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Asks the lingering init to move itself out of the sandbox's cgroup
+/// (true at once when there is none): sends it the parents' `tasks` files
+/// over its lifeline and waits for its answer.
+fn init_leaves_cgroup(sb: &Sandbox) -> bool {
+    let (Some(cg), Some(lifeline)) = (&sb.cgroup, sb.lifeline) else {
+        return sb.cgroup.is_none() && sb.lifeline.is_some();
+    };
+    let Some(files) = cg.leave_handles() else {
+        return false;
+    };
+    let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    if sys::send_with_fds(lifeline, b"l", &raw).is_err() {
+        return false;
+    }
+    drop(files);
+    let mut answer = [0u8; 1];
+    sys::wait_readable(lifeline, Instant::now() + LEAVE_PATIENCE).unwrap_or(false)
+        && sys::read(lifeline, &mut answer).ok() == Some(1)
+        && answer == *b"1"
+}
+
 /// What [`wait`] learns while the sandbox runs.
 #[derive(Default)]
 struct Watch {
@@ -579,6 +629,8 @@ struct Watch {
     killed_by: Option<KillReason>,
     /// The payload's wait status, as init reported it.
     payload_status: Option<i32>,
+    /// The cpu time of the processes init had reaped, as it reported it.
+    reported_cpu: Duration,
     /// The status report so far, when read from the pipe.
     status_buf: Vec<u8>,
     /// Init has exited (or its status pipe closed).
@@ -606,25 +658,35 @@ impl Watch {
     /// Init has exited (its pidfd said so); its status report (if any) is
     /// buffered in the status pipe.
     fn on_init_exit(&mut self, status_r: RawFd) {
-        let mut b = [0u8; 4];
+        let mut b = [0u8; STATUS_REPORT_LEN];
         if sys::read_full(status_r, &mut b).ok() == Some(b.len()) {
-            self.payload_status = Some(i32::from_ne_bytes(b));
+            self.take_report(&b);
         }
         self.init_done = true;
+    }
+
+    /// Init's whole status report (see `child::status_report`).
+    fn take_report(&mut self, b: &[u8]) {
+        let mut status = [0u8; 4];
+        let mut cpu = [0u8; 8];
+        status.copy_from_slice(&b[..4]);
+        cpu.copy_from_slice(&b[4..STATUS_REPORT_LEN]);
+        self.payload_status = Some(i32::from_ne_bytes(status));
+        self.reported_cpu = Duration::from_micros(u64::from_ne_bytes(cpu));
     }
 
     /// Input on the status pipe (where there is no pidfd): the payload's
     /// status, or its end of file when init is gone.
     fn on_status_pipe(&mut self, status_r: RawFd) {
-        let mut b = [0u8; 4];
-        match sys::read(status_r, &mut b) {
+        let mut b = [0u8; STATUS_REPORT_LEN];
+        let want = STATUS_REPORT_LEN - self.status_buf.len();
+        match sys::read(status_r, &mut b[..want]) {
             Ok(0) => self.init_done = true,
             Ok(k) => {
                 self.status_buf.extend_from_slice(&b[..k]);
-                if self.status_buf.len() >= 4 {
-                    let mut a = [0u8; 4];
-                    a.copy_from_slice(&self.status_buf[..4]);
-                    self.payload_status = Some(i32::from_ne_bytes(a));
+                if self.status_buf.len() == STATUS_REPORT_LEN {
+                    let report = std::mem::take(&mut self.status_buf);
+                    self.take_report(&report);
                     self.init_done = true;
                 }
             }
@@ -644,8 +706,12 @@ fn poll_set(sb: &Sandbox, out: &Stream, err: &Stream) -> Vec<libc::pollfd> {
             revents: 0,
         });
     };
-    // Init's death, where a pidfd says it; else the status pipe.
-    let init_fd = sb.init_pidfd.unwrap_or(sb.status_r);
+    // Init's death, where a pidfd says it; else (or when init stays after
+    // its report) the status pipe.
+    let init_fd = match sb.init_pidfd {
+        Some(fd) if !sb.opts.exit_after_wait => fd,
+        _ => sb.status_r,
+    };
     push(init_fd, libc::POLLIN);
     if out.open {
         push(out.fd, libc::POLLIN);
@@ -709,7 +775,7 @@ fn drain(out: &mut Stream, err: &mut Stream, limit: u64, scratch: &mut [u8]) -> 
 /// pids limit its cgroup saw goes into `killed_by` when nothing else did.
 fn usage(
     sb: &Sandbox,
-    ru: &libc::rusage,
+    reaped_cpu: Duration,
     cpu_at_kill: Option<Duration>,
     killed_by: &mut Option<KillReason>,
 ) -> (Duration, Option<u64>) {
@@ -727,12 +793,8 @@ fn usage(
         cpu = st.cpu;
         peak = st.peak_memory;
     }
-    let rusage_cpu = Duration::from_micros(
-        (ru.ru_utime.tv_sec as u64 * 1_000_000 + ru.ru_utime.tv_usec as u64)
-            + (ru.ru_stime.tv_sec as u64 * 1_000_000 + ru.ru_stime.tv_usec as u64),
-    );
     let cpu_time = cpu
-        .unwrap_or(rusage_cpu)
+        .unwrap_or(reaped_cpu)
         .max(cpu_at_kill.unwrap_or_default());
     // Only a memory cgroup knows the sandbox's peak; init's rusage would
     // give the largest single process, which is not the sandbox's use.

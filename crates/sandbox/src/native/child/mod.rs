@@ -233,6 +233,13 @@ pub(crate) struct ChildPlan {
     /// A long-lived sandbox (`create`): init runs no command of its own
     /// and serves exec requests on the sync socket instead.
     pub idle: bool,
+    /// After reporting the payload's status, init stays (idle) until its
+    /// lifeline closes instead of exiting at once, having killed and reaped
+    /// everything else of the sandbox; meanwhile it moves itself out of the
+    /// sandbox's cgroup when the runner asks, so that the kernel's tear-down
+    /// of the sandbox's namespaces (init's exit) can happen after the
+    /// runner has returned (`RunOptions::exit_after_wait`).
+    pub linger: bool,
     pub err_w: RawFd,
     pub status_w: RawFd,
     pub stdout_w: RawFd,
@@ -459,7 +466,7 @@ pub(crate) fn setup_and_init(plan: &ChildPlan) -> ! {
     if let StdinFd::Pipe(fd) = plan.stdin {
         sys::close(fd);
     }
-    init_loop(pid, plan.status_w, plan.sync_r)
+    init_loop(pid, plan.status_w, plan.sync_r, plan.linger)
 }
 
 /// Per-user-namespace limits written for every sandbox: the kernel charges
@@ -1422,7 +1429,7 @@ pub(crate) fn wait_signal_or(sfd: RawFd, other: RawFd) -> (bool, bool) {
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
-fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
+fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd, linger: bool) -> ! {
     let sfd = init_signalfd();
     // SAFETY: `si` is a valid, initialised C struct that read fills in;
     // waitpid writes into `status`.
@@ -1455,7 +1462,13 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
                         break;
                     }
                     if pid == payload {
-                        let _ = sys::write_all(status_w, &status.to_ne_bytes());
+                        if linger {
+                            end_everything_else();
+                        }
+                        let _ = sys::write_all(status_w, &status_report(status));
+                        if linger {
+                            linger_until_gone(lifeline);
+                        }
                         sys::exit_now(0);
                     }
                 }
@@ -1464,6 +1477,69 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd) -> ! {
                 // pass it on. Signals from inside are dropped.
                 let _ = sys::kill(payload, sig);
             }
+        }
+    }
+}
+
+/// Init's report when the payload has ended: its wait status, then the cpu
+/// time (user + system, in microseconds) of every child init has reaped
+/// ([`STATUS_REPORT_LEN`] bytes, native endian), so that a runner that does
+/// not reap init itself still learns the run's cpu time.
+fn status_report(status: libc::c_int) -> [u8; STATUS_REPORT_LEN] {
+    // SAFETY: an all-zero rusage is valid for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let cpu = micros(ru.ru_utime) + micros(ru.ru_stime);
+    let mut b = [0u8; STATUS_REPORT_LEN];
+    b[..4].copy_from_slice(&status.to_ne_bytes());
+    b[4..].copy_from_slice(&cpu.to_ne_bytes());
+    b
+}
+
+/// The length of init's status report ([`status_report`]).
+pub(crate) const STATUS_REPORT_LEN: usize = 12;
+
+/// Kills every other process of the sandbox and reaps them all, so that
+/// init is the last one left (as its own exit would, through the kernel).
+/// Init holds all capabilities of the sandbox's user namespace, which owns
+/// every process in its pid namespace: `kill(-1)` reaches each of them.
+fn end_everything_else() {
+    // SAFETY: getpid, kill and waitpid with a valid out pointer; as pid 1
+    // of the namespace (checked: `kill(-1)` from anywhere else would reach
+    // processes outside the sandbox), `kill(-1)` signals every process in
+    // it except init.
+    unsafe {
+        if libc::getpid() != 1 {
+            return;
+        }
+        libc::kill(-1, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(-1, &mut status, libc::__WALL) > 0 || sys::errno() == libc::EINTR {}
+    }
+}
+
+/// Init's last duty when it stays after its report: until the lifeline
+/// closes (the runner is done, or gone), move itself out of the sandbox's
+/// cgroup when the runner sends the parents' `tasks` files
+/// (`Cgroup::leave_handles`), answering `1` when every move succeeded and
+/// `0` otherwise. Signals stay blocked and pending: nothing is left to
+/// forward them to.
+fn linger_until_gone(lifeline: RawFd) {
+    loop {
+        let mut byte = [0u8; 1];
+        let mut fds = [-1; sys::MAX_FDS];
+        let Ok((1, n)) = sys::recv_with_fds(lifeline, &mut byte, &mut fds) else {
+            return;
+        };
+        let mut moved = true;
+        for fd in &fds[..n] {
+            moved &= sys::write_all(*fd, b"0").is_ok();
+            sys::close(*fd);
+        }
+        if sys::write_all(lifeline, if moved { b"1" } else { b"0" }).is_err() {
+            return;
         }
     }
 }
