@@ -455,12 +455,7 @@ fn start(
 ) {
     let Some(m) = made else {
         lock(&ctx.stdins).remove(&id);
-        ctx.send_error(
-            id,
-            WireError::Invalid {
-                message: "no sandbox yet".into(),
-            },
-        );
+        ctx.send_error(id, no_sandbox_yet());
         return;
     };
     lock(&ctx.running).insert(id, None);
@@ -496,6 +491,13 @@ fn feed_stdin(w: OwnedFd, rx: Receiver<Vec<u8>>) {
     }
 }
 
+/// The answer to a request that needs the sandbox before CREATE made it.
+fn no_sandbox_yet() -> WireError {
+    WireError::Invalid {
+        message: "no sandbox yet".into(),
+    }
+}
+
 fn create(frame: &Frame) -> Result<(Made, proto::Ready), WireError> {
     let req: proto::Create =
         serde_json::from_slice(&frame.payload).map_err(|e| WireError::Invalid {
@@ -525,12 +527,7 @@ fn create(frame: &Frame) -> Result<(Made, proto::Ready), WireError> {
 
 fn control(ctx: &Ctx, frame: &Frame, made: Option<&Made>) {
     let Some(m) = made else {
-        return ctx.send_error(
-            0,
-            WireError::Invalid {
-                message: "no sandbox yet".into(),
-            },
-        );
+        return ctx.send_error(0, no_sandbox_yet());
     };
     let done = match frame.kind {
         proto::PAUSE => m.sandbox.pause().map(|()| b"{}".to_vec()),

@@ -129,31 +129,10 @@ fn scenarios(mode: &str) -> ExitCode {
     // the point of the report.
     let (t0, mut failed) = (Instant::now(), false);
     for case in &cases {
-        let t = Instant::now();
-        match race(case, mode) {
-            Ok(()) => println!(
-                "vfork_window ({mode}): ok   {} ({:?})",
-                case.name,
-                t.elapsed()
-            ),
-            Err(e) => {
-                eprintln!("vfork_window ({mode}): FAIL {}: {e}", case.name);
-                failed = true;
-            }
-        }
+        failed |= !reported(mode, case.name, || race(case, mode));
     }
     if mode == "root" {
-        let t = Instant::now();
-        match run_no_landlock_case() {
-            Ok(()) => println!(
-                "vfork_window ({mode}): ok   {NO_LANDLOCK_NAME} ({:?})",
-                t.elapsed()
-            ),
-            Err(e) => {
-                eprintln!("vfork_window ({mode}): FAIL {NO_LANDLOCK_NAME}: {e}");
-                failed = true;
-            }
-        }
+        failed |= !reported(mode, NO_LANDLOCK_NAME, run_no_landlock_case);
     }
     println!("vfork_window ({mode}): all in {:?}", t0.elapsed());
     let left = common::children_left();
@@ -270,6 +249,22 @@ fn as_user(mut e: ExecSpec, uid: u32) -> ExecSpec {
 
 fn sh(script: &str, uid: u32) -> ExecSpec {
     as_user(ExecSpec::new(["sh", "-c", script]), uid)
+}
+
+/// Runs one case and prints `ok` with its time or `FAIL` with why; true
+/// when it passed.
+fn reported(mode: &str, name: &str, case: impl FnOnce() -> Result<(), String>) -> bool {
+    let t = Instant::now();
+    match case() {
+        Ok(()) => {
+            println!("vfork_window ({mode}): ok   {name} ({:?})", t.elapsed());
+            true
+        }
+        Err(e) => {
+            eprintln!("vfork_window ({mode}): FAIL {name}: {e}");
+            false
+        }
+    }
 }
 
 /// One sandbox: start the attacker, race it, read its report, judge.
