@@ -76,7 +76,13 @@ pub struct RunOptions {
     /// cgroup, exits when the caller closes its lifeline and is reaped by
     /// whoever adopts it when the caller exits — as bwrap leaves its init.
     /// A long-lived caller must not set it: every run would leave it an
-    /// unreaped child.
+    /// unreaped child (and a parent that never reaps collects one zombie per
+    /// run). What init's exit costs (unmounting, freeing the sandbox's tmpfs
+    /// contents) is then spent outside the sandbox's cgroup, and the
+    /// sandbox's host ids are free again while it is still exiting. Only
+    /// where the sandbox's cgroup is all v1 (a self-move out of it is cheap
+    /// there) or absent, and without a persistent `root_upper`; elsewhere
+    /// init is reaped as usual.
     pub exit_after_wait: bool,
 }
 
@@ -445,7 +451,9 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     // Everything fallible that needs no child comes first, so a bad spec
     // leaves nothing behind.
     let mut prep = Prepared::new(spec, rootful, &mut layers)?;
-    let linger = opts.exit_after_wait && !idle;
+    // A persistent upper layer (`root_upper`) is unmounted only at init's
+    // exit: the next user of that directory must find it free.
+    let linger = opts.exit_after_wait && !idle && spec.root_upper.is_none();
     let launch = Launch::new(spec, &mut prep, rootful, idle, linger)?;
     let signal_fd = if opts.handle_signals {
         match supervise::block_runner_signals() {

@@ -612,7 +612,10 @@ fn init_leaves_cgroup(sb: &Sandbox) -> bool {
         return false;
     };
     let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-    if sys::send_with_fds(lifeline, b"l", &raw).is_err() {
+    let Ok(count) = u8::try_from(raw.len()) else {
+        return false;
+    };
+    if sys::send_with_fds(lifeline, &[count], &raw).is_err() {
         return false;
     }
     drop(files);

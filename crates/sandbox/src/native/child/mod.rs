@@ -1462,9 +1462,9 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd, linger: boo
                         break;
                     }
                     if pid == payload {
-                        if linger {
-                            end_everything_else();
-                        }
+                        // Where init cannot end the rest itself, it exits
+                        // as usual (the runner then reaps it).
+                        let linger = linger && end_everything_else();
                         let _ = sys::write_all(status_w, &status_report(status));
                         if linger {
                             linger_until_gone(lifeline);
@@ -1482,16 +1482,19 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd, linger: boo
 }
 
 /// Init's report when the payload has ended: its wait status, then the cpu
-/// time (user + system, in microseconds) of every child init has reaped
-/// ([`STATUS_REPORT_LEN`] bytes, native endian), so that a runner that does
-/// not reap init itself still learns the run's cpu time.
+/// time (user + system, in microseconds) of init and of every child it has
+/// reaped ([`STATUS_REPORT_LEN`] bytes, native endian) — what reaping init
+/// would tell — so that a runner that does not reap init still learns it.
 fn status_report(status: libc::c_int) -> [u8; STATUS_REPORT_LEN] {
-    // SAFETY: an all-zero rusage is valid for getrusage to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    let cpu = micros(ru.ru_utime) + micros(ru.ru_stime);
+    let mut cpu = 0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: an all-zero rusage is valid for getrusage to overwrite.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage.
+        unsafe { libc::getrusage(who, &mut ru) };
+        cpu += micros(ru.ru_utime) + micros(ru.ru_stime);
+    }
     let mut b = [0u8; STATUS_REPORT_LEN];
     b[..4].copy_from_slice(&status.to_ne_bytes());
     b[4..].copy_from_slice(&cpu.to_ne_bytes());
@@ -1502,38 +1505,42 @@ fn status_report(status: libc::c_int) -> [u8; STATUS_REPORT_LEN] {
 pub(crate) const STATUS_REPORT_LEN: usize = 12;
 
 /// Kills every other process of the sandbox and reaps them all, so that
-/// init is the last one left (as its own exit would, through the kernel).
-/// Init holds all capabilities of the sandbox's user namespace, which owns
-/// every process in its pid namespace: `kill(-1)` reaches each of them.
-fn end_everything_else() {
-    // SAFETY: getpid, kill and waitpid with a valid out pointer; as pid 1
-    // of the namespace (checked: `kill(-1)` from anywhere else would reach
+/// init is the last one left (as its own exit would, through the kernel);
+/// false, doing nothing, when init is not pid 1 of its namespace. Init
+/// holds all capabilities of the sandbox's user namespace, which owns every
+/// process in its pid namespace: `kill(-1)` reaches each of them, and every
+/// orphan is init's child by the time its parent is gone.
+fn end_everything_else() -> bool {
+    // SAFETY: getpid (the raw syscall: libc may cache a pid across a raw
+    // clone), kill and waitpid with a valid out pointer; as pid 1 of the
+    // namespace (checked: `kill(-1)` from anywhere else would reach
     // processes outside the sandbox), `kill(-1)` signals every process in
     // it except init.
     unsafe {
-        if libc::getpid() != 1 {
-            return;
+        if libc::syscall(libc::SYS_getpid) != 1 {
+            return false;
         }
         libc::kill(-1, libc::SIGKILL);
         let mut status = 0;
         while libc::waitpid(-1, &mut status, libc::__WALL) > 0 || sys::errno() == libc::EINTR {}
     }
+    true
 }
 
 /// Init's last duty when it stays after its report: until the lifeline
 /// closes (the runner is done, or gone), move itself out of the sandbox's
 /// cgroup when the runner sends the parents' `tasks` files
-/// (`Cgroup::leave_handles`), answering `1` when every move succeeded and
-/// `0` otherwise. Signals stay blocked and pending: nothing is left to
-/// forward them to.
+/// (`Cgroup::leave_handles`; the data byte says how many), answering `1`
+/// when all of them came and every move succeeded, and `0` otherwise.
+/// Signals stay blocked and pending: nothing is left to forward them to.
 fn linger_until_gone(lifeline: RawFd) {
     loop {
-        let mut byte = [0u8; 1];
+        let mut count = [0u8; 1];
         let mut fds = [-1; sys::MAX_FDS];
-        let Ok((1, n)) = sys::recv_with_fds(lifeline, &mut byte, &mut fds) else {
+        let Ok((1, n)) = sys::recv_with_fds(lifeline, &mut count, &mut fds) else {
             return;
         };
-        let mut moved = true;
+        let mut moved = usize::from(count[0]) == n;
         for fd in &fds[..n] {
             moved &= sys::write_all(*fd, b"0").is_ok();
             sys::close(*fd);
