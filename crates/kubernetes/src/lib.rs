@@ -521,7 +521,12 @@ impl Kubernetes {
                 }
             },
             Err(e) => {
-                let _ = self.remove(&id);
+                // Once more if the first removal failed (an API call that
+                // timed out on a busy server): a failed create leaves
+                // nothing.
+                if self.remove(&id).is_err() {
+                    let _ = self.remove(&id);
+                }
                 Err(e)
             }
         }

@@ -207,6 +207,20 @@ impl T {
     }
 
     /// nanoclaw's Pods and NetworkPolicies still in the namespace.
+    /// [`T::left_over`] once it equals `before`, or after 15 s: a Pod the
+    /// backend deleted may still be listed while the kubelet stops it (a
+    /// Pod never deleted is still there after that).
+    fn left_over_settled(&self, before: &[String]) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = self.left_over();
+            if left == before || std::time::Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn left_over(&self) -> Vec<String> {
         let lp = kube::api::ListParams::default().labels("nanoclaw.backend=kubernetes");
         let mut left: Vec<String> = self
@@ -329,8 +343,9 @@ fn refused(t: &T) -> Result<(), String> {
             return Err("a missing image made a sandbox".into());
         }
     }
-    if t.left_over() != before {
-        return Err(format!("a failed create left objects: {:?}", t.left_over()));
+    let left = t.left_over_settled(&before);
+    if left != before {
+        return Err(format!("a failed create left objects: {left:?}"));
     }
     Ok(())
 }
