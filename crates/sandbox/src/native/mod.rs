@@ -442,7 +442,7 @@ pub fn start(spec: &SandboxSpec, opts: RunOptions) -> Result<Sandbox, Error> {
 /// [`Launch::new`] (the pipes and the child's plan), [`Launch::clone_init`],
 /// [`runner_setup`] (id maps, cgroup, rlimits, network, the go-ahead) while
 /// the child builds its root, then [`finish_setup`] (the child's report).
-fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbox, Error> {
+fn start_with(spec: &SandboxSpec, mut opts: RunOptions, idle: bool) -> Result<Sandbox, Error> {
     validate(spec)?;
     let started = Instant::now();
     let rootful = geteuid() == 0;
@@ -453,8 +453,8 @@ fn start_with(spec: &SandboxSpec, opts: RunOptions, idle: bool) -> Result<Sandbo
     let mut prep = Prepared::new(spec, rootful, &mut layers)?;
     // A persistent upper layer (`root_upper`) is unmounted only at init's
     // exit: the next user of that directory must find it free.
-    let linger = opts.exit_after_wait && !idle && spec.root_upper.is_none();
-    let launch = Launch::new(spec, &mut prep, rootful, idle, linger)?;
+    opts.exit_after_wait &= !idle && spec.root_upper.is_none();
+    let launch = Launch::new(spec, &mut prep, rootful, idle, opts.exit_after_wait)?;
     let signal_fd = if opts.handle_signals {
         match supervise::block_runner_signals() {
             Ok(fd) => Some(fd),

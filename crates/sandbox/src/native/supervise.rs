@@ -593,9 +593,7 @@ fn end_init(sb: &mut Sandbox, w: &Watch) -> (i32, Duration) {
         }
     }
     let (status, ru) = reap(sb.pid, &sb.kill_flag);
-    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    let cpu = Duration::from_micros(micros(ru.ru_utime) + micros(ru.ru_stime));
-    (status, cpu)
+    (status, Duration::from_micros(sys::cpu_micros(&ru)))
 }
 
 /// How long a lingering init may take to move itself out of the cgroup.

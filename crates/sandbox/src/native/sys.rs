@@ -602,6 +602,12 @@ pub fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// The cpu time (user + system) in `ru`, in microseconds.
+pub fn cpu_micros(ru: &libc::rusage) -> u64 {
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    micros(ru.ru_utime) + micros(ru.ru_stime)
+}
+
 /// `_exit(code)`: leaves without running destructors or atexit handlers.
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.

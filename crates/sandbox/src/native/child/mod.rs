@@ -1486,14 +1486,13 @@ fn init_loop(payload: libc::pid_t, status_w: RawFd, lifeline: RawFd, linger: boo
 /// reaped ([`STATUS_REPORT_LEN`] bytes, native endian) — what reaping init
 /// would tell — so that a runner that does not reap init still learns it.
 fn status_report(status: libc::c_int) -> [u8; STATUS_REPORT_LEN] {
-    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
     let mut cpu = 0;
     for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
         // SAFETY: an all-zero rusage is valid for getrusage to overwrite.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `ru` is a valid, writable rusage.
         unsafe { libc::getrusage(who, &mut ru) };
-        cpu += micros(ru.ru_utime) + micros(ru.ru_stime);
+        cpu += sys::cpu_micros(&ru);
     }
     let mut b = [0u8; STATUS_REPORT_LEN];
     b[..4].copy_from_slice(&status.to_ne_bytes());
