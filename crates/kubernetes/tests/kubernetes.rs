@@ -206,7 +206,6 @@ impl T {
             .flatten()
     }
 
-    /// nanoclaw's Pods and NetworkPolicies still in the namespace.
     /// [`T::left_over`] once it equals `before`, or after 15 s: a Pod the
     /// backend deleted may still be listed while the kubelet stops it (a
     /// Pod never deleted is still there after that).
@@ -221,6 +220,7 @@ impl T {
         }
     }
 
+    /// nanoclaw's Pods and NetworkPolicies still in the namespace.
     fn left_over(&self) -> Vec<String> {
         let lp = kube::api::ListParams::default().labels("nanoclaw.backend=kubernetes");
         let mut left: Vec<String> = self
