@@ -170,6 +170,7 @@ fn exit_after_wait_returns_once_nothing_else_runs_and_counts_its_cpu() {
         ..RunOptions::default()
     };
     let sb = start(&spec, opts).expect("start");
+    let init = sb.pid();
     let o = wait(sb).expect("wait");
     assert_eq!((o.exit_code, o.killed_by), (Some(7), None), "{o:?}");
     let left = processes_running(&["sleep", &marker]);
@@ -185,4 +186,16 @@ fn exit_after_wait_returns_once_nothing_else_runs_and_counts_its_cpu() {
         "cpu time {:?} misses the background process's",
         o.cpu_time
     );
+    // Init, left unreaped by `wait`, exits on its own once its lifeline is
+    // closed; this test is the caller that reaps it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut status = 0;
+    // SAFETY: waitpid for our own child with a valid status pointer.
+    while unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) } == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "init {init} still running 5 s after wait returned"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
